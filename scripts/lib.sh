@@ -1,0 +1,57 @@
+# Shared setup for every script: sourced, not run. Makes a fresh machine usable: the Python virtualenv with
+# libtorch and transformers, the environment tch needs, and the Redis and RabbitMQ servers.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# The virtualenv holds torch (whose libtorch tch links) and transformers (the parity reference).
+ensure_venv() {
+  if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import torch, transformers, safetensors' 2>/dev/null; then
+    log "creating the Python virtualenv in $VENV (torch 2.11, transformers 4.55.4)"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -r "$ROOT/scripts/requirements.txt"
+  fi
+  export PATH="$VENV/bin:$PATH"
+  export GPTJ_PYTHON="$VENV/bin/python"
+  if [ -z "${LIBTORCH:-}" ]; then
+    export LIBTORCH_USE_PYTORCH=1
+    TORCH_LIB="$("$VENV/bin/python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+  else
+    TORCH_LIB="$LIBTORCH/lib"
+  fi
+  export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+}
+
+apt_install() {
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+  fi
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+ensure_redis() {
+  if port_open 6379; then return; fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  log "starting redis-server on 6379"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+  for _ in $(seq 50); do port_open 6379 && return; sleep 0.1; done
+  echo "redis did not start" >&2; return 1
+}
+
+ensure_rabbitmq() {
+  if port_open 5672; then return; fi
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  log "starting rabbitmq-server on 5672"
+  rabbitmq-server -detached
+  for _ in $(seq 120); do port_open 5672 && return; sleep 0.5; done
+  echo "rabbitmq did not start" >&2; return 1
+}
+
+ensure_services() { ensure_redis; ensure_rabbitmq; }

@@ -1,0 +1,144 @@
+//! The job message: what a producer publishes on `{ns}.jobs`.
+//!
+//! The body is versioned JSON; the job id travels as the AMQP `correlation_id` (and `message_id`), the
+//! reply destination as `reply_to`. [`JobRequest::into_valid`] is the only way to a [`ValidJob`], which is
+//! what the gateway publishes and what the worker runs.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::params::{GenerationParameters, GenerationPlan, InvalidParameter};
+use crate::prompt::{PromptError, PromptRules};
+
+/// The body version this build writes and reads.
+pub const JOB_SCHEMA_VERSION: u32 = 1;
+
+/// Job ids are random UUIDv4 (122 random bits): unguessable, so a job id alone is a capability to poll
+/// when API keys are off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct JobId(pub uuid::Uuid);
+
+impl JobId {
+    pub fn new_random() -> Self {
+        Self(uuid::Uuid::new_v4())
+    }
+}
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl std::str::FromStr for JobId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        uuid::Uuid::parse_str(s).map(Self)
+    }
+}
+
+/// A job body as published on the jobs queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    /// Body version; this build understands 1.
+    pub version: u32,
+    /// The prompt text. Workers clean it again with the same rules the gateway uses.
+    pub prompt: String,
+    /// Generation parameters; all optional.
+    #[serde(default)]
+    pub parameters: GenerationParameters,
+    /// When the job was submitted, in milliseconds since the Unix epoch (for queue-time figures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_at_ms: Option<u64>,
+}
+
+/// Why a job body cannot run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidJob {
+    #[error("unsupported job version {0}; this worker understands version {JOB_SCHEMA_VERSION}")]
+    Version(u32),
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+    #[error(transparent)]
+    Parameter(#[from] InvalidParameter),
+}
+
+/// A job that passed every check: cleaned prompt, validated plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidJob {
+    pub prompt: String,
+    pub parameters: GenerationParameters,
+    pub plan: GenerationPlan,
+    pub submitted_at_ms: Option<u64>,
+}
+
+impl JobRequest {
+    pub fn new(prompt: impl Into<String>, parameters: GenerationParameters) -> Self {
+        Self {
+            version: JOB_SCHEMA_VERSION,
+            prompt: prompt.into(),
+            parameters,
+            submitted_at_ms: None,
+        }
+    }
+
+    pub fn into_valid(self, rules: &PromptRules) -> Result<ValidJob, InvalidJob> {
+        if self.version != JOB_SCHEMA_VERSION {
+            return Err(InvalidJob::Version(self.version));
+        }
+        let prompt = rules.clean(&self.prompt)?;
+        let plan = self.parameters.validate()?;
+        Ok(ValidJob {
+            prompt,
+            parameters: self.parameters,
+            plan,
+            submitted_at_ms: self.submitted_at_ms,
+        })
+    }
+}
+
+impl ValidJob {
+    /// The body to publish: the cleaned prompt, so workers see what the gateway accepted.
+    pub fn to_request(&self) -> JobRequest {
+        JobRequest {
+            version: JOB_SCHEMA_VERSION,
+            prompt: self.prompt.clone(),
+            parameters: self.parameters.clone(),
+            submitted_at_ms: self.submitted_at_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minimal_body_is_a_prompt_and_a_version() {
+        let req: JobRequest = serde_json::from_str(r#"{"version":1,"prompt":"Hello $world"}"#).unwrap();
+        let job = req.into_valid(&PromptRules::default()).unwrap();
+        assert_eq!(job.prompt, "Hello world");
+        assert_eq!(job.plan.max_new_tokens, 50);
+    }
+
+    #[test]
+    fn a_future_version_is_refused() {
+        let req = JobRequest {
+            version: 2,
+            ..JobRequest::new("hi", Default::default())
+        };
+        assert_eq!(
+            req.into_valid(&PromptRules::default()).unwrap_err(),
+            InvalidJob::Version(2)
+        );
+    }
+
+    #[test]
+    fn job_ids_round_trip_through_text() {
+        let id = JobId::new_random();
+        assert_eq!(id.to_string().parse::<JobId>().unwrap(), id);
+        assert!("not-a-uuid".parse::<JobId>().is_err());
+    }
+}

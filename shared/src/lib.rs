@@ -1,0 +1,18 @@
+//! The job contract: everything the gateway, the workers and third-party AMQP producers must agree on.
+//!
+//! Keeping it in one crate means the two sides cannot drift: the gateway validates with exactly the rules
+//! the worker re-applies (AMQP producers bypass the gateway), and the JSON Schema that outside producers
+//! read is generated from these very types (`docs/schema/`, checked by a test).
+
+pub mod job;
+pub mod params;
+pub mod prompt;
+pub mod reply;
+pub mod schema;
+pub mod topology;
+
+pub use job::{JOB_SCHEMA_VERSION, JobId, JobRequest, ValidJob};
+pub use params::{Decoding, GenerationParameters, GenerationPlan, InvalidParameter, Strategy};
+pub use prompt::{DisallowedPolicy, PromptError, PromptRules};
+pub use reply::{ErrorBody, ErrorCode, FinishReason, JobReply, Timings};
+pub use topology::Topology;

@@ -1,0 +1,538 @@
+//! Generation parameters: the wire form every client sends, and the validated plan the engine runs.
+//!
+//! The wire names follow Hugging Face TGI where they overlap (`max_new_tokens`, `temperature`, `top_k`,
+//! `top_p`, `typical_p`, `repetition_penalty`, `do_sample`, `seed`, `stop`) so that TGI clients feel at
+//! home; `strategy`, `penalty_alpha` and `num_beams` add what TGI lacks. Every field is optional and the
+//! defaults are those of transformers' `generate`, so a request gives the text the original deployment gave.
+//!
+//! Parse, don't validate: [`GenerationParameters::validate`] is the only way to a [`GenerationPlan`], and
+//! the plan's [`Decoding`] variants carry exactly the parameters their strategy uses.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Upper bound on `max_new_tokens` accepted anywhere (GPT-J's context is 2048 positions).
+pub const MAX_NEW_TOKENS_LIMIT: u32 = 2048;
+/// Default number of new tokens, as the original `/run` generated.
+pub const DEFAULT_MAX_NEW_TOKENS: u32 = 50;
+/// Contrastive search defaults of the original deployment.
+pub const DEFAULT_PENALTY_ALPHA: f64 = 0.6;
+pub const DEFAULT_CONTRASTIVE_TOP_K: u32 = 4;
+/// transformers' `GenerationConfig.top_k` default, which applies to sampling unless overridden.
+pub const DEFAULT_SAMPLE_TOP_K: u32 = 50;
+/// Beam count used when beam search is asked for without `num_beams` (the original's `/run`).
+pub const DEFAULT_NUM_BEAMS: u32 = 4;
+pub const MAX_STOP_SEQUENCES: usize = 4;
+pub const MAX_STOP_CHARS: usize = 64;
+
+/// The decoding strategy a job asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Contrastive search (`penalty_alpha`, `top_k`); the default.
+    Contrastive,
+    /// Always the most likely token.
+    Greedy,
+    /// Multinomial sampling (`temperature`, `top_k`, `top_p`, `typical_p`, `seed`).
+    Sample,
+    /// Beam search (`num_beams`, `length_penalty`, `early_stopping`).
+    Beam,
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "contrastive" => Ok(Self::Contrastive),
+            "greedy" => Ok(Self::Greedy),
+            "sample" => Ok(Self::Sample),
+            "beam" => Ok(Self::Beam),
+            other => Err(format!(
+                "unknown strategy `{other}` (expected contrastive, greedy, sample or beam)"
+            )),
+        }
+    }
+}
+
+/// Generation parameters as sent on the wire. All optional; unknown fields are refused.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationParameters {
+    /// Decoding strategy. Default: `contrastive`, or `sample` when `do_sample` is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
+    /// TGI's switch for sampling; `true` selects `sample` when `strategy` is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub do_sample: Option<bool>,
+    /// Tokens to generate at most (1..=2048). Default 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_new_tokens: Option<u32>,
+    /// Tokens to generate before EOS or a stop sequence may end the text (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_new_tokens: Option<u32>,
+    /// Sampling temperature, > 0 and <= 100 (default 1.0). Sampling only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Candidates kept: for sampling the top-k filter (0 disables it, default 50); for contrastive
+    /// search the candidate count (1..=64, default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    /// Nucleus sampling mass in (0, 1] (default 1.0, off). Sampling only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Typical sampling mass in (0, 1] (default 1.0, off). Sampling only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typical_p: Option<f64>,
+    /// Penalty > 0 on tokens already present, as CTRL defines it (default 1.0, off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f64>,
+    /// Forbid repeating any n-gram of this size (default 0, off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_repeat_ngram_size: Option<u32>,
+    /// Random seed making sampling reproducible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Up to 4 strings that end generation when produced (not included in the text).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    /// Contrastive search degeneration penalty in [0, 1] (default 0.6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub penalty_alpha: Option<f64>,
+    /// Beam count for beam search, 1..=16 (default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_beams: Option<u32>,
+    /// Beam search length penalty exponent (default 1.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub length_penalty: Option<f64>,
+    /// Beam search stops as soon as `num_beams` hypotheses are finished (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<bool>,
+}
+
+/// A parameter out of range or inconsistent with the strategy; `field` names it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid `{field}`: {message}")]
+pub struct InvalidParameter {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> InvalidParameter {
+    InvalidParameter {
+        field,
+        message: message.into(),
+    }
+}
+
+/// The decoding strategy with exactly the parameters it uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "strategy", rename_all = "snake_case")]
+pub enum Decoding {
+    Greedy,
+    Contrastive {
+        penalty_alpha: f64,
+        top_k: usize,
+    },
+    Sample {
+        temperature: f64,
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+        typical_p: Option<f64>,
+        seed: Option<u64>,
+    },
+    Beam {
+        num_beams: usize,
+        length_penalty: f64,
+        early_stopping: bool,
+    },
+}
+
+impl Decoding {
+    pub fn strategy(&self) -> Strategy {
+        match self {
+            Self::Greedy => Strategy::Greedy,
+            Self::Contrastive { .. } => Strategy::Contrastive,
+            Self::Sample { .. } => Strategy::Sample,
+            Self::Beam { .. } => Strategy::Beam,
+        }
+    }
+}
+
+/// Validated generation parameters: the only form the engine accepts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationPlan {
+    pub decoding: Decoding,
+    pub max_new_tokens: usize,
+    pub min_new_tokens: usize,
+    /// `None` when off (1.0).
+    pub repetition_penalty: Option<f64>,
+    /// `None` when off (0).
+    pub no_repeat_ngram_size: Option<usize>,
+    pub stop: Vec<String>,
+}
+
+fn check_range(
+    field: &'static str,
+    v: f64,
+    lo_exclusive: bool,
+    lo: f64,
+    hi: f64,
+) -> Result<f64, InvalidParameter> {
+    let low_ok = if lo_exclusive { v > lo } else { v >= lo };
+    if v.is_finite() && low_ok && v <= hi {
+        Ok(v)
+    } else {
+        let open = if lo_exclusive { "(" } else { "[" };
+        Err(invalid(field, format!("must be in {open}{lo}, {hi}], got {v}")))
+    }
+}
+
+impl GenerationParameters {
+    /// The strategy this request resolves to.
+    pub fn resolved_strategy(&self) -> Strategy {
+        match (self.strategy, self.do_sample) {
+            (Some(s), _) => s,
+            (None, Some(true)) => Strategy::Sample,
+            (None, _) => Strategy::Contrastive,
+        }
+    }
+
+    /// Checks every parameter and builds the plan; the error names the first offending field.
+    pub fn validate(&self) -> Result<GenerationPlan, InvalidParameter> {
+        let strategy = self.resolved_strategy();
+        if self.do_sample == Some(true) && strategy != Strategy::Sample {
+            return Err(invalid(
+                "do_sample",
+                format!("true conflicts with strategy `{}`", strategy_name(strategy)),
+            ));
+        }
+        let max_new_tokens = self.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+        if max_new_tokens == 0 || max_new_tokens > MAX_NEW_TOKENS_LIMIT {
+            return Err(invalid(
+                "max_new_tokens",
+                format!("must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens}"),
+            ));
+        }
+        let min_new_tokens = self.min_new_tokens.unwrap_or(0);
+        if min_new_tokens > max_new_tokens {
+            return Err(invalid(
+                "min_new_tokens",
+                format!("must not exceed max_new_tokens ({max_new_tokens}), got {min_new_tokens}"),
+            ));
+        }
+        let repetition_penalty = match self.repetition_penalty {
+            None => None,
+            Some(p) => Some(check_range("repetition_penalty", p, true, 0.0, 10.0)?).filter(|p| *p != 1.0),
+        };
+        let no_repeat_ngram_size = match self.no_repeat_ngram_size {
+            None | Some(0) => None,
+            Some(n) if n <= 32 => Some(n as usize),
+            Some(n) => {
+                return Err(invalid(
+                    "no_repeat_ngram_size",
+                    format!("must be in [0, 32], got {n}"),
+                ));
+            }
+        };
+        if self.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(invalid(
+                "stop",
+                format!("at most {MAX_STOP_SEQUENCES} sequences, got {}", self.stop.len()),
+            ));
+        }
+        for s in &self.stop {
+            if s.is_empty() || s.chars().count() > MAX_STOP_CHARS {
+                return Err(invalid(
+                    "stop",
+                    format!("each sequence must have 1 to {MAX_STOP_CHARS} characters"),
+                ));
+            }
+        }
+
+        // Parameters that only one strategy reads are refused elsewhere, so a client learns that its
+        // `temperature` did nothing instead of silently getting greedy text.
+        let only = |field: &'static str, present: bool, owner: &str| -> Result<(), InvalidParameter> {
+            if present {
+                Err(invalid(
+                    field,
+                    format!(
+                        "applies only to strategy `{owner}`, not `{}`",
+                        strategy_name(strategy)
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        if strategy != Strategy::Sample {
+            only("temperature", self.temperature.is_some(), "sample")?;
+            only("top_p", self.top_p.is_some(), "sample")?;
+            only("typical_p", self.typical_p.is_some(), "sample")?;
+            only("seed", self.seed.is_some(), "sample")?;
+        }
+        if strategy != Strategy::Contrastive {
+            only("penalty_alpha", self.penalty_alpha.is_some(), "contrastive")?;
+        }
+        if strategy != Strategy::Beam {
+            only("num_beams", self.num_beams.is_some(), "beam")?;
+            only("length_penalty", self.length_penalty.is_some(), "beam")?;
+            only("early_stopping", self.early_stopping.is_some(), "beam")?;
+        }
+        if matches!(strategy, Strategy::Greedy | Strategy::Beam) {
+            only("top_k", self.top_k.is_some(), "sample` or `contrastive")?;
+        }
+
+        let decoding = match strategy {
+            Strategy::Greedy => Decoding::Greedy,
+            Strategy::Contrastive => {
+                let penalty_alpha = check_range(
+                    "penalty_alpha",
+                    self.penalty_alpha.unwrap_or(DEFAULT_PENALTY_ALPHA),
+                    false,
+                    0.0,
+                    1.0,
+                )?;
+                let top_k = self.top_k.unwrap_or(DEFAULT_CONTRASTIVE_TOP_K);
+                if !(1..=64).contains(&top_k) {
+                    return Err(invalid(
+                        "top_k",
+                        format!("must be in [1, 64] for contrastive search, got {top_k}"),
+                    ));
+                }
+                Decoding::Contrastive {
+                    penalty_alpha,
+                    top_k: top_k as usize,
+                }
+            }
+            Strategy::Sample => {
+                let temperature =
+                    check_range("temperature", self.temperature.unwrap_or(1.0), true, 0.0, 100.0)?;
+                let top_k = self.top_k.unwrap_or(DEFAULT_SAMPLE_TOP_K);
+                if top_k > 100_000 {
+                    return Err(invalid("top_k", format!("must be in [0, 100000], got {top_k}")));
+                }
+                let top_p = self
+                    .top_p
+                    .map(|p| check_range("top_p", p, true, 0.0, 1.0))
+                    .transpose()?;
+                let typical_p = self
+                    .typical_p
+                    .map(|p| check_range("typical_p", p, true, 0.0, 1.0))
+                    .transpose()?;
+                Decoding::Sample {
+                    temperature,
+                    top_k: (top_k > 0).then_some(top_k as usize),
+                    top_p: top_p.filter(|p| *p < 1.0),
+                    typical_p: typical_p.filter(|p| *p < 1.0),
+                    seed: self.seed,
+                }
+            }
+            Strategy::Beam => {
+                let num_beams = self.num_beams.unwrap_or(DEFAULT_NUM_BEAMS);
+                if !(1..=16).contains(&num_beams) {
+                    return Err(invalid(
+                        "num_beams",
+                        format!("must be in [1, 16], got {num_beams}"),
+                    ));
+                }
+                let length_penalty = self.length_penalty.unwrap_or(1.0);
+                if !length_penalty.is_finite() || length_penalty.abs() > 10.0 {
+                    return Err(invalid(
+                        "length_penalty",
+                        format!("must be in [-10, 10], got {length_penalty}"),
+                    ));
+                }
+                Decoding::Beam {
+                    num_beams: num_beams as usize,
+                    length_penalty,
+                    early_stopping: self.early_stopping.unwrap_or(false),
+                }
+            }
+        };
+        Ok(GenerationPlan {
+            decoding,
+            max_new_tokens: max_new_tokens as usize,
+            min_new_tokens: min_new_tokens as usize,
+            repetition_penalty,
+            no_repeat_ngram_size,
+            stop: self.stop.clone(),
+        })
+    }
+}
+
+fn strategy_name(s: Strategy) -> &'static str {
+    match s {
+        Strategy::Contrastive => "contrastive",
+        Strategy::Greedy => "greedy",
+        Strategy::Sample => "sample",
+        Strategy::Beam => "beam",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_parameters_mean_contrastive_search_as_the_original_deployed_it() {
+        let plan = GenerationParameters::default().validate().unwrap();
+        assert_eq!(
+            plan.decoding,
+            Decoding::Contrastive {
+                penalty_alpha: 0.6,
+                top_k: 4
+            }
+        );
+        assert_eq!(plan.max_new_tokens, 50);
+        assert_eq!(plan.repetition_penalty, None);
+        assert_eq!(plan.no_repeat_ngram_size, None);
+    }
+
+    #[test]
+    fn do_sample_selects_sampling_with_transformers_defaults() {
+        let p = GenerationParameters {
+            do_sample: Some(true),
+            ..Default::default()
+        };
+        let plan = p.validate().unwrap();
+        assert_eq!(
+            plan.decoding,
+            Decoding::Sample {
+                temperature: 1.0,
+                top_k: Some(50),
+                top_p: None,
+                typical_p: None,
+                seed: None
+            }
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_name_their_field() {
+        let cases: Vec<(GenerationParameters, &str)> = vec![
+            (
+                GenerationParameters {
+                    max_new_tokens: Some(0),
+                    ..Default::default()
+                },
+                "max_new_tokens",
+            ),
+            (
+                GenerationParameters {
+                    max_new_tokens: Some(5000),
+                    ..Default::default()
+                },
+                "max_new_tokens",
+            ),
+            (
+                GenerationParameters {
+                    strategy: Some(Strategy::Sample),
+                    temperature: Some(0.0),
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                GenerationParameters {
+                    strategy: Some(Strategy::Sample),
+                    top_p: Some(1.5),
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                GenerationParameters {
+                    strategy: Some(Strategy::Sample),
+                    temperature: Some(f64::NAN),
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                GenerationParameters {
+                    penalty_alpha: Some(-0.1),
+                    ..Default::default()
+                },
+                "penalty_alpha",
+            ),
+            (
+                GenerationParameters {
+                    top_k: Some(0),
+                    ..Default::default()
+                },
+                "top_k",
+            ),
+            (
+                GenerationParameters {
+                    strategy: Some(Strategy::Beam),
+                    num_beams: Some(40),
+                    ..Default::default()
+                },
+                "num_beams",
+            ),
+            (
+                GenerationParameters {
+                    repetition_penalty: Some(0.0),
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                GenerationParameters {
+                    min_new_tokens: Some(60),
+                    ..Default::default()
+                },
+                "min_new_tokens",
+            ),
+            (
+                GenerationParameters {
+                    stop: vec![String::new()],
+                    ..Default::default()
+                },
+                "stop",
+            ),
+            (
+                GenerationParameters {
+                    strategy: Some(Strategy::Greedy),
+                    temperature: Some(0.7),
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                GenerationParameters {
+                    strategy: Some(Strategy::Greedy),
+                    do_sample: Some(true),
+                    ..Default::default()
+                },
+                "do_sample",
+            ),
+        ];
+        for (params, field) in cases {
+            let err = params.validate().unwrap_err();
+            assert_eq!(err.field, field, "{params:?} -> {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_on_the_wire() {
+        let err = serde_json::from_str::<GenerationParameters>(r#"{"max_tokens": 5}"#).unwrap_err();
+        assert!(err.to_string().contains("max_tokens"), "{err}");
+    }
+
+    #[test]
+    fn beam_defaults_to_four_beams() {
+        let p = GenerationParameters {
+            strategy: Some(Strategy::Beam),
+            ..Default::default()
+        };
+        assert_eq!(
+            p.validate().unwrap().decoding,
+            Decoding::Beam {
+                num_beams: 4,
+                length_penalty: 1.0,
+                early_stopping: false
+            }
+        );
+    }
+}

@@ -1,0 +1,211 @@
+//! Replies a worker publishes on a job's `reply_to` queue, under the job's `correlation_id`.
+//!
+//! Each reply's AMQP `type` property is its event name (`job.started`, `job.token`, `job.succeeded`,
+//! `job.failed`), and the JSON body carries the same name in its `event` field, so a consumer can dispatch
+//! on either. A job gets one `job.started` (again if redelivered) and exactly one final reply.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::job::{InvalidJob, JobId};
+use crate::prompt::PromptError;
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// `max_new_tokens` reached.
+    Length,
+    /// The model produced its end-of-sequence token.
+    Eos,
+    /// A stop sequence was produced.
+    Stop,
+}
+
+/// Stable machine-readable error codes, shared by HTTP errors and failed-job replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidJson,
+    InvalidParameter,
+    UnknownField,
+    PromptEmpty,
+    PromptTooShort,
+    PromptTooLong,
+    PromptDisallowedCharacters,
+    UnsupportedVersion,
+    MissingCorrelationId,
+    ContextOverflow,
+    GenerationFailed,
+    PayloadTooLarge,
+    NotFound,
+    InvalidJobId,
+    Unauthorized,
+    RateLimited,
+    TooManyWaits,
+    Timeout,
+    Unavailable,
+    Internal,
+}
+
+/// `{code, message}`: the error shape everywhere.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<&PromptError> for ErrorCode {
+    fn from(e: &PromptError) -> Self {
+        match e {
+            PromptError::Empty => Self::PromptEmpty,
+            PromptError::TooShort { .. } => Self::PromptTooShort,
+            PromptError::TooLong { .. } => Self::PromptTooLong,
+            PromptError::Disallowed(_) => Self::PromptDisallowedCharacters,
+        }
+    }
+}
+
+impl From<&InvalidJob> for ErrorBody {
+    fn from(e: &InvalidJob) -> Self {
+        let code = match e {
+            InvalidJob::Version(_) => ErrorCode::UnsupportedVersion,
+            InvalidJob::Prompt(p) => p.into(),
+            InvalidJob::Parameter(_) => ErrorCode::InvalidParameter,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+/// Where the time went, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Timings {
+    /// From submission to a worker taking the job (when the producer set `submitted_at_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_ms: Option<u64>,
+    /// Tokenization and the prompt's forward pass.
+    pub prefill_ms: u64,
+    /// Generating the new tokens.
+    pub decode_ms: u64,
+    /// Whole inference, tokenization to decoded text.
+    pub inference_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Started {
+    pub job_id: JobId,
+    pub worker_id: String,
+    /// Milliseconds since the Unix epoch.
+    pub started_at_ms: u64,
+    /// How many times the broker delivered this job before (0 on first delivery), when known.
+    #[serde(default)]
+    pub redelivered: bool,
+}
+
+/// One generated token (reserved for streaming; not sent yet).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Token {
+    pub job_id: JobId,
+    pub index: u32,
+    pub token_id: u32,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Succeeded {
+    pub job_id: JobId,
+    pub worker_id: String,
+    /// The cleaned prompt the model saw.
+    pub prompt: String,
+    /// The generated continuation only (stop sequence excluded).
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub new_tokens: u32,
+    pub finish_reason: FinishReason,
+    pub timings: Timings,
+    pub finished_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Failed {
+    /// Absent only when the message carried no usable correlation id.
+    pub job_id: Option<JobId>,
+    pub worker_id: String,
+    pub error: ErrorBody,
+    pub finished_at_ms: u64,
+}
+
+/// A reply body; `event` matches the AMQP `type` property.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "event")]
+pub enum JobReply {
+    #[serde(rename = "job.started")]
+    Started(Started),
+    #[serde(rename = "job.token")]
+    Token(Token),
+    #[serde(rename = "job.succeeded")]
+    Succeeded(Succeeded),
+    #[serde(rename = "job.failed")]
+    Failed(Failed),
+}
+
+impl JobReply {
+    /// The AMQP `type` property for this reply.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Started(_) => "job.started",
+            Self::Token(_) => "job.token",
+            Self::Succeeded(_) => "job.succeeded",
+            Self::Failed(_) => "job.failed",
+        }
+    }
+
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Succeeded(_) | Self::Failed(_))
+    }
+
+    pub fn job_id(&self) -> Option<JobId> {
+        match self {
+            Self::Started(s) => Some(s.job_id),
+            Self::Token(t) => Some(t.job_id),
+            Self::Succeeded(s) => Some(s.job_id),
+            Self::Failed(f) => f.job_id,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, by this machine's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_event_field_matches_the_amqp_type() {
+        let reply = JobReply::Failed(Failed {
+            job_id: None,
+            worker_id: "w1".into(),
+            error: ErrorBody::new(ErrorCode::InvalidJson, "bad"),
+            finished_at_ms: 1,
+        });
+        let v = serde_json::to_value(&reply).unwrap();
+        assert_eq!(v["event"], reply.kind());
+        assert_eq!(v["error"]["code"], "invalid_json");
+        assert_eq!(serde_json::from_value::<JobReply>(v).unwrap(), reply);
+    }
+}

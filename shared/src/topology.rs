@@ -1,0 +1,149 @@
+//! Queue and key names, all derived from one namespace, and the idempotent declaration every process runs.
+//!
+//! Every process declares the same topology with the same arguments at start-up and after each reconnect,
+//! so no process depends on another having started first. Tests use their own namespace and so can share
+//! one broker and one Redis.
+
+use lapin::Channel;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+/// Default namespace, as the README documents.
+pub const DEFAULT_NAMESPACE: &str = "gptj";
+/// Deliveries of one job before the broker dead-letters it (a job that kills its worker every time).
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 3;
+
+/// Names of everything one deployment uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    namespace: String,
+    pub delivery_limit: u32,
+}
+
+impl Topology {
+    /// Namespaces are restricted to `[A-Za-z0-9_-]`, 1 to 64 characters, so names stay valid for AMQP and
+    /// unambiguous as Redis key prefixes.
+    pub fn new(namespace: &str, delivery_limit: u32) -> Result<Self, String> {
+        let ok = !namespace.is_empty()
+            && namespace.len() <= 64
+            && namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !ok {
+            return Err(format!(
+                "namespace `{namespace}` must be 1 to 64 characters of A-Z a-z 0-9 _ -"
+            ));
+        }
+        if delivery_limit == 0 {
+            return Err("delivery limit must be at least 1".into());
+        }
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            delivery_limit,
+        })
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    /// Durable quorum queue of jobs, consumed by workers.
+    pub fn jobs_queue(&self) -> String {
+        format!("{}.jobs", self.namespace)
+    }
+    /// Where jobs go that could not be processed (malformed, or past the delivery limit).
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.jobs.dead", self.namespace)
+    }
+    /// Durable queue of replies for jobs submitted through the gateway, consumed by every gateway replica.
+    pub fn replies_queue(&self) -> String {
+        format!("{}.replies", self.namespace)
+    }
+    /// A Redis key under this namespace.
+    pub fn redis_key(&self, suffix: &str) -> String {
+        format!("{}:{suffix}", self.namespace)
+    }
+
+    /// Arguments of the jobs queue. They must be identical in every process, or the broker refuses the
+    /// second declaration (PRECONDITION_FAILED).
+    pub fn jobs_queue_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        args.insert(
+            ShortString::from("x-delivery-limit"),
+            AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+        );
+        args.insert(
+            ShortString::from("x-dead-letter-exchange"),
+            AMQPValue::LongString(LongString::from("")),
+        );
+        args.insert(
+            ShortString::from("x-dead-letter-routing-key"),
+            AMQPValue::LongString(LongString::from(self.dead_letter_queue())),
+        );
+        args
+    }
+
+    fn quorum() -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        args
+    }
+
+    /// Declares the dead-letter queue, the jobs queue and the replies queue. Idempotent.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(self.dead_letter_queue().as_str().into(), durable, Self::quorum())
+            .await?;
+        channel
+            .queue_declare(
+                self.jobs_queue().as_str().into(),
+                durable,
+                self.jobs_queue_arguments(),
+            )
+            .await?;
+        channel
+            .queue_declare(self.replies_queue().as_str().into(), durable, Self::quorum())
+            .await?;
+        Ok(())
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self {
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_derives_from_the_namespace() {
+        let t = Topology::new("blue", 3).unwrap();
+        assert_eq!(t.jobs_queue(), "blue.jobs");
+        assert_eq!(t.dead_letter_queue(), "blue.jobs.dead");
+        assert_eq!(t.replies_queue(), "blue.replies");
+        assert_eq!(t.redis_key("job:1"), "blue:job:1");
+    }
+
+    #[test]
+    fn namespaces_with_separators_are_refused() {
+        assert!(Topology::new("a.b", 3).is_err());
+        assert!(Topology::new("a:b", 3).is_err());
+        assert!(Topology::new("", 3).is_err());
+    }
+}
