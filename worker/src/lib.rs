@@ -1,0 +1,4 @@
+//! The GPT-J worker: an inference engine (model, checkpoint loading, device placement, decoding) and the
+//! queue service that feeds it jobs from RabbitMQ.
+
+pub mod lm;
