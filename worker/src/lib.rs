@@ -2,3 +2,7 @@
 //! queue service that feeds it jobs from RabbitMQ.
 
 pub mod lm;
+pub mod cli;
+pub mod logging;
+pub mod service;
+pub mod tiny;

@@ -1,1 +1,38 @@
-fn main() {}
+//! `worker`: thin command-line face over the library. Each subcommand lives in its own module.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "worker", version, about = "GPT-J inference worker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text for one prompt and print it (or one JSON object with --json).
+    Generate(worker::cli::GenerateArgs),
+    /// Write a small random GPT-J checkpoint (sharded safetensors + tokenizer) for tests and demos.
+    InitTinyModel(worker::tiny::InitTinyModelArgs),
+    /// Consume jobs from RabbitMQ and reply on each job's reply_to queue.
+    Serve(worker::service::ServeArgs),
+}
+
+fn main() -> ExitCode {
+    worker::logging::init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => worker::cli::run_generate(args),
+        Command::InitTinyModel(args) => worker::tiny::run_init(args),
+        Command::Serve(args) => worker::service::run_serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
