@@ -3,6 +3,7 @@
 
 pub mod lm;
 pub mod cli;
+pub mod diagnostics;
 pub mod logging;
 pub mod service;
 pub mod tiny;

@@ -18,6 +18,8 @@ enum Command {
     InitTinyModel(worker::tiny::InitTinyModelArgs),
     /// Consume jobs from RabbitMQ and reply on each job's reply_to queue.
     Serve(worker::service::ServeArgs),
+    /// Show the devices this binary can use (CUDA availability, device count, CPU threads).
+    Info(worker::diagnostics::InfoArgs),
 }
 
 fn main() -> ExitCode {
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => worker::cli::run_generate(args),
         Command::InitTinyModel(args) => worker::tiny::run_init(args),
         Command::Serve(args) => worker::service::run_serve(args),
+        Command::Info(args) => worker::diagnostics::run_info(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
