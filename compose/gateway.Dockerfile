@@ -13,7 +13,7 @@ COPY . .
 # Cache mounts keep the crates.io downloads and the target directory between builds; the binary is copied out
 # of the cached target directory in the same step, because the mount is gone in the next one.
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
-    --mount=type=cache,target=/src/target,sharing=locked \
+    --mount=type=cache,id=gptj-gateway-target,target=/src/target,sharing=locked \
     cargo build --release --locked -p gateway \
     && install -D -m 0755 target/release/gateway /out/gateway
 

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Proves that scripts/check-deploy.sh fails on invalid deployment files, one kind of mistake at a time.
+
+Each case copies the deployment files into a scratch directory, breaks one thing, runs the whole check there
+and expects it to fail with a message that names the mistake. The unchanged copy must pass, so a case fails
+for its own mistake only. A case whose text to break is no longer in the file fails too (the case is stale).
+
+Run by scripts/check-deploy.sh (skipped with CHECK_DEPLOY_SELFTEST=0), with DEPLOY_TOOLS set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+COPIED = ["compose", "img", "scripts/check-deploy.sh"]
+
+# (what the case breaks, file, text in it, replacement, text the failure must contain)
+CASES = [
+    (
+        "a compose key the specification does not have",
+        "compose/docker-compose.yml",
+        "    stop_grace_period: 35s\n",
+        "    stop_grace_period: 35s\n    stop_grace: 30s\n",
+        "stop_grace",
+    ),
+    (
+        "a compose value of the wrong type",
+        "compose/docker-compose.yml",
+        "      start_period: 10s\n      start_interval: 1s\n      retries: 5",
+        "      start_period: 10s\n      start_interval: 1s\n      retries: five",
+        "retries",
+    ),
+    (
+        "the GPU worker without its GPU reservation",
+        "compose/docker-compose.yml",
+        "            - driver: nvidia\n              count: ${WORKER_GPUS:-all}\n              capabilities: [gpu]",
+        "            - driver: nvidia\n              count: ${WORKER_GPUS:-all}\n              capabilities: [compute]",
+        "must reserve NVIDIA GPUs",
+    ),
+    (
+        "the GPU worker left on the CPU (the worker's default placement)",
+        "compose/docker-compose.yml",
+        "      DEFAULT_DEVICE: cuda\n",
+        "",
+        "must place the model on the GPU",
+    ),
+    (
+        "Redis published on the host",
+        "compose/docker-compose.yml",
+        '    command: ["redis-server", "--appendonly", "yes"]\n',
+        '    command: ["redis-server", "--appendonly", "yes"]\n    ports:\n      - "6379:6379"\n',
+        "must not publish a port",
+    ),
+    (
+        "the broker published on every interface by default",
+        "compose/docker-compose.yml",
+        "${AMQP_PUBLISH:-127.0.0.1:5672}:5672",
+        "${AMQP_PUBLISH:-5672}:5672",
+        "must be published on 127.0.0.1",
+    ),
+    (
+        "the gateway started before Redis is healthy",
+        "compose/docker-compose.yml",
+        "      redis:\n        condition: service_healthy\n    environment:",
+        "      redis:\n        condition: service_started\n    environment:",
+        "must start after redis is healthy",
+    ),
+    (
+        "the worker image running as root",
+        "compose/worker.Dockerfile",
+        "USER 10001:10001\n",
+        "",
+        "non-root USER",
+    ),
+    (
+        "a Dockerfile hadolint rejects",
+        "compose/gateway.Dockerfile",
+        "WORKDIR /src\n",
+        "RUN cd /src\n",
+        "DL3003",
+    ),
+    (
+        "a Kubernetes field of the wrong type",
+        "compose/k8s/gateway.yaml",
+        "  replicas: 2\n",
+        '  replicas: "2"\n',
+        "spec.replicas",
+    ),
+    (
+        "a misspelt Kubernetes kind (no schema would check it)",
+        "compose/k8s/gateway.yaml",
+        "kind: PodDisruptionBudget",
+        "kind: PodDisruptionBudgett",
+        "PodDisruptionBudgett",
+    ),
+    (
+        "a secret key the worker reads but nobody defines",
+        "compose/k8s/worker.yaml",
+        "                  key: AMQP_URL",
+        "                  key: AMQP_URI",
+        "AMQP_URI, which is not defined",
+    ),
+    (
+        "KEDA counting only ready jobs (busy workers scaled down)",
+        "compose/k8s/keda.yaml",
+        'excludeUnacknowledged: "false"',
+        'excludeUnacknowledged: "true"',
+        "must count unacknowledged",
+    ),
+    (
+        "KEDA reading the queue over AMQP",
+        "compose/k8s/keda.yaml",
+        "        protocol: http\n",
+        "        protocol: amqp\n",
+        "protocol: http",
+    ),
+    (
+        "KEDA watching a queue the workers do not consume",
+        "compose/k8s/keda.yaml",
+        "queueName: gptj.jobs",
+        "queueName: gptj.job",
+        "is not the jobs queue",
+    ),
+    (
+        "KEDA trigger metadata that is not a string",
+        "compose/k8s/keda.yaml",
+        'value: "3"',
+        "value: 3",
+        "is not of type 'string'",
+    ),
+]
+
+
+def run_check(tree: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CHECK_DEPLOY_SELFTEST="0")
+    return subprocess.run(
+        ["bash", str(tree / "scripts/check-deploy.sh")], capture_output=True, text=True, env=env, check=False
+    )
+
+
+def copy_tree(into: Path) -> None:
+    for relative in COPIED:
+        source, target = ROOT / relative, into / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+
+
+def main() -> int:
+    if "DEPLOY_TOOLS" not in os.environ:
+        print("selftest: DEPLOY_TOOLS must name the tools virtualenv", file=sys.stderr)
+        return 2
+    failures = []
+    with tempfile.TemporaryDirectory(prefix="check-deploy-") as scratch:
+        pristine = Path(scratch) / "pristine"
+        copy_tree(pristine)
+        result = run_check(pristine)
+        if result.returncode != 0:
+            print(result.stdout + result.stderr, file=sys.stderr)
+            print("selftest: the unchanged files do not pass", file=sys.stderr)
+            return 1
+        for index, (what, relative, old, new, expected) in enumerate(CASES):
+            tree = Path(scratch) / f"case-{index}"
+            copy_tree(tree)
+            path = tree / relative
+            text = path.read_text()
+            if text.count(old) != 1:
+                failures.append(f"{what}: the text to break is not (once) in {relative}; update the case")
+                continue
+            path.write_text(text.replace(old, new))
+            result = run_check(tree)
+            output = result.stdout + result.stderr
+            if result.returncode == 0:
+                failures.append(f"{what}: the check passed")
+            elif expected not in output:
+                failures.append(f"{what}: the check failed without naming it ({expected!r}):\n{output}")
+            else:
+                print(f"ok: rejects {what}")
+            shutil.rmtree(tree)
+    for failure in failures:
+        print(f"FAIL selftest: {failure}", file=sys.stderr)
+    print(f"selftest: {len(CASES) - len(failures)} passed, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

