@@ -1,1 +1,105 @@
-//! placeholder
+//! The gateway: the HTTP front of the GPT-J service.
+//!
+//! It validates jobs (the shared contract's rules), rate-limits clients through Redis, records jobs in
+//! Redis, publishes them to RabbitMQ with confirms, consumes the workers' replies into the records, and
+//! answers polls, `/run` waits and queue questions. Replicas share nothing but Redis and the broker.
+//!
+//! [`run`] is the whole service; `main.rs` only parses [`Config`] and calls it, and tests call it on port 0.
+
+pub mod app;
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod openapi;
+pub mod ratelimit;
+pub mod redis;
+pub mod replies;
+pub mod routes;
+pub mod server;
+pub mod store;
+pub mod waiters;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains open requests and stops consuming.
+///
+/// Redis and RabbitMQ need not be up: the gateway starts, `/readyz` says what is missing, requests that
+/// need them get 503, and the broker connection is retried with backoff.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let settings = config.validate().map_err(Error::Config)?;
+    let metrics = metrics::install();
+    let redis = redis::Redis::new(&config.redis_url, config.redis_pool_size, settings.redis_timeout)
+        .map_err(Error::Config)?;
+    let store = store::JobStore::new(
+        redis,
+        settings.topology.clone(),
+        settings.result_ttl,
+        settings.expired_retention,
+    );
+    let broker = broker::Broker::new(broker::BrokerSettings {
+        url: config.amqp_url.clone(),
+        topology: settings.topology.clone(),
+        publish_channels: settings.publish_channels,
+        publish_timeout: settings.publish_timeout,
+        job_expiration: settings.job_expiration,
+        stats_cache: settings.queue_stats_cache,
+        replies_prefetch: settings.replies_prefetch,
+    });
+    let waiters = Arc::new(waiters::Waiters::default());
+    let cancel = CancellationToken::new();
+
+    let replies = replies::ReplyConsumer::new(store.clone(), settings.topology.clone());
+    let supervisor = tokio::spawn(broker.clone().supervise(replies, cancel.clone()));
+    let listener_task = tokio::spawn(waiters.clone().listen(
+        config.redis_url.clone(),
+        store.done_channel(),
+        cancel.clone(),
+    ));
+
+    let header_read_timeout = settings.header_read_timeout;
+    let grace = settings.shutdown_grace;
+    let app = Arc::new(app::App {
+        settings,
+        store,
+        broker,
+        waiters,
+        metrics,
+        openapi: openapi::document(),
+    });
+    tracing::info!(addr = ?listener.local_addr().ok(), namespace = app.settings.topology.namespace(), "gateway listening");
+    server::serve(
+        listener,
+        routes::router(app),
+        header_read_timeout,
+        grace,
+        shutdown,
+    )
+    .await;
+
+    cancel.cancel();
+    let _ = supervisor.await;
+    let _ = listener_task.await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}

@@ -35,7 +35,10 @@ pub fn run_info(args: InfoArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&info)?);
     } else {
         println!("worker {}", info.version);
-        println!("cuda available: {} ({} devices)", info.cuda_available, info.cuda_device_count);
+        println!(
+            "cuda available: {} ({} devices)",
+            info.cuda_available, info.cuda_device_count
+        );
         println!("cudnn available: {}", info.cudnn_available);
         println!("cpu threads: {}", info.cpu_threads);
     }

@@ -27,7 +27,14 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(n_layer: usize) -> Self {
-        Self { layers: (0..n_layer).map(|_| None).collect() }
+        Self {
+            layers: (0..n_layer).map(|_| None).collect(),
+        }
+    }
+
+    /// Number of layers the cache has slots for.
+    pub fn n_layer(&self) -> usize {
+        self.layers.len()
     }
 
     /// Number of cached positions (0 before the first forward pass).
@@ -40,7 +47,10 @@ impl KvCache {
     }
 
     pub fn batch_size(&self) -> Option<usize> {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.size()[0] as usize)
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.size()[0] as usize)
     }
 
     pub fn layer(&self, i: usize) -> Option<&(Tensor, Tensor)> {

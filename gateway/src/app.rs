@@ -1,0 +1,89 @@
+//! The state every handler shares, and the one path by which a job enters the system: validate, write
+//! the `queued` record, publish with confirm.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use shared::reply::now_ms;
+use shared::{JobId, JobRequest};
+
+use crate::auth::Caller;
+use crate::broker::Broker;
+use crate::config::{FailMode, Settings};
+use crate::error::ApiError;
+use crate::metrics as m;
+use crate::store::{JobStore, NewJob};
+use crate::waiters::Waiters;
+
+pub type AppState = Arc<App>;
+
+pub struct App {
+    pub settings: Settings,
+    pub store: JobStore,
+    pub broker: Arc<Broker>,
+    pub waiters: Arc<Waiters>,
+    pub metrics: Option<PrometheusHandle>,
+    pub openapi: serde_json::Value,
+}
+
+/// A job the broker has confirmed.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub id: JobId,
+    pub prompt: String,
+    pub submitted_at_ms: u64,
+}
+
+impl App {
+    /// Validates `request`, records it as queued and publishes it under `id`. `Ok` means the broker has
+    /// confirmed the job; on a publish failure the record is removed and the caller gets 503. When Redis
+    /// is down, the submit class's fail mode decides between 503 and publishing without a record.
+    pub async fn enqueue(
+        &self,
+        id: JobId,
+        request: JobRequest,
+        caller: &Caller,
+    ) -> Result<Accepted, ApiError> {
+        let mut job = request.into_valid(&self.settings.prompt_rules)?;
+        let submitted_at_ms = now_ms();
+        job.submitted_at_ms = Some(submitted_at_ms);
+        let body = serde_json::to_vec(&job.to_request()).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let parameters =
+            serde_json::to_string(&job.parameters).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let owner = caller.key.map(|k| k.hex());
+        let recorded = self
+            .store
+            .create(&NewJob {
+                id,
+                prompt: &job.prompt,
+                parameters_json: &parameters,
+                owner: owner.as_deref(),
+                submitted_at_ms,
+            })
+            .await;
+        if let Err(e) = recorded {
+            // Fail-open submission goes on without a record: the broker still gets the job, and the
+            // replies consumer creates the record once Redis is back (it retries until it can).
+            if self.settings.submit_on_error == FailMode::Closed {
+                return Err(ApiError::unavailable("redis", e));
+            }
+            tracing::warn!(error = %e, %id, "job record not written; publishing anyway (fail open)");
+        }
+        if let Err(e) = self.broker.publish(id, &body).await {
+            metrics::counter!(m::JOBS, "outcome" => "publish_failed").increment(1);
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.delete(id).await {
+                    tracing::warn!(error = %e, %id, "could not remove the record of an unpublished job");
+                }
+            });
+            return Err(ApiError::unavailable("broker", e));
+        }
+        metrics::counter!(m::JOBS, "outcome" => "submitted").increment(1);
+        Ok(Accepted {
+            id,
+            prompt: job.prompt,
+            submitted_at_ms,
+        })
+    }
+}

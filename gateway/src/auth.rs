@@ -1,0 +1,240 @@
+//! Who is calling: API-key checks and the client identity that rate limits and `/run` wait slots count.
+//!
+//! Keys are compared as SHA-256 digests in constant time, and only digests are kept, in memory and in job
+//! records (a job's owner), so neither a timing side channel nor a Redis dump reveals a key.
+//!
+//! The identity is the key when API keys are configured (so one client behind many addresses shares one
+//! budget), otherwise the peer address. A bearer token is *not* an identity when keys are off: anyone could
+//! mint a fresh token per request and escape the limit. `X-Forwarded-For` is believed only when the peer
+//! is a configured trusted proxy, and then read from the right, skipping trusted hops, because everything
+//! left of the last untrusted hop is whatever the client chose to write.
+
+use std::net::IpAddr;
+
+use axum::http::HeaderMap;
+use axum::http::header::AUTHORIZATION;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::IpNet;
+
+/// SHA-256 of an API key; its hex form marks a job's owner.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyDigest([u8; 32]);
+
+impl KeyDigest {
+    pub fn of(key: &str) -> Self {
+        Self(Sha256::digest(key.as_bytes()).into())
+    }
+
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl std::fmt::Debug for KeyDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyDigest({}…)", &self.hex()[..8])
+    }
+}
+
+/// The configured API keys (digests only). Empty means keys are off.
+#[derive(Debug, Clone, Default)]
+pub struct ApiKeys {
+    digests: Vec<KeyDigest>,
+}
+
+/// Why a request is not let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthError {
+    Missing,
+    Invalid,
+}
+
+impl ApiKeys {
+    pub fn new(keys: &[&str]) -> Self {
+        Self {
+            digests: keys.iter().map(|k| KeyDigest::of(k)).collect(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        !self.digests.is_empty()
+    }
+
+    /// `Ok(None)` when keys are off; `Ok(Some(digest))` for a configured key. Every configured key is
+    /// compared, so the time taken does not tell which one nearly matched.
+    pub fn check(&self, headers: &HeaderMap) -> Result<Option<KeyDigest>, AuthError> {
+        if !self.enabled() {
+            return Ok(None);
+        }
+        let presented = bearer(headers).ok_or(AuthError::Missing)?;
+        let digest = KeyDigest::of(presented);
+        let mut found = subtle::Choice::from(0);
+        for known in &self.digests {
+            found |= known.0.ct_eq(&digest.0);
+        }
+        if bool::from(found) {
+            Ok(Some(digest))
+        } else {
+            Err(AuthError::Invalid)
+        }
+    }
+}
+
+/// The token of `Authorization: Bearer TOKEN` (scheme case-insensitive), if well formed.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The address of the client: the peer, or, when the peer is a trusted proxy, the nearest untrusted hop
+/// named in `X-Forwarded-For`.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let hops: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|hop| hop.trim().parse().ok())
+        .collect();
+    let mut client = peer;
+    for hop in hops.into_iter().rev() {
+        client = hop;
+        if !is_trusted(hop) {
+            break;
+        }
+    }
+    client
+}
+
+/// Who a request counts against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ClientId {
+    Key(KeyDigest),
+    Ip(IpAddr),
+}
+
+impl ClientId {
+    /// The part of a Redis key naming this client. Never contains the raw key.
+    pub fn key_part(&self) -> String {
+        match self {
+            // 128 bits of the digest are plenty to keep clients apart and keep keys short.
+            Self::Key(d) => format!("key:{}", &d.hex()[..32]),
+            Self::Ip(IpAddr::V4(ip)) => format!("ip:{ip}"),
+            Self::Ip(IpAddr::V6(ip)) => match ip.to_ipv4_mapped() {
+                Some(v4) => format!("ip:{v4}"),
+                None => format!("ip:{ip}"),
+            },
+        }
+    }
+}
+
+/// What the auth layer learned about a request; handlers and the rate limiter read it from extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub id: ClientId,
+    /// The key's digest when API keys are on (the owner of the jobs this caller submits).
+    pub key: Option<KeyDigest>,
+}
+
+impl Caller {
+    pub fn identify(key: Option<KeyDigest>, peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Self {
+        let id = match key {
+            Some(k) => ClientId::Key(k),
+            None => ClientId::Ip(client_ip(peer, headers, trusted)),
+        };
+        Self { id, key }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn without_trusted_proxies_the_peer_is_the_client_whatever_the_header_says() {
+        let h = headers(&[("x-forwarded-for", "1.2.3.4")]);
+        assert_eq!(client_ip(ip("9.9.9.9"), &h, &[]), ip("9.9.9.9"));
+    }
+
+    #[test]
+    fn a_trusted_proxy_forwards_the_nearest_untrusted_hop() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        // The client wrote a fake 6.6.6.6 itself; 5.5.5.5 is what our proxies saw.
+        let h = headers(&[("x-forwarded-for", "6.6.6.6, 5.5.5.5, 10.0.0.7")]);
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &trusted), ip("5.5.5.5"));
+        // No header: the proxy itself is the client.
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), &HeaderMap::new(), &trusted),
+            ip("10.0.0.1")
+        );
+        // Garbage hops are skipped.
+        let h = headers(&[("x-forwarded-for", "nonsense, 7.7.7.7")]);
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &trusted), ip("7.7.7.7"));
+    }
+
+    #[test]
+    fn the_rate_limit_key_is_the_api_key_digest_when_keys_are_on_else_the_address() {
+        let keys = ApiKeys::new(&["alpha", "beta"]);
+        let h = headers(&[("authorization", "Bearer beta")]);
+        let key = keys.check(&h).unwrap();
+        let caller = Caller::identify(key, ip("127.0.0.1"), &h, &[]);
+        let part = caller.id.key_part();
+        assert!(part.starts_with("key:") && !part.contains("beta"), "{part}");
+        assert_eq!(part, Caller::identify(key, ip("8.8.8.8"), &h, &[]).id.key_part());
+
+        let off = ApiKeys::default();
+        let key = off.check(&h).unwrap();
+        assert_eq!(key, None);
+        // With keys off a bearer token is not an identity: the address is.
+        assert_eq!(
+            Caller::identify(key, ip("127.0.0.1"), &h, &[]).id.key_part(),
+            "ip:127.0.0.1"
+        );
+        assert_eq!(
+            Caller::identify(None, ip("::ffff:127.0.0.1"), &h, &[])
+                .id
+                .key_part(),
+            "ip:127.0.0.1"
+        );
+    }
+
+    #[test]
+    fn keys_are_checked_when_configured() {
+        let keys = ApiKeys::new(&["alpha"]);
+        assert_eq!(keys.check(&HeaderMap::new()), Err(AuthError::Missing));
+        assert_eq!(
+            keys.check(&headers(&[("authorization", "Bearer nope")])),
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(
+            keys.check(&headers(&[("authorization", "Basic alpha")])),
+            Err(AuthError::Missing)
+        );
+        assert!(
+            keys.check(&headers(&[("authorization", "bearer alpha")]))
+                .unwrap()
+                .is_some()
+        );
+    }
+}

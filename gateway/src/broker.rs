@@ -1,0 +1,312 @@
+//! The RabbitMQ side: one connection, kept alive by a supervisor that reconnects with backoff and
+//! re-declares the topology; confirm-mode channels that publish jobs; and the queue figures.
+//!
+//! A 202 must mean the broker has the job, so every publish is `mandatory` and awaits its confirm: a nack,
+//! a returned (unroutable) message, a timeout or a closed channel is an error the caller answers with 503.
+//! Confirms are asynchronous in lapin, so one channel carries many publishes in flight; a few channels
+//! spread the framing work.
+//!
+//! `/v1/queue` reads depth and consumers by a passive declare of `{ns}.jobs`: constant time at the broker
+//! however many jobs have passed. Concurrent readers share one round trip, and its answer is reused for
+//! `queue_stats_cache` at most (5 ms by default).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use shared::reply::now_ms;
+use shared::{JobId, Topology};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics as m;
+use crate::replies::ReplyConsumer;
+
+/// Why a publish or a broker read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("not connected to the broker")]
+    NotConnected,
+    #[error("the broker refused the job (nack)")]
+    Nacked,
+    #[error("the broker could not route the job to {0} (returned)")]
+    Returned(String),
+    #[error("no confirm from the broker within {0:?}")]
+    Timeout(Duration),
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+/// Depth and consumers of the jobs queue, from the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages ready for delivery (not those a worker holds).
+    pub depth: u32,
+    pub consumers: u32,
+}
+
+struct Link {
+    conn: Connection,
+    publishers: Vec<Channel>,
+    stats: Channel,
+}
+
+impl Link {
+    fn healthy(&self) -> bool {
+        self.conn.status().connected()
+            && self.stats.status().connected()
+            && self.publishers.iter().all(|c| c.status().connected())
+    }
+}
+
+/// Settings the broker side needs.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    pub url: String,
+    pub topology: Topology,
+    pub publish_channels: usize,
+    pub publish_timeout: Duration,
+    pub job_expiration: Option<Duration>,
+    pub stats_cache: Duration,
+    pub replies_prefetch: u16,
+}
+
+/// The connection holder, shared by handlers and the supervisor.
+pub struct Broker {
+    settings: BrokerSettings,
+    link: RwLock<Option<Arc<Link>>>,
+    next: AtomicUsize,
+    stats: tokio::sync::Mutex<Option<(Instant, QueueStats)>>,
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Broker {
+    pub fn new(settings: BrokerSettings) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            link: RwLock::new(None),
+            next: AtomicUsize::new(0),
+            stats: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    fn current(&self) -> Option<Arc<Link>> {
+        self.link.read().ok().and_then(|l| l.clone())
+    }
+
+    fn set(&self, link: Option<Arc<Link>>) {
+        if let Ok(mut slot) = self.link.write() {
+            *slot = link;
+        }
+    }
+
+    /// True while a healthy connection is held.
+    pub fn connected(&self) -> bool {
+        self.current().is_some_and(|l| l.healthy())
+    }
+
+    async fn connect(&self) -> Result<Link, lapin::Error> {
+        let props = ConnectionProperties::default()
+            .with_connection_name(format!("gateway {}", self.settings.topology.namespace()).into());
+        let conn = Connection::connect(&self.settings.url, props).await?;
+        let setup = conn.create_channel().await?;
+        self.settings.topology.declare(&setup).await?;
+        let _ = setup.close(200, "declared".into()).await;
+        let mut publishers = Vec::with_capacity(self.settings.publish_channels);
+        for _ in 0..self.settings.publish_channels {
+            let channel = conn.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            publishers.push(channel);
+        }
+        let stats = conn.create_channel().await?;
+        Ok(Link {
+            conn,
+            publishers,
+            stats,
+        })
+    }
+
+    /// Keeps a connection up until `cancel`: connects, declares, starts the reply consumer, watches the
+    /// connection, and on any failure drops it and tries again with exponential backoff.
+    pub async fn supervise(self: Arc<Self>, replies: ReplyConsumer, cancel: CancellationToken) {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            let connected = tokio::select! {
+                r = self.connect() => r,
+                _ = cancel.cancelled() => break,
+            };
+            match connected {
+                Ok(link) => {
+                    metrics::counter!(m::BROKER_RECONNECTS).increment(1);
+                    tracing::info!(url = %redact(&self.settings.url), "connected to the broker");
+                    let link = Arc::new(link);
+                    let consumer_channel = link.conn.create_channel().await;
+                    let consume = async {
+                        match consumer_channel {
+                            Ok(channel) => {
+                                replies
+                                    .run(channel, self.settings.replies_prefetch, cancel.clone())
+                                    .await
+                            }
+                            Err(e) => tracing::warn!(error = %e, "could not open the replies channel"),
+                        }
+                    };
+                    self.set(Some(link.clone()));
+                    backoff = MIN_BACKOFF;
+                    let watch = async {
+                        let mut events = link.conn.events_listener();
+                        let mut tick = tokio::time::interval(Duration::from_millis(250));
+                        loop {
+                            tokio::select! {
+                                event = events.next() => match event {
+                                    Some(lapin::Event::Error(e)) => {
+                                        tracing::warn!(error = %e, "broker connection error");
+                                        return;
+                                    }
+                                    None => return,
+                                    Some(_) => {}
+                                },
+                                _ = tick.tick() => if !link.healthy() { return },
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = consume => tracing::warn!("reply consumer stopped; reconnecting"),
+                        _ = watch => tracing::warn!("broker connection lost; reconnecting"),
+                        _ = cancel.cancelled() => {}
+                    }
+                    self.set(None);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), link.conn.close(200, "bye".into()))
+                        .await;
+                    if cancel.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, url = %redact(&self.settings.url), ?backoff, "cannot reach the broker");
+                }
+            }
+            let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+            tokio::select! {
+                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = cancel.cancelled() => break,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        if let Some(link) = self.current() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), link.conn.close(200, "bye".into())).await;
+        }
+        self.set(None);
+    }
+
+    /// Publishes a job body and waits for the broker's confirm.
+    pub async fn publish(&self, id: JobId, body: &[u8]) -> Result<(), BrokerError> {
+        let link = self.current().ok_or(BrokerError::NotConnected)?;
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % link.publishers.len();
+        let channel = &link.publishers[n];
+        let topology = &self.settings.topology;
+        let id_text: ShortString = id.to_string().into();
+        let mut props = BasicProperties::default()
+            .with_correlation_id(id_text.clone())
+            .with_message_id(id_text)
+            .with_reply_to(topology.replies_queue().into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_timestamp(now_ms() / 1000);
+        if let Some(ttl) = self.settings.job_expiration {
+            props = props.with_expiration(ttl.as_millis().to_string().into());
+        }
+        let queue = topology.jobs_queue();
+        let start = Instant::now();
+        let confirmed = tokio::time::timeout(self.settings.publish_timeout, async {
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    props,
+                )
+                .await?;
+            confirm.await
+        })
+        .await
+        .map_err(|_| BrokerError::Timeout(self.settings.publish_timeout))??;
+        metrics::histogram!(m::PUBLISH_DURATION).record(start.elapsed().as_secs_f64());
+        match confirmed {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(BrokerError::Returned(queue)),
+            Confirmation::Nack(_) => Err(BrokerError::Nacked),
+            // Cannot happen on a confirm-mode channel; refuse rather than claim the broker has it.
+            Confirmation::NotRequested => Err(BrokerError::Nacked),
+        }
+    }
+
+    /// Depth and consumers of the jobs queue (passive declare), shared by concurrent callers.
+    pub async fn queue_stats(&self) -> Result<QueueStats, BrokerError> {
+        let mut cached = self.stats.lock().await;
+        if let Some((at, stats)) = *cached
+            && at.elapsed() <= self.settings.stats_cache
+        {
+            return Ok(stats);
+        }
+        let link = self.current().ok_or(BrokerError::NotConnected)?;
+        let queue = tokio::time::timeout(
+            self.settings.publish_timeout,
+            link.stats.queue_declare(
+                self.settings.topology.jobs_queue().as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .map_err(|_| BrokerError::Timeout(self.settings.publish_timeout))??;
+        let stats = QueueStats {
+            depth: queue.message_count(),
+            consumers: queue.consumer_count(),
+        };
+        *cached = Some((Instant::now(), stats));
+        metrics::gauge!(m::QUEUE_DEPTH).set(f64::from(stats.depth));
+        metrics::gauge!(m::QUEUE_CONSUMERS).set(f64::from(stats.consumers));
+        Ok(stats)
+    }
+}
+
+/// The URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        assert_eq!(
+            super::redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(super::redact("redis://127.0.0.1/"), "redis://127.0.0.1/");
+    }
+}

@@ -1,0 +1,409 @@
+//! Every setting of the gateway, as command-line flags with environment-variable equivalents.
+//!
+//! [`Config`] is what clap parses (tests build one with `Config::parse_from`); [`Config::validate`] turns it
+//! into [`Settings`], the checked form the rest of the crate uses, so a bad value stops the process at
+//! start-up with a readable message instead of failing on the first request.
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+use shared::prompt::{DEFAULT_ALLOWED, DEFAULT_MAX_CHARS, DEFAULT_MIN_CHARS};
+use shared::topology::{DEFAULT_DELIVERY_LIMIT, DEFAULT_NAMESPACE};
+use shared::{DisallowedPolicy, PromptRules, Topology};
+
+use crate::auth::ApiKeys;
+
+/// The gateway's flags. Every flag can also be given as the environment variable named in `--help`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "gateway", version, about = "HTTP gateway of the GPT-J service")]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// Redis URL.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    pub redis_url: String,
+    /// Prefix of every queue and Redis key, so deployments (and tests) can share one broker and one Redis.
+    #[arg(long, env = "NAMESPACE", default_value = DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// Deliveries of one job before the broker dead-letters it; must match the workers' setting.
+    #[arg(long, env = "DELIVERY_LIMIT", default_value_t = DEFAULT_DELIVERY_LIMIT)]
+    pub delivery_limit: u32,
+
+    /// Per-client limit on job submission (`POST /v1/jobs` and `POST /run`), as COUNT/WINDOW, e.g. `10/60s`.
+    #[arg(long, env = "SUBMIT_RATE_LIMIT", default_value = "10/60s")]
+    pub submit_rate_limit: RateLimit,
+    /// Per-client limit on reads (`/v1/queue`, `/metrics`, job polls), as COUNT/WINDOW.
+    #[arg(long, env = "READ_RATE_LIMIT", default_value = "500/10s")]
+    pub read_rate_limit: RateLimit,
+    /// What submissions do when Redis cannot answer the rate check: `closed` refuses with 503 (each job
+    /// costs GPU time), `open` admits.
+    #[arg(long, env = "SUBMIT_RATE_LIMIT_ON_ERROR", default_value = "closed")]
+    pub submit_rate_limit_on_error: FailMode,
+    /// What reads do when Redis cannot answer the rate check.
+    #[arg(long, env = "READ_RATE_LIMIT_ON_ERROR", default_value = "open")]
+    pub read_rate_limit_on_error: FailMode,
+
+    /// Upper bound on any single Redis call, so a hung Redis cannot hang requests.
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 500)]
+    pub redis_timeout_ms: u64,
+    /// Redis connections in the pool.
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 32)]
+    pub redis_pool_size: usize,
+    /// How long a finished job's result stays readable.
+    #[arg(long, env = "RESULT_TTL_S", default_value_t = 86_400)]
+    pub result_ttl_s: u64,
+    /// How long after its result TTL a job still answers `expired` instead of 404.
+    #[arg(long, env = "EXPIRED_RETENTION_S", default_value_t = 86_400)]
+    pub expired_retention_s: u64,
+
+    /// How long `POST /run` waits for the result before answering 504 with the job id.
+    #[arg(long, env = "RUN_TIMEOUT_S", default_value_t = 120)]
+    pub run_timeout_s: u64,
+    /// Open `POST /run` waits allowed per client on this replica.
+    #[arg(long, env = "MAX_RUN_WAITS_PER_CLIENT", default_value_t = 4)]
+    pub max_run_waits_per_client: usize,
+    /// How often a `/run` wait re-reads the job record when no completion notice arrived (a fallback for
+    /// a lost Redis pub/sub message).
+    #[arg(long, env = "RUN_POLL_INTERVAL_MS", default_value_t = 1_000)]
+    pub run_poll_interval_ms: u64,
+
+    /// Largest request body accepted; larger ones get 413.
+    #[arg(long, env = "BODY_LIMIT_BYTES", default_value_t = 64 * 1024)]
+    pub body_limit_bytes: usize,
+    /// A client must send its request headers within this time or the connection is closed.
+    #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+    /// A client must send its request body within this time or gets 408.
+    #[arg(long, env = "BODY_READ_TIMEOUT_MS", default_value_t = 30_000)]
+    pub body_read_timeout_ms: u64,
+
+    /// Characters allowed in prompts, as a character-class body (`a-zA-Z0-9 ?',.-`).
+    #[arg(long, env = "PROMPT_ALLOWED", default_value = DEFAULT_ALLOWED)]
+    pub prompt_allowed: String,
+    /// Minimum prompt length in characters, after cleaning.
+    #[arg(long, env = "PROMPT_MIN_CHARS", default_value_t = DEFAULT_MIN_CHARS)]
+    pub prompt_min_chars: usize,
+    /// Maximum prompt length in characters, after cleaning.
+    #[arg(long, env = "PROMPT_MAX_CHARS", default_value_t = DEFAULT_MAX_CHARS)]
+    pub prompt_max_chars: usize,
+    /// `clean` removes disallowed characters (the original's behaviour); `reject` refuses the prompt.
+    #[arg(long, env = "PROMPT_POLICY", default_value = "clean")]
+    pub prompt_policy: DisallowedPolicy,
+
+    /// API keys, comma separated. When any is set, `/v1/*` and `/run` require `Authorization: Bearer KEY`
+    /// and a job can only be read with the key that submitted it.
+    #[arg(long, env = "API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// Proxies (addresses or CIDR blocks, comma separated) whose `X-Forwarded-For` is believed.
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<IpNet>,
+
+    /// Optional per-message AMQP expiration: a job still queued after this long is dropped by the broker.
+    #[arg(long, env = "JOB_EXPIRATION_MS")]
+    pub job_expiration_ms: Option<u64>,
+    /// Confirm-mode channels publishing jobs concurrently.
+    #[arg(long, env = "PUBLISH_CHANNELS", default_value_t = 4)]
+    pub publish_channels: usize,
+    /// Longest wait for the broker to confirm a publish before answering 503.
+    #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 5_000)]
+    pub publish_timeout_ms: u64,
+    /// Unacknowledged replies this replica holds at once.
+    #[arg(long, env = "REPLIES_PREFETCH", default_value_t = 64)]
+    pub replies_prefetch: u16,
+    /// Queue depth and consumer count are reused for at most this long (0: ask the broker every time).
+    /// Concurrent `/v1/queue` requests share one broker round trip either way.
+    #[arg(long, env = "QUEUE_STATS_CACHE_MS", default_value_t = 5)]
+    pub queue_stats_cache_ms: u64,
+    /// On shutdown, how long open requests may take to finish.
+    #[arg(long, env = "SHUTDOWN_GRACE_S", default_value_t = 30)]
+    pub shutdown_grace_s: u64,
+}
+
+/// A rate limit: at most `limit` requests in any rolling window of `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub limit: u32,
+    pub window: Duration,
+}
+
+impl FromStr for RateLimit {
+    type Err = String;
+    /// `COUNT/WINDOW`, the window a number with unit `ms`, `s`, `m` or `h` (`10/60s`, `500/10s`, `10/1m`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("rate limit `{s}` must look like COUNT/WINDOW, e.g. 10/60s or 500/10s");
+        let (count, window) = s.trim().split_once('/').ok_or_else(bad)?;
+        let limit: u32 = count.trim().parse().map_err(|_| bad())?;
+        let window = window.trim();
+        let split = window.find(|c: char| !c.is_ascii_digit()).unwrap_or(window.len());
+        let (n, unit) = window.split_at(split);
+        let n: u64 = if n.is_empty() {
+            1
+        } else {
+            n.parse().map_err(|_| bad())?
+        };
+        let window = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" | "" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            _ => return Err(bad()),
+        };
+        if limit == 0 || window.is_zero() {
+            return Err(format!(
+                "rate limit `{s}` must allow at least 1 request in a non-empty window"
+            ));
+        }
+        Ok(Self { limit, window })
+    }
+}
+
+/// What a rate-limited route does when Redis cannot be asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailMode {
+    Open,
+    Closed,
+}
+
+impl FromStr for FailMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "open" => Ok(Self::Open),
+            "closed" => Ok(Self::Closed),
+            other => Err(format!("`{other}`: expected open or closed")),
+        }
+    }
+}
+
+/// An address block such as `10.0.0.0/8` or a single address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn masked(bits: u128, total: u8, prefix: u8) -> u128 {
+            if prefix == 0 { 0 } else { bits >> (total - prefix) }
+        }
+        // Compare IPv4-mapped IPv6 peers as the IPv4 addresses they are.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                masked(u32::from(net).into(), 32, self.prefix)
+                    == masked(u32::from(ip).into(), 32, self.prefix)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                masked(u128::from(net), 128, self.prefix) == masked(u128::from(ip), 128, self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not an address or CIDR block"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}`: prefix must be 0..={max}"))?,
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+/// The checked settings the gateway runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub topology: Topology,
+    pub prompt_rules: PromptRules,
+    pub api_keys: ApiKeys,
+    pub trusted_proxies: Vec<IpNet>,
+    pub submit_limit: RateLimit,
+    pub read_limit: RateLimit,
+    pub submit_on_error: FailMode,
+    pub read_on_error: FailMode,
+    pub redis_timeout: Duration,
+    pub result_ttl: Duration,
+    pub expired_retention: Duration,
+    pub run_timeout: Duration,
+    pub run_poll_interval: Duration,
+    pub max_run_waits_per_client: usize,
+    pub body_limit_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub job_expiration: Option<Duration>,
+    pub publish_channels: usize,
+    pub publish_timeout: Duration,
+    pub replies_prefetch: u16,
+    pub queue_stats_cache: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Parses flags (the first item is the program name) without exiting on error, for tests and for
+    /// embedding; environment variables apply as for the binary.
+    pub fn from_args<I, T>(args: I) -> Result<Self, String>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Self::try_parse_from(args).map_err(|e| e.to_string())
+    }
+
+    /// Checks every value and derives the settings; the message says which flag is wrong.
+    pub fn validate(&self) -> Result<Settings, String> {
+        let topology = Topology::new(&self.namespace, self.delivery_limit)?;
+        let prompt_rules = PromptRules::new(
+            &self.prompt_allowed,
+            self.prompt_min_chars,
+            self.prompt_max_chars,
+            self.prompt_policy,
+        )
+        .map_err(|e| format!("prompt rules: {e}"))?;
+        let positive = |name: &str, v: u64| -> Result<u64, String> {
+            if v == 0 {
+                Err(format!("--{name} must be positive"))
+            } else {
+                Ok(v)
+            }
+        };
+        let keys: Vec<&str> = self
+            .api_keys
+            .iter()
+            .map(|k| k.trim())
+            .filter(|k| !k.is_empty())
+            .collect();
+        Ok(Settings {
+            topology,
+            prompt_rules,
+            api_keys: ApiKeys::new(&keys),
+            trusted_proxies: self.trusted_proxies.clone(),
+            submit_limit: self.submit_rate_limit,
+            read_limit: self.read_rate_limit,
+            submit_on_error: self.submit_rate_limit_on_error,
+            read_on_error: self.read_rate_limit_on_error,
+            redis_timeout: Duration::from_millis(positive("redis-timeout-ms", self.redis_timeout_ms)?),
+            result_ttl: Duration::from_secs(positive("result-ttl-s", self.result_ttl_s)?),
+            expired_retention: Duration::from_secs(self.expired_retention_s),
+            run_timeout: Duration::from_secs(positive("run-timeout-s", self.run_timeout_s)?),
+            run_poll_interval: Duration::from_millis(positive(
+                "run-poll-interval-ms",
+                self.run_poll_interval_ms,
+            )?),
+            max_run_waits_per_client: positive(
+                "max-run-waits-per-client",
+                self.max_run_waits_per_client as u64,
+            )? as usize,
+            body_limit_bytes: positive("body-limit-bytes", self.body_limit_bytes as u64)? as usize,
+            header_read_timeout: Duration::from_millis(positive(
+                "header-read-timeout-ms",
+                self.header_read_timeout_ms,
+            )?),
+            body_read_timeout: Duration::from_millis(positive(
+                "body-read-timeout-ms",
+                self.body_read_timeout_ms,
+            )?),
+            job_expiration: self.job_expiration_ms.map(Duration::from_millis),
+            publish_channels: positive("publish-channels", self.publish_channels as u64)? as usize,
+            publish_timeout: Duration::from_millis(positive("publish-timeout-ms", self.publish_timeout_ms)?),
+            replies_prefetch: positive("replies-prefetch", u64::from(self.replies_prefetch))? as u16,
+            queue_stats_cache: Duration::from_millis(self.queue_stats_cache_ms),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_the_original_deployments() {
+        let config = Config::parse_from(["gateway"]);
+        let s = config.validate().unwrap();
+        assert_eq!(
+            s.submit_limit,
+            RateLimit {
+                limit: 10,
+                window: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(
+            s.read_limit,
+            RateLimit {
+                limit: 500,
+                window: Duration::from_secs(10)
+            }
+        );
+        assert_eq!(s.submit_on_error, FailMode::Closed);
+        assert_eq!(s.topology.namespace(), "gptj");
+        assert_eq!(s.prompt_rules, PromptRules::default());
+    }
+
+    #[test]
+    fn rate_limits_read_as_count_per_window() {
+        assert_eq!(
+            "10/2s".parse::<RateLimit>().unwrap(),
+            RateLimit {
+                limit: 10,
+                window: Duration::from_secs(2)
+            }
+        );
+        assert_eq!(
+            "5/1m".parse::<RateLimit>().unwrap().window,
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            "5/250ms".parse::<RateLimit>().unwrap().window,
+            Duration::from_millis(250)
+        );
+        for bad in ["10", "0/1s", "10/0s", "x/1s", "10/1d"] {
+            assert!(bad.parse::<RateLimit>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cidr_blocks_contain_their_addresses() {
+        let net: IpNet = "10.1.0.0/16".parse().unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let one: IpNet = "::1".parse().unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+    }
+
+    #[test]
+    fn a_bad_namespace_stops_start_up() {
+        let config = Config::parse_from(["gateway", "--namespace", "a.b"]);
+        assert!(config.validate().is_err());
+    }
+}

@@ -1,0 +1,285 @@
+//! The one error type of the HTTP boundary and its one mapping to status codes and `{code, message}`
+//! bodies; plus [`ApiJson`], the body extractor whose rejections are these errors, so a malformed body gets
+//! the same JSON shape as every other error instead of axum's plain-text rejections.
+//!
+//! Server-side failures (Redis, the broker) are logged with their details here and answered with a short
+//! generic message: internals are not the client's business.
+
+use std::time::Duration;
+
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use shared::job::InvalidJob;
+use shared::{ErrorBody, ErrorCode, JobId};
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("unknown field `{field}`")]
+    UnknownField { field: String },
+    #[error("invalid `{field}`: {message}")]
+    InvalidField { field: String, message: String },
+    #[error("{}", .0)]
+    InvalidJob(#[from] InvalidJob),
+    #[error("request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("request body was not received in time")]
+    BodyTimeout,
+    #[error("`{0}` is not a job id (expected a UUID)")]
+    InvalidJobId(String),
+    #[error("no such job")]
+    NotFound,
+    #[error("a valid API key is required (Authorization: Bearer KEY)")]
+    Unauthorized,
+    #[error("rate limit exceeded; retry in {} s", .retry_after.as_secs())]
+    RateLimited { retry_after: Duration },
+    #[error("too many open /run requests for this client (at most {0}); poll /v1/jobs instead")]
+    TooManyWaits(usize),
+    #[error("job {0} did not finish in time; it continues, poll /v1/jobs/{0}")]
+    RunTimeout(JobId),
+    /// A job the worker could not run; its error came back in the reply.
+    #[error("{}", .0.message)]
+    JobFailed(ErrorBody),
+    /// A dependency is down; `what` and the detail are logged, not returned.
+    #[error("{what} is unavailable")]
+    Unavailable { what: &'static str, detail: String },
+    #[error("internal error")]
+    Internal(String),
+}
+
+/// How long a client should wait after a 503.
+const UNAVAILABLE_RETRY_AFTER: u64 = 1;
+
+#[derive(Serialize)]
+struct Body<'a> {
+    code: ErrorCode,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job_id: Option<&'a JobId>,
+}
+
+impl ApiError {
+    pub fn unavailable(what: &'static str, detail: impl std::fmt::Display) -> Self {
+        Self::Unavailable {
+            what,
+            detail: detail.to_string(),
+        }
+    }
+
+    pub fn status_and_code(&self) -> (StatusCode, ErrorCode) {
+        use ApiError::*;
+        match self {
+            InvalidJson(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidJson),
+            UnknownField { .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::UnknownField),
+            InvalidField { .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidParameter),
+            InvalidJob(e) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorBody::from(e).code),
+            PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge),
+            BodyTimeout => (StatusCode::REQUEST_TIMEOUT, ErrorCode::Timeout),
+            InvalidJobId(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidJobId),
+            NotFound => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            Unauthorized => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
+            RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
+            TooManyWaits(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyWaits),
+            RunTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Timeout),
+            JobFailed(body) => (
+                match body.code {
+                    ErrorCode::GenerationFailed | ErrorCode::Internal | ErrorCode::Unavailable => {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    }
+                    _ => StatusCode::UNPROCESSABLE_ENTITY,
+                },
+                body.code,
+            ),
+            Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+            Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        match &self {
+            ApiError::Unavailable { what, detail } => {
+                tracing::warn!(%what, %detail, "dependency unavailable");
+            }
+            ApiError::Internal(detail) => tracing::error!(%detail, "internal error"),
+            _ => {}
+        }
+        let job_id = match &self {
+            ApiError::RunTimeout(id) => Some(id),
+            _ => None,
+        };
+        let body = Body {
+            code,
+            message: self.to_string(),
+            job_id,
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        let retry_after = match &self {
+            ApiError::RateLimited { retry_after } => Some(retry_after.as_secs().max(1)),
+            ApiError::Unavailable { .. } => Some(UNAVAILABLE_RETRY_AFTER),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let ApiError::RunTimeout(id) = &self
+            && let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{id}"))
+        {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
+        response
+    }
+}
+
+/// A JSON body parsed with serde, whose every failure is an [`ApiError`] naming the offending field.
+///
+/// The content type is not checked: the original `/run` clients are not known to send one, and the body
+/// is parsed as JSON either way.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map(|l| l.0)
+            .unwrap_or(usize::MAX);
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|rejection| body_error(rejection, limit))?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// The configured body limit, put in request extensions so the extractor can name it in its message.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+fn body_error(rejection: axum::extract::rejection::BytesRejection, limit: usize) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::PayloadTooLarge { limit };
+    }
+    // The only other way reading a body fails here is the body-read timeout or a broken connection.
+    let text = rejection.body_text();
+    if text.contains("timed out") || text.contains("timeout") {
+        ApiError::BodyTimeout
+    } else {
+        ApiError::InvalidJson(text)
+    }
+}
+
+/// Deserializes an already parsed JSON value, naming the offending field like [`parse_json`].
+pub fn parse_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
+        let path = e.path().to_string();
+        data_error(&path, e.inner())
+    })
+}
+
+/// Parses `bytes`, telling syntax errors (400) from well-formed JSON with wrong content (422, with the
+/// path of the field, e.g. `parameters.max_new_tokens`).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize::<_, T>(de) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            use serde_json::error::Category;
+            match inner.classify() {
+                Category::Syntax | Category::Eof | Category::Io => {
+                    Err(ApiError::InvalidJson(inner.to_string()))
+                }
+                Category::Data => Err(data_error(&path, &inner)),
+            }
+        }
+    }
+}
+
+fn data_error(path: &str, e: &serde_json::Error) -> ApiError {
+    let text = e.to_string();
+    // serde words these errors "unknown field `x`, expected ..." and "missing field `x`".
+    let quoted = |prefix: &str| {
+        text.strip_prefix(prefix)
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_owned)
+    };
+    // serde_path_to_error writes the root as "."; a missing field's path is its parent, an unknown
+    // field's path already ends in that field.
+    let base = if path == "." { "" } else { path };
+    let join = |field: &str| match base {
+        "" => field.to_owned(),
+        b if b == field || b.ends_with(&format!(".{field}")) => b.to_owned(),
+        b => format!("{b}.{field}"),
+    };
+    // Strip serde's " at line 1 column 23" suffix: the field path says where.
+    let message = match text.rfind(" at line ") {
+        Some(i) => text[..i].to_owned(),
+        None => text.clone(),
+    };
+    if let Some(field) = quoted("unknown field `") {
+        return ApiError::UnknownField { field: join(&field) };
+    }
+    if let Some(field) = quoted("missing field `") {
+        return ApiError::InvalidField {
+            field: join(&field),
+            message,
+        };
+    }
+    let field = if base.is_empty() {
+        "body".to_owned()
+    } else {
+        base.to_owned()
+    };
+    ApiError::InvalidField { field, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::{GenerationParameters, JobRequest};
+
+    #[test]
+    fn syntax_errors_are_400_and_content_errors_422_naming_the_field() {
+        let e = parse_json::<JobRequest>(b"{\"prompt\": ").unwrap_err();
+        assert_eq!(e.status_and_code().0, StatusCode::BAD_REQUEST);
+
+        let e = parse_json::<JobRequest>(br#"{"version":1,"prompt":"x","parameters":{"max_tokens":3}}"#)
+            .unwrap_err();
+        assert!(
+            matches!(&e, ApiError::UnknownField { field } if field == "parameters.max_tokens"),
+            "{e:?}"
+        );
+
+        let e =
+            parse_json::<JobRequest>(br#"{"version":1,"prompt":"x","parameters":{"top_k":-1}}"#).unwrap_err();
+        assert!(
+            matches!(&e, ApiError::InvalidField { field, .. } if field == "parameters.top_k"),
+            "{e:?}"
+        );
+
+        let e = parse_json::<JobRequest>(br#"{"version":1}"#).unwrap_err();
+        assert!(
+            matches!(&e, ApiError::InvalidField { field, .. } if field == "prompt"),
+            "{e:?}"
+        );
+
+        let e = parse_json::<GenerationParameters>(br#"{"bogus":1}"#).unwrap_err();
+        assert!(
+            matches!(&e, ApiError::UnknownField { field } if field == "bogus"),
+            "{e:?}"
+        );
+    }
+}

@@ -1,0 +1,79 @@
+//! Prometheus metrics: the names in one place, the process-wide recorder, and the request middleware.
+//!
+//! The `metrics` facade has one global recorder per process, while tests run several gateways in one
+//! process; so the recorder is installed once and every gateway in the process renders the same registry.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const HTTP_REQUESTS: &str = "gateway_http_requests_total";
+pub const HTTP_DURATION: &str = "gateway_http_request_duration_seconds";
+pub const RATE_LIMITED: &str = "gateway_rate_limited_total";
+pub const RATE_LIMIT_ERRORS: &str = "gateway_rate_limit_errors_total";
+pub const QUEUE_DEPTH: &str = "gateway_queue_depth";
+pub const QUEUE_CONSUMERS: &str = "gateway_queue_consumers";
+pub const JOBS_RUNNING: &str = "gateway_jobs_running";
+/// Labelled `outcome`: `submitted`, `publish_failed`, `started`, `succeeded`, `failed`.
+pub const JOBS: &str = "gateway_jobs_total";
+pub const PUBLISH_DURATION: &str = "gateway_publish_confirm_seconds";
+pub const REPLIES_DROPPED: &str = "gateway_replies_dropped_total";
+pub const BROKER_RECONNECTS: &str = "gateway_broker_connects_total";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the recorder (once per process) and returns the handle that renders it, or `None` when some
+/// other recorder was installed first (then `/metrics` says so).
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0, 60.0, 120.0,
+            ];
+            let builder =
+                PrometheusBuilder::new().set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets);
+            match builder.and_then(|b| b.install_recorder()) {
+                Ok(handle) => {
+                    let upkeep = handle.clone();
+                    // Histograms are drained into their buckets by upkeep; without it memory grows.
+                    std::thread::Builder::new()
+                        .name("metrics-upkeep".into())
+                        .spawn(move || {
+                            loop {
+                                std::thread::sleep(std::time::Duration::from_secs(5));
+                                upkeep.run_upkeep();
+                            }
+                        })
+                        .ok();
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed; /metrics will be empty");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// Middleware counting requests by route template and status, and timing them.
+pub async fn track(request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status)
+        .increment(1);
+    metrics::histogram!(HTTP_DURATION, "route" => route).record(start.elapsed().as_secs_f64());
+    response
+}

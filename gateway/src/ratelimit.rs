@@ -1,0 +1,195 @@
+//! Per-client, per-route-class rate limiting shared by every replica through Redis.
+//!
+//! The limit holds in *every* rolling window, not per fixed window (a fixed window lets a client through
+//! twice the limit across a boundary): each client and class has a sorted set of admission times, a
+//! sliding-window log. One Lua script per check drops entries older than the window, counts the rest and
+//! admits when the count is below the limit — atomically, timed by Redis's own clock (`TIME`), so replicas
+//! with skewed clocks still share one exact budget. Memory per client is bounded by the limit.
+//!
+//! When Redis cannot answer within its timeout, the class's [`FailMode`] decides: closed refuses with 503
+//! and `Retry-After`, open admits without headers. Both are logged and counted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use redis::Script;
+
+use crate::auth::Caller;
+use crate::config::{FailMode, RateLimit};
+use crate::error::ApiError;
+use crate::metrics as m;
+use crate::redis::{Redis, RedisError};
+
+/// Routes sharing one budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteClass {
+    /// `POST /v1/jobs`, `POST /run`: each admission costs GPU time.
+    Submit,
+    /// `/v1/queue`, `/metrics`, job polls.
+    Read,
+}
+
+impl RouteClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Submit => "submit",
+            Self::Read => "read",
+        }
+    }
+}
+
+// KEYS[1]: the client's log. ARGV: window (µs), limit, unique member.
+// Returns {admitted (0|1), remaining, µs until the oldest entry leaves the window}.
+const SLIDING_WINDOW: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local window = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local count = redis.call('ZCARD', KEYS[1])
+local admitted = 0
+if count < limit then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000) + 1000)
+  count = count + 1
+  admitted = 1
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local reset = 0
+if oldest[2] then reset = tonumber(oldest[2]) + window - now end
+return {admitted, limit - count, reset}
+"#;
+
+/// The outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub admitted: bool,
+    pub limit: u32,
+    pub remaining: u32,
+    /// Until the oldest admission in the window leaves it (a slot frees up).
+    pub reset: Duration,
+}
+
+impl Decision {
+    /// `RateLimit-*` headers (IETF draft), plus `Retry-After` on refusal.
+    pub fn write_headers(&self, headers: &mut HeaderMap, window: Duration) {
+        let reset_s = self.reset.as_micros().div_ceil(1_000_000) as u64;
+        headers.insert("ratelimit-limit", HeaderValue::from(self.limit));
+        headers.insert("ratelimit-remaining", HeaderValue::from(self.remaining));
+        headers.insert("ratelimit-reset", HeaderValue::from(reset_s));
+        if let Ok(policy) = HeaderValue::from_str(&format!("{};w={}", self.limit, window.as_secs().max(1))) {
+            headers.insert("ratelimit-policy", policy);
+        }
+        if !self.admitted {
+            headers.insert("retry-after", HeaderValue::from(reset_s.max(1)));
+        }
+    }
+}
+
+/// One route class's limiter.
+#[derive(Clone)]
+pub struct Limiter {
+    redis: Redis,
+    prefix: String,
+    class: RouteClass,
+    limit: RateLimit,
+    on_error: FailMode,
+    script: Arc<Script>,
+}
+
+impl Limiter {
+    pub fn new(
+        redis: Redis,
+        namespace_prefix: String,
+        class: RouteClass,
+        limit: RateLimit,
+        on_error: FailMode,
+    ) -> Self {
+        Self {
+            redis,
+            prefix: namespace_prefix,
+            class,
+            limit,
+            on_error,
+            script: Arc::new(Script::new(SLIDING_WINDOW)),
+        }
+    }
+
+    /// The Redis key of a client's log: `{ns}:rl:{class}:{client}`.
+    pub fn key(&self, caller: &Caller) -> String {
+        format!("{}rl:{}:{}", self.prefix, self.class.name(), caller.id.key_part())
+    }
+
+    /// Asks Redis whether `caller` may go ahead.
+    pub async fn check(&self, caller: &Caller) -> Result<Decision, RedisError> {
+        let key = self.key(caller);
+        // The member must be unique per admission; the score carries the time.
+        let member = format!("{:016x}", rand::random::<u64>());
+        let window_us = self.limit.window.as_micros() as u64;
+        let script = &self.script;
+        let (admitted, remaining, reset_us): (i64, i64, i64) = self
+            .redis
+            .call(|mut c| async move {
+                script
+                    .key(key)
+                    .arg(window_us)
+                    .arg(self.limit.limit)
+                    .arg(member)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(Decision {
+            admitted: admitted == 1,
+            limit: self.limit.limit,
+            remaining: remaining.max(0) as u32,
+            reset: Duration::from_micros(reset_us.max(0) as u64),
+        })
+    }
+}
+
+/// Middleware: checks the caller (put in extensions by the auth layer) against the class's limit.
+pub async fn limit(State(limiter): State<Limiter>, request: Request, next: Next) -> Response {
+    let Some(caller) = request.extensions().get::<Caller>().cloned() else {
+        return ApiError::Internal("rate limiter ran before the caller was identified".into())
+            .into_response();
+    };
+    let class = limiter.class.name();
+    match limiter.check(&caller).await {
+        Ok(decision) if decision.admitted => {
+            let mut response = next.run(request).await;
+            decision.write_headers(response.headers_mut(), limiter.limit.window);
+            response
+        }
+        Ok(decision) => {
+            metrics::counter!(m::RATE_LIMITED, "class" => class).increment(1);
+            let mut response = ApiError::RateLimited {
+                retry_after: decision.reset,
+            }
+            .into_response();
+            decision.write_headers(response.headers_mut(), limiter.limit.window);
+            response
+        }
+        Err(e) => {
+            let mode = match limiter.on_error {
+                FailMode::Open => "open",
+                FailMode::Closed => "closed",
+            };
+            metrics::counter!(m::RATE_LIMIT_ERRORS, "class" => class, "mode" => mode).increment(1);
+            match limiter.on_error {
+                FailMode::Open => {
+                    tracing::warn!(error = %e, class, "rate limit check failed; failing open");
+                    next.run(request).await
+                }
+                FailMode::Closed => {
+                    tracing::warn!(error = %e, class, "rate limit check failed; failing closed");
+                    ApiError::unavailable("rate limiter", e).into_response()
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! `POST /v1/jobs` (submit, 202) and `GET /v1/jobs/{id}` (poll).
+
+use axum::Extension;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use shared::job::JOB_SCHEMA_VERSION;
+use shared::{GenerationParameters, JobId, JobRequest};
+use utoipa::ToSchema;
+
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiJson};
+use crate::store::{Figures, JobRecord, Status};
+
+fn default_version() -> u32 {
+    JOB_SCHEMA_VERSION
+}
+
+/// A job as clients submit it over HTTP: the AMQP job body without `submitted_at_ms` (the gateway sets
+/// it), and `version` optional.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// Body version; 1 when absent.
+    #[serde(default = "default_version")]
+    pub version: u32,
+    /// The prompt. Characters outside the allowed set are removed (or refused, per the gateway's
+    /// policy) and whitespace is collapsed before the length limits apply.
+    pub prompt: String,
+    /// Generation parameters (TGI names), all optional; see the `GenerationParameters` schema.
+    #[serde(default)]
+    #[schema(schema_with = crate::openapi::generation_parameters)]
+    pub parameters: GenerationParameters,
+}
+
+impl From<SubmitRequest> for JobRequest {
+    fn from(r: SubmitRequest) -> Self {
+        JobRequest {
+            version: r.version,
+            prompt: r.prompt,
+            parameters: r.parameters,
+            submitted_at_ms: None,
+        }
+    }
+}
+
+/// The answer to a submission.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobAccepted {
+    pub id: String,
+    /// Always `queued`.
+    pub status: Status,
+    /// The prompt after cleaning: what the model will see.
+    pub prompt: String,
+    /// Where to poll.
+    pub location: String,
+    pub submitted_at_ms: u64,
+}
+
+#[utoipa::path(
+    post, path = "/v1/jobs", tag = "jobs",
+    request_body = SubmitRequest,
+    responses(
+        (status = 202, description = "The broker has the job", body = JobAccepted,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 400, description = "Invalid JSON", body = crate::openapi::ErrorDoc),
+        (status = 413, description = "Body over the limit", body = crate::openapi::ErrorDoc),
+        (status = 422, description = "Unknown field, parameter out of range, prompt empty or too long", body = crate::openapi::ErrorDoc),
+        (status = 429, description = "Rate limited (Retry-After)", body = crate::openapi::ErrorDoc),
+        (status = 503, description = "Broker or Redis unavailable (Retry-After)", body = crate::openapi::ErrorDoc),
+    ),
+    security((), ("api_key" = []))
+)]
+pub async fn submit(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(body): ApiJson<SubmitRequest>,
+) -> Result<Response, ApiError> {
+    let accepted = app.enqueue(JobId::new_random(), body.into(), &caller).await?;
+    let location = format!("/v1/jobs/{}", accepted.id);
+    let mut response = (
+        StatusCode::ACCEPTED,
+        axum::Json(JobAccepted {
+            id: accepted.id.to_string(),
+            status: Status::Queued,
+            prompt: accepted.prompt,
+            location: location.clone(),
+            submitted_at_ms: accepted.submitted_at_ms,
+        }),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(response)
+}
+
+/// A job as a poll reports it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobView {
+    pub id: String,
+    pub status: Status,
+    /// The cleaned prompt.
+    pub prompt: String,
+    /// The parameters as submitted.
+    #[schema(value_type = Object)]
+    pub parameters: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<JobResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::openapi::ErrorDoc>)]
+    pub error: Option<shared::ErrorBody>,
+    pub timings: JobTimings,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    /// Deliveries to a worker so far (more than 1 after a worker died mid-job).
+    pub attempts: u32,
+    /// While queued: an estimate of the place in line and the wait.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueuePosition>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobResult {
+    /// The generated continuation.
+    pub text: String,
+    /// Prompt followed by the continuation, as `/run` returns it.
+    pub full_text: String,
+    pub new_tokens: u32,
+    /// `length`, `eos` or `stop`.
+    #[schema(value_type = String)]
+    pub finish_reason: shared::FinishReason,
+}
+
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct JobTimings {
+    pub submitted_at_ms: Option<u64>,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    /// From submission to a worker taking the job.
+    pub queued_ms: Option<u64>,
+    pub prefill_ms: Option<u64>,
+    pub decode_ms: Option<u64>,
+    pub inference_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueuePosition {
+    /// Estimated jobs ahead of this one, itself included.
+    pub position: u64,
+    /// Estimated seconds until a worker takes it; absent until a job has finished to time from.
+    pub estimated_wait_s: Option<f64>,
+}
+
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "Job id (UUID)")),
+    responses(
+        (status = 200, description = "The job", body = JobView),
+        (status = 400, description = "Malformed id", body = crate::openapi::ErrorDoc),
+        (status = 404, description = "Unknown id, or another key's job", body = crate::openapi::ErrorDoc),
+    ),
+    security((), ("api_key" = []))
+)]
+pub async fn get_job(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<JobView>, ApiError> {
+    let id: JobId = id
+        .parse()
+        .map_err(|_| ApiError::InvalidJobId(id.chars().take(64).collect()))?;
+    let (record, figures) = app
+        .store
+        .get(id)
+        .await
+        .map_err(|e| ApiError::unavailable("redis", e))?
+        .ok_or(ApiError::NotFound)?;
+    // With keys on, another key's job is indistinguishable from no job.
+    if app.settings.api_keys.enabled() && record.owner != caller.key.map(|k| k.hex()) {
+        return Err(ApiError::NotFound);
+    }
+    let queue = if record.status == Status::Queued {
+        let stats = app.broker.queue_stats().await.ok();
+        Some(position(&record, &figures, stats.map(|s| (s.depth, s.consumers))))
+    } else {
+        None
+    };
+    Ok(axum::Json(view(record, queue)))
+}
+
+/// Place in line: submissions before this one minus jobs that have left the queue, clamped to the
+/// broker's depth; the wait spreads that many average jobs over the consumers.
+fn position(record: &JobRecord, figures: &Figures, broker: Option<(u32, u32)>) -> QueuePosition {
+    let mut position = record.seq.saturating_sub(figures.taken).max(1);
+    if let Some((depth, _)) = broker
+        && depth > 0
+    {
+        position = position.min(u64::from(depth));
+    }
+    let consumers = broker.map(|(_, c)| c).unwrap_or(1).max(1);
+    let estimated_wait_s = figures
+        .avg_inference_ms
+        .map(|ms| position as f64 * ms / 1000.0 / f64::from(consumers));
+    QueuePosition {
+        position,
+        estimated_wait_s,
+    }
+}
+
+fn view(record: JobRecord, queue: Option<QueuePosition>) -> JobView {
+    let t = record.result.as_ref().map(|r| &r.timings);
+    let queued_ms = t.and_then(|t| t.queued_ms).or_else(|| {
+        record
+            .started_at_ms
+            .zip(record.submitted_at_ms)
+            .map(|(s, q)| s.saturating_sub(q))
+    });
+    let timings = JobTimings {
+        submitted_at_ms: record.submitted_at_ms,
+        started_at_ms: record.started_at_ms,
+        finished_at_ms: record.finished_at_ms,
+        queued_ms,
+        prefill_ms: t.map(|t| t.prefill_ms),
+        decode_ms: t.map(|t| t.decode_ms),
+        inference_ms: t.map(|t| t.inference_ms),
+    };
+    let result = record.result.map(|r| JobResult {
+        full_text: format!("{}{}", r.prompt, r.text),
+        text: r.text,
+        new_tokens: r.new_tokens,
+        finish_reason: r.finish_reason,
+    });
+    JobView {
+        id: record.id.to_string(),
+        status: record.status,
+        prompt: record.prompt,
+        parameters: record.parameters,
+        result,
+        error: record.error,
+        timings,
+        worker_id: record.worker_id,
+        attempts: record.attempts,
+        queue,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: u64) -> JobRecord {
+        JobRecord {
+            id: JobId::new_random(),
+            status: Status::Queued,
+            prompt: "hi".into(),
+            parameters: serde_json::json!({}),
+            owner: None,
+            seq,
+            submitted_at_ms: Some(1),
+            started_at_ms: None,
+            finished_at_ms: None,
+            worker_id: None,
+            attempts: 0,
+            result: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn the_position_counts_jobs_not_yet_taken_and_never_exceeds_the_depth() {
+        let figures = Figures {
+            running: 0,
+            taken: 10,
+            avg_inference_ms: Some(2000.0),
+        };
+        let p = position(&record(15), &figures, Some((100, 2)));
+        assert_eq!(p.position, 5);
+        assert_eq!(p.estimated_wait_s, Some(5.0));
+        assert_eq!(position(&record(15), &figures, Some((3, 1))).position, 3);
+        assert_eq!(position(&record(4), &figures, None).position, 1);
+    }
+}

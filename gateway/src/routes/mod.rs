@@ -1,0 +1,107 @@
+//! The HTTP surface: which routes exist, which budget each draws on, and the layers around them.
+//!
+//! Layer order, outermost first: request metrics; body-read timeout and size limit; then, per route group,
+//! caller identification (API key check) and the rate limit of the group's class.
+
+pub mod jobs;
+pub mod ops;
+pub mod queue;
+pub mod run;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use axum::Router;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tower_http::timeout::RequestBodyTimeoutLayer;
+
+use crate::app::AppState;
+use crate::auth::{AuthError, Caller};
+use crate::error::{ApiError, BodyLimit};
+use crate::ratelimit::{self, Limiter, RouteClass};
+
+pub fn router(app: AppState) -> Router {
+    let s = &app.settings;
+    let redis = app.store.redis().clone();
+    let prefix = s.topology.redis_key("");
+    let submit = Limiter::new(
+        redis.clone(),
+        prefix.clone(),
+        RouteClass::Submit,
+        s.submit_limit,
+        s.submit_on_error,
+    );
+    let read = Limiter::new(redis, prefix, RouteClass::Read, s.read_limit, s.read_on_error);
+
+    let submit_routes = Router::new()
+        .route("/v1/jobs", post(jobs::submit))
+        .route("/run", post(run::run))
+        .route_layer(middleware::from_fn_with_state(submit, ratelimit::limit))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_key));
+    let read_routes = Router::new()
+        .route("/v1/jobs/{id}", get(jobs::get_job))
+        .route("/v1/queue", get(queue::queue))
+        .route_layer(middleware::from_fn_with_state(read.clone(), ratelimit::limit))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_key));
+    let metrics_route = Router::new()
+        .route("/metrics", get(ops::metrics))
+        .route_layer(middleware::from_fn_with_state(read, ratelimit::limit))
+        .route_layer(middleware::from_fn_with_state(app.clone(), identify));
+    let open = Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/openapi.json", get(ops::openapi))
+        .merge(ops::docs(app.openapi.clone()));
+
+    let limit = s.body_limit_bytes;
+    Router::new()
+        .merge(submit_routes)
+        .merge(read_routes)
+        .merge(metrics_route)
+        .merge(open)
+        .fallback(|| async { ApiError::NotFound })
+        .with_state(app.clone())
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::Extension(BodyLimit(limit)))
+        .layer(RequestBodyTimeoutLayer::new(app.settings.body_read_timeout))
+        .layer(middleware::from_fn(crate::metrics::track))
+}
+
+fn peer(request: &Request) -> IpAddr {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// Identifies the caller, requiring a valid API key when keys are configured.
+async fn require_key(State(app): State<AppState>, mut request: Request, next: Next) -> Response {
+    let key = match app.settings.api_keys.check(request.headers()) {
+        Ok(key) => key,
+        Err(AuthError::Missing | AuthError::Invalid) => return ApiError::Unauthorized.into_response(),
+    };
+    let caller = Caller::identify(
+        key,
+        peer(&request),
+        request.headers(),
+        &app.settings.trusted_proxies,
+    );
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+/// Identifies the caller without requiring a key (for `/metrics`, which scrapers read).
+async fn identify(State(app): State<AppState>, mut request: Request, next: Next) -> Response {
+    let key = app.settings.api_keys.check(request.headers()).ok().flatten();
+    let caller = Caller::identify(
+        key,
+        peer(&request),
+        request.headers(),
+        &app.settings.trusted_proxies,
+    );
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}

@@ -1,0 +1,72 @@
+//! Operational routes: health, readiness, metrics, the OpenAPI document and its browsable page.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_scalar::{Scalar, Servable};
+
+use crate::app::AppState;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub status: &'static str,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    pub ready: bool,
+    pub redis: bool,
+    pub rabbitmq: bool,
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is up", body = Health)))]
+pub async fn healthz() -> axum::Json<Health> {
+    axum::Json(Health { status: "ok" })
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Redis and RabbitMQ reachable", body = Readiness),
+        (status = 503, description = "One of them is not", body = Readiness)))]
+pub async fn readyz(State(app): State<AppState>) -> Response {
+    let redis = app.store.redis().ping().await.is_ok();
+    let rabbitmq = app.broker.connected();
+    let ready = redis && rabbitmq;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(Readiness {
+            ready,
+            redis,
+            rabbitmq,
+        }),
+    )
+        .into_response()
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", body = String)))]
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    let text = match &app.metrics {
+        Some(handle) => handle.render(),
+        None => "# the metrics recorder of this process is not this gateway's\n".to_owned(),
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+pub async fn openapi(State(app): State<AppState>) -> axum::Json<serde_json::Value> {
+    axum::Json(app.openapi.clone())
+}
+
+/// The browsable API page at `/docs` (Scalar; the page loads its script from a CDN in the browser).
+pub fn docs(spec: serde_json::Value) -> Router<AppState> {
+    Router::from(Scalar::with_url("/docs", spec))
+}

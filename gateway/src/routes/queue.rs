@@ -1,0 +1,50 @@
+//! `GET /v1/queue`: how busy the service is.
+
+use axum::extract::State;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::metrics as m;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueView {
+    /// Jobs waiting for a worker (the broker's ready count; jobs a worker holds are not in it).
+    pub depth: u32,
+    /// Jobs a worker has started and not finished (from the job records).
+    pub running: u64,
+    /// Workers consuming the jobs queue.
+    pub consumers: u32,
+    /// Seconds until the queue drains at the recent average inference time; absent before any job has
+    /// finished.
+    pub estimated_wait_s: Option<f64>,
+}
+
+#[utoipa::path(
+    get, path = "/v1/queue", tag = "jobs",
+    responses(
+        (status = 200, description = "Queue figures", body = QueueView),
+        (status = 503, description = "Broker or Redis unavailable", body = crate::openapi::ErrorDoc),
+    ),
+    security((), ("api_key" = []))
+)]
+pub async fn queue(State(app): State<AppState>) -> Result<axum::Json<QueueView>, ApiError> {
+    let (stats, figures) = tokio::join!(app.broker.queue_stats(), app.store.figures());
+    let stats = stats.map_err(|e| ApiError::unavailable("broker", e))?;
+    let figures = figures.map_err(|e| ApiError::unavailable("redis", e))?;
+    metrics::gauge!(m::JOBS_RUNNING).set(figures.running as f64);
+    let estimated_wait_s = if stats.depth == 0 {
+        Some(0.0)
+    } else {
+        figures
+            .avg_inference_ms
+            .map(|ms| f64::from(stats.depth) * ms / 1000.0 / f64::from(stats.consumers.max(1)))
+    };
+    Ok(axum::Json(QueueView {
+        depth: stats.depth,
+        running: figures.running,
+        consumers: stats.consumers,
+        estimated_wait_s,
+    }))
+}

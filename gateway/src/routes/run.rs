@@ -1,0 +1,208 @@
+//! `POST /run`: the original deployment's synchronous endpoint, kept for its clients.
+//!
+//! It takes the original body `{"data", "num_tokens", "decoding_strategy"}` (defaults 50 tokens and
+//! contrastive search, as the original ran them: contrastive with `penalty_alpha` 0.6 and `top_k` 4,
+//! "multinomial sampling" as `do_sample` with transformers' defaults, "beam search" with 4 beams) or our
+//! job body, queues the job like any other, waits for its result, and answers 200 with a JSON string: the
+//! prompt followed directly by the continuation, which is what the original returned (it decoded the
+//! prompt's ids and the new ids together). After `run_timeout` it answers 504 with the job id; the job
+//! goes on and can be polled.
+
+use axum::Extension;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use shared::params::{DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_BEAMS, MAX_NEW_TOKENS_LIMIT};
+use shared::{GenerationParameters, JobId, JobRequest, Strategy};
+use tokio::time::Instant;
+use utoipa::ToSchema;
+
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiJson, parse_value};
+use crate::routes::jobs::SubmitRequest;
+use crate::store::Status;
+
+/// The original `/run` body.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OriginalRun {
+    /// The prompt.
+    pub data: String,
+    /// New tokens to generate (default 50).
+    #[serde(default)]
+    pub num_tokens: Option<u32>,
+    /// `contrastive` (default), `multinomial sampling` or `beam search`.
+    #[serde(default)]
+    pub decoding_strategy: Option<String>,
+}
+
+impl OriginalRun {
+    /// The job the original deployment would have run for this body.
+    pub fn into_job(self) -> Result<JobRequest, ApiError> {
+        let max_new_tokens = self.num_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+        if max_new_tokens == 0 || max_new_tokens > MAX_NEW_TOKENS_LIMIT {
+            return Err(ApiError::InvalidField {
+                field: "num_tokens".into(),
+                message: format!("must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens}"),
+            });
+        }
+        let mut parameters = GenerationParameters {
+            max_new_tokens: Some(max_new_tokens),
+            ..Default::default()
+        };
+        match self.decoding_strategy.as_deref().unwrap_or("contrastive") {
+            "contrastive" => parameters.strategy = Some(Strategy::Contrastive),
+            "multinomial sampling" => {
+                parameters.strategy = Some(Strategy::Sample);
+                parameters.do_sample = Some(true);
+            }
+            "beam search" => {
+                parameters.strategy = Some(Strategy::Beam);
+                parameters.num_beams = Some(DEFAULT_NUM_BEAMS);
+            }
+            other => {
+                return Err(ApiError::InvalidField {
+                    field: "decoding_strategy".into(),
+                    message: format!(
+                        "unknown strategy `{other}` (expected contrastive, multinomial sampling or beam search)"
+                    ),
+                });
+            }
+        }
+        Ok(JobRequest::new(self.data, parameters))
+    }
+}
+
+/// Either body shape; the original one is recognised by its `data` field.
+pub fn job_from_body(body: serde_json::Value) -> Result<JobRequest, ApiError> {
+    let original = body.as_object().is_some_and(|o| o.contains_key("data"));
+    if original {
+        parse_value::<OriginalRun>(body)?.into_job()
+    } else {
+        Ok(parse_value::<SubmitRequest>(body)?.into())
+    }
+}
+
+#[utoipa::path(
+    post, path = "/run", tag = "compatibility",
+    request_body(content = OriginalRun, description = "The original body, or a job body as for POST /v1/jobs"),
+    responses(
+        (status = 200, description = "Prompt followed by the generated text", body = String),
+        (status = 422, description = "Invalid body, or the job failed on a bad input", body = crate::openapi::ErrorDoc),
+        (status = 429, description = "Rate limited, or too many open /run requests", body = crate::openapi::ErrorDoc),
+        (status = 503, description = "Broker or Redis unavailable", body = crate::openapi::ErrorDoc),
+        (status = 504, description = "Not finished in time; the body's job_id can be polled", body = crate::openapi::ErrorDoc),
+    ),
+    security((), ("api_key" = []))
+)]
+pub async fn run(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(body): ApiJson<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    let request = job_from_body(body)?;
+    let s = &app.settings;
+    let _slot = app
+        .waiters
+        .slot(&caller.id, s.max_run_waits_per_client)
+        .ok_or(ApiError::TooManyWaits(s.max_run_waits_per_client))?;
+    let id = JobId::new_random();
+    let registration = app.waiters.register(id);
+    app.enqueue(id, request, &caller).await?;
+
+    let deadline = Instant::now() + s.run_timeout;
+    loop {
+        match app.store.get(id).await {
+            Ok(Some((record, _))) if record.status.is_final() => {
+                return match (record.status, record.result, record.error) {
+                    (Status::Succeeded, Some(r), _) => {
+                        Ok(axum::Json(format!("{}{}", r.prompt, r.text)).into_response())
+                    }
+                    (Status::Failed, _, Some(error)) => Err(ApiError::JobFailed(error)),
+                    _ => Err(ApiError::RunTimeout(id)),
+                };
+            }
+            Ok(_) => {}
+            // A Redis blip must not fail a job that is running fine: keep waiting, read again.
+            Err(e) => tracing::warn!(error = %e, %id, "reading a /run job failed; retrying"),
+        }
+        tokio::select! {
+            _ = registration.notify.notified() => {}
+            _ = tokio::time::sleep(s.run_poll_interval) => {}
+            _ = tokio::time::sleep_until(deadline) => return Err(ApiError::RunTimeout(id)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use shared::{Decoding, PromptRules};
+
+    fn plan(body: serde_json::Value) -> shared::GenerationPlan {
+        job_from_body(body)
+            .unwrap()
+            .into_valid(&PromptRules::default())
+            .unwrap()
+            .plan
+    }
+
+    #[test]
+    fn the_original_body_defaults_to_50_tokens_of_contrastive_search() {
+        let p = plan(json!({"data": "Hello"}));
+        assert_eq!(p.max_new_tokens, 50);
+        assert_eq!(
+            p.decoding,
+            Decoding::Contrastive {
+                penalty_alpha: 0.6,
+                top_k: 4
+            }
+        );
+    }
+
+    #[test]
+    fn beam_search_runs_four_beams_and_sampling_uses_transformers_defaults() {
+        let p = plan(json!({"data": "Hello", "num_tokens": 7, "decoding_strategy": "beam search"}));
+        assert_eq!(p.max_new_tokens, 7);
+        assert!(
+            matches!(p.decoding, Decoding::Beam { num_beams: 4, .. }),
+            "{:?}",
+            p.decoding
+        );
+        let p = plan(json!({"data": "Hello", "decoding_strategy": "multinomial sampling"}));
+        assert_eq!(
+            p.decoding,
+            Decoding::Sample {
+                temperature: 1.0,
+                top_k: Some(50),
+                top_p: None,
+                typical_p: None,
+                seed: None
+            }
+        );
+    }
+
+    #[test]
+    fn our_job_body_is_accepted_too() {
+        let p = plan(json!({"prompt": "Hello", "parameters": {"strategy": "greedy", "max_new_tokens": 3}}));
+        assert_eq!((p.decoding, p.max_new_tokens), (Decoding::Greedy, 3));
+    }
+
+    #[test]
+    fn bad_original_bodies_name_the_field() {
+        let field = |body| match job_from_body(body).unwrap_err() {
+            ApiError::InvalidField { field, .. } | ApiError::UnknownField { field } => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            field(json!({"data": "x", "decoding_strategy": "telepathy"})),
+            "decoding_strategy"
+        );
+        assert_eq!(field(json!({"data": "x", "num_tokens": 0})), "num_tokens");
+        assert_eq!(field(json!({"data": "x", "num_tokens": -3})), "num_tokens");
+        assert_eq!(field(json!({"data": "x", "temperature": 0.5})), "temperature");
+        assert_eq!(field(json!({"data": 5})), "data");
+    }
+}

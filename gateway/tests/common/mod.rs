@@ -1,0 +1,239 @@
+//! Test harness: gateways started in-process on port 0, each test in its own namespace (queues and Redis
+//! keys), deleted afterwards, so tests run in parallel on the machine's one Redis and one RabbitMQ.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+#![allow(clippy::unwrap_used)] // test harness: a failed set-up step should panic the test
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use gateway::Config;
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeleteOptions};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::Value;
+use shared::JobReply;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379/";
+
+/// A namespace of its own; dropping it stops its gateways and deletes its queues and keys.
+pub struct TestEnv {
+    pub ns: String,
+    gateways: Vec<(oneshot::Sender<()>, JoinHandle<()>)>,
+    pub http: reqwest::Client,
+}
+
+pub struct Gateway {
+    pub base: String,
+}
+
+impl Gateway {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+}
+
+impl TestEnv {
+    pub fn new() -> Self {
+        let ns = format!("gwt-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        Self {
+            ns,
+            gateways: Vec::new(),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// Starts a gateway on this namespace with the given extra flags, and waits for it to be ready
+    /// unless `wait_ready` is false (for gateways pointed at something that is down).
+    pub async fn gateway_with(&mut self, flags: &[&str], wait_ready: bool) -> Gateway {
+        let mut args = vec!["gateway".to_owned()];
+        let defaults = [
+            ("--namespace", self.ns.as_str()),
+            ("--amqp-url", AMQP_URL),
+            ("--redis-url", REDIS_URL),
+            ("--shutdown-grace-s", "2"),
+        ];
+        for (flag, value) in defaults {
+            if !flags.contains(&flag) {
+                args.extend([flag.to_owned(), value.to_owned()]);
+            }
+        }
+        args.extend(flags.iter().map(|s| s.to_string()));
+        let config = Config::from_args(args).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            gateway::run(config, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        self.gateways.push((tx, handle));
+        let gw = Gateway { base };
+        if wait_ready {
+            for _ in 0..100 {
+                if let Ok(r) = self.http.get(gw.url("/readyz")).send().await
+                    && r.status() == 200
+                {
+                    return gw;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("gateway on {} did not become ready", gw.base);
+        }
+        gw
+    }
+
+    pub async fn gateway(&mut self, flags: &[&str]) -> Gateway {
+        self.gateway_with(flags, true).await
+    }
+
+    pub fn jobs_queue(&self) -> String {
+        format!("{}.jobs", self.ns)
+    }
+    pub fn replies_queue(&self) -> String {
+        format!("{}.replies", self.ns)
+    }
+
+    /// Stops the gateways, then deletes the namespace's queues and keys.
+    pub async fn finish(mut self) {
+        self.stop_gateways().await;
+        cleanup(self.ns.clone()).await;
+        self.ns.clear();
+    }
+
+    async fn stop_gateways(&mut self) {
+        for (tx, handle) in self.gateways.drain(..) {
+            let _ = tx.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        // Reached without finish() only when a test failed: clean up anyway, best effort.
+        if self.ns.is_empty() {
+            return;
+        }
+        for (tx, handle) in self.gateways.drain(..) {
+            let _ = tx.send(());
+            handle.abort();
+        }
+        let ns = std::mem::take(&mut self.ns);
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Runtime::new() {
+                rt.block_on(async {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    cleanup(ns).await;
+                });
+            }
+        })
+        .join();
+    }
+}
+
+async fn cleanup(ns: String) {
+    if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
+        for q in [
+            format!("{ns}.jobs"),
+            format!("{ns}.jobs.dead"),
+            format!("{ns}.replies"),
+        ] {
+            if let Ok(ch) = conn.create_channel().await {
+                let _ = ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+        let _ = conn.close(200, "bye".into()).await;
+    }
+    if let Ok(client) = redis::Client::open(REDIS_URL)
+        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+    {
+        let keys: Vec<String> = {
+            let mut iter = redis::AsyncCommands::scan_match::<_, String>(&mut conn, format!("{ns}:*"))
+                .await
+                .unwrap();
+            let mut keys = Vec::new();
+            while let Some(k) = iter.next().await {
+                if let Ok(k) = k {
+                    keys.push(k);
+                }
+            }
+            keys
+        };
+        if !keys.is_empty() {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+        }
+    }
+}
+
+/// A broker channel for a test acting as a worker at the AMQP contract level.
+pub async fn amqp() -> (Connection, Channel) {
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    (conn, channel)
+}
+
+/// Takes one message from `queue`, waiting up to 5 s for it to arrive.
+pub async fn take(channel: &Channel, queue: &str) -> lapin::message::BasicGetMessage {
+    for _ in 0..100 {
+        if let Some(msg) = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            msg.delivery.ack(BasicAckOptions::default()).await.unwrap();
+            return msg;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no message on {queue}");
+}
+
+/// Publishes a reply the way a worker does: on `reply_to`, `type` = event, `correlation_id` = job id.
+pub async fn reply(channel: &Channel, reply_to: &str, reply: &JobReply) {
+    let id = reply.job_id().unwrap().to_string();
+    channel
+        .basic_publish(
+            "".into(),
+            reply_to.into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(reply).unwrap(),
+            BasicProperties::default()
+                .with_type(reply.kind().into())
+                .with_correlation_id(id.into())
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+pub async fn json(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let body = response.json::<Value>().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// Submits `body` and returns (status, JSON body).
+pub async fn submit(http: &reqwest::Client, gw: &Gateway, body: Value) -> (u16, Value) {
+    json(http.post(gw.url("/v1/jobs")).json(&body).send().await.unwrap()).await
+}
+
+/// A closed local port (bound, then released), for pointing a gateway at a dependency that is down.
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}

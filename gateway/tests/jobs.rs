@@ -1,0 +1,447 @@
+//! Job submission, polling, `/run`, the queue figures, API keys and the documents, against the real
+//! Redis and RabbitMQ.
+//!
+//! No worker runs here: where a job must progress, the test itself stands in for a worker at the AMQP
+//! contract level — it takes the message from `{ns}.jobs` and publishes `job.started` / `job.succeeded`
+//! replies on the message's `reply_to` with its `correlation_id`, exactly as `docs/amqp.md` tells any
+//! worker to. The end-to-end tests with real workers live elsewhere.
+
+#![allow(clippy::unwrap_used)] // helpers outside #[test] functions panic on purpose
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestEnv, amqp, json, reply, submit, take};
+use serde_json::{Value, json};
+use shared::reply::{Started, Succeeded, now_ms};
+use shared::{FinishReason, JobId, JobReply, JobRequest, Timings};
+
+const GENEROUS: &[&str] = &["--submit-rate-limit", "10000/1s", "--read-rate-limit", "10000/1s"];
+
+fn started(id: JobId) -> JobReply {
+    JobReply::Started(Started {
+        job_id: id,
+        worker_id: "test-worker".into(),
+        started_at_ms: now_ms(),
+        redelivered: false,
+    })
+}
+
+fn succeeded(id: JobId, prompt: &str, text: &str) -> JobReply {
+    JobReply::Succeeded(Succeeded {
+        job_id: id,
+        worker_id: "test-worker".into(),
+        prompt: prompt.into(),
+        text: text.into(),
+        token_ids: vec![1, 2, 3],
+        new_tokens: 3,
+        finish_reason: FinishReason::Length,
+        timings: Timings {
+            queued_ms: Some(5),
+            prefill_ms: 10,
+            decode_ms: 20,
+            inference_ms: 30,
+        },
+        finished_at_ms: now_ms(),
+    })
+}
+
+async fn poll(env: &TestEnv, gw: &common::Gateway, id: &str) -> Value {
+    let (status, body) = json(
+        env.http
+            .get(gw.url(&format!("/v1/jobs/{id}")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+async fn poll_until(env: &TestEnv, gw: &common::Gateway, id: &str, wanted: &str) -> Value {
+    for _ in 0..100 {
+        let body = poll(env, gw, id).await;
+        if body["status"] == wanted {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("job {id} never reached {wanted}");
+}
+
+#[tokio::test]
+async fn a_submitted_job_is_on_the_jobs_queue_with_the_contracts_properties() {
+    let mut env = TestEnv::new();
+    let gw = env.gateway(GENEROUS).await;
+    let r = env
+        .http
+        .post(gw.url("/v1/jobs"))
+        .json(&json!({"prompt": "  Hello,\t$world!  ", "parameters": {"max_new_tokens": 7}}))
+        .send()
+        .await
+        .unwrap();
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let (status, body) = json(r).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    assert_eq!(body["status"], "queued");
+    assert_eq!(body["prompt"], "Hello, world");
+    assert_eq!(location, format!("/v1/jobs/{id}"));
+
+    let (_conn, channel) = amqp().await;
+    let msg = take(&channel, &env.jobs_queue()).await;
+    let p = &msg.delivery.properties;
+    assert_eq!(p.correlation_id().as_ref().map(|s| s.as_str()), Some(id.as_str()));
+    assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some(id.as_str()));
+    assert_eq!(
+        p.reply_to().as_ref().map(|s| s.to_string()),
+        Some(env.replies_queue())
+    );
+    assert_eq!(
+        p.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(*p.delivery_mode(), Some(2), "persistent");
+    let job: JobRequest = serde_json::from_slice(&msg.delivery.data).unwrap();
+    assert_eq!(job.version, 1);
+    assert_eq!(job.prompt, "Hello, world", "the cleaned prompt is published");
+    assert_eq!(job.parameters.max_new_tokens, Some(7));
+    assert!(job.submitted_at_ms.is_some());
+
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn with_no_worker_the_queue_depth_equals_the_jobs_submitted() {
+    let mut env = TestEnv::new();
+    let mut flags = GENEROUS.to_vec();
+    flags.extend(["--queue-stats-cache-ms", "0"]);
+    let gw = env.gateway(&flags).await;
+    for i in 0..7 {
+        let (status, body) = submit(&env.http, &gw, json!({"prompt": format!("job {i}")})).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    // Every 202 came after the broker's confirm, so all seven are counted at once.
+    let (status, q) = json(env.http.get(gw.url("/v1/queue")).send().await.unwrap()).await;
+    assert_eq!(status, 200, "{q}");
+    assert_eq!(q["depth"], 7, "{q}");
+    assert_eq!(q["running"], 0, "{q}");
+    assert_eq!(q["consumers"], 0, "{q}");
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_poll_sees_queued_then_running_then_succeeded() {
+    let mut env = TestEnv::new();
+    let gw = env.gateway(GENEROUS).await;
+    let (status, body) = submit(&env.http, &gw, json!({"prompt": "Once upon a time"})).await;
+    assert_eq!(status, 202);
+    let id = body["id"].as_str().unwrap().to_owned();
+
+    let queued = poll(&env, &gw, &id).await;
+    assert_eq!(queued["status"], "queued");
+    assert_eq!(queued["prompt"], "Once upon a time");
+    assert_eq!(queued["queue"]["position"], 1, "{queued}");
+
+    // Stand in for a worker: take the job, answer on its reply_to.
+    let (_conn, channel) = amqp().await;
+    let msg = take(&channel, &env.jobs_queue()).await;
+    let reply_to = msg.delivery.properties.reply_to().as_ref().unwrap().to_string();
+    let job_id: JobId = id.parse().unwrap();
+    reply(&channel, &reply_to, &started(job_id)).await;
+    let running = poll_until(&env, &gw, &id, "running").await;
+    assert_eq!(running["worker_id"], "test-worker");
+    let (_, q) = json(env.http.get(gw.url("/v1/queue")).send().await.unwrap()).await;
+    assert_eq!(q["running"], 1, "{q}");
+
+    reply(
+        &channel,
+        &reply_to,
+        &succeeded(job_id, "Once upon a time", " there was a cat"),
+    )
+    .await;
+    let done = poll_until(&env, &gw, &id, "succeeded").await;
+    assert_eq!(done["result"]["text"], " there was a cat");
+    assert_eq!(done["result"]["full_text"], "Once upon a time there was a cat");
+    assert_eq!(done["result"]["finish_reason"], "length");
+    assert_eq!(done["timings"]["inference_ms"], 30);
+    assert_eq!(done["timings"]["queued_ms"], 5);
+    assert_eq!(done["worker_id"], "test-worker");
+
+    // A late duplicate `job.started` (a redelivery) cannot take the result back.
+    reply(&channel, &reply_to, &started(job_id)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(poll(&env, &gw, &id).await["status"], "succeeded");
+    let (_, q) = json(env.http.get(gw.url("/v1/queue")).send().await.unwrap()).await;
+    assert_eq!(q["running"], 0, "{q}");
+
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn run_answers_with_the_prompt_and_continuation_whichever_replica_consumed_the_reply() {
+    let mut env = TestEnv::new();
+    // Waits must be woken by the completion notice: the fallback poll is far beyond the test's patience.
+    let mut flags = GENEROUS.to_vec();
+    flags.extend([
+        "--run-poll-interval-ms",
+        "600000",
+        "--run-timeout-s",
+        "20",
+        "--max-run-waits-per-client",
+        "10",
+    ]);
+    let a = env.gateway(&flags).await;
+    let _b = env.gateway(&flags).await;
+
+    // Both replicas consume the replies queue, and the broker hands deliveries round-robin to its
+    // consumers, so of six replies B consumes some: those /run waits on A finish only through the notice.
+    let (_conn, channel) = amqp().await;
+    let replies = channel
+        .queue_declare(
+            env.replies_queue().as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(replies.consumer_count(), 2);
+
+    // Six /run calls on replica A.
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let http = env.http.clone();
+        let url = a.url("/run");
+        calls.push(tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(&json!({"data": format!("Prompt number {i}"), "num_tokens": 3}))
+                .send()
+                .await
+                .unwrap();
+            json(r).await
+        }));
+    }
+    for _ in 0..6 {
+        let msg = take(&channel, &env.jobs_queue()).await;
+        let job: JobRequest = serde_json::from_slice(&msg.delivery.data).unwrap();
+        assert_eq!(job.parameters.max_new_tokens, Some(3));
+        let id: JobId = msg
+            .delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .unwrap()
+            .as_str()
+            .parse()
+            .unwrap();
+        let reply_to = msg.delivery.properties.reply_to().as_ref().unwrap().to_string();
+        reply(&channel, &reply_to, &succeeded(id, &job.prompt, " and so on")).await;
+    }
+    let mut answers = Vec::new();
+    for call in calls {
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        answers.push(body.as_str().expect("a JSON string").to_owned());
+    }
+    answers.sort();
+    let expected: Vec<String> = (0..6).map(|i| format!("Prompt number {i} and so on")).collect();
+    assert_eq!(answers, expected);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn run_times_out_with_504_and_the_job_id_and_the_job_goes_on() {
+    let mut env = TestEnv::new();
+    let mut flags = GENEROUS.to_vec();
+    flags.extend(["--run-timeout-s", "1"]);
+    let gw = env.gateway(&flags).await;
+    let r = env
+        .http
+        .post(gw.url("/run"))
+        .json(&json!({"data": "Slow one"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!((status, body["code"].as_str()), (504, Some("timeout")), "{body}");
+    let id = body["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(poll(&env, &gw, &id).await["status"], "queued");
+    // The job is still on the queue for a worker.
+    let (_conn, channel) = amqp().await;
+    let msg = take(&channel, &env.jobs_queue()).await;
+    assert_eq!(
+        msg.delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        id
+    );
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn run_waits_per_client_are_bounded() {
+    let mut env = TestEnv::new();
+    let mut flags = GENEROUS.to_vec();
+    flags.extend(["--run-timeout-s", "2", "--max-run-waits-per-client", "2"]);
+    let gw = env.gateway(&flags).await;
+    let mut calls = Vec::new();
+    for _ in 0..3 {
+        let http = env.http.clone();
+        let url = gw.url("/run");
+        calls.push(tokio::spawn(async move {
+            json(
+                http.post(url)
+                    .json(&json!({"data": "wait"}))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut codes = Vec::new();
+    for c in calls {
+        codes.push(c.await.unwrap().1["code"].as_str().unwrap().to_owned());
+    }
+    codes.sort();
+    assert_eq!(codes, ["timeout", "timeout", "too_many_waits"]);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn with_the_broker_down_submission_is_refused_with_503() {
+    let mut env = TestEnv::new();
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", common::closed_port());
+    let mut flags = GENEROUS.to_vec();
+    flags.extend(["--amqp-url", url.as_str()]);
+    let gw = env.gateway_with(&flags, false).await;
+    let r = env
+        .http
+        .post(gw.url("/v1/jobs"))
+        .json(&json!({"prompt": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().contains_key("retry-after"));
+    let (status, body) = json(r).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
+    assert!(
+        !body["message"].as_str().unwrap().contains("127.0.0.1"),
+        "internals stay in the log: {body}"
+    );
+    let (status, ready) = json(env.http.get(gw.url("/readyz")).send().await.unwrap()).await;
+    assert_eq!(status, 503);
+    assert_eq!(ready["rabbitmq"], false);
+    assert_eq!(ready["redis"], true);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn with_api_keys_a_job_is_readable_only_with_its_own_key() {
+    let mut env = TestEnv::new();
+    let mut flags = GENEROUS.to_vec();
+    flags.extend(["--api-keys", "alpha,beta"]);
+    let gw = env.gateway(&flags).await;
+    let http = &env.http;
+    let body = json!({"prompt": "secret plans"});
+
+    let (status, b) = json(http.post(gw.url("/v1/jobs")).json(&body).send().await.unwrap()).await;
+    assert_eq!((status, b["code"].as_str()), (401, Some("unauthorized")), "{b}");
+    let (status, b) = json(
+        http.post(gw.url("/v1/jobs"))
+            .bearer_auth("gamma")
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 401, "{b}");
+
+    let (status, b) = json(
+        http.post(gw.url("/v1/jobs"))
+            .bearer_auth("alpha")
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 202, "{b}");
+    let url = gw.url(&format!("/v1/jobs/{}", b["id"].as_str().unwrap()));
+
+    let (status, _) = json(http.get(&url).bearer_auth("alpha").send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    let (status, b) = json(http.get(&url).bearer_auth("beta").send().await.unwrap()).await;
+    assert_eq!(
+        (status, b["code"].as_str()),
+        (404, Some("not_found")),
+        "another key's job does not exist"
+    );
+    let (status, _) = json(http.get(&url).send().await.unwrap()).await;
+    assert_eq!(status, 401);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn the_api_is_documented_and_observable() {
+    let mut env = TestEnv::new();
+    let gw = env.gateway(GENEROUS).await;
+    let (status, doc) = json(env.http.get(gw.url("/openapi.json")).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/v1/jobs",
+        "/v1/jobs/{id}",
+        "/run",
+        "/v1/queue",
+        "/metrics",
+        "/healthz",
+        "/readyz",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} undocumented");
+    }
+    assert!(doc["components"]["schemas"]["GenerationParameters"].is_object());
+    let page = env.http.get(gw.url("/docs")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("openapi"));
+
+    let (status, _) = json(env.http.get(gw.url("/healthz")).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    let (status, _) = submit(&env.http, &gw, json!({"prompt": "count me"})).await;
+    assert_eq!(status, 202);
+    let text = env
+        .http
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for metric in [
+        "gateway_http_requests_total",
+        "gateway_http_request_duration_seconds_bucket",
+        "gateway_jobs_total",
+    ] {
+        assert!(text.contains(metric), "{metric} missing from /metrics");
+    }
+    env.finish().await;
+}

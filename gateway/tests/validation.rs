@@ -1,0 +1,182 @@
+//! Bad input gets a clear JSON error with a stable code, and never reaches the queue.
+
+#![allow(clippy::unwrap_used)] // helpers outside #[test] functions panic on purpose
+
+mod common;
+
+use common::{TestEnv, json, submit};
+use serde_json::json;
+
+const GENEROUS: &[&str] = &["--submit-rate-limit", "10000/1s", "--read-rate-limit", "10000/1s"];
+
+#[tokio::test]
+async fn bad_bodies_get_400_413_or_422_naming_the_problem() {
+    let mut env = TestEnv::new();
+    let mut flags = GENEROUS.to_vec();
+    flags.extend(["--body-limit-bytes", "1024"]);
+    let gw = env.gateway(&flags).await;
+    let http = env.http.clone();
+
+    // Over the body limit: 413.
+    let big = json!({"prompt": "a".repeat(2000)});
+    let (status, body) = submit(&http, &gw, big).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (413, Some("payload_too_large")),
+        "{body}"
+    );
+
+    // Not JSON: 400.
+    let r = http
+        .post(gw.url("/v1/jobs"))
+        .header("content-type", "application/json")
+        .body("{\"prompt\": ")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("invalid_json")),
+        "{body}"
+    );
+
+    // Unknown field, top level and nested: 422 naming it.
+    let (status, body) = submit(&http, &gw, json!({"prompt": "hi", "temprature": 1})).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("unknown_field")),
+        "{body}"
+    );
+    assert!(body["message"].as_str().unwrap().contains("temprature"), "{body}");
+    let (status, body) = submit(
+        &http,
+        &gw,
+        json!({"prompt": "hi", "parameters": {"max_tokens": 5}}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("unknown_field")),
+        "{body}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("parameters.max_tokens"),
+        "{body}"
+    );
+
+    // Wrong type and out of range: 422 naming the field.
+    let (status, body) = submit(
+        &http,
+        &gw,
+        json!({"prompt": "hi", "parameters": {"top_k": "many"}}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("invalid_parameter")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("parameters.top_k"),
+        "{body}"
+    );
+    let (status, body) = submit(
+        &http,
+        &gw,
+        json!({"prompt": "hi", "parameters": {"max_new_tokens": 0}}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("invalid_parameter")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("max_new_tokens"),
+        "{body}"
+    );
+    let (status, body) = submit(
+        &http,
+        &gw,
+        json!({"prompt": "hi", "parameters": {"strategy": "sample", "temperature": -1.0}}),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("temperature"),
+        "{body}"
+    );
+
+    // Prompt empty or too long after cleaning: 422.
+    let (status, body) = submit(&http, &gw, json!({"prompt": "$$ ** @@"})).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("prompt_empty")),
+        "{body}"
+    );
+    let (status, body) = submit(&http, &gw, json!({"prompt": "a".repeat(201)})).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("prompt_too_long")),
+        "{body}"
+    );
+    // ... while 200 allowed characters plus removable ones pass.
+    let (status, body) = submit(&http, &gw, json!({"prompt": format!("{}$$$", "a".repeat(200))})).await;
+    assert_eq!(status, 202, "{body}");
+
+    // The /run original body: an unknown strategy is named.
+    let r = http
+        .post(gw.url("/run"))
+        .json(&json!({"data": "hi", "decoding_strategy": "telepathy"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("decoding_strategy"),
+        "{body}"
+    );
+
+    // Job ids: malformed 400, unknown 404.
+    let (status, body) = json(http.get(gw.url("/v1/jobs/not-a-uuid")).send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("invalid_job_id")),
+        "{body}"
+    );
+    let unknown = uuid::Uuid::new_v4();
+    let (status, body) = json(
+        http.get(gw.url(&format!("/v1/jobs/{unknown}")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("not_found")),
+        "{body}"
+    );
+
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn the_reject_policy_refuses_disallowed_characters() {
+    let mut env = TestEnv::new();
+    let mut flags = GENEROUS.to_vec();
+    flags.extend(["--prompt-policy", "reject"]);
+    let gw = env.gateway(&flags).await;
+    let (status, body) = submit(&env.http, &gw, json!({"prompt": "hello $world"})).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("prompt_disallowed_characters")),
+        "{body}"
+    );
+    env.finish().await;
+}

@@ -1,0 +1,486 @@
+//! `pytorch_model.bin`: the zip archive `torch.save` writes (`<name>/data.pkl` plus one entry per storage,
+//! `<name>/data/<key>`).
+//!
+//! libtorch's C++ `torch::pickle_load` reads these, but tch 0.24 does not expose it (its `loadz_multi` reads
+//! TorchScript's parameter format, not `torch.save`'s), so this module interprets the small subset of
+//! Python's pickle protocol a state dict uses: dicts, tuples, strings, ints, `torch._utils._rebuild_tensor_v2`
+//! and persistent ids naming storages. Anything else in the pickle becomes an opaque value and is ignored.
+
+use super::{TensorSpec, canonical_name, check_shape, place, read_tensor};
+use crate::model::LoadError;
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+/// A tensor as the pickle describes it: a view into a storage.
+#[derive(Debug, Clone, PartialEq)]
+struct TensorRef {
+    storage_key: String,
+    kind: Kind,
+    offset: i64,
+    size: Vec<i64>,
+    stride: Vec<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Value {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    Tuple(Vec<Value>),
+    List(Vec<Value>),
+    Dict(Vec<(Value, Value)>),
+    Global(String, String),
+    Storage { key: String, kind: Kind },
+    Tensor(TensorRef),
+    Opaque,
+    Mark,
+}
+
+fn storage_kind(name: &str) -> Option<Kind> {
+    Some(match name {
+        "FloatStorage" => Kind::Float,
+        "HalfStorage" => Kind::Half,
+        "BFloat16Storage" => Kind::BFloat16,
+        "DoubleStorage" => Kind::Double,
+        "LongStorage" => Kind::Int64,
+        "IntStorage" => Kind::Int,
+        "ShortStorage" => Kind::Int16,
+        "CharStorage" => Kind::Int8,
+        "ByteStorage" => Kind::Uint8,
+        "BoolStorage" => Kind::Bool,
+        _ => return None,
+    })
+}
+
+struct Unpickler<'a> {
+    data: &'a [u8],
+    pos: usize,
+    stack: Vec<Value>,
+    memo: HashMap<u32, Value>,
+}
+
+type PResult<T> = Result<T, String>;
+
+impl<'a> Unpickler<'a> {
+    fn take(&mut self, n: usize) -> PResult<&'a [u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|e| *e <= self.data.len())
+            .ok_or("truncated pickle")?;
+        let s = &self.data[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> PResult<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> PResult<u32> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn line(&mut self) -> PResult<String> {
+        let rest = &self.data[self.pos..];
+        let n = rest.iter().position(|b| *b == b'\n').ok_or("unterminated line")?;
+        let s = String::from_utf8_lossy(&rest[..n]).into_owned();
+        self.pos += n + 1;
+        Ok(s)
+    }
+
+    fn pop(&mut self) -> PResult<Value> {
+        self.stack
+            .pop()
+            .ok_or_else(|| "pickle stack underflow".to_string())
+    }
+
+    fn pop_mark(&mut self) -> PResult<Vec<Value>> {
+        let at = self
+            .stack
+            .iter()
+            .rposition(|v| *v == Value::Mark)
+            .ok_or("MARK missing")?;
+        let items = self.stack.split_off(at + 1);
+        self.stack.pop();
+        Ok(items)
+    }
+
+    fn top(&mut self) -> PResult<&mut Value> {
+        self.stack
+            .last_mut()
+            .ok_or_else(|| "pickle stack underflow".to_string())
+    }
+
+    fn run(mut self) -> PResult<Value> {
+        loop {
+            let op = self.u8()?;
+            match op {
+                0x80 => {
+                    self.u8()?;
+                } // PROTO
+                0x95 => {
+                    self.take(8)?;
+                } // FRAME
+                b'.' => return self.pop(),
+                b'(' => self.stack.push(Value::Mark),
+                b'N' => self.stack.push(Value::None),
+                0x88 => self.stack.push(Value::Bool(true)),
+                0x89 => self.stack.push(Value::Bool(false)),
+                b'}' => self.stack.push(Value::Dict(Vec::new())),
+                b']' => self.stack.push(Value::List(Vec::new())),
+                b')' => self.stack.push(Value::Tuple(Vec::new())),
+                b'K' => {
+                    let v = self.u8()?;
+                    self.stack.push(Value::Int(v as i64))
+                }
+                b'M' => {
+                    let b = self.take(2)?;
+                    self.stack
+                        .push(Value::Int(u16::from_le_bytes([b[0], b[1]]) as i64))
+                }
+                b'J' => {
+                    let v = self.u32()? as i32;
+                    self.stack.push(Value::Int(v as i64))
+                }
+                0x8a => {
+                    let n = self.u8()? as usize;
+                    let b = self.take(n)?;
+                    if n > 8 {
+                        return Err("integer too large".into());
+                    }
+                    let mut v: i64 = 0;
+                    for (i, byte) in b.iter().enumerate() {
+                        v |= (*byte as i64) << (8 * i);
+                    }
+                    if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
+                        v -= 1i64 << (8 * n);
+                    }
+                    self.stack.push(Value::Int(v))
+                }
+                b'G' => {
+                    let b = self.take(8)?;
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(b);
+                    self.stack.push(Value::Float(f64::from_be_bytes(a)))
+                }
+                b'X' | b'T' | 0x8c | b'U' | 0x8d => {
+                    let n = match op {
+                        0x8c | b'U' => self.u8()? as usize,
+                        0x8d => {
+                            let b = self.take(8)?;
+                            u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize
+                        }
+                        _ => self.u32()? as usize,
+                    };
+                    let s = String::from_utf8_lossy(self.take(n)?).into_owned();
+                    self.stack.push(Value::Str(s))
+                }
+                b'B' | b'C' => {
+                    let n = if op == b'C' {
+                        self.u8()? as usize
+                    } else {
+                        self.u32()? as usize
+                    };
+                    let b = self.take(n)?.to_vec();
+                    self.stack.push(Value::Bytes(b))
+                }
+                b'c' => {
+                    let module = self.line()?;
+                    let name = self.line()?;
+                    self.stack.push(Value::Global(module, name))
+                }
+                0x93 => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    match (module, name) {
+                        (Value::Str(m), Value::Str(n)) => self.stack.push(Value::Global(m, n)),
+                        _ => return Err("STACK_GLOBAL needs two strings".into()),
+                    }
+                }
+                b'q' => {
+                    let i = self.u8()? as u32;
+                    let v = self.top()?.clone();
+                    self.memo.insert(i, v);
+                }
+                b'r' => {
+                    let i = self.u32()?;
+                    let v = self.top()?.clone();
+                    self.memo.insert(i, v);
+                }
+                0x94 => {
+                    let i = self.memo.len() as u32;
+                    let v = self.top()?.clone();
+                    self.memo.insert(i, v);
+                }
+                b'h' | b'j' => {
+                    let i = if op == b'h' {
+                        self.u8()? as u32
+                    } else {
+                        self.u32()?
+                    };
+                    let v = self.memo.get(&i).cloned().ok_or("memo key missing")?;
+                    self.stack.push(v)
+                }
+                b't' => {
+                    let items = self.pop_mark()?;
+                    self.stack.push(Value::Tuple(items))
+                }
+                0x85..=0x87 => {
+                    let n = (op - 0x84) as usize;
+                    let at = self.stack.len().checked_sub(n).ok_or("pickle stack underflow")?;
+                    let items = self.stack.split_off(at);
+                    self.stack.push(Value::Tuple(items))
+                }
+                b'l' => {
+                    let items = self.pop_mark()?;
+                    self.stack.push(Value::List(items))
+                }
+                b'd' => {
+                    let items = self.pop_mark()?;
+                    let dict = pairs(items)?;
+                    self.stack.push(Value::Dict(dict))
+                }
+                b'a' => {
+                    let v = self.pop()?;
+                    if let Value::List(l) = self.top()? {
+                        l.push(v)
+                    }
+                }
+                b'e' => {
+                    let items = self.pop_mark()?;
+                    if let Value::List(l) = self.top()? {
+                        l.extend(items)
+                    }
+                }
+                b's' => {
+                    let v = self.pop()?;
+                    let k = self.pop()?;
+                    if let Value::Dict(d) = self.top()? {
+                        d.push((k, v))
+                    }
+                }
+                b'u' => {
+                    let items = self.pop_mark()?;
+                    let new = pairs(items)?;
+                    if let Value::Dict(d) = self.top()? {
+                        d.extend(new)
+                    }
+                }
+                b'Q' => {
+                    let pid = self.pop()?;
+                    self.stack.push(persistent_load(pid)?)
+                }
+                b'R' | 0x81 => {
+                    let args = self.pop()?;
+                    let callable = self.pop()?;
+                    self.stack.push(reduce(callable, args)?)
+                }
+                b'b' => {
+                    // BUILD sets an object's state (the state dict's `_metadata`): not needed.
+                    self.pop()?;
+                }
+                other => return Err(format!("unsupported pickle opcode 0x{other:02x}")),
+            }
+        }
+    }
+}
+
+fn pairs(items: Vec<Value>) -> PResult<Vec<(Value, Value)>> {
+    if !items.len().is_multiple_of(2) {
+        return Err("odd number of dict items".into());
+    }
+    let mut it = items.into_iter();
+    let mut out = Vec::new();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+/// `('storage', torch.FloatStorage, '0', 'cpu', numel)` → the storage it names.
+fn persistent_load(pid: Value) -> PResult<Value> {
+    let Value::Tuple(items) = pid else {
+        return Err("persistent id is not a tuple".into());
+    };
+    match items.as_slice() {
+        [Value::Str(tag), Value::Global(_, storage), Value::Str(key), ..] if tag == "storage" => {
+            let kind = storage_kind(storage).ok_or_else(|| format!("unsupported storage type {storage}"))?;
+            Ok(Value::Storage {
+                key: key.clone(),
+                kind,
+            })
+        }
+        _ => Err("unsupported persistent id".into()),
+    }
+}
+
+fn ints(v: &Value) -> PResult<Vec<i64>> {
+    match v {
+        Value::Tuple(items) | Value::List(items) => items
+            .iter()
+            .map(|i| match i {
+                Value::Int(n) => Ok(*n),
+                _ => Err("tensor size/stride is not integers".to_string()),
+            })
+            .collect(),
+        _ => Err("tensor size/stride is not a tuple".into()),
+    }
+}
+
+fn reduce(callable: Value, args: Value) -> PResult<Value> {
+    let Value::Global(module, name) = callable else {
+        return Ok(Value::Opaque);
+    };
+    let args = match args {
+        Value::Tuple(a) => a,
+        _ => return Ok(Value::Opaque),
+    };
+    match (module.as_str(), name.as_str()) {
+        ("collections", "OrderedDict") | ("builtins", "dict") => Ok(Value::Dict(Vec::new())),
+        ("torch._utils", "_rebuild_tensor_v2" | "_rebuild_tensor") => match args.as_slice() {
+            [Value::Storage { key, kind }, Value::Int(offset), size, stride, ..] => {
+                Ok(Value::Tensor(TensorRef {
+                    storage_key: key.clone(),
+                    kind: *kind,
+                    offset: *offset,
+                    size: ints(size)?,
+                    stride: ints(stride)?,
+                }))
+            }
+            _ => Err("unexpected arguments to _rebuild_tensor_v2".into()),
+        },
+        ("torch._utils", "_rebuild_parameter") => match args.into_iter().next() {
+            Some(t @ Value::Tensor(_)) => Ok(t),
+            _ => Err("unexpected arguments to _rebuild_parameter".into()),
+        },
+        _ => Ok(Value::Opaque),
+    }
+}
+
+/// The (name, tensor) entries of the pickled state dict (also inside a `{"state_dict": …}` wrapper).
+fn state_dict(root: Value) -> PResult<Vec<(String, TensorRef)>> {
+    let Value::Dict(items) = root else {
+        return Err("the pickle does not hold a dict".into());
+    };
+    let mut out = Vec::new();
+    let mut nested = None;
+    for (k, v) in items {
+        match (k, v) {
+            (Value::Str(name), Value::Tensor(t)) => out.push((name, t)),
+            (Value::Str(name), d @ Value::Dict(_)) if name == "state_dict" || name == "model" => {
+                nested = Some(d)
+            }
+            _ => {}
+        }
+    }
+    match (out.is_empty(), nested) {
+        (true, Some(d)) => state_dict(d),
+        _ => Ok(out),
+    }
+}
+
+pub(super) fn load_file(
+    path: &Path,
+    wanted: &HashMap<&str, &TensorSpec>,
+    put: &mut dyn FnMut(String, Tensor),
+) -> Result<(), LoadError> {
+    let file = std::fs::File::open(path).map_err(|e| LoadError::io(path, e))?;
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| {
+        LoadError::bad_file(
+            path,
+            format!("not a torch.save zip archive ({e}); re-save it with torch >= 1.6"),
+        )
+    })?;
+    let pkl_name = archive
+        .file_names()
+        .find(|n| n.ends_with("data.pkl") && n.matches('/').count() == 1)
+        .map(str::to_string)
+        .ok_or_else(|| LoadError::bad_file(path, "no data.pkl in the archive"))?;
+    let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
+    let mut pkl = Vec::new();
+    archive
+        .by_name(&pkl_name)
+        .and_then(|mut f| f.read_to_end(&mut pkl).map_err(Into::into))
+        .map_err(|e| LoadError::bad_file(path, format!("reading data.pkl: {e}")))?;
+    let root = Unpickler {
+        data: &pkl,
+        pos: 0,
+        stack: Vec::new(),
+        memo: HashMap::new(),
+    }
+    .run()
+    .map_err(|e| LoadError::bad_file(path, format!("data.pkl: {e}")))?;
+    let entries = state_dict(root).map_err(|e| LoadError::bad_file(path, format!("data.pkl: {e}")))?;
+
+    // Storages shared by several tensors are read once per file.
+    let mut storages: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in entries {
+        let name = canonical_name(&name);
+        let Some(spec) = wanted.get(name.as_str()) else {
+            continue;
+        };
+        check_shape(spec, &t.size)?;
+        if !matches!(t.kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
+            return Err(LoadError::UnsupportedTensorDtype {
+                name,
+                dtype: format!("{:?}", t.kind),
+            });
+        }
+        let storage = match storages.get(&t.storage_key) {
+            Some(s) => s.shallow_clone(),
+            None => {
+                let entry = format!("{prefix}data/{}", t.storage_key);
+                let mut f = archive
+                    .by_name(&entry)
+                    .map_err(|e| LoadError::bad_file(path, format!("storage {entry}: {e}")))?;
+                let nbytes = f.size() as usize;
+                let numel = (nbytes / t.kind.elt_size_in_bytes()) as i64;
+                let s = read_tensor(&mut f, path, &[numel], t.kind, nbytes)?;
+                storages.insert(t.storage_key.clone(), s.shallow_clone());
+                s
+            }
+        };
+        let numel: i64 = t.size.iter().product();
+        let covers_storage =
+            t.offset == 0 && storage.numel() as i64 == numel && is_contiguous(&t.size, &t.stride);
+        let tensor = if covers_storage {
+            storage.f_view(t.size.as_slice())?
+        } else {
+            let last = t.offset
+                + t.size
+                    .iter()
+                    .zip(&t.stride)
+                    .map(|(n, s)| (n - 1).max(0) * s)
+                    .sum::<i64>();
+            if numel > 0 && last >= storage.numel() as i64 {
+                return Err(LoadError::bad_file(
+                    path,
+                    format!("tensor {name} lies outside its storage"),
+                ));
+            }
+            storage
+                .f_as_strided(t.size.as_slice(), t.stride.as_slice(), t.offset)?
+                .f_contiguous()?
+        };
+        put(name, place(tensor, spec)?);
+    }
+    Ok(())
+}
+
+fn is_contiguous(size: &[i64], stride: &[i64]) -> bool {
+    let mut expected = 1;
+    for (n, s) in size.iter().zip(stride).rev() {
+        if *n != 1 && *s != expected {
+            return false;
+        }
+        expected *= n;
+    }
+    true
+}

@@ -1,0 +1,215 @@
+//! The engine: a loaded model and its tokenizer, turning a prompt and a validated plan into text.
+//!
+//! This is the one API the command line (`worker generate`) and the queue service share, so a job and a
+//! command-line run of the same prompt and parameters give the same text. It is synchronous and owns the
+//! model; the service moves it to a dedicated thread so inference never blocks the async runtime.
+
+use crate::decoding::{self, StopChecker};
+use crate::lm::CausalLm;
+use crate::model::{GptJ, LoadError, LoadOptions};
+use shared::{FinishReason, GenerationPlan};
+use std::path::PathBuf;
+use std::time::Instant;
+use tokenizers::Tokenizer;
+
+/// Where the model is and how to load it.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    pub model_dir: PathBuf,
+    pub load: LoadOptions,
+    /// libtorch's intra-op CPU threads (`None`: libtorch's default, one per core).
+    pub threads: Option<usize>,
+}
+
+/// One prompt's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// The continuation only (not the prompt), ending before a stop sequence, without special tokens.
+    pub text: String,
+    /// Generated ids, as transformers' `generate` returns them after the prompt (an ending EOS included).
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    /// Tokenization, the prompt's forward pass and the first token.
+    pub prefill_ms: u64,
+    /// The remaining tokens and the final decode to text.
+    pub decode_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error(
+        "the prompt has {prompt_tokens} tokens; with max_new_tokens {max_new_tokens} that exceeds the model's \
+         context of {n_positions} positions"
+    )]
+    ContextOverflow {
+        prompt_tokens: usize,
+        max_new_tokens: usize,
+        n_positions: usize,
+    },
+    #[error("generation failed: {0}")]
+    Generation(String),
+}
+
+impl From<decoding::DecodeError> for EngineError {
+    fn from(e: decoding::DecodeError) -> Self {
+        EngineError::Generation(e.to_string())
+    }
+}
+
+/// A loaded model and tokenizer.
+pub struct Engine {
+    model: GptJ,
+    tokenizer: Tokenizer,
+    load_ms: u64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.model)
+            .field("load_ms", &self.load_ms)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Loads the model and tokenizer from `opts.model_dir` (and sets libtorch's thread count).
+    pub fn load(opts: &EngineOptions) -> Result<Self, EngineError> {
+        let start = Instant::now();
+        if let Some(n) = opts.threads {
+            tch::set_num_threads(n.max(1) as i32);
+        }
+        let tokenizer = crate::tokenizer::load(&opts.model_dir)?;
+        let model = GptJ::load(&opts.model_dir, &opts.load)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            load_ms: start.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// An engine over an already loaded model and tokenizer.
+    pub fn from_parts(model: GptJ, tokenizer: Tokenizer) -> Self {
+        Self {
+            model,
+            tokenizer,
+            load_ms: 0,
+        }
+    }
+
+    /// How long [`Engine::load`] took.
+    pub fn load_ms(&self) -> u64 {
+        self.load_ms
+    }
+
+    pub fn model(&self) -> &GptJ {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Generates a continuation of `prompt`.
+    pub fn generate(&self, prompt: &str, plan: &GenerationPlan) -> Result<Generation, EngineError> {
+        let mut out = self.generate_batch(&[prompt], plan)?;
+        out.pop()
+            .ok_or_else(|| EngineError::Generation("no result".into()))
+    }
+
+    /// Generates for several prompts at once; each gets the text it would get alone.
+    pub fn generate_batch(
+        &self,
+        prompts: &[&str],
+        plan: &GenerationPlan,
+    ) -> Result<Vec<Generation>, EngineError> {
+        let start = Instant::now();
+        let ids = prompts
+            .iter()
+            .map(|p| self.encode(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ids = ids
+            .into_iter()
+            .map(|p| self.prompt_ids(p, plan))
+            .collect::<Result<Vec<_>, _>>()?;
+        let prompt_lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+        let tokenize = start.elapsed();
+
+        let eos = self.model.info().eos_token_id;
+        let out = decoding::generate(&self.model, &ids, plan, eos, &self.tokenizer)?;
+
+        let decode_start = Instant::now();
+        let stop = StopChecker::new(&plan.stop);
+        let generations = out
+            .results
+            .into_iter()
+            .zip(prompt_lens)
+            .map(|(d, prompt_tokens)| Generation {
+                text: stop.final_text(&self.tokenizer, &d.tokens, d.finish_reason == FinishReason::Stop),
+                token_ids: d.tokens.iter().map(|&t| t as u32).collect(),
+                finish_reason: d.finish_reason,
+                prompt_tokens,
+                prefill_ms: 0,
+                decode_ms: 0,
+            })
+            .collect::<Vec<_>>();
+        let prefill_ms = tokenize.as_millis() as u64 + out.prefill_ms;
+        let decode_ms = out.decode_ms + decode_start.elapsed().as_millis() as u64;
+        Ok(generations
+            .into_iter()
+            .map(|g| Generation {
+                prefill_ms,
+                decode_ms,
+                ..g
+            })
+            .collect())
+    }
+
+    fn encode(&self, prompt: &str) -> Result<Vec<i64>, EngineError> {
+        let enc = self
+            .tokenizer
+            .encode(prompt, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().iter().map(|&t| t as i64).collect())
+    }
+
+    /// The ids a prompt runs as: an empty prompt starts from BOS (as transformers does), and the prompt plus
+    /// the new tokens must fit the context.
+    fn prompt_ids(&self, ids: Vec<i64>, plan: &GenerationPlan) -> Result<Vec<i64>, EngineError> {
+        let info = self.model.info();
+        let ids = if ids.is_empty() {
+            let bos = info.bos_token_id.or(info.eos_token_id).ok_or_else(|| {
+                EngineError::Tokenizer(
+                    "the prompt is empty and the model has no BOS token to start from".into(),
+                )
+            })?;
+            vec![bos]
+        } else {
+            ids
+        };
+        if ids.len() + plan.max_new_tokens > info.n_positions {
+            return Err(EngineError::ContextOverflow {
+                prompt_tokens: ids.len(),
+                max_new_tokens: plan.max_new_tokens,
+                n_positions: info.n_positions,
+            });
+        }
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_can_move_to_its_own_thread() {
+        fn send<T: Send>() {}
+        send::<Engine>();
+    }
+}

@@ -1,0 +1,98 @@
+//! `worker serve`: the queue service. Consumes `{ns}.jobs`, runs each job on the engine thread, and
+//! replies on the job's `reply_to` queue (docs/amqp.md is the contract).
+//!
+//! The guarantees, and where each is kept:
+//! - a job is acknowledged only after its final reply is confirmed by the broker (`session`), so a worker
+//!   that dies mid-job leaves the job to be redelivered;
+//! - invalid or malformed messages are answered with `job.failed` and dead-lettered, and never end the
+//!   loop (`intake`);
+//! - generation runs on its own OS thread, so the runtime keeps answering heartbeats (`generator`);
+//! - a lost connection is retried with backoff, and a job finished meanwhile is answered from memory when
+//!   redelivered (`outcomes`);
+//! - SIGTERM/SIGINT stop the consumer, finish the job in hand, reply, acknowledge, exit 0.
+
+mod args;
+mod backoff;
+mod generator;
+mod intake;
+mod load;
+mod outcomes;
+mod replies;
+mod session;
+mod settlement;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+
+use futures::FutureExt;
+
+pub use args::{ServeArgs, ServiceConfig};
+pub use generator::{Completion, EngineError, EngineThread, Finished, Generator, Outcome};
+
+/// Why `worker serve` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid setting: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Loads the model on the engine thread and serves until `shutdown` resolves.
+pub async fn run(
+    args: ServeArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let config = args.service_config()?;
+    let shutdown = shutdown.boxed().shared();
+    // Jobs wait for the engine only behind the one in hand, plus what a reconnect may add.
+    let capacity = usize::from(config.prefetch) + 1;
+    let options = load::engine_options(&args)?;
+    tracing::info!(model = %args.model_dir.display(), "loading the model");
+    let load = move || crate::engine::Engine::load(&options);
+    let engine = tokio::select! {
+        engine = EngineThread::start(load, capacity) => engine?,
+        () = shutdown.clone() => return Ok(()),
+    };
+    serve(config, engine, shutdown).await
+}
+
+/// Serves jobs with an engine already running. Tests and embedders start the engine themselves.
+pub async fn serve(
+    config: ServiceConfig,
+    engine: EngineThread,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let service = session::Service::new(config, engine);
+    service.run(shutdown.boxed().shared()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The `worker serve` command: a Tokio runtime, SIGTERM/SIGINT as the shutdown signal, and [`run`].
+pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("serve-io")
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let shutdown = shutdown_signal()?;
+        run(args, shutdown).await.map_err(anyhow::Error::from)
+    })
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutdown requested: finishing the job in hand");
+    })
+}

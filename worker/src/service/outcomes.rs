@@ -1,0 +1,106 @@
+//! The worker's memory of recent jobs, so a redelivered job is answered without generating it twice.
+//!
+//! When the broker connection drops while a job is generating, the engine thread carries on (it cannot be
+//! interrupted, and the work is worth keeping) and the broker puts the unacknowledged job back in the
+//! queue. If the job comes back to this worker, after the reconnect, it is answered from here: it waits
+//! for the same generation still running, or takes its finished result, instead of computing it again. The
+//! same holds when the final reply went out but the ack did not. If the job goes to another worker instead,
+//! that worker generates it; the job is never lost, at worst computed twice. Why not publish the kept reply
+//! as soon as the connection is back? Because the job may by then be running elsewhere, and the producer
+//! would get two final replies; answering only the redelivery keeps "one final reply per acknowledged
+//! delivery".
+//!
+//! The memory is bounded (oldest first out): it only needs to span a reconnect.
+
+use std::collections::{HashMap, VecDeque};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use shared::JobId;
+use tokio::sync::oneshot;
+
+use super::generator::Outcome;
+
+/// A job's outcome as many can await it; `None` when the engine thread died before answering.
+pub type PendingOutcome = Shared<BoxFuture<'static, Option<Outcome>>>;
+
+pub struct Outcomes {
+    capacity: usize,
+    entries: HashMap<JobId, PendingOutcome>,
+    order: VecDeque<JobId>,
+}
+
+impl Outcomes {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// The outcome of a job this worker already started, finished or not.
+    pub fn get(&self, id: &JobId) -> Option<PendingOutcome> {
+        self.entries.get(id).cloned()
+    }
+
+    /// Remembers a job just handed to the engine.
+    pub fn insert(&mut self, id: JobId, rx: oneshot::Receiver<Outcome>) -> PendingOutcome {
+        let pending = rx.map(Result::ok).boxed().shared();
+        if self.entries.insert(id, pending.clone()).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.entries.remove(&old);
+            }
+        }
+        pending
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::{ErrorBody, ErrorCode};
+
+    #[tokio::test]
+    async fn a_remembered_job_is_answered_with_the_same_outcome_twice() {
+        let mut outcomes = Outcomes::new(4);
+        let id = JobId::new_random();
+        let (tx, rx) = oneshot::channel();
+        let first = outcomes.insert(id, rx);
+        let again = outcomes.get(&id).unwrap();
+        tx.send(Err(ErrorBody::new(ErrorCode::ContextOverflow, "x")))
+            .unwrap();
+        assert_eq!(first.await, again.await);
+        // Awaited once already, it is still there for a third delivery.
+        assert!(outcomes.get(&id).unwrap().await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_dead_engine_reads_as_no_outcome() {
+        let mut outcomes = Outcomes::new(4);
+        let (tx, rx) = oneshot::channel::<Outcome>();
+        let pending = outcomes.insert(JobId::new_random(), rx);
+        drop(tx);
+        assert_eq!(pending.await, None);
+    }
+
+    #[test]
+    fn the_oldest_jobs_are_forgotten_first() {
+        let mut outcomes = Outcomes::new(2);
+        let ids: Vec<JobId> = (0..3).map(|_| JobId::new_random()).collect();
+        for id in &ids {
+            drop(outcomes.insert(*id, oneshot::channel().1));
+        }
+        assert_eq!(outcomes.len(), 2);
+        assert!(outcomes.get(&ids[0]).is_none());
+        assert!(outcomes.get(&ids[1]).is_some() && outcomes.get(&ids[2]).is_some());
+    }
+}

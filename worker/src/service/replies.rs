@@ -1,0 +1,86 @@
+//! Publishing replies: on the default exchange to the job's `reply_to` queue, under its correlation id,
+//! persistent, and confirmed by the broker before the job is acknowledged.
+//!
+//! The AMQP `type` property is the event name (`job.started`, `job.succeeded`, `job.failed`), the same as
+//! the body's `event` field, so a consumer can dispatch on either (docs/amqp.md).
+
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel, Confirmation};
+use shared::JobReply;
+
+/// AMQP delivery mode 2: the broker writes the reply to disk on durable queues.
+const PERSISTENT: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("publishing a reply failed: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker refused (nacked) the reply")]
+    Nacked,
+    #[error("the channel is not in confirm mode")]
+    NotConfirmed,
+    #[error("encoding the reply failed: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// The properties of a reply.
+pub fn properties(correlation_id: Option<&str>, reply: &JobReply) -> BasicProperties {
+    let mut props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(PERSISTENT)
+        .with_type(reply.kind().into())
+        .with_timestamp(shared::reply::now_ms() / 1000);
+    if let Some(id) = correlation_id {
+        props = props.with_correlation_id(id.into());
+    }
+    props
+}
+
+/// Publishes `reply` to `reply_to` and waits for the broker's confirm.
+pub async fn publish(
+    channel: &Channel,
+    reply_to: &str,
+    correlation_id: Option<&str>,
+    reply: &JobReply,
+) -> Result<(), PublishError> {
+    let body = serde_json::to_vec(reply)?;
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            reply_to.into(),
+            BasicPublishOptions::default(),
+            &body,
+            properties(correlation_id, reply),
+        )
+        .await?
+        .await?;
+    match confirm {
+        Confirmation::Ack(_) => Ok(()),
+        Confirmation::Nack(_) => Err(PublishError::Nacked),
+        Confirmation::NotRequested => Err(PublishError::NotConfirmed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::reply::Started;
+
+    #[test]
+    fn a_reply_names_its_event_in_the_type_property_and_is_persistent_json() {
+        let reply = JobReply::Started(Started {
+            job_id: shared::JobId::new_random(),
+            worker_id: "w".into(),
+            started_at_ms: 1,
+            redelivered: false,
+        });
+        let p = properties(Some("abc"), &reply);
+        assert_eq!(p.kind().as_ref().map(|k| k.as_str()), Some("job.started"));
+        assert_eq!(p.correlation_id().as_ref().map(|c| c.as_str()), Some("abc"));
+        assert_eq!(
+            p.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(*p.delivery_mode(), Some(2));
+    }
+}

@@ -1,0 +1,307 @@
+//! One broker connection's life: connect, declare the topology, consume `{ns}.jobs`, handle deliveries one
+//! at a time, and stop cleanly; plus the loop that reconnects with backoff when the connection is lost.
+//!
+//! Jobs run one at a time (the engine is one thread). While a job runs the loop keeps polling the consumer,
+//! so a dropped connection is noticed at once rather than when the job ends, and it keeps polling the
+//! shutdown signal, so SIGTERM cancels the consumer at once and the job in hand still finishes.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use shared::reply::{Failed, Started, Succeeded, Timings, now_ms};
+use shared::{JobId, JobReply};
+use tracing::{info, warn};
+
+use super::args::ServiceConfig;
+use super::backoff::Backoff;
+use super::generator::{EngineError, EngineThread};
+use super::intake::{self, Accepted, Refused};
+use super::outcomes::{Outcomes, PendingOutcome};
+use super::replies::{self, PublishError};
+use super::settlement::{SettleError, Settlement};
+
+/// The shutdown signal, awaitable from many places.
+pub type Shutdown = Shared<BoxFuture<'static, ()>>;
+
+/// Why a connection's session ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error(transparent)]
+    Settle(#[from] SettleError),
+    #[error("the broker cancelled the consumer (was the jobs queue deleted?)")]
+    ConsumerCancelled,
+    /// Not a connection problem: the worker cannot go on.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Jobs remembered across reconnects (see `outcomes`): enough to span one.
+const REMEMBERED_JOBS: usize = 256;
+
+pub struct Service {
+    config: ServiceConfig,
+    engine: EngineThread,
+    outcomes: Mutex<Outcomes>,
+}
+
+impl Service {
+    pub fn new(config: ServiceConfig, engine: EngineThread) -> Self {
+        Self {
+            config,
+            engine,
+            outcomes: Mutex::new(Outcomes::new(REMEMBERED_JOBS)),
+        }
+    }
+
+    /// Serves until `shutdown`, reconnecting whenever the broker goes away. Returns an error only when the
+    /// engine is gone.
+    pub async fn run(&self, shutdown: Shutdown) -> Result<(), EngineError> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            let ended = self.session(shutdown.clone(), &mut backoff).await;
+            let stopping = shutdown.clone().now_or_never().is_some();
+            match ended {
+                Ok(()) => return Ok(()),
+                Err(SessionError::Engine(e)) => return Err(e),
+                Err(e) if stopping => {
+                    warn!(error = %e, "broker connection ended while stopping; unacknowledged jobs return to the queue");
+                    return Ok(());
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection lost; reconnecting");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.clone() => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn session(&self, shutdown: Shutdown, backoff: &mut Backoff) -> Result<(), SessionError> {
+        let props = ConnectionProperties::default()
+            .with_connection_name(format!("worker {}", self.config.worker_id).into());
+        let connection = Connection::connect(&self.config.amqp_url, props).await?;
+        let result = self.consume_on(&connection, shutdown, backoff).await;
+        // On success this is the orderly goodbye; after an error it releases a connection that may still be
+        // open (a channel-level error leaves it so). Either way it must not hang the reconnect.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            connection.close(200, "worker stopping".into()),
+        )
+        .await;
+        result
+    }
+
+    async fn consume_on(
+        &self,
+        connection: &Connection,
+        shutdown: Shutdown,
+        backoff: &mut Backoff,
+    ) -> Result<(), SessionError> {
+        let topology = &self.config.topology;
+        let channel = connection.create_channel().await?;
+        topology.declare(&channel).await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = format!("{}-{}", self.config.worker_id, channel.id());
+        let consumer = channel
+            .basic_consume(
+                topology.jobs_queue().as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        backoff.reset();
+        info!(
+            queue = %topology.jobs_queue(),
+            prefetch = self.config.prefetch,
+            worker_id = %self.config.worker_id,
+            "consuming jobs"
+        );
+        self.consume(&channel, consumer, &tag, shutdown).await
+    }
+
+    async fn consume(
+        &self,
+        channel: &Channel,
+        mut consumer: Consumer,
+        tag: &str,
+        shutdown: Shutdown,
+    ) -> Result<(), SessionError> {
+        // Deliveries the broker sent ahead (prefetch > 1) wait here for the engine.
+        let mut waiting: VecDeque<Delivery> = VecDeque::new();
+        let mut current: Option<BoxFuture<'_, Result<(), SessionError>>> = None;
+        let mut stopping = false;
+        let mut consumer_done = false;
+        loop {
+            if current.is_none() {
+                match waiting.pop_front() {
+                    Some(delivery) => current = Some(self.handle(channel, delivery).boxed()),
+                    None if stopping => return Ok(()),
+                    None => {}
+                }
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.clone(), if !stopping => {
+                    stopping = true;
+                    info!(in_hand = current.is_some(), "stopping: taking no more jobs");
+                    if let Err(e) = channel.basic_cancel(tag.into(), BasicCancelOptions::default()).await {
+                        warn!(error = %e, "cancelling the consumer failed");
+                    }
+                    for delivery in waiting.drain(..) {
+                        let _ = Settlement::new(delivery.acker).requeue().await;
+                    }
+                }
+                done = async { current.as_mut().map(|f| f.as_mut()).expect("guarded by is_some").await }, if current.is_some() => {
+                    current = None;
+                    done?;
+                }
+                next = consumer.next(), if !consumer_done => match next {
+                    Some(Ok(delivery)) if stopping => {
+                        let _ = Settlement::new(delivery.acker).requeue().await;
+                    }
+                    Some(Ok(delivery)) => waiting.push_back(delivery),
+                    Some(Err(e)) => return Err(e.into()),
+                    None if stopping => consumer_done = true,
+                    None => return Err(SessionError::ConsumerCancelled),
+                },
+            }
+        }
+    }
+
+    /// One delivery, from inspection to its acknowledgement.
+    async fn handle(&self, channel: &Channel, delivery: Delivery) -> Result<(), SessionError> {
+        let taken_at_ms = now_ms();
+        let Delivery {
+            properties,
+            data,
+            acker,
+            redelivered,
+            ..
+        } = delivery;
+        let settlement = Settlement::new(acker);
+        match intake::inspect(&properties, &data, &self.config.rules) {
+            Ok(job) => {
+                self.run_job(channel, job, redelivered, taken_at_ms, settlement)
+                    .await
+            }
+            Err(refused) => self.refuse(channel, refused, settlement).await,
+        }
+    }
+
+    /// Answers an unprocessable message with `job.failed` (when it says where) and dead-letters it.
+    async fn refuse(
+        &self,
+        channel: &Channel,
+        refused: Refused,
+        settlement: Settlement,
+    ) -> Result<(), SessionError> {
+        warn!(
+            correlation_id = refused.correlation_id.as_deref().unwrap_or("-"),
+            code = ?refused.error.code,
+            reason = %refused.error.message,
+            "refusing a message; it goes to the dead-letter queue"
+        );
+        if let Some(reply_to) = &refused.reply_to {
+            let reply = JobReply::Failed(Failed {
+                job_id: refused.id,
+                worker_id: self.config.worker_id.clone(),
+                error: refused.error.clone(),
+                finished_at_ms: now_ms(),
+            });
+            replies::publish(channel, reply_to, refused.correlation_id.as_deref(), &reply).await?;
+        }
+        settlement.dead_letter().await?;
+        Ok(())
+    }
+
+    async fn run_job(
+        &self,
+        channel: &Channel,
+        accepted: Accepted,
+        redelivered: bool,
+        taken_at_ms: u64,
+        settlement: Settlement,
+    ) -> Result<(), SessionError> {
+        let Accepted { id, reply_to, job } = accepted;
+        let correlation_id = id.to_string();
+        let pending = self.outcome_of(id, &job).await?;
+        let started = JobReply::Started(Started {
+            job_id: id,
+            worker_id: self.config.worker_id.clone(),
+            started_at_ms: now_ms(),
+            redelivered,
+        });
+        replies::publish(channel, &reply_to, Some(&correlation_id), &started).await?;
+        info!(job = %id, redelivered, "job started");
+
+        let outcome = pending.await.ok_or(EngineError::Gone)?;
+        let worker_id = self.config.worker_id.clone();
+        let reply = match outcome {
+            Ok(finished) => {
+                let c = finished.completion;
+                JobReply::Succeeded(Succeeded {
+                    job_id: id,
+                    worker_id,
+                    prompt: job.prompt,
+                    new_tokens: c.token_ids.len() as u32,
+                    text: c.text,
+                    token_ids: c.token_ids,
+                    finish_reason: c.finish_reason,
+                    timings: Timings {
+                        queued_ms: job.submitted_at_ms.map(|t| taken_at_ms.saturating_sub(t)),
+                        prefill_ms: c.prefill_ms,
+                        decode_ms: c.decode_ms,
+                        inference_ms: finished.inference_ms,
+                    },
+                    finished_at_ms: now_ms(),
+                })
+            }
+            Err(error) => JobReply::Failed(Failed {
+                job_id: Some(id),
+                worker_id,
+                error,
+                finished_at_ms: now_ms(),
+            }),
+        };
+        // The reply must be safely with the broker before the job is let go: a crash between the two
+        // leaves the job to be redelivered, never a job acknowledged and unanswered.
+        replies::publish(channel, &reply_to, Some(&correlation_id), &reply).await?;
+        settlement.ack().await?;
+        info!(job = %id, event = reply.kind(), "job done");
+        Ok(())
+    }
+
+    /// The job's outcome: remembered from an earlier delivery of the same job, or a new generation.
+    async fn outcome_of(&self, id: JobId, job: &shared::ValidJob) -> Result<PendingOutcome, EngineError> {
+        if let Some(pending) = self.remembered().get(&id) {
+            info!(job = %id, "job seen before; answering from its earlier generation");
+            return Ok(pending);
+        }
+        let rx = self.engine.submit(job.prompt.clone(), job.plan.clone()).await?;
+        Ok(self.remembered().insert(id, rx))
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, Outcomes> {
+        // Never held across an await, and nothing panics while holding it; a poisoned lock still holds
+        // valid data.
+        self.outcomes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

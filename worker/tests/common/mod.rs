@@ -1,0 +1,507 @@
+//! Harness for the end-to-end tests: real `worker serve` processes on a tiny random GPT-J, gateways started
+//! in-process on port 0, and a raw AMQP producer, all on the machine's RabbitMQ and Redis. Every test has a
+//! namespace of its own (and, when it cuts broker connections, a vhost of its own), deleted afterwards, so
+//! tests run in parallel with each other and with other suites on the same broker.
+#![allow(dead_code)] // each test uses a different part of the harness
+#![allow(clippy::unwrap_used)] // a failed set-up step should fail the test
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use serde_json::Value;
+use shared::{JobId, JobReply};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379/";
+
+/// The tiny GPT-J every test's workers load: written once per test binary.
+pub fn tiny_model() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        worker::tiny::write_tiny_model(dir.path(), &worker::tiny::TinyConfig::tiny(), 0).unwrap();
+        dir
+    })
+    .path()
+}
+
+/// One `worker serve` process.
+pub struct WorkerProcess {
+    pub id: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl WorkerProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no goodbye to the broker, the job in hand is left unacknowledged.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, as a container runtime stops it.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "worker {} did not exit:\n{}", self.id, self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The process's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A namespace (and optionally a vhost) of its own, with the workers and gateways a test starts.
+pub struct Env {
+    pub ns: String,
+    pub vhost: Option<String>,
+    pub amqp_url: String,
+    pub workers: Vec<WorkerProcess>,
+    gateways: Vec<(oneshot::Sender<()>, JoinHandle<()>)>,
+    logs: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &JobId::new_random().to_string()[..13])
+}
+
+impl Env {
+    /// A namespace on the default vhost.
+    pub fn new() -> Self {
+        Self::build(None)
+    }
+
+    /// A namespace on a vhost of its own: `close_all_connections` on it touches nothing else.
+    pub fn with_vhost() -> Self {
+        let vhost = unique("wkt-vhost");
+        rabbitmqctl(&["add_vhost", &vhost]);
+        rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+        Self::build(Some(vhost))
+    }
+
+    fn build(vhost: Option<String>) -> Self {
+        let amqp_url = match &vhost {
+            Some(v) => format!("{BROKER}/{v}"),
+            None => format!("{BROKER}/%2f"),
+        };
+        Self {
+            ns: unique("wkt"),
+            vhost,
+            amqp_url,
+            workers: Vec::new(),
+            gateways: Vec::new(),
+            logs: tempfile::tempdir().unwrap(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn jobs_queue(&self) -> String {
+        format!("{}.jobs", self.ns)
+    }
+
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.jobs.dead", self.ns)
+    }
+
+    /// Starts `worker serve` as a child process; returns its index in `self.workers`.
+    pub fn spawn_worker(&mut self, extra_args: &[&str]) -> usize {
+        let id = format!("{}-w{}", self.ns, self.workers.len());
+        let log = self.logs.path().join(format!("{id}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_worker"))
+            .arg("serve")
+            .args(extra_args)
+            .env("AMQP_URL", &self.amqp_url)
+            .env("NAMESPACE", &self.ns)
+            .env("MODEL_DIR", tiny_model())
+            .env("WORKER_ID", &id)
+            .env("THREADS", "1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.workers.push(WorkerProcess { id, child, log });
+        self.workers.len() - 1
+    }
+
+    pub fn worker_by_id(&mut self, id: &str) -> &mut WorkerProcess {
+        self.workers.iter_mut().find(|w| w.id == id).unwrap()
+    }
+
+    /// All workers' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        self.workers
+            .iter()
+            .map(|w| format!("---- {} ----\n{}", w.id, w.log()))
+            .collect()
+    }
+
+    pub async fn connect(&self) -> (Connection, Channel) {
+        let conn = Connection::connect(&self.amqp_url, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        (conn, ch)
+    }
+
+    /// `(ready messages, consumers)` of the jobs queue, or `None` before anyone declared it.
+    pub async fn jobs_queue_counts(&self) -> Option<(u32, u32)> {
+        let (conn, ch) = self.connect().await;
+        let q = ch
+            .queue_declare(
+                self.jobs_queue().as_str().into(),
+                QueueDeclareOptions::durable().passive(),
+                FieldTable::default(),
+            )
+            .await;
+        let _ = conn.close(200, "".into()).await;
+        q.ok().map(|q| (q.message_count(), q.consumer_count()))
+    }
+
+    /// Waits until `n` workers consume the jobs queue (each loaded its model and declared the topology).
+    pub async fn wait_for_consumers(&self, n: u32) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.jobs_queue_counts().await.is_some_and(|(_, c)| c == n) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{n} consumers never appeared on {}\n{}", self.jobs_queue(), self.logs());
+    }
+
+    /// Waits until the jobs queue has no ready message and `consumers` consumers.
+    pub async fn wait_for_jobs_queue(&self, ready: u32, consumers: u32) {
+        let mut last = None;
+        for _ in 0..100 {
+            last = self.jobs_queue_counts().await;
+            if last == Some((ready, consumers)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("jobs queue never reached ({ready}, {consumers}): {last:?}");
+    }
+
+    /// Starts a gateway in-process on port 0 with this namespace and broker, limits out of the way.
+    pub async fn gateway(&mut self) -> String {
+        let args = [
+            "gateway",
+            "--namespace",
+            &self.ns,
+            "--amqp-url",
+            &self.amqp_url,
+            "--redis-url",
+            REDIS_URL,
+            "--submit-rate-limit",
+            "100000/1s",
+            "--read-rate-limit",
+            "100000/1s",
+            "--shutdown-grace-s",
+            "2",
+        ];
+        let config = gateway::Config::from_args(args).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            gateway::run(config, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        self.gateways.push((tx, handle));
+        for _ in 0..200 {
+            if let Ok(r) = self.http.get(format!("{base}/readyz")).send().await
+                && r.status() == 200
+            {
+                return base;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("gateway {base} never became ready");
+    }
+
+    /// Submits a job through the gateway; returns its id.
+    pub async fn submit(&self, base: &str, prompt: &str, parameters: Value) -> String {
+        let r = self
+            .http
+            .post(format!("{base}/v1/jobs"))
+            .json(&serde_json::json!({"prompt": prompt, "parameters": parameters}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{:?}", r.text().await);
+        let body: Value = r.json().await.unwrap();
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Polls a job until `done` says so (or `timeout` passes); returns its last view.
+    pub async fn poll_until(&self, base: &str, id: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let view = match self.http.get(format!("{base}/v1/jobs/{id}")).send().await {
+                Ok(r) if r.status() == 200 => r.json::<Value>().await.ok(),
+                _ => None,
+            };
+            if let Some(view) = &view
+                && done(view)
+            {
+                return view.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} never got there: {view:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops gateways and workers, deletes the queues, Redis keys and vhost.
+    pub async fn finish(mut self) {
+        for (tx, handle) in self.gateways.drain(..) {
+            let _ = tx.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+        }
+        self.workers.clear();
+        cleanup(&self.ns, &self.amqp_url, self.vhost.take()).await;
+        self.ns.clear();
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Reached without finish() only when a test failed: clean up anyway, best effort.
+        self.workers.clear();
+        for (tx, handle) in self.gateways.drain(..) {
+            let _ = tx.send(());
+            handle.abort();
+        }
+        if self.ns.is_empty() {
+            return;
+        }
+        let (ns, url, vhost) = (std::mem::take(&mut self.ns), self.amqp_url.clone(), self.vhost.take());
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Runtime::new() {
+                rt.block_on(cleanup(&ns, &url, vhost));
+            }
+        })
+        .join();
+    }
+}
+
+async fn cleanup(ns: &str, amqp_url: &str, vhost: Option<String>) {
+    match vhost {
+        Some(v) => {
+            let out = Command::new("rabbitmqctl").args(["delete_vhost", &v]).output();
+            if !out.is_ok_and(|o| o.status.success()) {
+                eprintln!("could not delete vhost {v}");
+            }
+        }
+        None => {
+            if let Ok(conn) = Connection::connect(amqp_url, ConnectionProperties::default()).await {
+                for q in [format!("{ns}.jobs"), format!("{ns}.jobs.dead"), format!("{ns}.replies")] {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                    }
+                }
+                let _ = conn.close(200, "".into()).await;
+            }
+        }
+    }
+    if let Ok(client) = redis::Client::open(REDIS_URL)
+        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+    {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{ns}:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+        }
+    }
+}
+
+pub fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A producer that talks AMQP directly, as docs/amqp.md describes: its own exclusive reply queue, and
+/// publisher confirms on its channel.
+pub struct RawProducer {
+    conn: Connection,
+    pub channel: Channel,
+    pub reply_to: String,
+    replies: Consumer,
+    jobs_queue: String,
+}
+
+/// One reply as it arrived.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The AMQP `type` property.
+    pub kind: String,
+    pub correlation_id: Option<String>,
+    pub body: JobReply,
+}
+
+impl RawProducer {
+    pub async fn new(env: &Env) -> Self {
+        let (conn, channel) = env.connect().await;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        // Server-named, exclusive, auto-deleted: the broker picks a unique name, and the queue goes away
+        // with this connection.
+        let q = channel
+            .queue_declare("".into(), QueueDeclareOptions::exclusive().auto_delete(), FieldTable::default())
+            .await
+            .unwrap();
+        let reply_to = q.name().as_str().to_owned();
+        let replies = channel
+            .basic_consume(
+                reply_to.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Self {
+            conn,
+            channel,
+            reply_to,
+            replies,
+            jobs_queue: env.jobs_queue(),
+        }
+    }
+
+    /// Publishes `body` with the properties docs/amqp.md lists; `correlation_id` `None` leaves it out.
+    pub async fn publish_raw(&self, correlation_id: Option<&str>, body: &[u8]) {
+        let mut props = BasicProperties::default()
+            .with_reply_to(self.reply_to.as_str().into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        if let Some(id) = correlation_id {
+            props = props
+                .with_correlation_id(id.into())
+                .with_message_id(id.into());
+        }
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.jobs_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+
+    /// Publishes a job; returns its id.
+    pub async fn publish_job(&self, prompt: &str, parameters: Value) -> String {
+        let id = JobId::new_random().to_string();
+        let body = serde_json::json!({
+            "version": 1,
+            "prompt": prompt,
+            "parameters": parameters,
+            "submitted_at_ms": shared::reply::now_ms(),
+        });
+        self.publish_raw(Some(&id), &serde_json::to_vec(&body).unwrap()).await;
+        id
+    }
+
+    /// The next reply, within `timeout`.
+    pub async fn next_reply(&mut self, timeout: Duration) -> Option<Reply> {
+        let d = tokio::time::timeout(timeout, self.replies.next()).await.ok()??.unwrap();
+        Some(Reply {
+            kind: d.properties.kind().as_ref().unwrap().as_str().to_owned(),
+            correlation_id: d.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned()),
+            body: serde_json::from_slice(&d.data).unwrap(),
+        })
+    }
+
+    /// Collects replies until `done` holds for what was collected, failing after `timeout`.
+    pub async fn replies_until(&mut self, timeout: Duration, done: impl Fn(&[Reply]) -> bool) -> Vec<Reply> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        while !done(&got) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_reply(left).await {
+                Some(r) => got.push(r),
+                None => panic!("replies stopped short: {got:#?}"),
+            }
+        }
+        got
+    }
+
+    /// Every message in a queue, taken off it.
+    pub async fn drain(&self, queue: &str) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            out.push(m.delivery.data);
+        }
+        out
+    }
+
+    pub async fn close(self) {
+        let _ = self.conn.close(200, "".into()).await;
+    }
+}

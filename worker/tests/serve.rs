@@ -1,0 +1,324 @@
+//! `worker serve` end to end: real worker processes on a tiny random GPT-J, the real gateway, the real
+//! RabbitMQ and Redis. Each test reads as the guarantee it checks.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{Env, RawProducer, Reply, rabbitmqctl};
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use serde_json::{Value, json};
+use shared::{ErrorCode, JobReply};
+
+/// Long enough (a few seconds on this machine) that the test can act while the job runs.
+fn long_job() -> Value {
+    json!({"strategy": "greedy", "max_new_tokens": 300})
+}
+
+fn short_job() -> Value {
+    json!({"max_new_tokens": 4})
+}
+
+fn count<'a>(replies: &'a [Reply], kind: &str) -> HashMap<&'a str, usize> {
+    let mut counts = HashMap::new();
+    for r in replies.iter().filter(|r| r.kind == kind) {
+        *counts.entry(r.correlation_id.as_deref().unwrap()).or_default() += 1;
+    }
+    counts
+}
+
+fn worker_of(reply: &Reply) -> String {
+    match &reply.body {
+        JobReply::Started(s) => s.worker_id.clone(),
+        JobReply::Succeeded(s) => s.worker_id.clone(),
+        JobReply::Failed(f) => f.worker_id.clone(),
+        JobReply::Token(_) => unreachable!("no streaming yet"),
+    }
+}
+
+#[tokio::test]
+async fn a_job_submitted_to_the_gateway_is_polled_to_completion_and_run_answers_synchronously() {
+    let mut env = Env::new();
+    let gw = env.gateway().await;
+    env.spawn_worker(&[]);
+    env.wait_for_consumers(1).await;
+
+    let id = env.submit(&gw, "Hello,   world $$", json!({"max_new_tokens": 8})).await;
+    let view = env
+        .poll_until(&gw, &id, Duration::from_secs(60), |v| {
+            v["status"] == "succeeded" || v["status"] == "failed"
+        })
+        .await;
+    assert_eq!(view["status"], "succeeded", "{view}");
+    assert_eq!(view["prompt"], "Hello, world");
+    assert_eq!(view["worker_id"], env.workers[0].id.as_str());
+    let new_tokens = view["result"]["new_tokens"].as_u64().unwrap();
+    assert!((1..=8).contains(&new_tokens), "{view}");
+    assert!(view["timings"]["inference_ms"].is_u64(), "{view}");
+
+    // The original synchronous endpoint: the prompt followed by its continuation, as a JSON string.
+    let r = env
+        .http
+        .post(format!("{gw}/run"))
+        .json(&json!({"data": "Hello there", "num_tokens": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text: Value = r.json().await.unwrap();
+    let text = text.as_str().unwrap();
+    assert!(text.starts_with("Hello there") && text.len() > "Hello there".len(), "{text:?}");
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn three_workers_share_one_queue_and_each_job_is_done_exactly_once() {
+    let mut env = Env::new();
+    for _ in 0..3 {
+        env.spawn_worker(&[]);
+    }
+    env.wait_for_consumers(3).await;
+    let mut producer = RawProducer::new(&env).await;
+    let mut ids = HashSet::new();
+    for i in 0..12 {
+        ids.insert(producer.publish_job(&format!("job number {i}"), short_job()).await);
+    }
+    let replies = producer
+        .replies_until(Duration::from_secs(120), |got| {
+            got.iter().filter(|r| r.kind == "job.succeeded").count() == 12
+        })
+        .await;
+    // Nothing more arrives: no job was done twice.
+    assert!(producer.next_reply(Duration::from_millis(500)).await.is_none());
+
+    let started = count(&replies, "job.started");
+    let succeeded = count(&replies, "job.succeeded");
+    for id in &ids {
+        assert_eq!(started.get(id.as_str()), Some(&1), "{id} started once");
+        assert_eq!(succeeded.get(id.as_str()), Some(&1), "{id} succeeded once");
+    }
+    let workers: HashSet<String> = replies.iter().map(worker_of).collect();
+    assert_eq!(workers.len(), 3, "every worker took jobs: {workers:?}");
+    producer.close().await;
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_job_leaves_the_job_to_another_worker_and_it_completes_once() {
+    let mut env = Env::new();
+    env.spawn_worker(&[]);
+    env.spawn_worker(&[]);
+    env.wait_for_consumers(2).await;
+    let mut producer = RawProducer::new(&env).await;
+    let id = producer.publish_job("A long story begins", long_job()).await;
+
+    let first = producer.next_reply(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(first.kind, "job.started");
+    let doomed = worker_of(&first);
+    env.worker_by_id(&doomed).kill();
+
+    let rest = producer
+        .replies_until(Duration::from_secs(120), |got| {
+            got.iter().any(|r| r.kind == "job.succeeded")
+        })
+        .await;
+    assert!(producer.next_reply(Duration::from_millis(500)).await.is_none());
+    let kinds: Vec<&str> = rest.iter().map(|r| r.kind.as_str()).collect();
+    assert_eq!(kinds, ["job.started", "job.succeeded"], "{rest:#?}");
+    let JobReply::Started(again) = &rest[0].body else { panic!() };
+    assert!(again.redelivered, "the broker marks the second delivery");
+    assert_ne!(again.worker_id, doomed);
+    let JobReply::Succeeded(done) = &rest[1].body else { panic!() };
+    assert_eq!(done.job_id.to_string(), id);
+    assert_eq!(done.new_tokens as usize, done.token_ids.len());
+    env.wait_for_jobs_queue(0, 1).await;
+    producer.close().await;
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn closing_every_broker_connection_mid_run_loses_nothing() {
+    let mut env = Env::with_vhost();
+    let gw = env.gateway().await;
+    env.spawn_worker(&[]);
+    env.spawn_worker(&[]);
+    env.wait_for_consumers(2).await;
+
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        ids.push(env.submit(&gw, &format!("long job {i}"), long_job()).await);
+        ids.push(env.submit(&gw, &format!("short job {i}"), short_job()).await);
+    }
+    env.poll_until(&gw, &ids[0], Duration::from_secs(30), |v| v["status"] != "queued")
+        .await;
+    rabbitmqctl(&["close_all_connections", "--vhost", env.vhost.as_deref().unwrap(), "test"]);
+
+    // The gateway takes jobs again once it has reconnected (503 until then, never a lost job).
+    for i in 0..2 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = env
+                .http
+                .post(format!("{gw}/v1/jobs"))
+                .json(&json!({"prompt": format!("after the cut {i}"), "parameters": short_job()}))
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 202 {
+                let body: Value = r.json().await.unwrap();
+                ids.push(body["id"].as_str().unwrap().to_owned());
+                break;
+            }
+            assert_eq!(r.status(), 503, "{:?}", r.text().await);
+            assert!(std::time::Instant::now() < deadline, "the gateway never came back");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for id in &ids {
+        let view = env
+            .poll_until(&gw, id, Duration::from_secs(180), |v| {
+                v["status"] == "succeeded" || v["status"] == "failed"
+            })
+            .await;
+        assert_eq!(view["status"], "succeeded", "{view}");
+    }
+    // Both workers lost the broker, came back to the queue, and nothing was dead-lettered.
+    for w in &env.workers {
+        assert!(w.log().contains("reconnecting"), "{} never lost the broker:\n{}", w.id, w.log());
+    }
+    env.wait_for_jobs_queue(0, 2).await;
+    let producer = RawProducer::new(&env).await;
+    assert!(producer.drain(&env.dead_letter_queue()).await.is_empty());
+    producer.close().await;
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_malformed_message_is_dead_lettered_and_answered_with_job_failed() {
+    let mut env = Env::new();
+    env.spawn_worker(&[]);
+    env.wait_for_consumers(1).await;
+    let mut producer = RawProducer::new(&env).await;
+
+    let not_json = shared::JobId::new_random().to_string();
+    producer.publish_raw(Some(&not_json), b"{\"prompt\": oops").await;
+    let empty_prompt = shared::JobId::new_random().to_string();
+    producer
+        .publish_raw(Some(&empty_prompt), br#"{"version":1,"prompt":"$$$ ***"}"#)
+        .await;
+    producer.publish_raw(None, br#"{"version":1,"prompt":"who am I"}"#).await;
+    // The loop survived all three: a good job after them runs.
+    let good = producer.publish_job("Still working", short_job()).await;
+
+    let replies = producer
+        .replies_until(Duration::from_secs(60), |got| {
+            got.iter().any(|r| r.kind == "job.succeeded")
+        })
+        .await;
+    let failed: Vec<(Option<&str>, ErrorCode)> = replies
+        .iter()
+        .filter_map(|r| match &r.body {
+            JobReply::Failed(f) => Some((r.correlation_id.as_deref(), f.error.code)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            (Some(not_json.as_str()), ErrorCode::InvalidJson),
+            (Some(empty_prompt.as_str()), ErrorCode::PromptEmpty),
+            (None, ErrorCode::MissingCorrelationId),
+        ]
+    );
+    assert!(replies.iter().all(|r| r.kind != "job.failed" || matches!(r.body, JobReply::Failed(_))));
+    assert_eq!(replies.last().unwrap().correlation_id.as_deref(), Some(good.as_str()));
+
+    let dead = producer.drain(&env.dead_letter_queue()).await;
+    assert_eq!(dead.len(), 3, "all three are in {}", env.dead_letter_queue());
+    assert!(dead.contains(&b"{\"prompt\": oops".to_vec()));
+    producer.close().await;
+    env.finish().await;
+}
+
+/// Exactly what docs/amqp.md tells a producer in another language to do.
+#[tokio::test]
+async fn a_raw_producer_gets_started_then_succeeded_as_the_amqp_guide_describes() {
+    let mut env = Env::new();
+    env.spawn_worker(&[]);
+    env.wait_for_consumers(1).await;
+    let mut producer = RawProducer::new(&env).await;
+
+    let id = shared::JobId::new_random().to_string();
+    let body = json!({
+        "version": 1,
+        "prompt": "Once upon a time",
+        "parameters": {"max_new_tokens": 6, "strategy": "sample", "seed": 42, "top_k": 20},
+        "submitted_at_ms": shared::reply::now_ms(),
+    });
+    let props = BasicProperties::default()
+        .with_correlation_id(id.as_str().into())
+        .with_message_id(id.as_str().into())
+        .with_reply_to(producer.reply_to.as_str().into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_expiration("600000".into());
+    let confirm = producer
+        .channel
+        .basic_publish(
+            "".into(),
+            env.jobs_queue().as_str().into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&body).unwrap(),
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+
+    let started = producer.next_reply(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(started.kind, "job.started");
+    assert_eq!(started.correlation_id.as_deref(), Some(id.as_str()));
+    let JobReply::Started(s) = &started.body else { panic!("{started:?}") };
+    assert_eq!((s.job_id.to_string(), s.redelivered), (id.clone(), false));
+
+    let done = producer.next_reply(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(done.kind, "job.succeeded");
+    assert_eq!(done.correlation_id.as_deref(), Some(id.as_str()));
+    let JobReply::Succeeded(s) = &done.body else { panic!("{done:?}") };
+    assert_eq!(s.prompt, "Once upon a time");
+    assert_eq!(s.worker_id, env.workers[0].id);
+    assert_eq!(s.new_tokens as usize, s.token_ids.len());
+    assert!((1..=6).contains(&s.token_ids.len()));
+    assert!(s.timings.queued_ms.is_some(), "submitted_at_ms gives the queue time");
+    producer.close().await;
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn sigterm_mid_job_finishes_the_job_then_exits_zero_leaving_the_rest_queued() {
+    let mut env = Env::new();
+    env.spawn_worker(&[]);
+    env.wait_for_consumers(1).await;
+    let mut producer = RawProducer::new(&env).await;
+    let long = producer.publish_job("Tell me everything", long_job()).await;
+    let started = producer.next_reply(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(started.kind, "job.started");
+    // Queued behind the long one (prefetch 1): the stopping worker must leave it for another.
+    let waiting = producer.publish_job("Wait your turn", short_job()).await;
+
+    env.workers[0].terminate();
+    let done = producer.next_reply(Duration::from_secs(120)).await.unwrap();
+    assert_eq!((done.kind.as_str(), done.correlation_id.as_deref()), ("job.succeeded", Some(long.as_str())));
+    let status = env.workers[0].wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status:?}\n{}", env.logs());
+
+    assert!(producer.next_reply(Duration::from_millis(300)).await.is_none(), "{waiting} not taken");
+    env.wait_for_jobs_queue(1, 0).await;
+    producer.close().await;
+    env.finish().await;
+}
