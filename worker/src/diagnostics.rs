@@ -44,3 +44,60 @@ pub fn run_info(args: InfoArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `worker score`: the last position's logits for a prompt, written as a `.npy` file, so any reference
+/// implementation (transformers on a GPU machine, see scripts/gpu-check.sh) can be compared with ours.
+#[derive(Debug, clap::Args)]
+pub struct ScoreArgs {
+    /// Model directory (Hugging Face layout).
+    #[arg(long, env = "MODEL_DIR")]
+    pub model: std::path::PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    /// float32, float16 or bfloat16.
+    #[arg(long, default_value = "float32")]
+    pub dtype: String,
+    #[arg(long, conflicts_with_all = ["max_memory", "device"])]
+    pub device_map: Option<String>,
+    #[arg(long, conflicts_with = "device")]
+    pub max_memory: Option<String>,
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Where to write the float32 logits, shape `[vocab]`.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+}
+
+pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
+    use crate::lm::{CausalLm, KvCache, Logits};
+    let placement = crate::device_map::Placement::from_args(
+        args.device_map.as_deref(),
+        args.max_memory.as_deref(),
+        args.device.as_deref(),
+    )?;
+    let load = crate::model::LoadOptions { dtype: args.dtype.parse()?, placement };
+    let engine = crate::engine::Engine::load(&crate::engine::EngineOptions {
+        model_dir: args.model.clone(),
+        load,
+        threads: None,
+    })?;
+    let encoding = engine
+        .tokenizer()
+        .encode(args.prompt.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+    let ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i64::from(i)).collect();
+    anyhow::ensure!(!ids.is_empty(), "the prompt has no tokens");
+    let n = ids.len() as i64;
+    let model = engine.model();
+    let logits = tch::no_grad(|| -> anyhow::Result<tch::Tensor> {
+        let input = tch::Tensor::from_slice(&ids).unsqueeze(0);
+        let mask = tch::Tensor::ones([1, n], (tch::Kind::Int64, tch::Device::Cpu));
+        let positions = tch::Tensor::arange(n, (tch::Kind::Int64, tch::Device::Cpu)).unsqueeze(0);
+        let mut cache = KvCache::new(model.info().n_layer);
+        let out = model.forward(&input, &mask, &positions, &mut cache, Logits::LastOnly, false)?;
+        Ok(out.logits.to_kind(tch::Kind::Float).to_device(tch::Device::Cpu).reshape([-1]))
+    })?;
+    logits.write_npy(&args.out)?;
+    eprintln!("wrote {} logits for {} prompt tokens to {}", logits.size()[0], n, args.out.display());
+    Ok(())
+}

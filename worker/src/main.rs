@@ -20,6 +20,8 @@ enum Command {
     Serve(worker::service::ServeArgs),
     /// Show the devices this binary can use (CUDA availability, device count, CPU threads).
     Info(worker::diagnostics::InfoArgs),
+    /// Write the last position's logits for a prompt as .npy (parity checks against other implementations).
+    Score(worker::diagnostics::ScoreArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +32,7 @@ fn main() -> ExitCode {
         Command::InitTinyModel(args) => worker::tiny::run_init(args),
         Command::Serve(args) => worker::service::run_serve(args),
         Command::Info(args) => worker::diagnostics::run_info(args),
+        Command::Score(args) => worker::diagnostics::run_score(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
