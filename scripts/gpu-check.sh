@@ -15,9 +15,15 @@ exec > >(tee "$OUT/gpu-check.log") 2>&1
 WORKER="${WORKER_BIN:-target/gpu-bundle/worker}"
 MODEL="${GPU_CHECK_MODEL:-/tmp/gptj-6b-random}"
 NEW="${GPU_CHECK_NEW_TOKENS:-128}"
-SPLIT_NEW="${GPU_CHECK_SPLIT_NEW_TOKENS:-32}"
+SPLIT_NEW="${GPU_CHECK_SPLIT_NEW_TOKENS:-16}"
 PROMPT="The quick brown fox jumps over the lazy dog, and then"
 export GPU_CHECK_NEW_TOKENS="$NEW"
+# GPU_CHECK_DRY_RUN=1 rehearses every step on a CPU machine with a small model (cuda:0 becomes cpu).
+DEV=cuda:0; SPLIT_MAP='cuda:0=0-13'; SPLIT_BUDGET='cuda:0=6GiB,cpu=100GiB'
+if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
+  export GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1
+  MODEL="${GPU_CHECK_MODEL:-/tmp/gptj-small-random}"; DEV=cpu; SPLIT_MAP='cpu=0-1'; SPLIT_BUDGET='cpu=1GiB'
+fi
 fail=0
 step() { printf '\n=== %s (%ss)\n' "$*" "$SECONDS"; }
 
@@ -33,7 +39,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 step "1. CUDA inside the worker binary"
 "$WORKER" info --json | tee "$OUT/info.json"
-python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); sys.exit(0 if d["cuda_available"] else 1)' "$OUT/info.json" \
+[ "${GPU_CHECK_DRY_RUN:-0}" = 1 ] || python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); sys.exit(0 if d["cuda_available"] else 1)' "$OUT/info.json" \
   || { echo "FAIL: tch::Cuda::is_available() is false in the worker binary"; exit 1; }
 
 step "2. random GPT-J-6B checkpoint (float16, sharded safetensors)"
@@ -54,16 +60,16 @@ run_worker() { # name, extra args...
 }
 
 step "3. worker logits parity"
-"$WORKER" score --model "$MODEL" --prompt "$PROMPT" --dtype float16 --device cuda:0 --out "$OUT/worker.logits.npy" \
+"$WORKER" score --model "$MODEL" --prompt "$PROMPT" --dtype float16 --device "$DEV" --out "$OUT/worker.logits.npy" \
   && python3 scripts/gpu_check.py compare "$OUT/ref.json" "$OUT/worker.logits.npy" | tee "$OUT/parity.json" || fail=1
 
 step "4. worker speed, all on cuda:0"
-run_worker greedy --device cuda:0 --strategy greedy --max-new-tokens "$NEW" --min-new-tokens "$NEW"
-run_worker contrastive --device cuda:0 --strategy contrastive --max-new-tokens "$NEW" --min-new-tokens "$NEW"
+run_worker greedy --device "$DEV" --repeat 2 --strategy greedy --max-new-tokens "$NEW" --min-new-tokens "$NEW"
+run_worker contrastive --device "$DEV" --repeat 2 --strategy contrastive --max-new-tokens "$NEW" --min-new-tokens "$NEW"
 
 step "5. split: layers 0-13 on cuda:0, the rest on the CPU; and --max-memory cuda:0=6GiB"
-run_worker split-map --device-map 'cuda:0=0-13' --strategy greedy --max-new-tokens "$SPLIT_NEW" --min-new-tokens "$SPLIT_NEW"
-run_worker split-budget --max-memory 'cuda:0=6GiB,cpu=100GiB' --strategy greedy --max-new-tokens "$SPLIT_NEW" --min-new-tokens "$SPLIT_NEW"
+run_worker split-map --device-map "$SPLIT_MAP" --strategy greedy --max-new-tokens "$SPLIT_NEW" --min-new-tokens "$SPLIT_NEW"
+run_worker split-budget --max-memory "$SPLIT_BUDGET" --strategy greedy --max-new-tokens "$SPLIT_NEW" --min-new-tokens "$SPLIT_NEW"
 
 step "6. summary"
 python3 - "$OUT" "$NEW" "$SPLIT_NEW" <<'PY' || fail=1

@@ -16,6 +16,14 @@ import numpy as np
 import torch
 
 NEW_TOKENS = int(os.environ.get("GPU_CHECK_NEW_TOKENS", "128"))
+# A dry run on a CPU machine (GPU_CHECK_DRY_RUN=1 in gpu-check.sh) uses a small model on the CPU.
+DEV = os.environ.get("GPU_CHECK_DEVICE", "cuda")
+SMALL = os.environ.get("GPU_CHECK_SMALL") == "1"
+
+
+def sync():
+    if DEV == "cuda":
+        sync()
 
 
 def gptj_6b_config():
@@ -25,10 +33,10 @@ def gptj_6b_config():
     return GPTJConfig(
         vocab_size=50400,
         n_positions=2048,
-        n_embd=4096,
-        n_layer=28,
-        n_head=16,
-        rotary_dim=64,
+        n_embd=256 if SMALL else 4096,
+        n_layer=4 if SMALL else 28,
+        n_head=4 if SMALL else 16,
+        rotary_dim=16 if SMALL else 64,
         n_inner=None,
         activation_function="gelu_new",
         layer_norm_epsilon=1e-5,
@@ -43,7 +51,7 @@ def make_checkpoint(out_dir):
 
     torch.manual_seed(0)
     t0 = time.time()
-    torch.set_default_device("cuda")
+    torch.set_default_device(DEV)
     model = GPTJForCausalLM(gptj_6b_config()).to(torch.float16)
     torch.set_default_device("cpu")
     # Random init with std 0.02 gives logits of a realistic scale; keep LayerNorms at identity.
@@ -54,28 +62,28 @@ def make_checkpoint(out_dir):
 
 def bandwidth_gbs():
     """Device-to-device copy bandwidth in GB/s counting bytes read only (what a weight read costs)."""
-    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    size = 2 * 1024**3 if DEV == "cuda" else 256 * 1024**2
+    x = torch.empty(size, dtype=torch.uint8, device=DEV)
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.time()
     reps = 10
     for _ in range(reps):
         y.copy_(x)
-    torch.cuda.synchronize()
+    sync()
     dt = time.time() - t0
     del x, y
-    torch.cuda.empty_cache()
-    return reps * 2 * 1024**3 / dt / 1e9
+    return reps * size / dt / 1e9
 
 
 def timed_generate(model, ids, **kw):
-    torch.cuda.synchronize()
+    sync()
     t0 = time.time()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                          min_new_tokens=NEW_TOKENS, pad_token_id=50256, **kw)
-    torch.cuda.synchronize()
+    sync()
     dt = time.time() - t0
     new = out[0, ids.shape[1]:].tolist()
     return new, len(new) / dt
@@ -88,9 +96,9 @@ def reference(model_dir, prompt, out_json):
     tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
     ids_list = tok.encode(prompt).ids
     t0 = time.time()
-    model = GPTJForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float16).to("cuda").eval()
+    model = GPTJForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float16).to(DEV).eval()
     load_s = time.time() - t0
-    ids = torch.tensor([ids_list], device="cuda")
+    ids = torch.tensor([ids_list], device=DEV)
     with torch.no_grad():
         logits = model(ids).logits[0, -1].float().cpu().numpy()
     np.save(out_json.replace(".json", ".logits.npy"), logits)
@@ -100,7 +108,8 @@ def reference(model_dir, prompt, out_json):
         contrastive, contrastive_tps = timed_generate(model, ids, do_sample=False, penalty_alpha=0.6, top_k=4)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     del model
-    torch.cuda.empty_cache()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
     bw = bandwidth_gbs()
     res = {
         "prompt_ids": ids_list,
@@ -112,7 +121,7 @@ def reference(model_dir, prompt, out_json):
         "weight_bytes": weight_bytes,
         "copy_bandwidth_gbs": bw,
         "bound_tps": bw * 1e9 / weight_bytes,
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (dry run)",
     }
     with open(out_json, "w") as f:
         json.dump(res, f)
