@@ -5,6 +5,7 @@
 #
 #   scripts/bench-gateway.sh                # 64 connections, 15 s per endpoint
 #   CONCURRENCY=32 DURATION=30s scripts/bench-gateway.sh
+#   SKIP_BUILD=1 scripts/bench-gateway.sh   # use the target/release/gateway already built
 #
 # Prints one table row per endpoint: requests per second, p50 and p99 latency, non-2xx answers.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -20,8 +21,10 @@ WORK="$(mktemp -d)"
 ensure_services
 command -v wrk >/dev/null || apt_install wrk
 
-log "building the gateway (release)"
-cargo build --release -p gateway --locked
+if [ -z "${SKIP_BUILD:-}" ]; then
+  log "building the gateway (release)"
+  cargo build --release -p gateway --locked
+fi
 
 GATEWAY_PID=""
 cleanup() {
@@ -66,10 +69,10 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.body = '{"prompt": "Hello,   world! How is the $weather today?", "parameters": {"max_new_tokens": 20}}'
 LUA
 
-bench() { # name path script
+bench() { # name path script (the name also names the raw output file)
   wrk -t"$THREADS" -c"$CONCURRENCY" -d2s -s "$3" "http://127.0.0.1:$PORT$2" >/dev/null # warm-up
   local line
-  line="$(wrk -t"$THREADS" -c"$CONCURRENCY" -d"$DURATION" --latency -s "$3" "http://127.0.0.1:$PORT$2" | tee "$WORK/$1.txt" | grep '^RESULT')"
+  line="$(wrk -t"$THREADS" -c"$CONCURRENCY" -d"$DURATION" --latency -s "$3" "http://127.0.0.1:$PORT$2" | tee "$WORK/wrk-${2//\//_}.txt" | grep '^RESULT')"
   read -r _ rps p50 p99 non2xx failed <<<"$line"
   printf '| %-16s | %10s | %8s | %8s | %7s | %6s |\n' "$1" "$rps" "$p50" "$p99" "$non2xx" "$failed"
 }

@@ -24,6 +24,8 @@ pub struct App {
     pub waiters: Arc<Waiters>,
     pub metrics: Option<PrometheusHandle>,
     pub openapi: serde_json::Value,
+    /// The last `/v1/queue` answer and when it was computed.
+    pub queue_cache: tokio::sync::Mutex<Option<(std::time::Instant, crate::routes::queue::QueueView)>>,
 }
 
 /// A job the broker has confirmed.

@@ -56,8 +56,8 @@ pub struct Config {
     /// Upper bound on any single Redis call, so a hung Redis cannot hang requests.
     #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 500)]
     pub redis_timeout_ms: u64,
-    /// Redis connections in the pool.
-    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 32)]
+    /// Redis connections; each carries many concurrent calls (multiplexed), so a few suffice.
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 4)]
     pub redis_pool_size: usize,
     /// How long a finished job's result stays readable.
     #[arg(long, env = "RESULT_TTL_S", default_value_t = 86_400)]

@@ -86,6 +86,7 @@ pub async fn run(
         waiters,
         metrics,
         openapi: openapi::document(),
+        queue_cache: Default::default(),
     });
     tracing::info!(addr = ?listener.local_addr().ok(), namespace = app.settings.topology.namespace(), "gateway listening");
     server::serve(

@@ -4,6 +4,11 @@ use clap::Parser;
 use gateway::Config;
 use tracing_subscriber::EnvFilter;
 
+// glibc malloc was a sixth of the gateway's CPU time under load (many small, short-lived allocations
+// across threads); mimalloc handles that pattern far better.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()

@@ -181,6 +181,27 @@ async fn a_poll_sees_queued_then_running_then_succeeded() {
 }
 
 #[tokio::test]
+async fn a_result_past_its_ttl_reads_as_expired() {
+    let mut env = TestEnv::new();
+    let mut flags = GENEROUS.to_vec();
+    flags.extend(["--result-ttl-s", "1"]);
+    let gw = env.gateway(&flags).await;
+    let (_, body) = submit(&env.http, &gw, json!({"prompt": "short lived"})).await;
+    let id = body["id"].as_str().unwrap().to_owned();
+    let (_conn, channel) = amqp().await;
+    let msg = take(&channel, &env.jobs_queue()).await;
+    let reply_to = msg.delivery.properties.reply_to().as_ref().unwrap().to_string();
+    reply(&channel, &reply_to, &succeeded(id.parse().unwrap(), "short lived", " text")).await;
+    let done = poll_until(&env, &gw, &id, "succeeded").await;
+    assert!(done["result"].is_object());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let expired = poll(&env, &gw, &id).await;
+    assert_eq!(expired["status"], "expired");
+    assert!(expired.get("result").is_none(), "{expired}");
+    env.finish().await;
+}
+
+#[tokio::test]
 async fn run_answers_with_the_prompt_and_continuation_whichever_replica_consumed_the_reply() {
     let mut env = TestEnv::new();
     // Waits must be woken by the completion notice: the fallback poll is far beyond the test's patience.

@@ -14,6 +14,8 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let model = GptJ::load(std::path::Path::new(&args[1]), &LoadOptions { dtype, ..Default::default() })?;
     let load = t0.elapsed();
+    let st = std::fs::read_to_string("/proc/self/status")?;
+    for l in st.lines().filter(|l| l.starts_with("VmRSS") || l.starts_with("VmHWM") || l.starts_with("Rss")) { println!("{l}"); }
     let prompt: Vec<i64> = vec![464, 2068, 7586, 21831, 18045, 625, 262, 16931];
     let n = prompt.len() as i64;
     let mut cache = KvCache::new(model.info().n_layer);
@@ -35,3 +37,6 @@ fn main() -> anyhow::Result<()> {
     println!("load {:?} prefill {:?} decode {:?} -> {:.1} tok/s; first {:?}", load, prefill, decode, (n_new - 1) as f64 / decode.as_secs_f64(), &toks[..8.min(toks.len())]);
     Ok(())
 }
+
+#[allow(dead_code)]
+fn unused() {}

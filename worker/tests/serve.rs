@@ -13,9 +13,10 @@ use lapin::options::BasicPublishOptions;
 use serde_json::{Value, json};
 use shared::{ErrorCode, JobReply};
 
-/// Long enough (a few seconds on this machine) that the test can act while the job runs.
-fn long_job() -> Value {
-    json!({"strategy": "greedy", "max_new_tokens": 300})
+/// A job of `tokens` greedy tokens: about 3 ms each for the tiny model on an idle core here, so a few
+/// hundred give the test time to act while the job runs.
+fn long_job(tokens: u32) -> Value {
+    json!({"strategy": "greedy", "max_new_tokens": tokens})
 }
 
 fn short_job() -> Value {
@@ -46,7 +47,9 @@ async fn a_job_submitted_to_the_gateway_is_polled_to_completion_and_run_answers_
     env.spawn_worker(&[]);
     env.wait_for_consumers(1).await;
 
-    let id = env.submit(&gw, "Hello,   world $$", json!({"max_new_tokens": 8})).await;
+    let id = env
+        .submit(&gw, "Hello,   world $$", json!({"max_new_tokens": 8}))
+        .await;
     let view = env
         .poll_until(&gw, &id, Duration::from_secs(60), |v| {
             v["status"] == "succeeded" || v["status"] == "failed"
@@ -70,7 +73,10 @@ async fn a_job_submitted_to_the_gateway_is_polled_to_completion_and_run_answers_
     assert_eq!(r.status(), 200);
     let text: Value = r.json().await.unwrap();
     let text = text.as_str().unwrap();
-    assert!(text.starts_with("Hello there") && text.len() > "Hello there".len(), "{text:?}");
+    assert!(
+        text.starts_with("Hello there") && text.len() > "Hello there".len(),
+        "{text:?}"
+    );
     env.finish().await;
 }
 
@@ -84,7 +90,11 @@ async fn three_workers_share_one_queue_and_each_job_is_done_exactly_once() {
     let mut producer = RawProducer::new(&env).await;
     let mut ids = HashSet::new();
     for i in 0..12 {
-        ids.insert(producer.publish_job(&format!("job number {i}"), short_job()).await);
+        ids.insert(
+            producer
+                .publish_job(&format!("job number {i}"), short_job())
+                .await,
+        );
     }
     let replies = producer
         .replies_until(Duration::from_secs(120), |got| {
@@ -113,7 +123,7 @@ async fn a_worker_killed_mid_job_leaves_the_job_to_another_worker_and_it_complet
     env.spawn_worker(&[]);
     env.wait_for_consumers(2).await;
     let mut producer = RawProducer::new(&env).await;
-    let id = producer.publish_job("A long story begins", long_job()).await;
+    let id = producer.publish_job("A long story begins", long_job(600)).await;
 
     let first = producer.next_reply(Duration::from_secs(30)).await.unwrap();
     assert_eq!(first.kind, "job.started");
@@ -128,13 +138,48 @@ async fn a_worker_killed_mid_job_leaves_the_job_to_another_worker_and_it_complet
     assert!(producer.next_reply(Duration::from_millis(500)).await.is_none());
     let kinds: Vec<&str> = rest.iter().map(|r| r.kind.as_str()).collect();
     assert_eq!(kinds, ["job.started", "job.succeeded"], "{rest:#?}");
-    let JobReply::Started(again) = &rest[0].body else { panic!() };
+    let JobReply::Started(again) = &rest[0].body else {
+        panic!()
+    };
     assert!(again.redelivered, "the broker marks the second delivery");
     assert_ne!(again.worker_id, doomed);
-    let JobReply::Succeeded(done) = &rest[1].body else { panic!() };
+    let JobReply::Succeeded(done) = &rest[1].body else {
+        panic!()
+    };
     assert_eq!(done.job_id.to_string(), id);
     assert_eq!(done.new_tokens as usize, done.token_ids.len());
     env.wait_for_jobs_queue(0, 1).await;
+    producer.close().await;
+    env.finish().await;
+}
+
+/// Generation runs off the async runtime: with a 1 s heartbeat (the broker drops a connection after two
+/// missed ones) a worker busy for seconds keeps its connection and its job.
+#[tokio::test]
+async fn a_worker_busy_generating_keeps_answering_heartbeats() {
+    let mut env = Env::new();
+    env.amqp_url.push_str("?heartbeat=1");
+    env.spawn_worker(&[]);
+    env.wait_for_consumers(1).await;
+    let mut producer = RawProducer::new(&env).await;
+    let id = producer.publish_job("Keep talking", long_job(2000)).await;
+    let replies = producer
+        .replies_until(Duration::from_secs(180), |got| {
+            got.iter().any(|r| r.kind == "job.succeeded")
+        })
+        .await;
+    let kinds: Vec<&str> = replies.iter().map(|r| r.kind.as_str()).collect();
+    assert_eq!(kinds, ["job.started", "job.succeeded"]);
+    let JobReply::Succeeded(done) = &replies[1].body else {
+        panic!()
+    };
+    assert_eq!(done.job_id.to_string(), id);
+    assert!(
+        done.timings.inference_ms >= 3_000,
+        "the job took {} ms: too short to span missed heartbeats; raise max_new_tokens",
+        done.timings.inference_ms
+    );
+    assert!(!env.logs().contains("reconnecting"), "{}", env.logs());
     producer.close().await;
     env.finish().await;
 }
@@ -149,12 +194,18 @@ async fn closing_every_broker_connection_mid_run_loses_nothing() {
 
     let mut ids = Vec::new();
     for i in 0..2 {
-        ids.push(env.submit(&gw, &format!("long job {i}"), long_job()).await);
+        // Long enough to outlast rabbitmqctl's start-up (about a second).
+        ids.push(env.submit(&gw, &format!("long job {i}"), long_job(1500)).await);
         ids.push(env.submit(&gw, &format!("short job {i}"), short_job()).await);
     }
     env.poll_until(&gw, &ids[0], Duration::from_secs(30), |v| v["status"] != "queued")
         .await;
-    rabbitmqctl(&["close_all_connections", "--vhost", env.vhost.as_deref().unwrap(), "test"]);
+    rabbitmqctl(&[
+        "close_all_connections",
+        "--vhost",
+        env.vhost.as_deref().unwrap(),
+        "test",
+    ]);
 
     // The gateway takes jobs again once it has reconnected (503 until then, never a lost job).
     for i in 0..2 {
@@ -173,7 +224,10 @@ async fn closing_every_broker_connection_mid_run_loses_nothing() {
                 break;
             }
             assert_eq!(r.status(), 503, "{:?}", r.text().await);
-            assert!(std::time::Instant::now() < deadline, "the gateway never came back");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the gateway never came back"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -185,10 +239,21 @@ async fn closing_every_broker_connection_mid_run_loses_nothing() {
             .await;
         assert_eq!(view["status"], "succeeded", "{view}");
     }
-    // Both workers lost the broker, came back to the queue, and nothing was dead-lettered.
+    // Both workers lost the broker and came back to the queue; a job was in hand when the connections
+    // went (it came back redelivered); nothing was dead-lettered.
     for w in &env.workers {
-        assert!(w.log().contains("reconnecting"), "{} never lost the broker:\n{}", w.id, w.log());
+        assert!(
+            w.log().contains("reconnecting"),
+            "{} never lost the broker:\n{}",
+            w.id,
+            w.log()
+        );
     }
+    assert!(
+        env.logs().contains("redelivered=true"),
+        "no job was cut mid-run:\n{}",
+        env.logs()
+    );
     env.wait_for_jobs_queue(0, 2).await;
     let producer = RawProducer::new(&env).await;
     assert!(producer.drain(&env.dead_letter_queue()).await.is_empty());
@@ -209,7 +274,9 @@ async fn a_malformed_message_is_dead_lettered_and_answered_with_job_failed() {
     producer
         .publish_raw(Some(&empty_prompt), br#"{"version":1,"prompt":"$$$ ***"}"#)
         .await;
-    producer.publish_raw(None, br#"{"version":1,"prompt":"who am I"}"#).await;
+    producer
+        .publish_raw(None, br#"{"version":1,"prompt":"who am I"}"#)
+        .await;
     // The loop survived all three: a good job after them runs.
     let good = producer.publish_job("Still working", short_job()).await;
 
@@ -233,8 +300,15 @@ async fn a_malformed_message_is_dead_lettered_and_answered_with_job_failed() {
             (None, ErrorCode::MissingCorrelationId),
         ]
     );
-    assert!(replies.iter().all(|r| r.kind != "job.failed" || matches!(r.body, JobReply::Failed(_))));
-    assert_eq!(replies.last().unwrap().correlation_id.as_deref(), Some(good.as_str()));
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.kind != "job.failed" || matches!(r.body, JobReply::Failed(_)))
+    );
+    assert_eq!(
+        replies.last().unwrap().correlation_id.as_deref(),
+        Some(good.as_str())
+    );
 
     let dead = producer.drain(&env.dead_letter_queue()).await;
     assert_eq!(dead.len(), 3, "all three are in {}", env.dead_letter_queue());
@@ -283,18 +357,25 @@ async fn a_raw_producer_gets_started_then_succeeded_as_the_amqp_guide_describes(
     let started = producer.next_reply(Duration::from_secs(30)).await.unwrap();
     assert_eq!(started.kind, "job.started");
     assert_eq!(started.correlation_id.as_deref(), Some(id.as_str()));
-    let JobReply::Started(s) = &started.body else { panic!("{started:?}") };
+    let JobReply::Started(s) = &started.body else {
+        panic!("{started:?}")
+    };
     assert_eq!((s.job_id.to_string(), s.redelivered), (id.clone(), false));
 
     let done = producer.next_reply(Duration::from_secs(30)).await.unwrap();
     assert_eq!(done.kind, "job.succeeded");
     assert_eq!(done.correlation_id.as_deref(), Some(id.as_str()));
-    let JobReply::Succeeded(s) = &done.body else { panic!("{done:?}") };
+    let JobReply::Succeeded(s) = &done.body else {
+        panic!("{done:?}")
+    };
     assert_eq!(s.prompt, "Once upon a time");
     assert_eq!(s.worker_id, env.workers[0].id);
     assert_eq!(s.new_tokens as usize, s.token_ids.len());
     assert!((1..=6).contains(&s.token_ids.len()));
-    assert!(s.timings.queued_ms.is_some(), "submitted_at_ms gives the queue time");
+    assert!(
+        s.timings.queued_ms.is_some(),
+        "submitted_at_ms gives the queue time"
+    );
     producer.close().await;
     env.finish().await;
 }
@@ -305,7 +386,7 @@ async fn sigterm_mid_job_finishes_the_job_then_exits_zero_leaving_the_rest_queue
     env.spawn_worker(&[]);
     env.wait_for_consumers(1).await;
     let mut producer = RawProducer::new(&env).await;
-    let long = producer.publish_job("Tell me everything", long_job()).await;
+    let long = producer.publish_job("Tell me everything", long_job(600)).await;
     let started = producer.next_reply(Duration::from_secs(30)).await.unwrap();
     assert_eq!(started.kind, "job.started");
     // Queued behind the long one (prefetch 1): the stopping worker must leave it for another.
@@ -313,11 +394,17 @@ async fn sigterm_mid_job_finishes_the_job_then_exits_zero_leaving_the_rest_queue
 
     env.workers[0].terminate();
     let done = producer.next_reply(Duration::from_secs(120)).await.unwrap();
-    assert_eq!((done.kind.as_str(), done.correlation_id.as_deref()), ("job.succeeded", Some(long.as_str())));
+    assert_eq!(
+        (done.kind.as_str(), done.correlation_id.as_deref()),
+        ("job.succeeded", Some(long.as_str()))
+    );
     let status = env.workers[0].wait_exit(Duration::from_secs(30));
     assert!(status.success(), "exit status {status:?}\n{}", env.logs());
 
-    assert!(producer.next_reply(Duration::from_millis(300)).await.is_none(), "{waiting} not taken");
+    assert!(
+        producer.next_reply(Duration::from_millis(300)).await.is_none(),
+        "{waiting} not taken"
+    );
     env.wait_for_jobs_queue(1, 0).await;
     producer.close().await;
     env.finish().await;

@@ -1,4 +1,11 @@
 //! `GET /v1/queue`: how busy the service is.
+//!
+//! Depth and consumers come from the broker (a passive declare: constant time however many jobs have
+//! passed), `running` from the job records. The whole answer is reused for at most
+//! `--queue-stats-cache-ms` (5 ms by default, 0 to ask every time) and computed once for all the
+//! requests that arrive while it is being computed, so a burst of readers costs one broker round trip.
+
+use std::time::Instant;
 
 use axum::extract::State;
 use serde::Serialize;
@@ -8,7 +15,7 @@ use crate::app::AppState;
 use crate::error::ApiError;
 use crate::metrics as m;
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 pub struct QueueView {
     /// Jobs waiting for a worker (the broker's ready count; jobs a worker holds are not in it).
     pub depth: u32,
@@ -30,6 +37,13 @@ pub struct QueueView {
     security((), ("api_key" = []))
 )]
 pub async fn queue(State(app): State<AppState>) -> Result<axum::Json<QueueView>, ApiError> {
+    // Concurrent readers share one computation; its answer is reused for `queue_stats_cache` at most.
+    let mut cached = app.queue_cache.lock().await;
+    if let Some((at, view)) = *cached
+        && at.elapsed() <= app.settings.queue_stats_cache
+    {
+        return Ok(axum::Json(view));
+    }
     let (stats, figures) = tokio::join!(app.broker.queue_stats(), app.store.figures());
     let stats = stats.map_err(|e| ApiError::unavailable("broker", e))?;
     let figures = figures.map_err(|e| ApiError::unavailable("redis", e))?;
@@ -41,10 +55,12 @@ pub async fn queue(State(app): State<AppState>) -> Result<axum::Json<QueueView>,
             .avg_inference_ms
             .map(|ms| f64::from(stats.depth) * ms / 1000.0 / f64::from(stats.consumers.max(1)))
     };
-    Ok(axum::Json(QueueView {
+    let view = QueueView {
         depth: stats.depth,
         running: figures.running,
         consumers: stats.consumers,
         estimated_wait_s,
-    }))
+    };
+    *cached = Some((Instant::now(), view));
+    Ok(axum::Json(view))
 }

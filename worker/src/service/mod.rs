@@ -37,6 +37,17 @@ pub enum ServeError {
     Config(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error("{0}")]
+    Broker(String),
+}
+
+impl From<session::SessionError> for ServeError {
+    fn from(e: session::SessionError) -> Self {
+        match e {
+            session::SessionError::Engine(e) => Self::Engine(e),
+            other => Self::Broker(other.to_string()),
+        }
+    }
 }
 
 /// Loads the model on the engine thread and serves until `shutdown` resolves.

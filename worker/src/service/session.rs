@@ -44,7 +44,24 @@ pub enum SessionError {
     /// Not a connection problem: the worker cannot go on.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The queues exist with other arguments (another delivery limit, another queue type): a deployment
+    /// mistake that retrying cannot fix.
+    #[error(
+        "the broker refused the topology ({0}); do every gateway and worker of this namespace use the same \
+         --delivery-limit?"
+    )]
+    Topology(String),
 }
+
+impl SessionError {
+    /// Errors the worker stops on instead of reconnecting.
+    fn is_fatal(&self) -> bool {
+        matches!(self, Self::Engine(_) | Self::Topology(_))
+    }
+}
+
+/// AMQP reply code PRECONDITION_FAILED: a declaration with arguments that differ from the existing queue's.
+const PRECONDITION_FAILED: u16 = 406;
 
 /// Jobs remembered across reconnects (see `outcomes`): enough to span one.
 const REMEMBERED_JOBS: usize = 256;
@@ -64,16 +81,16 @@ impl Service {
         }
     }
 
-    /// Serves until `shutdown`, reconnecting whenever the broker goes away. Returns an error only when the
-    /// engine is gone.
-    pub async fn run(&self, shutdown: Shutdown) -> Result<(), EngineError> {
+    /// Serves until `shutdown`, reconnecting whenever the broker goes away. Returns an error only when
+    /// going on is pointless: the engine is gone, or the broker refuses the topology.
+    pub async fn run(&self, shutdown: Shutdown) -> Result<(), SessionError> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             let ended = self.session(shutdown.clone(), &mut backoff).await;
             let stopping = shutdown.clone().now_or_never().is_some();
             match ended {
                 Ok(()) => return Ok(()),
-                Err(SessionError::Engine(e)) => return Err(e),
+                Err(e) if e.is_fatal() => return Err(e),
                 Err(e) if stopping => {
                     warn!(error = %e, "broker connection ended while stopping; unacknowledged jobs return to the queue");
                     return Ok(());
@@ -93,7 +110,11 @@ impl Service {
     async fn session(&self, shutdown: Shutdown, backoff: &mut Backoff) -> Result<(), SessionError> {
         let props = ConnectionProperties::default()
             .with_connection_name(format!("worker {}", self.config.worker_id).into());
-        let connection = Connection::connect(&self.config.amqp_url, props).await?;
+        // A connection attempt can hang (an unreachable host) and must not delay a shutdown.
+        let connection = tokio::select! {
+            connection = Connection::connect(&self.config.amqp_url, props) => connection?,
+            () = shutdown.clone() => return Ok(()),
+        };
         let result = self.consume_on(&connection, shutdown, backoff).await;
         // On success this is the orderly goodbye; after an error it releases a connection that may still be
         // open (a channel-level error leaves it so). Either way it must not hang the reconnect.
@@ -113,7 +134,12 @@ impl Service {
     ) -> Result<(), SessionError> {
         let topology = &self.config.topology;
         let channel = connection.create_channel().await?;
-        topology.declare(&channel).await?;
+        topology.declare(&channel).await.map_err(|e| match e.kind() {
+            lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == PRECONDITION_FAILED => {
+                SessionError::Topology(amqp.get_message().to_string())
+            }
+            _ => SessionError::Amqp(e),
+        })?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         channel
             .basic_qos(self.config.prefetch, BasicQosOptions::default())
@@ -134,7 +160,15 @@ impl Service {
             worker_id = %self.config.worker_id,
             "consuming jobs"
         );
-        self.consume(&channel, consumer, &tag, shutdown).await
+        self.consume(&channel, consumer, &tag, shutdown).await?;
+        // Closing the channel before the connection lets the broker settle it in order (and keeps lapin
+        // from logging the connection's close as an error).
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            channel.close(200, "worker stopping".into()),
+        )
+        .await;
+        Ok(())
     }
 
     async fn consume(
@@ -226,7 +260,11 @@ impl Service {
                 error: refused.error.clone(),
                 finished_at_ms: now_ms(),
             });
-            replies::publish(channel, reply_to, refused.correlation_id.as_deref(), &reply).await?;
+            match replies::publish(channel, reply_to, refused.correlation_id.as_deref(), &reply).await {
+                // The message is dead-lettered either way; the producer learns nothing more by a retry.
+                Err(PublishError::Nacked) => warn!("the broker refused the failure reply"),
+                other => other?,
+            }
         }
         settlement.dead_letter().await?;
         Ok(())
@@ -249,7 +287,11 @@ impl Service {
             started_at_ms: now_ms(),
             redelivered,
         });
-        replies::publish(channel, &reply_to, Some(&correlation_id), &started).await?;
+        match replies::publish(channel, &reply_to, Some(&correlation_id), &started).await {
+            // Progress news only: the job goes on without it.
+            Err(PublishError::Nacked) => warn!(job = %id, "the broker refused the job.started reply"),
+            other => other?,
+        }
         info!(job = %id, redelivered, "job started");
 
         let outcome = pending.await.ok_or(EngineError::Gone)?;
@@ -283,7 +325,19 @@ impl Service {
         };
         // The reply must be safely with the broker before the job is let go: a crash between the two
         // leaves the job to be redelivered, never a job acknowledged and unanswered.
-        replies::publish(channel, &reply_to, Some(&correlation_id), &reply).await?;
+        match replies::publish(channel, &reply_to, Some(&correlation_id), &reply).await {
+            Ok(()) => {}
+            // The broker would not take the reply (say, the reply queue is full and refuses publishes).
+            // Returned to the queue, the job comes back after a pause and is answered from memory; if
+            // the refusal lasts, the delivery limit dead-letters it.
+            Err(PublishError::Nacked) => {
+                warn!(job = %id, "the broker refused the final reply; returning the job to the queue");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                settlement.requeue().await?;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
         settlement.ack().await?;
         info!(job = %id, event = reply.kind(), "job done");
         Ok(())

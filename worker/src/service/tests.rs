@@ -381,3 +381,39 @@ async fn a_job_finished_while_disconnected_is_answered_once_from_memory_after_re
     worker.stop().await.unwrap();
     rabbitmqctl(&["delete_vhost", &vhost]);
 }
+
+#[tokio::test]
+async fn a_jobs_queue_declared_with_another_delivery_limit_stops_the_worker_with_a_clear_error() {
+    let namespace = format!("svc-{}", &JobId::new_random().to_string()[..13]);
+    let other = Topology::new(&namespace, 5).unwrap();
+    let (conn, ch) = channel(BROKER).await;
+    other.declare(&ch).await.unwrap();
+
+    let gate = Gate {
+        calls: Arc::new(AtomicUsize::new(0)),
+        release: Mutex::new(mpsc::channel().1),
+    };
+    let engine = EngineThread::start(move || Ok::<_, String>(gate), 1)
+        .await
+        .unwrap();
+    let config = ServiceConfig {
+        amqp_url: BROKER.to_owned(),
+        topology: Topology::new(&namespace, 3).unwrap(),
+        rules: shared::PromptRules::default(),
+        prefetch: 1,
+        worker_id: "test-worker".into(),
+    };
+    let ended = tokio::time::timeout(
+        Duration::from_secs(20),
+        serve(config, engine, std::future::pending()),
+    )
+    .await
+    .expect("the worker gives up instead of retrying forever");
+    let err = ended.unwrap_err().to_string();
+    assert!(
+        err.contains("delivery-limit") && err.contains("PRECONDITION_FAILED"),
+        "{err}"
+    );
+    let _ = conn.close(200, "".into()).await;
+    delete_queues(BROKER, &other).await;
+}

@@ -70,14 +70,19 @@ impl WorkerProcess {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "worker {} did not exit:\n{}", self.id, self.log());
+            assert!(
+                Instant::now() < deadline,
+                "worker {} did not exit:\n{}",
+                self.id,
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// The process's log so far (for failure messages).
+    /// The process's log so far, colours removed.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
     }
 }
 
@@ -86,6 +91,24 @@ impl Drop for WorkerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Removes terminal colour sequences (`ESC [ … m`), so a log reads `key=value`.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A namespace (and optionally a vhost) of its own, with the workers and gateways a test starts.
@@ -205,7 +228,11 @@ impl Env {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("{n} consumers never appeared on {}\n{}", self.jobs_queue(), self.logs());
+        panic!(
+            "{n} consumers never appeared on {}\n{}",
+            self.jobs_queue(),
+            self.logs()
+        );
     }
 
     /// Waits until the jobs queue has no ready message and `consumers` consumers.
@@ -276,7 +303,13 @@ impl Env {
     }
 
     /// Polls a job until `done` says so (or `timeout` passes); returns its last view.
-    pub async fn poll_until(&self, base: &str, id: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    pub async fn poll_until(
+        &self,
+        base: &str,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             let view = match self.http.get(format!("{base}/v1/jobs/{id}")).send().await {
@@ -297,8 +330,12 @@ impl Env {
         }
     }
 
-    /// Stops gateways and workers, deletes the queues, Redis keys and vhost.
+    /// Stops gateways and workers, deletes the queues, Redis keys and vhost. `SHOW_WORKER_LOGS=1` prints
+    /// the workers' logs first.
     pub async fn finish(mut self) {
+        if std::env::var_os("SHOW_WORKER_LOGS").is_some() {
+            eprintln!("{}", self.logs());
+        }
         for (tx, handle) in self.gateways.drain(..) {
             let _ = tx.send(());
             let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
@@ -320,7 +357,11 @@ impl Drop for Env {
         if self.ns.is_empty() {
             return;
         }
-        let (ns, url, vhost) = (std::mem::take(&mut self.ns), self.amqp_url.clone(), self.vhost.take());
+        let (ns, url, vhost) = (
+            std::mem::take(&mut self.ns),
+            self.amqp_url.clone(),
+            self.vhost.take(),
+        );
         let _ = std::thread::spawn(move || {
             if let Ok(rt) = tokio::runtime::Runtime::new() {
                 rt.block_on(cleanup(&ns, &url, vhost));
@@ -340,9 +381,15 @@ async fn cleanup(ns: &str, amqp_url: &str, vhost: Option<String>) {
         }
         None => {
             if let Ok(conn) = Connection::connect(amqp_url, ConnectionProperties::default()).await {
-                for q in [format!("{ns}.jobs"), format!("{ns}.jobs.dead"), format!("{ns}.replies")] {
+                for q in [
+                    format!("{ns}.jobs"),
+                    format!("{ns}.jobs.dead"),
+                    format!("{ns}.replies"),
+                ] {
                     if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                        let _ = ch
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await;
                     }
                 }
                 let _ = conn.close(200, "".into()).await;
@@ -364,7 +411,10 @@ async fn cleanup(ns: &str, amqp_url: &str, vhost: Option<String>) {
 }
 
 pub fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
     assert!(
         out.status.success(),
         "rabbitmqctl {args:?}: {}",
@@ -394,11 +444,18 @@ pub struct Reply {
 impl RawProducer {
     pub async fn new(env: &Env) -> Self {
         let (conn, channel) = env.connect().await;
-        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
         // Server-named, exclusive, auto-deleted: the broker picks a unique name, and the queue goes away
         // with this connection.
         let q = channel
-            .queue_declare("".into(), QueueDeclareOptions::exclusive().auto_delete(), FieldTable::default())
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions::exclusive().auto_delete(),
+                FieldTable::default(),
+            )
             .await
             .unwrap();
         let reply_to = q.name().as_str().to_owned();
@@ -430,9 +487,7 @@ impl RawProducer {
             .with_content_type("application/json".into())
             .with_delivery_mode(2);
         if let Some(id) = correlation_id {
-            props = props
-                .with_correlation_id(id.into())
-                .with_message_id(id.into());
+            props = props.with_correlation_id(id.into()).with_message_id(id.into());
         }
         let confirm = self
             .channel
@@ -459,16 +514,24 @@ impl RawProducer {
             "parameters": parameters,
             "submitted_at_ms": shared::reply::now_ms(),
         });
-        self.publish_raw(Some(&id), &serde_json::to_vec(&body).unwrap()).await;
+        self.publish_raw(Some(&id), &serde_json::to_vec(&body).unwrap())
+            .await;
         id
     }
 
     /// The next reply, within `timeout`.
     pub async fn next_reply(&mut self, timeout: Duration) -> Option<Reply> {
-        let d = tokio::time::timeout(timeout, self.replies.next()).await.ok()??.unwrap();
+        let d = tokio::time::timeout(timeout, self.replies.next())
+            .await
+            .ok()??
+            .unwrap();
         Some(Reply {
             kind: d.properties.kind().as_ref().unwrap().as_str().to_owned(),
-            correlation_id: d.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned()),
+            correlation_id: d
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str().to_owned()),
             body: serde_json::from_slice(&d.data).unwrap(),
         })
     }
