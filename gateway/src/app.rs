@@ -12,6 +12,7 @@ use crate::broker::Broker;
 use crate::config::{FailMode, Settings};
 use crate::error::ApiError;
 use crate::metrics as m;
+use crate::ratelimit::{Decision, Limiter};
 use crate::store::{JobStore, NewJob};
 use crate::waiters::Waiters;
 
@@ -22,6 +23,10 @@ pub struct App {
     pub store: JobStore,
     pub broker: Arc<Broker>,
     pub waiters: Arc<Waiters>,
+    /// The submit class's limiter; submissions are checked in [`App::enqueue`].
+    pub submit_limiter: Limiter,
+    /// The read class's limiter, applied as a middleware.
+    pub read_limiter: Limiter,
     pub metrics: Option<PrometheusHandle>,
     pub openapi: serde_json::Value,
     /// The last `/v1/queue` answer and when it was computed.
@@ -37,15 +42,17 @@ pub struct Accepted {
 }
 
 impl App {
-    /// Validates `request`, records it as queued and publishes it under `id`. `Ok` means the broker has
-    /// confirmed the job; on a publish failure the record is removed and the caller gets 503. When Redis
-    /// is down, the submit class's fail mode decides between 503 and publishing without a record.
+    /// Validates `request`, checks the submit rate limit and records the job as queued (one atomic Redis
+    /// call), then publishes it under `id`. `Ok` means the broker has confirmed the job; the decision, when
+    /// Redis gave one, is for the response's `RateLimit-*` headers. On a publish failure the record is
+    /// removed and the caller gets 503. When Redis cannot be asked, the submit class's fail mode decides
+    /// between 503 and publishing without a record (the replies create it once Redis is back).
     pub async fn enqueue(
         &self,
         id: JobId,
         request: JobRequest,
         caller: &Caller,
-    ) -> Result<Accepted, ApiError> {
+    ) -> Result<(Accepted, Option<Decision>), ApiError> {
         let mut job = request.into_valid(&self.settings.prompt_rules)?;
         let submitted_at_ms = now_ms();
         job.submitted_at_ms = Some(submitted_at_ms);
@@ -53,24 +60,21 @@ impl App {
         let parameters =
             serde_json::to_string(&job.parameters).map_err(|e| ApiError::Internal(e.to_string()))?;
         let owner = caller.key.map(|k| k.hex());
-        let recorded = self
-            .store
-            .create(&NewJob {
-                id,
-                prompt: &job.prompt,
-                parameters_json: &parameters,
-                owner: owner.as_deref(),
-                submitted_at_ms,
-            })
-            .await;
-        if let Err(e) = recorded {
-            // Fail-open submission goes on without a record: the broker still gets the job, and the
-            // replies consumer creates the record once Redis is back (it retries until it can).
-            if self.settings.submit_on_error == FailMode::Closed {
-                return Err(ApiError::unavailable("redis", e));
-            }
-            tracing::warn!(error = %e, %id, "job record not written; publishing anyway (fail open)");
-        }
+        let record = self.store.record(&NewJob {
+            id,
+            prompt: &job.prompt,
+            parameters_json: &parameters,
+            owner: owner.as_deref(),
+            submitted_at_ms,
+        });
+        let decision = match self.submit_limiter.admit_and_record(caller, &record).await {
+            Ok((decision, _)) if decision.admitted => Some(decision),
+            Ok((decision, _)) => return Err(ApiError::RateLimited(decision)),
+            Err(e) => match self.submit_limiter.on_error() {
+                FailMode::Closed => return Err(ApiError::unavailable("rate limiter", e)),
+                FailMode::Open => None,
+            },
+        };
         if let Err(e) = self.broker.publish(id, &body).await {
             metrics::counter!(m::JOBS, "outcome" => "publish_failed").increment(1);
             let store = self.store.clone();
@@ -82,10 +86,11 @@ impl App {
             return Err(ApiError::unavailable("broker", e));
         }
         metrics::counter!(m::JOBS, "outcome" => "submitted").increment(1);
-        Ok(Accepted {
+        let accepted = Accepted {
             id,
             prompt: job.prompt,
             submitted_at_ms,
-        })
+        };
+        Ok((accepted, decision))
     }
 }

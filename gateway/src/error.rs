@@ -5,8 +5,6 @@
 //! Server-side failures (Redis, the broker) are logged with their details here and answered with a short
 //! generic message: internals are not the client's business.
 
-use std::time::Duration;
-
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -37,8 +35,8 @@ pub enum ApiError {
     NotFound,
     #[error("a valid API key is required (Authorization: Bearer KEY)")]
     Unauthorized,
-    #[error("rate limit exceeded; retry in {} s", .retry_after.as_secs())]
-    RateLimited { retry_after: Duration },
+    #[error("rate limit exceeded; retry in {} s", .0.reset.as_secs().max(1))]
+    RateLimited(crate::ratelimit::Decision),
     #[error("too many open /run requests for this client (at most {0}); poll /v1/jobs instead")]
     TooManyWaits(usize),
     #[error("job {0} did not finish in time; it continues, poll /v1/jobs/{0}")]
@@ -84,7 +82,7 @@ impl ApiError {
             InvalidJobId(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidJobId),
             NotFound => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
             Unauthorized => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
-            RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
+            RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
             TooManyWaits(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyWaits),
             RunTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Timeout),
             JobFailed(body) => (
@@ -123,7 +121,6 @@ impl IntoResponse for ApiError {
         };
         let mut response = (status, axum::Json(body)).into_response();
         let retry_after = match &self {
-            ApiError::RateLimited { retry_after } => Some(retry_after.as_secs().max(1)),
             ApiError::Unavailable { .. } => Some(UNAVAILABLE_RETRY_AFTER),
             _ => None,
         };
@@ -131,6 +128,9 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let ApiError::RateLimited(decision) = &self {
+            decision.write_headers(response.headers_mut());
         }
         if let ApiError::RunTimeout(id) = &self
             && let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{id}"))

@@ -77,6 +77,21 @@ pub async fn run(
         cancel.clone(),
     ));
 
+    let prefix = settings.topology.redis_key("");
+    let submit_limiter = ratelimit::Limiter::new(
+        store.redis().clone(),
+        prefix.clone(),
+        ratelimit::RouteClass::Submit,
+        settings.submit_limit,
+        settings.submit_on_error,
+    );
+    let read_limiter = ratelimit::Limiter::new(
+        store.redis().clone(),
+        prefix,
+        ratelimit::RouteClass::Read,
+        settings.read_limit,
+        settings.read_on_error,
+    );
     let header_read_timeout = settings.header_read_timeout;
     let grace = settings.shutdown_grace;
     let app = Arc::new(app::App {
@@ -84,6 +99,8 @@ pub async fn run(
         store,
         broker,
         waiters,
+        submit_limiter,
+        read_limiter,
         metrics,
         openapi: openapi::document(),
         queue_cache: Default::default(),

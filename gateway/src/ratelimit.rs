@@ -6,6 +6,11 @@
 //! admits when the count is below the limit — atomically, timed by Redis's own clock (`TIME`), so replicas
 //! with skewed clocks still share one exact budget. Memory per client is bounded by the limit.
 //!
+//! For job submission the same script call also writes the job's `queued` record when it admits the
+//! request: one Redis round trip per submission instead of two. Submissions are therefore checked after
+//! their body is validated (in [`crate::app::App::enqueue`], not in a middleware): a request refused for
+//! bad input costs no Redis call and no budget.
+//!
 //! When Redis cannot answer within its timeout, the class's [`FailMode`] decides: closed refuses with 503
 //! and `Retry-After`, open admits without headers. Both are logged and counted.
 
@@ -23,6 +28,7 @@ use crate::config::{FailMode, RateLimit};
 use crate::error::ApiError;
 use crate::metrics as m;
 use crate::redis::{Redis, RedisError};
+use crate::store::NewRecord;
 
 /// Routes sharing one budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +49,9 @@ impl RouteClass {
 }
 
 // KEYS[1]: the client's log. ARGV: window (µs), limit, unique member.
-// Returns {admitted (0|1), remaining, µs until the oldest entry leaves the window}.
+// For a submission also KEYS[2]: the job record, KEYS[3]: the submission counter, ARGV[4]: the record's
+// TTL (ms), ARGV[5..]: its fields and values; the record is written only when the request is admitted.
+// Returns {admitted (0|1), remaining, µs until the oldest entry leaves the window, submission number}.
 const SLIDING_WINDOW: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -52,22 +60,29 @@ local limit = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local count = redis.call('ZCARD', KEYS[1])
 local admitted = 0
+local seq = 0
 if count < limit then
   redis.call('ZADD', KEYS[1], now, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000) + 1000)
   count = count + 1
   admitted = 1
+  if KEYS[2] then
+    seq = redis.call('INCR', KEYS[3])
+    redis.call('HSET', KEYS[2], 'seq', seq, unpack(ARGV, 5))
+    redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  end
 end
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local reset = 0
 if oldest[2] then reset = tonumber(oldest[2]) + window - now end
-return {admitted, limit - count, reset}
+return {admitted, limit - count, reset, seq}
 "#;
 
 /// The outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
     pub admitted: bool,
+    pub window: Duration,
     pub limit: u32,
     pub remaining: u32,
     /// Until the oldest admission in the window leaves it (a slot frees up).
@@ -76,7 +91,8 @@ pub struct Decision {
 
 impl Decision {
     /// `RateLimit-*` headers (IETF draft), plus `Retry-After` on refusal.
-    pub fn write_headers(&self, headers: &mut HeaderMap, window: Duration) {
+    pub fn write_headers(&self, headers: &mut HeaderMap) {
+        let window = self.window;
         let reset_s = self.reset.as_micros().div_ceil(1_000_000) as u64;
         headers.insert("ratelimit-limit", HeaderValue::from(self.limit));
         headers.insert("ratelimit-remaining", HeaderValue::from(self.remaining));
@@ -124,31 +140,75 @@ impl Limiter {
         format!("{}rl:{}:{}", self.prefix, self.class.name(), caller.id.key_part())
     }
 
+    pub fn on_error(&self) -> FailMode {
+        self.on_error
+    }
+
     /// Asks Redis whether `caller` may go ahead.
     pub async fn check(&self, caller: &Caller) -> Result<Decision, RedisError> {
-        let key = self.key(caller);
+        self.run(caller, None).await.map(|(d, _)| d)
+    }
+
+    /// Asks whether `caller` may submit and, if so, writes the job's record in the same atomic call.
+    /// Returns the decision and the job's submission number (0 when refused).
+    pub async fn admit_and_record(
+        &self,
+        caller: &Caller,
+        record: &NewRecord,
+    ) -> Result<(Decision, u64), RedisError> {
+        self.run(caller, Some(record)).await
+    }
+
+    async fn run(&self, caller: &Caller, record: Option<&NewRecord>) -> Result<(Decision, u64), RedisError> {
+        let class = self.class.name();
+        let result = self.invoke(caller, record).await;
+        match &result {
+            Ok((d, _)) if !d.admitted => metrics::counter!(m::RATE_LIMITED, "class" => class).increment(1),
+            Ok(_) => {}
+            Err(e) => {
+                let mode = match self.on_error {
+                    FailMode::Open => "open",
+                    FailMode::Closed => "closed",
+                };
+                metrics::counter!(m::RATE_LIMIT_ERRORS, "class" => class, "mode" => mode).increment(1);
+                tracing::warn!(error = %e, class, fail = mode, "rate limit check failed");
+            }
+        }
+        result
+    }
+
+    async fn invoke(
+        &self,
+        caller: &Caller,
+        record: Option<&NewRecord>,
+    ) -> Result<(Decision, u64), RedisError> {
         // The member must be unique per admission; the score carries the time.
         let member = format!("{:016x}", rand::random::<u64>());
         let window_us = self.limit.window.as_micros() as u64;
-        let script = &self.script;
-        let (admitted, remaining, reset_us): (i64, i64, i64) = self
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(self.key(caller))
+            .arg(window_us)
+            .arg(self.limit.limit)
+            .arg(member);
+        if let Some(r) = record {
+            invocation.key(&r.key).key(&r.seq_key).arg(r.ttl_ms);
+            for (field, value) in &r.fields {
+                invocation.arg(*field).arg(value);
+            }
+        }
+        let (admitted, remaining, reset_us, seq): (i64, i64, i64, u64) = self
             .redis
-            .call(|mut c| async move {
-                script
-                    .key(key)
-                    .arg(window_us)
-                    .arg(self.limit.limit)
-                    .arg(member)
-                    .invoke_async(&mut c)
-                    .await
-            })
+            .call(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
-        Ok(Decision {
+        let decision = Decision {
             admitted: admitted == 1,
+            window: self.limit.window,
             limit: self.limit.limit,
             remaining: remaining.max(0) as u32,
             reset: Duration::from_micros(reset_us.max(0) as u64),
-        })
+        };
+        Ok((decision, seq))
     }
 }
 
@@ -158,38 +218,16 @@ pub async fn limit(State(limiter): State<Limiter>, request: Request, next: Next)
         return ApiError::Internal("rate limiter ran before the caller was identified".into())
             .into_response();
     };
-    let class = limiter.class.name();
     match limiter.check(&caller).await {
         Ok(decision) if decision.admitted => {
             let mut response = next.run(request).await;
-            decision.write_headers(response.headers_mut(), limiter.limit.window);
+            decision.write_headers(response.headers_mut());
             response
         }
-        Ok(decision) => {
-            metrics::counter!(m::RATE_LIMITED, "class" => class).increment(1);
-            let mut response = ApiError::RateLimited {
-                retry_after: decision.reset,
-            }
-            .into_response();
-            decision.write_headers(response.headers_mut(), limiter.limit.window);
-            response
-        }
-        Err(e) => {
-            let mode = match limiter.on_error {
-                FailMode::Open => "open",
-                FailMode::Closed => "closed",
-            };
-            metrics::counter!(m::RATE_LIMIT_ERRORS, "class" => class, "mode" => mode).increment(1);
-            match limiter.on_error {
-                FailMode::Open => {
-                    tracing::warn!(error = %e, class, "rate limit check failed; failing open");
-                    next.run(request).await
-                }
-                FailMode::Closed => {
-                    tracing::warn!(error = %e, class, "rate limit check failed; failing closed");
-                    ApiError::unavailable("rate limiter", e).into_response()
-                }
-            }
-        }
+        Ok(decision) => ApiError::RateLimited(decision).into_response(),
+        Err(e) => match limiter.on_error {
+            FailMode::Open => next.run(request).await,
+            FailMode::Closed => ApiError::unavailable("rate limiter", e).into_response(),
+        },
     }
 }

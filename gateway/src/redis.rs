@@ -8,9 +8,9 @@
 //! connection that fails or times out is dropped and replaced on the next call.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
@@ -66,7 +66,11 @@ impl Redis {
         if let Some(conn) = self.slots[slot].lock().ok().and_then(|s| s.clone()) {
             return Ok(conn);
         }
-        let object = self.pool.get().await.map_err(|e| RedisError::Pool(e.to_string()))?;
+        let object = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| RedisError::Pool(e.to_string()))?;
         // Taken out of the pool for good: this slot owns it now, and the pool may create another.
         let conn = deadpool_redis::Connection::take(object);
         if let Ok(mut s) = self.slots[slot].lock() {
@@ -99,7 +103,9 @@ impl Redis {
             .and_then(|r| r);
         match &result {
             Err(RedisError::Timeout(_)) => self.discard(slot),
-            Err(RedisError::Command(e)) if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() => {
+            Err(RedisError::Command(e))
+                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() =>
+            {
                 self.discard(slot)
             }
             _ => {}

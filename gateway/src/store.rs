@@ -1,6 +1,7 @@
 //! Job records in Redis: written at submission and from the replies, read by any replica's poll.
 //!
-//! A record is a hash `{ns}:job:{id}`. Replies are applied by one Lua script, atomically, so that replicas
+//! A record is a hash `{ns}:job:{id}`, created together with the submission's rate-limit admission (see
+//! [`crate::ratelimit`]) and numbered by `{ns}:seq` for queue positions. Replies are applied by one Lua script, atomically, so that replicas
 //! consuming replies concurrently cannot interleave: a final status is never overwritten (a late or
 //! redelivered `job.started` after `job.succeeded` is ignored), the `{ns}:running` set (for `/v1/queue`'s
 //! `running`) and the `{ns}:taken` counter (for queue positions) change with the status, and the final
@@ -83,13 +84,6 @@ pub struct NewJob<'a> {
     pub submitted_at_ms: u64,
 }
 
-const CREATE: &str = r#"
-local seq = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 2))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return seq
-"#;
-
 // KEYS: job, running, taken, stats
 // ARGV: event, job id, now ms, key ttl ms, expires-at ms, worker id, payload json, inference ms,
 //       started-at ms, done channel
@@ -122,6 +116,15 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 "#;
 
+/// A record to create: its key, the counter that numbers submissions, its TTL and its fields.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    pub key: String,
+    pub seq_key: String,
+    pub ttl_ms: u64,
+    pub fields: Vec<(&'static str, String)>,
+}
+
 /// Reads and writes job records.
 #[derive(Clone)]
 pub struct JobStore {
@@ -129,7 +132,6 @@ pub struct JobStore {
     topology: Topology,
     result_ttl: Duration,
     retention: Duration,
-    create: Script,
     apply: Script,
 }
 
@@ -140,7 +142,6 @@ impl JobStore {
             topology,
             result_ttl,
             retention,
-            create: Script::new(CREATE),
             apply: Script::new(APPLY),
         }
     }
@@ -169,30 +170,29 @@ impl JobStore {
         (self.result_ttl + self.retention).as_millis() as u64
     }
 
-    /// Writes the `queued` record (before the publish, so a reply can never arrive for a job without
-    /// one) and returns its submission sequence number.
-    pub async fn create(&self, job: &NewJob<'_>) -> Result<u64, RedisError> {
-        let mut invocation = self.create.prepare_invoke();
-        invocation
-            .key(self.job_key(job.id))
-            .key(self.topology.redis_key("seq"))
-            .arg(self.key_ttl_ms())
-            .arg("status")
-            .arg("queued")
-            .arg("prompt")
-            .arg(job.prompt)
-            .arg("parameters")
-            .arg(job.parameters_json)
-            .arg("submitted_at_ms")
-            .arg(job.submitted_at_ms)
-            .arg("expires_at_ms")
-            .arg(job.submitted_at_ms + self.result_ttl.as_millis() as u64);
+    /// What the `queued` record of a new job is made of. The rate limiter writes it in the same script
+    /// call as the admission (one round trip), before the publish, so a reply can never arrive for a
+    /// job without a record.
+    pub fn record(&self, job: &NewJob<'_>) -> NewRecord {
+        let mut fields = vec![
+            ("status", "queued".to_owned()),
+            ("prompt", job.prompt.to_owned()),
+            ("parameters", job.parameters_json.to_owned()),
+            ("submitted_at_ms", job.submitted_at_ms.to_string()),
+            (
+                "expires_at_ms",
+                (job.submitted_at_ms + self.result_ttl.as_millis() as u64).to_string(),
+            ),
+        ];
         if let Some(owner) = job.owner {
-            invocation.arg("owner").arg(owner);
+            fields.push(("owner", owner.to_owned()));
         }
-        self.redis
-            .call(|mut c| async move { invocation.invoke_async::<u64>(&mut c).await })
-            .await
+        NewRecord {
+            key: self.job_key(job.id),
+            seq_key: self.topology.redis_key("seq"),
+            ttl_ms: self.key_ttl_ms(),
+            fields,
+        }
     }
 
     /// Removes the record of a job whose publish failed (the client got a 503, so nobody polls it).

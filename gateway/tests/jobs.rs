@@ -191,7 +191,12 @@ async fn a_result_past_its_ttl_reads_as_expired() {
     let (_conn, channel) = amqp().await;
     let msg = take(&channel, &env.jobs_queue()).await;
     let reply_to = msg.delivery.properties.reply_to().as_ref().unwrap().to_string();
-    reply(&channel, &reply_to, &succeeded(id.parse().unwrap(), "short lived", " text")).await;
+    reply(
+        &channel,
+        &reply_to,
+        &succeeded(id.parse().unwrap(), "short lived", " text"),
+    )
+    .await;
     let done = poll_until(&env, &gw, &id, "succeeded").await;
     assert!(done["result"].is_object());
     tokio::time::sleep(Duration::from_millis(1100)).await;

@@ -190,12 +190,19 @@ async fn a_client_that_dribbles_its_headers_is_cut_off() {
     let gw = env.gateway(&flags).await;
     let addr = gw.base.trim_start_matches("http://").to_owned();
     let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     // Never finish the headers: the server must close the connection, soon after the timeout.
     let start = std::time::Instant::now();
     let mut buf = Vec::new();
     let read = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "connection still open after 5 s");
-    assert!(start.elapsed() < std::time::Duration::from_secs(2), "closed after {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(2),
+        "closed after {:?}",
+        start.elapsed()
+    );
     env.finish().await;
 }

@@ -106,7 +106,7 @@ pub struct Started {
     pub worker_id: String,
     /// Milliseconds since the Unix epoch.
     pub started_at_ms: u64,
-    /// How many times the broker delivered this job before (0 on first delivery), when known.
+    /// Whether the broker delivered this job before (to a worker that died or lost its connection).
     #[serde(default)]
     pub redelivered: bool,
 }

@@ -120,6 +120,11 @@ fn sharded_pytorch_bin_from_transformers_gives_its_logits() {
 }
 
 #[test]
+fn a_hand_made_bin_with_shared_storages_views_and_old_names_loads() {
+    check_format("bin-views", 5);
+}
+
+#[test]
 fn the_tiny_model_the_worker_writes_is_gpt_j_to_transformers_too() {
     let dir = tempfile::tempdir().expect("temp dir");
     worker::tiny::write_tiny_model(dir.path(), &worker::tiny::TinyConfig::tiny(), 7).expect("writes");

@@ -78,7 +78,7 @@ pub async fn submit(
     Extension(caller): Extension<Caller>,
     ApiJson(body): ApiJson<SubmitRequest>,
 ) -> Result<Response, ApiError> {
-    let accepted = app.enqueue(JobId::new_random(), body.into(), &caller).await?;
+    let (accepted, decision) = app.enqueue(JobId::new_random(), body.into(), &caller).await?;
     let location = format!("/v1/jobs/{}", accepted.id);
     let mut response = (
         StatusCode::ACCEPTED,
@@ -93,6 +93,9 @@ pub async fn submit(
         .into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, v);
+    }
+    if let Some(d) = decision {
+        d.write_headers(response.headers_mut());
     }
     Ok(response)
 }

@@ -1,7 +1,8 @@
 //! The HTTP surface: which routes exist, which budget each draws on, and the layers around them.
 //!
 //! Layer order, outermost first: request metrics; body-read timeout and size limit; then, per route group,
-//! caller identification (API key check) and the rate limit of the group's class.
+//! caller identification (API key check) and, for reads, the rate limit. Submissions are rate-limited in
+//! the handler, after validation, by the same Redis call that records the job.
 
 pub mod jobs;
 pub mod ops;
@@ -20,25 +21,16 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 use crate::app::AppState;
 use crate::auth::{AuthError, Caller};
 use crate::error::{ApiError, BodyLimit};
-use crate::ratelimit::{self, Limiter, RouteClass};
+use crate::ratelimit;
 
 pub fn router(app: AppState) -> Router {
     let s = &app.settings;
-    let redis = app.store.redis().clone();
-    let prefix = s.topology.redis_key("");
-    let submit = Limiter::new(
-        redis.clone(),
-        prefix.clone(),
-        RouteClass::Submit,
-        s.submit_limit,
-        s.submit_on_error,
-    );
-    let read = Limiter::new(redis, prefix, RouteClass::Read, s.read_limit, s.read_on_error);
+    let read = app.read_limiter.clone();
 
     let submit_routes = Router::new()
         .route("/v1/jobs", post(jobs::submit))
         .route("/run", post(run::run))
-        .route_layer(middleware::from_fn_with_state(submit, ratelimit::limit))
+        // The submit limit is checked in App::enqueue, in the call that writes the job record.
         .route_layer(middleware::from_fn_with_state(app.clone(), require_key));
     let read_routes = Router::new()
         .route("/v1/jobs/{id}", get(jobs::get_job))

@@ -22,6 +22,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson, parse_value};
 use crate::routes::jobs::SubmitRequest;
 use crate::store::Status;
+use crate::waiters::Registration;
 
 /// The original `/run` body.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -109,8 +110,17 @@ pub async fn run(
         .ok_or(ApiError::TooManyWaits(s.max_run_waits_per_client))?;
     let id = JobId::new_random();
     let registration = app.waiters.register(id);
-    app.enqueue(id, request, &caller).await?;
+    let (_, decision) = app.enqueue(id, request, &caller).await?;
+    let mut response = wait(&app, id, &registration).await.into_response();
+    if let Some(d) = decision {
+        d.write_headers(response.headers_mut());
+    }
+    Ok(response)
+}
 
+/// Waits for the job's final record: the completion notice wakes it, the poll interval backs it up.
+async fn wait(app: &AppState, id: JobId, registration: &Registration<'_>) -> Result<Response, ApiError> {
+    let s = &app.settings;
     let deadline = Instant::now() + s.run_timeout;
     loop {
         match app.store.get(id).await {

@@ -6,7 +6,7 @@
 //! Python's pickle protocol a state dict uses: dicts, tuples, strings, ints, `torch._utils._rebuild_tensor_v2`
 //! and persistent ids naming storages. Anything else in the pickle becomes an opaque value and is ignored.
 
-use super::{TensorSpec, canonical_name, check_shape, place, read_tensor};
+use super::{TensorSpec, canonical_name, check_shape, fill, place, read_placed};
 use crate::model::LoadError;
 use std::collections::HashMap;
 use std::io::Read;
@@ -419,57 +419,75 @@ pub(super) fn load_file(
     .map_err(|e| LoadError::bad_file(path, format!("data.pkl: {e}")))?;
     let entries = state_dict(root).map_err(|e| LoadError::bad_file(path, format!("data.pkl: {e}")))?;
 
-    // Storages shared by several tensors are read once per file.
+    let entries: Vec<(String, TensorRef)> = entries
+        .into_iter()
+        .map(|(name, t)| (canonical_name(&name), t))
+        .filter(|(name, _)| wanted.contains_key(name.as_str()))
+        .collect();
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for (_, t) in &entries {
+        *uses.entry(t.storage_key.as_str()).or_default() += 1;
+    }
+    // Storages shared by several tensors are read once per file and kept until the file is done.
     let mut storages: HashMap<String, Tensor> = HashMap::new();
-    for (name, t) in entries {
-        let name = canonical_name(&name);
-        let Some(spec) = wanted.get(name.as_str()) else {
-            continue;
-        };
+    for (name, t) in &entries {
+        let spec = wanted[name.as_str()];
         check_shape(spec, &t.size)?;
         if !matches!(t.kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
             return Err(LoadError::UnsupportedTensorDtype {
-                name,
+                name: name.clone(),
                 dtype: format!("{:?}", t.kind),
             });
         }
-        let storage = match storages.get(&t.storage_key) {
-            Some(s) => s.shallow_clone(),
-            None => {
-                let entry = format!("{prefix}data/{}", t.storage_key);
-                let mut f = archive
-                    .by_name(&entry)
-                    .map_err(|e| LoadError::bad_file(path, format!("storage {entry}: {e}")))?;
-                let nbytes = f.size() as usize;
-                let numel = (nbytes / t.kind.elt_size_in_bytes()) as i64;
-                let s = read_tensor(&mut f, path, &[numel], t.kind, nbytes)?;
-                storages.insert(t.storage_key.clone(), s.shallow_clone());
-                s
-            }
-        };
+        let entry_name = format!("{prefix}data/{}", t.storage_key);
         let numel: i64 = t.size.iter().product();
-        let covers_storage =
-            t.offset == 0 && storage.numel() as i64 == numel && is_contiguous(&t.size, &t.stride);
-        let tensor = if covers_storage {
-            storage.f_view(t.size.as_slice())?
-        } else {
-            let last = t.offset
-                + t.size
-                    .iter()
-                    .zip(&t.stride)
-                    .map(|(n, s)| (n - 1).max(0) * s)
-                    .sum::<i64>();
-            if numel > 0 && last >= storage.numel() as i64 {
+        let elt = t.kind.elt_size_in_bytes();
+        if uses[t.storage_key.as_str()] == 1 && t.offset == 0 && is_contiguous(&t.size, &t.stride) {
+            // The usual case: one tensor per storage, stored contiguously: read it straight to its place.
+            let mut f = archive
+                .by_name(&entry_name)
+                .map_err(|e| LoadError::bad_file(path, format!("storage {entry_name}: {e}")))?;
+            if (f.size() as usize) < numel as usize * elt {
                 return Err(LoadError::bad_file(
                     path,
                     format!("tensor {name} lies outside its storage"),
                 ));
             }
-            storage
-                .f_as_strided(t.size.as_slice(), t.stride.as_slice(), t.offset)?
-                .f_contiguous()?
+            put(
+                name.clone(),
+                read_placed(&mut f, path, spec, t.kind, numel as usize * elt)?,
+            );
+            continue;
+        }
+        let storage = match storages.get(&t.storage_key) {
+            Some(s) => s.shallow_clone(),
+            None => {
+                let mut f = archive
+                    .by_name(&entry_name)
+                    .map_err(|e| LoadError::bad_file(path, format!("storage {entry_name}: {e}")))?;
+                let nbytes = f.size() as usize;
+                let s = Tensor::f_empty([(nbytes / elt) as i64], (t.kind, tch::Device::Cpu))?;
+                fill(&mut f, path, &s, (nbytes / elt) * elt)?;
+                storages.insert(t.storage_key.clone(), s.shallow_clone());
+                s
+            }
         };
-        put(name, place(tensor, spec)?);
+        let last = t.offset
+            + t.size
+                .iter()
+                .zip(&t.stride)
+                .map(|(n, s)| (n - 1).max(0) * s)
+                .sum::<i64>();
+        if numel > 0 && (t.offset < 0 || last >= storage.numel() as i64) {
+            return Err(LoadError::bad_file(
+                path,
+                format!("tensor {name} lies outside its storage"),
+            ));
+        }
+        let view = storage
+            .f_as_strided(t.size.as_slice(), t.stride.as_slice(), t.offset)?
+            .f_contiguous()?;
+        put(name.clone(), place(view, spec)?);
     }
     Ok(())
 }

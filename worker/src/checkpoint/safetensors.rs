@@ -3,7 +3,7 @@
 //! Parsed here rather than with the `safetensors` crate because the crate wants the whole file as one byte
 //! slice (a memory map), and we read each tensor with positioned reads instead (see the module above).
 
-use super::{TensorSpec, canonical_name, check_shape, place, read_tensor};
+use super::{TensorSpec, canonical_name, check_shape, read_placed};
 use crate::model::LoadError;
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -82,8 +82,8 @@ pub(super) fn load_file(
         }
         file.seek(SeekFrom::Start(data_start + start))
             .map_err(|e| LoadError::io(path, e))?;
-        let tensor = read_tensor(&mut file, path, &entry.shape, kind, (end - start) as usize)?;
-        put(name, place(tensor, spec)?);
+        let tensor = read_placed(&mut file, path, spec, kind, (end - start) as usize)?;
+        put(name, tensor);
     }
     Ok(())
 }

@@ -9,7 +9,9 @@
 //! - generation runs on its own OS thread, so the runtime keeps answering heartbeats (`generator`);
 //! - a lost connection is retried with backoff, and a job finished meanwhile is answered from memory when
 //!   redelivered (`outcomes`);
-//! - SIGTERM/SIGINT stop the consumer, finish the job in hand, reply, acknowledge, exit 0.
+//! - SIGTERM/SIGINT stop the consumer, finish the job in hand, reply, acknowledge, exit 0;
+//! - queues that exist with other arguments (another delivery limit) stop the worker with an error naming
+//!   the setting, since reconnecting cannot fix them.
 
 mod args;
 mod backoff;

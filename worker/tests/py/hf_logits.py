@@ -12,8 +12,11 @@ import torch
 from transformers import GPTJForCausalLM
 
 
-def last_logits(model_dir, prompts, dtype=torch.float32):
-    model = GPTJForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).eval()
+def last_logits(model_or_dir, prompts, dtype=torch.float32):
+    if isinstance(model_or_dir, str):
+        model = GPTJForCausalLM.from_pretrained(model_or_dir, torch_dtype=dtype).eval()
+    else:
+        model = model_or_dir
     out = []
     with torch.no_grad():
         for ids in prompts:

@@ -21,7 +21,7 @@ from hf_logits import last_logits  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("out")
-p.add_argument("--format", required=True, choices=["safetensors-sharded", "safetensors", "bin", "bin-sharded"])
+p.add_argument("--format", required=True, choices=["safetensors-sharded", "safetensors", "bin", "bin-sharded", "bin-views"])
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--n-layer", type=int, default=3)
 p.add_argument("--n-embd", type=int, default=64)
@@ -56,17 +56,34 @@ with torch.no_grad():
             param.normal_(0.0, 0.05)
 
 sharded = args.format.endswith("-sharded")
-model.save_pretrained(
-    args.out,
-    safe_serialization=args.format.startswith("safetensors"),
-    max_shard_size="8MB" if sharded else "10GB",
-)
+if args.format == "bin-views":
+    # What hand-made checkpoints do: q/k/v as views into one fused storage, a transposed (non-contiguous)
+    # out_proj, and the old key names without the "transformer." prefix.
+    sd = {}
+    for name, t in model.state_dict().items():
+        sd[name.removeprefix("transformer.")] = t
+    for i in range(args.n_layer):
+        p = f"h.{i}.attn"
+        fused = torch.cat([sd[f"{p}.q_proj.weight"], sd[f"{p}.k_proj.weight"], sd[f"{p}.v_proj.weight"]])
+        sd[f"{p}.q_proj.weight"], sd[f"{p}.k_proj.weight"], sd[f"{p}.v_proj.weight"] = fused.split(args.n_embd)
+        sd[f"{p}.out_proj.weight"] = sd[f"{p}.out_proj.weight"].t().contiguous().t()
+    os.makedirs(args.out, exist_ok=True)
+    torch.save(sd, os.path.join(args.out, "pytorch_model.bin"))
+    model.config.save_pretrained(args.out)
+    sharded = False
+else:
+    model.save_pretrained(
+        args.out,
+        safe_serialization=args.format.startswith("safetensors"),
+        max_shard_size="8MB" if sharded else "10GB",
+    )
 names = sorted(os.listdir(args.out))
 index = [n for n in names if n.endswith(".index.json")]
 assert bool(index) == sharded, names
 
 if args.prompts:
     prompts = json.loads(args.prompts)
-    logits = last_logits(args.out, prompts)
+    # transformers reads back what it wrote; the hand-made layout is checked against the model it came from.
+    logits = last_logits(model if args.format == "bin-views" else args.out, prompts)
     with open(os.path.join(args.out, "hf_logits.json"), "w") as f:
         json.dump(logits, f)
