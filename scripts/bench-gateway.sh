@@ -3,15 +3,15 @@
 # cleaning, the Redis rate-limit script, the Redis job record, publish to RabbitMQ with a confirm) and
 # GET /v1/queue. No worker runs; the jobs pile up in a namespace of the script's own, deleted at the end.
 #
-#   scripts/bench-gateway.sh                # 64 connections, 15 s per endpoint
-#   CONCURRENCY=32 DURATION=30s scripts/bench-gateway.sh
+#   scripts/bench-gateway.sh                # 32 connections, 15 s per endpoint
+#   CONCURRENCY=64 DURATION=30s scripts/bench-gateway.sh
 #   SKIP_BUILD=1 scripts/bench-gateway.sh   # use the target/release/gateway already built
 #
 # Prints one table row per endpoint: requests per second, p50 and p99 latency, non-2xx answers.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
-CONCURRENCY="${CONCURRENCY:-64}"
+CONCURRENCY="${CONCURRENCY:-32}"
 DURATION="${DURATION:-15s}"
 THREADS="${THREADS:-2}"
 PORT="${PORT:-18080}"

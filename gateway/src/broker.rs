@@ -180,7 +180,9 @@ impl Broker {
                         }
                     };
                     tokio::select! {
-                        _ = consume => tracing::warn!("reply consumer stopped; reconnecting"),
+                        _ = consume => if !cancel.is_cancelled() {
+                            tracing::warn!("reply consumer stopped; reconnecting")
+                        },
                         _ = watch => tracing::warn!("broker connection lost; reconnecting"),
                         _ = cancel.cancelled() => {}
                     }

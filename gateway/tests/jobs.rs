@@ -466,8 +466,84 @@ async fn the_api_is_documented_and_observable() {
         "gateway_http_requests_total",
         "gateway_http_request_duration_seconds_bucket",
         "gateway_jobs_total",
+        "gateway_queue_depth",
+        "gateway_jobs_running",
     ] {
         assert!(text.contains(metric), "{metric} missing from /metrics");
     }
+    env.finish().await;
+}
+
+/// Closes this test's gateway connections at the broker (only those: other tests share the broker).
+fn close_gateway_connections(ns: &str) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut closed = 0;
+    for line in text.lines().filter(|l| l.contains(&format!("gateway {ns}"))) {
+        let pid = line.split_whitespace().next().unwrap();
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "close_connection", pid, "test: connection dropped"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        closed += 1;
+    }
+    closed
+}
+
+#[tokio::test]
+async fn the_gateway_reconnects_when_the_broker_drops_its_connection() {
+    let mut env = TestEnv::new();
+    let gw = env.gateway(GENEROUS).await;
+    let (status, before) = submit(&env.http, &gw, json!({"prompt": "before the drop"})).await;
+    assert_eq!(status, 202);
+
+    assert_eq!(close_gateway_connections(&env.ns), 1);
+
+    // Publishing comes back (a 503 in between is allowed: never a 202 for a job the broker lacks).
+    let mut after = Value::Null;
+    for _ in 0..100 {
+        let (status, body) = submit(&env.http, &gw, json!({"prompt": "after the drop"})).await;
+        assert!(status == 202 || status == 503, "{status} {body}");
+        if status == 202 {
+            after = body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(after.is_object(), "never published again");
+
+    // Both jobs are on the queue, and replies are consumed again.
+    let (_conn, channel) = amqp().await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let msg = take(&channel, &env.jobs_queue()).await;
+        ids.push(
+            msg.delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    ids.sort();
+    let mut expected = vec![
+        before["id"].as_str().unwrap().to_owned(),
+        after["id"].as_str().unwrap().to_owned(),
+    ];
+    expected.sort();
+    assert_eq!(ids, expected);
+    let id = after["id"].as_str().unwrap().to_owned();
+    reply(
+        &channel,
+        &env.replies_queue(),
+        &succeeded(id.parse().unwrap(), "after the drop", " ok"),
+    )
+    .await;
+    poll_until(&env, &gw, &id, "succeeded").await;
     env.finish().await;
 }

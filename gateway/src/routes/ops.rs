@@ -55,6 +55,14 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", body = String)))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
+    // The queue gauges are otherwise set only when someone reads /v1/queue; a scrape refreshes them.
+    let (stats, figures) = tokio::join!(app.broker.queue_stats(), app.store.figures());
+    if stats.is_err() {
+        tracing::debug!("queue figures unavailable for /metrics");
+    }
+    if let Ok(f) = figures {
+        metrics::gauge!(crate::metrics::JOBS_RUNNING).set(f.running as f64);
+    }
     let text = match &app.metrics {
         Some(handle) => handle.render(),
         None => "# the metrics recorder of this process is not this gateway's\n".to_owned(),
