@@ -23,7 +23,7 @@ SMALL = os.environ.get("GPU_CHECK_SMALL") == "1"
 
 def sync():
     if DEV == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def gptj_6b_config():

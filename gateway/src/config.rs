@@ -9,9 +9,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
-use shared::prompt::{DEFAULT_ALLOWED, DEFAULT_MAX_CHARS, DEFAULT_MIN_CHARS};
+use shared::prompt::PromptArgs;
 use shared::topology::{DEFAULT_DELIVERY_LIMIT, DEFAULT_NAMESPACE};
-use shared::{DisallowedPolicy, PromptRules, Topology};
+use shared::{PromptRules, Topology};
 
 use crate::auth::ApiKeys;
 
@@ -87,18 +87,8 @@ pub struct Config {
     #[arg(long, env = "BODY_READ_TIMEOUT_MS", default_value_t = 30_000)]
     pub body_read_timeout_ms: u64,
 
-    /// Characters allowed in prompts, as a character-class body (`a-zA-Z0-9 ?',.-`).
-    #[arg(long, env = "PROMPT_ALLOWED", default_value = DEFAULT_ALLOWED)]
-    pub prompt_allowed: String,
-    /// Minimum prompt length in characters, after cleaning.
-    #[arg(long, env = "PROMPT_MIN_CHARS", default_value_t = DEFAULT_MIN_CHARS)]
-    pub prompt_min_chars: usize,
-    /// Maximum prompt length in characters, after cleaning.
-    #[arg(long, env = "PROMPT_MAX_CHARS", default_value_t = DEFAULT_MAX_CHARS)]
-    pub prompt_max_chars: usize,
-    /// `clean` removes disallowed characters (the original's behaviour); `reject` refuses the prompt.
-    #[arg(long, env = "PROMPT_POLICY", default_value = "clean")]
-    pub prompt_policy: DisallowedPolicy,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
 
     /// API keys, comma separated. When any is set, `/v1/*` and `/run` require `Authorization: Bearer KEY`
     /// and a job can only be read with the key that submitted it.
@@ -281,13 +271,7 @@ impl Config {
     /// Checks every value and derives the settings; the message says which flag is wrong.
     pub fn validate(&self) -> Result<Settings, String> {
         let topology = Topology::new(&self.namespace, self.delivery_limit)?;
-        let prompt_rules = PromptRules::new(
-            &self.prompt_allowed,
-            self.prompt_min_chars,
-            self.prompt_max_chars,
-            self.prompt_policy,
-        )
-        .map_err(|e| format!("prompt rules: {e}"))?;
+        let prompt_rules = self.prompt.rules().map_err(|e| format!("prompt rules: {e}"))?;
         let positive = |name: &str, v: u64| -> Result<u64, String> {
             if v == 0 {
                 Err(format!("--{name} must be positive"))

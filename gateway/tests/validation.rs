@@ -170,7 +170,7 @@ async fn bad_bodies_get_400_413_or_422_naming_the_problem() {
 async fn the_reject_policy_refuses_disallowed_characters() {
     let mut env = TestEnv::new();
     let mut flags = GENEROUS.to_vec();
-    flags.extend(["--prompt-policy", "reject"]);
+    flags.extend(["--prompt-disallowed", "reject"]);
     let gw = env.gateway(&flags).await;
     let (status, body) = submit(&env.http, &gw, json!({"prompt": "hello $world"})).await;
     assert_eq!(

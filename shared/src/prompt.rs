@@ -33,6 +33,37 @@ impl std::str::FromStr for DisallowedPolicy {
     }
 }
 
+/// The prompt settings as command-line flags (with environment variables), flattened into the gateway's and
+/// the worker's configuration so both sides read the same names.
+#[cfg(feature = "cli")]
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct PromptArgs {
+    /// Characters a prompt may hold, as a character-class body (`x-y` is a range).
+    #[arg(long, env = "PROMPT_ALLOWED_CHARS", default_value = DEFAULT_ALLOWED)]
+    pub prompt_allowed_chars: String,
+    /// Minimum prompt length in characters, after cleaning.
+    #[arg(long, env = "PROMPT_MIN_CHARS", default_value_t = DEFAULT_MIN_CHARS)]
+    pub prompt_min_chars: usize,
+    /// Maximum prompt length in characters, after cleaning.
+    #[arg(long, env = "PROMPT_MAX_CHARS", default_value_t = DEFAULT_MAX_CHARS)]
+    pub prompt_max_chars: usize,
+    /// `clean` removes disallowed characters (the original's behaviour); `reject` refuses the prompt.
+    #[arg(long, env = "PROMPT_DISALLOWED", default_value = "clean")]
+    pub prompt_disallowed: DisallowedPolicy,
+}
+
+#[cfg(feature = "cli")]
+impl PromptArgs {
+    pub fn rules(&self) -> Result<PromptRules, String> {
+        PromptRules::new(
+            &self.prompt_allowed_chars,
+            self.prompt_min_chars,
+            self.prompt_max_chars,
+            self.prompt_disallowed,
+        )
+    }
+}
+
 /// Why a prompt was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PromptError {

@@ -141,6 +141,21 @@ fn main() -> anyhow::Result<()> {
                 1e-3,
             ),
             (
+                "cpu embed, rest cuda float16".to_string(),
+                Dtype::Float16,
+                Placement::parse_device_map(&format!("cuda:0=0-{}+norm+head", n_layer - 1))?,
+                2e-2,
+            ),
+            (
+                "cuda embed, block 0 cpu, rest cuda float16".to_string(),
+                Dtype::Float16,
+                Placement::parse_device_map(&format!(
+                    "cuda:0=embed,cpu=0,cuda:0=1-{}+norm+head",
+                    n_layer - 1
+                ))?,
+                2e-2,
+            ),
+            (
                 format!("cpu embed, cuda:0={half}-{} + head float16", n_layer - 1),
                 Dtype::Float16,
                 Placement::parse_device_map(&format!("cuda:0={half}-{}+norm+head", n_layer - 1))?,

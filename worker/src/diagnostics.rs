@@ -75,7 +75,10 @@ pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
         args.max_memory.as_deref(),
         args.device.as_deref(),
     )?;
-    let load = crate::model::LoadOptions { dtype: args.dtype.parse()?, placement };
+    let load = crate::model::LoadOptions {
+        dtype: args.dtype.parse()?,
+        placement,
+    };
     let engine = crate::engine::Engine::load(&crate::engine::EngineOptions {
         model_dir: args.model.clone(),
         load,
@@ -95,9 +98,18 @@ pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
         let positions = tch::Tensor::arange(n, (tch::Kind::Int64, tch::Device::Cpu)).unsqueeze(0);
         let mut cache = KvCache::new(model.info().n_layer);
         let out = model.forward(&input, &mask, &positions, &mut cache, Logits::LastOnly, false)?;
-        Ok(out.logits.to_kind(tch::Kind::Float).to_device(tch::Device::Cpu).reshape([-1]))
+        Ok(out
+            .logits
+            .to_kind(tch::Kind::Float)
+            .to_device(tch::Device::Cpu)
+            .reshape([-1]))
     })?;
     logits.write_npy(&args.out)?;
-    eprintln!("wrote {} logits for {} prompt tokens to {}", logits.size()[0], n, args.out.display());
+    eprintln!(
+        "wrote {} logits for {} prompt tokens to {}",
+        logits.size()[0],
+        n,
+        args.out.display()
+    );
     Ok(())
 }

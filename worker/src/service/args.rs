@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use shared::prompt::{DEFAULT_ALLOWED, DEFAULT_MAX_CHARS, DEFAULT_MIN_CHARS};
+use shared::prompt::PromptArgs;
 use shared::topology::{DEFAULT_DELIVERY_LIMIT, DEFAULT_NAMESPACE};
-use shared::{DisallowedPolicy, PromptRules, Topology};
+use shared::{PromptRules, Topology};
 
 use super::ServeError;
 
@@ -50,18 +50,8 @@ pub struct ServeArgs {
     /// Deliveries of one job before the broker dead-letters it; must match the gateway's.
     #[arg(long, env = "DELIVERY_LIMIT", default_value_t = DEFAULT_DELIVERY_LIMIT)]
     pub delivery_limit: u32,
-    /// Characters a prompt may hold (a character-class body; `x-y` is a range).
-    #[arg(long, env = "PROMPT_ALLOWED_CHARS", default_value = DEFAULT_ALLOWED)]
-    pub prompt_allowed_chars: String,
-    /// Minimum prompt length after cleaning.
-    #[arg(long, env = "PROMPT_MIN_CHARS", default_value_t = DEFAULT_MIN_CHARS)]
-    pub prompt_min_chars: usize,
-    /// Maximum prompt length after cleaning.
-    #[arg(long, env = "PROMPT_MAX_CHARS", default_value_t = DEFAULT_MAX_CHARS)]
-    pub prompt_max_chars: usize,
-    /// What to do with disallowed characters: `clean` (remove them) or `reject` the job.
-    #[arg(long, env = "PROMPT_DISALLOWED", default_value = "clean")]
-    pub prompt_disallowed: DisallowedPolicy,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
 }
 
 /// What the queue loop needs, checked.
@@ -77,13 +67,7 @@ pub struct ServiceConfig {
 impl ServeArgs {
     pub fn service_config(&self) -> Result<ServiceConfig, ServeError> {
         let topology = Topology::new(&self.namespace, self.delivery_limit).map_err(ServeError::Config)?;
-        let rules = PromptRules::new(
-            &self.prompt_allowed_chars,
-            self.prompt_min_chars,
-            self.prompt_max_chars,
-            self.prompt_disallowed,
-        )
-        .map_err(ServeError::Config)?;
+        let rules = self.prompt.rules().map_err(ServeError::Config)?;
         let worker_id = match &self.worker_id {
             Some(id) if !id.trim().is_empty() => id.trim().to_owned(),
             _ => default_worker_id(),
