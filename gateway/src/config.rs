@@ -20,7 +20,7 @@ use crate::auth::ApiKeys;
 #[command(name = "gateway", version, about = "HTTP gateway of the GPT-J service")]
 pub struct Config {
     /// Address to listen on.
-    #[arg(long, env = "LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "LISTEN", default_value = "0.0.0.0:8000")]
     pub listen: SocketAddr,
     /// RabbitMQ URL.
     #[arg(
