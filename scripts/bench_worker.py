@@ -56,14 +56,20 @@ def weight_bytes_per_token(d, dtype_bytes):
 
 
 def read_bandwidth():
-    """Bytes per second that `threads` threads read: the best of several sums over a 512 MiB array."""
+    """Bytes per second that `threads` threads read from memory: the best of two probes over 512 MiB of
+    float32, a plain sum and a matrix-vector product (the access pattern of a decoding step), each the
+    fastest of several runs."""
     torch.set_num_threads(args.threads)
     x = torch.ones(128 * 1024 * 1024, dtype=torch.float32)
-    x.sum()
-    best = min(_timed(lambda: x.sum()) for _ in range(7))
-    bandwidth = x.numel() * 4 / best
-    del x
-    return bandwidth
+    w, v = x.view(32768, 4096), torch.ones(4096)
+    probes = {"sum": lambda: x.sum(), "mv": lambda: torch.mv(w, v)}
+    best = {}
+    for name, f in probes.items():
+        f()
+        best[name] = x.numel() * 4 / min(_timed(f) for _ in range(7))
+    del x, w
+    log("bandwidth probes: " + ", ".join(f"{k} {b / 1e9:.1f} GB/s" for k, b in best.items()))
+    return max(best.values()), best
 
 
 def _timed(f):
@@ -125,7 +131,7 @@ bf16_flags = sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_ti
 
 tiny, medium = model_dir("tiny"), model_dir("medium")
 log("measuring memory-read bandwidth")
-bw = read_bandwidth()
+bw, probes = read_bandwidth()
 
 rows = []
 for name, d, n in [("tiny 3×64", tiny, args.tiny_tokens), ("medium 8×1024", medium, args.medium_tokens)]:
@@ -152,7 +158,8 @@ mib = 1024 * 1024
 print(f"Machine: {cpu_model()}, {os.cpu_count()} CPUs, threads used: {args.threads}; "
       f"bfloat16-relevant CPU flags: {', '.join(bf16_flags) or 'none'}; torch {torch.__version__}")
 print()
-print(f"Memory-read bandwidth ({args.threads} threads, sum over 512 MiB): {bw / 1e9:.1f} GB/s. "
+print(f"Memory-read bandwidth ({args.threads} threads, 512 MiB float32; best of "
+      + ", ".join(f"{k} {b / 1e9:.1f}" for k, b in probes.items()) + f" GB/s): {bw / 1e9:.1f} GB/s. "
       f"Medium weights read per token: {weight_bytes_per_token(medium, 4) / 1e6:.0f} MB float32, "
       f"{weight_bytes_per_token(medium, 2) / 1e6:.0f} MB bfloat16.")
 print()

@@ -57,7 +57,9 @@ fn decode_once(model: &GptJ, n_new: i64) -> anyhow::Result<(f64, Vec<i64>)> {
     let mut next = out.logits.argmax(-1, false).view([1, 1]).to_device(Device::Cpu);
     let mut tokens = vec![next.int64_value(&[0, 0])];
     let start = Instant::now();
+    let (mut t_fwd, mut t_sync) = (0f64, 0f64);
     for i in 0..n_new - 1 {
+        let t0 = Instant::now();
         let out = model.forward(
             &next,
             &Tensor::ones([1, n + i + 1], cpu),
@@ -66,8 +68,22 @@ fn decode_once(model: &GptJ, n_new: i64) -> anyhow::Result<(f64, Vec<i64>)> {
             Logits::LastOnly,
             false,
         )?;
+        t_fwd += t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        if let Device::Cuda(d) = model.output_device() {
+            tch::Cuda::synchronize(d as i64);
+        }
+        t_sync += t1.elapsed().as_secs_f64();
         next = out.logits.argmax(-1, false).view([1, 1]).to_device(Device::Cpu);
         tokens.push(next.int64_value(&[0, 0]));
+    }
+    if std::env::var_os("TRACE").is_some() {
+        let n = (n_new - 1) as f64;
+        println!(
+            "  per step: forward returns after {:.2} ms, then sync {:.2} ms",
+            t_fwd / n * 1e3,
+            t_sync / n * 1e3
+        );
     }
     Ok(((n_new - 1) as f64 / start.elapsed().as_secs_f64(), tokens))
 }
