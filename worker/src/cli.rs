@@ -4,19 +4,13 @@
 //! bad value gets the service's message naming the parameter, and a command-line run gives the same text
 //! as a job with the same parameters.
 
-use crate::device_map::Placement;
-use crate::engine::{Engine, EngineOptions};
-use crate::model::{Dtype, LoadOptions};
+use crate::engine::{Engine, EngineArgs};
 use anyhow::Context;
 use serde::Serialize;
 use shared::{FinishReason, GenerationParameters, Strategy};
-use std::path::PathBuf;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenerateArgs {
-    /// Model directory (config.json, checkpoint, tokenizer).
-    #[arg(long, env = "WORKER_MODEL")]
-    pub model: PathBuf,
     /// The prompt.
     #[arg(long)]
     pub prompt: String,
@@ -53,21 +47,8 @@ pub struct GenerateArgs {
     /// Beam search ends once num_beams hypotheses are finished.
     #[arg(long)]
     pub early_stopping: bool,
-    /// Explicit placement, e.g. `cuda:0=0-13,cuda:1=14-27` (unplaced parts on the CPU).
-    #[arg(long, env = "WORKER_DEVICE_MAP")]
-    pub device_map: Option<String>,
-    /// Automatic placement from budgets, e.g. `cuda:0=10GiB,cuda:1=10GiB,cpu=32GiB`.
-    #[arg(long, env = "WORKER_MAX_MEMORY")]
-    pub max_memory: Option<String>,
-    /// The whole model on one device: `cpu`, `cuda:0`.
-    #[arg(long, env = "WORKER_DEVICE")]
-    pub device: Option<String>,
-    /// float32, float16 or bfloat16 (weights converted on load).
-    #[arg(long, env = "WORKER_DTYPE", default_value = "float32")]
-    pub dtype: String,
-    /// CPU threads for libtorch.
-    #[arg(long, env = "WORKER_THREADS")]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Print one JSON object instead of the text.
     #[arg(long)]
     pub json: bool,
@@ -123,18 +104,9 @@ struct JsonTimings {
 pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     // Parameters first: a typo should not wait for a model to load.
     let plan = args.parameters().validate()?;
-    let dtype: Dtype = args.dtype.parse()?;
-    let placement = Placement::from_args(
-        args.device_map.as_deref(),
-        args.max_memory.as_deref(),
-        args.device.as_deref(),
-    )?;
-    let engine = Engine::load(&EngineOptions {
-        model_dir: args.model.clone(),
-        load: LoadOptions { dtype, placement },
-        threads: args.threads,
-    })
-    .with_context(|| format!("loading {}", args.model.display()))?;
+    let options = args.engine.options()?;
+    let engine =
+        Engine::load(&options).with_context(|| format!("loading {}", options.model_dir.display()))?;
     let mut fastest: Option<(f64, crate::engine::Generation)> = None;
     for _ in 0..args.repeat {
         let start = std::time::Instant::now();

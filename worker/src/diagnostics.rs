@@ -49,20 +49,10 @@ pub fn run_info(args: InfoArgs) -> anyhow::Result<()> {
 /// implementation (transformers on a GPU machine, see scripts/gpu-check.sh) can be compared with ours.
 #[derive(Debug, clap::Args)]
 pub struct ScoreArgs {
-    /// Model directory (Hugging Face layout).
-    #[arg(long, env = "MODEL_DIR")]
-    pub model: std::path::PathBuf,
+    #[command(flatten)]
+    pub engine: crate::engine::EngineArgs,
     #[arg(long)]
     pub prompt: String,
-    /// float32, float16 or bfloat16.
-    #[arg(long, default_value = "float32")]
-    pub dtype: String,
-    #[arg(long, conflicts_with_all = ["max_memory", "device"])]
-    pub device_map: Option<String>,
-    #[arg(long, conflicts_with = "device")]
-    pub max_memory: Option<String>,
-    #[arg(long)]
-    pub device: Option<String>,
     /// Where to write the float32 logits, shape `[vocab]`.
     #[arg(long)]
     pub out: std::path::PathBuf,
@@ -70,20 +60,7 @@ pub struct ScoreArgs {
 
 pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
     use crate::lm::{CausalLm, KvCache, Logits};
-    let placement = crate::device_map::Placement::from_args(
-        args.device_map.as_deref(),
-        args.max_memory.as_deref(),
-        args.device.as_deref(),
-    )?;
-    let load = crate::model::LoadOptions {
-        dtype: args.dtype.parse()?,
-        placement,
-    };
-    let engine = crate::engine::Engine::load(&crate::engine::EngineOptions {
-        model_dir: args.model.clone(),
-        load,
-        threads: None,
-    })?;
+    let engine = crate::engine::Engine::load(&args.engine.options()?)?;
     let encoding = engine
         .tokenizer()
         .encode(args.prompt.as_str(), false)

@@ -5,6 +5,7 @@
 //! model; the service moves it to a dedicated thread so inference never blocks the async runtime.
 
 use crate::decoding::{self, StopChecker};
+use crate::device_map::Placement;
 use crate::lm::CausalLm;
 use crate::model::{GptJ, LoadError, LoadOptions};
 use shared::{FinishReason, GenerationPlan};
@@ -19,6 +20,50 @@ pub struct EngineOptions {
     pub load: LoadOptions,
     /// libtorch's intra-op CPU threads (`None`: libtorch's default, one per core).
     pub threads: Option<usize>,
+}
+
+/// The model flags of every subcommand that loads a model (`generate`, `serve`, `score`): one set of names
+/// and environment variables for the command line, the service and the container images.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct EngineArgs {
+    /// Model directory: config.json, safetensors or pytorch_model.bin (single or sharded), tokenizer.json
+    /// (the bundled GPT-J tokenizer when absent).
+    #[arg(long = "model", env = "MODEL_DIR")]
+    pub model_dir: PathBuf,
+    /// float32, float16 or bfloat16 (weights converted on load).
+    #[arg(long, env = "DTYPE", default_value = "float32")]
+    pub dtype: String,
+    /// Explicit placement, e.g. `cuda:0=0-13,cuda:1=14-27` (parts not named stay on the CPU).
+    #[arg(long, env = "DEVICE_MAP")]
+    pub device_map: Option<String>,
+    /// Automatic placement from memory budgets, e.g. `cuda:0=10GiB,cuda:1=10GiB,cpu=32GiB`.
+    #[arg(long, env = "MAX_MEMORY")]
+    pub max_memory: Option<String>,
+    /// The whole model on one device: `cpu`, `cuda`, `cuda:N` [default: cuda:0 when CUDA is available,
+    /// else cpu].
+    #[arg(long, env = "DEVICE")]
+    pub device: Option<String>,
+    /// CPU threads for libtorch [default: one per core].
+    #[arg(long, env = "THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl EngineArgs {
+    /// Checks the flags (before anything loads) and turns them into [`EngineOptions`].
+    pub fn options(&self) -> Result<EngineOptions, LoadError> {
+        let dtype = self.dtype.parse()?;
+        // A worker on a GPU machine that was told nothing uses the GPU, not the CPU beside it.
+        let device = match (&self.device_map, &self.max_memory, &self.device) {
+            (None, None, None) if tch::Cuda::is_available() => Some("cuda:0"),
+            _ => self.device.as_deref(),
+        };
+        let placement = Placement::from_args(self.device_map.as_deref(), self.max_memory.as_deref(), device)?;
+        Ok(EngineOptions {
+            model_dir: self.model_dir.clone(),
+            load: LoadOptions { dtype, placement },
+            threads: self.threads,
+        })
+    }
 }
 
 /// One prompt's result.

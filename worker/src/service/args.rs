@@ -1,9 +1,9 @@
 //! `worker serve` settings: every flag has an environment variable, so containers configure the worker
 //! without a command line. [`ServeArgs::service_config`] turns them into checked values.
 
-use std::path::PathBuf;
-
 use clap::Args;
+
+use crate::engine::EngineArgs;
 use shared::prompt::PromptArgs;
 use shared::topology::{DEFAULT_DELIVERY_LIMIT, DEFAULT_NAMESPACE};
 use shared::{PromptRules, Topology};
@@ -22,21 +22,8 @@ pub struct ServeArgs {
     /// Prefix of every queue name; must match the gateway's.
     #[arg(long, env = "NAMESPACE", default_value = DEFAULT_NAMESPACE)]
     pub namespace: String,
-    /// Model directory: config.json, safetensors shards (or pytorch_model.bin), tokenizer.
-    #[arg(long = "model", env = "MODEL_DIR")]
-    pub model_dir: PathBuf,
-    /// Weight dtype: float32, float16 or bfloat16.
-    #[arg(long, env = "DTYPE")]
-    pub dtype: Option<String>,
-    /// Explicit layer placement, e.g. `cuda:0=0-13,cuda:1=14-27`.
-    #[arg(long, env = "DEVICE_MAP")]
-    pub device_map: Option<String>,
-    /// Memory budgets to place layers by, e.g. `cuda:0=10GiB,cuda:1=10GiB,cpu=32GiB`.
-    #[arg(long, env = "MAX_MEMORY")]
-    pub max_memory: Option<String>,
-    /// One device for the whole model: cpu, cuda, cuda:N.
-    #[arg(long, env = "DEVICE")]
-    pub device: Option<String>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Jobs the broker may hand this worker before it acknowledges one. They run one at a time; more than
     /// 1 only saves a round trip between jobs, and holds jobs other workers could have started.
     #[arg(long, env = "PREFETCH", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
@@ -44,9 +31,6 @@ pub struct ServeArgs {
     /// Name in replies and logs [default: HOSTNAME-PID].
     #[arg(long, env = "WORKER_ID")]
     pub worker_id: Option<String>,
-    /// CPU threads for the engine (libtorch intra-op threads).
-    #[arg(long, env = "THREADS")]
-    pub threads: Option<usize>,
     /// Deliveries of one job before the broker dead-letters it; must match the gateway's.
     #[arg(long, env = "DELIVERY_LIMIT", default_value_t = DEFAULT_DELIVERY_LIMIT)]
     pub delivery_limit: u32,

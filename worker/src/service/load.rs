@@ -6,29 +6,13 @@ use shared::{ErrorBody, ErrorCode, GenerationPlan};
 use super::ServeError;
 use super::args::ServeArgs;
 use super::generator::{Completion, Generator};
-use crate::device_map::Placement;
 use crate::engine::{Engine, EngineError, EngineOptions};
-use crate::model::{Dtype, LoadOptions};
 
 /// The engine options the flags describe; bad values are reported before anything loads.
 pub fn engine_options(args: &ServeArgs) -> Result<EngineOptions, ServeError> {
-    let dtype = match &args.dtype {
-        Some(d) => d
-            .parse::<Dtype>()
-            .map_err(|e| ServeError::Config(e.to_string()))?,
-        None => Dtype::default(),
-    };
-    let placement = Placement::from_args(
-        args.device_map.as_deref(),
-        args.max_memory.as_deref(),
-        args.device.as_deref(),
-    )
-    .map_err(|e| ServeError::Config(e.to_string()))?;
-    Ok(EngineOptions {
-        model_dir: args.model_dir.clone(),
-        load: LoadOptions { dtype, placement },
-        threads: args.threads,
-    })
+    args.engine
+        .options()
+        .map_err(|e| ServeError::Config(e.to_string()))
 }
 
 impl Generator for Engine {
@@ -59,6 +43,8 @@ fn error_body(e: &EngineError) -> ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device_map::Placement;
+    use crate::model::Dtype;
     use clap::Parser;
 
     #[derive(Parser)]

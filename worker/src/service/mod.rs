@@ -62,7 +62,7 @@ pub async fn run(
     // Jobs wait for the engine only behind the one in hand, plus what a reconnect may add.
     let capacity = usize::from(config.prefetch) + 1;
     let options = load::engine_options(&args)?;
-    tracing::info!(model = %args.model_dir.display(), "loading the model");
+    tracing::info!(model = %args.engine.model_dir.display(), "loading the model");
     let load = move || crate::engine::Engine::load(&options);
     let engine = tokio::select! {
         engine = EngineThread::start(load, capacity) => engine?,
