@@ -63,7 +63,24 @@ pub async fn run(
     let capacity = usize::from(config.prefetch) + 1;
     let options = load::engine_options(&args)?;
     tracing::info!(model = %args.engine.model_dir.display(), "loading the model");
-    let load = move || crate::engine::Engine::load(&options);
+    let load = move || {
+        let engine = crate::engine::Engine::load(&options)?;
+        // The first generation pays one-time costs (CUDA kernel loading, allocator growth: over a second
+        // for float16 on a GPU); pay them before taking jobs, not in the first client's latency.
+        let warm_up = shared::GenerationParameters {
+            strategy: Some(shared::Strategy::Greedy),
+            max_new_tokens: Some(2),
+            ..Default::default()
+        };
+        if let Ok(plan) = warm_up.validate() {
+            let started = std::time::Instant::now();
+            match engine.generate("Hello", &plan) {
+                Ok(_) => tracing::info!(ms = started.elapsed().as_millis() as u64, "engine warmed up"),
+                Err(e) => tracing::warn!(error = %e, "warm-up generation failed"),
+            }
+        }
+        Ok::<_, crate::engine::EngineError>(engine)
+    };
     let engine = tokio::select! {
         engine = EngineThread::start(load, capacity) => engine?,
         () = shutdown.clone() => return Ok(()),
