@@ -15,4 +15,9 @@ if [ -x scripts/check-deploy.sh ]; then
   scripts/check-deploy.sh
 fi
 log "cargo test"
-cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
+set -o pipefail
+TEST_LOG="$(mktemp)"
+trap 'rm -f "$TEST_LOG"' EXIT
+cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$TEST_LOG"
+# One closing line over every test binary (cargo's last line is a doc-test run that may hold no test).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' "$TEST_LOG"
