@@ -214,7 +214,8 @@ def check_default_model(model: dict) -> None:
         f"{where}: worker",
         "MODEL_DIR must be under /models",
     )
-    # The worker's own default placement is the CPU: without a CUDA default the GPU would sit idle.
+    # Say the GPU explicitly: the worker's own fallback (cuda:0 if visible, else the CPU) would hide a
+    # container that lost its GPU behind a silent, slow CPU run.
     placement = worker.get("environment", {})
     check(
         str(placement.get("DEFAULT_DEVICE") or placement.get("DEVICE") or "").startswith("cuda"),
