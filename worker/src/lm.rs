@@ -108,6 +108,9 @@ pub struct StepOutput {
 pub enum Logits {
     LastOnly,
     All,
+    /// No head at all: the caller wants hidden states and computes logits for the rows it keeps with
+    /// [`CausalLm::head`] (contrastive search keeps one of its `top_k` candidates).
+    None,
 }
 
 /// A causal language model with a KV cache.
@@ -130,4 +133,16 @@ pub trait CausalLm {
         logits: Logits,
         output_hidden: bool,
     ) -> Result<StepOutput, tch::TchError>;
+
+    /// Whether [`CausalLm::head`] works, so `forward` may be asked for [`Logits::None`].
+    fn separate_head(&self) -> bool {
+        false
+    }
+
+    /// Logits `[rows, vocab]` float32 from final hidden states `[rows, n_embd]` as `forward` returns them.
+    /// Models without a separate head never get this call (see [`CausalLm::separate_head`]).
+    fn head(&self, hidden: &Tensor) -> Result<Tensor, tch::TchError> {
+        let _ = hidden;
+        Err(tch::TchError::Kind("this model has no separate head".into()))
+    }
 }

@@ -121,7 +121,7 @@ impl CausalLm for HashLm {
         let mut out_hidden = Vec::new();
         let first = match logits {
             Logits::All => 0,
-            Logits::LastOnly => s as usize - 1,
+            Logits::LastOnly | Logits::None => s as usize - 1,
         };
         for row in 0..b as usize {
             let toks = &tokens[row * total..(row + 1) * total];

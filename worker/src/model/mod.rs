@@ -368,13 +368,19 @@ impl GptJ {
             false,
         )?;
         let normed = normed.f_to_device(self.map.head)?;
-        let for_head = match logits {
-            Logits::LastOnly if output_hidden => normed.f_narrow(1, seq - 1, 1)?,
-            _ => normed.shallow_clone(),
+        let out = match logits {
+            Logits::None => Tensor::f_zeros(
+                [batch, 0, self.cfg.vocab_size as i64],
+                (Kind::Float, self.map.head),
+            )?,
+            Logits::LastOnly if output_hidden => normed
+                .f_narrow(1, seq - 1, 1)?
+                .f_linear(&self.head_w, Some(&self.head_b))?
+                .f_to_kind(Kind::Float)?,
+            _ => normed
+                .f_linear(&self.head_w, Some(&self.head_b))?
+                .f_to_kind(Kind::Float)?,
         };
-        let out = for_head
-            .f_linear(&self.head_w, Some(&self.head_b))?
-            .f_to_kind(Kind::Float)?;
         let hidden = if output_hidden {
             Some(normed.f_to_kind(Kind::Float)?)
         } else {
@@ -532,6 +538,22 @@ impl CausalLm for GptJ {
 
     fn output_device(&self) -> Device {
         self.map.head
+    }
+
+    fn separate_head(&self) -> bool {
+        true
+    }
+
+    fn head(&self, hidden: &Tensor) -> Result<Tensor, TchError> {
+        // `forward` hands hidden states out as float32 copies of values computed in the model's dtype, so
+        // converting back is exact and the head sees what it would have seen inside `forward`.
+        tch::no_grad(|| {
+            hidden
+                .f_to_device(self.map.head)?
+                .f_to_kind(self.dtype.kind())?
+                .f_linear(&self.head_w, Some(&self.head_b))?
+                .f_to_kind(Kind::Float)
+        })
     }
 
     fn forward(
