@@ -5,7 +5,7 @@
 //! one broker and one Redis.
 
 use lapin::Channel;
-use lapin::options::QueueDeclareOptions;
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 /// Default namespace, as the README documents.
@@ -114,6 +114,19 @@ impl Topology {
         channel
             .queue_declare(self.replies_queue().as_str().into(), durable, Self::quorum())
             .await?;
+        Ok(())
+    }
+}
+
+impl Topology {
+    /// Deletes the queues [`Topology::declare`] makes, messages and all: for tests and benchmarks that
+    /// ran in a namespace of their own. Missing queues are not an error.
+    pub async fn delete(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        for queue in [self.jobs_queue(), self.dead_letter_queue(), self.replies_queue()] {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
         Ok(())
     }
 }

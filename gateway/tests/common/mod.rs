@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use gateway::Config;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeleteOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
 use shared::JobReply;
@@ -141,16 +141,8 @@ impl Drop for TestEnv {
 
 async fn cleanup(ns: String) {
     if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
-        for q in [
-            format!("{ns}.jobs"),
-            format!("{ns}.jobs.dead"),
-            format!("{ns}.replies"),
-        ] {
-            if let Ok(ch) = conn.create_channel().await {
-                let _ = ch
-                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-            }
+        if let (Ok(ch), Ok(topology)) = (conn.create_channel().await, shared::Topology::new(&ns, 3)) {
+            let _ = topology.delete(&ch).await;
         }
         let _ = conn.close(200, "bye".into()).await;
     }

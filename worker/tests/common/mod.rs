@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
@@ -381,16 +380,8 @@ async fn cleanup(ns: &str, amqp_url: &str, vhost: Option<String>) {
         }
         None => {
             if let Ok(conn) = Connection::connect(amqp_url, ConnectionProperties::default()).await {
-                for q in [
-                    format!("{ns}.jobs"),
-                    format!("{ns}.jobs.dead"),
-                    format!("{ns}.replies"),
-                ] {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
+                if let (Ok(ch), Ok(topology)) = (conn.create_channel().await, shared::Topology::new(ns, 3)) {
+                    let _ = topology.delete(&ch).await;
                 }
                 let _ = conn.close(200, "".into()).await;
             }
