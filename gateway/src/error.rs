@@ -33,6 +33,10 @@ pub enum ApiError {
     InvalidJobId(String),
     #[error("no such job")]
     NotFound,
+    #[error("this method is not allowed on this path")]
+    MethodNotAllowed,
+    #[error("no such path; the API is described at /openapi.json")]
+    NoRoute,
     #[error("a valid API key is required (Authorization: Bearer KEY)")]
     Unauthorized,
     #[error("rate limit exceeded; retry in {} s", .0.reset.as_secs().max(1))]
@@ -81,6 +85,8 @@ impl ApiError {
             BodyTimeout => (StatusCode::REQUEST_TIMEOUT, ErrorCode::Timeout),
             InvalidJobId(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidJobId),
             NotFound => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed),
+            NoRoute => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
             Unauthorized => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
             RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
             TooManyWaits(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyWaits),

@@ -206,3 +206,34 @@ async fn a_client_that_dribbles_its_headers_is_cut_off() {
     );
     env.finish().await;
 }
+
+#[tokio::test]
+async fn wrong_methods_and_unknown_paths_get_json_errors() {
+    let mut env = TestEnv::new();
+    let gw = env.gateway(GENEROUS).await;
+    let http = env.http.clone();
+
+    let (status, body) = json(http.get(gw.url("/run")).send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (405, Some("method_not_allowed")),
+        "{body}"
+    );
+    let (status, body) = json(http.delete(gw.url("/v1/queue")).send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (405, Some("method_not_allowed")),
+        "{body}"
+    );
+    let (status, body) = json(http.get(gw.url("/v2/nothing")).send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("not_found")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("no such path"),
+        "{body}"
+    );
+    env.finish().await;
+}

@@ -39,6 +39,7 @@ pub enum ErrorCode {
     GenerationFailed,
     PayloadTooLarge,
     NotFound,
+    MethodNotAllowed,
     InvalidJobId,
     Unauthorized,
     RateLimited,
