@@ -17,7 +17,6 @@ use super::stop::{StopChecker, TextDecoder};
 use super::{Clock, Decoded, Result, i64_tensor, to_vec_f32, to_vec_i64};
 use crate::lm::{CausalLm, KvCache, Logits};
 use shared::{FinishReason, GenerationPlan};
-use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 const NEG: f32 = -1.0e9;
@@ -57,7 +56,7 @@ pub(crate) fn run(
     opts: &BeamOptions,
     clock: &mut Clock,
 ) -> Result<Decoded> {
-    let start = Instant::now();
+    let mut lap = clock.lap();
     let nb = opts.num_beams;
     let lp = opts.length_penalty;
     let keep = 2 * nb; // max(2, 1 + number of EOS ids) × num_beams
@@ -92,7 +91,6 @@ pub(crate) fn run(
         })
         .collect();
     let mut improvable = true;
-    let mut step_start = start;
     let mut generated = 0usize;
     loop {
         // Accumulated log-probabilities of every continuation of every beam, best `keep` of them.
@@ -158,10 +156,7 @@ pub(crate) fn run(
             .collect();
 
         generated += 1;
-        if generated == 1 {
-            clock.prefill += step_start.elapsed();
-            step_start = Instant::now();
-        }
+        lap.token();
 
         // transformers' stopping heuristic (early_stopping true or false; "never" is not offered).
         let best_possible = running_scores[0] / (generated as f64).powf(lp) as f32;
@@ -188,9 +183,7 @@ pub(crate) fn run(
                 .logits,
         )?;
     }
-    if generated > 1 {
-        clock.decode += step_start.elapsed();
-    }
+    lap.finish(clock);
     let best = finished.swap_remove(0);
     Ok(Decoded {
         tokens: best.tokens,

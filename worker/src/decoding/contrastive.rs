@@ -14,7 +14,6 @@ use super::stop::{StopChecker, TextDecoder};
 use super::{Clock, DecodeError, Decoded, Result, i64_tensor, to_vec_i64};
 use crate::lm::{CausalLm, KvCache, Logits};
 use shared::GenerationPlan;
-use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 #[allow(clippy::too_many_arguments)]
@@ -29,7 +28,7 @@ pub(crate) fn run(
     top_k: usize,
     clock: &mut Clock,
 ) -> Result<Vec<Decoded>> {
-    let start = Instant::now();
+    let mut lap = clock.lap();
     let k = top_k.min(model.info().vocab_size).max(1) as i64;
     let processors = Processors::from_plan(plan, eos);
     let finish = Finish {
@@ -72,7 +71,6 @@ pub(crate) fn run(
     } else {
         Logits::LastOnly
     };
-    let mut step_start = start;
     loop {
         let b = rows.active.len() as i64;
         let scores = if processors.is_noop() {
@@ -147,10 +145,7 @@ pub(crate) fn run(
         context = Tensor::f_cat(&[context, picked.f_unsqueeze(1)?], 1)?;
 
         rows.push(&next, &finish);
-        if rows.generated == 1 {
-            clock.prefill += step_start.elapsed();
-            step_start = Instant::now();
-        }
+        lap.token();
         if rows.all_done() {
             break;
         }
@@ -161,9 +156,7 @@ pub(crate) fn run(
             context = context.f_index_select(0, &keep.f_to_device(context.device())?)?;
         }
     }
-    if rows.generated > 1 {
-        clock.decode += step_start.elapsed();
-    }
+    lap.finish(clock);
     Ok(rows.into_results())
 }
 

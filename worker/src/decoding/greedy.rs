@@ -11,7 +11,6 @@ use super::stop::{StopChecker, TextDecoder};
 use super::{Clock, Decoded, Result, to_vec_i64};
 use crate::lm::{CausalLm, KvCache, Logits};
 use shared::GenerationPlan;
-use std::time::Instant;
 use tch::Tensor;
 
 #[allow(clippy::too_many_arguments)]
@@ -25,7 +24,7 @@ pub(crate) fn run(
     sampler: Option<&Sampler>,
     clock: &mut Clock,
 ) -> Result<Vec<Decoded>> {
-    let start = Instant::now();
+    let mut lap = clock.lap();
     let processors = Processors::from_plan(plan, eos);
     let finish = Finish {
         eos,
@@ -51,7 +50,6 @@ pub(crate) fn run(
             false,
         )?
         .logits;
-    let mut step_start = start;
     loop {
         let scores = last_scores(&logits)?;
         let scores = if processors.is_noop() {
@@ -64,10 +62,7 @@ pub(crate) fn run(
             Some(s) => s.pick(&scores, &mut rngs, &rows.active)?,
         };
         rows.push(&next, &finish);
-        if rows.generated == 1 {
-            clock.prefill += step_start.elapsed();
-            step_start = Instant::now();
-        }
+        lap.token();
         if rows.all_done() {
             break;
         }
@@ -86,9 +81,7 @@ pub(crate) fn run(
             )?
             .logits;
     }
-    if rows.generated > 1 {
-        clock.decode += step_start.elapsed();
-    }
+    lap.finish(clock);
     Ok(rows.into_results())
 }
 

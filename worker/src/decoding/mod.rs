@@ -62,6 +62,37 @@ pub(crate) struct Clock {
     pub decode: std::time::Duration,
 }
 
+impl Clock {
+    /// Starts timing one decoding loop: the time to its first token is prefill, the rest decode.
+    pub(crate) fn lap(&self) -> Lap {
+        Lap {
+            start: std::time::Instant::now(),
+            first_token: None,
+        }
+    }
+}
+
+/// One decoding loop's timing, added to its [`Clock`] by [`Lap::finish`] (loops add up: beam search runs
+/// a batch prompt by prompt).
+pub(crate) struct Lap {
+    start: std::time::Instant,
+    first_token: Option<std::time::Instant>,
+}
+
+impl Lap {
+    /// Call after each step's tokens are in; only the first call counts.
+    pub(crate) fn token(&mut self) {
+        self.first_token.get_or_insert_with(std::time::Instant::now);
+    }
+
+    pub(crate) fn finish(self, clock: &mut Clock) {
+        let end = std::time::Instant::now();
+        let first = self.first_token.unwrap_or(end);
+        clock.prefill += first - self.start;
+        clock.decode += end - first;
+    }
+}
+
 /// Generates a continuation for each prompt (token ids, none empty) with the plan's strategy.
 ///
 /// `eos` is the model's end-of-sequence id (generation ends there and `min_new_tokens` masks it); `text`
