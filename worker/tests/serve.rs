@@ -162,7 +162,10 @@ async fn a_worker_busy_generating_keeps_answering_heartbeats() {
     env.spawn_worker(&[]);
     env.wait_for_consumers(1).await;
     let mut producer = RawProducer::new(&env).await;
-    let id = producer.publish_job("Keep talking", long_job(2000)).await;
+    // Contrastive search: each step runs its 4 candidates, so 2000 tokens last several seconds even on an
+    // idle machine (greedy finished in under 3 s there).
+    let job = json!({"strategy": "contrastive", "max_new_tokens": 2000});
+    let id = producer.publish_job("Keep talking", job).await;
     let replies = producer
         .replies_until(Duration::from_secs(180), |got| {
             got.iter().any(|r| r.kind == "job.succeeded")
