@@ -4,6 +4,11 @@
 //! give me logits (and hidden states)". Keeping that behind [`CausalLm`] lets each strategy be written and
 //! tested once, whatever the model's placement over devices, and lets one loaded model serve many sequences:
 //! the cache is an explicit value the caller owns.
+//!
+//! Two caches, for the two kinds of pass. A prompt's prefill runs alone into a [`KvCache`] that grows by
+//! concatenation (it is written once). The running batch decodes into a [`SlotCache`]: fixed rows and
+//! positions allocated ahead, each row a sequence (or a beam) whose new keys are written in place at its own
+//! length, so a decode step copies only the new tokens' keys, never the cache.
 
 use tch::{Device, Tensor};
 
@@ -92,6 +97,264 @@ impl KvCache {
     }
 }
 
+/// The running batch's KV cache: per layer `(key, value)`, each `[rows, n_head, positions, head_dim]` on the
+/// layer's device, allocated ahead. Row `r` holds its sequence's keys at positions `0..len_r` with no padding
+/// (rows are ragged on the right); what lies past a row's length is scratch the attention mask hides.
+///
+/// Rows in use are always `0..n` (the scheduler keeps them packed), so a decode step attends to a view of
+/// the first `n` rows and the first `max len` positions without copying.
+#[derive(Debug, Default)]
+pub struct SlotCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    rows: usize,
+    positions: usize,
+}
+
+impl SlotCache {
+    pub fn new(n_layer: usize) -> Self {
+        Self {
+            layers: (0..n_layer).map(|_| None).collect(),
+            rows: 0,
+            positions: 0,
+        }
+    }
+
+    /// Rows allocated.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Positions allocated per row.
+    pub fn positions(&self) -> usize {
+        self.positions
+    }
+
+    /// KV positions allocated over the whole batch (rows × positions): what the batch budget counts.
+    pub fn capacity(&self) -> usize {
+        self.rows * self.positions
+    }
+
+    /// Makes room for `rows` × `positions`, shaped like `like`'s layers (a prefill cache: dtype, device,
+    /// heads and head size per layer). Growing copies the first `used_rows` rows' first `used_len`
+    /// positions into the new allocation: a join's cost, never a step's.
+    pub fn reserve(
+        &mut self,
+        rows: usize,
+        positions: usize,
+        used_rows: usize,
+        used_len: usize,
+        like: &KvCache,
+    ) -> Result<(), tch::TchError> {
+        if rows <= self.rows && positions <= self.positions {
+            return Ok(());
+        }
+        let rows = rows.max(self.rows);
+        let positions = positions.max(self.positions);
+        for (i, slot) in self.layers.iter_mut().enumerate() {
+            let (lk, _) = like
+                .layer(i)
+                .ok_or_else(|| tch::TchError::Shape(format!("the prefill cache has no layer {i}")))?;
+            let size = lk.size();
+            let shape = [rows as i64, size[1], positions as i64, size[3]];
+            let opts = (lk.kind(), lk.device());
+            let (k, v) = (Tensor::f_zeros(shape, opts)?, Tensor::f_zeros(shape, opts)?);
+            if let Some((ok, ov)) = slot.as_ref()
+                && used_rows > 0
+                && used_len > 0
+            {
+                let (r, l) = (used_rows as i64, used_len as i64);
+                k.f_narrow(0, 0, r)?
+                    .f_narrow(2, 0, l)?
+                    .f_copy_(&ok.f_narrow(0, 0, r)?.f_narrow(2, 0, l)?)?;
+                v.f_narrow(0, 0, r)?
+                    .f_narrow(2, 0, l)?
+                    .f_copy_(&ov.f_narrow(0, 0, r)?.f_narrow(2, 0, l)?)?;
+            }
+            *slot = Some((k, v));
+        }
+        self.rows = rows;
+        self.positions = positions;
+        Ok(())
+    }
+
+    /// Frees the allocation (the batch is empty).
+    pub fn release(&mut self) {
+        for slot in &mut self.layers {
+            *slot = None;
+        }
+        self.rows = 0;
+        self.positions = 0;
+    }
+
+    /// Writes row `from_row` of a prefill cache (its first `len` positions) into rows `row..row + copies`.
+    pub fn load(
+        &mut self,
+        row: usize,
+        copies: usize,
+        from: &KvCache,
+        from_row: usize,
+        len: usize,
+    ) -> Result<(), tch::TchError> {
+        let l = len as i64;
+        for (i, slot) in self.layers.iter_mut().enumerate() {
+            let ((k, v), Some((fk, fv))) = (slot_ref(slot)?, from.layer(i)) else {
+                return Err(tch::TchError::Shape(format!(
+                    "the prefill cache has no layer {i}"
+                )));
+            };
+            let fk = fk.f_narrow(0, from_row as i64, 1)?.f_narrow(2, 0, l)?;
+            let fv = fv.f_narrow(0, from_row as i64, 1)?.f_narrow(2, 0, l)?;
+            for c in 0..copies {
+                let r = (row + c) as i64;
+                k.f_narrow(0, r, 1)?.f_narrow(2, 0, l)?.f_copy_(&fk)?;
+                v.f_narrow(0, r, 1)?.f_narrow(2, 0, l)?.f_copy_(&fv)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves rows `from..from + n` to `to..to + n` (`to < from`; their first `len` positions): packing the
+    /// rows after a sequence that left.
+    pub fn move_rows(&mut self, from: usize, to: usize, n: usize, len: usize) -> Result<(), tch::TchError> {
+        if n == 0 || len == 0 || from == to {
+            return Ok(());
+        }
+        let (f, t, n, l) = (from as i64, to as i64, n as i64, len as i64);
+        for slot in &mut self.layers {
+            let (k, v) = slot_ref(slot)?;
+            for x in [k, v] {
+                // The ranges may overlap: through a copy, never an aliased in-place copy.
+                let src = x.f_narrow(0, f, n)?.f_narrow(2, 0, l)?.f_detach_copy()?;
+                x.f_narrow(0, t, n)?.f_narrow(2, 0, l)?.f_copy_(&src)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows `row0..row0 + sources.len()` become copies of rows `row0 + sources[j]` (first `len` positions):
+    /// beam search keeping the continuations of its best beams.
+    pub fn reorder(&mut self, row0: usize, sources: &[i64], len: usize) -> Result<(), tch::TchError> {
+        if sources.iter().enumerate().all(|(j, &s)| s == j as i64) || len == 0 {
+            return Ok(());
+        }
+        let (r, n, l) = (row0 as i64, sources.len() as i64, len as i64);
+        for slot in &mut self.layers {
+            let (k, v) = slot_ref(slot)?;
+            for x in [k, v] {
+                let mut group = x.f_narrow(0, r, n)?.f_narrow(2, 0, l)?;
+                let idx = Tensor::from_slice(sources).f_to_device(x.device())?;
+                let picked = group.f_index_select(0, &idx)?;
+                group.f_copy_(&picked)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies position `from` of row `row` to position `to`: contrastive search keeping the candidate it
+    /// chose (the candidates' keys were written side by side past the sequence's end).
+    pub fn move_position(&mut self, row: usize, from: usize, to: usize) -> Result<(), tch::TchError> {
+        if from == to {
+            return Ok(());
+        }
+        for slot in &mut self.layers {
+            let (k, v) = slot_ref(slot)?;
+            for x in [k, v] {
+                let src = x
+                    .f_narrow(0, row as i64, 1)?
+                    .f_narrow(2, from as i64, 1)?
+                    .f_detach_copy()?;
+                x.f_narrow(0, row as i64, 1)?
+                    .f_narrow(2, to as i64, 1)?
+                    .f_copy_(&src)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Layers the cache has slots for.
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Layer `i`'s tensors.
+    pub fn layer(&self, i: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers.get(i).and_then(|l| l.as_ref())
+    }
+
+    /// Writes a step's new keys and values (`[S, H, Q, D]`) of layer `i` at row `r`'s positions
+    /// `starts[r]..starts[r] + Q`, in place (one `index_copy_` over the flattened cache).
+    pub fn write(&mut self, i: usize, k: &Tensor, v: &Tensor, starts: &[usize]) -> Result<(), tch::TchError> {
+        let positions = self.positions as i64;
+        let (ck, cv) = self
+            .layers
+            .get_mut(i)
+            .ok_or_else(|| tch::TchError::Shape(format!("no layer {i} in the slot cache")))
+            .and_then(slot_ref)?;
+        let [s, h, q, d] = k.size()[..] else {
+            return Err(tch::TchError::Shape(format!("new keys of shape {:?}", k.size())));
+        };
+        let mut index = Vec::with_capacity((s * h * q) as usize);
+        for (r, &start) in starts.iter().enumerate() {
+            for head in 0..h {
+                let base = (r as i64 * h + head) * positions + start as i64;
+                index.extend(base..base + q);
+            }
+        }
+        let index = Tensor::from_slice(&index).f_to_device(ck.device())?;
+        let rows = ck.size()[0];
+        for (cache, new) in [(ck, k), (cv, v)] {
+            let mut flat = cache.f_view([rows * h * positions, d])?;
+            let _ = flat.f_index_copy_(
+                0,
+                &index,
+                &new.f_reshape([s * h * q, d])?.f_to_kind(cache.kind())?,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Layer `i`'s keys and values for rows `0..rows`, positions `0..keys`: views, no copy.
+    pub fn view(&self, i: usize, rows: usize, keys: usize) -> Result<(Tensor, Tensor), tch::TchError> {
+        let (k, v) = self
+            .layer(i)
+            .ok_or_else(|| tch::TchError::Shape(format!("no layer {i} in the slot cache")))?;
+        let (r, l) = (rows as i64, keys as i64);
+        Ok((
+            k.f_narrow(0, 0, r)?.f_narrow(2, 0, l)?,
+            v.f_narrow(0, 0, r)?.f_narrow(2, 0, l)?,
+        ))
+    }
+}
+
+fn slot_ref(slot: &mut Option<(Tensor, Tensor)>) -> Result<(&mut Tensor, &mut Tensor), tch::TchError> {
+    match slot {
+        Some((k, v)) => Ok((k, v)),
+        None => Err(tch::TchError::Shape("the slot cache is not allocated".into())),
+    }
+}
+
+/// One decode step of the running batch: rows `0..S` of a [`SlotCache`], `Q` new tokens per row.
+#[derive(Debug)]
+pub struct SlotStep {
+    /// `[S, Q]` int64.
+    pub ids: Tensor,
+    /// `[S, Q]` int64: each new token's position in its own sequence.
+    pub positions: Tensor,
+    /// Where row `r`'s `Q` new keys are written: positions `starts[r]..starts[r] + Q`.
+    pub starts: Vec<usize>,
+    /// `[S, Q, K]` bool: which of the first `K = max(starts) + Q` positions each query sees; `None` when every
+    /// query sees all `K` (one row, one token).
+    pub visible: Option<Tensor>,
+}
+
+impl SlotStep {
+    /// Positions the step's attention covers.
+    pub fn keys(&self) -> usize {
+        let q = self.ids.size().get(1).copied().unwrap_or(1) as usize;
+        self.starts.iter().copied().max().unwrap_or(0) + q
+    }
+}
+
 /// Output of one forward pass.
 #[derive(Debug)]
 pub struct StepOutput {
@@ -130,6 +393,17 @@ pub trait CausalLm {
         attention_mask: &Tensor,
         position_ids: &Tensor,
         cache: &mut KvCache,
+        logits: Logits,
+        output_hidden: bool,
+    ) -> Result<StepOutput, tch::TchError>;
+
+    /// Runs one decode step of the running batch over `cache`'s rows `0..S`, writing the new keys in place.
+    /// Logits and hidden states come out for every new token (`[S, Q, ·]`), or no logits for
+    /// [`Logits::None`].
+    fn forward_slots(
+        &self,
+        step: &SlotStep,
+        cache: &mut SlotCache,
         logits: Logits,
         output_hidden: bool,
     ) -> Result<StepOutput, tch::TchError>;

@@ -8,25 +8,17 @@
 //! worst finished one (transformers' heuristic, from the current length), when every finished slot is full
 //! and `early_stopping` is set, or at the length limit. The answer is the best finished hypothesis.
 //!
+//! In the running batch a search holds `num_beams` cache rows; keeping the best continuations reorders
+//! those rows (a copy of this sequence's keys, as transformers' `_reorder_cache`), never the others'.
+//!
 //! Score arithmetic is float32 with transformers' `-1e9` sentinels, so rankings and ties match.
 
-use super::greedy::last_scores;
-use super::processors::Processors;
-use super::rows::Finish;
-use super::stop::{StopChecker, TextDecoder};
-use super::{Clock, Decoded, Result, i64_tensor, to_vec_f32, to_vec_i64};
-use crate::lm::{CausalLm, KvCache, Logits};
-use shared::{FinishReason, GenerationPlan};
-use tch::{Device, Kind, Tensor};
+use super::sequence::{Choice, Common, Context};
+use super::{Decoded, Result, to_vec_f32, to_vec_i64};
+use shared::FinishReason;
+use tch::{Kind, Tensor};
 
 const NEG: f32 = -1.0e9;
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BeamOptions {
-    pub num_beams: usize,
-    pub length_penalty: f64,
-    pub early_stopping: bool,
-}
 
 /// A finished hypothesis slot.
 #[derive(Debug, Clone)]
@@ -45,64 +37,69 @@ fn top(values: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn run(
-    model: &dyn CausalLm,
-    prompt: &[i64],
-    plan: &GenerationPlan,
-    eos: Option<i64>,
-    text: &dyn TextDecoder,
-    stop: &StopChecker,
-    opts: &BeamOptions,
-    clock: &mut Clock,
-) -> Result<Decoded> {
-    let mut lap = clock.lap();
-    let nb = opts.num_beams;
-    let lp = opts.length_penalty;
-    let keep = 2 * nb; // max(2, 1 + number of EOS ids) × num_beams
-    let processors = Processors::from_plan(plan, eos);
-    let finish = Finish {
-        eos,
-        max_new_tokens: plan.max_new_tokens,
-        min_new_tokens: plan.min_new_tokens,
-        stop,
-        text,
-    };
-    let vocab = model.info().vocab_size;
+pub(crate) struct Beam {
+    nb: usize,
+    length_penalty: f64,
+    early_stopping: bool,
+    running: Vec<Vec<i64>>,
+    running_scores: Vec<f32>,
+    finished: Vec<Hyp>,
+    improvable: bool,
+    generated: usize,
+}
 
-    // The prompt runs once; its cache is then shared by every beam.
-    let mut cache = KvCache::new(model.info().n_layer);
-    let len = prompt.len();
-    let ids = i64_tensor(prompt, 1, len, Device::Cpu)?;
-    let mask = Tensor::f_ones([1, len as i64], (Kind::Int64, Device::Cpu))?;
-    let positions = Tensor::f_arange(len as i64, (Kind::Int64, Device::Cpu))?.f_view([1, -1])?;
-    let out = model.forward(&ids, &mask, &positions, &mut cache, Logits::LastOnly, false)?;
-    cache.repeat_interleave(nb as i64);
-    let mut logits = last_scores(&out.logits)?.f_expand([nb as i64, -1], false)?;
+impl Beam {
+    pub fn new(num_beams: usize, length_penalty: f64, early_stopping: bool) -> Self {
+        let nb = num_beams.max(1);
+        Self {
+            nb,
+            length_penalty,
+            early_stopping,
+            running: vec![vec![]; nb],
+            // Only the first beam is live at the start: the others are copies of it.
+            running_scores: (0..nb).map(|i| if i == 0 { 0.0 } else { NEG }).collect(),
+            finished: (0..nb)
+                .map(|_| Hyp {
+                    tokens: vec![],
+                    score: NEG,
+                    finished: false,
+                    reason: (FinishReason::Length, None),
+                })
+                .collect(),
+            improvable: true,
+            generated: 0,
+        }
+    }
 
-    let mut running: Vec<Vec<i64>> = vec![vec![]; nb];
-    let mut running_scores: Vec<f32> = (0..nb).map(|i| if i == 0 { 0.0 } else { NEG }).collect();
-    let mut finished: Vec<Hyp> = (0..nb)
-        .map(|_| Hyp {
-            tokens: vec![],
-            score: NEG,
-            finished: false,
-            reason: (FinishReason::Length, None),
-        })
-        .collect();
-    let mut improvable = true;
-    let mut generated = 0usize;
-    loop {
+    pub fn num_beams(&self) -> usize {
+        self.nb
+    }
+
+    /// One step from the beams' logits (`[num_beams, vocab]`): the tokens the surviving beams feed and the
+    /// beam each continues (`sources[j]`: the row beam `j`'s cache must become a copy of), or the answer.
+    pub fn choose(
+        &mut self,
+        seq: &mut Common,
+        logits: &Tensor,
+        ctx: &Context<'_>,
+    ) -> Result<(Choice, Vec<i64>)> {
+        let nb = self.nb;
+        let lp = self.length_penalty;
+        let keep = 2 * nb; // max(2, 1 + number of EOS ids) × num_beams
+        let vocab = ctx.model.info().vocab_size;
+        let prompt = &seq.tokens[..seq.prompt_len];
+        let finish = seq.finish(ctx);
+
         // Accumulated log-probabilities of every continuation of every beam, best `keep` of them.
-        let log_probs = logits.f_log_softmax(-1, Kind::Float)?;
-        let log_probs = if processors.is_noop() {
+        let log_probs = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
+        let log_probs = if seq.processors.is_noop() {
             log_probs
         } else {
-            let histories: Vec<Vec<i64>> = running.iter().map(|r| [prompt, r].concat()).collect();
+            let histories: Vec<Vec<i64>> = self.running.iter().map(|r| [prompt, r].concat()).collect();
             let refs: Vec<&[i64]> = histories.iter().map(Vec::as_slice).collect();
-            processors.apply(log_probs, &refs, generated)?
+            seq.processors.apply(log_probs, &refs, self.generated)?
         };
-        let scores = Tensor::from_slice(&running_scores)
+        let scores = Tensor::from_slice(&self.running_scores)
             .f_to_device(log_probs.device())?
             .f_unsqueeze(1)?;
         let flat = log_probs.f_add(&scores)?.f_reshape([1, -1])?;
@@ -113,13 +110,13 @@ pub(crate) fn run(
             .iter()
             .map(|&i| {
                 let beam = i as usize / vocab;
-                let mut seq = running[beam].clone();
-                seq.push(i % vocab as i64);
-                (beam, seq)
+                let mut s = self.running[beam].clone();
+                s.push(i % vocab as i64);
+                (beam, s)
             })
             .collect();
         let ends: Vec<Option<(FinishReason, Option<String>)>> =
-            candidates.iter().map(|(_, seq)| finish.check(seq)).collect();
+            candidates.iter().map(|(_, s)| finish.check(s)).collect();
 
         // The best unfinished continuations run on.
         let running_lp: Vec<f32> = top_lp
@@ -129,65 +126,61 @@ pub(crate) fn run(
             .collect();
         let next_running = top(&running_lp, nb);
         let sources: Vec<i64> = next_running.iter().map(|&j| candidates[j].0 as i64).collect();
-        running = next_running.iter().map(|&j| candidates[j].1.clone()).collect();
-        running_scores = next_running.iter().map(|&j| running_lp[j]).collect();
+        self.running = next_running.iter().map(|&j| candidates[j].1.clone()).collect();
+        self.running_scores = next_running.iter().map(|&j| running_lp[j]).collect();
 
         // Finished ones among the first `num_beams` compete for the finished slots.
-        let denom = ((generated + 1) as f64).powf(lp) as f32;
-        let full = opts.early_stopping && finished.iter().all(|h| h.finished);
-        let mut merged: Vec<Hyp> = finished.clone();
-        for (j, (lp_j, (_, seq))) in top_lp.iter().zip(&candidates).enumerate() {
+        let denom = ((self.generated + 1) as f64).powf(lp) as f32;
+        let full = self.early_stopping && self.finished.iter().all(|h| h.finished);
+        let mut merged: Vec<Hyp> = self.finished.clone();
+        for (j, (lp_j, (_, s))) in top_lp.iter().zip(&candidates).enumerate() {
             let just_finished = ends[j].is_some() && j < nb;
-            let mut s = lp_j / denom;
-            s += if full { NEG } else { 0.0 };
-            s += if improvable { 0.0 } else { NEG };
-            s += if just_finished { 0.0 } else { NEG };
+            let mut score = lp_j / denom;
+            score += if full { NEG } else { 0.0 };
+            score += if self.improvable { 0.0 } else { NEG };
+            score += if just_finished { 0.0 } else { NEG };
             merged.push(Hyp {
-                tokens: seq.clone(),
-                score: s,
+                tokens: s.clone(),
+                score,
                 finished: just_finished,
                 reason: ends[j].clone().unwrap_or((FinishReason::Length, None)),
             });
         }
         let merged_scores: Vec<f32> = merged.iter().map(|h| h.score).collect();
-        finished = top(&merged_scores, nb)
+        self.finished = top(&merged_scores, nb)
             .into_iter()
             .map(|i| merged[i].clone())
             .collect();
-
-        generated += 1;
-        lap.token();
+        self.generated += 1;
 
         // transformers' stopping heuristic (early_stopping true or false; "never" is not offered).
-        let best_possible = running_scores[0] / (generated as f64).powf(lp) as f32;
-        let worst = finished.iter().map(|h| h.score).fold(f32::INFINITY, f32::min);
-        improvable = improvable
-            && finished
+        let best_possible = self.running_scores[0] / (self.generated as f64).powf(lp) as f32;
+        let worst = self
+            .finished
+            .iter()
+            .map(|h| h.score)
+            .fold(f32::INFINITY, f32::min);
+        self.improvable = self.improvable
+            && self
+                .finished
                 .iter()
                 .any(|h| best_possible > if h.finished { worst } else { NEG });
-        let open = !(opts.early_stopping && finished.iter().all(|h| h.finished));
+        let open = !(self.early_stopping && self.finished.iter().all(|h| h.finished));
         let continuable = !ends.iter().all(Option::is_some);
-        if !(improvable && open && continuable) {
-            break;
+        if !(self.improvable && open && continuable) {
+            let best = self.finished.swap_remove(0);
+            seq.tokens.truncate(seq.prompt_len);
+            seq.tokens.extend_from_slice(&best.tokens);
+            return Ok((
+                Choice::Done(Decoded {
+                    tokens: best.tokens,
+                    finish_reason: best.reason.0,
+                    stop: best.reason.1,
+                }),
+                sources,
+            ));
         }
-
-        cache.select(&Tensor::from_slice(&sources));
-        let ids: Vec<i64> = running.iter().map(|r| *r.last().unwrap_or(&0)).collect();
-        let total = len + generated;
-        let ids = i64_tensor(&ids, nb, 1, Device::Cpu)?;
-        let mask = Tensor::f_ones([nb as i64, total as i64], (Kind::Int64, Device::Cpu))?;
-        let positions = Tensor::f_full([nb as i64, 1], (total - 1) as i64, (Kind::Int64, Device::Cpu))?;
-        logits = last_scores(
-            &model
-                .forward(&ids, &mask, &positions, &mut cache, Logits::LastOnly, false)?
-                .logits,
-        )?;
+        let feed = self.running.iter().map(|r| *r.last().unwrap_or(&0)).collect();
+        Ok((Choice::Feed(feed), sources))
     }
-    lap.finish(clock);
-    let best = finished.swap_remove(0);
-    Ok(Decoded {
-        tokens: best.tokens,
-        finish_reason: best.reason.0,
-        stop: best.reason.1,
-    })
 }

@@ -1,91 +1,44 @@
-//! Greedy search and multinomial sampling: one forward pass per step, one token per prompt.
+//! Greedy search and multinomial sampling: one row per sequence, one token per step.
 //!
-//! They share a loop (transformers' `_sample`) and differ only in the pick: the highest processed score, or a
-//! draw from the warped distribution ([`super::sample`]). Per step the host waits for the model once, to
-//! read the chosen ids; everything else stays on the model's device.
+//! They differ only in the pick: the highest processed score, or a draw from the warped distribution
+//! ([`super::sample`]) with the sequence's own generator, so a seeded sequence draws the same tokens
+//! whatever else shares the batch.
 
-use super::processors::Processors;
-use super::rows::{Finish, Rows};
 use super::sample::Sampler;
-use super::stop::{StopChecker, TextDecoder};
-use super::{Clock, Decoded, Result, to_vec_i64};
-use crate::lm::{CausalLm, KvCache, Logits};
-use shared::GenerationPlan;
+use super::sequence::{Choice, Common, Context};
+use super::{Result, to_vec_i64};
+use rand_chacha::ChaCha8Rng;
 use tch::Tensor;
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn run(
-    model: &dyn CausalLm,
-    prompts: &[Vec<i64>],
-    plan: &GenerationPlan,
-    eos: Option<i64>,
-    text: &dyn TextDecoder,
-    stop: &StopChecker,
-    sampler: Option<&Sampler>,
-    clock: &mut Clock,
-) -> Result<Vec<Decoded>> {
-    let mut lap = clock.lap();
-    let processors = Processors::from_plan(plan, eos);
-    let finish = Finish {
-        eos,
-        max_new_tokens: plan.max_new_tokens,
-        min_new_tokens: plan.min_new_tokens,
-        stop,
-        text,
-    };
-    let mut rngs: Vec<_> = match sampler {
-        Some(s) => prompts.iter().map(|_| s.rng()).collect(),
-        None => vec![],
-    };
-    let mut rows = Rows::new(prompts);
-    let mut cache = KvCache::new(model.info().n_layer);
-    let inputs = rows.prefill()?;
-    let mut logits = model
-        .forward(
-            &inputs.ids,
-            &inputs.mask,
-            &inputs.positions,
-            &mut cache,
-            Logits::LastOnly,
-            false,
-        )?
-        .logits;
-    loop {
-        let scores = last_scores(&logits)?;
-        let scores = if processors.is_noop() {
-            scores
-        } else {
-            processors.apply(scores, &rows.histories(), rows.generated)?
-        };
-        let next = match sampler {
-            None => to_vec_i64(&scores.f_argmax(-1, false)?)?,
-            Some(s) => s.pick(&scores, &mut rngs, &rows.active)?,
-        };
-        rows.push(&next, &finish);
-        lap.token();
-        if rows.all_done() {
-            break;
-        }
-        if let Some(keep) = rows.retain() {
-            cache.select(&Tensor::from_slice(&keep));
-        }
-        let inputs = rows.step()?;
-        logits = model
-            .forward(
-                &inputs.ids,
-                &inputs.mask,
-                &inputs.positions,
-                &mut cache,
-                Logits::LastOnly,
-                false,
-            )?
-            .logits;
-    }
-    lap.finish(clock);
-    Ok(rows.into_results())
+pub(crate) struct Pick {
+    sampler: Option<Box<(Sampler, ChaCha8Rng)>>,
 }
 
-/// `[batch, seq, vocab]` -> the last position's `[batch, vocab]` scores as float32.
-pub(crate) fn last_scores(logits: &Tensor) -> Result<Tensor> {
-    Ok(logits.f_select(1, -1)?.f_to_kind(tch::Kind::Float)?)
+impl Pick {
+    pub fn greedy() -> Self {
+        Self { sampler: None }
+    }
+
+    pub fn sample(sampler: Sampler) -> Self {
+        let rng = sampler.rng();
+        Self {
+            sampler: Some(Box::new((sampler, rng))),
+        }
+    }
+
+    /// Picks the next token from the logits of the last pass (`[1, vocab]`).
+    pub fn choose(&mut self, seq: &mut Common, logits: &Tensor, ctx: &Context<'_>) -> Result<Choice> {
+        let scores = seq.process(logits.shallow_clone())?;
+        let next = match &mut self.sampler {
+            None => to_vec_i64(&scores.f_argmax(-1, false)?)?[0],
+            Some(b) => {
+                let (s, rng) = &mut **b;
+                s.pick(&scores, std::slice::from_mut(rng), &[0])?[0]
+            }
+        };
+        Ok(match seq.push(next, ctx) {
+            Some(done) => Choice::Done(done),
+            None => Choice::Feed(vec![next]),
+        })
+    }
 }

@@ -5,22 +5,26 @@
 //! the same logits processors in the same order ([`processors`]), `min_new_tokens` masking EOS, contrastive
 //! search's degeneration penalty ([`contrastive`]), beam search's length-normalised hypotheses and
 //! `early_stopping` rules ([`beam`]). Two things are ours: stop sequences ([`stop`]), checked on decoded text,
-//! and batches, where each prompt gets exactly the tokens it gets alone (transformers lets the padding of a
-//! batch leak into the repetition penalty; we do not), and a finished prompt leaves the batch instead of
-//! being padded along.
+//! and continuous batching ([`scheduler`]), where sequences of every strategy join and leave one running
+//! batch between steps and each gets exactly the tokens it gets alone (transformers lets the padding of a
+//! batch leak into the repetition penalty; we do not).
 
 pub mod beam;
 pub mod contrastive;
+mod finish;
 pub mod greedy;
 pub mod processors;
-mod rows;
 pub mod sample;
+pub mod scheduler;
+mod sequence;
 pub mod stop;
 
 use crate::lm::CausalLm;
-use shared::{Decoding, FinishReason, GenerationPlan};
+use shared::{FinishReason, GenerationPlan};
+use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
+pub use scheduler::{Event, Finished, Limits, Request, Scheduler, Stats};
 pub use stop::{StopChecker, TextDecoder};
 
 /// Why decoding failed: the model or a tensor operation reported an error.
@@ -30,6 +34,9 @@ pub enum DecodeError {
     Tensor(#[from] tch::TchError),
     #[error("{0}")]
     Invalid(String),
+    /// The sequence can never fit the batch's KV budget.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 pub type Result<T> = std::result::Result<T, DecodeError>;
@@ -49,51 +56,14 @@ pub struct Decoded {
 #[derive(Debug, Clone)]
 pub struct BatchOutput {
     pub results: Vec<Decoded>,
-    /// The prompt's forward pass (or passes, for a batch decoded prompt by prompt).
+    /// Start to the first token of the slowest prompt (its prefill and first step).
     pub prefill_ms: u64,
-    /// Every step after the prefill.
+    /// Every step after that.
     pub decode_ms: u64,
 }
 
-/// Wall-clock split between the prefill and the decoding steps.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct Clock {
-    pub prefill: std::time::Duration,
-    pub decode: std::time::Duration,
-}
-
-impl Clock {
-    /// Starts timing one decoding loop: the time to its first token is prefill, the rest decode.
-    pub(crate) fn lap(&self) -> Lap {
-        Lap {
-            start: std::time::Instant::now(),
-            first_token: None,
-        }
-    }
-}
-
-/// One decoding loop's timing, added to its [`Clock`] by [`Lap::finish`] (loops add up: beam search runs
-/// a batch prompt by prompt).
-pub(crate) struct Lap {
-    start: std::time::Instant,
-    first_token: Option<std::time::Instant>,
-}
-
-impl Lap {
-    /// Call after each step's tokens are in; only the first call counts.
-    pub(crate) fn token(&mut self) {
-        self.first_token.get_or_insert_with(std::time::Instant::now);
-    }
-
-    pub(crate) fn finish(self, clock: &mut Clock) {
-        let end = std::time::Instant::now();
-        let first = self.first_token.unwrap_or(end);
-        clock.prefill += first - self.start;
-        clock.decode += end - first;
-    }
-}
-
-/// Generates a continuation for each prompt (token ids, none empty) with the plan's strategy.
+/// Generates a continuation for each prompt (token ids, none empty) with the plan's strategy: every prompt
+/// joins one [`Scheduler`] at once and runs to its end, exactly as jobs do in the worker.
 ///
 /// `eos` is the model's end-of-sequence id (generation ends there and `min_new_tokens` masks it); `text`
 /// decodes ids for stop sequences. Runs under `no_grad`.
@@ -107,77 +77,43 @@ pub fn generate(
     if prompts.iter().any(|p| p.is_empty()) {
         return Err(DecodeError::Invalid("a prompt has no tokens".into()));
     }
-    if prompts.is_empty() {
-        return Ok(BatchOutput {
-            results: vec![],
-            prefill_ms: 0,
-            decode_ms: 0,
-        });
-    }
-    let stop = StopChecker::new(&plan.stop);
-    let mut clock = Clock::default();
-    let results = tch::no_grad(|| -> Result<Vec<Decoded>> {
-        // transformers runs contrastive search with top_k 1 or alpha 0, and beam search with one beam, as
-        // greedy search; the results are the same and greedy is cheaper.
-        match &plan.decoding {
-            Decoding::Greedy => greedy::run(model, prompts, plan, eos, text, &stop, None, &mut clock),
-            Decoding::Contrastive { penalty_alpha, top_k } if *penalty_alpha > 0.0 && *top_k > 1 => {
-                contrastive::run(
-                    model,
-                    prompts,
-                    plan,
-                    eos,
-                    text,
-                    &stop,
-                    *penalty_alpha,
-                    *top_k,
-                    &mut clock,
-                )
-            }
-            Decoding::Contrastive { .. } => {
-                greedy::run(model, prompts, plan, eos, text, &stop, None, &mut clock)
-            }
-            Decoding::Sample {
-                temperature,
-                top_k,
-                top_p,
-                typical_p,
-                seed,
-            } => {
-                let sampler = sample::Sampler {
-                    temperature: *temperature,
-                    top_k: *top_k,
-                    top_p: *top_p,
-                    typical_p: *typical_p,
-                    seed: *seed,
-                };
-                greedy::run(model, prompts, plan, eos, text, &stop, Some(&sampler), &mut clock)
-            }
-            Decoding::Beam { num_beams, .. } if *num_beams <= 1 => {
-                greedy::run(model, prompts, plan, eos, text, &stop, None, &mut clock)
-            }
-            Decoding::Beam {
-                num_beams,
-                length_penalty,
-                early_stopping,
-            } => {
-                let opts = beam::BeamOptions {
-                    num_beams: *num_beams,
-                    length_penalty: *length_penalty,
-                    early_stopping: *early_stopping,
-                };
-                // Beams already make a batch; prompts are searched one after the other.
-                prompts
-                    .iter()
-                    .map(|p| beam::run(model, p, plan, eos, text, &stop, &opts, &mut clock))
-                    .collect()
+    let started = std::time::Instant::now();
+    let mut results: HashMap<u64, Decoded> = HashMap::new();
+    let mut first_token = std::time::Duration::ZERO;
+    tch::no_grad(|| -> Result<()> {
+        let mut scheduler = Scheduler::new(model, text, Limits::unbounded());
+        scheduler.set_eos(eos);
+        for (i, p) in prompts.iter().enumerate() {
+            let request = Request {
+                id: i as u64,
+                prompt: p.clone(),
+                plan: plan.clone(),
+            };
+            scheduler.submit(request)?;
+        }
+        while scheduler.has_work() {
+            for event in scheduler.step() {
+                if let Event::Finished { id, result } = event {
+                    let f = result?;
+                    first_token = first_token.max(f.time_to_first_token);
+                    results.insert(id, f.decoded);
+                }
             }
         }
+        Ok(())
     })?;
+    let total = started.elapsed();
+    let results = (0..prompts.len() as u64)
+        .map(|i| {
+            results
+                .remove(&i)
+                .ok_or_else(|| DecodeError::Invalid(format!("prompt {i} got no result")))
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(BatchOutput {
         results,
-        prefill_ms: clock.prefill.as_millis() as u64,
-        decode_ms: clock.decode.as_millis() as u64,
+        prefill_ms: first_token.as_millis() as u64,
+        decode_ms: total.saturating_sub(first_token).as_millis() as u64,
     })
 }
 

@@ -4,7 +4,7 @@
 //! its cache keeps that history, so a strategy that mixes up cache rows, masks or positions gets different
 //! tokens. [`HashLm::logits_for`] gives the same function without a cache, for reference implementations.
 
-use crate::lm::{CausalLm, KvCache, Logits, ModelInfo, StepOutput};
+use crate::lm::{CausalLm, KvCache, Logits, ModelInfo, SlotCache, SlotStep, StepOutput};
 use tch::{Device, Kind, Tensor};
 
 pub struct HashLm {
@@ -153,6 +153,58 @@ impl CausalLm for HashLm {
             hidden: output_hidden
                 .then(|| Tensor::from_slice(&out_hidden).view([b, s, self.info.n_embd as i64])),
         })
+    }
+
+    fn forward_slots(
+        &self,
+        step: &SlotStep,
+        cache: &mut SlotCache,
+        _logits: Logits,
+        output_hidden: bool,
+    ) -> Result<StepOutput, tch::TchError> {
+        Ok(self.slots(step, cache, output_hidden))
+    }
+}
+
+impl HashLm {
+    /// The slot-cache step: tokens are written where the step says, and each query's history is the tokens
+    /// at the positions its `visible` row marks, so a wrong mask, start or position gives other logits.
+    fn slots(&self, step: &SlotStep, cache: &mut SlotCache, output_hidden: bool) -> StepOutput {
+        let (s, q) = (step.ids.size()[0], step.ids.size()[1]);
+        let new_k = step.ids.to_kind(Kind::Float).view([s, 1, q, 1]);
+        let new_v = Tensor::ones([s, 1, q, 1], (Kind::Float, Device::Cpu));
+        cache.write(0, &new_k, &new_v, &step.starts).expect("write");
+        let keys = step.keys();
+        let (k, _) = cache.view(0, s as usize, keys).expect("view");
+        let tokens: Vec<i64> = Vec::try_from(k.reshape([-1]).to_kind(Kind::Int64)).unwrap_or_default();
+        let visible: Vec<bool> = match &step.visible {
+            Some(v) => Vec::try_from(v.reshape([-1])).unwrap_or_default(),
+            None => vec![true; (s * q) as usize * keys],
+        };
+        let positions: Vec<i64> = Vec::try_from(step.positions.reshape([-1])).unwrap_or_default();
+        let mut out_logits = Vec::new();
+        let mut out_hidden = Vec::new();
+        for row in 0..s as usize {
+            for j in 0..q as usize {
+                let seen = &visible[(row * q as usize + j) * keys..][..keys];
+                let history: Vec<i64> = (0..keys)
+                    .filter(|&i| seen[i])
+                    .map(|i| tokens[row * keys + i])
+                    .collect();
+                assert_eq!(
+                    positions[row * q as usize + j],
+                    history.len() as i64 - 1,
+                    "position ids"
+                );
+                out_logits.extend(self.logits_for(&history));
+                out_hidden.extend(self.hidden_for(&history));
+            }
+        }
+        StepOutput {
+            logits: Tensor::from_slice(&out_logits).view([s, q, self.info.vocab_size as i64]),
+            hidden: output_hidden
+                .then(|| Tensor::from_slice(&out_hidden).view([s, q, self.info.n_embd as i64])),
+        }
     }
 }
 

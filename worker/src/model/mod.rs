@@ -17,7 +17,7 @@ pub use error::LoadError;
 
 use crate::checkpoint::{Checkpoint, TensorSpec};
 use crate::device_map::{DeviceMap, Placement};
-use crate::lm::{CausalLm, KvCache, Logits, ModelInfo, StepOutput};
+use crate::lm::{CausalLm, KvCache, Logits, ModelInfo, SlotCache, SlotStep, StepOutput};
 use std::path::Path;
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -67,6 +67,28 @@ enum MaskKind {
     Causal,
     /// Additive `[batch, 1, seq, past + seq]` mask (padding, or several tokens after a cache).
     Explicit(Tensor),
+}
+
+/// Where a forward pass keeps its keys and values.
+enum Past<'a> {
+    /// A prefill (or offline) cache that grows by concatenation.
+    Concat(&'a mut KvCache),
+    /// The running batch's slots: new keys written in place at each row's start.
+    Slots {
+        cache: &'a mut SlotCache,
+        starts: &'a [usize],
+        /// Positions attended to: `max(starts) + seq`.
+        keys: i64,
+    },
+}
+
+impl Past<'_> {
+    fn n_layer(&self) -> usize {
+        match self {
+            Past::Concat(c) => c.n_layer(),
+            Past::Slots { cache, .. } => cache.layer_count(),
+        }
+    }
 }
 
 /// A loaded GPT-J model. Immutable once loaded: sequences keep their state in a [`KvCache`], so one model
@@ -292,16 +314,6 @@ impl GptJ {
         let (batch, seq) = input_ids.size2()?;
         let past = cache.seq_len() as i64;
         let total = past + seq;
-        if cache.n_layer() != self.cfg.n_layer {
-            return Err(TchError::Shape(format!(
-                "the KV cache has {} layers, the model {}",
-                cache.n_layer(),
-                self.cfg.n_layer
-            )));
-        }
-        if seq == 0 {
-            return Err(TchError::Shape("no input tokens".into()));
-        }
         if let Some(b) = cache.batch_size()
             && b as i64 != batch
         {
@@ -314,6 +326,94 @@ impl GptJ {
                 "attention_mask is {:?}, expected [{batch}, {total}] (cached + new positions)",
                 attention_mask.size()
             )));
+        }
+        let mask_kind = self.mask_kind(attention_mask, batch, seq, past)?;
+        self.run(
+            input_ids,
+            position_ids,
+            mask_kind,
+            Past::Concat(cache),
+            logits,
+            output_hidden,
+        )
+    }
+
+    fn forward_slots_inner(
+        &self,
+        step: &SlotStep,
+        cache: &mut SlotCache,
+        logits: Logits,
+        output_hidden: bool,
+    ) -> Result<StepOutput, TchError> {
+        let (batch, seq) = step.ids.size2()?;
+        let keys = step.keys() as i64;
+        if step.starts.len() as i64 != batch || batch as usize > cache.rows() {
+            return Err(TchError::Shape(format!(
+                "a step of {batch} rows ({} starts) over a slot cache of {} rows",
+                step.starts.len(),
+                cache.rows()
+            )));
+        }
+        if keys as usize > cache.positions() {
+            return Err(TchError::Shape(format!(
+                "a step reaching position {keys} in a slot cache of {} positions",
+                cache.positions()
+            )));
+        }
+        let mask_kind = match &step.visible {
+            None => MaskKind::None,
+            Some(visible) => {
+                if visible.size() != [batch, seq, keys] {
+                    return Err(TchError::Shape(format!(
+                        "visible is {:?}, expected [{batch}, {seq}, {keys}]",
+                        visible.size()
+                    )));
+                }
+                MaskKind::Explicit(self.additive_mask(&visible.f_view([batch, 1, seq, keys])?)?)
+            }
+        };
+        let past = Past::Slots {
+            cache,
+            starts: &step.starts,
+            keys,
+        };
+        self.run(&step.ids, &step.positions, mask_kind, past, logits, output_hidden)
+    }
+
+    /// The additive attention bias for a boolean `[batch, 1, seq, keys]` visibility: hidden entries get a
+    /// large negative bias (finite, so rows of padding queries stay finite instead of becoming NaN).
+    fn additive_mask(&self, visible: &Tensor) -> Result<Tensor, TchError> {
+        let hidden_bias = match self.dtype {
+            Dtype::Float16 => -65504.0 / 2.0,
+            _ => f32::MIN as f64 / 2.0,
+        };
+        let zeros = Tensor::f_zeros(visible.size(), (self.dtype.kind(), visible.device()))?;
+        zeros.f_masked_fill(&visible.f_logical_not()?, hidden_bias)
+    }
+
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        mask_kind: MaskKind,
+        mut past_kv: Past<'_>,
+        logits: Logits,
+        output_hidden: bool,
+    ) -> Result<StepOutput, TchError> {
+        let (batch, seq) = input_ids.size2()?;
+        let total = match &past_kv {
+            Past::Concat(c) => c.seq_len() as i64 + seq,
+            Past::Slots { keys, .. } => *keys,
+        };
+        if past_kv.n_layer() != self.cfg.n_layer {
+            return Err(TchError::Shape(format!(
+                "the KV cache has {} layers, the model {}",
+                past_kv.n_layer(),
+                self.cfg.n_layer
+            )));
+        }
+        if seq == 0 {
+            return Err(TchError::Shape("no input tokens".into()));
         }
         if position_ids.size() != [batch, seq] {
             return Err(TchError::Shape(format!(
@@ -328,7 +428,6 @@ impl GptJ {
             )));
         }
 
-        let mask_kind = self.mask_kind(attention_mask, batch, seq, past)?;
         let mut per_device: Vec<DeviceInputs> = Vec::with_capacity(self.rotary.len());
         let mut h = Tensor::f_embedding(
             &self.wte,
@@ -350,9 +449,7 @@ impl GptJ {
                 }
             };
             let is_causal = matches!(mask_kind, MaskKind::Causal);
-            let (out, k, v) = self.block_forward(block, &h, inputs, cache.layer(i), is_causal)?;
-            cache.set_layer(i, k, v);
-            h = out;
+            h = self.block_forward(block, i, &h, inputs, &mut past_kv, is_causal)?;
         }
 
         let h = match (logits, output_hidden) {
@@ -404,8 +501,7 @@ impl GptJ {
             return Ok(MaskKind::Causal);
         }
         // As transformers builds it: key j is visible to query i (absolute position past + i) when
-        // j <= past + i and the mask marks j as a real token; hidden entries get a large negative bias
-        // (finite, so rows of padding queries stay finite instead of becoming NaN).
+        // j <= past + i and the mask marks j as a real token.
         let total = past + seq;
         let dev = attention_mask.device();
         let keys = Tensor::f_arange(total, (Kind::Int64, dev))?.f_view([1, total])?;
@@ -413,15 +509,7 @@ impl GptJ {
         let causal = keys.f_le_tensor(&queries)?.f_view([1, 1, seq, total])?;
         let real = attention_mask.f_ne(0)?.f_view([batch, 1, 1, total])?;
         let visible = causal.f_logical_and(&real)?;
-        let kind = self.dtype.kind();
-        let hidden_bias = match self.dtype {
-            Dtype::Float16 => -65504.0 / 2.0,
-            _ => f32::MIN as f64 / 2.0,
-        };
-        let zeros = Tensor::f_zeros([batch, 1, seq, total], (kind, dev))?;
-        Ok(MaskKind::Explicit(
-            zeros.f_masked_fill(&visible.f_logical_not()?, hidden_bias)?,
-        ))
+        Ok(MaskKind::Explicit(self.additive_mask(&visible)?))
     }
 
     fn device_inputs(
@@ -456,11 +544,12 @@ impl GptJ {
     fn block_forward(
         &self,
         b: &Block,
+        layer: usize,
         h: &Tensor,
         inputs: &DeviceInputs,
-        past: Option<&(Tensor, Tensor)>,
+        past_kv: &mut Past<'_>,
         is_causal: bool,
-    ) -> Result<(Tensor, Tensor, Tensor), TchError> {
+    ) -> Result<Tensor, TchError> {
         let cfg = &self.cfg;
         let (batch, seq, e) = h.size3()?;
         let (nh, hd, rd) = (cfg.n_head as i64, cfg.head_dim() as i64, cfg.rotary_dim() as i64);
@@ -481,9 +570,19 @@ impl GptJ {
         let q = qkv.f_select(2, 0)?.f_permute([0, 2, 1, 3])?;
         let k = qkv.f_select(2, 1)?.f_permute([0, 2, 1, 3])?;
         let v = qkv.f_select(2, 2)?.f_permute([0, 2, 1, 3])?;
-        let (k, v) = match past {
-            Some((pk, pv)) => (Tensor::f_cat(&[pk, &k], 2)?, Tensor::f_cat(&[pv, &v], 2)?),
-            None => (k.f_contiguous()?, v.f_contiguous()?),
+        let (k, v) = match past_kv {
+            Past::Concat(cache) => {
+                let (k, v) = match cache.layer(layer) {
+                    Some((pk, pv)) => (Tensor::f_cat(&[pk, &k], 2)?, Tensor::f_cat(&[pv, &v], 2)?),
+                    None => (k.f_contiguous()?, v.f_contiguous()?),
+                };
+                cache.set_layer(layer, k.shallow_clone(), v.shallow_clone());
+                (k, v)
+            }
+            Past::Slots { cache, starts, keys } => {
+                cache.write(layer, &k, &v, starts)?;
+                cache.view(layer, batch as usize, *keys as usize)?
+            }
         };
         let attn = Tensor::f_scaled_dot_product_attention(
             &q,
@@ -505,8 +604,7 @@ impl GptJ {
             Activation::Relu => mlp.f_relu()?,
         };
         let mlp = mlp.f_linear(&b.fc_out_w, Some(&b.fc_out_b))?;
-        let out = attn.f_add(&mlp)?.f_add(h)?;
-        Ok((out, k, v))
+        attn.f_add(&mlp)?.f_add(h)
     }
 }
 
@@ -575,5 +673,15 @@ impl CausalLm for GptJ {
                 output_hidden,
             )
         })
+    }
+
+    fn forward_slots(
+        &self,
+        step: &SlotStep,
+        cache: &mut SlotCache,
+        logits: Logits,
+        output_hidden: bool,
+    ) -> Result<StepOutput, TchError> {
+        tch::no_grad(|| self.forward_slots_inner(step, cache, logits, output_hidden))
     }
 }

@@ -1,0 +1,154 @@
+//! One sequence of the running batch: its tokens and the rules that end it ([`Common`]), and the state
+//! machine of its strategy ([`Machine`]), advanced one step at a time by the scheduler.
+//!
+//! A step has two halves around the batch's forward pass. `choose` reads the logits of the last pass and
+//! decides what the sequence feeds next (one token; `top_k` candidates for contrastive search; one token per
+//! beam), or that it is done. `absorb` (contrastive search only) reads the pass's hidden states and picks
+//! the candidate. Batch of one or batch of a hundred, a sequence runs through the same code.
+
+use super::beam::Beam;
+use super::contrastive::Contrastive;
+use super::finish::Finish;
+use super::greedy::Pick;
+use super::processors::Processors;
+use super::sample::Sampler;
+use super::stop::{StopChecker, TextDecoder};
+use super::{Decoded, Result};
+use crate::lm::CausalLm;
+use shared::{Decoding, GenerationPlan};
+use tch::Tensor;
+
+/// What every step needs besides the sequence: the model, the text decoder (stop sequences) and EOS.
+pub(crate) struct Context<'a> {
+    pub model: &'a dyn CausalLm,
+    pub text: &'a dyn TextDecoder,
+    pub eos: Option<i64>,
+}
+
+/// A sequence's decision for the next pass.
+pub(crate) enum Choice {
+    /// Feed these tokens (one per row, or the candidates of a contrastive row).
+    Feed(Vec<i64>),
+    /// Finished: the sequence leaves the batch.
+    Done(Decoded),
+}
+
+/// A sequence's tokens and stopping rules, whatever its strategy.
+pub(crate) struct Common {
+    /// The prompt, then the generated tokens.
+    pub tokens: Vec<i64>,
+    pub prompt_len: usize,
+    pub processors: Processors,
+    pub stop: StopChecker,
+    pub max_new_tokens: usize,
+    pub min_new_tokens: usize,
+}
+
+impl Common {
+    pub fn new(prompt: &[i64], plan: &GenerationPlan, eos: Option<i64>) -> Self {
+        Self {
+            tokens: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            processors: Processors::from_plan(plan, eos),
+            stop: StopChecker::new(&plan.stop),
+            max_new_tokens: plan.max_new_tokens,
+            min_new_tokens: plan.min_new_tokens,
+        }
+    }
+
+    pub fn generated(&self) -> &[i64] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// The logits processors over one row's scores (`[1, vocab]`).
+    pub fn process(&self, scores: Tensor) -> Result<Tensor> {
+        let scores = scores.f_to_kind(tch::Kind::Float)?;
+        if self.processors.is_noop() {
+            return Ok(scores);
+        }
+        self.processors
+            .apply(scores, &[self.tokens.as_slice()], self.generated().len())
+    }
+
+    pub fn finish<'a>(&'a self, ctx: &'a Context<'_>) -> Finish<'a> {
+        Finish {
+            eos: ctx.eos,
+            max_new_tokens: self.max_new_tokens,
+            min_new_tokens: self.min_new_tokens,
+            stop: &self.stop,
+            text: ctx.text,
+        }
+    }
+
+    /// Appends a generated token; the result when it ended the sequence.
+    pub fn push(&mut self, token: i64, ctx: &Context<'_>) -> Option<Decoded> {
+        self.tokens.push(token);
+        let generated = self.generated();
+        self.finish(ctx).check(generated).map(|(reason, stop)| Decoded {
+            tokens: generated.to_vec(),
+            finish_reason: reason,
+            stop,
+        })
+    }
+}
+
+/// The strategy's own state.
+pub(crate) enum Machine {
+    Pick(Pick),
+    Contrastive(Contrastive),
+    Beam(Beam),
+}
+
+impl Machine {
+    /// The state machine a plan runs as. transformers runs contrastive search with `top_k` 1 or alpha 0,
+    /// and beam search with one beam, as greedy search; the tokens are the same and greedy is cheaper.
+    pub fn for_plan(plan: &GenerationPlan, vocab: usize) -> Self {
+        match &plan.decoding {
+            Decoding::Greedy => Machine::Pick(Pick::greedy()),
+            Decoding::Contrastive { penalty_alpha, top_k } if *penalty_alpha > 0.0 && *top_k > 1 => {
+                Machine::Contrastive(Contrastive::new(*penalty_alpha, (*top_k).min(vocab).max(1)))
+            }
+            Decoding::Contrastive { .. } => Machine::Pick(Pick::greedy()),
+            Decoding::Sample {
+                temperature,
+                top_k,
+                top_p,
+                typical_p,
+                seed,
+            } => Machine::Pick(Pick::sample(Sampler {
+                temperature: *temperature,
+                top_k: *top_k,
+                top_p: *top_p,
+                typical_p: *typical_p,
+                seed: *seed,
+            })),
+            Decoding::Beam { num_beams, .. } if *num_beams <= 1 => Machine::Pick(Pick::greedy()),
+            Decoding::Beam {
+                num_beams,
+                length_penalty,
+                early_stopping,
+            } => Machine::Beam(Beam::new(*num_beams, *length_penalty, *early_stopping)),
+        }
+    }
+
+    /// Cache rows the sequence occupies.
+    pub fn rows(&self) -> usize {
+        match self {
+            Machine::Beam(b) => b.num_beams(),
+            _ => 1,
+        }
+    }
+
+    /// Tokens each of its rows feeds per step.
+    pub fn queries(&self) -> usize {
+        match self {
+            Machine::Contrastive(c) => c.top_k(),
+            _ => 1,
+        }
+    }
+
+    /// Whether the prefill must return hidden states (contrastive search's context).
+    pub fn needs_hidden(&self) -> bool {
+        matches!(self, Machine::Contrastive(_))
+    }
+}
