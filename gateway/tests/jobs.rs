@@ -42,7 +42,9 @@ fn succeeded(id: JobId, prompt: &str, text: &str) -> JobReply {
             prefill_ms: 10,
             decode_ms: 20,
             inference_ms: 30,
+            time_to_first_token_ms: Some(12),
         },
+        batch_size: Some(4),
         finished_at_ms: now_ms(),
     })
 }
@@ -168,6 +170,8 @@ async fn a_poll_sees_queued_then_running_then_succeeded() {
     assert_eq!(done["result"]["finish_reason"], "length");
     assert_eq!(done["timings"]["inference_ms"], 30);
     assert_eq!(done["timings"]["queued_ms"], 5);
+    assert_eq!(done["timings"]["time_to_first_token_ms"], 12);
+    assert_eq!(done["result"]["batch_size"], 4);
     assert_eq!(done["worker_id"], "test-worker");
 
     // A late duplicate `job.started` (a redelivery) cannot take the result back.

@@ -93,12 +93,17 @@ pub struct Timings {
     /// From submission to a worker taking the job (when the producer set `submitted_at_ms`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued_ms: Option<u64>,
-    /// Tokenization and the prompt's forward pass.
+    /// Joining the running batch (the prompt's forward pass) to the first token.
     pub prefill_ms: u64,
-    /// Generating the new tokens.
+    /// The first token to the last.
     pub decode_ms: u64,
-    /// Whole inference, tokenization to decoded text.
+    /// Whole inference, reaching the worker's engine to decoded text (waiting for a place in the batch
+    /// included).
     pub inference_ms: u64,
+    /// Reaching the worker's engine to the first generated token (beam search: to its answer, which comes
+    /// whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_first_token_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -133,6 +138,9 @@ pub struct Succeeded {
     pub new_tokens: u32,
     pub finish_reason: FinishReason,
     pub timings: Timings,
+    /// The most jobs the worker's running batch held while this one was in it (continuous batching).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u32>,
     pub finished_at_ms: u64,
 }
 

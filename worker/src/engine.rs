@@ -106,6 +106,15 @@ impl From<decoding::DecodeError> for EngineError {
     }
 }
 
+/// Several prompts' results, and the batch's step times.
+#[derive(Debug, Clone)]
+pub struct BatchGeneration {
+    pub generations: Vec<Generation>,
+    /// Each scheduler step's wall time in milliseconds: with every prompt decoding, the inter-token
+    /// latency each of them saw.
+    pub step_ms: Vec<f64>,
+}
+
 /// A loaded model and tokenizer.
 pub struct Engine {
     model: GptJ,
@@ -163,24 +172,21 @@ impl Engine {
     /// Generates a continuation of `prompt`.
     pub fn generate(&self, prompt: &str, plan: &GenerationPlan) -> Result<Generation, EngineError> {
         let mut out = self.generate_batch(&[prompt], plan)?;
-        out.pop()
+        out.generations
+            .pop()
             .ok_or_else(|| EngineError::Generation("no result".into()))
     }
 
-    /// Generates for several prompts at once; each gets the text it would get alone.
+    /// Generates for several prompts at once, as one running batch; each gets the text it would get alone.
     pub fn generate_batch(
         &self,
         prompts: &[&str],
         plan: &GenerationPlan,
-    ) -> Result<Vec<Generation>, EngineError> {
+    ) -> Result<BatchGeneration, EngineError> {
         let start = Instant::now();
         let ids = prompts
             .iter()
-            .map(|p| self.encode(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        let ids = ids
-            .into_iter()
-            .map(|p| self.prompt_ids(p, plan))
+            .map(|p| self.prompt_tokens(p, plan))
             .collect::<Result<Vec<_>, _>>()?;
         let prompt_lens: Vec<usize> = ids.iter().map(Vec::len).collect();
         let tokenize = start.elapsed();
@@ -205,14 +211,63 @@ impl Engine {
             .collect::<Vec<_>>();
         let prefill_ms = tokenize.as_millis() as u64 + out.prefill_ms;
         let decode_ms = out.decode_ms + decode_start.elapsed().as_millis() as u64;
-        Ok(generations
-            .into_iter()
-            .map(|g| Generation {
-                prefill_ms,
-                decode_ms,
-                ..g
+        Ok(BatchGeneration {
+            generations: generations
+                .into_iter()
+                .map(|g| Generation {
+                    prefill_ms,
+                    decode_ms,
+                    ..g
+                })
+                .collect(),
+            step_ms: out.step_ms,
+        })
+    }
+
+    /// A prompt's token ids as the model runs them (see [`Engine::prompt_ids`]).
+    pub fn prompt_tokens(&self, prompt: &str, plan: &GenerationPlan) -> Result<Vec<i64>, EngineError> {
+        self.prompt_ids(self.encode(prompt)?, plan)
+    }
+
+    /// A continuous-batching scheduler over this engine's model.
+    pub fn scheduler(&self, limits: decoding::Limits) -> decoding::Scheduler<'_> {
+        decoding::Scheduler::new(&self.model, &self.tokenizer, limits)
+    }
+
+    /// The KV-cache budget when none is configured: the positions that fit in the memory each device
+    /// holding layers has left after the weights (90 % of a GPU's free memory, half of the host's
+    /// available memory, which other processes share), capped at `max_batch_size` full contexts.
+    pub fn default_batch_tokens(&self, max_batch_size: usize) -> usize {
+        let cfg = self.model.config();
+        let elt = self.model.dtype().kind().elt_size_in_bytes() as u64;
+        // Keys and values of one position in one layer.
+        let per_layer = 2 * cfg.n_embd as u64 * elt;
+        let mut layers_on: Vec<(tch::Device, u64)> = Vec::new();
+        for d in &self.model.device_map().layers {
+            match layers_on.iter_mut().find(|(dd, _)| dd == d) {
+                Some((_, n)) => *n += 1,
+                None => layers_on.push((*d, 1)),
+            }
+        }
+        let cap = max_batch_size.max(1).saturating_mul(cfg.n_positions);
+        let fits = layers_on
+            .iter()
+            .map(|(d, n)| match crate::diagnostics::free_bytes(*d) {
+                Some(free) => {
+                    let usable = match d {
+                        tch::Device::Cpu => free / 2,
+                        _ => free / 10 * 9,
+                    };
+                    (usable / (per_layer * n).max(1)) as usize
+                }
+                None => {
+                    tracing::warn!(device = ?d, "free memory unknown; budgeting 16 contexts of KV cache");
+                    16 * cfg.n_positions
+                }
             })
-            .collect())
+            .min()
+            .unwrap_or(cap);
+        fits.min(cap).max(cfg.n_positions.min(cap))
     }
 
     fn encode(&self, prompt: &str) -> Result<Vec<i64>, EngineError> {

@@ -135,14 +135,58 @@ fn ours(model: &GptJ, c: &Case) -> decoding::Decoded {
     out.results.remove(0)
 }
 
+/// Every case in one running batch, case `i` joining before step `i` (so each joins a batch already
+/// decoding, and leaves it when done).
+fn staggered(model: &GptJ, cases: &[Case]) -> Vec<decoding::Decoded> {
+    let limits = decoding::Limits {
+        max_waiting_steps: 0,
+        waiting_served_ratio: 0.0,
+        ..decoding::Limits::unbounded()
+    };
+    let mut scheduler = decoding::Scheduler::new(model, &NoText, limits);
+    let mut results: Vec<Option<decoding::Decoded>> = vec![None; cases.len()];
+    let mut step = 0;
+    let mut widest = 0;
+    while step < cases.len() || scheduler.has_work() {
+        if let Some(c) = cases.get(step) {
+            let request = decoding::Request {
+                id: step as u64,
+                prompt: c.prompt.clone(),
+                plan: c.params.validate().expect("valid parameters"),
+            };
+            scheduler.submit(request).expect("submitted");
+        }
+        for event in scheduler.step() {
+            if let decoding::Event::Finished { id, result } = event {
+                results[id as usize] = Some(result.expect("generates").decoded);
+            }
+        }
+        widest = widest.max(scheduler.stats().running);
+        step += 1;
+    }
+    assert!(cases.len() < 2 || widest >= 2, "the cases shared the batch");
+    results
+        .into_iter()
+        .map(|r| r.expect("every case finished"))
+        .collect()
+}
+
+/// Each case alone, and all of them joining one running batch a step apart, give transformers' tokens.
 fn assert_parity(model_dir: &Path, cases: &[Case]) -> Vec<decoding::Decoded> {
     let theirs = transformers_generate(model_dir, cases);
     let model = GptJ::load(model_dir, &LoadOptions::default()).expect("loads");
     let mut results = vec![];
-    for (c, expected) in cases.iter().zip(theirs) {
+    for (c, expected) in cases.iter().zip(&theirs) {
         let got = ours(&model, c);
-        assert_eq!(got.tokens, expected, "prompt {:?} with {:?}", c.prompt, c.params);
+        assert_eq!(&got.tokens, expected, "prompt {:?} with {:?}", c.prompt, c.params);
         results.push(got);
+    }
+    for ((c, expected), got) in cases.iter().zip(&theirs).zip(staggered(&model, cases)) {
+        assert_eq!(
+            &got.tokens, expected,
+            "in a batch: prompt {:?} with {:?}",
+            c.prompt, c.params
+        );
     }
     results
 }
@@ -372,7 +416,7 @@ fn a_batch_of_different_lengths_gives_each_prompt_what_it_gets_alone() {
     ];
     for params in strategies {
         let plan = params.validate().expect("valid");
-        let batch = engine.generate_batch(&prompts, &plan).expect("batch");
+        let batch = engine.generate_batch(&prompts, &plan).expect("batch").generations;
         for (prompt, got) in prompts.iter().zip(&batch) {
             let alone = engine.generate(prompt, &plan).expect("alone");
             assert_eq!(got.token_ids, alone.token_ids, "{prompt:?} with {params:?}");

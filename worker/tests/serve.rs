@@ -386,7 +386,8 @@ async fn a_raw_producer_gets_started_then_succeeded_as_the_amqp_guide_describes(
 #[tokio::test]
 async fn sigterm_mid_job_finishes_the_job_then_exits_zero_leaving_the_rest_queued() {
     let mut env = Env::new();
-    env.spawn_worker(&[]);
+    // One place in the batch (and so a prefetch of 1): the second job waits in the queue.
+    env.spawn_worker(&["--max-batch-size", "1"]);
     env.wait_for_consumers(1).await;
     let mut producer = RawProducer::new(&env).await;
     let long = producer.publish_job("Tell me everything", long_job(600)).await;
@@ -409,6 +410,48 @@ async fn sigterm_mid_job_finishes_the_job_then_exits_zero_leaving_the_rest_queue
         "{waiting} not taken"
     );
     env.wait_for_jobs_queue(1, 0).await;
+    producer.close().await;
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn sigterm_finishes_every_job_in_the_running_batch_then_exits_zero() {
+    let mut env = Env::new();
+    env.spawn_worker(&["--max-batch-size", "4"]);
+    env.wait_for_consumers(1).await;
+    let mut producer = RawProducer::new(&env).await;
+    let long = producer.publish_job("Tell me everything", long_job(400)).await;
+    let other = producer.publish_job("And the rest of it", long_job(300)).await;
+    let mut started = Vec::new();
+    while started.len() < 2 {
+        let r = producer
+            .next_reply(Duration::from_secs(60))
+            .await
+            .expect("job.started for both");
+        assert_eq!(r.kind, "job.started", "{r:?}");
+        started.extend(r.correlation_id);
+    }
+
+    env.workers[0].terminate();
+    let mut done = Vec::new();
+    while done.len() < 2 {
+        let r = producer
+            .next_reply(Duration::from_secs(180))
+            .await
+            .expect("both finish");
+        match &r.body {
+            JobReply::Succeeded(s) => assert_eq!(s.batch_size, Some(2), "they shared the batch: {s:?}"),
+            other => panic!("expected job.succeeded, got {other:?}"),
+        }
+        done.extend(r.correlation_id);
+    }
+    done.sort();
+    let mut expected = vec![long, other];
+    expected.sort();
+    assert_eq!(done, expected);
+    let status = env.workers[0].wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status:?}\n{}", env.logs());
+    env.wait_for_jobs_queue(0, 0).await;
     producer.close().await;
     env.finish().await;
 }

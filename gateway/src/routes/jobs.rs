@@ -135,6 +135,8 @@ pub struct JobResult {
     /// `length`, `eos` or `stop`.
     #[schema(value_type = String)]
     pub finish_reason: shared::FinishReason,
+    /// The most jobs the worker's running batch held while this one was in it.
+    pub batch_size: Option<u32>,
 }
 
 #[derive(Debug, Default, Serialize, ToSchema)]
@@ -147,6 +149,8 @@ pub struct JobTimings {
     pub prefill_ms: Option<u64>,
     pub decode_ms: Option<u64>,
     pub inference_ms: Option<u64>,
+    /// From the worker's engine receiving the job to its first token.
+    pub time_to_first_token_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -229,12 +233,14 @@ fn view(record: JobRecord, queue: Option<QueuePosition>) -> JobView {
         prefill_ms: t.map(|t| t.prefill_ms),
         decode_ms: t.map(|t| t.decode_ms),
         inference_ms: t.map(|t| t.inference_ms),
+        time_to_first_token_ms: t.and_then(|t| t.time_to_first_token_ms),
     };
     let result = record.result.map(|r| JobResult {
         full_text: format!("{}{}", r.prompt, r.text),
         text: r.text,
         new_tokens: r.new_tokens,
         finish_reason: r.finish_reason,
+        batch_size: r.batch_size,
     });
     JobView {
         id: record.id.to_string(),

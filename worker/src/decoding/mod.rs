@@ -60,6 +60,8 @@ pub struct BatchOutput {
     pub prefill_ms: u64,
     /// Every step after that.
     pub decode_ms: u64,
+    /// Each scheduler step's wall time (admission, prefills and the decode pass), in milliseconds.
+    pub step_ms: Vec<f64>,
 }
 
 /// Generates a continuation for each prompt (token ids, none empty) with the plan's strategy: every prompt
@@ -80,6 +82,7 @@ pub fn generate(
     let started = std::time::Instant::now();
     let mut results: HashMap<u64, Decoded> = HashMap::new();
     let mut first_token = std::time::Duration::ZERO;
+    let mut step_ms = Vec::new();
     tch::no_grad(|| -> Result<()> {
         let mut scheduler = Scheduler::new(model, text, Limits::unbounded());
         scheduler.set_eos(eos);
@@ -92,7 +95,10 @@ pub fn generate(
             scheduler.submit(request)?;
         }
         while scheduler.has_work() {
-            for event in scheduler.step() {
+            let step = std::time::Instant::now();
+            let events = scheduler.step();
+            step_ms.push(step.elapsed().as_secs_f64() * 1e3);
+            for event in events {
                 if let Event::Finished { id, result } = event {
                     let f = result?;
                     first_token = first_token.max(f.time_to_first_token);
@@ -114,6 +120,7 @@ pub fn generate(
         results,
         prefill_ms: first_token.as_millis() as u64,
         decode_ms: total.saturating_sub(first_token).as_millis() as u64,
+        step_ms,
     })
 }
 

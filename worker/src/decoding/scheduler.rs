@@ -621,3 +621,7 @@ fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
         Err(DecodeError::Invalid(format!("the engine panicked: {what}")))
     })
 }
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

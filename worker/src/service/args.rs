@@ -9,6 +9,7 @@ use shared::topology::{DEFAULT_DELIVERY_LIMIT, DEFAULT_NAMESPACE};
 use shared::{PromptRules, Topology};
 
 use super::ServeError;
+use super::generator::BatchSettings;
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -24,10 +25,29 @@ pub struct ServeArgs {
     pub namespace: String,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Jobs the broker may hand this worker before it acknowledges one. They run one at a time; more than
-    /// 1 only saves a round trip between jobs, and holds jobs other workers could have started.
-    #[arg(long, env = "PREFETCH", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
-    pub prefetch: u16,
+    /// Sequences the running batch holds at most: jobs decode together, joining and leaving between steps.
+    /// 1 runs one job at a time.
+    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_batch_size: u16,
+    /// KV-cache positions the running batch may allocate (rows × positions per row) [default: what fits
+    /// in the memory the weights leave: 90 % of each GPU's free memory, half the host's available memory].
+    #[arg(long, env = "MAX_BATCH_TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_batch_tokens: Option<u64>,
+    /// While a batch decodes, waiting jobs join once they have waited this many steps (TGI's
+    /// max_waiting_tokens)...
+    #[arg(long, env = "MAX_WAITING_STEPS", default_value_t = 8)]
+    pub max_waiting_steps: usize,
+    /// ... or once they number this share of the running jobs (TGI's waiting_served_ratio): joins are
+    /// batched so that arrivals cannot starve decoding with prefills.
+    #[arg(long, env = "WAITING_SERVED_RATIO", default_value_t = 0.3)]
+    pub waiting_served_ratio: f64,
+    /// Jobs the broker may hand this worker before it acknowledges one [default: --max-batch-size]. More
+    /// than the batch holds only saves a round trip, and holds jobs other workers could have started.
+    #[arg(long, env = "PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: Option<u16>,
+    /// Serve Prometheus metrics on this address, e.g. `0.0.0.0:9100` (`/metrics`).
+    #[arg(long, env = "METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Name in replies and logs [default: HOSTNAME-PID].
     #[arg(long, env = "WORKER_ID")]
     pub worker_id: Option<String>,
@@ -46,6 +66,8 @@ pub struct ServiceConfig {
     pub rules: PromptRules,
     pub prefetch: u16,
     pub worker_id: String,
+    /// Jobs handed to the engine at once: the batch's places.
+    pub max_batch_size: u16,
 }
 
 impl ServeArgs {
@@ -56,13 +78,30 @@ impl ServeArgs {
             Some(id) if !id.trim().is_empty() => id.trim().to_owned(),
             _ => default_worker_id(),
         };
+        if !(self.waiting_served_ratio.is_finite() && self.waiting_served_ratio >= 0.0) {
+            return Err(ServeError::Config(format!(
+                "--waiting-served-ratio must be a number >= 0, got {}",
+                self.waiting_served_ratio
+            )));
+        }
         Ok(ServiceConfig {
             amqp_url: self.amqp_url.clone(),
             topology,
             rules,
-            prefetch: self.prefetch,
+            prefetch: self.prefetch.unwrap_or(self.max_batch_size),
             worker_id,
+            max_batch_size: self.max_batch_size,
         })
+    }
+
+    /// The scheduler's settings.
+    pub fn batch_settings(&self) -> BatchSettings {
+        BatchSettings {
+            max_batch_size: usize::from(self.max_batch_size),
+            max_batch_tokens: self.max_batch_tokens.map(|t| t as usize),
+            max_waiting_steps: self.max_waiting_steps,
+            waiting_served_ratio: self.waiting_served_ratio,
+        }
     }
 }
 
@@ -94,14 +133,20 @@ mod tests {
         let config = cli.serve.service_config().unwrap();
         assert_eq!(config.topology.jobs_queue(), "gptj.jobs");
         assert_eq!(config.topology.delivery_limit, 3);
-        assert_eq!(config.prefetch, 1);
+        assert_eq!(config.prefetch, 32, "prefetch follows the batch size");
+        assert_eq!(config.max_batch_size, 32);
+        assert_eq!(cli.serve.batch_settings(), BatchSettings::default());
         assert_eq!(config.rules, PromptRules::default());
         assert!(config.worker_id.ends_with(&format!("-{}", std::process::id())));
     }
 
     #[test]
-    fn a_zero_prefetch_and_a_bad_namespace_are_refused() {
+    fn a_zero_prefetch_or_batch_and_a_bad_namespace_are_refused() {
         assert!(Cli::try_parse_from(["worker", "--model", "/m", "--prefetch", "0"]).is_err());
+        assert!(Cli::try_parse_from(["worker", "--model", "/m", "--max-batch-size", "0"]).is_err());
+        assert!(Cli::try_parse_from(["worker", "--model", "/m", "--max-batch-tokens", "0"]).is_err());
+        let cli = Cli::try_parse_from(["worker", "--model", "/m", "--max-batch-size", "4"]).unwrap();
+        assert_eq!(cli.serve.service_config().unwrap().prefetch, 4);
         let cli = Cli::try_parse_from(["worker", "--model", "/m", "--namespace", "a.b"]).unwrap();
         assert!(matches!(cli.serve.service_config(), Err(ServeError::Config(_))));
     }

@@ -1,19 +1,25 @@
-//! Generation runs on one dedicated OS thread that owns the engine.
+//! Generation runs on one dedicated OS thread that owns the engine and its running batch.
 //!
-//! A forward pass holds a CPU core (or waits on a GPU) for seconds. Run on the async runtime, it would
+//! A forward pass holds a CPU core (or waits on a GPU) for a while. Run on the async runtime, it would
 //! starve lapin's I/O loop: the worker would stop answering broker heartbeats, the broker would close the
 //! connection and hand the job to a second worker while the first one is still computing it. So the engine
-//! lives on its own thread, jobs reach it over a bounded channel, and each result comes back over a
-//! oneshot; the runtime only ever awaits.
+//! lives on its own thread, jobs reach it over a channel, and each job's news (joined the batch, finished)
+//! comes back over oneshots; the runtime only ever awaits.
 //!
-//! The engine is behind the small [`Generator`] trait so the queue logic can be tested with a stand-in,
-//! and the engine is built *on* its thread, so it never has to be `Send`.
+//! The thread loop is continuous batching's outer loop: take every job that arrived, advance the batch one
+//! step, hand out what the step reported, repeat; sleep only when nothing is running or waiting. The
+//! engine is behind the small [`Generator`] / [`Batcher`] seam so the queue logic can be tested with a
+//! stand-in, and the engine is built *on* its thread, so it never has to be `Send`.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use shared::{ErrorBody, ErrorCode, FinishReason, GenerationPlan};
 use tokio::sync::{mpsc, oneshot};
+
+use super::metrics;
+use crate::decoding::Stats;
 
 /// What one generation produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,17 +29,75 @@ pub struct Completion {
     pub token_ids: Vec<u32>,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Joining the batch (the prompt's prefill) to the first token.
     pub prefill_ms: u64,
+    /// The first token to the last.
     pub decode_ms: u64,
+    /// Reaching the engine to the first token (beam search: to its answer).
+    pub time_to_first_token_ms: u64,
+    /// The most sequences the running batch held while this job was in it.
+    pub batch_size: usize,
 }
 
-/// Anything that turns a cleaned prompt and a validated plan into text. Errors are already in the shape a
-/// `job.failed` reply carries.
+/// What a batch step reports about a job (keys are the engine thread's).
+#[derive(Debug)]
+pub enum JobEvent {
+    Joined {
+        key: u64,
+        batch_size: usize,
+    },
+    Tokens {
+        key: u64,
+        count: usize,
+    },
+    Done {
+        key: u64,
+        result: Result<Completion, ErrorBody>,
+    },
+}
+
+/// The scheduler's settings, from the command line; a `None` budget is derived from the memory the
+/// engine has left.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchSettings {
+    pub max_batch_size: usize,
+    pub max_batch_tokens: Option<usize>,
+    pub max_waiting_steps: usize,
+    pub waiting_served_ratio: f64,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 32,
+            max_batch_tokens: None,
+            max_waiting_steps: 8,
+            waiting_served_ratio: 0.3,
+        }
+    }
+}
+
+/// A running batch: jobs are submitted, and each step advances all of them. Errors are already in the
+/// shape a `job.failed` reply carries.
+pub trait Batcher {
+    /// Takes a job (cleaned prompt, validated plan), or refuses it at once.
+    fn submit(&mut self, key: u64, prompt: &str, plan: &GenerationPlan) -> Result<(), ErrorBody>;
+    /// Admits what may join and advances every running job by one step.
+    fn step(&mut self) -> Vec<JobEvent>;
+    /// Whether any job is running or waiting.
+    fn has_work(&self) -> bool;
+    /// Gauges for metrics.
+    fn stats(&self) -> Stats {
+        Stats::default()
+    }
+}
+
+/// Anything that can run a batch: the engine, or a test's stand-in.
 pub trait Generator {
-    fn generate(&self, prompt: &str, plan: &GenerationPlan) -> Result<Completion, ErrorBody>;
+    fn batcher(&self, settings: &BatchSettings) -> Box<dyn Batcher + '_>;
 }
 
-/// A finished generation and its wall time on the engine thread.
+/// A finished job and its wall time on the engine thread (arrival to answer).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finished {
     pub completion: Completion,
@@ -46,7 +110,15 @@ pub type Outcome = Result<Finished, ErrorBody>;
 struct Request {
     prompt: String,
     plan: GenerationPlan,
+    joined: oneshot::Sender<usize>,
     reply: oneshot::Sender<Outcome>,
+}
+
+/// Where a submitted job's news arrives.
+pub struct Submitted {
+    /// The batch size when the job joined; dropped unsent when the job never joins (refused, failed).
+    pub joined: oneshot::Receiver<usize>,
+    pub outcome: oneshot::Receiver<Outcome>,
 }
 
 /// The engine thread stopped (its loader failed, or it is gone): the worker cannot serve.
@@ -58,22 +130,29 @@ pub enum EngineError {
     Gone,
 }
 
-/// Handle to the engine thread. Cloning it shares the thread; the thread ends when every handle is dropped.
+/// Handle to the engine thread. Cloning it shares the thread; the thread ends when every handle is dropped
+/// and the batch is empty.
 #[derive(Clone)]
 pub struct EngineThread {
-    tx: mpsc::Sender<Request>,
+    tx: mpsc::UnboundedSender<Request>,
+}
+
+struct InFlight {
+    joined: Option<oneshot::Sender<usize>>,
+    reply: oneshot::Sender<Outcome>,
+    arrived: Instant,
 }
 
 impl EngineThread {
     /// Starts the thread, builds the generator there with `load`, and returns once it is ready to take
-    /// jobs. `capacity` bounds the jobs waiting for the engine.
-    pub async fn start<G, E, F>(load: F, capacity: usize) -> Result<Self, EngineError>
+    /// jobs. Jobs in flight are bounded by the caller (the service holds one permit per batch place).
+    pub async fn start<G, E, F>(load: F, settings: BatchSettings) -> Result<Self, EngineError>
     where
         G: Generator,
         E: std::fmt::Display,
         F: FnOnce() -> Result<G, E> + Send + 'static,
     {
-        let (tx, mut rx) = mpsc::channel::<Request>(capacity.max(1));
+        let (tx, rx) = mpsc::unbounded_channel::<Request>();
         let (ready_tx, ready_rx) = oneshot::channel::<Result<(), String>>();
         std::thread::Builder::new()
             .name("engine".into())
@@ -88,33 +167,7 @@ impl EngineThread {
                         return;
                     }
                 };
-                while let Some(req) = rx.blocking_recv() {
-                    let started = Instant::now();
-                    // A panic inside the engine (libtorch raises through `tch` as panics) must fail one
-                    // job, not end the thread and with it every later job.
-                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        generator.generate(&req.prompt, &req.plan)
-                    }))
-                    .unwrap_or_else(|panic| {
-                        let what = panic
-                            .downcast_ref::<String>()
-                            .map(String::as_str)
-                            .or_else(|| panic.downcast_ref::<&str>().copied())
-                            .unwrap_or("unknown panic");
-                        tracing::error!(panic = what, "generation panicked");
-                        Err(ErrorBody::new(
-                            ErrorCode::GenerationFailed,
-                            "generation failed inside the engine",
-                        ))
-                    });
-                    let outcome = result.map(|completion| Finished {
-                        completion,
-                        inference_ms: started.elapsed().as_millis() as u64,
-                    });
-                    // The receiver is gone when the connection dropped and nobody waits for this job any
-                    // more; the result is simply discarded then.
-                    let _ = req.reply.send(outcome);
-                }
+                run_loop(&generator, &settings, rx);
             })
             .map_err(|e| EngineError::Load(format!("cannot spawn the engine thread: {e}")))?;
         match ready_rx.await {
@@ -124,24 +177,194 @@ impl EngineThread {
         }
     }
 
-    /// Queues a job for the engine (waiting while the queue is full) and returns where its outcome will
-    /// arrive. The job runs even if the receiver is dropped.
-    pub async fn submit(
-        &self,
-        prompt: String,
-        plan: GenerationPlan,
-    ) -> Result<oneshot::Receiver<Outcome>, EngineError> {
-        let (reply, rx) = oneshot::channel();
+    /// Hands a job to the engine and returns where its news will arrive. The job runs even if the
+    /// receivers are dropped (its outcome is remembered for a redelivery; see `outcomes`).
+    pub fn submit(&self, prompt: String, plan: GenerationPlan) -> Result<Submitted, EngineError> {
+        let (joined, joined_rx) = oneshot::channel();
+        let (reply, outcome) = oneshot::channel();
         self.tx
-            .send(Request { prompt, plan, reply })
-            .await
+            .send(Request {
+                prompt,
+                plan,
+                joined,
+                reply,
+            })
             .map_err(|_| EngineError::Gone)?;
-        Ok(rx)
+        Ok(Submitted {
+            joined: joined_rx,
+            outcome,
+        })
+    }
+}
+
+/// The engine thread: take new jobs, step, report; block only when idle.
+fn run_loop(generator: &dyn Generator, settings: &BatchSettings, mut rx: mpsc::UnboundedReceiver<Request>) {
+    let mut batcher = generator.batcher(settings);
+    let mut in_flight: HashMap<u64, InFlight> = HashMap::new();
+    let mut next_key = 0u64;
+    let mut accept =
+        |batcher: &mut Box<dyn Batcher + '_>, in_flight: &mut HashMap<u64, InFlight>, req: Request| {
+            let key = next_key;
+            next_key += 1;
+            let arrived = Instant::now();
+            let submitted =
+                std::panic::catch_unwind(AssertUnwindSafe(|| batcher.submit(key, &req.prompt, &req.plan)))
+                    .unwrap_or_else(|panic| Err(panicked(&*panic)));
+            match submitted {
+                Ok(()) => {
+                    in_flight.insert(
+                        key,
+                        InFlight {
+                            joined: Some(req.joined),
+                            reply: req.reply,
+                            arrived,
+                        },
+                    );
+                }
+                // The receiver is gone when nobody waits for this job any more; the result is discarded then.
+                Err(e) => drop(req.reply.send(Err(e))),
+            }
+        };
+    loop {
+        if !batcher.has_work() {
+            match rx.blocking_recv() {
+                Some(req) => accept(&mut batcher, &mut in_flight, req),
+                None => break,
+            }
+        }
+        while let Ok(req) = rx.try_recv() {
+            accept(&mut batcher, &mut in_flight, req);
+        }
+        if !batcher.has_work() {
+            continue;
+        }
+        let started = Instant::now();
+        let events = match std::panic::catch_unwind(AssertUnwindSafe(|| batcher.step())) {
+            Ok(events) => events,
+            Err(panic) => {
+                // The batch's state is unknown after a panic outside any one sequence: every job in it
+                // fails, and a fresh batch takes the next ones.
+                let error = panicked(&*panic);
+                for (_, job) in in_flight.drain() {
+                    let _ = job.reply.send(Err(error.clone()));
+                }
+                batcher = generator.batcher(settings);
+                continue;
+            }
+        };
+        let step = started.elapsed();
+        for event in events {
+            match event {
+                JobEvent::Joined { key, batch_size } => {
+                    if let Some(sender) = in_flight.get_mut(&key).and_then(|j| j.joined.take()) {
+                        let _ = sender.send(batch_size);
+                    }
+                }
+                // Streaming hooks in here; the count is in the final reply meanwhile.
+                JobEvent::Tokens { .. } => {}
+                JobEvent::Done { key, result } => {
+                    let Some(job) = in_flight.remove(&key) else {
+                        continue;
+                    };
+                    if let Ok(c) = &result {
+                        metrics::job_finished(c);
+                    }
+                    let outcome = result.map(|completion| Finished {
+                        completion,
+                        inference_ms: job.arrived.elapsed().as_millis() as u64,
+                    });
+                    let _ = job.reply.send(outcome);
+                }
+            }
+        }
+        metrics::step(&batcher.stats(), step);
+    }
+}
+
+/// A panic's message as a job failure (libtorch raises through `tch` as panics).
+fn panicked(panic: &(dyn std::any::Any + Send)) -> ErrorBody {
+    let what = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    tracing::error!(panic = what, "generation panicked");
+    ErrorBody::new(ErrorCode::GenerationFailed, "generation failed inside the engine")
+}
+
+/// Stand-ins for tests: a generator of one job at a time behind the [`Batcher`] seam.
+#[cfg(test)]
+pub(crate) mod solo {
+    use super::*;
+
+    /// Generates one job at a time.
+    pub(crate) trait Solo {
+        fn generate(&self, prompt: &str, plan: &GenerationPlan) -> Result<Completion, ErrorBody>;
+    }
+
+    /// One job at a time: a step lets the next job join, the step after generates it.
+    pub(crate) struct SoloBatch<'a, S: Solo> {
+        solo: &'a S,
+        queue: std::collections::VecDeque<(u64, String, GenerationPlan)>,
+        current: Option<(u64, String, GenerationPlan)>,
+    }
+
+    impl<S: Solo> Batcher for SoloBatch<'_, S> {
+        fn submit(&mut self, key: u64, prompt: &str, plan: &GenerationPlan) -> Result<(), ErrorBody> {
+            self.queue.push_back((key, prompt.to_owned(), plan.clone()));
+            Ok(())
+        }
+
+        fn step(&mut self) -> Vec<JobEvent> {
+            if let Some((key, prompt, plan)) = self.current.take() {
+                let result = self.solo.generate(&prompt, &plan);
+                return vec![JobEvent::Done { key, result }];
+            }
+            match self.queue.pop_front() {
+                Some(job) => {
+                    let key = job.0;
+                    self.current = Some(job);
+                    vec![JobEvent::Joined { key, batch_size: 1 }]
+                }
+                None => vec![],
+            }
+        }
+
+        fn has_work(&self) -> bool {
+            self.current.is_some() || !self.queue.is_empty()
+        }
+    }
+
+    /// Wraps a [`Solo`] as a [`Generator`].
+    pub(crate) struct One<S>(pub S);
+
+    impl<S: Solo> Generator for One<S> {
+        fn batcher(&self, _: &BatchSettings) -> Box<dyn Batcher + '_> {
+            Box::new(SoloBatch {
+                solo: &self.0,
+                queue: Default::default(),
+                current: None,
+            })
+        }
+    }
+
+    pub(crate) fn completion(text: String, tokens: usize) -> Completion {
+        Completion {
+            text,
+            token_ids: vec![7; tokens],
+            finish_reason: FinishReason::Length,
+            prompt_tokens: 1,
+            prefill_ms: 0,
+            decode_ms: 0,
+            time_to_first_token_ms: 0,
+            batch_size: 1,
+        }
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::solo::{One, Solo, completion};
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -152,7 +375,7 @@ pub(crate) mod tests {
         pub thread: Arc<std::sync::Mutex<Option<std::thread::ThreadId>>>,
     }
 
-    impl Generator for Echo {
+    impl Solo for Echo {
         fn generate(&self, prompt: &str, plan: &GenerationPlan) -> Result<Completion, ErrorBody> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             *self.thread.lock().unwrap() = Some(std::thread::current().id());
@@ -162,24 +385,17 @@ pub(crate) mod tests {
             if prompt == "fail" {
                 return Err(ErrorBody::new(ErrorCode::ContextOverflow, "too long"));
             }
-            Ok(Completion {
-                text: format!(" {prompt}"),
-                token_ids: vec![1; plan.max_new_tokens],
-                finish_reason: FinishReason::Length,
-                prompt_tokens: 1,
-                prefill_ms: 0,
-                decode_ms: 0,
-            })
+            Ok(completion(format!(" {prompt}"), plan.max_new_tokens))
         }
     }
 
-    pub(crate) fn echo() -> (Echo, Arc<AtomicUsize>) {
+    pub(crate) fn echo() -> (One<Echo>, Arc<AtomicUsize>) {
         let calls = Arc::new(AtomicUsize::new(0));
         (
-            Echo {
+            One(Echo {
                 calls: calls.clone(),
                 thread: Default::default(),
-            },
+            }),
             calls,
         )
     }
@@ -193,20 +409,23 @@ pub(crate) mod tests {
         .unwrap()
     }
 
+    async fn run(engine: &EngineThread, prompt: &str) -> Outcome {
+        engine
+            .submit(prompt.into(), plan())
+            .unwrap()
+            .outcome
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn generation_runs_off_the_async_runtime_on_one_engine_thread() {
         let (generator, _) = echo();
-        let seen = generator.thread.clone();
-        let engine = EngineThread::start(move || Ok::<_, String>(generator), 2)
+        let seen = generator.0.thread.clone();
+        let engine = EngineThread::start(move || Ok::<_, String>(generator), BatchSettings::default())
             .await
             .unwrap();
-        let out = engine
-            .submit("hi".into(), plan())
-            .await
-            .unwrap()
-            .await
-            .unwrap()
-            .unwrap();
+        let out = run(&engine, "hi").await.unwrap();
         assert_eq!(out.completion.text, " hi");
         assert_eq!(out.completion.token_ids.len(), 3);
         let engine_thread = seen.lock().unwrap().unwrap();
@@ -216,41 +435,28 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_panicking_job_fails_alone_and_the_engine_keeps_serving() {
         let (generator, calls) = echo();
-        let engine = EngineThread::start(move || Ok::<_, String>(generator), 2)
+        let engine = EngineThread::start(move || Ok::<_, String>(generator), BatchSettings::default())
             .await
             .unwrap();
-        let err = engine
-            .submit("boom".into(), plan())
-            .await
-            .unwrap()
-            .await
-            .unwrap()
-            .unwrap_err();
+        let err = run(&engine, "boom").await.unwrap_err();
         assert_eq!(err.code, ErrorCode::GenerationFailed);
-        let ok = engine.submit("next".into(), plan()).await.unwrap().await.unwrap();
-        assert!(ok.is_ok());
+        assert!(run(&engine, "next").await.is_ok());
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
     async fn engine_errors_come_back_as_reply_bodies() {
         let (generator, _) = echo();
-        let engine = EngineThread::start(move || Ok::<_, String>(generator), 1)
+        let engine = EngineThread::start(move || Ok::<_, String>(generator), BatchSettings::default())
             .await
             .unwrap();
-        let err = engine
-            .submit("fail".into(), plan())
-            .await
-            .unwrap()
-            .await
-            .unwrap()
-            .unwrap_err();
+        let err = run(&engine, "fail").await.unwrap_err();
         assert_eq!(err.code, ErrorCode::ContextOverflow);
     }
 
     #[tokio::test]
     async fn a_loader_error_is_reported_before_any_job() {
-        let err = EngineThread::start(|| Err::<Echo, _>("no such model"), 1)
+        let err = EngineThread::start(|| Err::<One<Echo>, _>("no such model"), BatchSettings::default())
             .await
             .err()
             .unwrap();

@@ -1,11 +1,15 @@
-//! The real engine behind the service's [`Generator`] seam: model flags to [`EngineOptions`], and engine
-//! errors to the `{code, message}` a `job.failed` reply carries.
+//! The real engine behind the service's [`Generator`] seam: model flags to [`EngineOptions`], jobs into the
+//! engine's continuous-batching [`Scheduler`], and engine errors to the `{code, message}` a `job.failed`
+//! reply carries.
 
-use shared::{ErrorBody, ErrorCode, GenerationPlan};
+use std::collections::HashMap;
+
+use shared::{ErrorBody, ErrorCode, FinishReason, GenerationPlan};
 
 use super::ServeError;
 use super::args::ServeArgs;
-use super::generator::{Completion, Generator};
+use super::generator::{BatchSettings, Batcher, Completion, Generator, JobEvent};
+use crate::decoding::{DecodeError, Event, Limits, Request, Scheduler, Stats, StopChecker};
 use crate::engine::{Engine, EngineError, EngineOptions};
 
 /// The engine options the flags describe; bad values are reported before anything loads.
@@ -16,16 +20,101 @@ pub fn engine_options(args: &ServeArgs) -> Result<EngineOptions, ServeError> {
 }
 
 impl Generator for Engine {
-    fn generate(&self, prompt: &str, plan: &GenerationPlan) -> Result<Completion, ErrorBody> {
-        let g = Engine::generate(self, prompt, plan).map_err(|e| error_body(&e))?;
-        Ok(Completion {
-            text: g.text,
-            token_ids: g.token_ids,
-            finish_reason: g.finish_reason,
-            prompt_tokens: g.prompt_tokens,
-            prefill_ms: g.prefill_ms,
-            decode_ms: g.decode_ms,
+    fn batcher(&self, settings: &BatchSettings) -> Box<dyn Batcher + '_> {
+        let limits = Limits {
+            max_batch_size: settings.max_batch_size.max(1),
+            max_batch_tokens: settings
+                .max_batch_tokens
+                .unwrap_or_else(|| self.default_batch_tokens(settings.max_batch_size)),
+            max_waiting_steps: settings.max_waiting_steps,
+            waiting_served_ratio: settings.waiting_served_ratio,
+        };
+        tracing::info!(
+            max_batch_size = limits.max_batch_size,
+            max_batch_tokens = limits.max_batch_tokens,
+            max_waiting_steps = limits.max_waiting_steps,
+            waiting_served_ratio = limits.waiting_served_ratio,
+            "continuous batching"
+        );
+        Box::new(EngineBatch {
+            engine: self,
+            scheduler: self.scheduler(limits),
+            stops: HashMap::new(),
         })
+    }
+}
+
+/// The engine's running batch, and each job's stop sequences for its final text.
+struct EngineBatch<'a> {
+    engine: &'a Engine,
+    scheduler: Scheduler<'a>,
+    stops: HashMap<u64, StopChecker>,
+}
+
+impl Batcher for EngineBatch<'_> {
+    fn submit(&mut self, key: u64, prompt: &str, plan: &GenerationPlan) -> Result<(), ErrorBody> {
+        let ids = self
+            .engine
+            .prompt_tokens(prompt, plan)
+            .map_err(|e| error_body(&e))?;
+        let request = Request {
+            id: key,
+            prompt: ids,
+            plan: plan.clone(),
+        };
+        self.scheduler
+            .submit(request)
+            .map_err(|e| decode_error_body(&e))?;
+        self.stops.insert(key, StopChecker::new(&plan.stop));
+        Ok(())
+    }
+
+    fn step(&mut self) -> Vec<JobEvent> {
+        self.scheduler
+            .step()
+            .into_iter()
+            .map(|event| match event {
+                Event::Joined { id, batch_size } => JobEvent::Joined { key: id, batch_size },
+                Event::Tokens { id, tokens } => JobEvent::Tokens {
+                    key: id,
+                    count: tokens.len(),
+                },
+                Event::Finished { id, result } => {
+                    let stop = self.stops.remove(&id).unwrap_or_default();
+                    let result = match result {
+                        Ok(f) => {
+                            let d = &f.decoded;
+                            let text = stop.final_text(
+                                self.engine.tokenizer(),
+                                &d.tokens,
+                                d.finish_reason == FinishReason::Stop,
+                            );
+                            let ttft = f.time_to_first_token.saturating_sub(f.queued);
+                            Ok(Completion {
+                                text,
+                                token_ids: d.tokens.iter().map(|&t| t as u32).collect(),
+                                finish_reason: d.finish_reason,
+                                prompt_tokens: f.prompt_tokens,
+                                prefill_ms: ttft.as_millis() as u64,
+                                decode_ms: f.inference.saturating_sub(ttft).as_millis() as u64,
+                                time_to_first_token_ms: f.time_to_first_token.as_millis() as u64,
+                                batch_size: f.batch_size,
+                            })
+                        }
+                        Err(e) => Err(decode_error_body(&e)),
+                    };
+                    JobEvent::Done { key: id, result }
+                }
+            })
+            .collect()
+    }
+
+    fn has_work(&self) -> bool {
+        self.scheduler.has_work()
+    }
+
+    fn stats(&self) -> Stats {
+        self.scheduler.stats()
     }
 }
 
@@ -36,6 +125,17 @@ fn error_body(e: &EngineError) -> ErrorBody {
         EngineError::Tokenizer(_) | EngineError::Generation(_) | EngineError::Load(_) => {
             tracing::error!(error = %e, "generation failed");
             ErrorBody::new(ErrorCode::GenerationFailed, e.to_string())
+        }
+    }
+}
+
+/// A job too big for the batch budget is the client's to shrink, like a context overflow.
+fn decode_error_body(e: &DecodeError) -> ErrorBody {
+    match e {
+        DecodeError::TooLarge(_) => ErrorBody::new(ErrorCode::ContextOverflow, e.to_string()),
+        other => {
+            tracing::error!(error = %other, "generation failed");
+            ErrorBody::new(ErrorCode::GenerationFailed, format!("generation failed: {other}"))
         }
     }
 }
@@ -78,7 +178,7 @@ mod tests {
     }
 
     #[test]
-    fn a_context_overflow_is_the_clients_to_fix() {
+    fn a_context_overflow_or_a_job_too_big_for_the_batch_is_the_clients_to_fix() {
         let e = EngineError::ContextOverflow {
             prompt_tokens: 10,
             max_new_tokens: 2048,
@@ -88,6 +188,10 @@ mod tests {
         assert_eq!(
             error_body(&EngineError::Generation("x".into())).code,
             ErrorCode::GenerationFailed
+        );
+        assert_eq!(
+            decode_error_body(&DecodeError::TooLarge("x".into())).code,
+            ErrorCode::ContextOverflow
         );
     }
 }

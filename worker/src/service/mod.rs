@@ -6,10 +6,15 @@
 //!   that dies mid-job leaves the job to be redelivered;
 //! - invalid or malformed messages are answered with `job.failed` and dead-lettered, and never end the
 //!   loop (`intake`);
-//! - generation runs on its own OS thread, so the runtime keeps answering heartbeats (`generator`);
+//! - generation runs on its own OS thread, which owns the continuous-batching scheduler: up to
+//!   `--max-batch-size` jobs decode together, each joining and leaving between steps (`generator`,
+//!   `crate::decoding::scheduler`), and the runtime keeps answering heartbeats;
+//! - each job is handled on its own: `job.started` when it joins the batch, its final reply and its
+//!   acknowledgement when it finishes, whatever the others do (`session`);
 //! - a lost connection is retried with backoff, and a job finished meanwhile is answered from memory when
 //!   redelivered (`outcomes`);
-//! - SIGTERM/SIGINT stop the consumer, finish the job in hand, reply, acknowledge, exit 0;
+//! - SIGTERM/SIGINT stop the consumer, finish every job in the batch, reply, acknowledge, return the jobs
+//!   not yet handed to the engine to the queue, exit 0;
 //! - queues that exist with other arguments (another delivery limit) stop the worker with an error naming
 //!   the setting, since reconnecting cannot fix them.
 
@@ -18,6 +23,7 @@ mod backoff;
 mod generator;
 mod intake;
 mod load;
+mod metrics;
 mod outcomes;
 mod replies;
 mod session;
@@ -30,7 +36,9 @@ use std::future::Future;
 use futures::FutureExt;
 
 pub use args::{ServeArgs, ServiceConfig};
-pub use generator::{Completion, EngineError, EngineThread, Finished, Generator, Outcome};
+pub use generator::{
+    BatchSettings, Batcher, Completion, EngineError, EngineThread, Finished, Generator, JobEvent, Outcome,
+};
 
 /// Why `worker serve` stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +67,11 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let config = args.service_config()?;
     let shutdown = shutdown.boxed().shared();
-    // Jobs wait for the engine only behind the one in hand, plus what a reconnect may add.
-    let capacity = usize::from(config.prefetch) + 1;
+    if let Some(listen) = args.metrics_listen {
+        metrics::install(listen).map_err(ServeError::Config)?;
+        tracing::info!(%listen, "serving metrics");
+    }
+    let settings = args.batch_settings();
     let options = load::engine_options(&args)?;
     tracing::info!(model = %args.engine.model_dir.display(), "loading the model");
     let load = move || {
@@ -82,7 +93,7 @@ pub async fn run(
         Ok::<_, crate::engine::EngineError>(engine)
     };
     let engine = tokio::select! {
-        engine = EngineThread::start(load, capacity) => engine?,
+        engine = EngineThread::start(load, settings) => engine?,
         () = shutdown.clone() => return Ok(()),
     };
     serve(config, engine, shutdown).await
@@ -123,6 +134,9 @@ fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'stati
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::info!(signal = name, "shutdown requested: finishing the job in hand");
+        tracing::info!(
+            signal = name,
+            "shutdown requested: finishing the jobs in the batch"
+        );
     })
 }

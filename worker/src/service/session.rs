@@ -1,22 +1,25 @@
-//! One broker connection's life: connect, declare the topology, consume `{ns}.jobs`, handle deliveries one
-//! at a time, and stop cleanly; plus the loop that reconnects with backoff when the connection is lost.
+//! One broker connection's life: connect, declare the topology, consume `{ns}.jobs`, handle each delivery
+//! on its own, and stop cleanly; plus the loop that reconnects with backoff when the connection is lost.
 //!
-//! Jobs run one at a time (the engine is one thread). While a job runs the loop keeps polling the consumer,
-//! so a dropped connection is noticed at once rather than when the job ends, and it keeps polling the
-//! shutdown signal, so SIGTERM cancels the consumer at once and the job in hand still finishes.
+//! Up to `--max-batch-size` jobs are in the engine at once (one permit per place in the batch); each is
+//! answered and acknowledged when it finishes, whatever the others do. Deliveries beyond that (a prefetch
+//! larger than the batch) wait for a place. The loop keeps polling the consumer, so a dropped connection is
+//! noticed at once rather than when a job ends, and the shutdown signal, so SIGTERM cancels the consumer
+//! at once: the jobs in the engine still finish, those still waiting for a place go back to the queue.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::{BoxFuture, Shared};
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use shared::JobReply;
 use shared::reply::{Failed, Started, Succeeded, Timings, now_ms};
-use shared::{JobId, JobReply};
+use tokio::sync::{Semaphore, oneshot};
 use tracing::{info, warn};
 
 use super::args::ServiceConfig;
@@ -70,14 +73,19 @@ pub struct Service {
     config: ServiceConfig,
     engine: EngineThread,
     outcomes: Mutex<Outcomes>,
+    /// One permit per place in the running batch.
+    places: Arc<Semaphore>,
 }
 
 impl Service {
     pub fn new(config: ServiceConfig, engine: EngineThread) -> Self {
+        let places = Arc::new(Semaphore::new(usize::from(config.max_batch_size.max(1))));
+        let remembered = REMEMBERED_JOBS.max(4 * usize::from(config.max_batch_size));
         Self {
             config,
             engine,
-            outcomes: Mutex::new(Outcomes::new(REMEMBERED_JOBS)),
+            outcomes: Mutex::new(Outcomes::new(remembered)),
+            places,
         }
     }
 
@@ -178,40 +186,28 @@ impl Service {
         tag: &str,
         shutdown: Shutdown,
     ) -> Result<(), SessionError> {
-        // Deliveries the broker sent ahead (prefetch > 1) wait here for the engine.
-        let mut waiting: VecDeque<Delivery> = VecDeque::new();
-        let mut current: Option<BoxFuture<'_, Result<(), SessionError>>> = None;
+        let mut jobs: FuturesUnordered<BoxFuture<'_, Result<(), SessionError>>> = FuturesUnordered::new();
         let mut stopping = false;
         let mut consumer_done = false;
         loop {
-            if current.is_none() {
-                match waiting.pop_front() {
-                    Some(delivery) => current = Some(self.handle(channel, delivery).boxed()),
-                    None if stopping => return Ok(()),
-                    None => {}
-                }
+            if stopping && jobs.is_empty() {
+                return Ok(());
             }
             tokio::select! {
                 biased;
                 () = shutdown.clone(), if !stopping => {
                     stopping = true;
-                    info!(in_hand = current.is_some(), "stopping: taking no more jobs");
+                    info!(in_hand = jobs.len(), "stopping: taking no more jobs");
                     if let Err(e) = channel.basic_cancel(tag.into(), BasicCancelOptions::default()).await {
                         warn!(error = %e, "cancelling the consumer failed");
                     }
-                    for delivery in waiting.drain(..) {
-                        let _ = Settlement::new(delivery.acker).requeue().await;
-                    }
                 }
-                done = async { current.as_mut().map(|f| f.as_mut()).expect("guarded by is_some").await }, if current.is_some() => {
-                    current = None;
-                    done?;
-                }
+                Some(done) = jobs.next(), if !jobs.is_empty() => done?,
                 next = consumer.next(), if !consumer_done => match next {
                     Some(Ok(delivery)) if stopping => {
                         let _ = Settlement::new(delivery.acker).requeue().await;
                     }
-                    Some(Ok(delivery)) => waiting.push_back(delivery),
+                    Some(Ok(delivery)) => jobs.push(self.handle(channel, delivery, shutdown.clone()).boxed()),
                     Some(Err(e)) => return Err(e.into()),
                     None if stopping => consumer_done = true,
                     None => return Err(SessionError::ConsumerCancelled),
@@ -221,7 +217,12 @@ impl Service {
     }
 
     /// One delivery, from inspection to its acknowledgement.
-    async fn handle(&self, channel: &Channel, delivery: Delivery) -> Result<(), SessionError> {
+    async fn handle(
+        &self,
+        channel: &Channel,
+        delivery: Delivery,
+        shutdown: Shutdown,
+    ) -> Result<(), SessionError> {
         let taken_at_ms = now_ms();
         let Delivery {
             properties,
@@ -233,7 +234,7 @@ impl Service {
         let settlement = Settlement::new(acker);
         match intake::inspect(&properties, &data, &self.config.rules) {
             Ok(job) => {
-                self.run_job(channel, job, redelivered, taken_at_ms, settlement)
+                self.run_job(channel, job, redelivered, taken_at_ms, settlement, shutdown)
                     .await
             }
             Err(refused) => self.refuse(channel, refused, settlement).await,
@@ -277,10 +278,44 @@ impl Service {
         redelivered: bool,
         taken_at_ms: u64,
         settlement: Settlement,
+        shutdown: Shutdown,
     ) -> Result<(), SessionError> {
         let Accepted { id, reply_to, job } = accepted;
         let correlation_id = id.to_string();
-        let pending = self.outcome_of(id, &job).await?;
+        let seen = self.remembered().get(&id);
+        let (joined, pending) = match seen {
+            Some(pending) => {
+                info!(job = %id, "job seen before; answering from its earlier generation");
+                (None, pending)
+            }
+            None => {
+                // A place in the batch first; a stop before one frees up returns the job to the queue.
+                let permit = tokio::select! {
+                    biased;
+                    permit = self.places.clone().acquire_owned() => permit.map_err(|_| EngineError::Gone)?,
+                    () = shutdown => {
+                        settlement.requeue().await?;
+                        return Ok(());
+                    }
+                };
+                let submitted = self.engine.submit(job.prompt.clone(), job.plan.clone())?;
+                let pending = self.remembered().insert(id, submitted.outcome);
+                // The place is freed when the engine is done with the job, whoever awaits it (or nobody:
+                // the connection may be gone by then).
+                let done = pending.clone();
+                tokio::spawn(async move {
+                    let _ = done.await;
+                    drop(permit);
+                });
+                (Some(submitted.joined), pending)
+            }
+        };
+        // `job.started` goes out when the job joins the running batch (or at once when it is answered from
+        // memory, or refused before joining).
+        let batch_size = match joined {
+            Some(joined) => joined_or_done(joined, pending.clone()).await,
+            None => None,
+        };
         let started = JobReply::Started(Started {
             job_id: id,
             worker_id: self.config.worker_id.clone(),
@@ -292,7 +327,7 @@ impl Service {
             Err(PublishError::Nacked) => warn!(job = %id, "the broker refused the job.started reply"),
             other => other?,
         }
-        info!(job = %id, redelivered, "job started");
+        info!(job = %id, redelivered, batch_size, "job started");
 
         let outcome = pending.await.ok_or(EngineError::Gone)?;
         let worker_id = self.config.worker_id.clone();
@@ -312,7 +347,9 @@ impl Service {
                         prefill_ms: c.prefill_ms,
                         decode_ms: c.decode_ms,
                         inference_ms: finished.inference_ms,
+                        time_to_first_token_ms: Some(c.time_to_first_token_ms),
                     },
+                    batch_size: Some(c.batch_size as u32),
                     finished_at_ms: now_ms(),
                 })
             }
@@ -343,19 +380,18 @@ impl Service {
         Ok(())
     }
 
-    /// The job's outcome: remembered from an earlier delivery of the same job, or a new generation.
-    async fn outcome_of(&self, id: JobId, job: &shared::ValidJob) -> Result<PendingOutcome, EngineError> {
-        if let Some(pending) = self.remembered().get(&id) {
-            info!(job = %id, "job seen before; answering from its earlier generation");
-            return Ok(pending);
-        }
-        let rx = self.engine.submit(job.prompt.clone(), job.plan.clone()).await?;
-        Ok(self.remembered().insert(id, rx))
-    }
-
     fn remembered(&self) -> std::sync::MutexGuard<'_, Outcomes> {
         // Never held across an await, and nothing panics while holding it; a poisoned lock still holds
         // valid data.
         self.outcomes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Waits until the job joins the batch (its batch size then) or finishes without joining (`None`).
+async fn joined_or_done(joined: oneshot::Receiver<usize>, done: PendingOutcome) -> Option<usize> {
+    tokio::select! {
+        biased;
+        size = joined => size.ok(),
+        _ = done => None,
     }
 }

@@ -12,9 +12,10 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
-use shared::{ErrorBody, ErrorCode, FinishReason, GenerationPlan, JobId, JobReply, Topology};
+use shared::{ErrorBody, ErrorCode, GenerationPlan, JobId, JobReply, Topology};
 use tokio::sync::oneshot;
 
+use super::generator::solo::{One, Solo, completion};
 use super::*;
 
 const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672";
@@ -25,20 +26,13 @@ struct Gate {
     release: Mutex<mpsc::Receiver<()>>,
 }
 
-impl Generator for Gate {
+impl Solo for Gate {
     fn generate(&self, prompt: &str, plan: &GenerationPlan) -> Result<Completion, ErrorBody> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if prompt.starts_with("hold") {
             let _ = self.release.lock().unwrap().recv();
         }
-        Ok(Completion {
-            text: format!(" after {prompt}"),
-            token_ids: vec![7; plan.max_new_tokens],
-            finish_reason: FinishReason::Length,
-            prompt_tokens: 2,
-            prefill_ms: 1,
-            decode_ms: 2,
-        })
+        Ok(completion(format!(" after {prompt}"), plan.max_new_tokens))
     }
 }
 
@@ -59,7 +53,7 @@ async fn start_worker(url: &str) -> Worker {
         calls: calls.clone(),
         release: Mutex::new(rx),
     };
-    let engine = EngineThread::start(move || Ok::<_, String>(gate), 2)
+    let engine = EngineThread::start(move || Ok::<_, String>(One(gate)), BatchSettings::default())
         .await
         .unwrap();
     let config = ServiceConfig {
@@ -68,6 +62,7 @@ async fn start_worker(url: &str) -> Worker {
         rules: shared::PromptRules::default(),
         prefetch: 1,
         worker_id: "test-worker".into(),
+        max_batch_size: 1,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(config, engine, async move {
@@ -393,7 +388,7 @@ async fn a_jobs_queue_declared_with_another_delivery_limit_stops_the_worker_with
         calls: Arc::new(AtomicUsize::new(0)),
         release: Mutex::new(mpsc::channel().1),
     };
-    let engine = EngineThread::start(move || Ok::<_, String>(gate), 1)
+    let engine = EngineThread::start(move || Ok::<_, String>(One(gate)), BatchSettings::default())
         .await
         .unwrap();
     let config = ServiceConfig {
@@ -402,6 +397,7 @@ async fn a_jobs_queue_declared_with_another_delivery_limit_stops_the_worker_with
         rules: shared::PromptRules::default(),
         prefetch: 1,
         worker_id: "test-worker".into(),
+        max_batch_size: 1,
     };
     let ended = tokio::time::timeout(
         Duration::from_secs(20),

@@ -1,0 +1,340 @@
+//! The scheduler on the fake model whose logits depend on the whole history: sequences that join a batch
+//! already decoding, leave it early, wait for room or fail must leave every other sequence's tokens exactly
+//! what they are alone.
+
+use std::collections::HashMap;
+
+use super::*;
+use crate::decoding::testing::{HashLm, Letters};
+use crate::decoding::{Decoded, generate};
+use shared::{FinishReason, GenerationParameters, Strategy};
+
+fn plan(p: GenerationParameters) -> GenerationPlan {
+    p.validate().expect("valid parameters")
+}
+
+fn alone(lm: &HashLm, prompt: &[i64], p: &GenerationPlan) -> Decoded {
+    generate(lm, &[prompt.to_vec()], p, lm.info().eos_token_id, &Letters)
+        .expect("generates")
+        .results
+        .remove(0)
+}
+
+/// A mix of every strategy and option, with prompts and lengths that differ.
+fn mixed() -> Vec<(Vec<i64>, GenerationPlan)> {
+    let p = |strategy, n| GenerationParameters {
+        strategy: Some(strategy),
+        max_new_tokens: Some(n),
+        ..Default::default()
+    };
+    vec![
+        (vec![3, 1, 4, 1, 5], plan(p(Strategy::Greedy, 20))),
+        (vec![9], plan(p(Strategy::Contrastive, 14))),
+        (
+            vec![2, 6, 5, 3, 5, 8, 9, 7, 9],
+            plan(GenerationParameters {
+                penalty_alpha: Some(0.3),
+                top_k: Some(6),
+                ..p(Strategy::Contrastive, 11)
+            }),
+        ),
+        (
+            vec![7, 7, 1],
+            plan(GenerationParameters {
+                num_beams: Some(3),
+                ..p(Strategy::Beam, 9)
+            }),
+        ),
+        (
+            vec![4, 4],
+            plan(GenerationParameters {
+                num_beams: Some(4),
+                length_penalty: Some(0.7),
+                early_stopping: Some(true),
+                ..p(Strategy::Beam, 8)
+            }),
+        ),
+        (
+            vec![5, 3, 8],
+            plan(GenerationParameters {
+                seed: Some(11),
+                temperature: Some(0.8),
+                top_p: Some(0.9),
+                ..p(Strategy::Sample, 17)
+            }),
+        ),
+        (
+            vec![1, 2, 3, 4, 5, 6],
+            plan(GenerationParameters {
+                repetition_penalty: Some(1.4),
+                no_repeat_ngram_size: Some(2),
+                ..p(Strategy::Greedy, 25)
+            }),
+        ),
+        (
+            vec![8, 1],
+            plan(GenerationParameters {
+                stop: vec!["ab".into(), "zz".into()],
+                min_new_tokens: Some(3),
+                ..p(Strategy::Greedy, 30)
+            }),
+        ),
+        (vec![6], plan(p(Strategy::Greedy, 3))),
+    ]
+}
+
+/// Runs `jobs`, job `i` submitted before step `arrivals[i]`; results by job index, and the most sequences
+/// that ran at once.
+fn staggered(
+    lm: &HashLm,
+    text: &dyn TextDecoder,
+    limits: Limits,
+    jobs: &[(Vec<i64>, GenerationPlan)],
+    arrivals: &[usize],
+) -> (HashMap<u64, Result<Finished>>, usize) {
+    let mut s = Scheduler::new(lm, text, limits);
+    let mut results = HashMap::new();
+    let mut widest = 0;
+    let mut step = 0;
+    while results.len() < jobs.len() {
+        for (i, (prompt, plan)) in jobs.iter().enumerate() {
+            if arrivals[i] == step {
+                let request = Request {
+                    id: i as u64,
+                    prompt: prompt.clone(),
+                    plan: plan.clone(),
+                };
+                s.submit(request).expect("submitted");
+            }
+        }
+        for event in s.step() {
+            if let Event::Finished { id, result } = event {
+                results.insert(id, result);
+            }
+        }
+        widest = widest.max(s.stats().running);
+        step += 1;
+        assert!(step < 10_000, "the scheduler stalls");
+    }
+    (results, widest)
+}
+
+fn quick() -> Limits {
+    Limits {
+        max_batch_size: 64,
+        max_batch_tokens: 1 << 20,
+        max_waiting_steps: 0,
+        waiting_served_ratio: 0.0,
+    }
+}
+
+#[test]
+fn jobs_joining_a_batch_already_decoding_get_exactly_what_they_get_alone() {
+    let mut lm = HashLm::new(40, Some(0));
+    lm.eos_bias = 1.0; // some sequences end early and leave mid-way
+    let jobs = mixed();
+    let arrivals: Vec<usize> = (0..jobs.len()).collect();
+    let (results, widest) = staggered(&lm, &Letters, quick(), &jobs, &arrivals);
+    assert!(widest >= 4, "the jobs overlapped ({widest} at most)");
+    let mut early = false;
+    for (i, (prompt, p)) in jobs.iter().enumerate() {
+        let got = results[&(i as u64)].as_ref().expect("succeeds");
+        assert_eq!(got.decoded, alone(&lm, prompt, p), "job {i}: {p:?}");
+        early |= got.decoded.finish_reason == FinishReason::Eos;
+        assert!(got.batch_size >= 1);
+    }
+    assert!(early, "some sequence left the batch early at EOS");
+}
+
+#[test]
+fn rate_limited_joins_and_a_tight_budget_change_no_token() {
+    let lm = HashLm::new(40, Some(0));
+    let jobs = mixed();
+    let arrivals: Vec<usize> = (0..jobs.len()).map(|i| i % 3).collect();
+    let limits = Limits {
+        max_batch_size: 3,
+        // Room for about two of these jobs at once: the others wait for room.
+        max_batch_tokens: 160,
+        max_waiting_steps: 3,
+        waiting_served_ratio: 2.0,
+    };
+    let (results, widest) = staggered(&lm, &Letters, limits, &jobs, &arrivals);
+    assert!(widest <= 3, "max_batch_size holds ({widest})");
+    for (i, (prompt, p)) in jobs.iter().enumerate() {
+        let got = results[&(i as u64)].as_ref().expect("succeeds");
+        assert_eq!(got.decoded, alone(&lm, prompt, p), "job {i}");
+    }
+}
+
+#[test]
+fn a_lone_job_joins_at_once_and_later_arrivals_wait_for_the_join_window() {
+    let lm = HashLm::new(40, None);
+    let g = plan(GenerationParameters {
+        strategy: Some(Strategy::Greedy),
+        max_new_tokens: Some(30),
+        ..Default::default()
+    });
+    let limits = Limits {
+        max_waiting_steps: 4,
+        waiting_served_ratio: 100.0,
+        ..quick()
+    };
+    let mut s = Scheduler::new(&lm, &Letters, limits);
+    let req = |id| Request {
+        id,
+        prompt: vec![1, 2, 3],
+        plan: g.clone(),
+    };
+    s.submit(req(0)).unwrap();
+    let first = s.step();
+    assert!(
+        matches!(first[0], Event::Joined { id: 0, batch_size: 1 }),
+        "{first:?}"
+    );
+    assert!(first.iter().any(|e| matches!(e, Event::Tokens { id: 0, .. })));
+    s.submit(req(1)).unwrap();
+    let mut joined_after = None;
+    for step in 1..10 {
+        if s.step().iter().any(|e| matches!(e, Event::Joined { id: 1, .. })) {
+            joined_after = Some(step);
+            break;
+        }
+    }
+    assert_eq!(
+        joined_after,
+        Some(4),
+        "it joins once the running batch has made 4 steps since its own join"
+    );
+}
+
+#[test]
+fn a_cancelled_sequence_leaves_and_the_others_keep_their_tokens() {
+    let lm = HashLm::new(40, None);
+    let jobs = mixed();
+    let mut s = Scheduler::new(&lm, &Letters, quick());
+    for (i, (prompt, plan)) in jobs.iter().enumerate() {
+        let request = Request {
+            id: i as u64,
+            prompt: prompt.clone(),
+            plan: plan.clone(),
+        };
+        s.submit(request).unwrap();
+    }
+    let mut results = HashMap::new();
+    let mut steps = 0;
+    while s.has_work() {
+        for event in s.step() {
+            if let Event::Finished { id, result } = event {
+                results.insert(id, result.expect("succeeds").decoded);
+            }
+        }
+        steps += 1;
+        if steps == 3 {
+            // The contrastive job (a middle row) and the first beam search leave mid-way.
+            assert!(s.cancel(1) && s.cancel(3));
+            assert!(!s.cancel(1), "already gone");
+        }
+    }
+    assert!(!results.contains_key(&1) && !results.contains_key(&3));
+    for (i, (prompt, p)) in jobs.iter().enumerate().filter(|(i, _)| *i != 1 && *i != 3) {
+        assert_eq!(results[&(i as u64)], alone(&lm, prompt, p), "job {i}");
+    }
+}
+
+/// Decodes like [`Letters`], but panics on any call: only sequences with stop strings decode text.
+struct Exploding;
+
+impl TextDecoder for Exploding {
+    fn decode(&self, _: &[u32]) -> String {
+        panic!("the decoder broke")
+    }
+}
+
+#[test]
+fn a_failing_sequence_fails_alone() {
+    let lm = HashLm::new(40, None);
+    let jobs = mixed();
+    let arrivals = vec![0; jobs.len()];
+    let (results, _) = staggered(&lm, &Exploding, quick(), &jobs, &arrivals);
+    for (i, (prompt, p)) in jobs.iter().enumerate() {
+        match &results[&(i as u64)] {
+            Err(e) if !p.stop.is_empty() => assert!(e.to_string().contains("the decoder broke"), "{e}"),
+            Err(e) => panic!("job {i} failed: {e}"),
+            Ok(f) => {
+                assert!(p.stop.is_empty(), "job {i} with stop strings should have failed");
+                assert_eq!(f.decoded, alone(&lm, prompt, p), "job {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_job_that_can_never_fit_the_budget_is_refused_at_once() {
+    let lm = HashLm::new(40, None);
+    let limits = Limits {
+        max_batch_tokens: 100,
+        ..quick()
+    };
+    let mut s = Scheduler::new(&lm, &Letters, limits);
+    let big = plan(GenerationParameters {
+        strategy: Some(Strategy::Beam),
+        num_beams: Some(4),
+        max_new_tokens: Some(40),
+        ..Default::default()
+    });
+    let err = s
+        .submit(Request {
+            id: 0,
+            prompt: vec![1, 2],
+            plan: big,
+        })
+        .unwrap_err();
+    assert!(matches!(err, DecodeError::TooLarge(_)), "{err}");
+    assert!(err.to_string().contains("--max-batch-tokens"), "{err}");
+    assert!(!s.has_work());
+    let too_long = plan(GenerationParameters {
+        max_new_tokens: Some(600),
+        ..Default::default()
+    });
+    let err = s
+        .submit(Request {
+            id: 1,
+            prompt: vec![1],
+            plan: too_long,
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("context"), "{err}");
+}
+
+#[test]
+fn the_cache_allocation_only_changes_when_sequences_join_and_is_released_when_the_batch_empties() {
+    let lm = HashLm::new(40, None);
+    let jobs = mixed();
+    let mut s = Scheduler::new(&lm, &Letters, quick());
+    for (i, (prompt, plan)) in jobs.iter().enumerate() {
+        let request = Request {
+            id: i as u64,
+            prompt: prompt.clone(),
+            plan: plan.clone(),
+        };
+        s.submit(request).unwrap();
+    }
+    let mut allocated = None;
+    while s.has_work() {
+        let events = s.step();
+        let now = s.stats();
+        let joined = events.iter().any(|e| matches!(e, Event::Joined { .. }));
+        if let Some(before) = allocated
+            && !joined
+            && now.running > 0
+        {
+            assert_eq!(
+                now.kv_allocated, before,
+                "a step without joins reallocated the cache"
+            );
+        }
+        assert!(now.kv_used <= now.kv_allocated);
+        allocated = Some(now.kv_allocated);
+    }
+    assert_eq!(s.stats().kv_allocated, 0);
+}
