@@ -233,9 +233,9 @@ def check_worker(where: str, worker: dict) -> None:
     )
     environment = worker.get("environment", {})
     check(amqp_host(environment) == "rabbitmq", where, "AMQP_URL must point at the rabbitmq service")
-    for key in ("NAMESPACE", "MODEL_DIR", "PREFETCH"):
+    for key in ("NAMESPACE", "MODEL_DIR", "MAX_BATCH_SIZE"):
         check(environment.get(key) not in (None, ""), where, f"must set {key}")
-    check(worker.get("stop_grace_period") is not None, where, "needs a stop_grace_period to finish the job in hand")
+    check(worker.get("stop_grace_period") is not None, where, "needs a stop_grace_period to finish the jobs in its batch")
 
 
 def check_cpu_model(model: dict) -> None:

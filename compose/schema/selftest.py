@@ -130,8 +130,8 @@ CASES = [
     (
         "KEDA trigger metadata that is not a string",
         "compose/k8s/keda.yaml",
-        'value: "3"',
-        "value: 3",
+        'value: "40"',
+        "value: 40",
         "is not of type 'string'",
     ),
 ]

@@ -186,13 +186,15 @@ impl SlotCache {
         self.positions = 0;
     }
 
-    /// Writes row `from_row` of a prefill cache (its first `len` positions) into rows `row..row + copies`.
+    /// Writes row `from_row` of a prefill cache, its positions `start..start + len` (past its left padding),
+    /// into positions `0..len` of rows `row..row + copies`.
     pub fn load(
         &mut self,
         row: usize,
         copies: usize,
         from: &KvCache,
         from_row: usize,
+        start: usize,
         len: usize,
     ) -> Result<(), tch::TchError> {
         let l = len as i64;
@@ -202,8 +204,8 @@ impl SlotCache {
                     "the prefill cache has no layer {i}"
                 )));
             };
-            let fk = fk.f_narrow(0, from_row as i64, 1)?.f_narrow(2, 0, l)?;
-            let fv = fv.f_narrow(0, from_row as i64, 1)?.f_narrow(2, 0, l)?;
+            let fk = fk.f_narrow(0, from_row as i64, 1)?.f_narrow(2, start as i64, l)?;
+            let fv = fv.f_narrow(0, from_row as i64, 1)?.f_narrow(2, start as i64, l)?;
             for c in 0..copies {
                 let r = (row + c) as i64;
                 k.f_narrow(0, r, 1)?.f_narrow(2, 0, l)?.f_copy_(&fk)?;

@@ -41,6 +41,9 @@ pub struct Limits {
     pub max_waiting_steps: usize,
     /// ... or once they are at least this share of the running sequences.
     pub waiting_served_ratio: f64,
+    /// Newcomers of one join round are prefilled together, left-padded, up to this many padded prompt
+    /// tokens (TGI's `max_batch_prefill_tokens`); one prompt alone may exceed it.
+    pub max_prefill_tokens: usize,
 }
 
 impl Limits {
@@ -51,9 +54,13 @@ impl Limits {
             max_batch_tokens: usize::MAX,
             max_waiting_steps: 0,
             waiting_served_ratio: 0.0,
+            max_prefill_tokens: DEFAULT_MAX_PREFILL_TOKENS,
         }
     }
 }
+
+/// TGI's default `max_batch_prefill_tokens`.
+pub const DEFAULT_MAX_PREFILL_TOKENS: usize = 4096;
 
 /// A sequence to generate.
 #[derive(Debug, Clone)]
@@ -320,98 +327,148 @@ impl<'a> Scheduler<'a> {
                 return;
             }
         }
-        let first_new = self.running.len();
+        // Who joins this round, and the allocation the batch needs with them.
+        let vocab = self.ctx.model.info().vocab_size;
+        let mut picked: Vec<(Waiting, Machine, usize)> = Vec::new();
+        let mut rows = self.rows_used();
+        let mut queries = self.queries();
+        let mut longest = self.running.iter().map(|r| r.need).max().unwrap_or(0);
+        let mut alloc = (self.cache.rows(), self.cache.positions());
+        let mut longest_prompt = 0;
         while let Some(w) = self.waiting.front() {
-            if self.running.len() >= self.limits.max_batch_size {
+            if self.running.len() + picked.len() >= self.limits.max_batch_size {
                 break;
             }
-            let machine = Machine::for_plan(&w.request.plan, self.ctx.model.info().vocab_size);
-            let need = w.request.prompt.len() + w.request.plan.max_new_tokens - 1;
-            let rows = self.rows_used() + machine.rows();
-            let queries = self.queries().max(machine.queries());
-            let longest = self.running.iter().map(|r| r.need).max().unwrap_or(0).max(need);
-            let positions = longest + queries;
-            let grow = if rows <= self.cache.rows() && positions <= self.cache.positions() {
-                None
+            let machine = Machine::for_plan(&w.request.plan, vocab);
+            let p = w.request.prompt.len();
+            let need = p + w.request.plan.max_new_tokens - 1;
+            let (r, q, l) = (
+                rows + machine.rows(),
+                queries.max(machine.queries()),
+                longest.max(need),
+            );
+            let positions = l + q;
+            let next_alloc = if r <= alloc.0 && positions <= alloc.1 {
+                alloc
             } else {
-                let positions = positions.max(self.cache.positions());
+                let positions = positions.max(alloc.1);
                 let most = self.limits.max_batch_tokens / positions.max(1);
-                let rows_alloc = rows.max(self.cache.rows().saturating_mul(2)).min(most);
-                if rows_alloc < rows {
+                let rows_alloc = r.max(alloc.0.saturating_mul(2)).min(most);
+                if rows_alloc < r {
                     break; // it waits for room; those behind it wait too (first come, first served)
                 }
-                Some((rows_alloc, positions))
+                (rows_alloc, positions)
             };
+            let padded = longest_prompt.max(p) * (picked.len() + 1);
+            if !picked.is_empty() && padded > self.limits.max_prefill_tokens {
+                break;
+            }
             let Some(w) = self.waiting.pop_front() else { break };
-            let joined = Instant::now();
-            let id = w.request.id;
-            match guarded(|| self.join(w.request, machine, need, grow, w.arrived, joined)) {
-                Ok(()) => {}
-                Err(e) => events.push(Event::Finished { id, result: Err(e) }),
-            }
+            picked.push((w, machine, need));
+            (rows, queries, longest, alloc) = (r, q, l, next_alloc);
+            longest_prompt = longest_prompt.max(p);
         }
-        if self.running.len() > first_new {
-            self.steps_since_join = 0;
-            let batch_size = self.running.len();
-            for r in &mut self.running[first_new..] {
-                r.batch_size = batch_size;
-                events.push(Event::Joined { id: r.id, batch_size });
+        if picked.is_empty() {
+            return;
+        }
+        let ids: Vec<u64> = picked.iter().map(|(w, _, _)| w.request.id).collect();
+        let first_new = self.running.len();
+        if let Err(e) = guarded(|| self.join(picked, alloc)) {
+            tracing::error!(error = %e, sequences = ids.len(), "a prefill failed");
+            self.running.truncate(first_new);
+            for id in ids {
+                let e = DecodeError::Invalid(format!("the prompt's prefill failed: {e}"));
+                events.push(Event::Finished { id, result: Err(e) });
             }
+            if self.running.is_empty() {
+                self.cache.release();
+            }
+            return;
+        }
+        self.steps_since_join = 0;
+        let batch_size = self.running.len();
+        for r in &mut self.running[first_new..] {
+            r.batch_size = batch_size;
+            events.push(Event::Joined { id: r.id, batch_size });
         }
     }
 
-    /// Prefills a newcomer alone and copies its keys into the batch's rows.
-    fn join(
-        &mut self,
-        request: Request,
-        mut machine: Machine,
-        need: usize,
-        grow: Option<(usize, usize)>,
-        arrived: Instant,
-        joined: Instant,
-    ) -> Result<()> {
+    /// Prefills the newcomers in one left-padded pass (padding is masked and position ids count real
+    /// tokens only, so each prompt's keys and logits are what they are alone) and copies their keys into
+    /// the batch's rows, past the padding.
+    fn join(&mut self, picked: Vec<(Waiting, Machine, usize)>, alloc: (usize, usize)) -> Result<()> {
         let model = self.ctx.model;
-        let prompt = &request.prompt;
-        let p = prompt.len();
+        let joined = Instant::now();
+        let n = picked.len();
+        let width = picked
+            .iter()
+            .map(|(w, _, _)| w.request.prompt.len())
+            .max()
+            .unwrap_or(0);
+        let mut ids = Vec::with_capacity(n * width);
+        let mut mask = Vec::with_capacity(n * width);
+        let mut positions = Vec::with_capacity(n * width);
+        for (w, _, _) in &picked {
+            let prompt = &w.request.prompt;
+            let pad = width - prompt.len();
+            // Pad positions get token 0 and position 1 (transformers' choice; they are masked).
+            ids.extend(std::iter::repeat_n(0, pad).chain(prompt.iter().copied()));
+            mask.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, prompt.len())));
+            positions.extend(std::iter::repeat_n(1, pad).chain(0..prompt.len() as i64));
+        }
+        let hidden = picked.iter().any(|(_, m, _)| m.needs_hidden());
         let mut prefill = KvCache::new(model.info().n_layer);
-        let ids = i64_tensor(prompt, 1, p, Device::Cpu)?;
-        let mask = Tensor::f_ones([1, p as i64], (Kind::Int64, Device::Cpu))?;
-        let positions = Tensor::f_arange(p as i64, (Kind::Int64, Device::Cpu))?.f_view([1, -1])?;
-        let hidden = machine.needs_hidden();
-        let out = model.forward(&ids, &mask, &positions, &mut prefill, Logits::LastOnly, hidden)?;
+        let out = model.forward(
+            &i64_tensor(&ids, n, width, Device::Cpu)?,
+            &i64_tensor(&mask, n, width, Device::Cpu)?,
+            &i64_tensor(&positions, n, width, Device::Cpu)?,
+            &mut prefill,
+            Logits::LastOnly,
+            hidden,
+        )?;
         let logits = out.logits.f_select(1, -1)?.f_to_kind(Kind::Float)?;
-        if let Machine::Contrastive(c) = &mut machine {
-            let h = out.hidden.ok_or_else(|| {
-                DecodeError::Invalid("the model returned no hidden states for contrastive search".into())
-            })?;
-            c.start(&h.f_select(0, 0)?, need + 1)?;
-        }
-        let rows = machine.rows();
-        let logits = if rows > 1 {
-            logits.f_expand([rows as i64, -1], false)?
-        } else {
-            logits
-        };
-        let row0 = self.rows_used();
-        if let Some((rows_alloc, positions)) = grow {
+        if alloc != (self.cache.rows(), self.cache.positions()) {
             let used = self.running.iter().map(|r| r.len).max().unwrap_or(0);
-            self.cache.reserve(rows_alloc, positions, row0, used, &prefill)?;
+            self.cache
+                .reserve(alloc.0, alloc.1, self.rows_used(), used, &prefill)?;
         }
-        self.cache.load(row0, rows, &prefill, 0, p)?;
-        self.running.push(Running {
-            id: request.id,
-            common: Common::new(prompt, &request.plan, self.ctx.eos),
-            machine,
-            row0,
-            len: p,
-            need,
-            logits: Some(logits),
-            arrived,
-            joined,
-            first_token: None,
-            emitted: 0,
-            batch_size: 0,
-        });
+        for (i, (w, mut machine, need)) in picked.into_iter().enumerate() {
+            let request = w.request;
+            let p = request.prompt.len();
+            let pad = width - p;
+            if let Machine::Contrastive(c) = &mut machine {
+                let h = out.hidden.as_ref().ok_or_else(|| {
+                    DecodeError::Invalid("the model returned no hidden states for contrastive search".into())
+                })?;
+                c.start(
+                    &h.f_select(0, i as i64)?.f_narrow(0, pad as i64, p as i64)?,
+                    need + 1,
+                )?;
+            }
+            let rows = machine.rows();
+            let mine = logits.f_narrow(0, i as i64, 1)?;
+            let mine = if rows > 1 {
+                mine.f_expand([rows as i64, -1], false)?
+            } else {
+                mine
+            };
+            let row0 = self.rows_used();
+            self.cache.load(row0, rows, &prefill, i, pad, p)?;
+            self.running.push(Running {
+                id: request.id,
+                common: Common::new(&request.prompt, &request.plan, self.ctx.eos),
+                machine,
+                row0,
+                len: p,
+                need,
+                logits: Some(mine),
+                arrived: w.arrived,
+                joined,
+                first_token: None,
+                emitted: 0,
+                batch_size: 0,
+            });
+        }
         Ok(())
     }
 

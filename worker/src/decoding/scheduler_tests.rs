@@ -125,6 +125,7 @@ fn quick() -> Limits {
         max_batch_tokens: 1 << 20,
         max_waiting_steps: 0,
         waiting_served_ratio: 0.0,
+        max_prefill_tokens: 4096,
     }
 }
 
@@ -157,6 +158,8 @@ fn rate_limited_joins_and_a_tight_budget_change_no_token() {
         max_batch_tokens: 160,
         max_waiting_steps: 3,
         waiting_served_ratio: 2.0,
+        // Prefill rounds split: at most two short prompts a round.
+        max_prefill_tokens: 12,
     };
     let (results, widest) = staggered(&lm, &Letters, limits, &jobs, &arrivals);
     assert!(widest <= 3, "max_batch_size holds ({widest})");

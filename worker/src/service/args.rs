@@ -41,6 +41,10 @@ pub struct ServeArgs {
     /// batched so that arrivals cannot starve decoding with prefills.
     #[arg(long, env = "WAITING_SERVED_RATIO", default_value_t = 0.3)]
     pub waiting_served_ratio: f64,
+    /// Jobs joining together are prefilled in one pass of at most this many (left-padded) prompt tokens
+    /// (TGI's max_batch_prefill_tokens); a longer prompt is prefilled alone.
+    #[arg(long, env = "MAX_PREFILL_TOKENS", default_value_t = crate::decoding::scheduler::DEFAULT_MAX_PREFILL_TOKENS)]
+    pub max_prefill_tokens: usize,
     /// Jobs the broker may hand this worker before it acknowledges one [default: --max-batch-size]. More
     /// than the batch holds only saves a round trip, and holds jobs other workers could have started.
     #[arg(long, env = "PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
@@ -101,6 +105,7 @@ impl ServeArgs {
             max_batch_tokens: self.max_batch_tokens.map(|t| t as usize),
             max_waiting_steps: self.max_waiting_steps,
             waiting_served_ratio: self.waiting_served_ratio,
+            max_prefill_tokens: self.max_prefill_tokens,
         }
     }
 }

@@ -64,6 +64,7 @@ pub struct BatchSettings {
     pub max_batch_tokens: Option<usize>,
     pub max_waiting_steps: usize,
     pub waiting_served_ratio: f64,
+    pub max_prefill_tokens: usize,
 }
 
 impl Default for BatchSettings {
@@ -73,6 +74,7 @@ impl Default for BatchSettings {
             max_batch_tokens: None,
             max_waiting_steps: 8,
             waiting_served_ratio: 0.3,
+            max_prefill_tokens: crate::decoding::scheduler::DEFAULT_MAX_PREFILL_TOKENS,
         }
     }
 }

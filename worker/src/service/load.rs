@@ -28,6 +28,7 @@ impl Generator for Engine {
                 .unwrap_or_else(|| self.default_batch_tokens(settings.max_batch_size)),
             max_waiting_steps: settings.max_waiting_steps,
             waiting_served_ratio: settings.waiting_served_ratio,
+            max_prefill_tokens: settings.max_prefill_tokens.max(1),
         };
         tracing::info!(
             max_batch_size = limits.max_batch_size,
