@@ -455,3 +455,88 @@ async fn sigterm_finishes_every_job_in_the_running_batch_then_exits_zero() {
     producer.close().await;
     env.finish().await;
 }
+
+#[tokio::test]
+async fn jobs_submitted_together_share_one_workers_batch_and_each_gets_its_text_alone() {
+    let mut env = Env::new();
+    let gw = env.gateway().await;
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    env.spawn_worker(&["--max-batch-size", "8", "--metrics-listen", &metrics.to_string()]);
+    env.wait_for_consumers(1).await;
+
+    let prompts = [
+        "Hello there",
+        "The quick brown fox jumps over the lazy dog",
+        "Once upon a time",
+        "A",
+        "Rust is a language",
+        "Queues absorb bursts",
+    ];
+    let params = |n: usize| {
+        if n % 2 == 0 {
+            json!({"strategy": "greedy", "max_new_tokens": 24 + 4 * n, "min_new_tokens": 24})
+        } else {
+            json!({"strategy": "contrastive", "max_new_tokens": 20, "min_new_tokens": 20})
+        }
+    };
+    let mut ids = Vec::new();
+    for (n, p) in prompts.iter().enumerate() {
+        ids.push(env.submit(&gw, p, params(n)).await);
+    }
+    let engine = worker::engine::Engine::load(&worker::engine::EngineOptions {
+        model_dir: common::tiny_model().to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut widest = 0;
+    for (n, (id, prompt)) in ids.iter().zip(prompts).enumerate() {
+        let view = env
+            .poll_until(&gw, id, Duration::from_secs(120), |v| {
+                v["status"] == "succeeded" || v["status"] == "failed"
+            })
+            .await;
+        assert_eq!(view["status"], "succeeded", "{view}");
+        widest = widest.max(view["result"]["batch_size"].as_u64().unwrap());
+        assert!(view["timings"]["time_to_first_token_ms"].is_u64(), "{view}");
+        let parameters: shared::GenerationParameters = serde_json::from_value(params(n)).unwrap();
+        let alone = engine.generate(prompt, &parameters.validate().unwrap()).unwrap();
+        assert_eq!(
+            view["result"]["text"],
+            alone.text.as_str(),
+            "{prompt:?} in a batch and alone"
+        );
+    }
+    assert!(
+        widest >= 3,
+        "the jobs decoded together (batch of {widest} at most)"
+    );
+
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        value("worker_jobs_finished_total"),
+        prompts.len() as f64,
+        "{text}"
+    );
+    assert!(value("worker_generation_tokens_total") >= 6.0 * 20.0, "{text}");
+    assert!(value("worker_batch_size_count") > 0.0, "{text}");
+    assert!(
+        text.contains("worker_time_to_first_token_seconds_bucket"),
+        "{text}"
+    );
+    assert!(text.contains("worker_kv_cache_positions_budget"), "{text}");
+    env.finish().await;
+}
