@@ -476,7 +476,7 @@ async fn jobs_submitted_together_share_one_workers_batch_and_each_gets_its_text_
         "Queues absorb bursts",
     ];
     let params = |n: usize| {
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             json!({"strategy": "greedy", "max_new_tokens": 24 + 4 * n, "min_new_tokens": 24})
         } else {
             json!({"strategy": "contrastive", "max_new_tokens": 20, "min_new_tokens": 20})

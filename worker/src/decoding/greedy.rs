@@ -26,8 +26,27 @@ impl Pick {
         }
     }
 
-    /// Picks the next token from the logits of the last pass (`[1, vocab]`).
-    pub fn choose(&mut self, seq: &mut Common, logits: &Tensor, ctx: &Context<'_>) -> Result<Choice> {
+    /// Whether the pick is a plain argmax of the raw logits (greedy, no logits processor): the scheduler
+    /// then takes it from one argmax over the whole batch instead of one per sequence.
+    pub fn is_plain_argmax(&self, seq: &Common) -> bool {
+        self.sampler.is_none() && seq.processors.is_noop()
+    }
+
+    /// Picks the next token from the logits of the last pass (`[1, vocab]`), or takes `argmax`, that
+    /// argmax already computed for the whole batch (only for [`Pick::is_plain_argmax`]).
+    pub fn choose(
+        &mut self,
+        seq: &mut Common,
+        logits: &Tensor,
+        argmax: Option<i64>,
+        ctx: &Context<'_>,
+    ) -> Result<Choice> {
+        if let Some(next) = argmax.filter(|_| self.is_plain_argmax(seq)) {
+            return Ok(match seq.push(next, ctx) {
+                Some(done) => Choice::Done(done),
+                None => Choice::Feed(vec![next]),
+            });
+        }
         let scores = seq.process(logits.shallow_clone())?;
         let next = match &mut self.sampler {
             None => to_vec_i64(&scores.f_argmax(-1, false)?)?[0],

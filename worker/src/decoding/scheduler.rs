@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use super::sequence::{Choice, Common, Context, Machine};
 use super::stop::TextDecoder;
-use super::{DecodeError, Decoded, Result, i64_tensor};
+use super::{DecodeError, Decoded, Result, i64_tensor, to_vec_i64};
 use crate::lm::{CausalLm, KvCache, Logits, SlotCache, SlotStep};
 use shared::GenerationPlan;
 use tch::{Device, Kind, Tensor};
@@ -131,6 +131,8 @@ struct Running {
     need: usize,
     /// The last pass's logits for this sequence's rows, `[rows, vocab]`.
     logits: Option<Tensor>,
+    /// Where those rows are in the scheduler's `step_logits` (`None` after a prefill).
+    logits_row: Option<usize>,
     arrived: Instant,
     joined: Instant,
     first_token: Option<Instant>,
@@ -146,6 +148,9 @@ pub struct Scheduler<'a> {
     running: Vec<Running>,
     waiting: VecDeque<Waiting>,
     steps_since_join: usize,
+    /// The last decode pass's logits, every sequence's rows: plain greedy rows take their argmax from one
+    /// call over all of it (one host sync a step, not one a sequence).
+    step_logits: Option<Tensor>,
 }
 
 impl<'a> Scheduler<'a> {
@@ -162,6 +167,7 @@ impl<'a> Scheduler<'a> {
             running: Vec::new(),
             waiting: VecDeque::new(),
             steps_since_join: 0,
+            step_logits: None,
         }
     }
 
@@ -256,11 +262,15 @@ impl<'a> Scheduler<'a> {
         }
 
         // First half: every sequence decides what it feeds.
+        let argmax = self.batch_argmax();
         let mut feeds: Vec<Option<Vec<i64>>> = Vec::with_capacity(self.running.len());
         let mut done: Vec<(usize, Result<Decoded>)> = Vec::new();
         for i in 0..self.running.len() {
             let (ctx, cache, seq) = (&self.ctx, &mut self.cache, &mut self.running[i]);
-            match guarded(|| choose(seq, cache, ctx)) {
+            let hint = seq
+                .logits_row
+                .and_then(|r| argmax.as_ref().and_then(|a| a.get(r).copied()));
+            match guarded(|| choose(seq, cache, hint, ctx)) {
                 Ok(Choice::Feed(tokens)) => feeds.push(Some(tokens)),
                 Ok(Choice::Done(d)) => {
                     feeds.push(None);
@@ -302,6 +312,33 @@ impl<'a> Scheduler<'a> {
             self.report_tokens(i, &mut events);
         }
         events
+    }
+
+    /// The argmax of every row of the last pass's logits, when at least two plain greedy sequences would
+    /// otherwise each compute and read back their own.
+    fn batch_argmax(&mut self) -> Option<Vec<i64>> {
+        let logits = self.step_logits.take()?;
+        let plain = self
+            .running
+            .iter()
+            .filter(|r| r.logits_row.is_some())
+            .filter(|r| matches!(&r.machine, Machine::Pick(p) if p.is_plain_argmax(&r.common)))
+            .count();
+        if plain < 2 {
+            return None;
+        }
+        match logits
+            .f_argmax(-1, false)
+            .map_err(DecodeError::from)
+            .and_then(|a| to_vec_i64(&a))
+        {
+            Ok(a) => Some(a),
+            Err(e) => {
+                // Each sequence computes its own instead.
+                tracing::warn!(error = %e, "the batch argmax failed");
+                None
+            }
+        }
     }
 
     fn rows_used(&self) -> usize {
@@ -462,6 +499,7 @@ impl<'a> Scheduler<'a> {
                 len: p,
                 need,
                 logits: Some(mine),
+                logits_row: None,
                 arrived: w.arrived,
                 joined,
                 first_token: None,
@@ -572,8 +610,10 @@ impl<'a> Scheduler<'a> {
         for seq in &mut self.running {
             let n = seq.machine.rows() as i64;
             seq.logits = Some(logits.f_narrow(0, at, n)?);
+            seq.logits_row = Some(at as usize);
             at += n;
         }
+        self.step_logits = Some(logits);
         Ok(done)
     }
 
@@ -644,14 +684,19 @@ impl<'a> Scheduler<'a> {
     }
 }
 
-/// One sequence's first half of a step.
-fn choose(seq: &mut Running, cache: &mut SlotCache, ctx: &Context<'_>) -> Result<Choice> {
+/// One sequence's first half of a step (`argmax`: its row's argmax, computed for the whole batch).
+fn choose(
+    seq: &mut Running,
+    cache: &mut SlotCache,
+    argmax: Option<i64>,
+    ctx: &Context<'_>,
+) -> Result<Choice> {
     let logits = seq
         .logits
         .take()
         .ok_or_else(|| DecodeError::Invalid("a sequence has no logits to decode from".into()))?;
     let choice = match &mut seq.machine {
-        Machine::Pick(p) => p.choose(&mut seq.common, &logits, ctx)?,
+        Machine::Pick(p) => p.choose(&mut seq.common, &logits, argmax, ctx)?,
         Machine::Contrastive(c) => c.choose(&mut seq.common, &logits)?,
         Machine::Beam(b) => {
             let (choice, sources) = b.choose(&mut seq.common, &logits, ctx)?;
