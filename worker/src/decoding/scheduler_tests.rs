@@ -83,6 +83,15 @@ fn mixed() -> Vec<(Vec<i64>, GenerationPlan)> {
     ]
 }
 
+/// Job `i` as a request.
+fn request(jobs: &[(Vec<i64>, GenerationPlan)], i: usize) -> Request {
+    Request {
+        id: i as u64,
+        prompt: jobs[i].0.clone(),
+        plan: jobs[i].1.clone(),
+    }
+}
+
 /// Runs `jobs`, job `i` submitted before step `arrivals[i]`; results by job index, and the most sequences
 /// that ran at once.
 fn staggered(
@@ -97,15 +106,8 @@ fn staggered(
     let mut widest = 0;
     let mut step = 0;
     while results.len() < jobs.len() {
-        for (i, (prompt, plan)) in jobs.iter().enumerate() {
-            if arrivals[i] == step {
-                let request = Request {
-                    id: i as u64,
-                    prompt: prompt.clone(),
-                    plan: plan.clone(),
-                };
-                s.submit(request).expect("submitted");
-            }
+        for i in (0..jobs.len()).filter(|&i| arrivals[i] == step) {
+            s.submit(request(&jobs, i)).expect("submitted");
         }
         for event in s.step() {
             if let Event::Finished { id, result } = event {
@@ -215,13 +217,8 @@ fn a_cancelled_sequence_leaves_and_the_others_keep_their_tokens() {
     let lm = HashLm::new(40, None);
     let jobs = mixed();
     let mut s = Scheduler::new(&lm, &Letters, quick());
-    for (i, (prompt, plan)) in jobs.iter().enumerate() {
-        let request = Request {
-            id: i as u64,
-            prompt: prompt.clone(),
-            plan: plan.clone(),
-        };
-        s.submit(request).unwrap();
+    for i in 0..jobs.len() {
+        s.submit(request(&jobs, i)).unwrap();
     }
     let mut results = HashMap::new();
     let mut steps = 0;
@@ -314,13 +311,8 @@ fn the_cache_allocation_only_changes_when_sequences_join_and_is_released_when_th
     let lm = HashLm::new(40, None);
     let jobs = mixed();
     let mut s = Scheduler::new(&lm, &Letters, quick());
-    for (i, (prompt, plan)) in jobs.iter().enumerate() {
-        let request = Request {
-            id: i as u64,
-            prompt: prompt.clone(),
-            plan: plan.clone(),
-        };
-        s.submit(request).unwrap();
+    for i in 0..jobs.len() {
+        s.submit(request(&jobs, i)).unwrap();
     }
     let mut allocated = None;
     while s.has_work() {
