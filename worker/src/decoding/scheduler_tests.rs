@@ -107,7 +107,7 @@ fn staggered(
     let mut step = 0;
     while results.len() < jobs.len() {
         for i in (0..jobs.len()).filter(|&i| arrivals[i] == step) {
-            s.submit(request(&jobs, i)).expect("submitted");
+            s.submit(request(jobs, i)).expect("submitted");
         }
         for event in s.step() {
             if let Event::Finished { id, result } = event {
