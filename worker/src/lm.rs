@@ -283,9 +283,30 @@ impl SlotCache {
         self.layers.get(i).and_then(|l| l.as_ref())
     }
 
-    /// Writes a step's new keys and values (`[S, H, Q, D]`) of layer `i` at row `r`'s positions
-    /// `starts[r]..starts[r] + Q`, in place (one `index_copy_` over the flattened cache).
-    pub fn write(&mut self, i: usize, k: &Tensor, v: &Tensor, starts: &[usize]) -> Result<(), tch::TchError> {
+    /// Where a step's new keys go in the flattened cache (`[rows * heads * positions, head_dim]`): row `r`,
+    /// head `h`, new token `j` at `(r * heads + h) * positions + starts[r] + j`. The same for every layer
+    /// (they share heads and positions), so a step builds it once per device.
+    pub fn write_index(
+        &self,
+        heads: i64,
+        queries: i64,
+        starts: &[usize],
+        device: tch::Device,
+    ) -> Result<Tensor, tch::TchError> {
+        let positions = self.positions as i64;
+        let mut index = Vec::with_capacity(starts.len() * (heads * queries) as usize);
+        for (r, &start) in starts.iter().enumerate() {
+            for head in 0..heads {
+                let base = (r as i64 * heads + head) * positions + start as i64;
+                index.extend(base..base + queries);
+            }
+        }
+        Tensor::from_slice(&index).f_to_device(device)
+    }
+
+    /// Writes a step's new keys and values (`[S, H, Q, D]`) of layer `i` in place, where `index`
+    /// ([`SlotCache::write_index`], on the layer's device) says.
+    pub fn write(&mut self, i: usize, k: &Tensor, v: &Tensor, index: &Tensor) -> Result<(), tch::TchError> {
         let positions = self.positions as i64;
         let (ck, cv) = self
             .layers
@@ -295,22 +316,10 @@ impl SlotCache {
         let [s, h, q, d] = k.size()[..] else {
             return Err(tch::TchError::Shape(format!("new keys of shape {:?}", k.size())));
         };
-        let mut index = Vec::with_capacity((s * h * q) as usize);
-        for (r, &start) in starts.iter().enumerate() {
-            for head in 0..h {
-                let base = (r as i64 * h + head) * positions + start as i64;
-                index.extend(base..base + q);
-            }
-        }
-        let index = Tensor::from_slice(&index).f_to_device(ck.device())?;
         let rows = ck.size()[0];
         for (cache, new) in [(ck, k), (cv, v)] {
             let mut flat = cache.f_view([rows * h * positions, d])?;
-            let _ = flat.f_index_copy_(
-                0,
-                &index,
-                &new.f_reshape([s * h * q, d])?.f_to_kind(cache.kind())?,
-            )?;
+            let _ = flat.f_index_copy_(0, index, &new.f_reshape([s * h * q, d])?.f_to_kind(cache.kind())?)?;
         }
         Ok(())
     }

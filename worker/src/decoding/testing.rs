@@ -173,7 +173,8 @@ impl HashLm {
         let (s, q) = (step.ids.size()[0], step.ids.size()[1]);
         let new_k = step.ids.to_kind(Kind::Float).view([s, 1, q, 1]);
         let new_v = Tensor::ones([s, 1, q, 1], (Kind::Float, Device::Cpu));
-        cache.write(0, &new_k, &new_v, &step.starts).expect("write");
+        let index = cache.write_index(1, q, &step.starts, Device::Cpu).expect("index");
+        cache.write(0, &new_k, &new_v, &index).expect("write");
         let keys = step.keys();
         let (k, _) = cache.view(0, s as usize, keys).expect("view");
         let tokens: Vec<i64> = Vec::try_from(k.reshape([-1]).to_kind(Kind::Int64)).unwrap_or_default();

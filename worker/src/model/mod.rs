@@ -79,6 +79,8 @@ enum Past<'a> {
         starts: &'a [usize],
         /// Positions attended to: `max(starts) + seq`.
         keys: i64,
+        /// The write index per device, built by the first block there.
+        index: Vec<(Device, Tensor)>,
     },
 }
 
@@ -376,6 +378,7 @@ impl GptJ {
             cache,
             starts: &step.starts,
             keys,
+            index: Vec::new(),
         };
         self.run(&step.ids, &step.positions, mask_kind, past, logits, output_hidden)
     }
@@ -579,8 +582,20 @@ impl GptJ {
                 cache.set_layer(layer, k.shallow_clone(), v.shallow_clone());
                 (k, v)
             }
-            Past::Slots { cache, starts, keys } => {
-                cache.write(layer, &k, &v, starts)?;
+            Past::Slots {
+                cache,
+                starts,
+                keys,
+                index,
+            } => {
+                let at = match index.iter().position(|(d, _)| *d == b.device) {
+                    Some(at) => at,
+                    None => {
+                        index.push((b.device, cache.write_index(nh, seq, starts, b.device)?));
+                        index.len() - 1
+                    }
+                };
+                cache.write(layer, &k, &v, &index[at].1)?;
                 cache.view(layer, batch as usize, *keys as usize)?
             }
         };
