@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole service on this machine, in the foreground: Redis and RabbitMQ (started if not running), a
 # release build, the gateway and WORKERS workers. Ctrl-C stops what this script started (workers finish
-# the job in hand first); Redis and RabbitMQ are left running.
+# every job in their batches first); Redis and RabbitMQ are left running.
 #
 #   scripts/up.sh                                  # tiny random GPT-J in ./models/tiny, one worker
 #   WORKERS=3 scripts/up.sh                        # three workers sharing the jobs queue
@@ -9,7 +9,8 @@
 #
 # Settings come from the environment: LISTEN (default 127.0.0.1:8000), WORKERS (1), MODEL_DIR, NAMESPACE,
 # AMQP_URL, REDIS_URL, and any other flag of `gateway --help` / `worker serve --help` by its variable.
-# Logs go to LOG_DIR (default target/up-logs). On Ctrl-C, workers get STOP_TIMEOUT_S (120) to finish.
+# Logs go to LOG_DIR (default target/up-logs); worker i serves metrics on port METRICS_BASE_PORT + i (9100 + i).
+# On Ctrl-C, workers get STOP_TIMEOUT_S (120) to finish the jobs in their batches.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
@@ -62,8 +63,10 @@ log "starting the gateway on $LISTEN (log: $LOG_DIR/gateway.log)"
 "$BIN/gateway" >"$LOG_DIR/gateway.log" 2>&1 &
 PIDS+=("$!")
 for i in $(seq "$WORKERS"); do
-  log "starting worker $i on $MODEL_DIR (log: $LOG_DIR/worker-$i.log)"
-  "$BIN/worker" serve >"$LOG_DIR/worker-$i.log" 2>&1 &
+  # Each worker's Prometheus metrics (batch size, KV cache, step time) on a port of its own.
+  metrics="127.0.0.1:$((${METRICS_BASE_PORT:-9100} + i))"
+  log "starting worker $i on $MODEL_DIR (log: $LOG_DIR/worker-$i.log, metrics: http://$metrics/metrics)"
+  METRICS_LISTEN="$metrics" "$BIN/worker" serve >"$LOG_DIR/worker-$i.log" 2>&1 &
   PIDS+=("$!")
 done
 
@@ -98,8 +101,9 @@ Ready: gateway on $BASE, $WORKERS worker(s), model $MODEL_DIR.
   curl -s -X POST $BASE/run -H 'content-type: application/json' \\
        -d '{"data": "Once upon a time", "num_tokens": 20}'
 
-  # Queue and metrics; the API reference is at $BASE/docs (the spec at $BASE/openapi.json):
-  curl -s $BASE/v1/queue;  curl -s $BASE/metrics | head
+  # Queue and metrics (the gateway's, and worker 1's running batch); the API reference is at $BASE/docs
+  # (the spec at $BASE/openapi.json):
+  curl -s $BASE/v1/queue;  curl -s $BASE/metrics | head;  curl -s 127.0.0.1:9101/metrics | grep ^worker_
 
 AMQP producers: docs/amqp.md. Logs: $LOG_DIR. Ctrl-C stops the gateway and the workers.
 EOF
