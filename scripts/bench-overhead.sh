@@ -15,12 +15,7 @@ if [ -z "${SKIP_BUILD:-}" ]; then
   log "building the worker and the gateway (release)"
   cargo build --release --locked -p worker -p gateway
 fi
-cleanup() {
-  for q in "$NS.jobs" "$NS.jobs.dead" "$NS.replies"; do
-    rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
-  done
-  redis-cli -u "$REDIS_URL" --scan --pattern "$NS:*" | xargs -r -n 500 redis-cli -u "$REDIS_URL" del >/dev/null || true
-}
+cleanup() { delete_namespace "$NS" "$REDIS_URL"; }
 trap cleanup EXIT
 mkdir -p target/bench-models
 "$VENV/bin/python" scripts/bench_overhead.py \

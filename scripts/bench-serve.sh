@@ -51,12 +51,7 @@ if [ -z "${SKIP_BUILD:-}" ]; then
 fi
 mkdir -p "$MODELS"
 
-cleanup() {
-  for q in "$NS.jobs" "$NS.jobs.dead" "$NS.replies"; do
-    rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
-  done
-  redis-cli -u "$REDIS_URL" --scan --pattern "$NS:*" | xargs -r -n 500 redis-cli -u "$REDIS_URL" del >/dev/null || true
-}
+cleanup() { delete_namespace "$NS" "$REDIS_URL"; }
 trap cleanup EXIT
 
 extra=()

@@ -55,3 +55,12 @@ ensure_rabbitmq() {
 }
 
 ensure_services() { ensure_redis; ensure_rabbitmq; }
+
+# Deletes a namespace's queues and Redis keys (what a benchmark run created): delete_namespace NS [REDIS_URL].
+delete_namespace() {
+  local ns="$1" redis="${2:-redis://127.0.0.1:6379/}"
+  for q in "$ns.jobs" "$ns.jobs.dead" "$ns.replies"; do
+    rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+  done
+  redis-cli -u "$redis" --scan --pattern "$ns:*" | xargs -r -n 500 redis-cli -u "$redis" del >/dev/null || true
+}
