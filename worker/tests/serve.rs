@@ -540,3 +540,38 @@ async fn jobs_submitted_together_share_one_workers_batch_and_each_gets_its_text_
     assert!(text.contains("worker_kv_cache_positions_budget"), "{text}");
     env.finish().await;
 }
+
+#[tokio::test]
+async fn a_job_too_big_for_the_workers_kv_budget_fails_at_once_and_the_next_one_runs() {
+    let mut env = Env::new();
+    env.spawn_worker(&["--max-batch-tokens", "64"]);
+    env.wait_for_consumers(1).await;
+    let mut producer = RawProducer::new(&env).await;
+    let big = producer.publish_job("Hello there", long_job(100)).await;
+    let small = producer.publish_job("Hello there", short_job()).await;
+    let replies = producer
+        .replies_until(Duration::from_secs(60), |r| {
+            r.iter().filter(|r| r.kind != "job.started").count() == 2
+        })
+        .await;
+    let final_of = |id: &str| {
+        replies
+            .iter()
+            .find(|r| r.correlation_id.as_deref() == Some(id) && r.kind != "job.started")
+            .map(|r| r.body.clone())
+    };
+    match final_of(&big) {
+        Some(JobReply::Failed(f)) => {
+            assert_eq!(f.error.code, ErrorCode::ContextOverflow, "{f:?}");
+            assert!(f.error.message.contains("--max-batch-tokens"), "{f:?}");
+        }
+        other => panic!("the big job should fail: {other:?}"),
+    }
+    assert!(
+        matches!(final_of(&small), Some(JobReply::Succeeded(_))),
+        "{replies:?}"
+    );
+    env.wait_for_jobs_queue(0, 1).await;
+    producer.close().await;
+    env.finish().await;
+}
