@@ -201,7 +201,7 @@ impl Engine {
             .into_iter()
             .zip(prompt_lens)
             .map(|(d, prompt_tokens)| Generation {
-                text: stop.final_text(&self.tokenizer, &d.tokens, d.finish_reason == FinishReason::Stop),
+                text: self.text(&d, &stop),
                 token_ids: d.tokens.iter().map(|&t| t as u32).collect(),
                 finish_reason: d.finish_reason,
                 prompt_tokens,
@@ -222,6 +222,15 @@ impl Engine {
                 .collect(),
             step_ms: out.step_ms,
         })
+    }
+
+    /// A result's text for the client: the continuation, ending before the stop sequence that ended it.
+    pub fn text(&self, decoded: &decoding::Decoded, stop: &StopChecker) -> String {
+        stop.final_text(
+            &self.tokenizer,
+            &decoded.tokens,
+            decoded.finish_reason == FinishReason::Stop,
+        )
     }
 
     /// A prompt's token ids as the model runs them (see [`Engine::prompt_ids`]).

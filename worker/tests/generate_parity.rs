@@ -138,12 +138,8 @@ fn ours(model: &GptJ, c: &Case) -> decoding::Decoded {
 /// Every case in one running batch, case `i` joining before step `i` (so each joins a batch already
 /// decoding, and leaves it when done).
 fn staggered(model: &GptJ, cases: &[Case]) -> Vec<decoding::Decoded> {
-    let limits = decoding::Limits {
-        max_waiting_steps: 0,
-        waiting_served_ratio: 0.0,
-        ..decoding::Limits::unbounded()
-    };
-    let mut scheduler = decoding::Scheduler::new(model, &NoText, limits);
+    // Unbounded limits admit every newcomer at the next step.
+    let mut scheduler = decoding::Scheduler::new(model, &NoText, decoding::Limits::unbounded());
     let mut results: Vec<Option<decoding::Decoded>> = vec![None; cases.len()];
     let mut step = 0;
     let mut widest = 0;

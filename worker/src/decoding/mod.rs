@@ -124,6 +124,15 @@ pub fn generate(
     })
 }
 
+/// A caught panic's message (libtorch raises through `tch` as panics).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic")
+}
+
 /// Copies a (small) tensor to the CPU as a flat vector.
 pub(crate) fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
     let flat = t

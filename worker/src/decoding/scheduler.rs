@@ -117,6 +117,10 @@ pub struct Stats {
 struct Waiting {
     request: Request,
     arrived: Instant,
+    /// Its strategy's state machine, built once at submission.
+    machine: Machine,
+    /// The most positions it can cache: prompt + max_new_tokens - 1.
+    need: usize,
 }
 
 struct Running {
@@ -214,6 +218,8 @@ impl<'a> Scheduler<'a> {
         self.waiting.push_back(Waiting {
             request,
             arrived: Instant::now(),
+            machine,
+            need: total - 1,
         });
         Ok(())
     }
@@ -365,8 +371,7 @@ impl<'a> Scheduler<'a> {
             }
         }
         // Who joins this round, and the allocation the batch needs with them.
-        let vocab = self.ctx.model.info().vocab_size;
-        let mut picked: Vec<(Waiting, Machine, usize)> = Vec::new();
+        let mut picked: Vec<Waiting> = Vec::new();
         let mut rows = self.rows_used();
         let mut queries = self.queries();
         let mut longest = self.running.iter().map(|r| r.need).max().unwrap_or(0);
@@ -376,9 +381,7 @@ impl<'a> Scheduler<'a> {
             if self.running.len() + picked.len() >= self.limits.max_batch_size {
                 break;
             }
-            let machine = Machine::for_plan(&w.request.plan, vocab);
-            let p = w.request.prompt.len();
-            let need = p + w.request.plan.max_new_tokens - 1;
+            let (machine, need, p) = (&w.machine, w.need, w.request.prompt.len());
             let (r, q, l) = (
                 rows + machine.rows(),
                 queries.max(machine.queries()),
@@ -401,14 +404,14 @@ impl<'a> Scheduler<'a> {
                 break;
             }
             let Some(w) = self.waiting.pop_front() else { break };
-            picked.push((w, machine, need));
+            picked.push(w);
             (rows, queries, longest, alloc) = (r, q, l, next_alloc);
             longest_prompt = longest_prompt.max(p);
         }
         if picked.is_empty() {
             return;
         }
-        let ids: Vec<u64> = picked.iter().map(|(w, _, _)| w.request.id).collect();
+        let ids: Vec<u64> = picked.iter().map(|w| w.request.id).collect();
         let first_new = self.running.len();
         if let Err(e) = guarded(|| self.join(picked, alloc)) {
             tracing::error!(error = %e, sequences = ids.len(), "a prefill failed");
@@ -433,19 +436,15 @@ impl<'a> Scheduler<'a> {
     /// Prefills the newcomers in one left-padded pass (padding is masked and position ids count real
     /// tokens only, so each prompt's keys and logits are what they are alone) and copies their keys into
     /// the batch's rows, past the padding.
-    fn join(&mut self, picked: Vec<(Waiting, Machine, usize)>, alloc: (usize, usize)) -> Result<()> {
+    fn join(&mut self, picked: Vec<Waiting>, alloc: (usize, usize)) -> Result<()> {
         let model = self.ctx.model;
         let joined = Instant::now();
         let n = picked.len();
-        let width = picked
-            .iter()
-            .map(|(w, _, _)| w.request.prompt.len())
-            .max()
-            .unwrap_or(0);
+        let width = picked.iter().map(|w| w.request.prompt.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(n * width);
         let mut mask = Vec::with_capacity(n * width);
         let mut positions = Vec::with_capacity(n * width);
-        for (w, _, _) in &picked {
+        for w in &picked {
             let prompt = &w.request.prompt;
             let pad = width - prompt.len();
             // Pad positions get token 0 and position 1 (transformers' choice; they are masked).
@@ -453,7 +452,7 @@ impl<'a> Scheduler<'a> {
             mask.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, prompt.len())));
             positions.extend(std::iter::repeat_n(1, pad).chain(0..prompt.len() as i64));
         }
-        let hidden = picked.iter().any(|(_, m, _)| m.needs_hidden());
+        let hidden = picked.iter().any(|w| w.machine.needs_hidden());
         let mut prefill = KvCache::new(model.info().n_layer);
         let out = model.forward(
             &i64_tensor(&ids, n, width, Device::Cpu)?,
@@ -469,8 +468,13 @@ impl<'a> Scheduler<'a> {
             self.cache
                 .reserve(alloc.0, alloc.1, self.rows_used(), used, &prefill)?;
         }
-        for (i, (w, mut machine, need)) in picked.into_iter().enumerate() {
-            let request = w.request;
+        for (i, w) in picked.into_iter().enumerate() {
+            let Waiting {
+                request,
+                arrived,
+                mut machine,
+                need,
+            } = w;
             let p = request.prompt.len();
             let pad = width - p;
             if let Machine::Contrastive(c) = &mut machine {
@@ -500,7 +504,7 @@ impl<'a> Scheduler<'a> {
                 need,
                 logits: Some(mine),
                 logits_row: None,
-                arrived: w.arrived,
+                arrived,
                 joined,
                 first_token: None,
                 emitted: 0,
@@ -715,11 +719,7 @@ fn choose(
 /// Runs `f`, turning a panic (libtorch raises through `tch` as panics) into this sequence's error.
 fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown panic");
+        let what = super::panic_message(&*panic);
         Err(DecodeError::Invalid(format!("the engine panicked: {what}")))
     })
 }

@@ -285,11 +285,7 @@ fn run_loop(generator: &dyn Generator, settings: &BatchSettings, mut rx: mpsc::U
 
 /// A panic's message as a job failure (libtorch raises through `tch` as panics).
 fn panicked(panic: &(dyn std::any::Any + Send)) -> ErrorBody {
-    let what = panic
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| panic.downcast_ref::<&str>().copied())
-        .unwrap_or("unknown panic");
+    let what = crate::decoding::panic_message(panic);
     tracing::error!(panic = what, "generation panicked");
     ErrorBody::new(ErrorCode::GenerationFailed, "generation failed inside the engine")
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use shared::{ErrorBody, ErrorCode, FinishReason, GenerationPlan};
+use shared::{ErrorBody, ErrorCode, GenerationPlan};
 
 use super::ServeError;
 use super::args::ServeArgs;
@@ -85,11 +85,7 @@ impl Batcher for EngineBatch<'_> {
                     let result = match result {
                         Ok(f) => {
                             let d = &f.decoded;
-                            let text = stop.final_text(
-                                self.engine.tokenizer(),
-                                &d.tokens,
-                                d.finish_reason == FinishReason::Stop,
-                            );
+                            let text = self.engine.text(d, &stop);
                             let ttft = f.time_to_first_token.saturating_sub(f.queued);
                             Ok(Completion {
                                 text,
