@@ -13,7 +13,7 @@ use crate::config::{FailMode, Settings};
 use crate::error::ApiError;
 use crate::metrics as m;
 use crate::ratelimit::{Decision, Limiter};
-use crate::store::{JobStore, NewJob};
+use crate::store::{CancelOutcome, JobStore, NewJob};
 use crate::waiters::Waiters;
 
 pub type AppState = Arc<App>;
@@ -92,5 +92,25 @@ impl App {
             submitted_at_ms,
         };
         Ok((accepted, decision))
+    }
+
+    /// Cancels a job wherever it is. The workers are told first (a broadcast every worker reads, see
+    /// `shared::control`), so a refusal by the broker changes nothing and the client can retry; then the
+    /// record becomes `cancelled`, a final state that a late reply of the worker cannot overwrite.
+    pub async fn cancel(&self, id: JobId) -> Result<CancelOutcome, ApiError> {
+        self.broker
+            .publish_cancel(id)
+            .await
+            .map_err(|e| ApiError::unavailable("broker", e))?;
+        let outcome = self
+            .store
+            .cancel(id)
+            .await
+            .map_err(|e| ApiError::unavailable("redis", e))?;
+        if let CancelOutcome::Cancelled { was } = outcome {
+            metrics::counter!(m::JOBS, "outcome" => "cancelled").increment(1);
+            tracing::info!(%id, ?was, "job cancelled");
+        }
+        Ok(outcome)
     }
 }

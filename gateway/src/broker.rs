@@ -39,6 +39,8 @@ pub enum BrokerError {
     Timeout(Duration),
     #[error("amqp: {0}")]
     Amqp(#[from] lapin::Error),
+    #[error("encoding a message failed: {0}")]
+    Encode(String),
 }
 
 /// Depth and consumers of the jobs queue, from the broker.
@@ -134,7 +136,8 @@ impl Broker {
 
     /// Keeps a connection up until `cancel`: connects, declares, starts the reply consumer, watches the
     /// connection, and on any failure drops it and tries again with exponential backoff.
-    pub async fn supervise(self: Arc<Self>, replies: ReplyConsumer, cancel: CancellationToken) {
+    /// `replies` is `None` on a replica that leaves the replies to the others (`--consume-replies false`).
+    pub async fn supervise(self: Arc<Self>, replies: Option<ReplyConsumer>, cancel: CancellationToken) {
         let mut backoff = MIN_BACKOFF;
         loop {
             if cancel.is_cancelled() {
@@ -151,13 +154,16 @@ impl Broker {
                     let link = Arc::new(link);
                     let consumer_channel = link.conn.create_channel().await;
                     let consume = async {
-                        match consumer_channel {
-                            Ok(channel) => {
+                        match (&replies, consumer_channel) {
+                            (None, _) => std::future::pending().await,
+                            (Some(replies), Ok(channel)) => {
                                 replies
                                     .run(channel, self.settings.replies_prefetch, cancel.clone())
                                     .await
                             }
-                            Err(e) => tracing::warn!(error = %e, "could not open the replies channel"),
+                            (Some(_), Err(e)) => {
+                                tracing::warn!(error = %e, "could not open the replies channel")
+                            }
                         }
                     };
                     self.set(Some(link.clone()));
@@ -227,13 +233,43 @@ impl Broker {
         if let Some(ttl) = self.settings.job_expiration {
             props = props.with_expiration(ttl.as_millis().to_string().into());
         }
-        let queue = topology.jobs_queue();
         let start = Instant::now();
+        self.confirmed(channel, "", &topology.jobs_queue(), body, props)
+            .await?;
+        metrics::histogram!(m::PUBLISH_DURATION).record(start.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Broadcasts a `job.cancel` on the control exchange (every worker reads it) and waits for the confirm.
+    pub async fn publish_cancel(&self, id: JobId) -> Result<(), BrokerError> {
+        let link = self.current().ok_or(BrokerError::NotConnected)?;
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % link.publishers.len();
+        let body = serde_json::to_vec(&shared::control::CancelJob::new(id))
+            .map_err(|e| BrokerError::Encode(e.to_string()))?;
+        let props = BasicProperties::default()
+            .with_type(shared::control::CANCEL_TYPE.into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_timestamp(now_ms() / 1000);
+        let exchange = self.settings.topology.control_exchange();
+        self.confirmed(&link.publishers[n], &exchange, "", &body, props)
+            .await
+    }
+
+    /// Publishes `mandatory` and waits (up to the publish timeout) for the broker's confirm.
+    async fn confirmed(
+        &self,
+        channel: &Channel,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), BrokerError> {
         let confirmed = tokio::time::timeout(self.settings.publish_timeout, async {
             let confirm = channel
                 .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
+                    exchange.into(),
+                    routing_key.into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..Default::default()
@@ -246,10 +282,9 @@ impl Broker {
         })
         .await
         .map_err(|_| BrokerError::Timeout(self.settings.publish_timeout))??;
-        metrics::histogram!(m::PUBLISH_DURATION).record(start.elapsed().as_secs_f64());
         match confirmed {
             Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(BrokerError::Returned(queue)),
+            Confirmation::Ack(Some(_)) => Err(BrokerError::Returned(format!("{exchange}/{routing_key}"))),
             Confirmation::Nack(_) => Err(BrokerError::Nacked),
             // Cannot happen on a confirm-mode channel; refuse rather than claim the broker has it.
             Confirmation::NotRequested => Err(BrokerError::Nacked),

@@ -76,6 +76,18 @@ pub struct Config {
     /// a lost Redis pub/sub message).
     #[arg(long, env = "RUN_POLL_INTERVAL_MS", default_value_t = 1_000)]
     pub run_poll_interval_ms: u64,
+    /// Cancel the job of a client that hangs up before its answer: `/run`, the OpenAI routes (streamed or
+    /// not), and event streams opened with `?cancel_on_disconnect=true`. A GPU then stops spending steps on
+    /// an answer nobody will read.
+    #[arg(long, env = "CANCEL_ON_DISCONNECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cancel_on_disconnect: bool,
+    /// The model name the OpenAI-compatible routes serve (`GET /v1/models`, the `model` field).
+    #[arg(long, env = "SERVED_MODEL_NAME", default_value = "EleutherAI/gpt-j-6b")]
+    pub served_model_name: String,
+    /// Consume the workers' replies (the default). `false` makes a replica that only serves HTTP and leaves
+    /// the replies to the other replicas; every replica still serves every job's results and streams.
+    #[arg(long, env = "CONSUME_REPLIES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub consume_replies: bool,
 
     /// Largest request body accepted; larger ones get 413.
     #[arg(long, env = "BODY_LIMIT_BYTES", default_value_t = 64 * 1024)]
@@ -246,6 +258,9 @@ pub struct Settings {
     pub run_timeout: Duration,
     pub run_poll_interval: Duration,
     pub max_run_waits_per_client: usize,
+    pub cancel_on_disconnect: bool,
+    pub served_model_name: String,
+    pub consume_replies: bool,
     pub body_limit_bytes: usize,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
@@ -306,6 +321,12 @@ impl Config {
                 "max-run-waits-per-client",
                 self.max_run_waits_per_client as u64,
             )? as usize,
+            cancel_on_disconnect: self.cancel_on_disconnect,
+            served_model_name: match self.served_model_name.trim() {
+                "" => return Err("--served-model-name must not be empty".into()),
+                name => name.to_owned(),
+            },
+            consume_replies: self.consume_replies,
             body_limit_bytes: positive("body-limit-bytes", self.body_limit_bytes as u64)? as usize,
             header_read_timeout: Duration::from_millis(positive(
                 "header-read-timeout-ms",

@@ -96,6 +96,8 @@ impl ApiError {
                     ErrorCode::GenerationFailed | ErrorCode::Internal | ErrorCode::Unavailable => {
                         StatusCode::INTERNAL_SERVER_ERROR
                     }
+                    // Someone (or the client's own hang-up) cancelled it.
+                    ErrorCode::Cancelled => StatusCode::CONFLICT,
                     _ => StatusCode::UNPROCESSABLE_ENTITY,
                 },
                 body.code,
@@ -106,9 +108,38 @@ impl ApiError {
     }
 }
 
+/// What an error response said, kept in its extensions so a route group that speaks another error shape
+/// (the OpenAI routes) can say the same thing its way, without a second mapping to status codes.
+#[derive(Debug, Clone)]
+pub struct ErrorInfo {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The offending field, when one is to blame.
+    pub param: Option<String>,
+}
+
+impl ApiError {
+    /// The field to blame, for error shapes that have a place for it.
+    pub fn param(&self) -> Option<String> {
+        match self {
+            ApiError::UnknownField { field } | ApiError::InvalidField { field, .. } => Some(field.clone()),
+            ApiError::InvalidJob(shared::job::InvalidJob::Parameter(p)) => {
+                Some(format!("parameters.{}", p.field))
+            }
+            ApiError::InvalidJob(_) => Some("prompt".to_owned()),
+            _ => None,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        let info = ErrorInfo {
+            code,
+            message: self.to_string(),
+            param: self.param(),
+        };
         match &self {
             ApiError::Unavailable { what, detail } => {
                 tracing::warn!(%what, %detail, "dependency unavailable");
@@ -126,6 +157,7 @@ impl IntoResponse for ApiError {
             job_id,
         };
         let mut response = (status, axum::Json(body)).into_response();
+        response.extensions_mut().insert(info);
         let retry_after = match &self {
             ApiError::Unavailable { .. } => Some(UNAVAILABLE_RETRY_AFTER),
             _ => None,

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod error;
+pub mod follow;
 pub mod metrics;
 pub mod openapi;
 pub mod ratelimit;
@@ -69,11 +70,16 @@ pub async fn run(
     let waiters = Arc::new(waiters::Waiters::default());
     let cancel = CancellationToken::new();
 
-    let replies = replies::ReplyConsumer::new(store.clone(), settings.topology.clone());
+    let replies = settings
+        .consume_replies
+        .then(|| replies::ReplyConsumer::new(store.clone(), settings.topology.clone()));
     let supervisor = tokio::spawn(broker.clone().supervise(replies, cancel.clone()));
     let listener_task = tokio::spawn(waiters.clone().listen(
         config.redis_url.clone(),
-        store.done_channel(),
+        waiters::Channels {
+            done: store.done_channel(),
+            events: store.events_channel(),
+        },
         cancel.clone(),
     ));
 

@@ -41,13 +41,15 @@ impl Modify for BearerAuth {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "GPT-J gateway", description = "Queue text-generation jobs, poll them, or wait with /run."),
+    info(title = "GPT-J gateway", description = "Queue text-generation jobs, poll them, stream their tokens, cancel them, or wait with /run; OpenAI-compatible completions and chat."),
     paths(
-        routes::jobs::submit, routes::jobs::get_job, routes::run::run, routes::queue::queue,
+        routes::jobs::submit, routes::jobs::get_job, routes::jobs::cancel, routes::events::events,
+        routes::run::run, routes::queue::queue,
         routes::ops::healthz, routes::ops::readyz, routes::ops::metrics,
     ),
     components(schemas(
         routes::jobs::SubmitRequest, routes::jobs::JobAccepted, routes::jobs::JobView,
+        routes::jobs::CancelResult, routes::jobs::QueuePosition,
         routes::run::OriginalRun, routes::queue::QueueView, ErrorDoc
     )),
     modifiers(&BearerAuth)

@@ -16,10 +16,14 @@ use shared::{JobReply, Topology};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
-use crate::store::JobStore;
+use crate::store::{Appended, JobStore};
 
 /// How long to wait before retrying a record write that Redis refused.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
+/// How long a token chunk that arrived ahead of an earlier one waits for it (they are consumed
+/// concurrently, by several replicas); after that it is dropped: the final reply carries the whole text.
+const GAP_WAIT: Duration = Duration::from_secs(3);
+const GAP_POLL: Duration = Duration::from_millis(10);
 
 #[derive(Clone)]
 pub struct ReplyConsumer {
@@ -83,17 +87,33 @@ impl ReplyConsumer {
             ack(&delivery).await;
             return;
         }
+        let gap_deadline = tokio::time::Instant::now() + GAP_WAIT;
         loop {
-            match self.store.apply(&reply).await {
-                Ok(changed) => {
+            let applied = match &reply {
+                JobReply::Token(chunk) => self.store.append(chunk).await.map(|appended| match appended {
+                    Appended::Gap if tokio::time::Instant::now() < gap_deadline => None,
+                    Appended::Gap => {
+                        tracing::debug!(job = %chunk.job_id, index = chunk.index, "dropping a token chunk past a gap");
+                        Some(false)
+                    }
+                    other => Some(other == Appended::Added),
+                }),
+                _ => self.store.apply(&reply).await.map(Some),
+            };
+            match applied {
+                Ok(None) => tokio::time::sleep(GAP_POLL).await,
+                Ok(Some(changed)) => {
                     if changed {
                         let outcome = match &reply {
                             JobReply::Started(_) => "started",
                             JobReply::Succeeded(_) => "succeeded",
                             JobReply::Failed(_) => "failed",
+                            JobReply::Cancelled(_) => "cancelled",
                             JobReply::Token(_) => "token",
                         };
-                        metrics::counter!(m::JOBS, "outcome" => outcome).increment(1);
+                        if !matches!(reply, JobReply::Token(_)) {
+                            metrics::counter!(m::JOBS, "outcome" => outcome).increment(1);
+                        }
                     }
                     ack(&delivery).await;
                     return;

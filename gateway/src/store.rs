@@ -9,6 +9,15 @@
 //!
 //! Expiry is in two steps: a result is readable for the result TTL (`expires_at_ms`), after which the
 //! record answers `expired` until Redis drops the key, `expired_retention` later; then the id is 404.
+//!
+//! Each job also has an event log, the Redis Stream `{ns}:events:{id}` (same TTL): `started`, `token`
+//! chunks and the final event, appended by the same scripts that change the record, and announced on
+//! `{ns}:events`. Any replica can serve any job's event stream from it, and a stream entry's id is the
+//! Server-Sent Event id a client resumes from. Token chunks carry two cursors (tokens, text bytes) that the
+//! record keeps (`stream_tokens`, `stream_bytes`), so a redelivered chunk or a job rerun after its worker
+//! died adds only what the log lacks; a chunk that arrives ahead of an earlier one (replies are consumed
+//! concurrently, by several replicas) is refused until the earlier one lands. The final `succeeded` write
+//! appends whatever text the chunks did not carry, so the log always ends with the whole text.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -27,6 +36,7 @@ pub enum Status {
     Running,
     Succeeded,
     Failed,
+    Cancelled,
     Expired,
 }
 
@@ -37,11 +47,25 @@ impl Status {
             "running" => Self::Running,
             "succeeded" => Self::Succeeded,
             "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
             _ => return None,
         })
     }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Expired => "expired",
+        }
+    }
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::Expired)
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Cancelled | Self::Expired
+        )
     }
 }
 
@@ -84,12 +108,29 @@ pub struct NewJob<'a> {
     pub submitted_at_ms: u64,
 }
 
-// KEYS: job, running, taken, stats
+/// Appends a token entry for the tokens and text past the record's cursors (Lua, shared by the scripts).
+const APPEND_TOKENS: &str = r#"
+local function append_tokens(job, events, index, ids, offset, text)
+  local have_t = tonumber(redis.call('HGET', job, 'stream_tokens') or '0')
+  local have_b = tonumber(redis.call('HGET', job, 'stream_bytes') or '0')
+  if index > have_t or offset > have_b then return -1 end
+  local new = {}
+  for i = have_t - index + 1, #ids do new[#new + 1] = ids[i] end
+  local tail = string.sub(text, have_b - offset + 1)
+  if #new == 0 and #tail == 0 then return 0 end
+  redis.call('XADD', events, '*', 'event', 'token', 'data',
+    '{"index":' .. have_t .. ',"token_ids":[' .. table.concat(new, ',') .. '],"text":' .. cjson.encode(tail) .. '}')
+  redis.call('HSET', job, 'stream_tokens', have_t + #new, 'stream_bytes', have_b + #tail)
+  return 1
+end
+"#;
+
+// KEYS: job, running, taken, stats, events
 // ARGV: event, job id, now ms, key ttl ms, expires-at ms, worker id, payload json, inference ms,
-//       started-at ms, done channel
+//       started-at ms, done channel, events channel, event data json
 const APPLY: &str = r#"
 local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'succeeded' or status == 'failed' then return 0 end
+if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return 0 end
 local event = ARGV[1]
 if status == false or status == 'queued' then redis.call('INCR', KEYS[3]) end
 local now = tonumber(ARGV[3])
@@ -98,9 +139,10 @@ if event == 'started' then
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
   redis.call('ZADD', KEYS[2], now, ARGV[2])
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[4]))
+  redis.call('XADD', KEYS[5], '*', 'event', 'started', 'data', ARGV[12])
 else
   local field = 'result'
-  if event == 'failed' then field = 'error' end
+  if event ~= 'succeeded' then field = 'error' end
   redis.call('HSET', KEYS[1], 'status', event, 'worker_id', ARGV[6], field, ARGV[7],
     'finished_at_ms', ARGV[3], 'expires_at_ms', ARGV[5])
   redis.call('ZREM', KEYS[2], ARGV[2])
@@ -109,12 +151,86 @@ else
     local avg = tonumber(redis.call('HGET', KEYS[4], 'avg_inference_ms'))
     if avg then avg = 0.8 * avg + 0.2 * ms else avg = ms end
     redis.call('HSET', KEYS[4], 'avg_inference_ms', tostring(avg))
+    if status ~= false then
+      local r = cjson.decode(ARGV[7])
+      append_tokens(KEYS[1], KEYS[5], 0, r.token_ids, 0, r.text)
+    end
   end
+  redis.call('XADD', KEYS[5], '*', 'event', event, 'data', ARGV[12])
   redis.call('PUBLISH', ARGV[10], ARGV[2])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[5], ARGV[4])
+redis.call('PUBLISH', ARGV[11], ARGV[2])
 return 1
 "#;
+
+// KEYS: job, events
+// ARGV: index, token ids (comma-separated), text offset, text, key ttl ms, events channel, job id
+const TOKENS: &str = r#"
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == false or status == 'succeeded' or status == 'failed' or status == 'cancelled' then return 0 end
+local ids = {}
+for id in string.gmatch(ARGV[2], '[^,]+') do ids[#ids + 1] = id end
+local added = append_tokens(KEYS[1], KEYS[2], tonumber(ARGV[1]), ids, tonumber(ARGV[3]), ARGV[4])
+if added == 1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  redis.call('PUBLISH', ARGV[6], ARGV[7])
+end
+return added
+"#;
+
+// KEYS: job, running, taken, events
+// ARGV: now ms, expires-at ms, key ttl ms, error json, done channel, events channel, job id
+const CANCEL: &str = r#"
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == false then return 'missing' end
+if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
+if status == 'queued' then redis.call('INCR', KEYS[3]) end
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'error', ARGV[4], 'finished_at_ms', ARGV[1],
+  'expires_at_ms', ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[7])
+redis.call('XADD', KEYS[4], '*', 'event', 'cancelled', 'data', '{}')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
+redis.call('PUBLISH', ARGV[5], ARGV[7])
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return status
+"#;
+
+/// What applying a token chunk did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// New tokens or text went into the job's event log.
+    Added,
+    /// Nothing new (already there, or the job is final or unknown).
+    Nothing,
+    /// An earlier chunk has not landed yet; try again shortly.
+    Gap,
+}
+
+/// What a cancel found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job was queued or running and is now `cancelled`.
+    Cancelled {
+        was: Status,
+    },
+    /// The job had already ended; nothing changed.
+    AlreadyFinal(Status),
+    Missing,
+}
+
+/// One entry of a job's event log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogEntry {
+    /// The stream entry id, e.g. `1733000000000-0`: the SSE event id.
+    pub id: String,
+    /// `started`, `token`, `succeeded`, `failed` or `cancelled`.
+    pub event: String,
+    /// JSON: the started or token data (`{}` for final events, whose data is the record).
+    pub data: String,
+}
 
 /// A record to create: its key, the counter that numbers submissions, its TTL and its fields.
 #[derive(Debug, Clone)]
@@ -133,6 +249,8 @@ pub struct JobStore {
     result_ttl: Duration,
     retention: Duration,
     apply: Script,
+    tokens: Script,
+    cancel: Script,
 }
 
 impl JobStore {
@@ -142,7 +260,9 @@ impl JobStore {
             topology,
             result_ttl,
             retention,
-            apply: Script::new(APPLY),
+            apply: Script::new(&format!("{APPEND_TOKENS}{APPLY}")),
+            tokens: Script::new(&format!("{APPEND_TOKENS}{TOKENS}")),
+            cancel: Script::new(CANCEL),
         }
     }
 
@@ -162,9 +282,16 @@ impl JobStore {
     fn stats_key(&self) -> String {
         self.topology.redis_key("stats")
     }
+    fn events_key(&self, id: JobId) -> String {
+        self.topology.redis_key(&format!("events:{id}"))
+    }
     /// The pub/sub channel on which finished job ids are announced.
     pub fn done_channel(&self) -> String {
         self.topology.redis_key("done")
+    }
+    /// The pub/sub channel on which a job id is announced whenever its event log grows.
+    pub fn events_channel(&self) -> String {
+        self.topology.redis_key("events")
     }
     fn key_ttl_ms(&self) -> u64 {
         (self.result_ttl + self.retention).as_millis() as u64
@@ -211,12 +338,24 @@ impl JobStore {
         };
         let now = now_ms();
         let expires_at = now + self.result_ttl.as_millis() as u64;
+        let corrupt = |e: serde_json::Error| RedisError::Corrupt(e.to_string());
+        let mut data = "{}".to_owned();
         let (event, worker, payload, inference_ms, started_at) = match reply {
-            JobReply::Started(Started {
-                worker_id,
-                started_at_ms,
-                ..
-            }) => ("started", worker_id.as_str(), String::new(), 0, *started_at_ms),
+            JobReply::Started(
+                started @ Started {
+                    worker_id,
+                    started_at_ms,
+                    ..
+                },
+            ) => {
+                data = serde_json::to_string(&serde_json::json!({
+                    "worker_id": worker_id,
+                    "started_at_ms": started_at_ms,
+                    "redelivered": started.redelivered,
+                }))
+                .map_err(corrupt)?;
+                ("started", worker_id.as_str(), String::new(), 0, *started_at_ms)
+            }
             JobReply::Succeeded(s) => (
                 "succeeded",
                 s.worker_id.as_str(),
@@ -231,8 +370,18 @@ impl JobStore {
                 0,
                 0,
             ),
-            // Streaming is not served yet; token events change nothing in the record.
-            JobReply::Token(_) => return Ok(false),
+            JobReply::Cancelled(c) => (
+                "cancelled",
+                c.worker_id.as_str(),
+                serde_json::to_string(&ErrorBody::new(
+                    shared::ErrorCode::Cancelled,
+                    format!("the job was cancelled after {} tokens", c.new_tokens),
+                ))
+                .map_err(corrupt)?,
+                0,
+                0,
+            ),
+            JobReply::Token(t) => return self.append(t).await.map(|a| a == Appended::Added),
         };
         let mut invocation = self.apply.prepare_invoke();
         invocation
@@ -249,12 +398,126 @@ impl JobStore {
             .arg(payload)
             .arg(inference_ms)
             .arg(started_at)
-            .arg(self.done_channel());
+            .arg(self.done_channel())
+            .arg(self.events_channel())
+            .arg(data);
+        invocation.key(self.events_key(id));
         let changed: i64 = self
             .redis
             .call(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
         Ok(changed == 1)
+    }
+
+    /// Appends a token chunk to the job's event log (what of it is new).
+    pub async fn append(&self, chunk: &shared::reply::Token) -> Result<Appended, RedisError> {
+        let ids = chunk
+            .token_ids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut invocation = self.tokens.prepare_invoke();
+        invocation
+            .key(self.job_key(chunk.job_id))
+            .key(self.events_key(chunk.job_id))
+            .arg(chunk.index)
+            .arg(ids)
+            .arg(chunk.text_offset)
+            .arg(chunk.text.as_str())
+            .arg(self.key_ttl_ms())
+            .arg(self.events_channel())
+            .arg(chunk.job_id.to_string());
+        let added: i64 = self
+            .redis
+            .call(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        Ok(match added {
+            1 => Appended::Added,
+            -1 => Appended::Gap,
+            _ => Appended::Nothing,
+        })
+    }
+
+    /// Marks a queued or running job `cancelled` (a final state); a job already final is left as it is.
+    pub async fn cancel(&self, id: JobId) -> Result<CancelOutcome, RedisError> {
+        let now = now_ms();
+        let error = serde_json::to_string(&ErrorBody::new(
+            shared::ErrorCode::Cancelled,
+            "the job was cancelled",
+        ))
+        .map_err(|e| RedisError::Corrupt(e.to_string()))?;
+        let mut invocation = self.cancel.prepare_invoke();
+        invocation
+            .key(self.job_key(id))
+            .key(self.running_key())
+            .key(self.taken_key())
+            .key(self.events_key(id))
+            .arg(now)
+            .arg(now + self.result_ttl.as_millis() as u64)
+            .arg(self.key_ttl_ms())
+            .arg(error)
+            .arg(self.done_channel())
+            .arg(self.events_channel())
+            .arg(id.to_string());
+        let before: String = self
+            .redis
+            .call(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        Ok(match before.as_str() {
+            "missing" => CancelOutcome::Missing,
+            other => match Status::parse(other) {
+                Some(s) if s.is_final() => CancelOutcome::AlreadyFinal(s),
+                Some(was) => CancelOutcome::Cancelled { was },
+                None => return Err(RedisError::Corrupt(format!("job {id} has status {other:?}"))),
+            },
+        })
+    }
+
+    /// Up to `count` entries of the job's event log after `after` (a stream id; `0-0` from the start),
+    /// with the record, in one round trip.
+    pub async fn read_log(
+        &self,
+        id: JobId,
+        after: &str,
+        count: usize,
+    ) -> Result<(Vec<LogEntry>, Option<JobRecord>), RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(self.events_key(id))
+            .arg(format!("({after}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .hgetall(self.job_key(id));
+        type Raw = Vec<(String, Vec<(String, Vec<u8>)>)>;
+        let (raw, fields): (Raw, HashMap<String, String>) = self
+            .redis
+            .call(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        let entries = raw
+            .into_iter()
+            .map(|(id, pairs)| {
+                let mut event = String::new();
+                let mut data = String::new();
+                for (k, v) in pairs {
+                    // Lossy: a rerun whose text differs could leave a cut character; never fail a stream on it.
+                    let v = String::from_utf8_lossy(&v).into_owned();
+                    match k.as_str() {
+                        "event" => event = v,
+                        "data" => data = v,
+                        _ => {}
+                    }
+                }
+                LogEntry { id, event, data }
+            })
+            .collect();
+        let record = if fields.is_empty() {
+            None
+        } else {
+            Some(parse_record(id, fields, now_ms())?)
+        };
+        Ok((entries, record))
     }
 
     /// Reads a record (`None` when unknown or long gone) together with the queue-wide figures, in one

@@ -36,6 +36,7 @@ fn succeeded(id: JobId, prompt: &str, text: &str) -> JobReply {
         text: text.into(),
         token_ids: vec![1, 2, 3],
         new_tokens: 3,
+        prompt_tokens: Some(2),
         finish_reason: FinishReason::Length,
         timings: Timings {
             queued_ms: Some(5),

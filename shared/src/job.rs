@@ -7,6 +7,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::chat::{ChatError, ChatMessage, clean_messages};
 use crate::params::{GenerationParameters, GenerationPlan, InvalidParameter};
 use crate::prompt::{PromptError, PromptRules};
 
@@ -44,8 +45,15 @@ impl std::str::FromStr for JobId {
 pub struct JobRequest {
     /// Body version; this build understands 1.
     pub version: u32,
-    /// The prompt text. Workers clean it again with the same rules the gateway uses.
+    /// The prompt text. Workers clean it again with the same rules the gateway uses. Empty (or absent)
+    /// for a chat job.
+    #[serde(default)]
     pub prompt: String,
+    /// A conversation instead of a prompt: the worker renders it with its checkpoint's chat template (or
+    /// the documented default), after cleaning each message's content with the prompt rules; the rules'
+    /// length limits apply to the contents together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
     /// Generation parameters; all optional.
     #[serde(default)]
     pub parameters: GenerationParameters,
@@ -63,12 +71,19 @@ pub enum InvalidJob {
     Prompt(#[from] PromptError),
     #[error(transparent)]
     Parameter(#[from] InvalidParameter),
+    #[error(transparent)]
+    Chat(#[from] ChatError),
+    #[error("a job has a `prompt` or `messages`, not both")]
+    PromptAndMessages,
 }
 
 /// A job that passed every check: cleaned prompt, validated plan.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidJob {
+    /// The cleaned prompt; empty for a chat job.
     pub prompt: String,
+    /// The cleaned conversation of a chat job.
+    pub messages: Option<Vec<ChatMessage>>,
     pub parameters: GenerationParameters,
     pub plan: GenerationPlan,
     pub submitted_at_ms: Option<u64>,
@@ -79,8 +94,17 @@ impl JobRequest {
         Self {
             version: JOB_SCHEMA_VERSION,
             prompt: prompt.into(),
+            messages: None,
             parameters,
             submitted_at_ms: None,
+        }
+    }
+
+    /// A chat job: the worker renders `messages` with its chat template.
+    pub fn chat(messages: Vec<ChatMessage>, parameters: GenerationParameters) -> Self {
+        Self {
+            messages: Some(messages),
+            ..Self::new("", parameters)
         }
     }
 
@@ -88,10 +112,15 @@ impl JobRequest {
         if self.version != JOB_SCHEMA_VERSION {
             return Err(InvalidJob::Version(self.version));
         }
-        let prompt = rules.clean(&self.prompt)?;
+        let (prompt, messages) = match &self.messages {
+            Some(_) if !self.prompt.is_empty() => return Err(InvalidJob::PromptAndMessages),
+            Some(messages) => (String::new(), Some(clean_messages(messages, rules)?)),
+            None => (rules.clean(&self.prompt)?, None),
+        };
         let plan = self.parameters.validate()?;
         Ok(ValidJob {
             prompt,
+            messages,
             parameters: self.parameters,
             plan,
             submitted_at_ms: self.submitted_at_ms,
@@ -105,6 +134,7 @@ impl ValidJob {
         JobRequest {
             version: JOB_SCHEMA_VERSION,
             prompt: self.prompt.clone(),
+            messages: self.messages.clone(),
             parameters: self.parameters.clone(),
             submitted_at_ms: self.submitted_at_ms,
         }

@@ -144,9 +144,11 @@ impl PromptRules {
         self.allowed.iter().any(|&(lo, hi)| lo <= c && c <= hi)
     }
 
-    /// Cleans `raw` and checks its length. Whitespace of any kind counts as a space for the allowed set.
-    pub fn clean(&self, raw: &str) -> Result<String, PromptError> {
-        let mut out = String::with_capacity(raw.len().min(self.max_chars * 4 + 16));
+    /// Cleans `raw` without the length limits: drops (or, under [`DisallowedPolicy::Reject`], refuses)
+    /// characters outside the allowed set and collapses whitespace. The result may be empty. Chat messages
+    /// use it, because their length limit applies to the conversation as a whole, not to each message.
+    pub fn clean_text(&self, raw: &str) -> Result<String, PromptError> {
+        let mut out = String::with_capacity(raw.len());
         let mut pending_space = false;
         for c in raw.chars() {
             if c.is_whitespace() {
@@ -165,6 +167,12 @@ impl PromptRules {
             pending_space = false;
             out.push(c);
         }
+        Ok(out)
+    }
+
+    /// Cleans `raw` and checks its length. Whitespace of any kind counts as a space for the allowed set.
+    pub fn clean(&self, raw: &str) -> Result<String, PromptError> {
+        let out = self.clean_text(raw)?;
         let len = out.chars().count();
         if len == 0 {
             return Err(PromptError::Empty);
@@ -219,6 +227,13 @@ mod tests {
             PromptError::TooLong { len: 11, max: 10 }
         );
         assert_eq!(rules.clean("abcde#######").unwrap(), "abcde");
+    }
+
+    #[test]
+    fn clean_text_cleans_as_clean_does_but_leaves_length_to_the_caller() {
+        let rules = PromptRules::new(DEFAULT_ALLOWED, 5, 10, DisallowedPolicy::Clean).unwrap();
+        assert_eq!(rules.clean_text(" $$ ").unwrap(), "");
+        assert_eq!(rules.clean_text("abcdefghijk  l*").unwrap(), "abcdefghijk l");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Replies a worker publishes on a job's `reply_to` queue, under the job's `correlation_id`.
 //!
 //! Each reply's AMQP `type` property is its event name (`job.started`, `job.token`, `job.succeeded`,
-//! `job.failed`), and the JSON body carries the same name in its `event` field, so a consumer can dispatch
-//! on either. A job gets one `job.started` (again if redelivered) and exactly one final reply.
+//! `job.failed`, `job.cancelled`), and the JSON body carries the same name in its `event` field, so a
+//! consumer can dispatch on either. A job gets one `job.started` (again if redelivered), `job.token` replies
+//! while it generates, and exactly one final reply.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -47,6 +48,10 @@ pub enum ErrorCode {
     Timeout,
     Unavailable,
     Internal,
+    /// The job was cancelled (`DELETE /v1/jobs/{id}`, a client that hung up, or a `job.cancel` message).
+    Cancelled,
+    /// An OpenAI-compatible request named a model this deployment does not serve.
+    ModelNotFound,
 }
 
 /// `{code, message}`: the error shape everywhere.
@@ -82,6 +87,8 @@ impl From<&InvalidJob> for ErrorBody {
             InvalidJob::Version(_) => ErrorCode::UnsupportedVersion,
             InvalidJob::Prompt(p) => p.into(),
             InvalidJob::Parameter(_) => ErrorCode::InvalidParameter,
+            InvalidJob::Chat(crate::chat::ChatError::Prompt(p)) => p.into(),
+            InvalidJob::Chat(_) | InvalidJob::PromptAndMessages => ErrorCode::InvalidParameter,
         };
         Self::new(code, e.to_string())
     }
@@ -117,12 +124,22 @@ pub struct Started {
     pub redelivered: bool,
 }
 
-/// One generated token (reserved for streaming; not sent yet).
+/// Tokens generated since the previous `job.token` reply, coalesced (a few tokens or a few milliseconds).
+///
+/// Two cursors make a chunk idempotent, so a consumer can drop what it has already seen (a redelivered
+/// reply, or a job rerun from the start after its worker died): `index` counts tokens, `text_offset` counts
+/// bytes of streamed text. The text never splits a UTF-8 character and holds back what may still turn out
+/// to be a stop sequence, so the streamed texts concatenated are always a prefix of the final `text`; the
+/// rest comes with `job.succeeded`. Beam search sends no tokens: its answer is known only at the end.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Token {
     pub job_id: JobId,
+    /// Index of the first token of `token_ids` in the generation.
     pub index: u32,
-    pub token_id: u32,
+    pub token_ids: Vec<u32>,
+    /// Bytes of streamed text before `text`.
+    pub text_offset: u32,
+    /// The text added since the previous chunk (may be empty while text is held back).
     pub text: String,
 }
 
@@ -136,6 +153,9 @@ pub struct Succeeded {
     pub text: String,
     pub token_ids: Vec<u32>,
     pub new_tokens: u32,
+    /// Tokens of the prompt the model saw (for a chat job, the rendered conversation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u32>,
     pub finish_reason: FinishReason,
     pub timings: Timings,
     /// The most jobs the worker's running batch held while this one was in it (continuous batching).
@@ -153,6 +173,15 @@ pub struct Failed {
     pub finished_at_ms: u64,
 }
 
+/// The job was cancelled before it finished; `new_tokens` were generated before it stopped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Cancelled {
+    pub job_id: JobId,
+    pub worker_id: String,
+    pub new_tokens: u32,
+    pub finished_at_ms: u64,
+}
+
 /// A reply body; `event` matches the AMQP `type` property.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "event")]
@@ -165,6 +194,8 @@ pub enum JobReply {
     Succeeded(Succeeded),
     #[serde(rename = "job.failed")]
     Failed(Failed),
+    #[serde(rename = "job.cancelled")]
+    Cancelled(Cancelled),
 }
 
 impl JobReply {
@@ -175,11 +206,12 @@ impl JobReply {
             Self::Token(_) => "job.token",
             Self::Succeeded(_) => "job.succeeded",
             Self::Failed(_) => "job.failed",
+            Self::Cancelled(_) => "job.cancelled",
         }
     }
 
     pub fn is_final(&self) -> bool {
-        matches!(self, Self::Succeeded(_) | Self::Failed(_))
+        matches!(self, Self::Succeeded(_) | Self::Failed(_) | Self::Cancelled(_))
     }
 
     pub fn job_id(&self) -> Option<JobId> {
@@ -188,6 +220,7 @@ impl JobReply {
             Self::Token(t) => Some(t.job_id),
             Self::Succeeded(s) => Some(s.job_id),
             Self::Failed(f) => f.job_id,
+            Self::Cancelled(c) => Some(c.job_id),
         }
     }
 }

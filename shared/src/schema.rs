@@ -17,6 +17,10 @@ pub fn all() -> Vec<(&'static str, serde_json::Value)> {
             "job-reply.schema.json",
             serde_json::to_value(schemars::schema_for!(JobReply)).unwrap_or_default(),
         ),
+        (
+            "control.schema.json",
+            serde_json::to_value(schemars::schema_for!(crate::control::CancelJob)).unwrap_or_default(),
+        ),
     ]
 }
 

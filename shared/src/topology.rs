@@ -4,14 +4,20 @@
 //! so no process depends on another having started first. Tests use their own namespace and so can share
 //! one broker and one Redis.
 
-use lapin::Channel;
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
 
 /// Default namespace, as the README documents.
 pub const DEFAULT_NAMESPACE: &str = "gptj";
 /// Deliveries of one job before the broker dead-letters it (a job that kills its worker every time).
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 3;
+/// How long the cancellations stream keeps a cancel, and so how long a worker remembers one: a job queued
+/// longer than this and cancelled at the start of that time may still run (its result is then ignored).
+pub const CANCEL_RETENTION: &str = "24h";
+pub const CANCEL_RETENTION_SECS: u64 = 24 * 3600;
 
 /// Names of everything one deployment uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +64,14 @@ impl Topology {
     pub fn replies_queue(&self) -> String {
         format!("{}.replies", self.namespace)
     }
+    /// Fanout exchange of control messages (`job.cancel`), see [`crate::control`].
+    pub fn control_exchange(&self) -> String {
+        format!("{}.control", self.namespace)
+    }
+    /// Stream queue of recent cancels, bound to the control exchange; every worker reads all of it.
+    pub fn cancellations_queue(&self) -> String {
+        format!("{}.cancellations", self.namespace)
+    }
     /// A Redis key under this namespace.
     pub fn redis_key(&self, suffix: &str) -> String {
         format!("{}:{suffix}", self.namespace)
@@ -95,7 +109,27 @@ impl Topology {
         args
     }
 
-    /// Declares the dead-letter queue, the jobs queue and the replies queue. Idempotent.
+    /// Arguments of the cancellations stream: retention by age, in small segments so that old cancels are
+    /// really dropped (a stream truncates whole segments only).
+    pub fn cancellations_arguments() -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString(LongString::from("stream")),
+        );
+        args.insert(
+            ShortString::from("x-max-age"),
+            AMQPValue::LongString(LongString::from(CANCEL_RETENTION)),
+        );
+        args.insert(
+            ShortString::from("x-stream-max-segment-size-bytes"),
+            AMQPValue::LongLongInt(1_000_000),
+        );
+        args
+    }
+
+    /// Declares the dead-letter queue, the jobs queue, the replies queue, and the control exchange with its
+    /// cancellations stream. Idempotent.
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
         let durable = QueueDeclareOptions {
             durable: true,
@@ -114,6 +148,33 @@ impl Topology {
         channel
             .queue_declare(self.replies_queue().as_str().into(), durable, Self::quorum())
             .await?;
+        channel
+            .exchange_declare(
+                self.control_exchange().as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_declare(
+                self.cancellations_queue().as_str().into(),
+                durable,
+                Self::cancellations_arguments(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                self.cancellations_queue().as_str().into(),
+                self.control_exchange().as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
         Ok(())
     }
 }
@@ -122,11 +183,22 @@ impl Topology {
     /// Deletes the queues [`Topology::declare`] makes, messages and all: for tests and benchmarks that
     /// ran in a namespace of their own. Missing queues are not an error.
     pub async fn delete(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        for queue in [self.jobs_queue(), self.dead_letter_queue(), self.replies_queue()] {
+        for queue in [
+            self.jobs_queue(),
+            self.dead_letter_queue(),
+            self.replies_queue(),
+            self.cancellations_queue(),
+        ] {
             channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await?;
         }
+        channel
+            .exchange_delete(
+                self.control_exchange().as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await?;
         Ok(())
     }
 }
@@ -150,6 +222,8 @@ mod tests {
         assert_eq!(t.jobs_queue(), "blue.jobs");
         assert_eq!(t.dead_letter_queue(), "blue.jobs.dead");
         assert_eq!(t.replies_queue(), "blue.replies");
+        assert_eq!(t.control_exchange(), "blue.control");
+        assert_eq!(t.cancellations_queue(), "blue.cancellations");
         assert_eq!(t.redis_key("job:1"), "blue:job:1");
     }
 

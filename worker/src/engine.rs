@@ -8,6 +8,7 @@ use crate::decoding::{self, StopChecker};
 use crate::device_map::Placement;
 use crate::lm::CausalLm;
 use crate::model::{GptJ, LoadError, LoadOptions};
+use shared::chat::{ChatMessage, ChatTemplate};
 use shared::{FinishReason, GenerationPlan};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -98,6 +99,8 @@ pub enum EngineError {
     },
     #[error("generation failed: {0}")]
     Generation(String),
+    #[error("chat template: {0}")]
+    Chat(#[from] shared::chat::ChatError),
 }
 
 impl From<decoding::DecodeError> for EngineError {
@@ -119,6 +122,8 @@ pub struct BatchGeneration {
 pub struct Engine {
     model: GptJ,
     tokenizer: Tokenizer,
+    /// The checkpoint's chat template (`tokenizer_config.json`), or the documented default.
+    chat: ChatTemplate,
     load_ms: u64,
 }
 
@@ -131,6 +136,17 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// The checkpoint's `tokenizer_config.json` chat template, or the default when it has none (GPT-J has none).
+fn chat_template(model_dir: &std::path::Path) -> Result<ChatTemplate, EngineError> {
+    let path = model_dir.join("tokenizer_config.json");
+    let template = match std::fs::read_to_string(&path) {
+        Ok(text) => ChatTemplate::from_tokenizer_config(&text)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(EngineError::Tokenizer(format!("{}: {e}", path.display()))),
+    };
+    Ok(template.unwrap_or_else(|| ChatTemplate::default_template(None)))
+}
+
 impl Engine {
     /// Loads the model and tokenizer from `opts.model_dir` (and sets libtorch's thread count).
     pub fn load(opts: &EngineOptions) -> Result<Self, EngineError> {
@@ -139,21 +155,36 @@ impl Engine {
             tch::set_num_threads(n.max(1) as i32);
         }
         let tokenizer = crate::tokenizer::load(&opts.model_dir)?;
+        let chat = chat_template(&opts.model_dir)?;
         let model = GptJ::load(&opts.model_dir, &opts.load)?;
         Ok(Self {
             model,
             tokenizer,
+            chat,
             load_ms: start.elapsed().as_millis() as u64,
         })
     }
 
-    /// An engine over an already loaded model and tokenizer.
+    /// An engine over an already loaded model and tokenizer, with the default chat template.
     pub fn from_parts(model: GptJ, tokenizer: Tokenizer) -> Self {
         Self {
             model,
             tokenizer,
+            chat: ChatTemplate::default_template(None),
             load_ms: 0,
         }
+    }
+
+    /// A conversation as the prompt the model continues: rendered with the chat template, the assistant's
+    /// turn opened.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        Ok(self.chat.render(messages, true)?)
+    }
+
+    /// The stop sequence chat jobs get, when the template is our default (a base model would otherwise go
+    /// on to write the user's next turn).
+    pub fn chat_stop(&self) -> Option<&'static str> {
+        self.chat.is_default().then_some(shared::chat::DEFAULT_CHAT_STOP)
     }
 
     /// How long [`Engine::load`] took.

@@ -36,7 +36,8 @@ fn worker_of(reply: &Reply) -> String {
         JobReply::Started(s) => s.worker_id.clone(),
         JobReply::Succeeded(s) => s.worker_id.clone(),
         JobReply::Failed(f) => f.worker_id.clone(),
-        JobReply::Token(_) => unreachable!("no streaming yet"),
+        JobReply::Cancelled(c) => c.worker_id.clone(),
+        JobReply::Token(_) => String::new(),
     }
 }
 
@@ -365,7 +366,20 @@ async fn a_raw_producer_gets_started_then_succeeded_as_the_amqp_guide_describes(
     };
     assert_eq!((s.job_id.to_string(), s.redelivered), (id.clone(), false));
 
-    let done = producer.next_reply(Duration::from_secs(30)).await.unwrap();
+    // Tokens stream in as `job.token` replies, then the final reply.
+    let mut streamed_text = String::new();
+    let mut streamed_ids = Vec::new();
+    let done = loop {
+        let reply = producer.next_reply(Duration::from_secs(30)).await.unwrap();
+        let JobReply::Token(t) = &reply.body else {
+            break reply;
+        };
+        assert_eq!(reply.kind, "job.token");
+        assert_eq!(t.index as usize, streamed_ids.len(), "chunks follow each other");
+        assert_eq!(t.text_offset as usize, streamed_text.len());
+        streamed_ids.extend_from_slice(&t.token_ids);
+        streamed_text.push_str(&t.text);
+    };
     assert_eq!(done.kind, "job.succeeded");
     assert_eq!(done.correlation_id.as_deref(), Some(id.as_str()));
     let JobReply::Succeeded(s) = &done.body else {
@@ -375,6 +389,22 @@ async fn a_raw_producer_gets_started_then_succeeded_as_the_amqp_guide_describes(
     assert_eq!(s.worker_id, env.workers[0].id);
     assert_eq!(s.new_tokens as usize, s.token_ids.len());
     assert!((1..=6).contains(&s.token_ids.len()));
+    assert!(!streamed_ids.is_empty(), "sampling streams its tokens");
+    assert!(
+        s.token_ids.starts_with(&streamed_ids),
+        "{streamed_ids:?} vs {:?}",
+        s.token_ids
+    );
+    assert!(
+        s.text.starts_with(&streamed_text),
+        "{streamed_text:?} vs {:?}",
+        s.text
+    );
+    assert_eq!(
+        s.prompt_tokens,
+        Some(4),
+        "\"Once upon a time\" is four GPT-J tokens"
+    );
     assert!(
         s.timings.queued_ms.is_some(),
         "submitted_at_ms gives the queue time"

@@ -1,4 +1,4 @@
-//! `POST /v1/jobs` (submit, 202) and `GET /v1/jobs/{id}` (poll).
+//! `POST /v1/jobs` (submit, 202), `GET /v1/jobs/{id}` (poll) and `DELETE /v1/jobs/{id}` (cancel).
 
 use axum::Extension;
 use axum::extract::{Path, State};
@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
-use crate::store::{Figures, JobRecord, Status};
+use crate::store::{CancelOutcome, Figures, JobRecord, Status};
 
 fn default_version() -> u32 {
     JOB_SCHEMA_VERSION
@@ -27,8 +27,15 @@ pub struct SubmitRequest {
     #[serde(default = "default_version")]
     pub version: u32,
     /// The prompt. Characters outside the allowed set are removed (or refused, per the gateway's
-    /// policy) and whitespace is collapsed before the length limits apply.
+    /// policy) and whitespace is collapsed before the length limits apply. Give `prompt` or `messages`.
+    #[serde(default)]
     pub prompt: String,
+    /// A conversation instead of a prompt (`[{"role": "system"|"user"|"assistant", "content": "..."}]`):
+    /// each content is cleaned like a prompt, the length limits apply to the contents together, and the
+    /// worker renders it with its model's chat template.
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub messages: Option<Vec<shared::chat::ChatMessage>>,
     /// Generation parameters (TGI names), all optional; see the `GenerationParameters` schema.
     #[serde(default)]
     #[schema(schema_with = crate::openapi::generation_parameters)]
@@ -40,6 +47,7 @@ impl From<SubmitRequest> for JobRequest {
         JobRequest {
             version: r.version,
             prompt: r.prompt,
+            messages: r.messages,
             parameters: r.parameters,
             submitted_at_ms: None,
         }
@@ -153,7 +161,7 @@ pub struct JobTimings {
     pub time_to_first_token_ms: Option<u64>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct QueuePosition {
     /// Estimated jobs ahead of this one, itself included.
     pub position: u64,
@@ -176,6 +184,18 @@ pub async fn get_job(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<JobView>, ApiError> {
+    let (record, figures) = owned(&app, &caller, &id).await?;
+    let queue = if record.status == Status::Queued {
+        let stats = app.broker.queue_stats().await.ok();
+        Some(position(&record, &figures, stats.map(|s| (s.depth, s.consumers))))
+    } else {
+        None
+    };
+    Ok(axum::Json(view(record, queue)))
+}
+
+/// The caller's job: a malformed id is 400, an unknown one (or, with keys on, another key's) 404.
+pub async fn owned(app: &AppState, caller: &Caller, id: &str) -> Result<(JobRecord, Figures), ApiError> {
     let id: JobId = id
         .parse()
         .map_err(|_| ApiError::InvalidJobId(id.chars().take(64).collect()))?;
@@ -189,18 +209,66 @@ pub async fn get_job(
     if app.settings.api_keys.enabled() && record.owner != caller.key.map(|k| k.hex()) {
         return Err(ApiError::NotFound);
     }
-    let queue = if record.status == Status::Queued {
-        let stats = app.broker.queue_stats().await.ok();
-        Some(position(&record, &figures, stats.map(|s| (s.depth, s.consumers))))
-    } else {
-        None
+    Ok((record, figures))
+}
+
+/// The answer to a cancel.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CancelResult {
+    pub id: String,
+    /// The job's status now: `cancelled`, or the final state it had already reached.
+    pub status: Status,
+    /// Whether this request cancelled it (false: it had already ended, and nothing changed).
+    pub cancelled: bool,
+    pub message: String,
+}
+
+#[utoipa::path(
+    delete, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, format = Uuid, description = "Job id (UUID)")),
+    responses(
+        (status = 200, description = "Cancelled, or already ended (`cancelled` says which)", body = CancelResult),
+        (status = 400, description = "Malformed id", body = crate::openapi::ErrorDoc),
+        (status = 404, description = "Unknown id, or another key's job", body = crate::openapi::ErrorDoc),
+        (status = 503, description = "Broker or Redis unavailable; nothing changed (Retry-After)", body = crate::openapi::ErrorDoc),
+    ),
+    security((), ("api_key" = []))
+)]
+/// Cancels a job: a queued one never runs, a running one leaves its worker's batch at the next step.
+pub async fn cancel(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<CancelResult>, ApiError> {
+    let (record, _) = owned(&app, &caller, &id).await?;
+    let finished = |status: Status| CancelResult {
+        id: record.id.to_string(),
+        status,
+        cancelled: false,
+        message: format!("the job had already ended ({}); nothing changed", status.as_str()),
     };
-    Ok(axum::Json(view(record, queue)))
+    if record.status.is_final() {
+        return Ok(axum::Json(finished(record.status)));
+    }
+    let result = match app.cancel(record.id).await? {
+        CancelOutcome::Cancelled { was } => CancelResult {
+            id: record.id.to_string(),
+            status: Status::Cancelled,
+            cancelled: true,
+            message: match was {
+                Status::Queued => "cancelled; no worker will run it".to_owned(),
+                _ => "cancelled; its worker stops it at the next step".to_owned(),
+            },
+        },
+        CancelOutcome::AlreadyFinal(status) => finished(status),
+        CancelOutcome::Missing => return Err(ApiError::NotFound),
+    };
+    Ok(axum::Json(result))
 }
 
 /// Place in line: submissions before this one minus jobs that have left the queue, clamped to the
 /// broker's depth; the wait spreads that many average jobs over the consumers.
-fn position(record: &JobRecord, figures: &Figures, broker: Option<(u32, u32)>) -> QueuePosition {
+pub fn position(record: &JobRecord, figures: &Figures, broker: Option<(u32, u32)>) -> QueuePosition {
     let mut position = record.seq.saturating_sub(figures.taken).max(1);
     if let Some((depth, _)) = broker
         && depth > 0
@@ -217,7 +285,7 @@ fn position(record: &JobRecord, figures: &Figures, broker: Option<(u32, u32)>) -
     }
 }
 
-fn view(record: JobRecord, queue: Option<QueuePosition>) -> JobView {
+pub fn view(record: JobRecord, queue: Option<QueuePosition>) -> JobView {
     let t = record.result.as_ref().map(|r| &r.timings);
     let queued_ms = t.and_then(|t| t.queued_ms).or_else(|| {
         record

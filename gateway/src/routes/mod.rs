@@ -4,6 +4,7 @@
 //! caller identification (API key check) and, for reads, the rate limit. Submissions are rate-limited in
 //! the handler, after validation, by the same Redis call that records the job.
 
+pub mod events;
 pub mod jobs;
 pub mod ops;
 pub mod queue;
@@ -33,7 +34,8 @@ pub fn router(app: AppState) -> Router {
         // The submit limit is checked in App::enqueue, in the call that writes the job record.
         .route_layer(middleware::from_fn_with_state(app.clone(), require_key));
     let read_routes = Router::new()
-        .route("/v1/jobs/{id}", get(jobs::get_job))
+        .route("/v1/jobs/{id}", get(jobs::get_job).delete(jobs::cancel))
+        .route("/v1/jobs/{id}/events", get(events::events))
         .route("/v1/queue", get(queue::queue))
         .route_layer(middleware::from_fn_with_state(read.clone(), ratelimit::limit))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_key));

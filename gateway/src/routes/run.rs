@@ -6,7 +6,8 @@
 //! job body, queues the job like any other, waits for its result, and answers 200 with a JSON string: the
 //! prompt followed directly by the continuation, which is what the original returned (it decoded the
 //! prompt's ids and the new ids together). After `run_timeout` it answers 504 with the job id; the job
-//! goes on and can be polled.
+//! goes on and can be polled. A client that hangs up before the answer cancels its job
+//! (`--cancel-on-disconnect`).
 
 use axum::Extension;
 use axum::extract::State;
@@ -14,15 +15,15 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use shared::params::{DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_BEAMS, MAX_NEW_TOKENS_LIMIT};
 use shared::{GenerationParameters, JobId, JobRequest, Strategy};
-use tokio::time::Instant;
 use utoipa::ToSchema;
 
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson, parse_value};
+use crate::follow::{CancelOnDrop, Waited, wait_final};
 use crate::routes::jobs::SubmitRequest;
-use crate::store::Status;
-use crate::waiters::Registration;
+use crate::store::{JobRecord, Status};
+use crate::waiters::Interest;
 
 /// The original `/run` body.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -109,39 +110,28 @@ pub async fn run(
         .slot(&caller.id, s.max_run_waits_per_client)
         .ok_or(ApiError::TooManyWaits(s.max_run_waits_per_client))?;
     let id = JobId::new_random();
-    let registration = app.waiters.register(id);
+    let registration = app.waiters.register(id, Interest::Done);
     let (_, decision) = app.enqueue(id, request, &caller).await?;
-    let mut response = wait(&app, id, &registration).await.into_response();
+    let mut owner = CancelOnDrop::new(&app, vec![id], s.cancel_on_disconnect);
+    let waited = wait_final(&app, id, &registration).await;
+    // Answered, or past the timeout after which the contract says the job goes on: either way not a hang-up.
+    owner.disarm();
+    let mut response = match waited {
+        Waited::Final(record) => answer(*record).into_response(),
+        Waited::TimedOut => ApiError::RunTimeout(id).into_response(),
+    };
     if let Some(d) = decision {
         d.write_headers(response.headers_mut());
     }
     Ok(response)
 }
 
-/// Waits for the job's final record: the completion notice wakes it, the poll interval backs it up.
-async fn wait(app: &AppState, id: JobId, registration: &Registration<'_>) -> Result<Response, ApiError> {
-    let s = &app.settings;
-    let deadline = Instant::now() + s.run_timeout;
-    loop {
-        match app.store.get(id).await {
-            Ok(Some((record, _))) if record.status.is_final() => {
-                return match (record.status, record.result, record.error) {
-                    (Status::Succeeded, Some(r), _) => {
-                        Ok(axum::Json(format!("{}{}", r.prompt, r.text)).into_response())
-                    }
-                    (Status::Failed, _, Some(error)) => Err(ApiError::JobFailed(error)),
-                    _ => Err(ApiError::RunTimeout(id)),
-                };
-            }
-            Ok(_) => {}
-            // A Redis blip must not fail a job that is running fine: keep waiting, read again.
-            Err(e) => tracing::warn!(error = %e, %id, "reading a /run job failed; retrying"),
-        }
-        tokio::select! {
-            _ = registration.notify.notified() => {}
-            _ = tokio::time::sleep(s.run_poll_interval) => {}
-            _ = tokio::time::sleep_until(deadline) => return Err(ApiError::RunTimeout(id)),
-        }
+/// The original's answer: the prompt followed by the continuation, or the job's error.
+fn answer(record: JobRecord) -> Result<Response, ApiError> {
+    match (record.status, record.result, record.error) {
+        (Status::Succeeded, Some(r), _) => Ok(axum::Json(format!("{}{}", r.prompt, r.text)).into_response()),
+        (Status::Failed | Status::Cancelled, _, Some(error)) => Err(ApiError::JobFailed(error)),
+        _ => Err(ApiError::RunTimeout(record.id)),
     }
 }
 

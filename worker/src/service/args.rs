@@ -10,6 +10,7 @@ use shared::{PromptRules, Topology};
 
 use super::ServeError;
 use super::generator::BatchSettings;
+use super::stream::StreamSettings;
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -49,6 +50,13 @@ pub struct ServeArgs {
     /// than the batch holds only saves a round trip, and holds jobs other workers could have started.
     #[arg(long, env = "PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: Option<u16>,
+    /// Stream tokens as `job.token` replies, coalesced: a reply once this many tokens have gathered (or
+    /// `--stream-interval-ms` has passed; the first token goes at once). 0 turns streaming off.
+    #[arg(long, env = "STREAM_TOKENS", default_value_t = 16)]
+    pub stream_tokens: usize,
+    /// The longest a generated token waits to be streamed, in milliseconds.
+    #[arg(long, env = "STREAM_INTERVAL_MS", default_value_t = 50)]
+    pub stream_interval_ms: u64,
     /// Serve Prometheus metrics on this address, e.g. `0.0.0.0:9100` (`/metrics`).
     #[arg(long, env = "METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -72,6 +80,7 @@ pub struct ServiceConfig {
     pub worker_id: String,
     /// Jobs handed to the engine at once: the batch's places.
     pub max_batch_size: u16,
+    pub stream: StreamSettings,
 }
 
 impl ServeArgs {
@@ -95,6 +104,10 @@ impl ServeArgs {
             prefetch: self.prefetch.unwrap_or(self.max_batch_size),
             worker_id,
             max_batch_size: self.max_batch_size,
+            stream: StreamSettings {
+                tokens: self.stream_tokens,
+                interval: std::time::Duration::from_millis(self.stream_interval_ms),
+            },
         })
     }
 

@@ -6,24 +6,43 @@
 //! lives on its own thread, jobs reach it over a channel, and each job's news (joined the batch, finished)
 //! comes back over oneshots; the runtime only ever awaits.
 //!
-//! The thread loop is continuous batching's outer loop: take every job that arrived, advance the batch one
-//! step, hand out what the step reported, repeat; sleep only when nothing is running or waiting. The
-//! engine is behind the small [`Generator`] / [`Batcher`] seam so the queue logic can be tested with a
-//! stand-in, and the engine is built *on* its thread, so it never has to be `Send`.
+//! The thread loop is continuous batching's outer loop: take every job that arrived (and every cancel),
+//! advance the batch one step, hand out what the step reported, repeat; sleep only when nothing is running
+//! or waiting. Tokens leave as the step makes them, over each job's own channel, so the thread never waits
+//! on a client: turning them into text and coalescing them into `job.token` replies happens on the async
+//! side (`stream`). The engine is behind the small [`Generator`] / [`Batcher`] seam so the queue logic can be
+//! tested with a stand-in, and the engine is built *on* its thread, so it never has to be `Send`.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use shared::chat::ChatMessage;
 use shared::{ErrorBody, ErrorCode, FinishReason, GenerationPlan};
 use tokio::sync::{mpsc, oneshot};
 
 use super::metrics;
-use crate::decoding::Stats;
+use crate::decoding::{Stats, TextDecoder};
+
+/// Turns token ids into text off the engine thread (the tokenizer is `Send + Sync`).
+pub type Detokenizer = Arc<dyn TextDecoder + Send + Sync>;
+
+/// What a job asks the engine to continue.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A cleaned prompt.
+    Text(String),
+    /// A cleaned conversation, for the engine to render with its chat template.
+    Chat(Vec<ChatMessage>),
+}
 
 /// What one generation produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
+    /// The prompt the model saw, when the engine built it (a rendered conversation).
+    pub prompt: Option<String>,
     /// The continuation only (stop sequence excluded).
     pub text: String,
     pub token_ids: Vec<u32>,
@@ -46,9 +65,10 @@ pub enum JobEvent {
         key: u64,
         batch_size: usize,
     },
+    /// Tokens the step generated (greedy, sampling and contrastive search: each step's; beam search: none).
     Tokens {
         key: u64,
-        count: usize,
+        ids: Vec<u32>,
     },
     Done {
         key: u64,
@@ -82,12 +102,14 @@ impl Default for BatchSettings {
 /// A running batch: jobs are submitted, and each step advances all of them. Errors are already in the
 /// shape a `job.failed` reply carries.
 pub trait Batcher {
-    /// Takes a job (cleaned prompt, validated plan), or refuses it at once.
-    fn submit(&mut self, key: u64, prompt: &str, plan: &GenerationPlan) -> Result<(), ErrorBody>;
+    /// Takes a job (cleaned input, validated plan), or refuses it at once.
+    fn submit(&mut self, key: u64, input: &Input, plan: &GenerationPlan) -> Result<(), ErrorBody>;
     /// Admits what may join and advances every running job by one step.
     fn step(&mut self) -> Vec<JobEvent>;
     /// Whether any job is running or waiting.
     fn has_work(&self) -> bool;
+    /// Removes a job, waiting or running, so it takes no further step; `false` when it is not here.
+    fn cancel(&mut self, key: u64) -> bool;
     /// Gauges for metrics.
     fn stats(&self) -> Stats {
         Stats::default()
@@ -97,6 +119,14 @@ pub trait Batcher {
 /// Anything that can run a batch: the engine, or a test's stand-in.
 pub trait Generator {
     fn batcher(&self, settings: &BatchSettings) -> Box<dyn Batcher + '_>;
+    /// What turns this generator's token ids into text, for streaming; `None` streams ids without text.
+    fn detokenizer(&self) -> Option<Detokenizer> {
+        None
+    }
+    /// A stop sequence chat jobs get on top of their own (see [`EngineThread::plan`]).
+    fn chat_stop(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A finished job and its wall time on the engine thread (arrival to answer).
@@ -110,16 +140,28 @@ pub struct Finished {
 pub type Outcome = Result<Finished, ErrorBody>;
 
 struct Request {
-    prompt: String,
+    key: u64,
+    input: Input,
     plan: GenerationPlan,
     joined: oneshot::Sender<usize>,
+    tokens: mpsc::UnboundedSender<Vec<u32>>,
     reply: oneshot::Sender<Outcome>,
+}
+
+/// What the engine thread is told.
+enum Command {
+    Submit(Request),
+    Cancel(u64),
 }
 
 /// Where a submitted job's news arrives.
 pub struct Submitted {
+    /// The engine's name for the job, for [`EngineThread::cancel`].
+    pub key: u64,
     /// The batch size when the job joined; dropped unsent when the job never joins (refused, failed).
     pub joined: oneshot::Receiver<usize>,
+    /// The job's tokens as the steps make them; closed when the job leaves the batch.
+    pub tokens: mpsc::UnboundedReceiver<Vec<u32>>,
     pub outcome: oneshot::Receiver<Outcome>,
 }
 
@@ -136,13 +178,24 @@ pub enum EngineError {
 /// and the batch is empty.
 #[derive(Clone)]
 pub struct EngineThread {
-    tx: mpsc::UnboundedSender<Request>,
+    tx: mpsc::UnboundedSender<Command>,
+    next_key: Arc<AtomicU64>,
+    detokenizer: Option<Detokenizer>,
+    chat_stop: Option<String>,
 }
 
 struct InFlight {
     joined: Option<oneshot::Sender<usize>>,
+    tokens: mpsc::UnboundedSender<Vec<u32>>,
+    /// Tokens reported so far (for the tokens counter, which counts them as they come).
+    reported: usize,
     reply: oneshot::Sender<Outcome>,
     arrived: Instant,
+}
+
+/// The failure a cancelled job ends with; the service answers it with `job.cancelled`.
+pub fn cancelled() -> ErrorBody {
+    ErrorBody::new(ErrorCode::Cancelled, "the job was cancelled")
 }
 
 impl EngineThread {
@@ -154,14 +207,15 @@ impl EngineThread {
         E: std::fmt::Display,
         F: FnOnce() -> Result<G, E> + Send + 'static,
     {
-        let (tx, rx) = mpsc::unbounded_channel::<Request>();
-        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), String>>();
+        let (tx, rx) = mpsc::unbounded_channel::<Command>();
+        type Ready = (Option<Detokenizer>, Option<String>);
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<Ready, String>>();
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
                 let generator = match load() {
                     Ok(g) => {
-                        let _ = ready_tx.send(Ok(()));
+                        let _ = ready_tx.send(Ok((g.detokenizer(), g.chat_stop())));
                         g
                     }
                     Err(e) => {
@@ -173,7 +227,12 @@ impl EngineThread {
             })
             .map_err(|e| EngineError::Load(format!("cannot spawn the engine thread: {e}")))?;
         match ready_rx.await {
-            Ok(Ok(())) => Ok(Self { tx }),
+            Ok(Ok((detokenizer, chat_stop))) => Ok(Self {
+                tx,
+                next_key: Arc::new(AtomicU64::new(0)),
+                detokenizer,
+                chat_stop,
+            }),
             Ok(Err(e)) => Err(EngineError::Load(e)),
             Err(_) => Err(EngineError::Load("the loader panicked".into())),
         }
@@ -181,61 +240,101 @@ impl EngineThread {
 
     /// Hands a job to the engine and returns where its news will arrive. The job runs even if the
     /// receivers are dropped (its outcome is remembered for a redelivery; see `outcomes`).
-    pub fn submit(&self, prompt: String, plan: GenerationPlan) -> Result<Submitted, EngineError> {
+    /// The plan a job runs under: a chat job gets the engine's chat stop too, so the stream holds back
+    /// what the engine will stop on.
+    pub fn plan(&self, input: &Input, plan: &GenerationPlan) -> GenerationPlan {
+        let mut plan = plan.clone();
+        if let (Input::Chat(_), Some(stop)) = (input, &self.chat_stop)
+            && !plan.stop.contains(stop)
+        {
+            plan.stop.push(stop.clone());
+        }
+        plan
+    }
+
+    pub fn submit(&self, input: Input, plan: GenerationPlan) -> Result<Submitted, EngineError> {
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let (joined, joined_rx) = oneshot::channel();
+        let (tokens, tokens_rx) = mpsc::unbounded_channel();
         let (reply, outcome) = oneshot::channel();
         self.tx
-            .send(Request {
-                prompt,
+            .send(Command::Submit(Request {
+                key,
+                input,
                 plan,
                 joined,
+                tokens,
                 reply,
-            })
+            }))
             .map_err(|_| EngineError::Gone)?;
         Ok(Submitted {
+            key,
             joined: joined_rx,
+            tokens: tokens_rx,
             outcome,
         })
+    }
+
+    /// Takes the job out of the batch before its next step; it ends with [`cancelled`]. A job that has
+    /// already finished is not affected.
+    pub fn cancel(&self, key: u64) {
+        let _ = self.tx.send(Command::Cancel(key));
+    }
+
+    /// The generator's detokenizer, for streaming text.
+    pub fn detokenizer(&self) -> Option<Detokenizer> {
+        self.detokenizer.clone()
     }
 }
 
 /// The engine thread: take new jobs, step, report; block only when idle.
-fn run_loop(generator: &dyn Generator, settings: &BatchSettings, mut rx: mpsc::UnboundedReceiver<Request>) {
+fn run_loop(generator: &dyn Generator, settings: &BatchSettings, mut rx: mpsc::UnboundedReceiver<Command>) {
     let mut batcher = generator.batcher(settings);
     let mut in_flight: HashMap<u64, InFlight> = HashMap::new();
-    let mut next_key = 0u64;
-    let mut accept =
-        |batcher: &mut Box<dyn Batcher + '_>, in_flight: &mut HashMap<u64, InFlight>, req: Request| {
-            let key = next_key;
-            next_key += 1;
-            let arrived = Instant::now();
-            let submitted =
-                std::panic::catch_unwind(AssertUnwindSafe(|| batcher.submit(key, &req.prompt, &req.plan)))
-                    .unwrap_or_else(|panic| Err(panicked(&*panic)));
-            match submitted {
-                Ok(()) => {
-                    in_flight.insert(
-                        key,
-                        InFlight {
-                            joined: Some(req.joined),
-                            reply: req.reply,
-                            arrived,
-                        },
-                    );
+    let obey = |batcher: &mut Box<dyn Batcher + '_>, in_flight: &mut HashMap<u64, InFlight>, command| {
+        match command {
+            Command::Submit(req) => {
+                let key = req.key;
+                let arrived = Instant::now();
+                let submitted =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| batcher.submit(key, &req.input, &req.plan)))
+                        .unwrap_or_else(|panic| Err(panicked(&*panic)));
+                match submitted {
+                    Ok(()) => {
+                        in_flight.insert(
+                            key,
+                            InFlight {
+                                joined: Some(req.joined),
+                                tokens: req.tokens,
+                                reported: 0,
+                                reply: req.reply,
+                                arrived,
+                            },
+                        );
+                    }
+                    // The receiver is gone when nobody waits for this job any more; the result is discarded then.
+                    Err(e) => drop(req.reply.send(Err(e))),
                 }
-                // The receiver is gone when nobody waits for this job any more; the result is discarded then.
-                Err(e) => drop(req.reply.send(Err(e))),
             }
-        };
+            Command::Cancel(key) => {
+                if in_flight.contains_key(&key) && batcher.cancel(key) {
+                    if let Some(job) = in_flight.remove(&key) {
+                        metrics::job_cancelled();
+                        let _ = job.reply.send(Err(cancelled()));
+                    }
+                }
+            }
+        }
+    };
     loop {
         if !batcher.has_work() {
             match rx.blocking_recv() {
-                Some(req) => accept(&mut batcher, &mut in_flight, req),
+                Some(command) => obey(&mut batcher, &mut in_flight, command),
                 None => break,
             }
         }
-        while let Ok(req) = rx.try_recv() {
-            accept(&mut batcher, &mut in_flight, req);
+        while let Ok(command) = rx.try_recv() {
+            obey(&mut batcher, &mut in_flight, command);
         }
         if !batcher.has_work() {
             continue;
@@ -262,13 +361,21 @@ fn run_loop(generator: &dyn Generator, settings: &BatchSettings, mut rx: mpsc::U
                         let _ = sender.send(batch_size);
                     }
                 }
-                // Streaming hooks in here; the count is in the final reply meanwhile.
-                JobEvent::Tokens { .. } => {}
+                JobEvent::Tokens { key, ids } => {
+                    if let Some(job) = in_flight.get_mut(&key) {
+                        metrics::tokens(ids.len());
+                        job.reported += ids.len();
+                        // Nobody listening (answered from memory, or the connection is gone) is fine.
+                        let _ = job.tokens.send(ids);
+                    }
+                }
                 JobEvent::Done { key, result } => {
                     let Some(job) = in_flight.remove(&key) else {
                         continue;
                     };
                     if let Ok(c) = &result {
+                        // Beam search reports its tokens only here.
+                        metrics::tokens(c.token_ids.len().saturating_sub(job.reported));
                         metrics::job_finished(c);
                     }
                     let outcome = result.map(|completion| Finished {
@@ -308,8 +415,16 @@ pub(crate) mod solo {
     }
 
     impl<S: Solo> Batcher for SoloBatch<'_, S> {
-        fn submit(&mut self, key: u64, prompt: &str, plan: &GenerationPlan) -> Result<(), ErrorBody> {
-            self.queue.push_back((key, prompt.to_owned(), plan.clone()));
+        fn submit(&mut self, key: u64, input: &Input, plan: &GenerationPlan) -> Result<(), ErrorBody> {
+            let prompt = match input {
+                Input::Text(p) => p.clone(),
+                Input::Chat(m) => m
+                    .iter()
+                    .map(|m| m.content.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            };
+            self.queue.push_back((key, prompt, plan.clone()));
             Ok(())
         }
 
@@ -331,6 +446,16 @@ pub(crate) mod solo {
         fn has_work(&self) -> bool {
             self.current.is_some() || !self.queue.is_empty()
         }
+
+        fn cancel(&mut self, key: u64) -> bool {
+            if self.current.as_ref().is_some_and(|c| c.0 == key) {
+                self.current = None;
+                return true;
+            }
+            let before = self.queue.len();
+            self.queue.retain(|j| j.0 != key);
+            self.queue.len() < before
+        }
     }
 
     /// Wraps a [`Solo`] as a [`Generator`].
@@ -348,6 +473,7 @@ pub(crate) mod solo {
 
     pub(crate) fn completion(text: String, tokens: usize) -> Completion {
         Completion {
+            prompt: None,
             text,
             token_ids: vec![7; tokens],
             finish_reason: FinishReason::Length,
@@ -409,7 +535,7 @@ pub(crate) mod tests {
 
     async fn run(engine: &EngineThread, prompt: &str) -> Outcome {
         engine
-            .submit(prompt.into(), plan())
+            .submit(Input::Text(prompt.into()), plan())
             .unwrap()
             .outcome
             .await

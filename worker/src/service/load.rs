@@ -8,7 +8,7 @@ use shared::{ErrorBody, ErrorCode, GenerationPlan};
 
 use super::ServeError;
 use super::args::ServeArgs;
-use super::generator::{BatchSettings, Batcher, Completion, Generator, JobEvent};
+use super::generator::{BatchSettings, Batcher, Completion, Detokenizer, Generator, Input, JobEvent};
 use crate::decoding::{DecodeError, Event, Limits, Request, Scheduler, Stats, StopChecker};
 use crate::engine::{Engine, EngineError, EngineOptions};
 
@@ -43,17 +43,35 @@ impl Generator for Engine {
             stops: HashMap::new(),
         })
     }
+
+    fn detokenizer(&self) -> Option<Detokenizer> {
+        Some(std::sync::Arc::new(self.tokenizer().clone()))
+    }
+
+    fn chat_stop(&self) -> Option<String> {
+        Engine::chat_stop(self).map(str::to_owned)
+    }
 }
 
-/// The engine's running batch, and each job's stop sequences for its final text.
+/// The engine's running batch, and each job's stop sequences for its final text (and, for a chat job, the
+/// prompt it rendered).
 struct EngineBatch<'a> {
     engine: &'a Engine,
     scheduler: Scheduler<'a>,
-    stops: HashMap<u64, StopChecker>,
+    stops: HashMap<u64, (StopChecker, Option<String>)>,
 }
 
 impl Batcher for EngineBatch<'_> {
-    fn submit(&mut self, key: u64, prompt: &str, plan: &GenerationPlan) -> Result<(), ErrorBody> {
+    fn submit(&mut self, key: u64, input: &Input, plan: &GenerationPlan) -> Result<(), ErrorBody> {
+        let rendered = match input {
+            Input::Text(_) => None,
+            Input::Chat(messages) => Some(self.engine.render_chat(messages).map_err(|e| error_body(&e))?),
+        };
+        let prompt = match (input, &rendered) {
+            (_, Some(r)) => r.as_str(),
+            (Input::Text(p), None) => p.as_str(),
+            (Input::Chat(_), None) => "",
+        };
         let ids = self
             .engine
             .prompt_tokens(prompt, plan)
@@ -66,7 +84,7 @@ impl Batcher for EngineBatch<'_> {
         self.scheduler
             .submit(request)
             .map_err(|e| decode_error_body(&e))?;
-        self.stops.insert(key, StopChecker::new(&plan.stop));
+        self.stops.insert(key, (StopChecker::new(&plan.stop), rendered));
         Ok(())
     }
 
@@ -78,16 +96,17 @@ impl Batcher for EngineBatch<'_> {
                 Event::Joined { id, batch_size } => JobEvent::Joined { key: id, batch_size },
                 Event::Tokens { id, tokens } => JobEvent::Tokens {
                     key: id,
-                    count: tokens.len(),
+                    ids: tokens.iter().map(|&t| t as u32).collect(),
                 },
                 Event::Finished { id, result } => {
-                    let stop = self.stops.remove(&id).unwrap_or_default();
+                    let (stop, prompt) = self.stops.remove(&id).unwrap_or_default();
                     let result = match result {
                         Ok(f) => {
                             let d = &f.decoded;
                             let text = self.engine.text(d, &stop);
                             let ttft = f.time_to_first_token.saturating_sub(f.queued);
                             Ok(Completion {
+                                prompt,
                                 text,
                                 token_ids: d.tokens.iter().map(|&t| t as u32).collect(),
                                 finish_reason: d.finish_reason,
@@ -110,6 +129,11 @@ impl Batcher for EngineBatch<'_> {
         self.scheduler.has_work()
     }
 
+    fn cancel(&mut self, key: u64) -> bool {
+        self.stops.remove(&key);
+        self.scheduler.cancel(key)
+    }
+
     fn stats(&self) -> Stats {
         self.scheduler.stats()
     }
@@ -119,6 +143,8 @@ impl Batcher for EngineBatch<'_> {
 fn error_body(e: &EngineError) -> ErrorBody {
     match e {
         EngineError::ContextOverflow { .. } => ErrorBody::new(ErrorCode::ContextOverflow, e.to_string()),
+        // A template may refuse a conversation (`raise_exception`, e.g. roles that do not alternate).
+        EngineError::Chat(_) => ErrorBody::new(ErrorCode::InvalidParameter, e.to_string()),
         EngineError::Tokenizer(_) | EngineError::Generation(_) | EngineError::Load(_) => {
             tracing::error!(error = %e, "generation failed");
             ErrorBody::new(ErrorCode::GenerationFailed, e.to_string())

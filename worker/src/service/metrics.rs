@@ -35,7 +35,7 @@ pub const INTER_TOKEN: &str = "worker_inter_token_latency_seconds";
 /// Tokens generated (vLLM `generation_tokens_total`) and prompt tokens prefilled (`prompt_tokens_total`).
 pub const GENERATION_TOKENS: &str = "worker_generation_tokens_total";
 pub const PROMPT_TOKENS: &str = "worker_prompt_tokens_total";
-/// Jobs finished, labelled `finish_reason` (`length`, `eos`, `stop`).
+/// Jobs finished, labelled `finish_reason` (`length`, `eos`, `stop`, `cancelled`).
 pub const JOBS_FINISHED: &str = "worker_jobs_finished_total";
 
 /// Serves `/metrics` on `listen` (installs the process's recorder; needs a Tokio runtime).
@@ -71,6 +71,16 @@ pub fn step(stats: &Stats, took: Duration) {
     histogram!(STEP_DURATION).record(took.as_secs_f64());
 }
 
+/// Tokens as they are generated, so the counter's rate is the worker's token rate.
+pub fn tokens(n: usize) {
+    counter!(GENERATION_TOKENS).increment(n as u64);
+}
+
+/// A job cancelled out of the batch.
+pub fn job_cancelled() {
+    counter!(JOBS_FINISHED, "finish_reason" => "cancelled").increment(1);
+}
+
 /// After each successful job.
 pub fn job_finished(c: &Completion) {
     histogram!(TIME_TO_FIRST_TOKEN).record(c.time_to_first_token_ms as f64 / 1e3);
@@ -79,7 +89,6 @@ pub fn job_finished(c: &Completion) {
         histogram!(INTER_TOKEN).record(per_token);
     }
     counter!(PROMPT_TOKENS).increment(c.prompt_tokens as u64);
-    counter!(GENERATION_TOKENS).increment(c.token_ids.len() as u64);
     let reason = match c.finish_reason {
         shared::FinishReason::Length => "length",
         shared::FinishReason::Eos => "eos",

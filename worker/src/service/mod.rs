@@ -9,8 +9,12 @@
 //! - generation runs on its own OS thread, which owns the continuous-batching scheduler: up to
 //!   `--max-batch-size` jobs decode together, each joining and leaving between steps (`generator`,
 //!   `crate::decoding::scheduler`), and the runtime keeps answering heartbeats;
-//! - each job is handled on its own: `job.started` when it joins the batch, its final reply and its
-//!   acknowledgement when it finishes, whatever the others do (`session`);
+//! - each job is handled on its own: `job.started` when it joins the batch, `job.token` replies as it
+//!   generates (`stream`), its final reply and its acknowledgement when it finishes, whatever the others do
+//!   (`session`);
+//! - a cancel (read from the cancellations stream every worker reads) skips a job not yet run and takes a
+//!   running one out of the batch at the next step; either way the job is answered `job.cancelled`
+//!   (`cancels`);
 //! - a lost connection is retried with backoff, and a job finished meanwhile is answered from memory when
 //!   redelivered (`outcomes`);
 //! - SIGTERM/SIGINT stop the consumer, finish every job in the batch, reply, acknowledge, return the jobs
@@ -20,6 +24,7 @@
 
 mod args;
 mod backoff;
+mod cancels;
 mod generator;
 mod intake;
 mod load;
@@ -28,6 +33,7 @@ mod outcomes;
 mod replies;
 mod session;
 mod settlement;
+mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -37,8 +43,10 @@ use futures::FutureExt;
 
 pub use args::{ServeArgs, ServiceConfig};
 pub use generator::{
-    BatchSettings, Batcher, Completion, EngineError, EngineThread, Finished, Generator, JobEvent, Outcome,
+    BatchSettings, Batcher, Completion, Detokenizer, EngineError, EngineThread, Finished, Generator, Input,
+    JobEvent, Outcome,
 };
+pub use stream::StreamSettings;
 
 /// Why `worker serve` stopped with an error.
 #[derive(Debug, thiserror::Error)]

@@ -14,21 +14,25 @@ use futures::future::{BoxFuture, Shared};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
-use shared::JobReply;
-use shared::reply::{Failed, Started, Succeeded, Timings, now_ms};
-use tokio::sync::{Semaphore, oneshot};
+use shared::reply::{Cancelled, Failed, Started, Succeeded, Timings, now_ms};
+use shared::{ErrorCode, JobId, JobReply};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::args::ServiceConfig;
 use super::backoff::Backoff;
-use super::generator::{EngineError, EngineThread};
+use super::cancels::Cancels;
+use super::generator::{EngineError, EngineThread, Input, Outcome};
 use super::intake::{self, Accepted, Refused};
 use super::outcomes::{Outcomes, PendingOutcome};
 use super::replies::{self, PublishError};
 use super::settlement::{SettleError, Settlement};
+use super::stream::TokenStream;
 
 /// The shutdown signal, awaitable from many places.
 pub type Shutdown = Shared<BoxFuture<'static, ()>>;
@@ -75,6 +79,7 @@ pub struct Service {
     outcomes: Mutex<Outcomes>,
     /// One permit per place in the running batch.
     places: Arc<Semaphore>,
+    cancels: Cancels,
 }
 
 impl Service {
@@ -86,6 +91,7 @@ impl Service {
             engine,
             outcomes: Mutex::new(Outcomes::new(remembered)),
             places,
+            cancels: Cancels::new(Duration::from_secs(shared::topology::CANCEL_RETENTION_SECS)),
         }
     }
 
@@ -153,6 +159,9 @@ impl Service {
             .basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await?;
         let tag = format!("{}-{}", self.config.worker_id, channel.id());
+        let mut control = self.control_consumer(connection).await?;
+        // Cancels published before this moment must be known before the first job arrives.
+        self.catch_up(&channel, &mut control).await?;
         let consumer = channel
             .basic_consume(
                 topology.jobs_queue().as_str().into(),
@@ -168,7 +177,7 @@ impl Service {
             worker_id = %self.config.worker_id,
             "consuming jobs"
         );
-        self.consume(&channel, consumer, &tag, shutdown).await?;
+        self.consume(&channel, consumer, control, &tag, shutdown).await?;
         // Closing the channel before the connection lets the broker settle it in order (and keeps lapin
         // from logging the connection's close as an error).
         let _ = tokio::time::timeout(
@@ -179,16 +188,104 @@ impl Service {
         Ok(())
     }
 
+    /// Reads the cancellations stream from its start (the retained cancels), then live, on a channel of
+    /// its own so a burst of cancels never waits behind jobs.
+    async fn control_consumer(&self, connection: &Connection) -> Result<Consumer, SessionError> {
+        let channel = connection.create_channel().await?;
+        // A stream queue is read with acknowledgements and a prefetch; they pace delivery, nothing more.
+        channel.basic_qos(512, BasicQosOptions::default()).await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::from("x-stream-offset"),
+            AMQPValue::LongString(LongString::from("first")),
+        );
+        let tag = format!("{}-control", self.config.worker_id);
+        Ok(channel
+            .basic_consume(
+                self.config.topology.cancellations_queue().as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                args,
+            )
+            .await?)
+    }
+
+    /// Publishes a marker on the control exchange and reads the stream until it comes back: every cancel
+    /// published before it has then been read. Bounded, so a slow stream delays jobs, never stops them.
+    async fn catch_up(&self, channel: &Channel, control: &mut Consumer) -> Result<(), SessionError> {
+        let marker = JobId::new_random().to_string();
+        let props = lapin::BasicProperties::default()
+            .with_type(shared::control::SYNC_TYPE.into())
+            .with_message_id(marker.as_str().into())
+            .with_timestamp(now_ms() / 1000);
+        channel
+            .basic_publish(
+                self.config.topology.control_exchange().as_str().into(),
+                "".into(),
+                lapin::options::BasicPublishOptions::default(),
+                b"{}",
+                props,
+            )
+            .await?
+            .await?;
+        let read = async {
+            while let Some(delivery) = control.next().await {
+                let delivery = delivery?;
+                let ours =
+                    delivery.properties.message_id().as_ref().map(|m| m.as_str()) == Some(marker.as_str());
+                self.on_control(delivery).await;
+                if ours {
+                    return Ok(());
+                }
+            }
+            Err(SessionError::ConsumerCancelled)
+        };
+        match tokio::time::timeout(Duration::from_secs(10), read).await {
+            Ok(result) => result,
+            Err(_) => {
+                warn!("the cancellations stream did not catch up in 10 s; taking jobs anyway");
+                Ok(())
+            }
+        }
+    }
+
+    /// Records one cancel read from the stream (markers and unknown types are skipped).
+    async fn on_control(&self, delivery: Delivery) {
+        let kind = delivery.properties.kind().as_ref().map(|k| k.as_str().to_owned());
+        if kind.as_deref() != Some(shared::control::CANCEL_TYPE) {
+            if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                warn!(error = %e, "acknowledging a control message failed");
+            }
+            return;
+        }
+        match serde_json::from_slice::<shared::control::CancelJob>(&delivery.data) {
+            Ok(cancel) => {
+                let at = delivery
+                    .properties
+                    .timestamp()
+                    .map(|secs| std::time::UNIX_EPOCH + Duration::from_secs(secs))
+                    .unwrap_or_else(std::time::SystemTime::now);
+                self.cancels.cancel(cancel.job_id, at);
+            }
+            Err(e) => warn!(error = %e, "ignoring an unreadable control message"),
+        }
+        if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+            warn!(error = %e, "acknowledging a control message failed");
+        }
+    }
+
     async fn consume(
         &self,
         channel: &Channel,
         mut consumer: Consumer,
+        mut control: Consumer,
         tag: &str,
         shutdown: Shutdown,
     ) -> Result<(), SessionError> {
         let mut jobs: FuturesUnordered<BoxFuture<'_, Result<(), SessionError>>> = FuturesUnordered::new();
         let mut stopping = false;
         let mut consumer_done = false;
+        let mut control_done = false;
         loop {
             if stopping && jobs.is_empty() {
                 return Ok(());
@@ -203,6 +300,12 @@ impl Service {
                     }
                 }
                 Some(done) = jobs.next(), if !jobs.is_empty() => done?,
+                next = control.next(), if !control_done => match next {
+                    Some(Ok(delivery)) => self.on_control(delivery).await,
+                    Some(Err(e)) => return Err(e.into()),
+                    None if stopping => control_done = true,
+                    None => return Err(SessionError::ConsumerCancelled),
+                },
                 next = consumer.next(), if !consumer_done => match next {
                     Some(Ok(delivery)) if stopping => {
                         let _ = Settlement::new(delivery.acker).requeue().await;
@@ -282,23 +385,36 @@ impl Service {
     ) -> Result<(), SessionError> {
         let Accepted { id, reply_to, job } = accepted;
         let correlation_id = id.to_string();
+        let watch = self.cancels.watch(id);
+        let input = match &job.messages {
+            Some(messages) => Input::Chat(messages.clone()),
+            None => Input::Text(job.prompt.clone()),
+        };
+        let plan = self.engine.plan(&input, &job.plan);
         let seen = self.remembered().get(&id);
+        let mut engine_job = None;
         let (joined, pending) = match seen {
             Some(pending) => {
                 info!(job = %id, "job seen before; answering from its earlier generation");
                 (None, pending)
             }
             None => {
-                // A place in the batch first; a stop before one frees up returns the job to the queue.
+                // A place in the batch first; a stop before one frees up returns the job to the queue, and a
+                // cancel skips the job.
                 let permit = tokio::select! {
                     biased;
+                    () = watch.token.cancelled() => {
+                        info!(job = %id, "job cancelled before it ran");
+                        let reply = self.cancelled_reply(id, 0);
+                        return self.answer(channel, &reply_to, &correlation_id, reply, settlement).await;
+                    }
                     permit = self.places.clone().acquire_owned() => permit.map_err(|_| EngineError::Gone)?,
                     () = shutdown => {
                         settlement.requeue().await?;
                         return Ok(());
                     }
                 };
-                let submitted = self.engine.submit(job.prompt.clone(), job.plan.clone())?;
+                let submitted = self.engine.submit(input.clone(), plan.clone())?;
                 let pending = self.remembered().insert(id, submitted.outcome);
                 // The place is freed when the engine is done with the job, whoever awaits it (or nobody:
                 // the connection may be gone by then).
@@ -307,6 +423,7 @@ impl Service {
                     let _ = done.await;
                     drop(permit);
                 });
+                engine_job = Some((submitted.key, submitted.tokens));
                 (Some(submitted.joined), pending)
             }
         };
@@ -329,16 +446,36 @@ impl Service {
         }
         info!(job = %id, redelivered, batch_size, "job started");
 
-        let outcome = pending.await.ok_or(EngineError::Gone)?;
+        let (outcome, generated) = match engine_job {
+            Some((key, tokens)) => {
+                let stream = TokenStream::new(self.engine.detokenizer(), &plan.stop, self.config.stream);
+                self.follow(
+                    channel,
+                    &reply_to,
+                    &correlation_id,
+                    id,
+                    key,
+                    tokens,
+                    stream,
+                    &watch,
+                    pending,
+                )
+                .await?
+            }
+            None => (pending.await, 0),
+        };
+        let outcome = outcome.ok_or(EngineError::Gone)?;
         let worker_id = self.config.worker_id.clone();
         let reply = match outcome {
+            Err(error) if error.code == ErrorCode::Cancelled => self.cancelled_reply(id, generated),
             Ok(finished) => {
                 let c = finished.completion;
                 JobReply::Succeeded(Succeeded {
                     job_id: id,
                     worker_id,
-                    prompt: job.prompt,
+                    prompt: c.prompt.unwrap_or(job.prompt),
                     new_tokens: c.token_ids.len() as u32,
+                    prompt_tokens: Some(c.prompt_tokens as u32),
                     text: c.text,
                     token_ids: c.token_ids,
                     finish_reason: c.finish_reason,
@@ -360,9 +497,92 @@ impl Service {
                 finished_at_ms: now_ms(),
             }),
         };
+        self.answer(channel, &reply_to, &correlation_id, reply, settlement)
+            .await
+    }
+
+    /// Streams the job's tokens as `job.token` replies until the engine is done with it, and takes it out of
+    /// the batch when its cancel arrives. Returns the outcome and the tokens generated.
+    #[allow(clippy::too_many_arguments)]
+    async fn follow(
+        &self,
+        channel: &Channel,
+        reply_to: &str,
+        correlation_id: &str,
+        id: JobId,
+        key: u64,
+        mut tokens: mpsc::UnboundedReceiver<Vec<u32>>,
+        mut stream: TokenStream,
+        watch: &super::cancels::Watch,
+        pending: PendingOutcome,
+    ) -> Result<(Option<Outcome>, usize), SessionError> {
+        let mut pending = std::pin::pin!(pending);
+        let mut cancel_sent = false;
+        let mut tokens_open = true;
+        loop {
+            let deadline = stream.deadline();
+            tokio::select! {
+                biased;
+                outcome = &mut pending => {
+                    while let Ok(ids) = tokens.try_recv() {
+                        stream.push(&ids);
+                    }
+                    return Ok((outcome, stream.tokens()));
+                }
+                () = watch.token.cancelled(), if !cancel_sent => {
+                    info!(job = %id, "cancel received; the job leaves the batch");
+                    self.engine.cancel(key);
+                    cancel_sent = true;
+                }
+                ids = tokens.recv(), if tokens_open => match ids {
+                    Some(ids) => stream.push(&ids),
+                    None => tokens_open = false,
+                },
+                () = sleep_until(deadline), if deadline.is_some() => {}
+            }
+            if cancel_sent || !stream.due(std::time::Instant::now()) {
+                continue;
+            }
+            if let Some(chunk) = stream.take(id) {
+                match replies::publish(
+                    channel,
+                    reply_to,
+                    Some(correlation_id),
+                    &JobReply::Token(chunk.clone()),
+                )
+                .await
+                {
+                    Ok(()) => {}
+                    // Progress news only: the next chunk carries it again, the final reply has it all.
+                    Err(PublishError::Nacked) => stream.unsend(&chunk),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+
+    fn cancelled_reply(&self, id: JobId, generated: usize) -> JobReply {
+        JobReply::Cancelled(Cancelled {
+            job_id: id,
+            worker_id: self.config.worker_id.clone(),
+            new_tokens: generated as u32,
+            finished_at_ms: now_ms(),
+        })
+    }
+
+    /// Publishes the job's final reply, then acknowledges it.
+    async fn answer(
+        &self,
+        channel: &Channel,
+        reply_to: &str,
+        correlation_id: &str,
+        reply: JobReply,
+        settlement: Settlement,
+    ) -> Result<(), SessionError> {
+        let id = correlation_id;
         // The reply must be safely with the broker before the job is let go: a crash between the two
         // leaves the job to be redelivered, never a job acknowledged and unanswered.
-        match replies::publish(channel, &reply_to, Some(&correlation_id), &reply).await {
+        match replies::publish(channel, reply_to, Some(correlation_id), &reply).await {
             Ok(()) => {}
             // The broker would not take the reply (say, the reply queue is full and refuses publishes).
             // Returned to the queue, the job comes back after a pause and is answered from memory; if
@@ -384,6 +604,13 @@ impl Service {
         // Never held across an await, and nothing panics while holding it; a poisoned lock still holds
         // valid data.
         self.outcomes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

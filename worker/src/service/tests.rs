@@ -63,6 +63,10 @@ async fn start_worker(url: &str) -> Worker {
         prefetch: 1,
         worker_id: "test-worker".into(),
         max_batch_size: 1,
+        stream: StreamSettings {
+            tokens: 16,
+            interval: Duration::from_millis(50),
+        },
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(config, engine, async move {
@@ -398,6 +402,10 @@ async fn a_jobs_queue_declared_with_another_delivery_limit_stops_the_worker_with
         prefetch: 1,
         worker_id: "test-worker".into(),
         max_batch_size: 1,
+        stream: StreamSettings {
+            tokens: 16,
+            interval: Duration::from_millis(50),
+        },
     };
     let ended = tokio::time::timeout(
         Duration::from_secs(20),

@@ -249,7 +249,12 @@ impl Env {
 
     /// Starts a gateway in-process on port 0 with this namespace and broker, limits out of the way.
     pub async fn gateway(&mut self) -> String {
-        let args = [
+        self.gateway_with(&[]).await
+    }
+
+    /// A gateway with extra flags.
+    pub async fn gateway_with(&mut self, extra: &[&str]) -> String {
+        let mut args = vec![
             "gateway",
             "--namespace",
             &self.ns,
@@ -264,6 +269,7 @@ impl Env {
             "--shutdown-grace-s",
             "2",
         ];
+        args.extend_from_slice(extra);
         let config = gateway::Config::from_args(args).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -558,4 +564,90 @@ impl RawProducer {
     pub async fn close(self) {
         let _ = self.conn.close(200, "".into()).await;
     }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sse {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: String,
+}
+
+/// Reads a `text/event-stream` response event by event (comments and keep-alives skipped).
+pub struct SseReader {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl SseReader {
+    pub fn new(response: reqwest::Response) -> Self {
+        assert_eq!(response.status(), 200, "an event stream answers 200");
+        Self {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event, or `None` when the stream ended.
+    pub async fn next(&mut self) -> Option<Sse> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = Sse {
+                    id: None,
+                    event: "message".into(),
+                    data: String::new(),
+                };
+                let mut any = false;
+                for line in block.lines() {
+                    let (field, value) = match line.split_once(':') {
+                        Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                        None => (line, ""),
+                    };
+                    match field {
+                        "id" => event.id = Some(value.to_owned()),
+                        "event" => event.event = value.to_owned(),
+                        "data" => {
+                            if !event.data.is_empty() {
+                                event.data.push('\n');
+                            }
+                            event.data.push_str(value);
+                        }
+                        _ => continue,
+                    }
+                    any = true;
+                }
+                if any {
+                    return Some(event);
+                }
+                continue;
+            }
+            match self.response.chunk().await {
+                Ok(Some(bytes)) => self.buffer.push_str(&String::from_utf8_lossy(&bytes)),
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// A local port nobody listens on (bound, then released), for a worker's `--metrics-listen`.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A counter's value (summed over its labels) from a Prometheus `/metrics` page.
+pub async fn metric(http: &reqwest::Client, url: &str, name: &str) -> f64 {
+    let Ok(r) = http.get(url).send().await else {
+        return 0.0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

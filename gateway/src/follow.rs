@@ -1,0 +1,232 @@
+//! How a request follows a job it did not run: waiting for its end (`/run`, non-streamed OpenAI calls), or
+//! reading its event log as it grows (`/v1/jobs/{id}/events`, streamed OpenAI calls); and how a client that
+//! hangs up takes its job with it.
+//!
+//! Both read Redis, never the replies, so they work on any replica whichever consumed the replies: a
+//! pub/sub notice (see [`crate::waiters`]) wakes them, a poll every `run_poll_interval` covers a lost notice.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures::Stream;
+use shared::JobId;
+use tokio::time::Instant;
+
+use crate::app::AppState;
+use crate::routes::jobs::{QueuePosition, position};
+use crate::store::{JobRecord, LogEntry, Status};
+use crate::waiters::{Interest, Registration};
+
+/// How a wait for a job's end ended.
+pub enum Waited {
+    Final(Box<JobRecord>),
+    /// `run_timeout` passed; the job goes on.
+    TimedOut,
+}
+
+/// Waits for the job's final record: the completion notice wakes it, the poll interval backs it up.
+pub async fn wait_final(app: &AppState, id: JobId, registration: &Registration) -> Waited {
+    let s = &app.settings;
+    let deadline = Instant::now() + s.run_timeout;
+    loop {
+        match app.store.get(id).await {
+            Ok(Some((record, _))) if record.status.is_final() => return Waited::Final(Box::new(record)),
+            Ok(_) => {}
+            // A Redis blip must not fail a job that is running fine: keep waiting, read again.
+            Err(e) => tracing::warn!(error = %e, %id, "reading a job record failed; retrying"),
+        }
+        tokio::select! {
+            _ = registration.notify.notified() => {}
+            _ = tokio::time::sleep(s.run_poll_interval) => {}
+            _ = tokio::time::sleep_until(deadline) => return Waited::TimedOut,
+        }
+    }
+}
+
+/// What following a job yields, in order.
+#[derive(Debug)]
+pub enum Followed {
+    /// Still queued: the estimated place in line (sent when it changes, and every few seconds).
+    Queued(QueuePosition),
+    /// A `started` or `token` entry of the job's event log.
+    Entry(LogEntry),
+    /// The job ended; the entry id when the log had it.
+    Final {
+        record: Box<JobRecord>,
+        entry_id: Option<String>,
+    },
+    /// The record is gone (expired and dropped) while it was followed.
+    Gone,
+}
+
+/// Entries read per Redis call.
+const PAGE: usize = 256;
+/// A queued event is repeated this often even when the place in line has not moved.
+const QUEUED_EVERY: Duration = Duration::from_secs(5);
+/// And sent at most this often.
+const QUEUED_MIN_GAP: Duration = Duration::from_secs(1);
+
+struct Follower {
+    app: AppState,
+    id: JobId,
+    cursor: String,
+    registration: Registration,
+    ready: VecDeque<Followed>,
+    done: bool,
+    last_queued: Option<(Instant, u64)>,
+}
+
+/// The job's events after `after` (a log entry id; `0-0` for all), ending with its final state.
+pub fn follow(app: AppState, id: JobId, after: String) -> impl Stream<Item = Followed> + Send {
+    let registration = app.waiters.register(id, Interest::Events);
+    let follower = Follower {
+        app,
+        id,
+        cursor: after,
+        registration,
+        ready: VecDeque::new(),
+        done: false,
+        last_queued: None,
+    };
+    futures::stream::unfold(follower, |mut f| async move {
+        loop {
+            if let Some(item) = f.ready.pop_front() {
+                return Some((item, f));
+            }
+            if f.done {
+                return None;
+            }
+            f.read().await;
+        }
+    })
+}
+
+impl Follower {
+    /// One read of the log; queues what it found, or waits for news when there is none.
+    async fn read(&mut self) {
+        let poll = self.app.settings.run_poll_interval;
+        let (entries, record) = match self.app.store.read_log(self.id, &self.cursor, PAGE).await {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(error = %e, id = %self.id, "reading a job's events failed; retrying");
+                tokio::time::sleep(poll).await;
+                return;
+            }
+        };
+        let Some(record) = record else {
+            self.ready.push_back(Followed::Gone);
+            self.done = true;
+            return;
+        };
+        let full_page = entries.len() == PAGE;
+        let found = !entries.is_empty();
+        for entry in entries {
+            self.cursor = entry.id.clone();
+            if matches!(entry.event.as_str(), "started" | "token") {
+                self.ready.push_back(Followed::Entry(entry));
+            } else {
+                self.ready.push_back(Followed::Final {
+                    record: Box::new(record),
+                    entry_id: Some(entry.id),
+                });
+                self.done = true;
+                return;
+            }
+        }
+        if full_page || found {
+            return;
+        }
+        // The record was read before the log, and a final write appends to the log in the same script: a
+        // final record with no final entry after the cursor has none at all (it ended before logs existed,
+        // or its log expired first).
+        if record.status.is_final() {
+            self.ready.push_back(Followed::Final {
+                record: Box::new(record),
+                entry_id: None,
+            });
+            self.done = true;
+            return;
+        }
+        if record.status == Status::Queued
+            && let Some(queued) = self.queued(&record).await
+        {
+            self.ready.push_back(Followed::Queued(queued));
+            return;
+        }
+        tokio::select! {
+            _ = self.registration.notify.notified() => {}
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+
+    /// The place in line, when it is time to say it again.
+    async fn queued(&mut self, record: &JobRecord) -> Option<QueuePosition> {
+        let now = Instant::now();
+        if let Some((at, _)) = self.last_queued
+            && now < at + QUEUED_MIN_GAP
+        {
+            return None;
+        }
+        let (_, figures) = self.app.store.get(self.id).await.ok()??;
+        let stats = self.app.broker.queue_stats().await.ok();
+        let p = position(record, &figures, stats.map(|s| (s.depth, s.consumers)));
+        let due = match self.last_queued {
+            None => true,
+            Some((at, last)) => last != p.position || now >= at + QUEUED_EVERY,
+        };
+        if !due {
+            return None;
+        }
+        self.last_queued = Some((now, p.position));
+        Some(p)
+    }
+}
+
+/// Cancels a job when dropped while armed: held by a request whose client owns the job, and disarmed
+/// once the client has its answer (or the contract says the job goes on, as after `/run`'s timeout).
+pub struct CancelOnDrop {
+    app: AppState,
+    ids: Vec<JobId>,
+    armed: bool,
+}
+
+impl CancelOnDrop {
+    /// Armed only when the gateway is configured to cancel on disconnect.
+    pub fn new(app: &AppState, ids: Vec<JobId>, wanted: bool) -> Self {
+        Self {
+            app: app.clone(),
+            ids,
+            armed: wanted,
+        }
+    }
+
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    /// Stops watching one job (it ended) while the others stay owned.
+    pub fn release(&mut self, id: JobId) {
+        self.ids.retain(|i| *i != id);
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.armed || self.ids.is_empty() {
+            return;
+        }
+        let app = self.app.clone();
+        let ids = std::mem::take(&mut self.ids);
+        // Drop runs where the request's future was dropped, inside the runtime.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for id in ids {
+                    tracing::info!(%id, "the client hung up; cancelling its job");
+                    if let Err(e) = app.cancel(id).await {
+                        tracing::warn!(error = %e, %id, "cancelling the job of a client that hung up failed");
+                    }
+                }
+            });
+        }
+    }
+}
