@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks continuous batching in one worker, through the whole service (gateway, Redis, RabbitMQ),
 # against the same worker one job at a time (--max-batch-size 1) and against transformers' batched
-# `generate`, on the medium random GPT-J (8 × 1024), float32, in one run; prints a Markdown report.
+# `generate`, on the medium random GPT-J (8 × 1024), float32, in one run; and the cost of token streaming
+# (the greedy row again with --stream-tokens 0). Prints a Markdown report.
 #
 #   scripts/bench-serve.sh                              # about 12 minutes on 2 cores
 #   JOBS=4 TOKENS=8 MIXED_JOBS=8 scripts/bench-serve.sh  # a quick check
@@ -11,7 +12,7 @@
 # jobs and TOKENS (32) new tokens each in the greedy and contrastive rows, CONTRASTIVE_TOKENS (TOKENS);
 # MIXED_JOBS (64), MIXED_RATE (2, mean Poisson arrivals per second), MIXED_MIN_TOKENS (8), MIXED_MAX_TOKENS
 # (128) for the mixed row; MAX_BATCH_SIZE (16) of the continuous worker; SEED (0); SKIP (greedy,
-# contrastive, mixed: phases to leave out); SKIP_TRANSFORMERS=1; WORKER_ARGS (extra `worker serve` flags);
+# contrastive, mixed, stream: phases to leave out); SKIP_TRANSFORMERS=1; WORKER_ARGS (extra `worker serve` flags);
 # MODELS (target/bench-models, shared with bench-worker.sh); PORT (18090); SKIP_BUILD=1; JSON (a file).
 # Runs in a namespace of its own (queues and Redis keys), deleted at the end; Redis and RabbitMQ keep running.
 # shellcheck source-path=SCRIPTDIR source=lib.sh disable=SC1091

@@ -7,7 +7,10 @@ libtorch threads, in one run. Jobs go through the whole service (gateway, Redis,
   (a) JOBS concurrent greedy jobs of TOKENS new tokens, JOBS different prompts of similar length;
   (b) the same with contrastive search (penalty_alpha 0.6, top_k 4);
   (c) a mixed workload: MIXED_JOBS jobs arriving as a Poisson process (seeded), max_new_tokens uniform in
-      [MIXED_MIN_TOKENS, MIXED_MAX_TOKENS], greedy / sample (seeded) / contrastive in equal parts.
+      [MIXED_MIN_TOKENS, MIXED_MAX_TOKENS], greedy / sample (seeded) / contrastive in equal parts;
+  and the cost of token streaming: (a) again on the continuous worker with streaming off
+  (`--stream-tokens 0`), every other setting the same, against the continuous rows (streaming on, the
+  default: `job.token` replies through the broker into each job's Redis event log).
 
 Every job asks min_new_tokens = max_new_tokens (transformers gets the same), so EOS cannot end a sequence
 early and every side generates exactly the tokens asked; the script checks the counts. Latency is measured
@@ -308,7 +311,7 @@ class Service:
             log(f"WARNING: no completion notices ({self.listener.error}); latencies fall back to "
                 f"{a.poll_ms} ms polling")
 
-    def start_worker(self, name, max_batch):
+    def start_worker(self, name, max_batch, extra=()):
         a = self.args
         cmd = [a.worker, "serve", "--model", a.model, "--threads", str(a.threads), "--dtype", "float32",
                "--namespace", a.namespace, "--amqp-url", a.amqp_url, "--worker-id", f"bench-{name}"]
@@ -316,7 +319,7 @@ class Service:
             cmd += ["--max-batch-size", str(max_batch)]
         elif max_batch != 1:
             log("WARNING: this worker has no --max-batch-size; the continuous configuration runs it as it is")
-        cmd += shlex.split(a.worker_args)
+        cmd += shlex.split(a.worker_args) + list(extra)
         log(f"starting the worker ({name}): {shlex.join(cmd)}")
         env = dict(os.environ, RUST_LOG=os.environ.get("WORKER_RUST_LOG", "info"), LOG_FORMAT="text")
         path = os.path.join(a.log_dir, f"worker-{name}.log")
@@ -587,24 +590,29 @@ def main():
         hf = run_transformers(args, prompts, [{"strategy": s, "tokens": n} for _, _, s, n in phases])
 
     svc = Service(args)
-    configs = [("continuous", args.max_batch_size), ("batch-1", 1)]
+    # (name, max batch, extra flags, phases it runs): the streaming-off worker repeats (a) only.
+    configs = [("continuous", args.max_batch_size, [], None), ("batch-1", 1, [], None)]
+    if "greedy" not in skip and "stream" not in skip:
+        configs.append(("no-stream", args.max_batch_size, ["--stream-tokens", "0"], {"greedy"}))
     worker_cmds = {}
     try:
         svc.start_gateway()
-        for name, max_batch in configs:
-            worker_cmds[name] = svc.start_worker(name, max_batch)
+        for name, max_batch, extra, only in configs:
+            worker_cmds[name] = svc.start_worker(name, max_batch, extra)
             # Warm-up through the whole path: a few short jobs of each strategy, excluded from the numbers.
             warm = [job_body(PROMPTS[i], s, 4, seed=i) for s in ("greedy", "contrastive", "sample")
                     for i in range(min(4, max(1, args.jobs)))]
             run_phase(svc, warm)
             for key, title, strategy, n in phases:
+                if only is not None and key not in only:
+                    continue
                 log(f"{name}: {title}")
                 bodies = [job_body(pr, strategy, n) for pr in prompts]
                 res = run_phase(svc, bodies)
                 rows.append(dict(summarize(title, name, res, [n] * len(bodies)), phase=key))
                 log(f"  {rows[-1]['new_tokens']} tokens in {rows[-1]['wall_s']:.2f} s: "
                     f"{rows[-1]['tokens_per_s']:.1f} tok/s")
-            if mixed:
+            if mixed and only is None:
                 log(f"{name}: {mixed_title}")
                 res = run_phase(svc, [b for b, _ in mixed], arrivals)
                 rows.append(dict(summarize(mixed_title, name, res, [n for _, n in mixed]), phase="mixed"))
@@ -647,6 +655,7 @@ def main():
     ratio("contrastive: continuous / batch-1 tok/s", "contrastive", "continuous", "batch-1", None)
     ratio("contrastive: continuous / transformers tok/s", "contrastive", "continuous", "transformers", 2.0)
     ratio("mixed: continuous / batch-1 tok/s", "mixed", "continuous", "batch-1", 3.0)
+    ratio("greedy: streaming on / off tok/s", "greedy", "continuous", "no-stream", 0.9)
     mc, mb = row("mixed", "continuous"), row("mixed", "batch-1")
     if mc and mb:
         ratios.append({"comparison": "mixed: p99 latency, batch-1 / continuous",
@@ -661,7 +670,7 @@ def main():
                "max_batch_size_flag": svc.has_max_batch, "loadavg_before": load_before,
                "loadavg_after": loadavg(), "total_s": time.perf_counter() - started}
     order = {"greedy": 0, "contrastive": 1, "mixed": 2}
-    engines = {"continuous": 0, "batch-1": 1, "transformers": 2}
+    engines = {"continuous": 0, "no-stream": 1, "batch-1": 2, "transformers": 3}
     rows.sort(key=lambda r: (order[r["phase"]], engines[r["engine"]]))
 
     def f(x, fmt="{:.2f}"):
@@ -676,7 +685,8 @@ def main():
     print(f"Command: `{command}`")
     print()
     print(f"Continuous: `{shlex.join(worker_cmds.get('continuous', []))}`  ")
-    print(f"Batch-1: `{shlex.join(worker_cmds.get('batch-1', []))}`")
+    print(f"Batch-1: `{shlex.join(worker_cmds.get('batch-1', []))}`  ")
+    print(f"No-stream: `{shlex.join(worker_cmds.get('no-stream', []))}`")
     if not svc.has_max_batch:
         print()
         print("**This worker has no `--max-batch-size`: the continuous rows ran it with its defaults.**")

@@ -29,6 +29,8 @@ pub struct App {
     pub read_limiter: Limiter,
     pub metrics: Option<PrometheusHandle>,
     pub openapi: serde_json::Value,
+    /// When this replica started, in Unix seconds (the OpenAI model list's `created`).
+    pub started_at_s: u64,
     /// The last `/v1/queue` answer and when it was computed.
     pub queue_cache: tokio::sync::Mutex<Option<(std::time::Instant, crate::routes::queue::QueueView)>>,
 }

@@ -33,6 +33,8 @@ pub enum ApiError {
     InvalidJobId(String),
     #[error("no such job")]
     NotFound,
+    #[error("the model `{0}` does not exist; GET /v1/models lists the one served here")]
+    ModelNotFound(String),
     #[error("this method is not allowed on this path")]
     MethodNotAllowed,
     #[error("no such path; the API is described at /openapi.json")]
@@ -85,6 +87,7 @@ impl ApiError {
             BodyTimeout => (StatusCode::REQUEST_TIMEOUT, ErrorCode::Timeout),
             InvalidJobId(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidJobId),
             NotFound => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            ModelNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::ModelNotFound),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed),
             NoRoute => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
             Unauthorized => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
@@ -127,6 +130,7 @@ impl ApiError {
                 Some(format!("parameters.{}", p.field))
             }
             ApiError::InvalidJob(_) => Some("prompt".to_owned()),
+            ApiError::ModelNotFound(_) => Some("model".to_owned()),
             _ => None,
         }
     }
@@ -308,9 +312,9 @@ mod tests {
             "{e:?}"
         );
 
-        let e = parse_json::<JobRequest>(br#"{"version":1}"#).unwrap_err();
+        let e = parse_json::<JobRequest>(br#"{"prompt":"x"}"#).unwrap_err();
         assert!(
-            matches!(&e, ApiError::InvalidField { field, .. } if field == "prompt"),
+            matches!(&e, ApiError::InvalidField { field, .. } if field == "version"),
             "{e:?}"
         );
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod follow;
 pub mod metrics;
+pub mod openai;
 pub mod openapi;
 pub mod ratelimit;
 pub mod redis;
@@ -109,6 +110,7 @@ pub async fn run(
         read_limiter,
         metrics,
         openapi: openapi::document(),
+        started_at_s: shared::reply::now_ms() / 1000,
         queue_cache: Default::default(),
     });
     tracing::info!(addr = ?listener.local_addr().ok(), namespace = app.settings.topology.namespace(), "gateway listening");

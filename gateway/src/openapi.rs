@@ -45,6 +45,7 @@ impl Modify for BearerAuth {
     paths(
         routes::jobs::submit, routes::jobs::get_job, routes::jobs::cancel, routes::events::events,
         routes::run::run, routes::queue::queue,
+        routes::openai::completions, routes::openai::chat_completions, routes::openai::models,
         routes::ops::healthz, routes::ops::readyz, routes::ops::metrics,
     ),
     components(schemas(

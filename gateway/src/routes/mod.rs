@@ -6,6 +6,7 @@
 
 pub mod events;
 pub mod jobs;
+pub mod openai;
 pub mod ops;
 pub mod queue;
 pub mod run;
@@ -39,6 +40,19 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/queue", get(queue::queue))
         .route_layer(middleware::from_fn_with_state(read.clone(), ratelimit::limit))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_key));
+    // The OpenAI routes: submissions limited in App::enqueue (one admission per choice), reads like reads,
+    // and every error in OpenAI's shape.
+    let openai_routes = Router::new()
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_key))
+        .merge(
+            Router::new()
+                .route("/v1/models", get(openai::models))
+                .route_layer(middleware::from_fn_with_state(read.clone(), ratelimit::limit))
+                .route_layer(middleware::from_fn_with_state(app.clone(), require_key)),
+        )
+        .layer(middleware::from_fn(openai::openai_errors));
     let metrics_route = Router::new()
         .route("/metrics", get(ops::metrics))
         .route_layer(middleware::from_fn_with_state(read, ratelimit::limit))
@@ -53,6 +67,7 @@ pub fn router(app: AppState) -> Router {
     Router::new()
         .merge(submit_routes)
         .merge(read_routes)
+        .merge(openai_routes)
         .merge(metrics_route)
         .merge(open)
         .fallback(|| async { ApiError::NoRoute })

@@ -1,0 +1,1342 @@
+//! OpenAI's wire protocol for `/v1/completions`, `/v1/chat/completions` and `/v1/models`: request and
+//! response bodies and the pure conversions between them and the job contract.
+//!
+//! Existing OpenAI clients and SDKs then work against the gateway unchanged. What the model cannot do
+//! (log-probabilities, tools, penalties) is refused by name rather than ignored, so a client never believes
+//! it got something it did not. As vLLM does, the bodies also accept our own decoding parameters (`strategy`,
+//! `top_k`, `num_beams`, …) next to OpenAI's. The route handlers do the I/O; nothing here does any.
+
+use std::fmt;
+
+use axum::http::StatusCode;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use shared::chat::ChatMessage;
+use shared::params::MAX_STOP_SEQUENCES;
+use shared::{ErrorCode, FinishReason, GenerationParameters, InvalidParameter, JobId, Strategy};
+use utoipa::ToSchema;
+
+/// The most choices one request may ask for (`n`, times the prompts for completions): each is a job.
+pub const MAX_CHOICES: u32 = 8;
+/// OpenAI's documented default `max_tokens` for completions.
+pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
+
+/// A request OpenAI would accept but this service cannot honour; `param` names the field as the client
+/// sent it, which is what OpenAI's error body reports.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid `{param}`: {message}")]
+pub struct ParamError {
+    pub param: String,
+    pub message: String,
+}
+
+fn param_error(param: &str, message: impl Into<String>) -> ParamError {
+    ParamError {
+        param: param.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// The OpenAI name of a job parameter, for errors from [`GenerationParameters::validate`] on a parameter
+/// set built here.
+pub fn param_name(field: &str) -> &str {
+    match field {
+        "max_new_tokens" => "max_tokens",
+        "min_new_tokens" => "min_tokens",
+        other => other,
+    }
+}
+
+impl From<&InvalidParameter> for ParamError {
+    fn from(e: &InvalidParameter) -> Self {
+        param_error(param_name(e.field), e.message.clone())
+    }
+}
+
+/// A string or an array of strings: `prompt` and `stop` both take either.
+enum Texts {
+    One(String),
+    Many(Vec<String>),
+}
+
+fn deserialize_texts<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    expecting: &'static str,
+) -> Result<Texts, D::Error> {
+    struct TextsVisitor(&'static str);
+
+    impl<'de> Visitor<'de> for TextsVisitor {
+        type Value = Texts;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(self.0)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Texts, E> {
+            Ok(Texts::One(v.to_owned()))
+        }
+
+        fn visit_string<E: de::Error>(self, v: String) -> Result<Texts, E> {
+            Ok(Texts::One(v))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Texts, A::Error> {
+            let mut texts = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(16));
+            while let Some(text) = seq.next_element::<String>()? {
+                texts.push(text);
+            }
+            Ok(Texts::Many(texts))
+        }
+    }
+
+    deserializer.deserialize_any(TextsVisitor(expecting))
+}
+
+/// `prompt`: one text or a batch of texts. Token-id prompts are not supported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum PromptInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for PromptInput {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match deserialize_texts(
+            deserializer,
+            "a string or a non-empty array of strings (token ids are not supported)",
+        )? {
+            Texts::One(text) => Ok(Self::One(text)),
+            Texts::Many(texts) if texts.is_empty() => {
+                Err(de::Error::custom("`prompt` must not be an empty array"))
+            }
+            Texts::Many(texts) => Ok(Self::Many(texts)),
+        }
+    }
+}
+
+impl PromptInput {
+    /// The prompts in order; choice `i * n + j` of a completion answers prompt `i`.
+    pub fn prompts(&self) -> &[String] {
+        match self {
+            Self::One(text) => std::slice::from_ref(text),
+            Self::Many(texts) => texts,
+        }
+    }
+}
+
+/// `stop`: one sequence or several.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum StopInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for StopInput {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(
+            match deserialize_texts(deserializer, "a string or an array of strings")? {
+                Texts::One(text) => Self::One(text),
+                Texts::Many(texts) => Self::Many(texts),
+            },
+        )
+    }
+}
+
+impl StopInput {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Self::One(text) => vec![text.clone()],
+            Self::Many(texts) => texts.clone(),
+        }
+    }
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    /// Send a last chunk with the token usage (and `"usage": null` on every other chunk).
+    pub include_usage: Option<bool>,
+}
+
+// The fields both endpoints share are written once, in `with_shared_fields!`, and pasted by callback
+// macros into each request and into `Shared`. `#[serde(flatten)]` would avoid the macros but not do: it
+// cannot be combined with `deny_unknown_fields`, and it buffers the flattened values, so a type error in
+// one of them could no longer name its field.
+
+/// Calls `$callback!` with `[$input]` followed by the shared fields.
+macro_rules! with_shared_fields {
+    ($callback:ident ! { $($input:tt)* }) => {
+        $callback! { [$($input)*]
+            /// Tokens to generate at most. Default 16 for completions (as OpenAI), 50 for chat.
+            max_tokens: Option<u32>,
+            /// Sampling temperature (default 1.0); 0 means greedy decoding.
+            temperature: Option<f64>,
+            /// Nucleus sampling mass in (0, 1].
+            top_p: Option<f64>,
+            /// Choices to generate (1 to 8), each its own job.
+            n: Option<u32>,
+            /// Stream the text as server-sent events.
+            stream: Option<bool>,
+            stream_options: Option<StreamOptions>,
+            /// Up to 4 sequences that end the text (not included in it).
+            stop: Option<StopInput>,
+            /// Makes sampling reproducible; choice `i` uses `seed + i`.
+            seed: Option<u64>,
+            /// Accepted and ignored.
+            user: Option<String>,
+            /// Not supported: only 0 (or absent) is accepted.
+            presence_penalty: Option<f64>,
+            /// Not supported: only 0 (or absent) is accepted.
+            frequency_penalty: Option<f64>,
+            /// Not supported: only `null` or `{}` is accepted.
+            #[schema(value_type = Option<Object>)]
+            logit_bias: Option<serde_json::Value>,
+            /// Extension: the decoding strategy (`contrastive`, `greedy`, `sample`, `beam`); when given,
+            /// the parameters below and OpenAI's map 1:1 to the job's.
+            #[schema(value_type = Option<String>)]
+            strategy: Option<Strategy>,
+            /// Extension: contrastive search's degeneration penalty.
+            penalty_alpha: Option<f64>,
+            /// Extension: top-k filter for sampling (default 0, none, as OpenAI has no top-k); candidate
+            /// count for contrastive search.
+            top_k: Option<u32>,
+            /// Extension: typical sampling mass.
+            typical_p: Option<f64>,
+            /// Extension: beam count for beam search.
+            num_beams: Option<u32>,
+            /// Extension: CTRL's repetition penalty.
+            repetition_penalty: Option<f64>,
+            /// Extension: forbid repeating n-grams of this size.
+            no_repeat_ngram_size: Option<u32>,
+            /// Extension: beam search length penalty.
+            length_penalty: Option<f64>,
+            /// Extension: beam search stops when `num_beams` hypotheses are done.
+            early_stopping: Option<bool>,
+            /// Extension (vLLM's name): tokens to generate before the text may end.
+            min_tokens: Option<u32>,
+            /// Extension: `false` without `strategy` means greedy decoding.
+            do_sample: Option<bool>,
+        }
+    };
+}
+
+/// The shared fields without their documentation attributes, which only the request schemas need.
+macro_rules! declare_shared {
+    ([] $( $(#[$meta:meta])* $field:ident : $ty:ty, )*) => {
+        /// The fields both endpoints share, as the client sent them.
+        #[derive(Debug, Clone, Default, PartialEq)]
+        // `n`, `stream`, `stream_options` and `user` are read through the requests' accessors, or not at all.
+        #[allow(dead_code)]
+        struct Shared {
+            $( $field: $ty, )*
+        }
+    };
+}
+
+/// A request body: the endpoint's own fields, then the shared ones, with accessors over the latter.
+macro_rules! declare_request {
+    (
+        [ $(#[$attr:meta])* pub struct $name:ident { $($own:tt)* } ]
+        $( $(#[$meta:meta])* $field:ident : $ty:ty, )*
+    ) => {
+        $(#[$attr])*
+        #[derive(Debug, Clone, Deserialize, ToSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($own)*
+            $( $(#[$meta])* pub $field: $ty, )*
+        }
+
+        impl $name {
+            fn shared(&self) -> Shared {
+                Shared { $( $field: self.$field.clone(), )* }
+            }
+
+            /// Whether to answer with server-sent events.
+            pub fn stream(&self) -> bool {
+                self.stream.unwrap_or(false)
+            }
+
+            /// Whether a stream ends with a usage chunk (and every other chunk says `"usage": null`).
+            pub fn include_usage(&self) -> bool {
+                self.stream() && self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false)
+            }
+
+            /// `n`, checked: 1 to [`MAX_CHOICES`], default 1.
+            pub fn n(&self) -> Result<u32, ParamError> {
+                let n = self.n.unwrap_or(1);
+                if (1..=MAX_CHOICES).contains(&n) {
+                    Ok(n)
+                } else {
+                    Err(param_error("n", format!("must be in [1, {MAX_CHOICES}], got {n}")))
+                }
+            }
+        }
+    };
+}
+
+with_shared_fields!(declare_shared! {});
+
+with_shared_fields!(declare_request! {
+    /// `POST /v1/completions`.
+    pub struct CompletionRequest {
+        /// The model's name as `/v1/models` lists it.
+        pub model: String,
+        pub prompt: PromptInput,
+        /// Put the prompt before the generated text.
+        pub echo: Option<bool>,
+        /// Not supported: only `null` (or absent) is accepted.
+        #[schema(value_type = Option<Value>)]
+        pub logprobs: Option<serde_json::Value>,
+        /// Not supported: only 1 (or absent) is accepted.
+        pub best_of: Option<u32>,
+        /// Not supported: only absent or empty is accepted.
+        pub suffix: Option<String>,
+    }
+});
+
+with_shared_fields!(declare_request! {
+    /// `POST /v1/chat/completions`.
+    pub struct ChatCompletionRequest {
+        /// The model's name as `/v1/models` lists it.
+        pub model: String,
+        /// The conversation; `content` is a string or an array of text parts.
+        #[schema(value_type = Vec<Object>)]
+        pub messages: Vec<ChatMessage>,
+        /// OpenAI's newer name for `max_tokens`; if both are given they must agree.
+        pub max_completion_tokens: Option<u32>,
+        /// Not supported: only `false` (or absent) is accepted.
+        pub logprobs: Option<bool>,
+        /// Not supported: only 0 (or absent) is accepted.
+        pub top_logprobs: Option<u32>,
+        /// Not supported: only absent, `null` or `[]` is accepted.
+        #[schema(value_type = Option<Value>)]
+        pub tools: Option<serde_json::Value>,
+        /// Not supported: only absent, `null` or `"none"` is accepted.
+        #[schema(value_type = Option<Value>)]
+        pub tool_choice: Option<serde_json::Value>,
+        /// Not supported: only absent, `null` or `[]` is accepted.
+        #[schema(value_type = Option<Value>)]
+        pub functions: Option<serde_json::Value>,
+        /// Not supported: only absent, `null` or `"none"` is accepted.
+        #[schema(value_type = Option<Value>)]
+        pub function_call: Option<serde_json::Value>,
+        /// Only `{"type": "text"}` (or absent) is accepted.
+        #[schema(value_type = Option<Object>)]
+        pub response_format: Option<serde_json::Value>,
+    }
+});
+
+/// Refuses `param` unless `neutral`: it asks for something the service does not do.
+fn require_neutral(param: &str, neutral: bool, message: &str) -> Result<(), ParamError> {
+    if neutral {
+        Ok(())
+    } else {
+        Err(param_error(param, message))
+    }
+}
+
+/// Whether an optional JSON value is absent, `null`, or one of the `neutral` values.
+fn absent_or(value: &Option<serde_json::Value>, neutral: &[serde_json::Value]) -> bool {
+    value.as_ref().is_none_or(|v| v.is_null() || neutral.contains(v))
+}
+
+impl Shared {
+    /// The job parameters for these fields, generating at most `max_new_tokens`.
+    fn parameters(&self, max_new_tokens: u32) -> Result<GenerationParameters, ParamError> {
+        for (param, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            require_neutral(
+                param,
+                value.is_none_or(|v| v == 0.0),
+                "is not supported; only 0 is accepted (try `repetition_penalty`)",
+            )?;
+        }
+        require_neutral(
+            "logit_bias",
+            absent_or(&self.logit_bias, &[serde_json::json!({})]),
+            "is not supported",
+        )?;
+        let stop = self.stop.as_ref().map(StopInput::to_vec).unwrap_or_default();
+        if stop.len() > MAX_STOP_SEQUENCES {
+            return Err(param_error(
+                "stop",
+                format!("at most {MAX_STOP_SEQUENCES} sequences, got {}", stop.len()),
+            ));
+        }
+
+        // Everything maps 1:1; only the strategy and, for OpenAI's semantics, its defaults differ.
+        let mut p = GenerationParameters {
+            strategy: self.strategy,
+            do_sample: self.do_sample,
+            max_new_tokens: Some(max_new_tokens),
+            min_new_tokens: self.min_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            typical_p: self.typical_p,
+            repetition_penalty: self.repetition_penalty,
+            no_repeat_ngram_size: self.no_repeat_ngram_size,
+            seed: self.seed,
+            stop,
+            penalty_alpha: self.penalty_alpha,
+            num_beams: self.num_beams,
+            length_penalty: self.length_penalty,
+            early_stopping: self.early_stopping,
+        };
+        if self.strategy.is_none() {
+            if self.temperature == Some(0.0) || self.do_sample == Some(false) {
+                // OpenAI's greedy decoding. Clients routinely send `top_p` and `seed` along, which
+                // cannot change a greedy text; they are dropped rather than refused.
+                p.strategy = Some(Strategy::Greedy);
+                p.temperature = None;
+                p.top_p = None;
+                p.seed = None;
+                if p.do_sample == Some(false) {
+                    p.do_sample = None;
+                }
+            } else {
+                // OpenAI samples by default, at temperature 1 and without a top-k filter (it has none),
+                // where transformers would keep the 50 likeliest tokens.
+                p.strategy = Some(Strategy::Sample);
+                p.do_sample = Some(true);
+                p.temperature = Some(self.temperature.unwrap_or(1.0));
+                p.top_k = Some(self.top_k.unwrap_or(0));
+            }
+        }
+        Ok(p)
+    }
+}
+
+impl CompletionRequest {
+    /// The job parameters every choice of this request runs with (before [`choice_seed`]); the caller
+    /// still validates them. `default_max_tokens` applies when `max_tokens` is absent (OpenAI: 16).
+    pub fn parameters(&self, default_max_tokens: u32) -> Result<GenerationParameters, ParamError> {
+        require_neutral(
+            "logprobs",
+            absent_or(&self.logprobs, &[]),
+            "is not supported; only null is accepted",
+        )?;
+        require_neutral(
+            "best_of",
+            self.best_of.is_none_or(|b| b == 1),
+            "is not supported; only 1 is accepted (use `n`)",
+        )?;
+        require_neutral(
+            "suffix",
+            self.suffix.as_deref().is_none_or(str::is_empty),
+            "is not supported (no insertion mode)",
+        )?;
+        let n = self.n()?;
+        let prompts = self.prompt.prompts().len() as u64;
+        if prompts * u64::from(n) > u64::from(MAX_CHOICES) {
+            return Err(param_error(
+                "n",
+                format!(
+                    "{prompts} prompts times n = {n} asks for {} choices; the limit is {MAX_CHOICES}",
+                    prompts * u64::from(n)
+                ),
+            ));
+        }
+        self.shared()
+            .parameters(self.max_tokens.unwrap_or(default_max_tokens))
+    }
+
+    /// Whether the prompt goes before the generated text.
+    pub fn echo(&self) -> bool {
+        self.echo.unwrap_or(false)
+    }
+}
+
+impl ChatCompletionRequest {
+    /// The job parameters every choice of this conversation runs with (before [`choice_seed`]); the caller
+    /// still validates them. `default_max_tokens` applies when neither `max_tokens` nor
+    /// `max_completion_tokens` is given.
+    pub fn parameters(&self, default_max_tokens: u32) -> Result<GenerationParameters, ParamError> {
+        require_neutral(
+            "logprobs",
+            self.logprobs != Some(true),
+            "is not supported; only false is accepted",
+        )?;
+        require_neutral(
+            "top_logprobs",
+            self.top_logprobs.is_none_or(|n| n == 0),
+            "is not supported; only 0 is accepted",
+        )?;
+        let none = serde_json::json!("none");
+        let empty = serde_json::json!([]);
+        for (param, value, neutral) in [
+            ("tools", &self.tools, &empty),
+            ("tool_choice", &self.tool_choice, &none),
+            ("functions", &self.functions, &empty),
+            ("function_call", &self.function_call, &none),
+        ] {
+            require_neutral(
+                param,
+                absent_or(value, std::slice::from_ref(neutral)),
+                "is not supported (no tool calling)",
+            )?;
+        }
+        require_neutral(
+            "response_format",
+            absent_or(&self.response_format, &[serde_json::json!({"type": "text"})]),
+            "only {\"type\": \"text\"} is supported",
+        )?;
+        let max_tokens = match (self.max_tokens, self.max_completion_tokens) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(param_error(
+                    "max_completion_tokens",
+                    format!("is {b} but max_tokens is {a}; give one, or the same value"),
+                ));
+            }
+            (a, b) => a.or(b).unwrap_or(default_max_tokens),
+        };
+        self.n()?;
+        self.shared().parameters(max_tokens)
+    }
+}
+
+/// The seed of choice `choice`: the request's seed plus the choice index, so that `n` sampled choices
+/// differ yet the whole answer is reproducible.
+pub fn choice_seed(base: Option<u64>, choice: u32) -> Option<u64> {
+    base.map(|seed| seed.wrapping_add(u64::from(choice)))
+}
+
+/// OpenAI's name for why a choice ended: the end-of-sequence token counts as a natural stop.
+pub fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        FinishReason::Eos | FinishReason::Stop => "stop",
+    }
+}
+
+/// A completion's id, from its first job's id, so that a client's id leads to the job's logs.
+pub fn completion_id(job: &JobId) -> String {
+    format!("cmpl-{}", job.0.simple())
+}
+
+/// A chat completion's id, from its first job's id.
+pub fn chat_completion_id(job: &JobId) -> String {
+    format!("chatcmpl-{}", job.0.simple())
+}
+
+/// What every response and chunk of one request repeats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub model: String,
+}
+
+/// Token counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+        }
+    }
+}
+
+/// A chunk's `usage`: absent when the client did not ask for usage, `null` on every chunk but the
+/// last when it did, and the counts on the last.
+fn chunk_usage(include_usage: bool) -> Option<Option<Usage>> {
+    include_usage.then_some(None)
+}
+
+/// The answer to a completion request.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Completion {
+    pub id: String,
+    /// `text_completion`.
+    #[schema(value_type = String)]
+    object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: Usage,
+}
+
+impl Completion {
+    pub fn new(head: &Head, choices: Vec<CompletionChoice>, usage: Usage) -> Self {
+        Self {
+            id: head.id.clone(),
+            object: "text_completion",
+            created: head.created,
+            model: head.model.clone(),
+            choices,
+            usage,
+        }
+    }
+}
+
+/// One completion choice, whole or (in a chunk) a piece of it.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub text: String,
+    /// Always `null`: log-probabilities are not supported.
+    #[schema(value_type = Option<Object>)]
+    logprobs: Option<()>,
+    /// `stop` or `length`; `null` on every chunk but a choice's last.
+    #[schema(value_type = Option<String>)]
+    pub finish_reason: Option<&'static str>,
+}
+
+impl CompletionChoice {
+    pub fn new(index: u32, text: impl Into<String>, finish: Option<FinishReason>) -> Self {
+        Self {
+            index,
+            text: text.into(),
+            logprobs: None,
+            finish_reason: finish.map(finish_reason),
+        }
+    }
+}
+
+/// One server-sent event of a streamed completion.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct CompletionChunk {
+    pub id: String,
+    /// `text_completion`.
+    #[schema(value_type = String)]
+    object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    /// Only with `stream_options.include_usage`: `null` on every chunk but the last, which has no choices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Usage>)]
+    usage: Option<Option<Usage>>,
+}
+
+impl CompletionChunk {
+    /// A chunk carrying text; `include_usage` as the request's [`CompletionRequest::include_usage`].
+    pub fn new(head: &Head, choices: Vec<CompletionChoice>, include_usage: bool) -> Self {
+        Self {
+            id: head.id.clone(),
+            object: "text_completion",
+            created: head.created,
+            model: head.model.clone(),
+            choices,
+            usage: chunk_usage(include_usage),
+        }
+    }
+
+    /// The last chunk when the client asked for usage: no choices, only the counts.
+    pub fn usage(head: &Head, usage: Usage) -> Self {
+        Self {
+            usage: Some(Some(usage)),
+            ..Self::new(head, Vec::new(), true)
+        }
+    }
+}
+
+/// The assistant's reply in a chat completion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct AssistantMessage {
+    /// `assistant`.
+    #[schema(value_type = String)]
+    role: &'static str,
+    pub content: String,
+}
+
+impl AssistantMessage {
+    pub fn new(content: impl Into<String>) -> Self {
+        Self {
+            role: "assistant",
+            content: content.into(),
+        }
+    }
+}
+
+/// The answer to a chat completion request.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatCompletion {
+    pub id: String,
+    /// `chat.completion`.
+    #[schema(value_type = String)]
+    object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+impl ChatCompletion {
+    pub fn new(head: &Head, choices: Vec<ChatChoice>, usage: Usage) -> Self {
+        Self {
+            id: head.id.clone(),
+            object: "chat.completion",
+            created: head.created,
+            model: head.model.clone(),
+            choices,
+            usage,
+        }
+    }
+}
+
+/// One chat completion choice.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: AssistantMessage,
+    /// Always `null`: log-probabilities are not supported.
+    #[schema(value_type = Option<Object>)]
+    logprobs: Option<()>,
+    /// `stop` or `length`.
+    #[schema(value_type = Option<String>)]
+    pub finish_reason: Option<&'static str>,
+}
+
+impl ChatChoice {
+    pub fn new(index: u32, content: impl Into<String>, finish: FinishReason) -> Self {
+        Self {
+            index,
+            message: AssistantMessage::new(content),
+            logprobs: None,
+            finish_reason: Some(finish_reason(finish)),
+        }
+    }
+}
+
+/// What a chat chunk adds to a choice: first the role, then pieces of content.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// One choice's part of a chat chunk.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatChunkChoice {
+    pub index: u32,
+    pub delta: Delta,
+    /// Always `null`: log-probabilities are not supported.
+    #[schema(value_type = Option<Object>)]
+    logprobs: Option<()>,
+    /// `stop` or `length` on a choice's last chunk, else `null`.
+    #[schema(value_type = Option<String>)]
+    pub finish_reason: Option<&'static str>,
+}
+
+impl ChatChunkChoice {
+    fn with(index: u32, delta: Delta, finish_reason: Option<&'static str>) -> Self {
+        Self {
+            index,
+            delta,
+            logprobs: None,
+            finish_reason,
+        }
+    }
+
+    /// A choice's first chunk, as OpenAI sends it: the role and empty content.
+    pub fn role(index: u32) -> Self {
+        let delta = Delta {
+            role: Some("assistant"),
+            content: Some(String::new()),
+        };
+        Self::with(index, delta, None)
+    }
+
+    /// A piece of a choice's content.
+    pub fn content(index: u32, text: impl Into<String>) -> Self {
+        let delta = Delta {
+            role: None,
+            content: Some(text.into()),
+        };
+        Self::with(index, delta, None)
+    }
+
+    /// A choice's last chunk: an empty delta and why it ended.
+    pub fn finish(index: u32, reason: FinishReason) -> Self {
+        Self::with(index, Delta::default(), Some(finish_reason(reason)))
+    }
+}
+
+/// One server-sent event of a streamed chat completion.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    /// `chat.completion.chunk`.
+    #[schema(value_type = String)]
+    object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    /// Only with `stream_options.include_usage`: `null` on every chunk but the last, which has no choices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Usage>)]
+    usage: Option<Option<Usage>>,
+}
+
+impl ChatCompletionChunk {
+    /// A chunk carrying deltas; `include_usage` as the request's
+    /// [`ChatCompletionRequest::include_usage`].
+    pub fn new(head: &Head, choices: Vec<ChatChunkChoice>, include_usage: bool) -> Self {
+        Self {
+            id: head.id.clone(),
+            object: "chat.completion.chunk",
+            created: head.created,
+            model: head.model.clone(),
+            choices,
+            usage: chunk_usage(include_usage),
+        }
+    }
+
+    /// The last chunk when the client asked for usage: no choices, only the counts.
+    pub fn usage(head: &Head, usage: Usage) -> Self {
+        Self {
+            usage: Some(Some(usage)),
+            ..Self::new(head, Vec::new(), true)
+        }
+    }
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct ModelList {
+    /// `list`.
+    #[schema(value_type = String)]
+    object: &'static str,
+    pub data: Vec<Model>,
+}
+
+impl ModelList {
+    pub fn new(data: Vec<Model>) -> Self {
+        Self { object: "list", data }
+    }
+}
+
+/// A model clients may name in `model`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Model {
+    pub id: String,
+    /// `model`.
+    #[schema(value_type = String)]
+    object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    pub owned_by: String,
+}
+
+impl Model {
+    pub fn new(id: impl Into<String>, created: u64, owned_by: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            object: "model",
+            created,
+            owned_by: owned_by.into(),
+        }
+    }
+}
+
+/// The status an OpenAI client expects: OpenAI answers invalid parameters with 400, where the gateway's
+/// own API says 422.
+pub fn status(status: StatusCode) -> StatusCode {
+    if status == StatusCode::UNPROCESSABLE_ENTITY {
+        StatusCode::BAD_REQUEST
+    } else {
+        status
+    }
+}
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`, where `code` is the
+/// gateway's stable code and `type` OpenAI's class of error for `status`.
+pub fn error_body(
+    status: StatusCode,
+    code: ErrorCode,
+    message: &str,
+    param: Option<&str>,
+) -> serde_json::Value {
+    let kind = match status.as_u16() {
+        401 => "authentication_error",
+        429 => "rate_limit_error",
+        500..=599 => "server_error",
+        _ => "invalid_request_error",
+    };
+    serde_json::json!({
+        "error": {
+            "message": message,
+            "type": kind,
+            "param": param,
+            "code": code,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn completion(body: serde_json::Value) -> CompletionRequest {
+        serde_json::from_value(body).unwrap()
+    }
+
+    fn chat(body: serde_json::Value) -> ChatCompletionRequest {
+        serde_json::from_value(body).unwrap()
+    }
+
+    fn head() -> Head {
+        Head {
+            id: "cmpl-1".into(),
+            created: 1_700_000_000,
+            model: "gpt-j-6b".into(),
+        }
+    }
+
+    #[test]
+    fn temperature_zero_means_greedy_and_drops_what_greedy_ignores() {
+        let p = completion(json!({"model": "m", "prompt": "hi", "temperature": 0, "top_p": 1, "seed": 3}))
+            .parameters(DEFAULT_COMPLETION_MAX_TOKENS)
+            .unwrap();
+        assert_eq!(
+            p,
+            GenerationParameters {
+                strategy: Some(Strategy::Greedy),
+                max_new_tokens: Some(16),
+                ..Default::default()
+            }
+        );
+        p.validate().unwrap();
+    }
+
+    #[test]
+    fn do_sample_false_without_a_strategy_means_greedy() {
+        let p = completion(json!({"model": "m", "prompt": "hi", "do_sample": false}))
+            .parameters(16)
+            .unwrap();
+        assert_eq!(p.strategy, Some(Strategy::Greedy));
+        assert_eq!(p.do_sample, None);
+    }
+
+    #[test]
+    fn by_default_openai_samples_at_temperature_one_without_a_top_k_filter() {
+        let p = completion(json!({"model": "m", "prompt": "hi"}))
+            .parameters(16)
+            .unwrap();
+        assert_eq!(
+            p,
+            GenerationParameters {
+                strategy: Some(Strategy::Sample),
+                do_sample: Some(true),
+                max_new_tokens: Some(16),
+                temperature: Some(1.0),
+                top_k: Some(0),
+                ..Default::default()
+            }
+        );
+        p.validate().unwrap();
+    }
+
+    #[test]
+    fn sampling_passes_temperature_top_p_top_k_seed_and_min_tokens_through() {
+        let p = chat(json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 7, "min_tokens": 2, "max_tokens": 30,
+        }))
+        .parameters(50)
+        .unwrap();
+        assert_eq!(p.strategy, Some(Strategy::Sample));
+        assert_eq!(p.temperature, Some(0.7));
+        assert_eq!(p.top_p, Some(0.9));
+        assert_eq!(p.top_k, Some(40));
+        assert_eq!(p.seed, Some(7));
+        assert_eq!(p.min_new_tokens, Some(2));
+        assert_eq!(p.max_new_tokens, Some(30));
+    }
+
+    #[test]
+    fn an_explicit_strategy_wins_and_the_extensions_map_one_to_one() {
+        let p = completion(json!({
+            "model": "m", "prompt": "hi", "strategy": "contrastive", "penalty_alpha": 0.6, "top_k": 4,
+            "repetition_penalty": 1.2, "no_repeat_ngram_size": 3, "max_tokens": 20,
+        }))
+        .parameters(16)
+        .unwrap();
+        assert_eq!(
+            p,
+            GenerationParameters {
+                strategy: Some(Strategy::Contrastive),
+                max_new_tokens: Some(20),
+                penalty_alpha: Some(0.6),
+                top_k: Some(4),
+                repetition_penalty: Some(1.2),
+                no_repeat_ngram_size: Some(3),
+                ..Default::default()
+            }
+        );
+        let beam = completion(json!({
+            "model": "m", "prompt": "hi", "strategy": "beam", "num_beams": 3, "length_penalty": 0.5,
+            "early_stopping": true,
+        }))
+        .parameters(16)
+        .unwrap();
+        assert_eq!(
+            (beam.num_beams, beam.length_penalty, beam.early_stopping),
+            (Some(3), Some(0.5), Some(true))
+        );
+    }
+
+    #[test]
+    fn the_default_max_tokens_is_the_callers() {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(chat(body).parameters(50).unwrap().max_new_tokens, Some(50));
+    }
+
+    #[test]
+    fn stop_takes_a_string_or_an_array_of_at_most_four() {
+        let one = completion(json!({"model": "m", "prompt": "hi", "stop": "\n"}));
+        assert_eq!(one.parameters(16).unwrap().stop, vec!["\n".to_owned()]);
+        let two = completion(json!({"model": "m", "prompt": "hi", "stop": ["a", "b"]}));
+        assert_eq!(
+            two.parameters(16).unwrap().stop,
+            vec!["a".to_owned(), "b".to_owned()]
+        );
+        let five = completion(json!({"model": "m", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}));
+        assert_eq!(five.parameters(16).unwrap_err().param, "stop");
+    }
+
+    #[test]
+    fn n_is_one_to_eight_and_counts_every_prompt() {
+        assert_eq!(completion(json!({"model": "m", "prompt": "hi"})).n().unwrap(), 1);
+        assert!(
+            completion(json!({"model": "m", "prompt": "hi", "n": 8}))
+                .parameters(16)
+                .is_ok()
+        );
+        for n in [0, 9] {
+            let err = completion(json!({"model": "m", "prompt": "hi", "n": n}))
+                .parameters(16)
+                .unwrap_err();
+            assert_eq!(err.param, "n");
+        }
+        let batch = completion(json!({"model": "m", "prompt": ["a", "b", "c"], "n": 3}));
+        assert_eq!(batch.parameters(16).unwrap_err().param, "n");
+        let fits = completion(json!({"model": "m", "prompt": ["a", "b", "c", "d"], "n": 2}));
+        assert!(fits.parameters(16).is_ok());
+        let chat_n = chat(json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 9}));
+        assert_eq!(chat_n.parameters(50).unwrap_err().param, "n");
+    }
+
+    #[test]
+    fn choice_seeds_differ_per_choice_and_stay_reproducible() {
+        assert_eq!(choice_seed(Some(10), 0), Some(10));
+        assert_eq!(choice_seed(Some(10), 3), Some(13));
+        assert_eq!(choice_seed(Some(u64::MAX), 1), Some(0));
+        assert_eq!(choice_seed(None, 3), None);
+    }
+
+    #[test]
+    fn unsupported_completion_fields_are_refused_by_name_unless_neutral() {
+        let refused = [
+            ("logprobs", json!(5)),
+            ("best_of", json!(2)),
+            ("suffix", json!("end")),
+            ("logit_bias", json!({"50256": -100})),
+            ("presence_penalty", json!(0.5)),
+            ("frequency_penalty", json!(-1)),
+        ];
+        for (param, value) in refused {
+            let mut body = json!({"model": "m", "prompt": "hi"});
+            body[param] = value;
+            let err = completion(body).parameters(16).unwrap_err();
+            assert_eq!(err.param, param, "{err}");
+        }
+        let neutral = json!({
+            "model": "m", "prompt": "hi", "logprobs": null, "best_of": 1, "suffix": "", "logit_bias": {},
+            "presence_penalty": 0, "frequency_penalty": 0.0, "user": "u1",
+        });
+        assert!(completion(neutral).parameters(16).is_ok());
+    }
+
+    #[test]
+    fn unsupported_chat_fields_are_refused_by_name_unless_neutral() {
+        let refused = [
+            ("logprobs", json!(true)),
+            ("top_logprobs", json!(2)),
+            ("tools", json!([{"type": "function", "function": {"name": "f"}}])),
+            ("tool_choice", json!("auto")),
+            ("functions", json!([{"name": "f"}])),
+            ("function_call", json!({"name": "f"})),
+            ("response_format", json!({"type": "json_object"})),
+            ("presence_penalty", json!(1)),
+        ];
+        for (param, value) in refused {
+            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+            body[param] = value;
+            let err = chat(body).parameters(50).unwrap_err();
+            assert_eq!(err.param, param, "{err}");
+        }
+        let neutral = json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": false,
+            "tools": [], "tool_choice": "none", "functions": null, "function_call": "none",
+            "response_format": {"type": "text"},
+        });
+        assert!(chat(neutral).parameters(50).is_ok());
+    }
+
+    #[test]
+    fn max_tokens_and_max_completion_tokens_must_agree() {
+        let messages = json!([{"role": "user", "content": "hi"}]);
+        let newer = chat(json!({"model": "m", "messages": messages, "max_completion_tokens": 9}));
+        assert_eq!(newer.parameters(50).unwrap().max_new_tokens, Some(9));
+        let same =
+            chat(json!({"model": "m", "messages": messages, "max_tokens": 9, "max_completion_tokens": 9}));
+        assert_eq!(same.parameters(50).unwrap().max_new_tokens, Some(9));
+        let differ =
+            chat(json!({"model": "m", "messages": messages, "max_tokens": 9, "max_completion_tokens": 8}));
+        assert_eq!(differ.parameters(50).unwrap_err().param, "max_completion_tokens");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_serde_naming_them() {
+        let err =
+            serde_json::from_value::<CompletionRequest>(json!({"model": "m", "prompt": "hi", "foo": 1}))
+                .unwrap_err();
+        assert!(err.to_string().starts_with("unknown field `foo`"), "{err}");
+        let err = serde_json::from_value::<ChatCompletionRequest>(json!({
+            "model": "m", "messages": [], "echo": true,
+        }))
+        .unwrap_err();
+        assert!(err.to_string().starts_with("unknown field `echo`"), "{err}");
+    }
+
+    #[test]
+    fn a_type_error_in_a_shared_field_names_the_field() {
+        let body = br#"{"model": "m", "prompt": "hi", "temperature": "hot"}"#;
+        let de = &mut serde_json::Deserializer::from_slice(body);
+        let err = serde_path_to_error::deserialize::<_, CompletionRequest>(de).unwrap_err();
+        assert_eq!(err.path().to_string(), "temperature");
+    }
+
+    #[test]
+    fn prompts_are_a_string_or_a_non_empty_array_of_strings() {
+        let one = completion(json!({"model": "m", "prompt": "hi"}));
+        assert_eq!(one.prompt.prompts(), ["hi".to_owned()]);
+        let many = completion(json!({"model": "m", "prompt": ["a", "b"]}));
+        assert_eq!(many.prompt.prompts(), ["a".to_owned(), "b".to_owned()]);
+        let empty = serde_json::from_value::<CompletionRequest>(json!({"model": "m", "prompt": []}));
+        assert!(
+            empty
+                .unwrap_err()
+                .to_string()
+                .contains("must not be an empty array")
+        );
+        let tokens = serde_json::from_value::<CompletionRequest>(json!({"model": "m", "prompt": 50256}));
+        assert!(
+            tokens
+                .unwrap_err()
+                .to_string()
+                .contains("token ids are not supported")
+        );
+    }
+
+    #[test]
+    fn usage_is_requested_only_for_streams() {
+        let body = json!({"model": "m", "prompt": "hi", "stream_options": {"include_usage": true}});
+        assert!(!completion(body.clone()).include_usage());
+        let mut streamed = body;
+        streamed["stream"] = json!(true);
+        let r = completion(streamed);
+        assert!(r.stream() && r.include_usage());
+    }
+
+    #[test]
+    fn validation_errors_name_openai_parameters() {
+        let p = completion(json!({"model": "m", "prompt": "hi", "max_tokens": 0}))
+            .parameters(16)
+            .unwrap();
+        let err = ParamError::from(&p.validate().unwrap_err());
+        assert_eq!(err.param, "max_tokens");
+    }
+
+    #[test]
+    fn a_completion_serializes_with_null_logprobs_and_usage() {
+        let body = Completion::new(
+            &head(),
+            vec![CompletionChoice::new(0, " there", Some(FinishReason::Eos))],
+            Usage::new(2, 1),
+        );
+        assert_eq!(
+            serde_json::to_value(body).unwrap(),
+            json!({
+                "id": "cmpl-1", "object": "text_completion", "created": 1_700_000_000, "model": "gpt-j-6b",
+                "choices": [{"index": 0, "text": " there", "logprobs": null, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+            })
+        );
+    }
+
+    #[test]
+    fn a_chat_completion_serializes_the_assistant_message() {
+        let body = ChatCompletion::new(
+            &head(),
+            vec![ChatChoice::new(0, "Hi.", FinishReason::Length)],
+            Usage::new(5, 2),
+        );
+        assert_eq!(
+            serde_json::to_value(body).unwrap(),
+            json!({
+                "id": "cmpl-1", "object": "chat.completion", "created": 1_700_000_000, "model": "gpt-j-6b",
+                "choices": [{
+                    "index": 0, "message": {"role": "assistant", "content": "Hi."},
+                    "logprobs": null, "finish_reason": "length",
+                }],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+            })
+        );
+    }
+
+    #[test]
+    fn completion_chunks_omit_usage_unless_asked_and_then_say_null_until_the_usage_chunk() {
+        let piece = || vec![CompletionChoice::new(0, "Hi", None)];
+        let envelope = json!({"id": "cmpl-1", "object": "text_completion", "created": 1_700_000_000,
+            "model": "gpt-j-6b"});
+        let with = |extra: serde_json::Value| {
+            let mut v = envelope.clone();
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            v
+        };
+        let choices = json!([{"index": 0, "text": "Hi", "logprobs": null, "finish_reason": null}]);
+        assert_eq!(
+            serde_json::to_value(CompletionChunk::new(&head(), piece(), false)).unwrap(),
+            with(json!({"choices": choices}))
+        );
+        assert_eq!(
+            serde_json::to_value(CompletionChunk::new(&head(), piece(), true)).unwrap(),
+            with(json!({"choices": choices, "usage": null}))
+        );
+        assert_eq!(
+            serde_json::to_value(CompletionChunk::usage(&head(), Usage::new(3, 4))).unwrap(),
+            with(json!({"choices": [],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}))
+        );
+    }
+
+    #[test]
+    fn chat_chunks_send_the_role_then_content_then_an_empty_delta_with_the_finish_reason() {
+        let chunk = |choice: ChatChunkChoice| {
+            serde_json::to_value(ChatCompletionChunk::new(&head(), vec![choice], true)).unwrap()
+        };
+        let envelope = |choice: serde_json::Value| {
+            json!({"id": "cmpl-1", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                "model": "gpt-j-6b", "choices": [choice], "usage": null})
+        };
+        assert_eq!(
+            chunk(ChatChunkChoice::role(0)),
+            envelope(json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                "logprobs": null, "finish_reason": null}))
+        );
+        assert_eq!(
+            chunk(ChatChunkChoice::content(0, "Hi")),
+            envelope(
+                json!({"index": 0, "delta": {"content": "Hi"}, "logprobs": null, "finish_reason": null})
+            )
+        );
+        assert_eq!(
+            chunk(ChatChunkChoice::finish(0, FinishReason::Stop)),
+            envelope(json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"}))
+        );
+        let without_usage = serde_json::to_value(ChatCompletionChunk::new(
+            &head(),
+            vec![ChatChunkChoice::role(0)],
+            false,
+        ))
+        .unwrap();
+        assert!(without_usage.get("usage").is_none());
+        assert_eq!(
+            serde_json::to_value(ChatCompletionChunk::usage(&head(), Usage::new(1, 2))).unwrap(),
+            json!({"id": "cmpl-1", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                "model": "gpt-j-6b", "choices": [],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
+        );
+    }
+
+    #[test]
+    fn the_end_of_sequence_token_and_stop_sequences_both_finish_as_stop() {
+        assert_eq!(finish_reason(FinishReason::Eos), "stop");
+        assert_eq!(finish_reason(FinishReason::Stop), "stop");
+        assert_eq!(finish_reason(FinishReason::Length), "length");
+    }
+
+    #[test]
+    fn ids_derive_from_the_first_jobs_id() {
+        let job: JobId = "67e55044-10b1-426f-9247-bb680e5fe0c8".parse().unwrap();
+        assert_eq!(completion_id(&job), "cmpl-67e5504410b1426f9247bb680e5fe0c8");
+        assert_eq!(
+            chat_completion_id(&job),
+            "chatcmpl-67e5504410b1426f9247bb680e5fe0c8"
+        );
+    }
+
+    #[test]
+    fn the_model_list_has_openais_shape() {
+        let list = ModelList::new(vec![Model::new("gpt-j-6b", 1_700_000_000, "eleutherai")]);
+        assert_eq!(
+            serde_json::to_value(list).unwrap(),
+            json!({"object": "list", "data": [
+                {"id": "gpt-j-6b", "object": "model", "created": 1_700_000_000, "owned_by": "eleutherai"}]})
+        );
+    }
+
+    #[test]
+    fn errors_have_openais_shape_with_the_stable_code() {
+        assert_eq!(
+            error_body(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::InvalidParameter,
+                "invalid `n`: must be in [1, 8], got 9",
+                Some("n"),
+            ),
+            json!({"error": {"message": "invalid `n`: must be in [1, 8], got 9",
+                "type": "invalid_request_error", "param": "n", "code": "invalid_parameter"}})
+        );
+        let unavailable = error_body(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "down",
+            None,
+        );
+        assert_eq!(
+            unavailable,
+            json!({"error": {"message": "down", "type": "server_error", "param": null, "code": "unavailable"}})
+        );
+        let kind = |s: StatusCode| error_body(s, ErrorCode::Internal, "", None)["error"]["type"].clone();
+        assert_eq!(kind(StatusCode::UNAUTHORIZED), "authentication_error");
+        assert_eq!(kind(StatusCode::TOO_MANY_REQUESTS), "rate_limit_error");
+        assert_eq!(kind(StatusCode::NOT_FOUND), "invalid_request_error");
+        assert_eq!(kind(StatusCode::PAYLOAD_TOO_LARGE), "invalid_request_error");
+    }
+
+    #[test]
+    fn invalid_parameters_are_400_as_openai_answers_them() {
+        assert_eq!(status(StatusCode::UNPROCESSABLE_ENTITY), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            status(StatusCode::TOO_MANY_REQUESTS),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(status(StatusCode::NOT_FOUND), StatusCode::NOT_FOUND);
+    }
+}
