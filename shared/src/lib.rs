@@ -4,9 +4,9 @@
 //! the worker re-applies (AMQP producers bypass the gateway), and the JSON Schema that outside producers
 //! read is generated from these very types (`docs/schema/`, checked by a test).
 
+pub mod chat;
 pub mod control;
 pub mod job;
-pub mod chat;
 pub mod params;
 pub mod prompt;
 pub mod reply;

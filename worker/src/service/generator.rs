@@ -317,11 +317,12 @@ fn run_loop(generator: &dyn Generator, settings: &BatchSettings, mut rx: mpsc::U
                 }
             }
             Command::Cancel(key) => {
-                if in_flight.contains_key(&key) && batcher.cancel(key) {
-                    if let Some(job) = in_flight.remove(&key) {
-                        metrics::job_cancelled();
-                        let _ = job.reply.send(Err(cancelled()));
-                    }
+                if in_flight.contains_key(&key)
+                    && batcher.cancel(key)
+                    && let Some(job) = in_flight.remove(&key)
+                {
+                    metrics::job_cancelled();
+                    let _ = job.reply.send(Err(cancelled()));
                 }
             }
         }
