@@ -101,6 +101,14 @@ Ready: gateway on $BASE, $WORKERS worker(s), model $MODEL_DIR.
   curl -s -X POST $BASE/run -H 'content-type: application/json' \\
        -d '{"data": "Once upon a time", "num_tokens": 20}'
 
+  # Stream a job's tokens as Server-Sent Events (reconnect with Last-Event-ID to resume), cancel a job:
+  curl -sN $BASE/v1/jobs/\$id/events
+  curl -s -X DELETE $BASE/v1/jobs/\$id
+
+  # The OpenAI-compatible API (also for the openai SDK: base_url=$BASE/v1):
+  curl -sN $BASE/v1/chat/completions -H 'content-type: application/json' \\
+       -d '{"model": "EleutherAI/gpt-j-6b", "messages": [{"role": "user", "content": "Hello"}], "stream": true}'
+
   # Queue and metrics (the gateway's, and worker 1's running batch); the API reference is at $BASE/docs
   # (the spec at $BASE/openapi.json):
   curl -s $BASE/v1/queue;  curl -s $BASE/metrics | head;  curl -s 127.0.0.1:9101/metrics | grep ^worker_

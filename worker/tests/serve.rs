@@ -37,7 +37,7 @@ fn worker_of(reply: &Reply) -> String {
         JobReply::Succeeded(s) => s.worker_id.clone(),
         JobReply::Failed(f) => f.worker_id.clone(),
         JobReply::Cancelled(c) => c.worker_id.clone(),
-        JobReply::Token(_) => String::new(),
+        JobReply::Token(_) => unreachable!("next_reply skips tokens"),
     }
 }
 
@@ -370,7 +370,7 @@ async fn a_raw_producer_gets_started_then_succeeded_as_the_amqp_guide_describes(
     let mut streamed_text = String::new();
     let mut streamed_ids = Vec::new();
     let done = loop {
-        let reply = producer.next_reply(Duration::from_secs(30)).await.unwrap();
+        let reply = producer.next_event(Duration::from_secs(30)).await.unwrap();
         let JobReply::Token(t) = &reply.body else {
             break reply;
         };

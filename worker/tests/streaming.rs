@@ -288,3 +288,69 @@ async fn a_run_client_that_hangs_up_cancels_its_job() {
     assert!(tokens < 1800.0, "{tokens} tokens: the job ran to its end");
     env.finish().await;
 }
+
+/// Waits until the worker has cancelled `n` jobs.
+async fn wait_cancelled(env: &Env, metrics: &str, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &env.http,
+        metrics,
+        "worker_jobs_finished_total{finish_reason=\"cancelled\"}",
+    )
+    .await
+        < n
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no cancel reached the worker\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn hanging_up_an_openai_stream_or_an_event_stream_that_owns_its_job_cancels_the_job() {
+    let mut env = Env::new();
+    let gw = env.gateway().await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    env.spawn_worker(&["--metrics-listen", &listen]);
+    env.wait_for_consumers(1).await;
+    let metrics = format!("http://{listen}/metrics");
+    // An OpenAI stream, dropped after a few chunks.
+    let body = json!({"model": "EleutherAI/gpt-j-6b", "prompt": "Tell me a long story", "max_tokens": 1800,
+                      "min_tokens": 1800, "temperature": 0, "stream": true});
+    let r = env
+        .http
+        .post(format!("{gw}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut chunks = SseReader::new(r);
+    for _ in 0..3 {
+        let chunk = chunks.next().await.unwrap();
+        assert!(chunk.data.contains("text_completion"), "{chunk:?}");
+    }
+    drop(chunks);
+    wait_cancelled(&env, &metrics, 1.0).await;
+
+    // An event stream that asked to own its job.
+    let id = env.submit(&gw, "Another long story", long_job(1800)).await;
+    let r = env
+        .http
+        .get(format!("{gw}/v1/jobs/{id}/events?cancel_on_disconnect=true"))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = SseReader::new(r);
+    while stream.next().await.unwrap().event != "token" {}
+    drop(stream);
+    wait_cancelled(&env, &metrics, 2.0).await;
+    let view = env
+        .poll_until(&gw, &id, Duration::from_secs(10), |v| v["status"] != "running")
+        .await;
+    assert_eq!(view["status"], "cancelled");
+    env.finish().await;
+}

@@ -259,13 +259,10 @@ mod tests {
         );
         assert!(s.take(JobId::new_random()).is_none(), "nothing new, no chunk");
         s.push(&ids("d"));
-        let refused = s.take(JobId::new_random()).unwrap();
+        let job = JobId::new_random();
+        let refused = s.take(job).unwrap();
         s.unsend(&refused);
-        assert_eq!(
-            s.take(JobId::new_random()).unwrap(),
-            refused,
-            "a refused chunk is sent again"
-        );
+        assert_eq!(s.take(job).unwrap(), refused, "a refused chunk is sent again");
     }
 
     #[test]

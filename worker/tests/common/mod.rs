@@ -517,7 +517,20 @@ impl RawProducer {
     }
 
     /// The next reply, within `timeout`.
+    /// The next reply other than `job.token` (the lifecycle: started, then the final reply).
     pub async fn next_reply(&mut self, timeout: Duration) -> Option<Reply> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let reply = self.next_event(left).await?;
+            if reply.kind != "job.token" {
+                return Some(reply);
+            }
+        }
+    }
+
+    /// The next reply of any kind, `job.token` included.
+    pub async fn next_event(&mut self, timeout: Duration) -> Option<Reply> {
         let d = tokio::time::timeout(timeout, self.replies.next())
             .await
             .ok()??
