@@ -10,7 +10,7 @@
 //! Expiry is in two steps: a result is readable for the result TTL (`expires_at_ms`), after which the
 //! record answers `expired` until Redis drops the key, `expired_retention` later; then the id is 404.
 //!
-//! Each job also has an event log, the Redis Stream `{ns}:events:{id}` (same TTL): `started`, `token`
+//! Each job also has an event log, the Redis Stream `{ns}:events:{id}` (gone with the result): `started`, `token`
 //! chunks and the final event, appended by the same scripts that change the record, and announced on
 //! `{ns}:events`. Any replica can serve any job's event stream from it, and a stream entry's id is the
 //! Server-Sent Event id a client resumes from. Token chunks carry two cursors (tokens, text bytes) that the
@@ -160,7 +160,12 @@ else
   redis.call('PUBLISH', ARGV[10], ARGV[2])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[5], ARGV[4])
+if event == 'started' then
+  redis.call('PEXPIRE', KEYS[5], ARGV[4])
+else
+  -- The log holds the text: it goes when the result does, not with the record's `expired` tombstone.
+  redis.call('PEXPIREAT', KEYS[5], ARGV[5])
+end
 redis.call('PUBLISH', ARGV[11], ARGV[2])
 return 1
 "#;
@@ -192,7 +197,7 @@ redis.call('HSET', KEYS[1], 'status', 'cancelled', 'error', ARGV[4], 'finished_a
 redis.call('ZREM', KEYS[2], ARGV[7])
 redis.call('XADD', KEYS[4], '*', 'event', 'cancelled', 'data', '{}')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[4], ARGV[3])
+redis.call('PEXPIREAT', KEYS[4], ARGV[2])
 redis.call('PUBLISH', ARGV[5], ARGV[7])
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 return status
