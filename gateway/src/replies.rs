@@ -2,6 +2,10 @@
 //! reply into the job record, and only then acknowledges it, so a reply is never lost between the broker
 //! and Redis: if this replica dies first, the broker hands the reply to another.
 //!
+//! One job's replies are applied in the order they came (see [`ReplyConsumer::run`]); across replicas they
+//! may still race, which the record's scripts absorb (a final state is never overwritten, a token chunk
+//! ahead of an earlier one waits for it).
+//!
 //! The record write also announces finished jobs on Redis pub/sub (see [`crate::store`]), which is how a
 //! `/run` waiting on replica A completes when replica B consumed the reply.
 
@@ -13,6 +17,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use shared::{JobReply, Topology};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
@@ -59,15 +64,33 @@ impl ReplyConsumer {
             }
         };
         tracing::info!(%queue, "consuming replies");
-        consumer
-            .take_until(cancel.cancelled())
-            .for_each_concurrent(usize::from(prefetch), |delivery| async {
+        // Replies are handled concurrently, but one job's in order (started, tokens, final): each job's go
+        // to one lane, by its correlation id, and a lane takes one reply at a time.
+        let lanes = usize::from(prefetch).clamp(1, MAX_LANES);
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..lanes)
+            .map(|_| mpsc::channel::<Delivery>(usize::from(prefetch).max(1)))
+            .unzip();
+        let cancel = &cancel;
+        let workers = receivers.into_iter().map(|mut rx| async move {
+            while let Some(delivery) = rx.recv().await {
+                self.handle(delivery, cancel).await;
+            }
+        });
+        let dispatch = async move {
+            let mut consumer = std::pin::pin!(consumer.take_until(cancel.cancelled()));
+            while let Some(delivery) = consumer.next().await {
                 match delivery {
-                    Ok(delivery) => self.handle(delivery, &cancel).await,
+                    Ok(delivery) => {
+                        let lane = lane(&delivery, lanes);
+                        if senders[lane].send(delivery).await.is_err() {
+                            return;
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "replies consumer error"),
                 }
-            })
-            .await;
+            }
+        };
+        futures::future::join(dispatch, futures::future::join_all(workers)).await;
     }
 
     async fn handle(&self, delivery: Delivery, cancel: &CancellationToken) {
@@ -129,6 +152,20 @@ impl ReplyConsumer {
             }
         }
     }
+}
+
+/// Lanes at most: enough to keep Redis busy, few enough that a lane's queue stays short.
+const MAX_LANES: usize = 32;
+
+/// The lane of a reply: by the job id its correlation id carries (unlabelled ones share lane 0).
+fn lane(delivery: &Delivery, lanes: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let Some(id) = delivery.properties.correlation_id() else {
+        return 0;
+    };
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    id.as_str().hash(&mut hasher);
+    (hasher.finish() % lanes as u64) as usize
 }
 
 async fn ack(delivery: &Delivery) {

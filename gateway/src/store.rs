@@ -119,7 +119,8 @@ local function append_tokens(job, events, index, ids, offset, text)
   local tail = string.sub(text, have_b - offset + 1)
   if #new == 0 and #tail == 0 then return 0 end
   redis.call('XADD', events, '*', 'event', 'token', 'data',
-    '{"index":' .. have_t .. ',"token_ids":[' .. table.concat(new, ',') .. '],"text":' .. cjson.encode(tail) .. '}')
+    '{"index":' .. have_t .. ',"token_ids":[' .. table.concat(new, ',') .. '],"text":'
+      .. (cjson.encode(tail):gsub('\\/', '/')) .. '}')
   redis.call('HSET', job, 'stream_tokens', have_t + #new, 'stream_bytes', have_b + #tail)
   return 1
 end
@@ -130,8 +131,15 @@ end
 //       started-at ms, done channel, events channel, event data json
 const APPLY: &str = r#"
 local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return 0 end
 local event = ARGV[1]
+if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+  -- A start that lost a race with the end (another replica applied the final reply first) still counts.
+  if event == 'started' and redis.call('HEXISTS', KEYS[1], 'started_at_ms') == 0 then
+    redis.call('HSET', KEYS[1], 'started_at_ms', ARGV[9])
+    redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  end
+  return 0
+end
 if status == false or status == 'queued' then redis.call('INCR', KEYS[3]) end
 local now = tonumber(ARGV[3])
 if event == 'started' then

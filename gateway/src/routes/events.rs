@@ -89,11 +89,11 @@ pub async fn events(
             Followed::Final { record, entry_id } => {
                 guard.disarm();
                 let status = record.status.as_str();
-                let event = Event::default().event(status).json_data(view(*record, None));
-                match entry_id {
-                    Some(eid) => event.map(|e| e.id(eid)),
-                    None => event,
-                }
+                let event = match entry_id {
+                    Some(eid) => Event::default().id(eid),
+                    None => Event::default(),
+                };
+                event.event(status).json_data(view(*record, None))
             }
             Followed::Gone => {
                 guard.disarm();
