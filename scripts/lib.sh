@@ -56,6 +56,18 @@ ensure_rabbitmq() {
 
 ensure_services() { ensure_redis; ensure_rabbitmq; }
 
+# The browser test's tools: Debian's Chromium (a browser download by a test tool fails on these machines) and
+# playwright-core from npm, pinned by worker/tests/browser/package-lock.json.
+ensure_browser() {
+  command -v chromium >/dev/null || apt_install chromium
+  command -v node >/dev/null || apt_install nodejs npm
+  local dir="$ROOT/worker/tests/browser"
+  if [ ! -d "$dir/node_modules/playwright-core" ]; then
+    log "installing playwright-core in $dir"
+    (cd "$dir" && npm ci --no-audit --no-fund --silent)
+  fi
+}
+
 # Deletes a namespace's queues and Redis keys (what a benchmark run created): delete_namespace NS [REDIS_URL].
 delete_namespace() {
   local ns="$1" redis="${2:-redis://127.0.0.1:6379/}"

@@ -5,6 +5,7 @@ cd "$ROOT"
 
 ensure_venv
 ensure_services
+ensure_browser
 
 log "cargo fmt --check"
 cargo fmt --all --check

@@ -10,10 +10,11 @@ use shared::{JobId, JobRequest};
 use crate::auth::Caller;
 use crate::broker::Broker;
 use crate::config::{FailMode, Settings};
+use crate::decision::Decision;
 use crate::error::ApiError;
-use crate::metrics as m;
-use crate::ratelimit::{Decision, Limiter};
+use crate::ratelimit::Limiter;
 use crate::store::{CancelOutcome, JobStore, NewJob};
+use crate::telemetry as m;
 use crate::waiters::Waiters;
 
 pub type AppState = Arc<App>;
@@ -31,8 +32,6 @@ pub struct App {
     pub openapi: serde_json::Value,
     /// When this replica started, in Unix seconds (the OpenAI model list's `created`).
     pub started_at_s: u64,
-    /// The last `/v1/queue` answer and when it was computed.
-    pub queue_cache: tokio::sync::Mutex<Option<(std::time::Instant, crate::routes::queue::QueueView)>>,
 }
 
 /// A job the broker has confirmed.

@@ -16,7 +16,7 @@ use axum::http::header::AUTHORIZATION;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::IpNet;
+use ipnet::IpNet;
 
 /// SHA-256 of an API key; its hex form marks a job's owner.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -92,8 +92,25 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// The address of the client: the peer, or, when the peer is a trusted proxy, the nearest untrusted hop
 /// named in `X-Forwarded-For`.
+/// A trusted-proxy entry: a CIDR block, or a single address (a block of one).
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("`{s}` is not an address or CIDR block"))
+}
+
+/// Whether `ip` is in one of the blocks; an IPv4-mapped IPv6 peer counts as the IPv4 address it is.
+fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    trusted.iter().any(|net| net.contains(&ip))
+}
+
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
-    let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(ip));
+    let is_trusted = |ip: IpAddr| is_trusted(trusted, ip);
     if !is_trusted(peer) {
         return peer;
     }
@@ -179,7 +196,7 @@ mod tests {
 
     #[test]
     fn a_trusted_proxy_forwards_the_nearest_untrusted_hop() {
-        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let trusted: Vec<IpNet> = vec![parse_net("10.0.0.0/8").unwrap()];
         // The client wrote a fake 6.6.6.6 itself; 5.5.5.5 is what our proxies saw.
         let h = headers(&[("x-forwarded-for", "6.6.6.6, 5.5.5.5, 10.0.0.7")]);
         assert_eq!(client_ip(ip("10.0.0.1"), &h, &trusted), ip("5.5.5.5"));
@@ -236,5 +253,16 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
+    }
+
+    #[test]
+    fn trusted_blocks_contain_their_addresses_ipv4_mapped_ones_included() {
+        let net = parse_net("10.1.0.0/16").unwrap();
+        assert!(is_trusted(&[net], "10.1.200.3".parse().unwrap()));
+        assert!(!is_trusted(&[net], "10.2.0.1".parse().unwrap()));
+        assert!(is_trusted(&[net], "::ffff:10.1.0.9".parse().unwrap()));
+        assert!(is_trusted(&[parse_net("::1").unwrap()], "::1".parse().unwrap()));
+        assert!(parse_net("10.0.0.0/33").is_err());
+        assert!(parse_net("proxy.local").is_err());
     }
 }

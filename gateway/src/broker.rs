@@ -19,12 +19,13 @@ use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use shared::backoff::Backoff;
 use shared::reply::now_ms;
 use shared::{JobId, Topology};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics as m;
 use crate::replies::ReplyConsumer;
+use crate::telemetry as m;
 
 /// Why a publish or a broker read failed.
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +139,7 @@ impl Broker {
     /// connection, and on any failure drops it and tries again with exponential backoff.
     /// `replies` is `None` on a replica that leaves the replies to the others (`--consume-replies false`).
     pub async fn supervise(self: Arc<Self>, replies: Option<ReplyConsumer>, cancel: CancellationToken) {
-        let mut backoff = MIN_BACKOFF;
+        let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
         loop {
             if cancel.is_cancelled() {
                 break;
@@ -167,7 +168,7 @@ impl Broker {
                         }
                     };
                     self.set(Some(link.clone()));
-                    backoff = MIN_BACKOFF;
+                    backoff.reset();
                     let watch = async {
                         let mut events = link.conn.events_listener();
                         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -200,15 +201,13 @@ impl Broker {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, url = %redact(&self.settings.url), ?backoff, "cannot reach the broker");
+                    tracing::warn!(error = %e, url = %redact(&self.settings.url), "cannot reach the broker");
                 }
             }
-            let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
             tokio::select! {
-                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = cancel.cancelled() => break,
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
         if let Some(link) = self.current() {
             let _ = tokio::time::timeout(Duration::from_secs(2), link.conn.close(200, "bye".into())).await;

@@ -4,11 +4,12 @@
 //! into [`Settings`], the checked form the rest of the crate uses, so a bad value stops the process at
 //! start-up with a readable message instead of failing on the first request.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
+use ipnet::IpNet;
 use shared::prompt::PromptArgs;
 use shared::topology::{DEFAULT_DELIVERY_LIMIT, DEFAULT_NAMESPACE};
 use shared::{PromptRules, Topology};
@@ -107,8 +108,13 @@ pub struct Config {
     #[arg(long, env = "API_KEYS", value_delimiter = ',', hide_env_values = true)]
     pub api_keys: Vec<String>,
     /// Proxies (addresses or CIDR blocks, comma separated) whose `X-Forwarded-For` is believed.
-    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', value_parser = crate::auth::parse_net)]
     pub trusted_proxies: Vec<IpNet>,
+    /// Web origins whose pages may call the API from a browser (CORS), comma separated
+    /// (`https://app.example.com`), or `*` for any. Off by default: the playground at `/` is same-origin and
+    /// needs none, and an API key typed into another site's page is that site's to read.
+    #[arg(long, env = "CORS_ALLOW_ORIGINS", value_delimiter = ',')]
+    pub cors_allow_origins: Vec<String>,
 
     /// Optional per-message AMQP expiration: a job still queued after this long is dropped by the broker.
     #[arg(long, env = "JOB_EXPIRATION_MS")]
@@ -187,60 +193,6 @@ impl FromStr for FailMode {
     }
 }
 
-/// An address block such as `10.0.0.0/8` or a single address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl IpNet {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        fn masked(bits: u128, total: u8, prefix: u8) -> u128 {
-            if prefix == 0 { 0 } else { bits >> (total - prefix) }
-        }
-        // Compare IPv4-mapped IPv6 peers as the IPv4 addresses they are.
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                masked(u32::from(net).into(), 32, self.prefix)
-                    == masked(u32::from(ip).into(), 32, self.prefix)
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                masked(u128::from(net), 128, self.prefix) == masked(u128::from(ip), 128, self.prefix)
-            }
-            _ => false,
-        }
-    }
-}
-
-impl FromStr for IpNet {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("`{s}` is not an address or CIDR block"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{s}`: prefix must be 0..={max}"))?,
-        };
-        Ok(Self { addr, prefix })
-    }
-}
-
 /// The checked settings the gateway runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -248,6 +200,7 @@ pub struct Settings {
     pub prompt_rules: PromptRules,
     pub api_keys: ApiKeys,
     pub trusted_proxies: Vec<IpNet>,
+    pub cors: Cors,
     pub submit_limit: RateLimit,
     pub read_limit: RateLimit,
     pub submit_on_error: FailMode,
@@ -270,6 +223,47 @@ pub struct Settings {
     pub replies_prefetch: u16,
     pub queue_stats_cache: Duration,
     pub shutdown_grace: Duration,
+}
+
+/// Which browser origins may call the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cors {
+    Off,
+    AnyOrigin,
+    Origins(Vec<axum::http::HeaderValue>),
+}
+
+impl Cors {
+    fn parse(origins: &[String]) -> Result<Self, String> {
+        let origins: Vec<&str> = origins
+            .iter()
+            .map(|o| o.trim())
+            .filter(|o| !o.is_empty())
+            .collect();
+        if origins.is_empty() {
+            return Ok(Self::Off);
+        }
+        if origins.contains(&"*") {
+            return if origins.len() == 1 {
+                Ok(Self::AnyOrigin)
+            } else {
+                Err("--cors-allow-origins: `*` allows every origin; list origins or give `*` alone".into())
+            };
+        }
+        origins
+            .iter()
+            .map(|o| {
+                let ok = (o.starts_with("http://") || o.starts_with("https://")) && !o.ends_with('/');
+                match axum::http::HeaderValue::from_str(o) {
+                    Ok(v) if ok => Ok(v),
+                    _ => Err(format!(
+                        "--cors-allow-origins: `{o}` is not an origin (scheme://host[:port], no path)"
+                    )),
+                }
+            })
+            .collect::<Result<_, _>>()
+            .map(Self::Origins)
+    }
 }
 
 impl Config {
@@ -305,6 +299,7 @@ impl Config {
             prompt_rules,
             api_keys: ApiKeys::new(&keys),
             trusted_proxies: self.trusted_proxies.clone(),
+            cors: Cors::parse(&self.cors_allow_origins)?,
             submit_limit: self.submit_rate_limit,
             read_limit: self.read_rate_limit,
             submit_on_error: self.submit_rate_limit_on_error,
@@ -396,14 +391,16 @@ mod tests {
     }
 
     #[test]
-    fn cidr_blocks_contain_their_addresses() {
-        let net: IpNet = "10.1.0.0/16".parse().unwrap();
-        assert!(net.contains("10.1.200.3".parse().unwrap()));
-        assert!(!net.contains("10.2.0.1".parse().unwrap()));
-        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()));
-        let one: IpNet = "::1".parse().unwrap();
-        assert!(one.contains("::1".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+    fn cors_origins_are_a_list_or_any_and_paths_are_refused() {
+        let cors = |v: &[&str]| Cors::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(cors(&[]), Ok(Cors::Off));
+        assert_eq!(cors(&["*"]), Ok(Cors::AnyOrigin));
+        assert!(
+            matches!(cors(&["https://a.example", "http://localhost:3000"]), Ok(Cors::Origins(o)) if o.len() == 2)
+        );
+        assert!(cors(&["https://a.example/app"]).is_err());
+        assert!(cors(&["a.example"]).is_err());
+        assert!(cors(&["*", "https://a.example"]).is_err());
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub enum ApiError {
     #[error("a valid API key is required (Authorization: Bearer KEY)")]
     Unauthorized,
     #[error("rate limit exceeded; retry in {} s", .0.reset.as_secs().max(1))]
-    RateLimited(crate::ratelimit::Decision),
+    RateLimited(crate::decision::Decision),
     #[error("too many open /run requests for this client (at most {0}); poll /v1/jobs instead")]
     TooManyWaits(usize),
     #[error("job {0} did not finish in time; it continues, poll /v1/jobs/{0}")]

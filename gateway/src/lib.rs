@@ -10,17 +10,18 @@ pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod decision;
 pub mod error;
 pub mod follow;
-pub mod metrics;
+pub mod kv;
 pub mod openai;
 pub mod openapi;
 pub mod ratelimit;
-pub mod redis;
 pub mod replies;
 pub mod routes;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod waiters;
 
 use std::future::Future;
@@ -40,18 +41,12 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
-/// Serves on `listener` until `shutdown` resolves, then drains open requests and stops consuming.
-///
-/// Redis and RabbitMQ need not be up: the gateway starts, `/readyz` says what is missing, requests that
-/// need them get 503, and the broker connection is retried with backoff.
-pub async fn run(
-    config: Config,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
+/// The shared state of a gateway built from `config`: nothing connects until [`run`] starts the broker
+/// supervisor and the pub/sub listener, so tests can drive the router alone (`tower::ServiceExt::oneshot`).
+pub fn app(config: &Config) -> Result<app::AppState, Error> {
     let settings = config.validate().map_err(Error::Config)?;
-    let metrics = metrics::install();
-    let redis = redis::Redis::new(&config.redis_url, config.redis_pool_size, settings.redis_timeout)
+    let metrics = telemetry::install();
+    let redis = kv::Redis::new(&config.redis_url, config.redis_pool_size, settings.redis_timeout)
         .map_err(Error::Config)?;
     let store = store::JobStore::new(
         redis,
@@ -68,22 +63,6 @@ pub async fn run(
         stats_cache: settings.queue_stats_cache,
         replies_prefetch: settings.replies_prefetch,
     });
-    let waiters = Arc::new(waiters::Waiters::default());
-    let cancel = CancellationToken::new();
-
-    let replies = settings
-        .consume_replies
-        .then(|| replies::ReplyConsumer::new(store.clone(), settings.topology.clone()));
-    let supervisor = tokio::spawn(broker.clone().supervise(replies, cancel.clone()));
-    let listener_task = tokio::spawn(waiters.clone().listen(
-        config.redis_url.clone(),
-        waiters::Channels {
-            done: store.done_channel(),
-            events: store.events_channel(),
-        },
-        cancel.clone(),
-    ));
-
     let prefix = settings.topology.redis_key("");
     let submit_limiter = ratelimit::Limiter::new(
         store.redis().clone(),
@@ -99,20 +78,45 @@ pub async fn run(
         settings.read_limit,
         settings.read_on_error,
     );
-    let header_read_timeout = settings.header_read_timeout;
-    let grace = settings.shutdown_grace;
-    let app = Arc::new(app::App {
+    Ok(Arc::new(app::App {
         settings,
         store,
         broker,
-        waiters,
+        waiters: Arc::new(waiters::Waiters::default()),
         submit_limiter,
         read_limiter,
         metrics,
         openapi: openapi::document(),
         started_at_s: shared::reply::now_ms() / 1000,
-        queue_cache: Default::default(),
-    });
+    }))
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains open requests and stops consuming.
+///
+/// Redis and RabbitMQ need not be up: the gateway starts, `/readyz` says what is missing, requests that
+/// need them get 503, and the broker connection is retried with backoff.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let app = app(&config)?;
+    let cancel = CancellationToken::new();
+    let replies = app
+        .settings
+        .consume_replies
+        .then(|| replies::ReplyConsumer::new(app.store.clone(), app.settings.topology.clone()));
+    let supervisor = tokio::spawn(app.broker.clone().supervise(replies, cancel.clone()));
+    let listener_task = tokio::spawn(app.waiters.clone().listen(
+        config.redis_url.clone(),
+        waiters::Channels {
+            done: app.store.done_channel(),
+            events: app.store.events_channel(),
+        },
+        cancel.clone(),
+    ));
+    let header_read_timeout = app.settings.header_read_timeout;
+    let grace = app.settings.shutdown_grace;
     tracing::info!(addr = ?listener.local_addr().ok(), namespace = app.settings.topology.namespace(), "gateway listening");
     server::serve(
         listener,

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue};
+
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use redis::Script;
@@ -26,9 +26,9 @@ use redis::Script;
 use crate::auth::Caller;
 use crate::config::{FailMode, RateLimit};
 use crate::error::ApiError;
-use crate::metrics as m;
-use crate::redis::{Redis, RedisError};
+use crate::kv::{Redis, RedisError};
 use crate::store::NewRecord;
+use crate::telemetry as m;
 
 /// Routes sharing one budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,33 +78,7 @@ if oldest[2] then reset = tonumber(oldest[2]) + window - now end
 return {admitted, limit - count, reset, seq}
 "#;
 
-/// The outcome of one check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Decision {
-    pub admitted: bool,
-    pub window: Duration,
-    pub limit: u32,
-    pub remaining: u32,
-    /// Until the oldest admission in the window leaves it (a slot frees up).
-    pub reset: Duration,
-}
-
-impl Decision {
-    /// `RateLimit-*` headers (IETF draft), plus `Retry-After` on refusal.
-    pub fn write_headers(&self, headers: &mut HeaderMap) {
-        let window = self.window;
-        let reset_s = self.reset.as_micros().div_ceil(1_000_000) as u64;
-        headers.insert("ratelimit-limit", HeaderValue::from(self.limit));
-        headers.insert("ratelimit-remaining", HeaderValue::from(self.remaining));
-        headers.insert("ratelimit-reset", HeaderValue::from(reset_s));
-        if let Ok(policy) = HeaderValue::from_str(&format!("{};w={}", self.limit, window.as_secs().max(1))) {
-            headers.insert("ratelimit-policy", policy);
-        }
-        if !self.admitted {
-            headers.insert("retry-after", HeaderValue::from(reset_s.max(1)));
-        }
-    }
-}
+pub use crate::decision::Decision;
 
 /// One route class's limiter.
 #[derive(Clone)]

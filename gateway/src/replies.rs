@@ -20,8 +20,8 @@ use shared::{JobReply, Topology};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics as m;
 use crate::store::{Appended, JobStore};
+use crate::telemetry as m;
 
 /// How long to wait before retrying a record write that Redis refused.
 const RETRY_DELAY: Duration = Duration::from_millis(500);

@@ -26,7 +26,7 @@ use redis::Script;
 use shared::reply::{Failed, Started, Succeeded, now_ms};
 use shared::{ErrorBody, JobId, JobReply, Topology};
 
-use crate::redis::{Redis, RedisError};
+use crate::kv::{Redis, RedisError};
 
 /// A job's lifecycle as polls report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use shared::JobId;
+use shared::backoff::Backoff;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -136,17 +137,16 @@ impl Waiters {
     /// Listens on the done and events channels until `cancel`, resubscribing with backoff after any
     /// failure.
     pub async fn listen(self: Arc<Self>, redis_url: String, channels: Channels, cancel: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while !cancel.is_cancelled() {
             match self.subscribe_once(&redis_url, &channels, &cancel).await {
-                Ok(()) => backoff = Duration::from_millis(100),
-                Err(e) => tracing::warn!(error = %e, "redis pub/sub for /run completions failed; retrying"),
+                Ok(()) => backoff.reset(),
+                Err(e) => tracing::warn!(error = %e, "redis pub/sub for job notices failed; retrying"),
             }
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = cancel.cancelled() => break,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 

@@ -4,6 +4,7 @@
 //! the worker re-applies (AMQP producers bypass the gateway), and the JSON Schema that outside producers
 //! read is generated from these very types (`docs/schema/`, checked by a test).
 
+pub mod backoff;
 pub mod chat;
 pub mod control;
 pub mod job;

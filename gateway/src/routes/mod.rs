@@ -8,6 +8,7 @@ pub mod events;
 pub mod jobs;
 pub mod openai;
 pub mod ops;
+pub mod playground;
 pub mod queue;
 pub mod run;
 
@@ -18,10 +19,12 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::app::AppState;
 use crate::auth::{AuthError, Caller};
+use crate::config::Cors;
 use crate::error::{ApiError, BodyLimit};
 use crate::ratelimit;
 
@@ -58,10 +61,11 @@ pub fn router(app: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(read, ratelimit::limit))
         .route_layer(middleware::from_fn_with_state(app.clone(), identify));
     let open = Router::new()
+        .route("/", get(playground::page))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/openapi.json", get(ops::openapi))
-        .merge(ops::docs(app.openapi.clone()));
+        .merge(ops::docs());
 
     let limit = s.body_limit_bytes;
     Router::new()
@@ -76,7 +80,38 @@ pub fn router(app: AppState) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::Extension(BodyLimit(limit)))
         .layer(RequestBodyTimeoutLayer::new(app.settings.body_read_timeout))
-        .layer(middleware::from_fn(crate::metrics::track))
+        .layer(middleware::from_fn(crate::telemetry::track))
+        .layer(cors(&app.settings.cors))
+}
+
+/// CORS, outermost so a preflight is answered before keys and limits apply (it carries no key). The headers
+/// a browser client needs: the key and the stream's resume point in, the poll location, rate limits and
+/// retry advice out.
+fn cors(cors: &Cors) -> tower::util::Either<CorsLayer, tower::layer::util::Identity> {
+    use axum::http::{HeaderName, Method, header};
+    let origins = match cors {
+        Cors::Off => return tower::util::Either::Right(tower::layer::util::Identity::new()),
+        Cors::AnyOrigin => AllowOrigin::any(),
+        Cors::Origins(list) => AllowOrigin::list(list.iter().cloned()),
+    };
+    let layer = CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("last-event-id"),
+        ])
+        .expose_headers([
+            header::LOCATION,
+            header::RETRY_AFTER,
+            HeaderName::from_static("ratelimit-limit"),
+            HeaderName::from_static("ratelimit-remaining"),
+            HeaderName::from_static("ratelimit-reset"),
+            HeaderName::from_static("ratelimit-policy"),
+        ])
+        .max_age(std::time::Duration::from_secs(3600));
+    tower::util::Either::Left(layer)
 }
 
 fn peer(request: &Request) -> IpAddr {

@@ -22,13 +22,13 @@ use shared::{GenerationParameters, JobId, JobRequest};
 
 use crate::app::AppState;
 use crate::auth::Caller;
+use crate::decision::Decision;
 use crate::error::{ApiError, ApiJson, ErrorInfo};
 use crate::follow::{CancelOnDrop, Followed, Waited, follow, wait_final};
 use crate::openai::{
     self, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, CompletionChoice, CompletionChunk,
     CompletionRequest, Head, Model, ModelList, ParamError, Usage, choice_seed,
 };
-use crate::ratelimit::Decision;
 use crate::store::{JobRecord, Status};
 use crate::waiters::Interest;
 

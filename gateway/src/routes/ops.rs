@@ -6,7 +6,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
-use utoipa_scalar::{Scalar, Servable};
+use utoipa_swagger_ui::{Config, SwaggerUi};
 
 use crate::app::AppState;
 
@@ -61,7 +61,7 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
         tracing::debug!("queue figures unavailable for /metrics");
     }
     if let Ok(f) = figures {
-        metrics::gauge!(crate::metrics::JOBS_RUNNING).set(f.running as f64);
+        metrics::gauge!(crate::telemetry::JOBS_RUNNING).set(f.running as f64);
     }
     let text = match &app.metrics {
         Some(handle) => handle.render(),
@@ -74,7 +74,10 @@ pub async fn openapi(State(app): State<AppState>) -> axum::Json<serde_json::Valu
     axum::Json(app.openapi.clone())
 }
 
-/// The browsable API page at `/docs` (Scalar; the page loads its script from a CDN in the browser).
-pub fn docs(spec: serde_json::Value) -> Router<AppState> {
-    Router::from(Scalar::with_url("/docs", spec))
+/// The browsable API page at `/docs`: Swagger UI, its assets built into the binary (the `vendored`
+/// build), so the page works without internet; it reads the document from `/openapi.json`.
+pub fn docs() -> Router<AppState> {
+    // Swagger UI would fetch a validity badge from validator.swagger.io; nothing may come from another host.
+    let config = Config::from("/openapi.json").validator_url("none");
+    Router::from(SwaggerUi::new("/docs").config(config))
 }

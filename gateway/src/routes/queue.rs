@@ -1,11 +1,9 @@
 //! `GET /v1/queue`: how busy the service is.
 //!
 //! Depth and consumers come from the broker (a passive declare: constant time however many jobs have
-//! passed), `running` from the job records. The whole answer is reused for at most
-//! `--queue-stats-cache-ms` (5 ms by default, 0 to ask every time) and computed once for all the
-//! requests that arrive while it is being computed, so a burst of readers costs one broker round trip.
-
-use std::time::Instant;
+//! passed), `running` from the job records. The broker's figures are the one cache (see
+//! [`crate::broker::Broker::queue_stats`]: reused for `--queue-stats-cache-ms`, one round trip for a burst
+//! of readers); the job records' are one pipelined Redis read.
 
 use axum::extract::State;
 use serde::Serialize;
@@ -13,7 +11,7 @@ use utoipa::ToSchema;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::metrics as m;
+use crate::telemetry as m;
 
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 pub struct QueueView {
@@ -37,13 +35,6 @@ pub struct QueueView {
     security((), ("api_key" = []))
 )]
 pub async fn queue(State(app): State<AppState>) -> Result<axum::Json<QueueView>, ApiError> {
-    // Concurrent readers share one computation; its answer is reused for `queue_stats_cache` at most.
-    let mut cached = app.queue_cache.lock().await;
-    if let Some((at, view)) = *cached
-        && at.elapsed() <= app.settings.queue_stats_cache
-    {
-        return Ok(axum::Json(view));
-    }
     let (stats, figures) = tokio::join!(app.broker.queue_stats(), app.store.figures());
     let stats = stats.map_err(|e| ApiError::unavailable("broker", e))?;
     let figures = figures.map_err(|e| ApiError::unavailable("redis", e))?;
@@ -61,6 +52,5 @@ pub async fn queue(State(app): State<AppState>) -> Result<axum::Json<QueueView>,
         consumers: stats.consumers,
         estimated_wait_s,
     };
-    *cached = Some((Instant::now(), view));
     Ok(axum::Json(view))
 }

@@ -1,0 +1,327 @@
+//! The HTTP surface without Redis or RabbitMQ: every refusal the gateway makes before it needs either,
+//! through the router itself (`tower::ServiceExt::oneshot`), so these run in milliseconds. Redis and the
+//! broker point at a closed port; nothing here may depend on them.
+#![allow(clippy::unwrap_used)]
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+fn router(extra: &[&str]) -> axum::Router {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut args = vec![
+        "gateway".to_owned(),
+        "--redis-url".to_owned(),
+        format!("redis://127.0.0.1:{closed}/"),
+        "--amqp-url".to_owned(),
+        format!("amqp://guest:guest@127.0.0.1:{closed}/%2f"),
+        "--redis-timeout-ms".to_owned(),
+        "50".to_owned(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let config = gateway::Config::from_args(args).unwrap();
+    gateway::routes::router(gateway::app(&config).unwrap())
+}
+
+async fn call(router: &axum::Router, request: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let response = router.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body =
+        serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, headers, body)
+}
+
+fn post(path: &str, body: &str) -> Request<Body> {
+    Request::post(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_owned()))
+        .unwrap()
+}
+
+fn get(path: &str) -> Request<Body> {
+    Request::get(path).body(Body::empty()).unwrap()
+}
+
+#[tokio::test]
+async fn malformed_submissions_are_refused_naming_the_problem() {
+    let r = router(&[]);
+    let cases: &[(&str, &str, StatusCode, &str)] = &[
+        (
+            "/v1/jobs",
+            "{\"prompt\": ",
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "/v1/jobs",
+            r#"{"prompt": "hi", "colour": 1}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_field",
+        ),
+        (
+            "/v1/jobs",
+            r#"{"prompt": "hi", "parameters": {"max_new_tokens": 0}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_parameter",
+        ),
+        (
+            "/v1/jobs",
+            r#"{"prompt": "$$$"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "prompt_empty",
+        ),
+        (
+            "/v1/jobs",
+            r#"{"prompt": "hi", "version": 2}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unsupported_version",
+        ),
+        (
+            "/v1/jobs",
+            r#"{"prompt": "hi", "messages": [{"role": "user", "content": "x"}]}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_parameter",
+        ),
+        (
+            "/run",
+            r#"{"data": "x", "num_tokens": 0}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_parameter",
+        ),
+        (
+            "/run",
+            r#"{"data": "x", "decoding_strategy": "telepathy"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_parameter",
+        ),
+    ];
+    for (path, body, status, code) in cases {
+        let (got, _, json) = call(&r, post(path, body)).await;
+        assert_eq!(
+            (got, json["code"].as_str()),
+            (*status, Some(*code)),
+            "{path} {body}: {json}"
+        );
+        assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(70_000));
+    let (status, _, json) = call(&r, post("/v1/jobs", &big)).await;
+    assert_eq!(
+        (status, json["code"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
+    );
+}
+
+#[tokio::test]
+async fn bad_job_ids_unknown_routes_and_wrong_methods_get_json_errors() {
+    let r = router(&[]);
+    for path in ["/v1/jobs/not-a-uuid", "/v1/jobs/not-a-uuid/events"] {
+        let (status, _, json) = call(&r, get(path)).await;
+        assert_eq!(
+            (status, json["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_job_id")),
+            "{path}"
+        );
+    }
+    let delete = Request::delete("/v1/jobs/nope").body(Body::empty()).unwrap();
+    let (status, _, json) = call(&r, delete).await;
+    assert_eq!(
+        (status, json["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_job_id"))
+    );
+    let (status, _, json) = call(&r, get("/v2/everything")).await;
+    assert_eq!(
+        (status, json["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let put = Request::put("/v1/jobs").body(Body::empty()).unwrap();
+    let (status, _, json) = call(&r, put).await;
+    assert_eq!(
+        (status, json["code"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+    );
+}
+
+#[tokio::test]
+async fn with_keys_on_a_missing_or_wrong_key_is_401_before_anything_else() {
+    let r = router(&["--api-keys", "s3cret"]);
+    let (status, _, json) = call(&r, post("/v1/jobs", r#"{"prompt": "hi"}"#)).await;
+    assert_eq!(
+        (status, json["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthorized"))
+    );
+    let wrong = Request::get("/v1/jobs/6f1c2b1e-0000-4000-8000-000000000000")
+        .header(header::AUTHORIZATION, "Bearer nope")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(call(&r, wrong).await.0, StatusCode::UNAUTHORIZED);
+    let (status, _, json) = call(&r, post("/v1/completions", r#"{"model": "m", "prompt": "hi"}"#)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        json["error"]["type"], "authentication_error",
+        "OpenAI's shape on its routes: {json}"
+    );
+}
+
+#[tokio::test]
+async fn openai_routes_refuse_in_openais_shape() {
+    let r = router(&["--served-model-name", "gpt-j"]);
+    let cases: &[(&str, &str, StatusCode, &str, Option<&str>)] = &[
+        (
+            "/v1/completions",
+            r#"{"model": "gpt-4", "prompt": "hi"}"#,
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            Some("model"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "gpt-j", "prompt": "hi", "temperature": -1}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            Some("temperature"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "gpt-j", "prompt": "hi", "logprobs": 3}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            Some("logprobs"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "gpt-j", "prompt": "hi", "n": 9}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            Some("n"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "gpt-j", "prompt": "hi", "wat": 1}"#,
+            StatusCode::BAD_REQUEST,
+            "unknown_field",
+            Some("wat"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model": "gpt-j", "messages": [], "max_tokens": 3}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            "{",
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            None,
+        ),
+    ];
+    for (path, body, status, code, param) in cases {
+        let (got, _, json) = call(&r, post(path, body)).await;
+        let e = &json["error"];
+        assert_eq!(
+            (got, e["code"].as_str()),
+            (*status, Some(*code)),
+            "{path} {body}: {json}"
+        );
+        if let Some(param) = param {
+            assert_eq!(e["param"].as_str(), Some(*param), "{json}");
+        }
+        assert_eq!(e["type"], "invalid_request_error", "{json}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let (status, _, json) = call(&r, get("/v1/models")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json["data"][0]["id"], "gpt-j");
+}
+
+#[tokio::test]
+async fn a_preflight_from_a_configured_origin_is_allowed_and_others_are_not() {
+    let preflight = |origin: &str| {
+        Request::options("/v1/jobs")
+            .header(header::ORIGIN, origin)
+            .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+            .header(
+                header::ACCESS_CONTROL_REQUEST_HEADERS,
+                "authorization,content-type",
+            )
+            .body(Body::empty())
+            .unwrap()
+    };
+    let r = router(&["--cors-allow-origins", "https://app.example"]);
+    let (status, headers, _) = call(&r, preflight("https://app.example")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+        "https://app.example"
+    );
+    assert!(
+        headers[header::ACCESS_CONTROL_ALLOW_HEADERS]
+            .to_str()
+            .unwrap()
+            .contains("authorization")
+    );
+    let (_, headers, _) = call(&r, preflight("https://evil.example")).await;
+    assert!(!headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN));
+    // Off by default: no CORS headers at all.
+    let (_, headers, _) = call(&router(&[]), preflight("https://app.example")).await;
+    assert!(!headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN));
+    // Any origin, on a plain request too.
+    let any = router(&["--cors-allow-origins", "*"]);
+    let request = Request::get("/healthz")
+        .header(header::ORIGIN, "https://x.example")
+        .body(Body::empty())
+        .unwrap();
+    let (_, headers, _) = call(&any, request).await;
+    assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+}
+
+#[tokio::test]
+async fn the_playground_and_the_api_reference_are_served_from_the_binary_alone() {
+    let r = router(&[]);
+    let response = r.clone().oneshot(get("/")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let csp = response.headers()[header::CONTENT_SECURITY_POLICY]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.starts_with("default-src 'self'"), "{csp}");
+    let page = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let page = String::from_utf8_lossy(&page);
+    assert!(
+        page.contains("GPT-J playground") && !page.contains("https://"),
+        "the page references another host"
+    );
+
+    for path in [
+        "/docs/",
+        "/docs/swagger-initializer.js",
+        "/docs/swagger-ui-bundle.js",
+    ] {
+        let (status, _, _) = call(&r, get(path)).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+    }
+    let (_, _, init) = call(&r, get("/docs/swagger-initializer.js")).await;
+    let init = init.as_str().unwrap().to_owned();
+    assert!(
+        init.contains("/openapi.json") && init.contains("\"validatorUrl\": \"none\""),
+        "{init}"
+    );
+    let (_, _, index) = call(&r, get("/docs/")).await;
+    assert!(
+        !index.as_str().unwrap().contains("//cdn"),
+        "the docs page loads a CDN"
+    );
+}
