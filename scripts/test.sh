@@ -22,3 +22,5 @@ trap 'rm -f "$TEST_LOG"' EXIT
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$TEST_LOG"
 # One closing line over every test binary (cargo's last line is a doc-test run that may hold no test).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' "$TEST_LOG"
+log "schemathesis over every operation of the OpenAPI document"
+scripts/schemathesis.sh

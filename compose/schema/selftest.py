@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-COPIED = ["compose", "img", "scripts/check-deploy.sh"]
+# The Rust sources are copied for the metric names the monitoring files must use (check_deploy.py reads them).
+COPIED = ["compose", "img", "scripts/check-deploy.sh", "scripts/lib.sh", "gateway/src", "worker/src"]
 
 # (what the case breaks, file, text in it, replacement, text the failure must contain)
 CASES = [
@@ -133,6 +134,97 @@ CASES = [
         'value: "40"',
         "value: 40",
         "is not of type 'string'",
+    ),
+    (
+        "an alert on a metric the Rust sources do not define",
+        "compose/monitoring/alerts.yml",
+        "expr: worker_num_requests_waiting > 0 and on (instance)",
+        "expr: worker_num_requests_queued > 0 and on (instance)",
+        "metric worker_num_requests_queued is not defined",
+    ),
+    (
+        "a dashboard panel on a metric the Rust sources do not define",
+        "compose/monitoring/grafana/dashboards/gptj.json",
+        '"expr": "worker_kv_cache_positions_allocated{',
+        '"expr": "worker_kv_cache_positions_reserved{',
+        "metric worker_kv_cache_positions_reserved is not defined",
+    ),
+    (
+        "an alert on a label the metric does not have",
+        "compose/monitoring/alerts.yml",
+        'gateway_jobs_total{outcome="publish_failed"}',
+        'gateway_jobs_total{result="publish_failed"}',
+        "gateway_jobs_total has no label 'result'",
+    ),
+    (
+        "a histogram series of a metric that is no histogram",
+        "compose/monitoring/alerts.yml",
+        "sum by (instance) (rate(worker_generation_tokens_total[5m])) > 0",
+        "sum by (instance) (rate(worker_generation_tokens_total_count[5m])) > 0",
+        "worker_generation_tokens_total is not a histogram",
+    ),
+    (
+        "an alert whose unit test no longer holds",
+        "compose/monitoring/alerts.yml",
+        "(rate(worker_time_to_first_token_seconds_bucket[5m]))) > 10",
+        "(rate(worker_time_to_first_token_seconds_bucket[5m]))) > 30",
+        "alertname: TimeToFirstTokenHigh",
+    ),
+    (
+        "an alert rule that does not parse",
+        "compose/monitoring/alerts.yml",
+        "expr: max(gateway_queue_consumers) == 0 and max(gateway_queue_depth) > 0",
+        "expr: max(gateway_queue_consumers) == 0 and max(gateway_queue_depth > 0",
+        "parse error",
+    ),
+    (
+        "a dashboard query that does not parse",
+        "compose/monitoring/grafana/dashboards/gptj.json",
+        "sum by (finish_reason) (rate(worker_jobs_finished_total",
+        "sum by (finish_reason) rate(worker_jobs_finished_total",
+        "promtool rejects a query",
+    ),
+    (
+        "the dashboard on a datasource Grafana does not provision",
+        "compose/monitoring/grafana/provisioning/datasources/prometheus.yml",
+        "    uid: gptj-prometheus\n",
+        "    uid: prometheus\n",
+        "is not the provisioned one",
+    ),
+    (
+        "a worker service Prometheus does not scrape",
+        "compose/monitoring/prometheus.yml",
+        "names: [worker, worker-gpu1, worker-cpu]",
+        "names: [worker, worker-gpu1]",
+        "does not scrape the service worker-cpu",
+    ),
+    (
+        "an image not pinned to a version",
+        "compose/docker-compose.yml",
+        "    image: grafana/grafana:11.6.0\n",
+        "    image: grafana/grafana:latest\n",
+        "must be pinned to a version",
+    ),
+    (
+        "Grafana published on every interface by default",
+        "compose/docker-compose.yml",
+        "${GRAFANA_PUBLISH:-127.0.0.1:3000}:3000",
+        "${GRAFANA_PUBLISH:-3000}:3000",
+        "port 3000 must be published on 127.0.0.1",
+    ),
+    (
+        "the monitoring services started without their profile",
+        "compose/docker-compose.yml",
+        "    image: prom/prometheus:v3.5.0\n    profiles: [monitoring]\n",
+        "    image: prom/prometheus:v3.5.0\n",
+        "expected rabbitmq, redis, gateway, worker",
+    ),
+    (
+        "the alert rules mounted writable",
+        "compose/docker-compose.yml",
+        "./monitoring/alerts.yml:/etc/prometheus/alerts.yml:ro",
+        "./monitoring/alerts.yml:/etc/prometheus/alerts.yml",
+        "/etc/prometheus/alerts.yml must be mounted read-only",
     ),
 ]
 

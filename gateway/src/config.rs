@@ -253,7 +253,8 @@ impl Cors {
         origins
             .iter()
             .map(|o| {
-                let ok = (o.starts_with("http://") || o.starts_with("https://")) && !o.ends_with('/');
+                let host = o.strip_prefix("http://").or_else(|| o.strip_prefix("https://"));
+                let ok = host.is_some_and(|h| !h.is_empty() && !h.contains('/'));
                 match axum::http::HeaderValue::from_str(o) {
                     Ok(v) if ok => Ok(v),
                     _ => Err(format!(

@@ -205,6 +205,26 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// Query parameters parsed with serde, refused as an [`ApiError`] (JSON, naming the problem) instead of
+/// axum's plain-text rejection.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e| ApiError::InvalidField {
+                field: "query".into(),
+                message: e.body_text(),
+            })
+    }
+}
+
 /// The configured body limit, put in request extensions so the extractor can name it in its message.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);

@@ -78,6 +78,7 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
         settings.read_limit,
         settings.read_on_error,
     );
+    let openapi = openapi::document(&settings.served_model_name);
     Ok(Arc::new(app::App {
         settings,
         store,
@@ -86,7 +87,7 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
         submit_limiter,
         read_limiter,
         metrics,
-        openapi: openapi::document(),
+        openapi,
         started_at_s: shared::reply::now_ms() / 1000,
     }))
 }

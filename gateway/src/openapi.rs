@@ -22,6 +22,18 @@ pub struct ErrorDoc {
     job_id: Option<String>,
 }
 
+/// One Server-Sent Event of a job's stream (`GET /v1/jobs/{id}/events`).
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation only; events are written by axum's Sse
+pub struct EventDoc {
+    /// The event's entry in the job's log; absent on `queued` events.
+    id: Option<String>,
+    /// `queued`, `started`, `token`, `succeeded`, `failed`, `cancelled`, `expired` or `gone`.
+    event: String,
+    /// JSON: the place in line, the start, the token chunk, or (final events) the job as a poll shows it.
+    data: String,
+}
+
 /// Schema reference used for the `parameters` field.
 pub fn generation_parameters() -> RefOr<Schema> {
     RefOr::Ref(Ref::from_schema_name("GenerationParameters"))
@@ -51,14 +63,14 @@ impl Modify for BearerAuth {
     components(schemas(
         routes::jobs::SubmitRequest, routes::jobs::JobAccepted, routes::jobs::JobView,
         routes::jobs::CancelResult, routes::jobs::QueuePosition,
-        routes::run::OriginalRun, routes::queue::QueueView, ErrorDoc
+        routes::run::OriginalRun, routes::queue::QueueView, ErrorDoc, EventDoc
     )),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
 
-/// The whole document as JSON.
-pub fn document() -> serde_json::Value {
+/// The whole document as JSON; the OpenAI requests' `model` is the one name this gateway serves.
+pub fn document(served_model_name: &str) -> serde_json::Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
     let mut generator = SchemaSettings::draft2020_12()
         .with(|s| s.definitions_path = "/components/schemas/".into())
@@ -76,6 +88,15 @@ pub fn document() -> serde_json::Value {
         for (name, schema) in defs {
             schemas.entry(name).or_insert(schema);
         }
+        for request in ["CompletionRequest", "ChatCompletionRequest"] {
+            if let Some(model) = schemas
+                .get_mut(request)
+                .and_then(|s| s.pointer_mut("/properties/model"))
+                .and_then(serde_json::Value::as_object_mut)
+            {
+                model.insert("enum".into(), serde_json::json!([served_model_name]));
+            }
+        }
     }
     doc
 }
@@ -84,7 +105,12 @@ pub fn document() -> serde_json::Value {
 mod tests {
     #[test]
     fn every_reference_in_the_document_resolves() {
-        let doc = super::document();
+        let doc = super::document("gpt-j");
+        assert_eq!(
+            doc.pointer("/components/schemas/CompletionRequest/properties/model/enum"),
+            Some(&serde_json::json!(["gpt-j"])),
+            "the served model is the one value `model` takes"
+        );
         let text = doc.to_string();
         assert!(
             doc.pointer("/components/schemas/GenerationParameters").is_some(),

@@ -5,7 +5,7 @@
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tower::ServiceExt;
 
 fn router(extra: &[&str]) -> axum::Router {

@@ -4,9 +4,12 @@
 //! big-model inference, the model is cut at part boundaries and hidden states move between devices there.
 //! A [`Placement`] is what the user asked for (one device, an explicit map, or memory budgets); it resolves
 //! against a config into a [`DeviceMap`], the answer for every part. The planner is a pure function, so it
-//! is tested on made-up budgets without the hardware.
+//! is tested on made-up budgets without the hardware. How much memory a device has free now
+//! ([`free_bytes`]) is asked here too, for the engine's KV-cache budget.
 
-use crate::model::{Dtype, GptJConfig, LoadError};
+use crate::config::{Dtype, GptJConfig};
+use crate::load_error::LoadError;
+use crate::weights::Part;
 use tch::Device;
 
 /// The device of every part of a GPT-J model.
@@ -29,13 +32,21 @@ impl DeviceMap {
         }
     }
 
+    /// The device of `part` (a block this map does not place is a caller's bug: maps are checked against
+    /// the config's `n_layer` before use).
+    pub fn device(&self, part: Part) -> Device {
+        match part {
+            Part::Embed => self.embed,
+            Part::Block(i) => self.layers[i],
+            Part::Norm => self.norm,
+            Part::Head => self.head,
+        }
+    }
+
     /// The distinct devices used, in the order the forward pass reaches them.
     pub fn devices(&self) -> Vec<Device> {
         let mut out: Vec<Device> = Vec::new();
-        let all = std::iter::once(self.embed)
-            .chain(self.layers.iter().copied())
-            .chain([self.norm, self.head]);
-        for d in all {
+        for d in Part::all(self.layers.len()).map(|p| self.device(p)) {
             if !out.contains(&d) {
                 out.push(d);
             }
@@ -53,10 +64,11 @@ impl DeviceMap {
             while end + 1 < self.layers.len() && self.layers[end + 1] == d {
                 end += 1;
             }
+            let first = Part::Block(start).short_path();
             let range = if end == start {
-                format!("h.{start}")
+                first
             } else {
-                format!("h.{start}-{end}")
+                format!("{first}-{end}")
             };
             parts.push(format!("{range}={}", device_name(d)));
             start = end + 1;
@@ -83,6 +95,32 @@ impl DeviceMap {
             }
         }
         Ok(())
+    }
+}
+
+/// Bytes of memory free on `device` now: the host's `MemAvailable`, or a GPU's free memory as `nvidia-smi`
+/// reports it (libtorch's C++ API has no query tch exposes). `None` when it cannot be told.
+pub fn free_bytes(device: Device) -> Option<u64> {
+    match device {
+        Device::Cpu => {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        }
+        Device::Cuda(i) => {
+            let out = std::process::Command::new("nvidia-smi")
+                .args([
+                    "--query-gpu=memory.free",
+                    "--format=csv,noheader,nounits",
+                    &format!("--id={i}"),
+                ])
+                .output()
+                .ok()?;
+            let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+            Some(mib * 1024 * 1024)
+        }
+        _ => None,
     }
 }
 
@@ -270,11 +308,16 @@ fn parse_part(item: &str) -> Result<PartSpec, LoadError> {
             "unknown part {item:?} in device map: expected a block index N, a range N-M, embed, norm or head"
         ))
     };
-    match item.to_ascii_lowercase().as_str() {
-        "embed" | "wte" | "transformer.wte" => return Ok(PartSpec::Embed),
-        "norm" | "ln_f" | "transformer.ln_f" => return Ok(PartSpec::Norm),
-        "head" | "lm_head" => return Ok(PartSpec::Head),
-        _ => {}
+    // A part by its word here or by its module's name in a checkpoint (`wte`, `transformer.wte`, ...).
+    let lower = item.to_ascii_lowercase();
+    for (word, part, spec) in [
+        ("embed", Part::Embed, PartSpec::Embed),
+        ("norm", Part::Norm, PartSpec::Norm),
+        ("head", Part::Head, PartSpec::Head),
+    ] {
+        if lower == word || lower == part.short_path() || lower == part.path() {
+            return Ok(spec);
+        }
     }
     let (a, b) = item.split_once('-').unwrap_or((item, item));
     let start: usize = a.trim().parse().map_err(|_| bad())?;
@@ -347,16 +390,14 @@ impl Default for PlanOptions {
     }
 }
 
-/// Bytes a part needs on its device: weights, plus each block's KV cache.
-pub fn part_bytes(cfg: &GptJConfig, dtype: Dtype, opts: &PlanOptions) -> (u64, u64, u64, u64) {
+/// Bytes a part needs on its device: its weights, plus a block's KV cache.
+pub fn part_bytes(cfg: &GptJConfig, dtype: Dtype, opts: &PlanOptions, part: Part) -> u64 {
     let b = dtype.size_in_bytes();
-    let kv = 2 * cfg.n_positions as u64 * cfg.n_embd as u64 * b * opts.kv_sequences;
-    (
-        cfg.embed_params() * b,
-        cfg.block_params() * b + kv,
-        cfg.norm_params() * b,
-        cfg.head_params() * b,
-    )
+    let kv = match part {
+        Part::Block(_) => 2 * cfg.n_positions as u64 * cfg.n_embd as u64 * b * opts.kv_sequences,
+        Part::Embed | Part::Norm | Part::Head => 0,
+    };
+    part.params(cfg) * b + kv
 }
 
 /// Working memory every device used keeps free: a full-length prefill's attention scores (float32) and MLP
@@ -388,11 +429,9 @@ pub fn plan(
         .collect();
     order.extend(budgets.iter().filter(|(d, _)| *d == Device::Cpu).copied());
 
-    let (embed, block, norm, head) = part_bytes(cfg, dtype, opts);
     let reserve = activation_bytes(cfg, dtype, opts);
-    let sizes: Vec<u64> = std::iter::once(embed)
-        .chain(std::iter::repeat_n(block, cfg.n_layer))
-        .chain([norm, head])
+    let sizes: Vec<u64> = Part::all(cfg.n_layer)
+        .map(|part| part_bytes(cfg, dtype, opts, part))
         .collect();
     let needed = sizes.iter().sum::<u64>() + reserve;
     let available = order.iter().map(|(_, b)| *b).sum::<u64>();
@@ -431,6 +470,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::weights::total_params;
 
     fn gptj_6b() -> GptJConfig {
         serde_json::from_value(serde_json::json!({
@@ -443,7 +483,7 @@ mod tests {
     #[test]
     fn two_11_gb_gpus_split_a_12_gb_fp16_model() {
         let cfg = gptj_6b();
-        let weights = cfg.total_params() * 2;
+        let weights = total_params(&cfg) * 2;
         assert!(weights > 12_000_000_000 && weights < 12_200_000_000, "{weights}");
         let budgets = Placement::parse_max_memory("cuda:0=11GB,cuda:1=11GB").expect("parses");
         let map = budgets.resolve(&cfg, Dtype::Float16).expect("fits in 22 GB");
@@ -490,7 +530,7 @@ mod tests {
     #[test]
     fn the_kv_cache_and_activations_are_budgeted() {
         let cfg = gptj_6b();
-        let weights = cfg.total_params() * 2;
+        let weights = total_params(&cfg) * 2;
         // Exactly the weights is not enough: the KV cache and activations need room too.
         let err = plan(
             &cfg,

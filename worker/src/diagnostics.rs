@@ -90,29 +90,3 @@ pub fn run_score(args: ScoreArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
-
-/// Bytes of memory free on `device` now: the host's `MemAvailable`, or a GPU's free memory as `nvidia-smi`
-/// reports it (libtorch's C++ API has no query tch exposes). `None` when it cannot be told.
-pub fn free_bytes(device: tch::Device) -> Option<u64> {
-    match device {
-        tch::Device::Cpu => {
-            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-            let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        }
-        tch::Device::Cuda(i) => {
-            let out = std::process::Command::new("nvidia-smi")
-                .args([
-                    "--query-gpu=memory.free",
-                    "--format=csv,noheader,nounits",
-                    &format!("--id={i}"),
-                ])
-                .output()
-                .ok()?;
-            let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
-            Some(mib * 1024 * 1024)
-        }
-        _ => None,
-    }
-}

@@ -7,7 +7,8 @@
 use crate::decoding::{self, StopChecker};
 use crate::device_map::Placement;
 use crate::lm::CausalLm;
-use crate::model::{GptJ, LoadError, LoadOptions};
+use crate::load_error::LoadError;
+use crate::model::{GptJ, LoadOptions};
 use shared::chat::{ChatMessage, ChatTemplate};
 use shared::{FinishReason, GenerationPlan};
 use std::path::PathBuf;
@@ -292,7 +293,7 @@ impl Engine {
         let cap = max_batch_size.max(1).saturating_mul(cfg.n_positions);
         let fits = layers_on
             .iter()
-            .map(|(d, n)| match crate::diagnostics::free_bytes(*d) {
+            .map(|(d, n)| match crate::device_map::free_bytes(*d) {
                 Some(free) => {
                     let usable = match d {
                         tch::Device::Cpu => free / 2,

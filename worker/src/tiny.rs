@@ -2,13 +2,17 @@
 //!
 //! Real weights cannot be downloaded here, and tests need a model that loads in milliseconds. The files are
 //! exactly what transformers' `save_pretrained` publishes (config.json, sharded safetensors with an index,
-//! tokenizer.json), so transformers can load them too; the same seed always gives the same bytes.
+//! tokenizer.json), so transformers can load them too; the same seed always gives the same bytes. The
+//! shards are written by the `safetensors` crate, the format's reference implementation.
 
-use crate::model::{Dtype, GptJConfig, LoadError};
+use crate::config::{Dtype, GptJConfig};
+use crate::load_error::LoadError;
+use crate::weights::{BlockWeight, Weight};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::BTreeMap;
-use std::io::Write;
+use safetensors::SafeTensorError;
+use safetensors::tensor::TensorView;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
@@ -99,49 +103,24 @@ struct Init {
     std: f32,
 }
 
-/// The tensors of a GPT-J checkpoint in transformers' order, with their shapes and initialisation.
-fn tensors(cfg: &TinyConfig) -> Vec<(String, Vec<usize>, Init)> {
-    let (e, i, v) = (cfg.n_embd, cfg.n_inner, cfg.vocab_size);
-    let w = || Init {
-        centre: 0.0,
-        std: 0.02,
-    };
-    let ln = || Init {
-        centre: 1.0,
-        std: 0.02,
-    };
-    let mut out = vec![("transformer.wte.weight".to_string(), vec![v, e], w())];
-    for l in 0..cfg.n_layer {
-        let p = format!("transformer.h.{l}");
-        out.extend([
-            (format!("{p}.ln_1.weight"), vec![e], ln()),
-            (format!("{p}.ln_1.bias"), vec![e], w()),
-            (format!("{p}.attn.k_proj.weight"), vec![e, e], w()),
-            (format!("{p}.attn.v_proj.weight"), vec![e, e], w()),
-            (format!("{p}.attn.q_proj.weight"), vec![e, e], w()),
-            (format!("{p}.attn.out_proj.weight"), vec![e, e], w()),
-            (format!("{p}.mlp.fc_in.weight"), vec![i, e], w()),
-            (format!("{p}.mlp.fc_in.bias"), vec![i], w()),
-            (format!("{p}.mlp.fc_out.weight"), vec![e, i], w()),
-            (format!("{p}.mlp.fc_out.bias"), vec![e], w()),
-        ]);
-    }
-    out.extend([
-        ("transformer.ln_f.weight".to_string(), vec![e], ln()),
-        ("transformer.ln_f.bias".to_string(), vec![e], w()),
+/// How transformers would initialise `weight` (LayerNorm scales around 1, everything else around 0).
+fn init(weight: Weight, cfg: &GptJConfig) -> Init {
+    match weight {
+        Weight::Block(_, BlockWeight::Ln1Weight) | Weight::NormWeight => Init {
+            centre: 1.0,
+            std: 0.02,
+        },
         // A wider head than transformers' 0.02 makes the next-token distribution peaked, so greedy and beam
         // search have clear winners instead of near-ties decided by rounding.
-        (
-            "lm_head.weight".to_string(),
-            vec![v, e],
-            Init {
-                centre: 0.0,
-                std: 1.0 / (e as f32).sqrt(),
-            },
-        ),
-        ("lm_head.bias".to_string(), vec![v], w()),
-    ]);
-    out
+        Weight::HeadWeight => Init {
+            centre: 0.0,
+            std: 1.0 / (cfg.n_embd as f32).sqrt(),
+        },
+        _ => Init {
+            centre: 0.0,
+            std: 0.02,
+        },
+    }
 }
 
 /// Deterministic values for tensor number `index`: its own ChaCha stream, so every tensor's values depend
@@ -169,11 +148,18 @@ fn to_bytes(values: &[f32], dtype: Dtype) -> Result<Vec<u8>, LoadError> {
     Ok(out)
 }
 
-fn st_dtype(dtype: Dtype) -> &'static str {
+fn st_dtype(dtype: Dtype) -> safetensors::Dtype {
     match dtype {
-        Dtype::Float32 => "F32",
-        Dtype::Float16 => "F16",
-        Dtype::BFloat16 => "BF16",
+        Dtype::Float32 => safetensors::Dtype::F32,
+        Dtype::Float16 => safetensors::Dtype::F16,
+        Dtype::BFloat16 => safetensors::Dtype::BF16,
+    }
+}
+
+fn write_error(path: &Path, e: SafeTensorError) -> LoadError {
+    match e {
+        SafeTensorError::IoError(e) => LoadError::io(path, e),
+        other => LoadError::bad_file(path, other.to_string()),
     }
 }
 
@@ -192,18 +178,20 @@ pub fn write_tiny_model(dir: &Path, cfg: &TinyConfig, seed: u64) -> Result<(), L
         });
     }
     std::fs::create_dir_all(dir).map_err(|e| LoadError::io(dir, e))?;
-    let specs = tensors(cfg);
+    // In transformers' order: a tensor's index there seeds its values.
+    let weights: Vec<Weight> = Weight::all(gcfg.n_layer).collect();
+    let shapes: Vec<Vec<usize>> = weights.iter().map(|w| w.shape(&gcfg)).collect();
     let elt = cfg.dtype.size_in_bytes();
-    let total: u64 = specs
+    let total: u64 = shapes
         .iter()
-        .map(|(_, s, _)| s.iter().product::<usize>() as u64 * elt)
+        .map(|s| s.iter().product::<usize>() as u64 * elt)
         .sum();
 
     // Cut into shards of about equal size, in order, as save_pretrained(max_shard_size=…) does.
     let per_shard = total.div_ceil(cfg.shards as u64);
     let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
     let mut in_group = 0u64;
-    for (idx, (_, shape, _)) in specs.iter().enumerate() {
+    for (idx, shape) in shapes.iter().enumerate() {
         let bytes = shape.iter().product::<usize>() as u64 * elt;
         if in_group > 0 && in_group + bytes > per_shard && groups.len() < cfg.shards {
             groups.push(Vec::new());
@@ -224,38 +212,33 @@ pub fn write_tiny_model(dir: &Path, cfg: &TinyConfig, seed: u64) -> Result<(), L
 
     let n = groups.len();
     let mut weight_map = BTreeMap::new();
+    // What transformers' `save_pretrained` puts in every shard's metadata.
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     for (s, group) in groups.iter().enumerate() {
         let file = format!("model-{:05}-of-{n:05}.safetensors", s + 1);
-        let mut header = serde_json::Map::new();
-        header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
-        let mut offset = 0u64;
-        for &idx in group {
-            let (name, shape, _) = &specs[idx];
-            let bytes = shape.iter().product::<usize>() as u64 * elt;
-            header.insert(
-                name.clone(),
-                serde_json::json!({ "dtype": st_dtype(cfg.dtype), "shape": shape, "data_offsets": [offset, offset + bytes] }),
-            );
-            weight_map.insert(name.clone(), file.clone());
-            offset += bytes;
-        }
-        let mut header =
-            serde_json::to_vec(&header).map_err(|e| LoadError::bad_file(&dir.join(&file), e.to_string()))?;
-        while header.len() % 8 != 0 {
-            header.push(b' ');
-        }
         let path = dir.join(&file);
-        let f = std::fs::File::create(&path).map_err(|e| LoadError::io(&path, e))?;
-        let mut w = std::io::BufWriter::new(f);
-        let io = |e| LoadError::io(&path, e);
-        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
-        w.write_all(&header).map_err(io)?;
+        // One shard in memory at a time, as save_pretrained holds it.
+        let mut data: Vec<(String, Vec<u8>, &[usize])> = Vec::with_capacity(group.len());
         for &idx in group {
-            let (_, shape, init) = &specs[idx];
-            let vals = values(seed, idx, shape.iter().product(), init);
-            w.write_all(&to_bytes(&vals, cfg.dtype)?).map_err(io)?;
+            let (weight, shape) = (weights[idx], &shapes[idx]);
+            let vals = values(seed, idx, shape.iter().product(), &init(weight, &gcfg));
+            data.push((weight.name(), to_bytes(&vals, cfg.dtype)?, shape));
         }
-        w.flush().map_err(io)?;
+        let views = data
+            .iter()
+            .map(|(name, bytes, shape)| {
+                Ok((
+                    name.as_str(),
+                    TensorView::new(st_dtype(cfg.dtype), shape.to_vec(), bytes)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, SafeTensorError>>()
+            .map_err(|e| write_error(&path, e))?;
+        safetensors::serialize_to_file(views, Some(metadata.clone()), &path)
+            .map_err(|e| write_error(&path, e))?;
+        for (name, _, _) in data {
+            weight_map.insert(name, file.clone());
+        }
     }
     let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
     write_json(&dir.join("model.safetensors.index.json"), &index)?;

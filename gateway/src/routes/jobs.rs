@@ -25,6 +25,7 @@ fn default_version() -> u32 {
 pub struct SubmitRequest {
     /// Body version; 1 when absent.
     #[serde(default = "default_version")]
+    #[schema(minimum = 1, maximum = 1)]
     pub version: u32,
     /// The prompt. Characters outside the allowed set are removed (or refused, per the gateway's
     /// policy) and whitespace is collapsed before the length limits apply. Give `prompt` or `messages`.
@@ -74,6 +75,7 @@ pub struct JobAccepted {
         (status = 202, description = "The broker has the job", body = JobAccepted,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
         (status = 400, description = "Invalid JSON", body = crate::openapi::ErrorDoc),
+        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
         (status = 413, description = "Body over the limit", body = crate::openapi::ErrorDoc),
         (status = 422, description = "Unknown field, parameter out of range, prompt empty or too long", body = crate::openapi::ErrorDoc),
         (status = 429, description = "Rate limited (Retry-After)", body = crate::openapi::ErrorDoc),
@@ -171,11 +173,14 @@ pub struct QueuePosition {
 
 #[utoipa::path(
     get, path = "/v1/jobs/{id}", tag = "jobs",
-    params(("id" = String, Path, description = "Job id (UUID)")),
+    params(("id" = String, Path, format = Uuid, description = "Job id (UUID)")),
     responses(
         (status = 200, description = "The job", body = JobView),
         (status = 400, description = "Malformed id", body = crate::openapi::ErrorDoc),
+        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
         (status = 404, description = "Unknown id, or another key's job", body = crate::openapi::ErrorDoc),
+        (status = 429, description = "Rate limited (Retry-After)", body = crate::openapi::ErrorDoc),
+        (status = 503, description = "Redis unavailable (Retry-After)", body = crate::openapi::ErrorDoc),
     ),
     security((), ("api_key" = []))
 )]
@@ -229,7 +234,9 @@ pub struct CancelResult {
     responses(
         (status = 200, description = "Cancelled, or already ended (`cancelled` says which)", body = CancelResult),
         (status = 400, description = "Malformed id", body = crate::openapi::ErrorDoc),
+        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
         (status = 404, description = "Unknown id, or another key's job", body = crate::openapi::ErrorDoc),
+        (status = 429, description = "Rate limited (Retry-After)", body = crate::openapi::ErrorDoc),
         (status = 503, description = "Broker or Redis unavailable; nothing changed (Retry-After)", body = crate::openapi::ErrorDoc),
     ),
     security((), ("api_key" = []))

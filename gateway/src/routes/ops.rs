@@ -53,7 +53,9 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text format", body = String)))]
+    responses(
+        (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
+        (status = 429, description = "Rate limited (Retry-After)", body = crate::openapi::ErrorDoc)))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
     // The queue gauges are otherwise set only when someone reads /v1/queue; a scrape refreshes them.
     let (stats, figures) = tokio::join!(app.broker.queue_stats(), app.store.figures());

@@ -30,6 +30,8 @@ pub struct QueueView {
     get, path = "/v1/queue", tag = "jobs",
     responses(
         (status = 200, description = "Queue figures", body = QueueView),
+        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
+        (status = 429, description = "Rate limited (Retry-After)", body = crate::openapi::ErrorDoc),
         (status = 503, description = "Broker or Redis unavailable", body = crate::openapi::ErrorDoc),
     ),
     security((), ("api_key" = []))

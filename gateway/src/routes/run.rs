@@ -30,6 +30,7 @@ use crate::waiters::Interest;
 #[serde(deny_unknown_fields)]
 pub struct OriginalRun {
     /// The prompt.
+    #[schema(min_length = 1)]
     pub data: String,
     /// New tokens to generate (default 50).
     #[serde(default)]
@@ -90,8 +91,13 @@ pub fn job_from_body(body: serde_json::Value) -> Result<JobRequest, ApiError> {
     post, path = "/run", tag = "compatibility",
     request_body(content = OriginalRun, description = "The original body, or a job body as for POST /v1/jobs"),
     responses(
-        (status = 200, description = "Prompt followed by the generated text", body = String),
+        (status = 200, description = "Prompt followed by the generated text, as a JSON string", body = String, content_type = "application/json"),
+        (status = 400, description = "Invalid JSON", body = crate::openapi::ErrorDoc),
+        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
+        (status = 409, description = "The job was cancelled", body = crate::openapi::ErrorDoc),
+        (status = 413, description = "Body over the limit", body = crate::openapi::ErrorDoc),
         (status = 422, description = "Invalid body, or the job failed on a bad input", body = crate::openapi::ErrorDoc),
+        (status = 500, description = "The job failed in the engine", body = crate::openapi::ErrorDoc),
         (status = 429, description = "Rate limited, or too many open /run requests", body = crate::openapi::ErrorDoc),
         (status = 503, description = "Broker or Redis unavailable", body = crate::openapi::ErrorDoc),
         (status = 504, description = "Not finished in time; the body's job_id can be polled", body = crate::openapi::ErrorDoc),

@@ -6,8 +6,9 @@
 //! Python's pickle protocol a state dict uses: dicts, tuples, strings, ints, `torch._utils._rebuild_tensor_v2`
 //! and persistent ids naming storages. Anything else in the pickle becomes an opaque value and is ignored.
 
-use super::{TensorSpec, canonical_name, check_shape, fill, place, read_placed};
-use crate::model::LoadError;
+use super::read::{TensorSpec, check_shape, fill, place, read_placed};
+use crate::load_error::LoadError;
+use crate::weights::canonical_name;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
@@ -292,6 +293,17 @@ impl<'a> Unpickler<'a> {
     }
 }
 
+/// The object a pickle holds.
+fn unpickle(data: &[u8]) -> PResult<Value> {
+    Unpickler {
+        data,
+        pos: 0,
+        stack: Vec::new(),
+        memo: HashMap::new(),
+    }
+    .run()
+}
+
 fn pairs(items: Vec<Value>) -> PResult<Vec<(Value, Value)>> {
     if !items.len().is_multiple_of(2) {
         return Err("odd number of dict items".into());
@@ -409,14 +421,7 @@ pub(super) fn load_file(
         .by_name(&pkl_name)
         .and_then(|mut f| f.read_to_end(&mut pkl).map_err(Into::into))
         .map_err(|e| LoadError::bad_file(path, format!("reading data.pkl: {e}")))?;
-    let root = Unpickler {
-        data: &pkl,
-        pos: 0,
-        stack: Vec::new(),
-        memo: HashMap::new(),
-    }
-    .run()
-    .map_err(|e| LoadError::bad_file(path, format!("data.pkl: {e}")))?;
+    let root = unpickle(&pkl).map_err(|e| LoadError::bad_file(path, format!("data.pkl: {e}")))?;
     let entries = state_dict(root).map_err(|e| LoadError::bad_file(path, format!("data.pkl: {e}")))?;
 
     let entries: Vec<(String, TensorRef)> = entries
@@ -501,4 +506,212 @@ fn is_contiguous(size: &[i64], stride: &[i64]) -> bool {
         expected *= n;
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pickle assembled opcode by opcode, as `torch.save` writes `data.pkl` (protocol 2; opcode names as
+    /// in CPython's `pickletools`).
+    #[derive(Default)]
+    struct Pickle(Vec<u8>);
+
+    impl Pickle {
+        fn op(mut self, op: u8) -> Self {
+            self.0.push(op);
+            self
+        }
+
+        /// BINUNICODE: a u32 length, then UTF-8.
+        fn str(mut self, s: &str) -> Self {
+            self.0.push(b'X');
+            self.0.extend((s.len() as u32).to_le_bytes());
+            self.0.extend(s.as_bytes());
+            self
+        }
+
+        /// GLOBAL: module and name, each ending in a newline.
+        fn global(mut self, module: &str, name: &str) -> Self {
+            self.0.push(b'c');
+            self.0.extend(format!("{module}\n{name}\n").as_bytes());
+            self
+        }
+
+        /// BININT1 below 256, BININT (a signed 32-bit integer) above.
+        fn int(mut self, v: i32) -> Self {
+            match u8::try_from(v) {
+                Ok(small) => self.0.extend([b'K', small]),
+                Err(_) => {
+                    self.0.push(b'J');
+                    self.0.extend(v.to_le_bytes());
+                }
+            }
+            self
+        }
+
+        fn ints(self, values: &[i32]) -> Self {
+            values.iter().fold(self.op(b'('), |p, v| p.int(*v)).op(b't')
+        }
+
+        /// `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, OrderedDict())`
+        /// with PyTorch's persistent id `('storage', torch.<storage>, key, 'cpu', numel)` for the storage.
+        fn tensor(self, storage: &str, key: &str, offset: i32, size: &[i32], stride: &[i32]) -> Self {
+            let numel = size.iter().product::<i32>() + offset;
+            self.global("torch._utils", "_rebuild_tensor_v2")
+                .op(b'(')
+                .op(b'(')
+                .str("storage")
+                .global("torch", storage)
+                .str(key)
+                .str("cpu")
+                .int(numel)
+                .op(b't')
+                .op(b'Q') // BINPERSID
+                .int(offset)
+                .ints(size)
+                .ints(stride)
+                .op(0x89) // NEWFALSE: requires_grad
+                .global("collections", "OrderedDict")
+                .op(b')') // EMPTY_TUPLE
+                .op(b'R') // REDUCE: the backward hooks, an empty OrderedDict
+                .op(b't')
+                .op(b'R')
+        }
+
+        /// PROTO 2, EMPTY_DICT, MARK: what every state dict starts with.
+        fn state_dict() -> Self {
+            Pickle::default().op(0x80).op(2).op(b'}').op(b'(')
+        }
+
+        /// SETITEMS, STOP.
+        fn end(self) -> Vec<u8> {
+            self.op(b'u').op(b'.').0
+        }
+    }
+
+    fn entries(pickle: &[u8]) -> PResult<Vec<(String, TensorRef)>> {
+        state_dict(unpickle(pickle)?)
+    }
+
+    fn entry(
+        name: &str,
+        key: &str,
+        kind: Kind,
+        offset: i64,
+        size: &[i64],
+        stride: &[i64],
+    ) -> (String, TensorRef) {
+        let tensor = TensorRef {
+            storage_key: key.into(),
+            kind,
+            offset,
+            size: size.to_vec(),
+            stride: stride.to_vec(),
+        };
+        (name.to_string(), tensor)
+    }
+
+    #[test]
+    fn a_state_dict_entry_names_its_storage_dtype_shape_strides_and_offset() {
+        let pickle = Pickle::state_dict()
+            .str("transformer.wte.weight")
+            .tensor("FloatStorage", "0", 0, &[2, 3], &[3, 1])
+            .end();
+        assert_eq!(
+            entries(&pickle),
+            Ok(vec![entry(
+                "transformer.wte.weight",
+                "0",
+                Kind::Float,
+                0,
+                &[2, 3],
+                &[3, 1]
+            )])
+        );
+    }
+
+    #[test]
+    fn views_into_one_storage_keep_their_own_offsets_and_strides() {
+        // A transposed view 70 000 elements in (BININT, not BININT1), next to a plain vector.
+        let pickle = Pickle::state_dict()
+            .str("lm_head.bias")
+            .tensor("HalfStorage", "7", 0, &[4], &[1])
+            .str("lm_head.weight")
+            .tensor("HalfStorage", "7", 70_000, &[2, 3], &[1, 2])
+            .end();
+        assert_eq!(
+            entries(&pickle),
+            Ok(vec![
+                entry("lm_head.bias", "7", Kind::Half, 0, &[4], &[1]),
+                entry("lm_head.weight", "7", Kind::Half, 70_000, &[2, 3], &[1, 2]),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_parameter_inside_a_state_dict_wrapper_is_found() {
+        // `torch.save({"state_dict": model.state_dict()})`, the tensor wrapped as an `nn.Parameter`.
+        let pickle = Pickle::default()
+            .op(0x80)
+            .op(2)
+            .op(b'}')
+            .str("state_dict")
+            .op(b'}')
+            .op(b'(')
+            .str("h.0.ln_1.bias")
+            .global("torch._utils", "_rebuild_parameter")
+            .op(b'(')
+            .tensor("BFloat16Storage", "3", 0, &[8], &[1])
+            .op(0x88) // NEWTRUE: requires_grad
+            .global("collections", "OrderedDict")
+            .op(b')')
+            .op(b'R')
+            .op(b't')
+            .op(b'R')
+            .op(b'u')
+            .op(b's') // SETITEM: "state_dict" → the inner dict
+            .op(b'.')
+            .0;
+        assert_eq!(
+            entries(&pickle),
+            Ok(vec![entry("h.0.ln_1.bias", "3", Kind::BFloat16, 0, &[8], &[1])])
+        );
+    }
+
+    #[test]
+    fn truncated_input_is_an_error_at_every_cut() {
+        let pickle = Pickle::state_dict()
+            .str("transformer.ln_f.weight")
+            .tensor("FloatStorage", "0", 0, &[4], &[1])
+            .end();
+        for cut in 0..pickle.len() {
+            assert!(
+                unpickle(&pickle[..cut]).is_err(),
+                "cut at {cut} of {}",
+                pickle.len()
+            );
+        }
+        // Cut inside the name's length-prefixed bytes.
+        let err = unpickle(&pickle[..8]).expect_err("truncated");
+        assert!(err.contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn an_unsupported_opcode_is_named() {
+        // PERSID (protocol 0's text persistent id), which `torch.save` never writes.
+        let pickle = Pickle::state_dict().op(b'P').end();
+        let err = unpickle(&pickle).expect_err("unsupported");
+        assert!(err.contains("unsupported pickle opcode 0x50"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_storage_type_is_named() {
+        let pickle = Pickle::state_dict()
+            .str("x")
+            .tensor("ComplexFloatStorage", "0", 0, &[1], &[1])
+            .end();
+        let err = unpickle(&pickle).expect_err("unsupported");
+        assert!(err.contains("ComplexFloatStorage"), "{err}");
+    }
 }

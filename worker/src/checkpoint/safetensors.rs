@@ -1,10 +1,12 @@
 //! safetensors files: an 8-byte header length, a JSON header (name → dtype, shape, byte range), the data.
 //!
 //! Parsed here rather than with the `safetensors` crate because the crate wants the whole file as one byte
-//! slice (a memory map), and we read each tensor with positioned reads instead (see the module above).
+//! slice (a memory map), and we read each tensor with positioned reads instead (see `read`). Its header check
+//! is also stricter than this reader: it refuses a file whose tensors leave unreferenced bytes between them.
 
-use super::{TensorSpec, canonical_name, check_shape, read_placed};
-use crate::model::LoadError;
+use super::read::{TensorSpec, check_shape, read_placed};
+use crate::load_error::LoadError;
+use crate::weights::canonical_name;
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;

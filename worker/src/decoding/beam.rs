@@ -13,8 +13,10 @@
 //!
 //! Score arithmetic is float32 with transformers' `-1e9` sentinels, so rankings and ties match.
 
+use super::error::Result;
+use super::finish::Decoded;
 use super::sequence::{Choice, Common, Context};
-use super::{Decoded, Result, to_vec_f32, to_vec_i64};
+use super::tensors::{to_vec_f32, to_vec_i64};
 use shared::FinishReason;
 use tch::{Kind, Tensor};
 

@@ -11,8 +11,10 @@
 //! own key only (not each other's): the step writes `top_k` keys past the sequence's end and keeps the
 //! chosen one, so a step costs the candidates' tokens and nothing proportional to the context.
 
+use super::error::{DecodeError, Result};
+use super::finish::Decoded;
 use super::sequence::{Choice, Common, Context};
-use super::{DecodeError, Decoded, Result, to_vec_i64};
+use super::tensors::to_vec_i64;
 use tch::{Kind, Tensor};
 
 pub(crate) struct Contrastive {

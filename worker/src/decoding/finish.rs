@@ -1,8 +1,19 @@
-//! When a generated sequence is done: EOS, a stop sequence (once `min_new_tokens` are out), or length.
-//! Every strategy asks the same question of each continuation it keeps.
+//! When a generated sequence is done: EOS, a stop sequence (once `min_new_tokens` are out), or length, and
+//! what it leaves behind ([`Decoded`]). Every strategy asks the same question of each continuation it keeps.
 
 use super::stop::{StopChecker, TextDecoder};
 use shared::FinishReason;
+
+/// What one sequence produced: its tokens and why it ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// Generated token ids only, as transformers returns them after the prompt: the EOS token that ended a
+    /// sequence is included, and so is the token that completed a stop sequence.
+    pub tokens: Vec<i64>,
+    pub finish_reason: FinishReason,
+    /// The stop sequence that ended the text, when `finish_reason` is `Stop`.
+    pub stop: Option<String>,
+}
 
 pub(crate) struct Finish<'a> {
     pub eos: Option<i64>,

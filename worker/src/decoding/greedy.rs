@@ -4,9 +4,10 @@
 //! ([`super::sample`]) with the sequence's own generator, so a seeded sequence draws the same tokens
 //! whatever else shares the batch.
 
+use super::error::Result;
 use super::sample::Sampler;
 use super::sequence::{Choice, Common, Context};
-use super::{Result, to_vec_i64};
+use super::tensors::to_vec_i64;
 use rand_chacha::ChaCha8Rng;
 use tch::Tensor;
 

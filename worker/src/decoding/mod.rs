@@ -11,46 +11,25 @@
 
 pub mod beam;
 pub mod contrastive;
+mod error;
 mod finish;
 pub mod greedy;
+mod machine;
 pub mod processors;
 pub mod sample;
 pub mod scheduler;
 mod sequence;
 pub mod stop;
+mod tensors;
 
 use crate::lm::CausalLm;
-use shared::{FinishReason, GenerationPlan};
+use shared::GenerationPlan;
 use std::collections::HashMap;
-use tch::{Device, Kind, Tensor};
 
-pub use scheduler::{Event, Finished, Limits, Request, Scheduler, Stats};
+pub use error::{DecodeError, Result, panic_message};
+pub use finish::Decoded;
+pub use scheduler::{Event, FinishedSequence, Limits, Request, Scheduler, Stats};
 pub use stop::{StopChecker, TextDecoder};
-
-/// Why decoding failed: the model or a tensor operation reported an error.
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    #[error("tensor operation failed: {0}")]
-    Tensor(#[from] tch::TchError),
-    #[error("{0}")]
-    Invalid(String),
-    /// The sequence can never fit the batch's KV budget.
-    #[error("{0}")]
-    TooLarge(String),
-}
-
-pub type Result<T> = std::result::Result<T, DecodeError>;
-
-/// What one prompt produced.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Decoded {
-    /// Generated token ids only, as transformers returns them after the prompt: the EOS token that ended a
-    /// sequence is included, and so is the token that completed a stop sequence.
-    pub tokens: Vec<i64>,
-    pub finish_reason: FinishReason,
-    /// The stop sequence that ended the text, when `finish_reason` is `Stop`.
-    pub stop: Option<String>,
-}
 
 /// A batch's outcome and where its time went.
 #[derive(Debug, Clone)]
@@ -122,39 +101,6 @@ pub fn generate(
         decode_ms: total.saturating_sub(first_token).as_millis() as u64,
         step_ms,
     })
-}
-
-/// A caught panic's message (libtorch raises through `tch` as panics).
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| panic.downcast_ref::<&str>().copied())
-        .unwrap_or("unknown panic")
-}
-
-/// Copies a (small) tensor to the CPU as a flat vector.
-pub(crate) fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
-    let flat = t
-        .f_to_device(Device::Cpu)?
-        .f_to_kind(Kind::Float)?
-        .f_reshape([-1])?;
-    Ok(Vec::<f32>::try_from(&flat)?)
-}
-
-pub(crate) fn to_vec_i64(t: &Tensor) -> Result<Vec<i64>> {
-    let flat = t
-        .f_to_device(Device::Cpu)?
-        .f_to_kind(Kind::Int64)?
-        .f_reshape([-1])?;
-    Ok(Vec::<i64>::try_from(&flat)?)
-}
-
-/// An int64 tensor `[rows, cols]` from row-major values.
-pub(crate) fn i64_tensor(values: &[i64], rows: usize, cols: usize, device: Device) -> Result<Tensor> {
-    Ok(Tensor::f_from_slice(values)?
-        .f_reshape([rows as i64, cols as i64])?
-        .f_to_device(device)?)
 }
 
 #[cfg(test)]

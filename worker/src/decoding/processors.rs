@@ -5,7 +5,8 @@
 //! They run as libtorch operations on the scores tensor where it lives, the same kernels transformers calls,
 //! so ties break the same way and nothing is copied to the host.
 
-use super::Result;
+use super::error::Result;
+use super::tensors::i64_tensor;
 use tch::{Kind, Tensor};
 
 /// The processors every strategy applies.
@@ -66,7 +67,7 @@ pub fn repetition_penalty(scores: &Tensor, histories: &[&[i64]], penalty: f64) -
         idx.extend_from_slice(h);
         idx.extend(std::iter::repeat_n(fill, width - h.len()));
     }
-    let idx = super::i64_tensor(&idx, histories.len(), width, scores.device())?;
+    let idx = i64_tensor(&idx, histories.len(), width, scores.device())?;
     let score = scores.f_gather(1, &idx, false)?;
     let penalised = score
         .f_mul_scalar(penalty)?
@@ -166,7 +167,7 @@ mod tests {
     }
 
     fn vec(t: &Tensor) -> Vec<f32> {
-        super::super::to_vec_f32(t).unwrap()
+        crate::decoding::tensors::to_vec_f32(t).unwrap()
     }
 
     #[test]

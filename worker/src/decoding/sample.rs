@@ -5,7 +5,9 @@
 //! text on any machine and whatever else shares the batch. (transformers' `torch.multinomial` stream cannot
 //! be reproduced outside PyTorch, so seeded texts differ from theirs; the distribution is the same.)
 
-use super::{Result, processors, to_vec_f32};
+use super::error::Result;
+use super::processors;
+use super::tensors::to_vec_f32;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};

@@ -23,9 +23,12 @@ use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
-use super::sequence::{Choice, Common, Context, Machine};
+use super::error::{DecodeError, Result, panic_message};
+use super::finish::Decoded;
+use super::machine::Machine;
+use super::sequence::{Choice, Common, Context};
 use super::stop::TextDecoder;
-use super::{DecodeError, Decoded, Result, i64_tensor, to_vec_i64};
+use super::tensors::{i64_tensor, to_vec_i64};
 use crate::lm::{CausalLm, KvCache, Logits, SlotCache, SlotStep};
 use shared::GenerationPlan;
 use tch::{Device, Kind, Tensor};
@@ -71,9 +74,9 @@ pub struct Request {
     pub plan: GenerationPlan,
 }
 
-/// A finished sequence and where its time went.
+/// A sequence that left the batch done: its decoded tokens and where its time went.
 #[derive(Debug, Clone)]
-pub struct Finished {
+pub struct FinishedSequence {
     pub decoded: Decoded,
     pub prompt_tokens: usize,
     /// Submission to joining the batch.
@@ -97,7 +100,7 @@ pub enum Event {
     /// The sequence left the batch: done, or failed alone.
     Finished {
         id: u64,
-        result: std::result::Result<Finished, DecodeError>,
+        result: std::result::Result<FinishedSequence, DecodeError>,
     },
 }
 
@@ -632,7 +635,7 @@ impl<'a> Scheduler<'a> {
             let seq = self.running.remove(i);
             let result = result.map(|decoded| {
                 let first = seq.first_token.unwrap_or(now);
-                Finished {
+                FinishedSequence {
                     prompt_tokens: seq.common.prompt_len,
                     queued: seq.joined - seq.arrived,
                     time_to_first_token: first - seq.arrived,
@@ -719,7 +722,7 @@ fn choose(
 /// Runs `f`, turning a panic (libtorch raises through `tch` as panics) into this sequence's error.
 fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let what = super::panic_message(&*panic);
+        let what = panic_message(&*panic);
         Err(DecodeError::Invalid(format!("the engine panicked: {what}")))
     })
 }

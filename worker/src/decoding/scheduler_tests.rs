@@ -100,7 +100,7 @@ fn staggered(
     limits: Limits,
     jobs: &[(Vec<i64>, GenerationPlan)],
     arrivals: &[usize],
-) -> (HashMap<u64, Result<Finished>>, usize) {
+) -> (HashMap<u64, Result<FinishedSequence>>, usize) {
     let mut s = Scheduler::new(lm, text, limits);
     let mut results = HashMap::new();
     let mut widest = 0;

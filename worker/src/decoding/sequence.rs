@@ -1,21 +1,18 @@
-//! One sequence of the running batch: its tokens and the rules that end it ([`Common`]), and the state
-//! machine of its strategy ([`Machine`]), advanced one step at a time by the scheduler.
+//! One sequence of the running batch: its tokens and the rules that end it ([`Common`]), what a step
+//! decides for it ([`Choice`]), and what every step needs besides ([`Context`]). Each strategy's state
+//! machine (`machine`) works on these, advanced one step at a time by the scheduler.
 //!
 //! A step has two halves around the batch's forward pass. `choose` reads the logits of the last pass and
 //! decides what the sequence feeds next (one token; `top_k` candidates for contrastive search; one token per
 //! beam), or that it is done. `absorb` (contrastive search only) reads the pass's hidden states and picks
 //! the candidate. Batch of one or batch of a hundred, a sequence runs through the same code.
 
-use super::beam::Beam;
-use super::contrastive::Contrastive;
-use super::finish::Finish;
-use super::greedy::Pick;
+use super::error::Result;
+use super::finish::{Decoded, Finish};
 use super::processors::Processors;
-use super::sample::Sampler;
 use super::stop::{StopChecker, TextDecoder};
-use super::{Decoded, Result};
 use crate::lm::CausalLm;
-use shared::{Decoding, GenerationPlan};
+use shared::GenerationPlan;
 use tch::Tensor;
 
 /// What every step needs besides the sequence: the model, the text decoder (stop sequences) and EOS.
@@ -89,66 +86,5 @@ impl Common {
             finish_reason: reason,
             stop,
         })
-    }
-}
-
-/// The strategy's own state.
-pub(crate) enum Machine {
-    Pick(Pick),
-    Contrastive(Contrastive),
-    Beam(Beam),
-}
-
-impl Machine {
-    /// The state machine a plan runs as. transformers runs contrastive search with `top_k` 1 or alpha 0,
-    /// and beam search with one beam, as greedy search; the tokens are the same and greedy is cheaper.
-    pub fn for_plan(plan: &GenerationPlan, vocab: usize) -> Self {
-        match &plan.decoding {
-            Decoding::Greedy => Machine::Pick(Pick::greedy()),
-            Decoding::Contrastive { penalty_alpha, top_k } if *penalty_alpha > 0.0 && *top_k > 1 => {
-                Machine::Contrastive(Contrastive::new(*penalty_alpha, (*top_k).min(vocab).max(1)))
-            }
-            Decoding::Contrastive { .. } => Machine::Pick(Pick::greedy()),
-            Decoding::Sample {
-                temperature,
-                top_k,
-                top_p,
-                typical_p,
-                seed,
-            } => Machine::Pick(Pick::sample(Sampler {
-                temperature: *temperature,
-                top_k: *top_k,
-                top_p: *top_p,
-                typical_p: *typical_p,
-                seed: *seed,
-            })),
-            Decoding::Beam { num_beams, .. } if *num_beams <= 1 => Machine::Pick(Pick::greedy()),
-            Decoding::Beam {
-                num_beams,
-                length_penalty,
-                early_stopping,
-            } => Machine::Beam(Beam::new(*num_beams, *length_penalty, *early_stopping)),
-        }
-    }
-
-    /// Cache rows the sequence occupies.
-    pub fn rows(&self) -> usize {
-        match self {
-            Machine::Beam(b) => b.num_beams(),
-            _ => 1,
-        }
-    }
-
-    /// Tokens each of its rows feeds per step.
-    pub fn queries(&self) -> usize {
-        match self {
-            Machine::Contrastive(c) => c.top_k(),
-            _ => 1,
-        }
-    }
-
-    /// Whether the prefill must return hidden states (contrastive search's context).
-    pub fn needs_hidden(&self) -> bool {
-        matches!(self, Machine::Contrastive(_))
     }
 }

@@ -212,7 +212,7 @@ impl HashLm {
 /// Decodes token `t` as the letter `a + t % 26` (so stop strings can be tested).
 pub struct Letters;
 
-impl super::TextDecoder for Letters {
+impl super::stop::TextDecoder for Letters {
     fn decode(&self, ids: &[u32]) -> String {
         ids.iter().map(|&i| (b'a' + (i % 26) as u8) as char).collect()
     }

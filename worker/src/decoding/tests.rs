@@ -3,7 +3,7 @@
 
 use super::testing::{HashLm, Letters};
 use super::*;
-use shared::{GenerationParameters, Strategy};
+use shared::{FinishReason, GenerationParameters, Strategy};
 
 fn plan(p: GenerationParameters) -> GenerationPlan {
     p.validate().expect("valid parameters")

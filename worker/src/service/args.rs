@@ -8,7 +8,7 @@ use shared::prompt::PromptArgs;
 use shared::topology::{DEFAULT_DELIVERY_LIMIT, DEFAULT_NAMESPACE};
 use shared::{PromptRules, Topology};
 
-use super::ServeError;
+use super::error::ServeError;
 use super::generator::BatchSettings;
 use super::stream::StreamSettings;
 

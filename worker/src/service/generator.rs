@@ -19,44 +19,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use shared::chat::ChatMessage;
-use shared::{ErrorBody, ErrorCode, FinishReason, GenerationPlan};
+use shared::{ErrorBody, ErrorCode, GenerationPlan};
 use tokio::sync::{mpsc, oneshot};
 
+use super::job::{Completion, FinishedJob, Input, Outcome};
 use super::metrics;
 use crate::decoding::{Stats, TextDecoder};
 
 /// Turns token ids into text off the engine thread (the tokenizer is `Send + Sync`).
 pub type Detokenizer = Arc<dyn TextDecoder + Send + Sync>;
-
-/// What a job asks the engine to continue.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Input {
-    /// A cleaned prompt.
-    Text(String),
-    /// A cleaned conversation, for the engine to render with its chat template.
-    Chat(Vec<ChatMessage>),
-}
-
-/// What one generation produced.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Completion {
-    /// The prompt the model saw, when the engine built it (a rendered conversation).
-    pub prompt: Option<String>,
-    /// The continuation only (stop sequence excluded).
-    pub text: String,
-    pub token_ids: Vec<u32>,
-    pub finish_reason: FinishReason,
-    pub prompt_tokens: usize,
-    /// Joining the batch (the prompt's prefill) to the first token.
-    pub prefill_ms: u64,
-    /// The first token to the last.
-    pub decode_ms: u64,
-    /// Reaching the engine to the first token (beam search: to its answer).
-    pub time_to_first_token_ms: u64,
-    /// The most sequences the running batch held while this job was in it.
-    pub batch_size: usize,
-}
 
 /// What a batch step reports about a job (keys are the engine thread's).
 #[derive(Debug)]
@@ -129,16 +100,6 @@ pub trait Generator {
     }
 }
 
-/// A finished job and its wall time on the engine thread (arrival to answer).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Finished {
-    pub completion: Completion,
-    pub inference_ms: u64,
-}
-
-/// The result of one job: text, or the error its `job.failed` reply carries.
-pub type Outcome = Result<Finished, ErrorBody>;
-
 struct Request {
     key: u64,
     input: Input,
@@ -165,9 +126,10 @@ pub struct Submitted {
     pub outcome: oneshot::Receiver<Outcome>,
 }
 
-/// The engine thread stopped (its loader failed, or it is gone): the worker cannot serve.
+/// The engine thread stopped (its loader failed, or it is gone): the worker cannot serve. Not the engine's
+/// own [`EngineError`](crate::engine::EngineError), which fails one generation.
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
+pub enum EngineThreadError {
     #[error("the model failed to load: {0}")]
     Load(String),
     #[error("the engine thread is gone")]
@@ -201,7 +163,7 @@ pub fn cancelled() -> ErrorBody {
 impl EngineThread {
     /// Starts the thread, builds the generator there with `load`, and returns once it is ready to take
     /// jobs. Jobs in flight are bounded by the caller (the service holds one permit per batch place).
-    pub async fn start<G, E, F>(load: F, settings: BatchSettings) -> Result<Self, EngineError>
+    pub async fn start<G, E, F>(load: F, settings: BatchSettings) -> Result<Self, EngineThreadError>
     where
         G: Generator,
         E: std::fmt::Display,
@@ -225,7 +187,7 @@ impl EngineThread {
                 };
                 run_loop(&generator, &settings, rx);
             })
-            .map_err(|e| EngineError::Load(format!("cannot spawn the engine thread: {e}")))?;
+            .map_err(|e| EngineThreadError::Load(format!("cannot spawn the engine thread: {e}")))?;
         match ready_rx.await {
             Ok(Ok((detokenizer, chat_stop))) => Ok(Self {
                 tx,
@@ -233,8 +195,8 @@ impl EngineThread {
                 detokenizer,
                 chat_stop,
             }),
-            Ok(Err(e)) => Err(EngineError::Load(e)),
-            Err(_) => Err(EngineError::Load("the loader panicked".into())),
+            Ok(Err(e)) => Err(EngineThreadError::Load(e)),
+            Err(_) => Err(EngineThreadError::Load("the loader panicked".into())),
         }
     }
 
@@ -252,7 +214,7 @@ impl EngineThread {
         plan
     }
 
-    pub fn submit(&self, input: Input, plan: GenerationPlan) -> Result<Submitted, EngineError> {
+    pub fn submit(&self, input: Input, plan: GenerationPlan) -> Result<Submitted, EngineThreadError> {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let (joined, joined_rx) = oneshot::channel();
         let (tokens, tokens_rx) = mpsc::unbounded_channel();
@@ -266,7 +228,7 @@ impl EngineThread {
                 tokens,
                 reply,
             }))
-            .map_err(|_| EngineError::Gone)?;
+            .map_err(|_| EngineThreadError::Gone)?;
         Ok(Submitted {
             key,
             joined: joined_rx,
@@ -379,7 +341,7 @@ fn run_loop(generator: &dyn Generator, settings: &BatchSettings, mut rx: mpsc::U
                         metrics::tokens(c.token_ids.len().saturating_sub(job.reported));
                         metrics::job_finished(c);
                     }
-                    let outcome = result.map(|completion| Finished {
+                    let outcome = result.map(|completion| FinishedJob {
                         completion,
                         inference_ms: job.arrived.elapsed().as_millis() as u64,
                     });
@@ -402,6 +364,7 @@ fn panicked(panic: &(dyn std::any::Any + Send)) -> ErrorBody {
 #[cfg(test)]
 pub(crate) mod solo {
     use super::*;
+    use shared::FinishReason;
 
     /// Generates one job at a time.
     pub(crate) trait Solo {

@@ -6,9 +6,10 @@ use std::collections::HashMap;
 
 use shared::{ErrorBody, ErrorCode, GenerationPlan};
 
-use super::ServeError;
 use super::args::ServeArgs;
-use super::generator::{BatchSettings, Batcher, Completion, Detokenizer, Generator, Input, JobEvent};
+use super::error::ServeError;
+use super::generator::{BatchSettings, Batcher, Detokenizer, Generator, JobEvent};
+use super::job::{Completion, Input};
 use crate::decoding::{DecodeError, Event, Limits, Request, Scheduler, Stats, StopChecker};
 use crate::engine::{Engine, EngineError, EngineOptions};
 
@@ -166,8 +167,8 @@ fn decode_error_body(e: &DecodeError) -> ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Dtype;
     use crate::device_map::Placement;
-    use crate::model::Dtype;
     use clap::Parser;
 
     #[derive(Parser)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
-use super::generator::Completion;
+use super::job::Completion;
 use crate::decoding::Stats;
 
 /// Sequences in the running batch (vLLM `num_requests_running`, TGI `tgi_batch_current_size`).

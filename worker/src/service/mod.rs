@@ -23,10 +23,11 @@
 //!   the setting, since reconnecting cannot fix them.
 
 mod args;
-mod backoff;
 mod cancels;
+mod error;
 mod generator;
 mod intake;
+mod job;
 mod load;
 mod metrics;
 mod outcomes;
@@ -42,31 +43,12 @@ use std::future::Future;
 use futures::FutureExt;
 
 pub use args::{ServeArgs, ServiceConfig};
+pub use error::ServeError;
 pub use generator::{
-    BatchSettings, Batcher, Completion, Detokenizer, EngineError, EngineThread, Finished, Generator, Input,
-    JobEvent, Outcome,
+    BatchSettings, Batcher, Detokenizer, EngineThread, EngineThreadError, Generator, JobEvent,
 };
+pub use job::{Completion, FinishedJob, Input, Outcome};
 pub use stream::StreamSettings;
-
-/// Why `worker serve` stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("invalid setting: {0}")]
-    Config(String),
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    #[error("{0}")]
-    Broker(String),
-}
-
-impl From<session::SessionError> for ServeError {
-    fn from(e: session::SessionError) -> Self {
-        match e {
-            session::SessionError::Engine(e) => Self::Engine(e),
-            other => Self::Broker(other.to_string()),
-        }
-    }
-}
 
 /// Loads the model on the engine thread and serves until `shutdown` resolves.
 pub async fn run(

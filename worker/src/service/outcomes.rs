@@ -19,7 +19,7 @@ use futures::future::{BoxFuture, Shared};
 use shared::JobId;
 use tokio::sync::oneshot;
 
-use super::generator::Outcome;
+use super::job::Outcome;
 
 /// A job's outcome as many can await it; `None` when the engine thread died before answering.
 pub type PendingOutcome = Shared<BoxFuture<'static, Option<Outcome>>>;

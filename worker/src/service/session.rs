@@ -19,16 +19,17 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use shared::backoff::Backoff;
 use shared::reply::{Cancelled, Failed, Started, Succeeded, Timings, now_ms};
 use shared::{ErrorCode, JobId, JobReply};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::args::ServiceConfig;
-use super::backoff::Backoff;
 use super::cancels::Cancels;
-use super::generator::{EngineError, EngineThread, Input, Outcome};
+use super::generator::{EngineThread, EngineThreadError};
 use super::intake::{self, Accepted, Refused};
+use super::job::{Input, Outcome};
 use super::outcomes::{Outcomes, PendingOutcome};
 use super::replies::{self, PublishError};
 use super::settlement::{SettleError, Settlement};
@@ -50,7 +51,7 @@ pub enum SessionError {
     ConsumerCancelled,
     /// Not a connection problem: the worker cannot go on.
     #[error(transparent)]
-    Engine(#[from] EngineError),
+    Engine(#[from] EngineThreadError),
     /// The queues exist with other arguments (another delivery limit, another queue type): a deployment
     /// mistake that retrying cannot fix.
     #[error(
@@ -408,7 +409,7 @@ impl Service {
                         let reply = self.cancelled_reply(id, 0);
                         return self.answer(channel, &reply_to, &correlation_id, reply, settlement).await;
                     }
-                    permit = self.places.clone().acquire_owned() => permit.map_err(|_| EngineError::Gone)?,
+                    permit = self.places.clone().acquire_owned() => permit.map_err(|_| EngineThreadError::Gone)?,
                     () = shutdown => {
                         settlement.requeue().await?;
                         return Ok(());
@@ -464,7 +465,7 @@ impl Service {
             }
             None => (pending.await, 0),
         };
-        let outcome = outcome.ok_or(EngineError::Gone)?;
+        let outcome = outcome.ok_or(EngineThreadError::Gone)?;
         let worker_id = self.config.worker_id.clone();
         let reply = match outcome {
             Err(error) if error.code == ErrorCode::Cancelled => self.cancelled_reply(id, generated),

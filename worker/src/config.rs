@@ -2,8 +2,10 @@
 //!
 //! The struct deserializes straight from the file Hugging Face publishes; values transformers derives (head
 //! size, MLP width when `n_inner` is null) are methods, so the file stays the single source of truth.
+//! It sits below everything that reads it (the model, the checkpoint layout, the placement planner, the
+//! tiny-checkpoint writer), so none of them has to depend on another to learn a model's shape.
 
-use super::LoadError;
+use crate::load_error::LoadError;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::str::FromStr;
@@ -35,7 +37,7 @@ pub struct GptJConfig {
     pub eos_token_id: Option<i64>,
     #[serde(default)]
     pub tie_word_embeddings: Option<bool>,
-    /// The dtype the checkpoint was saved in (informational; [`LoadOptions`](super::LoadOptions) decides).
+    /// The dtype the checkpoint was saved in (informational: the dtype to load in is the caller's choice).
     #[serde(default)]
     pub torch_dtype: Option<String>,
 }
@@ -141,34 +143,6 @@ impl GptJConfig {
             other => Err(format!("unsupported activation_function {other:?}")),
         }
     }
-
-    /// Parameters of the embedding (`wte`).
-    pub fn embed_params(&self) -> u64 {
-        (self.vocab_size * self.n_embd) as u64
-    }
-
-    /// Parameters of one transformer block.
-    pub fn block_params(&self) -> u64 {
-        let (e, i) = (self.n_embd as u64, self.inner_dim() as u64);
-        2 * e + 4 * e * e + e * i + i + i * e + e
-    }
-
-    /// Parameters of the final LayerNorm.
-    pub fn norm_params(&self) -> u64 {
-        2 * self.n_embd as u64
-    }
-
-    /// Parameters of the untied `lm_head` (weight and bias).
-    pub fn head_params(&self) -> u64 {
-        (self.vocab_size * self.n_embd + self.vocab_size) as u64
-    }
-
-    pub fn total_params(&self) -> u64 {
-        self.embed_params()
-            + self.n_layer as u64 * self.block_params()
-            + self.norm_params()
-            + self.head_params()
-    }
 }
 
 /// The dtype weights are converted to on load and computed in.
@@ -240,28 +214,5 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("int8") && err.contains("float16"), "{err}");
-    }
-
-    #[test]
-    fn gpt_j_6b_has_six_billion_parameters() {
-        let cfg = GptJConfig {
-            model_type: "gptj".into(),
-            vocab_size: 50400,
-            n_positions: 2048,
-            n_embd: 4096,
-            n_layer: 28,
-            n_head: 16,
-            rotary_dim: Some(64),
-            n_inner: None,
-            activation_function: "gelu_new".into(),
-            layer_norm_epsilon: 1e-5,
-            bos_token_id: Some(50256),
-            eos_token_id: Some(50256),
-            tie_word_embeddings: Some(false),
-            torch_dtype: None,
-        };
-        assert!(cfg.validate().is_ok());
-        // What transformers counts for GPTJForCausalLM(GPTJConfig()) (its parameters, not the buffers).
-        assert_eq!(cfg.total_params(), 6_050_882_784);
     }
 }

@@ -7,17 +7,18 @@
 //! What differs from the Python code is only how, never what: q, k and v are one fused matmul (their
 //! weights concatenated at load), the rotary tables are computed once per device, attention runs through
 //! `scaled_dot_product_attention`, and the head is applied to the last position only when that is all the
-//! caller needs. Tensor names are the Hugging Face ones, so checkpoints load without renaming.
+//! caller needs. Tensor names are the Hugging Face ones ([`crate::weights`]), so checkpoints load without
+//! renaming.
 
-mod config;
-mod error;
-
-pub use config::{Activation, Dtype, GptJConfig};
-pub use error::LoadError;
+// Re-exported so that this module names all a caller needs to load a model. They live in leaf modules so that
+// the checkpoint reader and the placement planner, which the model uses, need not depend on the model.
+pub use crate::config::{Activation, Dtype, GptJConfig};
+pub use crate::load_error::LoadError;
 
 use crate::checkpoint::{Checkpoint, TensorSpec};
 use crate::device_map::{DeviceMap, Placement};
 use crate::lm::{CausalLm, KvCache, Logits, ModelInfo, SlotCache, SlotStep, StepOutput};
+use crate::weights::{BlockWeight, Weight};
 use std::path::Path;
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -39,6 +40,34 @@ struct Block {
     fc_in_b: Tensor,
     fc_out_w: Tensor,
     fc_out_b: Tensor,
+}
+
+impl Block {
+    /// Block `layer`'s tensors, taken out of those loaded. q, k and v are fused here, one block at a time, so
+    /// the extra memory is one block's q/k/v at most.
+    fn take(
+        layer: usize,
+        device: Device,
+        take: &mut impl FnMut(Weight) -> Result<Tensor, LoadError>,
+    ) -> Result<Block, LoadError> {
+        let mut tensor = |w: BlockWeight| take(Weight::Block(layer, w));
+        let (q, k, v) = (
+            tensor(BlockWeight::QProj)?,
+            tensor(BlockWeight::KProj)?,
+            tensor(BlockWeight::VProj)?,
+        );
+        Ok(Block {
+            device,
+            ln_w: tensor(BlockWeight::Ln1Weight)?,
+            ln_b: tensor(BlockWeight::Ln1Bias)?,
+            qkv_w: Tensor::f_cat(&[q, k, v], 0)?,
+            out_w: tensor(BlockWeight::OutProj)?,
+            fc_in_w: tensor(BlockWeight::FcInWeight)?,
+            fc_in_b: tensor(BlockWeight::FcInBias)?,
+            fc_out_w: tensor(BlockWeight::FcOutWeight)?,
+            fc_out_b: tensor(BlockWeight::FcOutBias)?,
+        })
+    }
 }
 
 /// Rotary tables for one device, float32 like transformers' `embed_positions`: `cos` and `sin` repeated
@@ -121,15 +150,6 @@ impl std::fmt::Debug for GptJ {
     }
 }
 
-fn spec(name: String, shape: &[usize], device: Device, kind: Kind) -> TensorSpec {
-    TensorSpec {
-        name,
-        shape: shape.iter().map(|d| *d as i64).collect(),
-        device,
-        kind,
-    }
-}
-
 impl GptJ {
     /// Loads `dir` (`config.json` plus a checkpoint in any layout [`Checkpoint::discover`] knows).
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<GptJ, LoadError> {
@@ -173,62 +193,27 @@ impl GptJ {
             path: "config.json".into(),
             message,
         })?;
-        let k = dtype.kind();
-        let (e, v, inner) = (cfg.n_embd, cfg.vocab_size, cfg.inner_dim());
-        let mut specs = vec![spec("transformer.wte.weight".into(), &[v, e], map.embed, k)];
-        for (i, dev) in map.layers.iter().enumerate() {
-            let p = format!("transformer.h.{i}");
-            specs.extend([
-                spec(format!("{p}.ln_1.weight"), &[e], *dev, k),
-                spec(format!("{p}.ln_1.bias"), &[e], *dev, k),
-                spec(format!("{p}.attn.q_proj.weight"), &[e, e], *dev, k),
-                spec(format!("{p}.attn.k_proj.weight"), &[e, e], *dev, k),
-                spec(format!("{p}.attn.v_proj.weight"), &[e, e], *dev, k),
-                spec(format!("{p}.attn.out_proj.weight"), &[e, e], *dev, k),
-                spec(format!("{p}.mlp.fc_in.weight"), &[inner, e], *dev, k),
-                spec(format!("{p}.mlp.fc_in.bias"), &[inner], *dev, k),
-                spec(format!("{p}.mlp.fc_out.weight"), &[e, inner], *dev, k),
-                spec(format!("{p}.mlp.fc_out.bias"), &[e], *dev, k),
-            ]);
-        }
-        specs.extend([
-            spec("transformer.ln_f.weight".into(), &[e], map.norm, k),
-            spec("transformer.ln_f.bias".into(), &[e], map.norm, k),
-            spec("lm_head.weight".into(), &[v, e], map.head, k),
-            spec("lm_head.bias".into(), &[v], map.head, k),
-        ]);
-        let mut t = checkpoint.load(&specs)?;
-        let mut take = |name: &str| -> Result<Tensor, LoadError> {
-            t.remove(name).ok_or_else(|| LoadError::MissingTensor {
-                name: name.to_string(),
+        let specs: Vec<TensorSpec> = Weight::all(cfg.n_layer)
+            .map(|w| TensorSpec {
+                name: w.name(),
+                shape: w.shape(&cfg).iter().map(|d| *d as i64).collect(),
+                device: map.device(w.part()),
+                kind: dtype.kind(),
             })
+            .collect();
+        let mut loaded = checkpoint.load(&specs)?;
+        let mut take = |w: Weight| -> Result<Tensor, LoadError> {
+            let name = w.name();
+            loaded.remove(&name).ok_or(LoadError::MissingTensor { name })
         };
 
-        let wte = take("transformer.wte.weight")?;
+        let wte = take(Weight::Embedding)?;
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for (i, dev) in map.layers.iter().enumerate() {
-            let p = format!("transformer.h.{i}");
-            let (q, kk, vv) = (
-                take(&format!("{p}.attn.q_proj.weight"))?,
-                take(&format!("{p}.attn.k_proj.weight"))?,
-                take(&format!("{p}.attn.v_proj.weight"))?,
-            );
-            // Fused here, one block at a time, so the extra memory is one block's q/k/v at most.
-            let qkv_w = Tensor::f_cat(&[q, kk, vv], 0)?;
-            blocks.push(Block {
-                device: *dev,
-                ln_w: take(&format!("{p}.ln_1.weight"))?,
-                ln_b: take(&format!("{p}.ln_1.bias"))?,
-                qkv_w,
-                out_w: take(&format!("{p}.attn.out_proj.weight"))?,
-                fc_in_w: take(&format!("{p}.mlp.fc_in.weight"))?,
-                fc_in_b: take(&format!("{p}.mlp.fc_in.bias"))?,
-                fc_out_w: take(&format!("{p}.mlp.fc_out.weight"))?,
-                fc_out_b: take(&format!("{p}.mlp.fc_out.bias"))?,
-            });
+            blocks.push(Block::take(i, *dev, &mut take)?);
         }
-        let (ln_f_w, ln_f_b) = (take("transformer.ln_f.weight")?, take("transformer.ln_f.bias")?);
-        let (head_w, head_b) = (take("lm_head.weight")?, take("lm_head.bias")?);
+        let (ln_f_w, ln_f_b) = (take(Weight::NormWeight)?, take(Weight::NormBias)?);
+        let (head_w, head_b) = (take(Weight::HeadWeight)?, take(Weight::HeadBias)?);
 
         let mut rotary: Vec<Rotary> = Vec::new();
         for dev in &map.layers {

@@ -1,7 +1,9 @@
 //! Everything that can go wrong between a model directory on disk and a model ready to run.
 //!
 //! One enum for the whole load boundary (config, checkpoint files, placement, tokenizer), so the command
-//! line and the service report a bad model the same way, and a broken checkpoint is never a panic.
+//! line and the service report a bad model the same way, and a broken checkpoint is never a panic. It is a
+//! leaf: the config, the checkpoint reader, the placement planner and the tokenizer loader return it, and the
+//! model that uses them all re-exports it.
 
 use std::path::{Path, PathBuf};
 

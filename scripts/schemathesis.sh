@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Fuzzes the gateway's own OpenAPI document with schemathesis (pinned in the venv), every operation, against a
+# real gateway and a worker on the tiny model, on the machine's Redis and RabbitMQ, in a namespace of its own
+# (deleted at the end). scripts/test.sh runs it; run alone: scripts/schemathesis.sh [extra schemathesis flags].
+#
+# Every check runs except two whose premises this API does not share, on purpose:
+# - positive_data_acceptance: a prompt is cleaned before its length rules apply ("$$$" is schema-valid text
+#   that cleans to nothing, 422), and a parameter the chosen strategy does not use is refused; JSON Schema
+#   cannot say either without lying about what the server accepts;
+# - use_after_free: DELETE /v1/jobs/{id} cancels a job, which stays readable as `cancelled`, as it must.
+# Knobs: EXAMPLES (25 per operation), SEED (a fixed seed: runs are reproducible), BIN (target/debug).
+# shellcheck source-path=SCRIPTDIR source=lib.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT" || exit
+ensure_venv
+ensure_services
+
+BIN="${BIN:-$ROOT/target/debug}"
+EXAMPLES="${EXAMPLES:-25}"
+SEED="${SEED:-20261201}"
+NS="st$$"
+PORT="${PORT:-18095}"
+LOGS="$ROOT/target/schemathesis"
+mkdir -p "$LOGS"
+[ -x "$BIN/gateway" ] && [ -x "$BIN/worker" ] || cargo build --locked -p gateway -p worker
+MODEL="$ROOT/target/schemathesis/tiny"
+[ -f "$MODEL/config.json" ] || "$BIN/worker" init-tiny-model "$MODEL" --seed 0 >/dev/null
+
+PIDS=()
+cleanup() {
+  kill "${PIDS[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+  delete_namespace "$NS"
+}
+trap cleanup EXIT
+
+export NAMESPACE="$NS"
+LISTEN="127.0.0.1:$PORT" SUBMIT_RATE_LIMIT=100000/1s READ_RATE_LIMIT=100000/1s RUN_TIMEOUT_S=5 \
+  "$BIN/gateway" >"$LOGS/gateway.log" 2>&1 &
+PIDS+=("$!")
+MODEL_DIR="$MODEL" THREADS=1 "$BIN/worker" serve >"$LOGS/worker.log" 2>&1 &
+PIDS+=("$!")
+for _ in $(seq 300); do
+  curl -fs "http://127.0.0.1:$PORT/v1/queue" 2>/dev/null | grep -q '"consumers":1' && break
+  sleep 0.2
+done
+
+log "schemathesis on http://127.0.0.1:$PORT/openapi.json ($EXAMPLES examples per operation, seed $SEED)"
+set +e
+"$VENV/bin/schemathesis" run "http://127.0.0.1:$PORT/openapi.json" \
+  --checks all --exclude-checks positive_data_acceptance,use_after_free \
+  --max-examples "$EXAMPLES" --seed "$SEED" --request-timeout 30 --workers 2 \
+  --suppress-health-check all "$@" >"$LOGS/report.txt" 2>&1
+status=$?
+set -e
+# The report without the tool's own tracebacks, which quote whole source files.
+grep -v "^    KeyError: ('" "$LOGS/report.txt" | tail -n 40
+# A failure of the API fails this script. So does any error but one: CPython 3.11 raises "AST constructor
+# recursion depth mismatch" inside Hypothesis while it describes a strategy's lambda (a bug of the tool's,
+# not a request the API answered); those examples are lost, the report says how many.
+if grep -q "^Failures:" "$LOGS/report.txt"; then
+  echo "schemathesis found failures; the report: $LOGS/report.txt" >&2
+  exit 1
+fi
+errors=$(grep -cE "^(Runtime|Network|Schema|Connection|Timeout|Unsupported)[A-Za-z ]*Error$" "$LOGS/report.txt" || true)
+tool=$(grep -c "AST constructor recursion depth mismatch" "$LOGS/report.txt" || true)
+if [ "$status" -ne 0 ] && [ "$errors" -gt "$tool" ]; then
+  echo "schemathesis could not test every operation ($errors errors, $tool of them the tool's own); the report: $LOGS/report.txt" >&2
+  exit 1
+fi
+log "schemathesis: no failures ($tool examples lost to the tool's own error)"

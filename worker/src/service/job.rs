@@ -1,0 +1,48 @@
+//! What a job is to the engine thread: the input it continues and what comes back, its [`Completion`] and
+//! its [`Outcome`].
+//!
+//! A leaf of the service: the engine thread, the real engine behind it, the metrics and the session all
+//! speak these types, and none of them has to depend on another to do so.
+
+use shared::chat::ChatMessage;
+use shared::{ErrorBody, FinishReason};
+
+/// What a job asks the engine to continue.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A cleaned prompt.
+    Text(String),
+    /// A cleaned conversation, for the engine to render with its chat template.
+    Chat(Vec<ChatMessage>),
+}
+
+/// What the running batch produced for one job, ready for its `job.succeeded` reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// The prompt the model saw, when the engine built it (a rendered conversation).
+    pub prompt: Option<String>,
+    /// The continuation only (stop sequence excluded).
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    /// Joining the batch (the prompt's prefill) to the first token.
+    pub prefill_ms: u64,
+    /// The first token to the last.
+    pub decode_ms: u64,
+    /// Reaching the engine to the first token (beam search: to its answer).
+    pub time_to_first_token_ms: u64,
+    /// The most sequences the running batch held while this job was in it.
+    pub batch_size: usize,
+}
+
+/// A job the engine thread finished: its completion and its wall time there (arrival to answer), which the
+/// batch that completed it cannot know.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishedJob {
+    pub completion: Completion,
+    pub inference_ms: u64,
+}
+
+/// The result of one job: text, or the error its `job.failed` reply carries.
+pub type Outcome = Result<FinishedJob, ErrorBody>;
