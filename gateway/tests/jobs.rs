@@ -446,13 +446,29 @@ async fn the_api_is_documented_and_observable() {
         "/metrics",
         "/healthz",
         "/readyz",
+        "/v1/jobs/{id}/events",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
     ] {
         assert!(doc["paths"][path].is_object(), "{path} undocumented");
     }
+    assert!(
+        doc["paths"]["/v1/jobs/{id}"]["delete"].is_object(),
+        "cancel undocumented"
+    );
     assert!(doc["components"]["schemas"]["GenerationParameters"].is_object());
+    // The reference page, its assets served by the gateway, reads the document from /openapi.json.
     let page = env.http.get(gw.url("/docs")).send().await.unwrap();
     assert_eq!(page.status(), 200);
-    assert!(page.text().await.unwrap().contains("openapi"));
+    assert!(page.text().await.unwrap().contains("swagger-ui"));
+    let init = env
+        .http
+        .get(gw.url("/docs/swagger-initializer.js"))
+        .send()
+        .await
+        .unwrap();
+    assert!(init.text().await.unwrap().contains("/openapi.json"));
 
     let (status, _) = json(env.http.get(gw.url("/healthz")).send().await.unwrap()).await;
     assert_eq!(status, 200);

@@ -61,6 +61,16 @@ pub enum Activation {
 }
 
 impl GptJConfig {
+    /// GPT-J-6B's published shape, for tests that size the real model.
+    #[cfg(test)]
+    pub(crate) fn gpt_j_6b() -> Self {
+        serde_json::from_value(serde_json::json!({
+            "model_type": "gptj", "vocab_size": 50400, "n_positions": 2048, "n_embd": 4096, "n_layer": 28,
+            "n_head": 16, "rotary_dim": 64
+        }))
+        .expect("valid config")
+    }
+
     /// Reads and checks a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, LoadError> {
         let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;

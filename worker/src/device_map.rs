@@ -473,11 +473,7 @@ mod tests {
     use crate::weights::total_params;
 
     fn gptj_6b() -> GptJConfig {
-        serde_json::from_value(serde_json::json!({
-            "model_type": "gptj", "vocab_size": 50400, "n_positions": 2048, "n_embd": 4096, "n_layer": 28,
-            "n_head": 16, "rotary_dim": 64
-        }))
-        .expect("valid config")
+        GptJConfig::gpt_j_6b()
     }
 
     #[test]

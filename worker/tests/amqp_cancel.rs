@@ -13,20 +13,12 @@ async fn the_pika_example_streams_a_job_and_cancels_it_over_amqp() {
     env.spawn_worker(&[]);
     env.wait_for_consumers(1).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/amqp_cancel.py");
-    let out = tokio::process::Command::new(python)
+    let mut command = tokio::process::Command::new(python);
+    command
         .arg(script)
         .env("AMQP_URL", &env.amqp_url)
-        .env("NAMESPACE", &env.ns)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        env.logs()
-    );
+        .env("NAMESPACE", &env.ns);
+    let stdout = env.run_checks(command).await;
     let tokens: u32 = stdout
         .lines()
         .find_map(|l| {

@@ -19,19 +19,9 @@ async fn the_openai_python_sdk_works_against_two_replicas() {
     env.spawn_worker(&[]);
     env.wait_for_consumers(1).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/openai_client.py");
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .args([&a, &b, "gpt-j-tiny"])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the SDK checks failed\n{stdout}\n{stderr}\n{}",
-        env.logs()
-    );
+    let mut command = tokio::process::Command::new(python);
+    command.arg(script).args([&a, &b, "gpt-j-tiny"]);
+    let stdout = env.run_checks(command).await;
     assert!(stdout.contains("all openai SDK checks passed"), "{stdout}");
     env.finish().await;
 }

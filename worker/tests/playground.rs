@@ -23,21 +23,13 @@ async fn the_playground_streams_a_job_and_cancels_one_in_a_real_browser() {
     let gw = env.gateway().await;
     env.spawn_worker(&[]);
     env.wait_for_consumers(1).await;
-    let out = tokio::process::Command::new("node")
+    let mut command = tokio::process::Command::new("node");
+    command
         .current_dir(dir)
         .arg("playground.mjs")
         .arg(&gw)
-        .arg(&shots)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        env.logs()
-    );
+        .arg(&shots);
+    let stdout = env.run_checks(command).await;
     assert!(stdout.contains("playground checks passed"), "{stdout}");
     assert!(shots.join("playground-succeeded.png").exists());
     env.finish().await;

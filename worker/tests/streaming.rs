@@ -182,15 +182,7 @@ async fn a_running_job_cancelled_by_delete_stops_at_once_and_its_place_serves_th
         })
         .await;
     assert_eq!(view["result"]["new_tokens"], 3);
-    let cancelled: Value = env
-        .http
-        .get(format!("{gw}/v1/jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cancelled = env.view(&gw, &id).await;
     assert_eq!(cancelled["status"], "cancelled");
     assert_eq!(cancelled["error"]["code"], "cancelled");
 
@@ -236,15 +228,7 @@ async fn a_job_cancelled_while_queued_never_runs_even_on_a_worker_started_later(
     }
     let log = env.workers[w].log();
     assert!(!log.contains("job started"), "the cancelled job ran:\n{log}");
-    let view: Value = env
-        .http
-        .get(format!("{gw}/v1/jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view = env.view(&gw, &id).await;
     assert_eq!(view["status"], "cancelled");
     assert_eq!(view["attempts"], 0, "{view}");
     env.finish().await;

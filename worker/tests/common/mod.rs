@@ -307,6 +307,30 @@ impl Env {
         body["id"].as_str().unwrap().to_owned()
     }
 
+    /// The job as `GET /v1/jobs/{id}` shows it.
+    pub async fn view(&self, base: &str, id: &str) -> Value {
+        let r = self
+            .http
+            .get(format!("{base}/v1/jobs/{id}"))
+            .send()
+            .await
+            .unwrap();
+        r.json().await.unwrap()
+    }
+
+    /// Runs a helper program (a Python or Node script) to its end; it must succeed. Returns its stdout.
+    pub async fn run_checks(&self, mut command: tokio::process::Command) -> String {
+        let out = command.output().await.unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        stdout
+    }
+
     /// Polls a job until `done` says so (or `timeout` passes); returns its last view.
     pub async fn poll_until(
         &self,
