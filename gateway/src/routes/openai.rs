@@ -52,14 +52,9 @@ struct Meta {
     post, path = "/v1/completions", tag = "openai",
     request_body = CompletionRequest,
     responses(
-        (status = 200, description = "The completion, or (`stream: true`) text/event-stream chunks ending with `data: [DONE]`", body = openai::Completion),
-        (status = 400, description = "Invalid request (OpenAI error shape)", body = Object),
-        (status = 401, description = "Missing or invalid API key", body = Object),
-        (status = 404, description = "Unknown model", body = Object),
-        (status = 409, description = "The job was cancelled", body = Object),
-        (status = 429, description = "Rate limited (Retry-After)", body = Object),
-        (status = 503, description = "Broker or Redis unavailable", body = Object),
-        (status = 504, description = "Not finished in time; the jobs go on", body = Object),
+        (status = 200, description = "The completion, or (`stream: true`) its chunks as Server-Sent Events ending with `data: [DONE]`",
+            content((openai::Completion = "application/json"), (crate::openapi::EventDoc = "text/event-stream"))),
+        OpenAiErrors,
     ),
     security((), ("api_key" = []))
 )]
@@ -88,14 +83,9 @@ pub async fn completions(
     post, path = "/v1/chat/completions", tag = "openai",
     request_body = ChatCompletionRequest,
     responses(
-        (status = 200, description = "The chat completion, or (`stream: true`) text/event-stream chunks ending with `data: [DONE]`", body = openai::ChatCompletion),
-        (status = 400, description = "Invalid request (OpenAI error shape)", body = Object),
-        (status = 401, description = "Missing or invalid API key", body = Object),
-        (status = 404, description = "Unknown model", body = Object),
-        (status = 409, description = "The job was cancelled", body = Object),
-        (status = 429, description = "Rate limited (Retry-After)", body = Object),
-        (status = 503, description = "Broker or Redis unavailable", body = Object),
-        (status = 504, description = "Not finished in time; the jobs go on", body = Object),
+        (status = 200, description = "The chat completion, or (`stream: true`) its chunks as Server-Sent Events ending with `data: [DONE]`",
+            content((openai::ChatCompletion = "application/json"), (crate::openapi::EventDoc = "text/event-stream"))),
+        OpenAiErrors,
     ),
     security((), ("api_key" = []))
 )]
@@ -122,9 +112,65 @@ pub async fn chat_completions(
     .await
 }
 
+/// The errors both OpenAI routes answer, in OpenAI's shape (`{"error": {message, type, param, code}}`).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // documentation only; the bodies are built by `openai_errors`
+enum OpenAiErrors {
+    /// Invalid request: bad JSON, an unknown or unsupported field, a value out of range.
+    #[response(status = 400)]
+    BadRequest(#[to_schema] OpenAiErrorDoc),
+    /// Missing or invalid API key.
+    #[response(status = 401)]
+    Unauthorized(#[to_schema] OpenAiErrorDoc),
+    /// Unknown model.
+    #[response(status = 404)]
+    NotFound(#[to_schema] OpenAiErrorDoc),
+    /// A job of the request was cancelled.
+    #[response(status = 409)]
+    Conflict(#[to_schema] OpenAiErrorDoc),
+    /// Body over the limit.
+    #[response(status = 413)]
+    TooLarge(#[to_schema] OpenAiErrorDoc),
+    /// Rate limited (Retry-After).
+    #[response(status = 429)]
+    RateLimited(#[to_schema] OpenAiErrorDoc),
+    /// A job failed in the engine.
+    #[response(status = 500)]
+    Failed(#[to_schema] OpenAiErrorDoc),
+    /// Broker or Redis unavailable (Retry-After).
+    #[response(status = 503)]
+    Unavailable(#[to_schema] OpenAiErrorDoc),
+    /// Not finished in time; the jobs go on.
+    #[response(status = 504)]
+    Timeout(#[to_schema] OpenAiErrorDoc),
+}
+
+/// `{"error": {"message", "type", "param", "code"}}`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // documentation only
+struct OpenAiErrorDoc {
+    error: OpenAiErrorFields,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // documentation only
+struct OpenAiErrorFields {
+    message: String,
+    /// `invalid_request_error`, `authentication_error`, `rate_limit_error` or `server_error`.
+    r#type: String,
+    /// The request field to blame, when one is.
+    param: Option<String>,
+    /// The gateway's stable error code.
+    code: String,
+}
+
 #[utoipa::path(
     get, path = "/v1/models", tag = "openai",
-    responses((status = 200, description = "The one model this deployment serves", body = ModelList)),
+    responses(
+        (status = 200, description = "The one model this deployment serves", body = ModelList),
+        (status = 401, description = "Missing or invalid API key", body = OpenAiErrorDoc),
+        (status = 429, description = "Rate limited (Retry-After)", body = OpenAiErrorDoc),
+    ),
     security((), ("api_key" = []))
 )]
 pub async fn models(State(app): State<AppState>) -> axum::Json<ModelList> {
