@@ -10,6 +10,16 @@ use common::{Env, SseReader, free_port, metric};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+/// Starts one worker serving Prometheus metrics and waits for it; returns its metrics URL.
+async fn worker_with_metrics(env: &mut Env, extra: &[&str]) -> String {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut args = extra.to_vec();
+    args.extend(["--metrics-listen", &listen]);
+    env.spawn_worker(&args);
+    env.wait_for_consumers(1).await;
+    format!("http://{listen}/metrics")
+}
+
 /// A job that takes the tiny model a few seconds: it cannot end before its last token.
 fn long_job(tokens: u32) -> Value {
     json!({"strategy": "greedy", "max_new_tokens": tokens, "min_new_tokens": tokens})
@@ -121,11 +131,7 @@ async fn a_stream_from_a_replica_that_consumes_no_replies_gets_every_token_and_r
 async fn a_running_job_cancelled_by_delete_stops_at_once_and_its_place_serves_the_next_job() {
     let mut env = Env::new();
     let gw = env.gateway().await;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    env.spawn_worker(&["--max-batch-size", "1", "--metrics-listen", &listen]);
-    env.wait_for_consumers(1).await;
-    let metrics = format!("http://{listen}/metrics");
+    let metrics = worker_with_metrics(&mut env, &["--max-batch-size", "1"]).await;
     let generated = || metric(&env.http, &metrics, "worker_generation_tokens_total");
 
     let id = env.submit(&gw, "Once upon a time", long_job(1800)).await;
@@ -141,14 +147,7 @@ async fn a_running_job_cancelled_by_delete_stops_at_once_and_its_place_serves_th
                 .len();
         }
     }
-    let r = env
-        .http
-        .delete(format!("{gw}/v1/jobs/{id}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let body: Value = r.json().await.unwrap();
+    let body = env.cancel(&gw, &id).await;
     assert_eq!(
         (body["status"].clone(), body["cancelled"].clone()),
         (json!("cancelled"), json!(true)),
@@ -187,15 +186,7 @@ async fn a_running_job_cancelled_by_delete_stops_at_once_and_its_place_serves_th
     assert_eq!(cancelled["error"]["code"], "cancelled");
 
     // Cancelling a finished job changes nothing, and says so.
-    let again: Value = env
-        .http
-        .delete(format!("{gw}/v1/jobs/{next}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again = env.cancel(&gw, &next).await;
     assert_eq!(
         (again["status"].clone(), again["cancelled"].clone()),
         (json!("succeeded"), json!(false))
@@ -208,13 +199,7 @@ async fn a_job_cancelled_while_queued_never_runs_even_on_a_worker_started_later(
     let mut env = Env::new();
     let gw = env.gateway().await;
     let id = env.submit(&gw, "Never to be", json!({"max_new_tokens": 5})).await;
-    let r = env
-        .http
-        .delete(format!("{gw}/v1/jobs/{id}"))
-        .send()
-        .await
-        .unwrap();
-    let body: Value = r.json().await.unwrap();
+    let body = env.cancel(&gw, &id).await;
     assert_eq!(body["cancelled"], true, "{body}");
 
     // The worker reads the cancel from the stream when it starts, then receives the job and skips it.
@@ -238,11 +223,7 @@ async fn a_job_cancelled_while_queued_never_runs_even_on_a_worker_started_later(
 async fn a_run_client_that_hangs_up_cancels_its_job() {
     let mut env = Env::new();
     let gw = env.gateway().await;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    env.spawn_worker(&["--metrics-listen", &listen]);
-    env.wait_for_consumers(1).await;
-    let metrics = format!("http://{listen}/metrics");
+    let metrics = worker_with_metrics(&mut env, &[]).await;
 
     let client = reqwest::Client::builder()
         .timeout(Duration::from_millis(1500))
@@ -297,11 +278,7 @@ async fn wait_cancelled(env: &Env, metrics: &str, n: f64) {
 async fn hanging_up_an_openai_stream_or_an_event_stream_that_owns_its_job_cancels_the_job() {
     let mut env = Env::new();
     let gw = env.gateway().await;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    env.spawn_worker(&["--metrics-listen", &listen]);
-    env.wait_for_consumers(1).await;
-    let metrics = format!("http://{listen}/metrics");
+    let metrics = worker_with_metrics(&mut env, &[]).await;
     // An OpenAI stream, dropped after a few chunks.
     let body = json!({"model": "EleutherAI/gpt-j-6b", "prompt": "Tell me a long story", "max_tokens": 1800,
                       "min_tokens": 1800, "temperature": 0, "stream": true});

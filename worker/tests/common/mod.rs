@@ -318,6 +318,18 @@ impl Env {
         r.json().await.unwrap()
     }
 
+    /// `DELETE /v1/jobs/{id}`: must answer 200; returns its body.
+    pub async fn cancel(&self, base: &str, id: &str) -> Value {
+        let r = self
+            .http
+            .delete(format!("{base}/v1/jobs/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
     /// Runs a helper program (a Python or Node script) to its end; it must succeed. Returns its stdout.
     pub async fn run_checks(&self, mut command: tokio::process::Command) -> String {
         let out = command.output().await.unwrap();
