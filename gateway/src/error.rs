@@ -129,7 +129,9 @@ impl ApiError {
             ApiError::InvalidJob(shared::job::InvalidJob::Parameter(p)) => {
                 Some(format!("parameters.{}", p.field))
             }
-            ApiError::InvalidJob(_) => Some("prompt".to_owned()),
+            ApiError::InvalidJob(shared::job::InvalidJob::Prompt(_)) => Some("prompt".to_owned()),
+            ApiError::InvalidJob(shared::job::InvalidJob::Version(_)) => Some("version".to_owned()),
+            ApiError::InvalidJob(_) => Some("messages".to_owned()),
             ApiError::ModelNotFound(_) => Some("model".to_owned()),
             _ => None,
         }

@@ -372,18 +372,20 @@ impl Shared {
 
         // Everything maps 1:1; only the strategy and, for OpenAI's semantics, its defaults differ.
         let mut p = GenerationParameters {
+            // OpenAI's own fields.
+            max_new_tokens: Some(max_new_tokens),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop,
+            // Ours, as extra fields.
             strategy: self.strategy,
             do_sample: self.do_sample,
-            max_new_tokens: Some(max_new_tokens),
             min_new_tokens: self.min_tokens,
-            temperature: self.temperature,
             top_k: self.top_k,
-            top_p: self.top_p,
             typical_p: self.typical_p,
             repetition_penalty: self.repetition_penalty,
             no_repeat_ngram_size: self.no_repeat_ngram_size,
-            seed: self.seed,
-            stop,
             penalty_alpha: self.penalty_alpha,
             num_beams: self.num_beams,
             length_penalty: self.length_penalty,
@@ -525,6 +527,41 @@ pub fn chat_completion_id(job: &JobId) -> String {
     format!("chatcmpl-{}", job.0.simple())
 }
 
+/// `{id, object, created, model, choices, usage}`: what every answer and chunk of the completion routes
+/// wraps its choices in, written once for its four uses (whole answers carry the usage; chunks carry it
+/// only when asked, `null` until the last).
+macro_rules! envelope {
+    ($(#[$doc:meta])* $name:ident, $object:literal, $choice:ty, [$(#[$usage_attr:meta])*] $usage:ty) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+        pub struct $name {
+            pub id: String,
+            #[doc = concat!("`", $object, "`.")]
+            #[schema(value_type = String)]
+            object: &'static str,
+            /// Unix seconds.
+            pub created: u64,
+            pub model: String,
+            pub choices: Vec<$choice>,
+            $(#[$usage_attr])*
+            pub usage: $usage,
+        }
+
+        impl $name {
+            fn envelope(head: &Head, choices: Vec<$choice>, usage: $usage) -> Self {
+                Self {
+                    id: head.id.clone(),
+                    object: $object,
+                    created: head.created,
+                    model: head.model.clone(),
+                    choices,
+                    usage,
+                }
+            }
+        }
+    };
+}
+
 /// What every response and chunk of one request repeats.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
@@ -558,29 +595,14 @@ fn chunk_usage(include_usage: bool) -> Option<Option<Usage>> {
     include_usage.then_some(None)
 }
 
-/// The answer to a completion request.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
-pub struct Completion {
-    pub id: String,
-    /// `text_completion`.
-    #[schema(value_type = String)]
-    object: &'static str,
-    pub created: u64,
-    pub model: String,
-    pub choices: Vec<CompletionChoice>,
-    pub usage: Usage,
+envelope! {
+    /// The answer to a completion request.
+    Completion, "text_completion", CompletionChoice, [] Usage
 }
 
 impl Completion {
     pub fn new(head: &Head, choices: Vec<CompletionChoice>, usage: Usage) -> Self {
-        Self {
-            id: head.id.clone(),
-            object: "text_completion",
-            created: head.created,
-            model: head.model.clone(),
-            choices,
-            usage,
-        }
+        Self::envelope(head, choices, usage)
     }
 }
 
@@ -608,41 +630,21 @@ impl CompletionChoice {
     }
 }
 
-/// One server-sent event of a streamed completion.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
-pub struct CompletionChunk {
-    pub id: String,
-    /// `text_completion`.
-    #[schema(value_type = String)]
-    object: &'static str,
-    pub created: u64,
-    pub model: String,
-    pub choices: Vec<CompletionChoice>,
-    /// Only with `stream_options.include_usage`: `null` on every chunk but the last, which has no choices.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Usage>)]
-    usage: Option<Option<Usage>>,
+envelope! {
+    /// One server-sent event of a streamed completion.
+    CompletionChunk, "text_completion", CompletionChoice,
+    [#[serde(skip_serializing_if = "Option::is_none")] #[schema(value_type = Option<Usage>)]] Option<Option<Usage>>
 }
 
 impl CompletionChunk {
     /// A chunk carrying text; `include_usage` as the request's [`CompletionRequest::include_usage`].
     pub fn new(head: &Head, choices: Vec<CompletionChoice>, include_usage: bool) -> Self {
-        Self {
-            id: head.id.clone(),
-            object: "text_completion",
-            created: head.created,
-            model: head.model.clone(),
-            choices,
-            usage: chunk_usage(include_usage),
-        }
+        Self::envelope(head, choices, chunk_usage(include_usage))
     }
 
     /// The last chunk when the client asked for usage: no choices, only the counts.
     pub fn usage(head: &Head, usage: Usage) -> Self {
-        Self {
-            usage: Some(Some(usage)),
-            ..Self::new(head, Vec::new(), true)
-        }
+        Self::envelope(head, Vec::new(), Some(Some(usage)))
     }
 }
 
@@ -664,29 +666,14 @@ impl AssistantMessage {
     }
 }
 
-/// The answer to a chat completion request.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
-pub struct ChatCompletion {
-    pub id: String,
-    /// `chat.completion`.
-    #[schema(value_type = String)]
-    object: &'static str,
-    pub created: u64,
-    pub model: String,
-    pub choices: Vec<ChatChoice>,
-    pub usage: Usage,
+envelope! {
+    /// The answer to a chat completion request.
+    ChatCompletion, "chat.completion", ChatChoice, [] Usage
 }
 
 impl ChatCompletion {
     pub fn new(head: &Head, choices: Vec<ChatChoice>, usage: Usage) -> Self {
-        Self {
-            id: head.id.clone(),
-            object: "chat.completion",
-            created: head.created,
-            model: head.model.clone(),
-            choices,
-            usage,
-        }
+        Self::envelope(head, choices, usage)
     }
 }
 
@@ -771,42 +758,22 @@ impl ChatChunkChoice {
     }
 }
 
-/// One server-sent event of a streamed chat completion.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
-pub struct ChatCompletionChunk {
-    pub id: String,
-    /// `chat.completion.chunk`.
-    #[schema(value_type = String)]
-    object: &'static str,
-    pub created: u64,
-    pub model: String,
-    pub choices: Vec<ChatChunkChoice>,
-    /// Only with `stream_options.include_usage`: `null` on every chunk but the last, which has no choices.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Usage>)]
-    usage: Option<Option<Usage>>,
+envelope! {
+    /// One server-sent event of a streamed chat completion.
+    ChatCompletionChunk, "chat.completion.chunk", ChatChunkChoice,
+    [#[serde(skip_serializing_if = "Option::is_none")] #[schema(value_type = Option<Usage>)]] Option<Option<Usage>>
 }
 
 impl ChatCompletionChunk {
     /// A chunk carrying deltas; `include_usage` as the request's
     /// [`ChatCompletionRequest::include_usage`].
     pub fn new(head: &Head, choices: Vec<ChatChunkChoice>, include_usage: bool) -> Self {
-        Self {
-            id: head.id.clone(),
-            object: "chat.completion.chunk",
-            created: head.created,
-            model: head.model.clone(),
-            choices,
-            usage: chunk_usage(include_usage),
-        }
+        Self::envelope(head, choices, chunk_usage(include_usage))
     }
 
     /// The last chunk when the client asked for usage: no choices, only the counts.
     pub fn usage(head: &Head, usage: Usage) -> Self {
-        Self {
-            usage: Some(Some(usage)),
-            ..Self::new(head, Vec::new(), true)
-        }
+        Self::envelope(head, Vec::new(), Some(Some(usage)))
     }
 }
 

@@ -51,73 +51,55 @@ fn get(path: &str) -> Request<Body> {
     Request::get(path).body(Body::empty()).unwrap()
 }
 
+/// Refusals before Redis or the broker: (path, body, status, code, the field blamed). The OpenAI routes
+/// answer in OpenAI's shape (`{"error": {...}}`, invalid parameters as 400), ours as `{code, message}`.
+#[rustfmt::skip]
+const REFUSALS: &[(&str, &str, u16, &str, Option<&str>)] = &[
+    ("/v1/jobs", "{\"prompt\": ", 400, "invalid_json", None),
+    ("/v1/jobs", r#"{"prompt": "hi", "colour": 1}"#, 422, "unknown_field", None),
+    ("/v1/jobs", r#"{"prompt": "hi", "parameters": {"max_new_tokens": 0}}"#, 422, "invalid_parameter", None),
+    ("/v1/jobs", r#"{"prompt": "$$$"}"#, 422, "prompt_empty", None),
+    ("/v1/jobs", r#"{"prompt": "hi", "version": 2}"#, 422, "unsupported_version", None),
+    ("/v1/jobs", r#"{"prompt": "hi", "messages": [{"role": "user", "content": "x"}]}"#, 422, "invalid_parameter", None),
+    ("/run", r#"{"data": "x", "num_tokens": 0}"#, 422, "invalid_parameter", None),
+    ("/run", r#"{"data": "x", "decoding_strategy": "telepathy"}"#, 422, "invalid_parameter", None),
+    ("/v1/completions", r#"{"model": "gpt-4", "prompt": "hi"}"#, 404, "model_not_found", Some("model")),
+    ("/v1/completions", r#"{"model": "gpt-j", "prompt": "hi", "temperature": -1}"#, 400, "invalid_parameter", Some("temperature")),
+    ("/v1/completions", r#"{"model": "gpt-j", "prompt": "hi", "logprobs": 3}"#, 400, "invalid_parameter", Some("logprobs")),
+    ("/v1/completions", r#"{"model": "gpt-j", "prompt": "hi", "n": 9}"#, 400, "invalid_parameter", Some("n")),
+    ("/v1/completions", r#"{"model": "gpt-j", "prompt": "hi", "wat": 1}"#, 400, "unknown_field", Some("wat")),
+    ("/v1/chat/completions", r#"{"model": "gpt-j", "messages": [], "max_tokens": 3}"#, 400, "invalid_parameter", Some("messages")),
+    ("/v1/chat/completions", "{", 400, "invalid_json", None),
+];
+
 #[tokio::test]
-async fn malformed_submissions_are_refused_naming_the_problem() {
-    let r = router(&[]);
-    let cases: &[(&str, &str, StatusCode, &str)] = &[
-        (
-            "/v1/jobs",
-            "{\"prompt\": ",
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-        ),
-        (
-            "/v1/jobs",
-            r#"{"prompt": "hi", "colour": 1}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "unknown_field",
-        ),
-        (
-            "/v1/jobs",
-            r#"{"prompt": "hi", "parameters": {"max_new_tokens": 0}}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_parameter",
-        ),
-        (
-            "/v1/jobs",
-            r#"{"prompt": "$$$"}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "prompt_empty",
-        ),
-        (
-            "/v1/jobs",
-            r#"{"prompt": "hi", "version": 2}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "unsupported_version",
-        ),
-        (
-            "/v1/jobs",
-            r#"{"prompt": "hi", "messages": [{"role": "user", "content": "x"}]}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_parameter",
-        ),
-        (
-            "/run",
-            r#"{"data": "x", "num_tokens": 0}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_parameter",
-        ),
-        (
-            "/run",
-            r#"{"data": "x", "decoding_strategy": "telepathy"}"#,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_parameter",
-        ),
-    ];
-    for (path, body, status, code) in cases {
+async fn malformed_requests_are_refused_naming_the_problem_in_each_routes_shape() {
+    let r = router(&["--served-model-name", "gpt-j"]);
+    for (path, body, status, code, param) in REFUSALS {
         let (got, _, json) = call(&r, post(path, body)).await;
+        let openai = path.starts_with("/v1/completions") || path.starts_with("/v1/chat/");
+        let e = if openai { &json["error"] } else { &json };
         assert_eq!(
-            (got, json["code"].as_str()),
+            (got.as_u16(), e["code"].as_str()),
             (*status, Some(*code)),
             "{path} {body}: {json}"
         );
-        assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{json}");
+        if openai {
+            assert_eq!(e["type"], "invalid_request_error", "{json}");
+            assert_eq!(e["param"].as_str(), *param, "{json}");
+        }
     }
     let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(70_000));
     let (status, _, json) = call(&r, post("/v1/jobs", &big)).await;
     assert_eq!(
         (status, json["code"].as_str()),
         (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
+    );
+    let (status, _, json) = call(&r, get("/v1/models")).await;
+    assert_eq!(
+        (status, json["data"][0]["id"].as_str()),
+        (StatusCode::OK, Some("gpt-j"))
     );
 }
 
@@ -170,79 +152,6 @@ async fn with_keys_on_a_missing_or_wrong_key_is_401_before_anything_else() {
         json["error"]["type"], "authentication_error",
         "OpenAI's shape on its routes: {json}"
     );
-}
-
-#[tokio::test]
-async fn openai_routes_refuse_in_openais_shape() {
-    let r = router(&["--served-model-name", "gpt-j"]);
-    let cases: &[(&str, &str, StatusCode, &str, Option<&str>)] = &[
-        (
-            "/v1/completions",
-            r#"{"model": "gpt-4", "prompt": "hi"}"#,
-            StatusCode::NOT_FOUND,
-            "model_not_found",
-            Some("model"),
-        ),
-        (
-            "/v1/completions",
-            r#"{"model": "gpt-j", "prompt": "hi", "temperature": -1}"#,
-            StatusCode::BAD_REQUEST,
-            "invalid_parameter",
-            Some("temperature"),
-        ),
-        (
-            "/v1/completions",
-            r#"{"model": "gpt-j", "prompt": "hi", "logprobs": 3}"#,
-            StatusCode::BAD_REQUEST,
-            "invalid_parameter",
-            Some("logprobs"),
-        ),
-        (
-            "/v1/completions",
-            r#"{"model": "gpt-j", "prompt": "hi", "n": 9}"#,
-            StatusCode::BAD_REQUEST,
-            "invalid_parameter",
-            Some("n"),
-        ),
-        (
-            "/v1/completions",
-            r#"{"model": "gpt-j", "prompt": "hi", "wat": 1}"#,
-            StatusCode::BAD_REQUEST,
-            "unknown_field",
-            Some("wat"),
-        ),
-        (
-            "/v1/chat/completions",
-            r#"{"model": "gpt-j", "messages": [], "max_tokens": 3}"#,
-            StatusCode::BAD_REQUEST,
-            "invalid_parameter",
-            None,
-        ),
-        (
-            "/v1/chat/completions",
-            "{",
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            None,
-        ),
-    ];
-    for (path, body, status, code, param) in cases {
-        let (got, _, json) = call(&r, post(path, body)).await;
-        let e = &json["error"];
-        assert_eq!(
-            (got, e["code"].as_str()),
-            (*status, Some(*code)),
-            "{path} {body}: {json}"
-        );
-        if let Some(param) = param {
-            assert_eq!(e["param"].as_str(), Some(*param), "{json}");
-        }
-        assert_eq!(e["type"], "invalid_request_error", "{json}");
-        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
-    }
-    let (status, _, json) = call(&r, get("/v1/models")).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(json["data"][0]["id"], "gpt-j");
 }
 
 #[tokio::test]

@@ -338,7 +338,7 @@ fn run_loop(generator: &dyn Generator, settings: &BatchSettings, mut rx: mpsc::U
                     };
                     if let Ok(c) = &result {
                         // Beam search reports its tokens only here.
-                        metrics::tokens(c.token_ids.len().saturating_sub(job.reported));
+                        metrics::tokens(c.generation.token_ids.len().saturating_sub(job.reported));
                         metrics::job_finished(c);
                     }
                     let outcome = result.map(|completion| FinishedJob {
@@ -438,12 +438,14 @@ pub(crate) mod solo {
     pub(crate) fn completion(text: String, tokens: usize) -> Completion {
         Completion {
             prompt: None,
-            text,
-            token_ids: vec![7; tokens],
-            finish_reason: FinishReason::Length,
-            prompt_tokens: 1,
-            prefill_ms: 0,
-            decode_ms: 0,
+            generation: crate::engine::Generation {
+                text,
+                token_ids: vec![7; tokens],
+                finish_reason: FinishReason::Length,
+                prompt_tokens: 1,
+                prefill_ms: 0,
+                decode_ms: 0,
+            },
             time_to_first_token_ms: 0,
             batch_size: 1,
         }
@@ -514,8 +516,8 @@ pub(crate) mod tests {
             .await
             .unwrap();
         let out = run(&engine, "hi").await.unwrap();
-        assert_eq!(out.completion.text, " hi");
-        assert_eq!(out.completion.token_ids.len(), 3);
+        assert_eq!(out.completion.generation.text, " hi");
+        assert_eq!(out.completion.generation.token_ids.len(), 3);
         let engine_thread = seen.lock().unwrap().unwrap();
         assert_ne!(engine_thread, std::thread::current().id());
     }

@@ -4,8 +4,10 @@
 //! A leaf of the service: the engine thread, the real engine behind it, the metrics and the session all
 //! speak these types, and none of them has to depend on another to do so.
 
+use shared::ErrorBody;
 use shared::chat::ChatMessage;
-use shared::{ErrorBody, FinishReason};
+
+use crate::engine::Generation;
 
 /// What a job asks the engine to continue.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,20 +18,13 @@ pub enum Input {
     Chat(Vec<ChatMessage>),
 }
 
-/// What the running batch produced for one job, ready for its `job.succeeded` reply.
+/// What the running batch produced for one job, ready for its `job.succeeded` reply: the generation (its
+/// `prefill_ms` runs from joining the batch to the first token), and what only a batch knows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
     /// The prompt the model saw, when the engine built it (a rendered conversation).
     pub prompt: Option<String>,
-    /// The continuation only (stop sequence excluded).
-    pub text: String,
-    pub token_ids: Vec<u32>,
-    pub finish_reason: FinishReason,
-    pub prompt_tokens: usize,
-    /// Joining the batch (the prompt's prefill) to the first token.
-    pub prefill_ms: u64,
-    /// The first token to the last.
-    pub decode_ms: u64,
+    pub generation: Generation,
     /// Reaching the engine to the first token (beam search: to its answer).
     pub time_to_first_token_ms: u64,
     /// The most sequences the running batch held while this job was in it.

@@ -11,7 +11,7 @@ use super::error::ServeError;
 use super::generator::{BatchSettings, Batcher, Detokenizer, Generator, JobEvent};
 use super::job::{Completion, Input};
 use crate::decoding::{DecodeError, Event, Limits, Request, Scheduler, Stats, StopChecker};
-use crate::engine::{Engine, EngineError, EngineOptions};
+use crate::engine::{Engine, EngineError, EngineOptions, Generation};
 
 /// The engine options the flags describe; bad values are reported before anything loads.
 pub fn engine_options(args: &ServeArgs) -> Result<EngineOptions, ServeError> {
@@ -108,12 +108,14 @@ impl Batcher for EngineBatch<'_> {
                             let ttft = f.time_to_first_token.saturating_sub(f.queued);
                             Ok(Completion {
                                 prompt,
-                                text,
-                                token_ids: d.tokens.iter().map(|&t| t as u32).collect(),
-                                finish_reason: d.finish_reason,
-                                prompt_tokens: f.prompt_tokens,
-                                prefill_ms: ttft.as_millis() as u64,
-                                decode_ms: f.inference.saturating_sub(ttft).as_millis() as u64,
+                                generation: Generation {
+                                    text,
+                                    token_ids: d.tokens.iter().map(|&t| t as u32).collect(),
+                                    finish_reason: d.finish_reason,
+                                    prompt_tokens: f.prompt_tokens,
+                                    prefill_ms: ttft.as_millis() as u64,
+                                    decode_ms: f.inference.saturating_sub(ttft).as_millis() as u64,
+                                },
                                 time_to_first_token_ms: f.time_to_first_token.as_millis() as u64,
                                 batch_size: f.batch_size,
                             })

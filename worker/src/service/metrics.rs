@@ -84,12 +84,13 @@ pub fn job_cancelled() {
 /// After each successful job.
 pub fn job_finished(c: &Completion) {
     histogram!(TIME_TO_FIRST_TOKEN).record(c.time_to_first_token_ms as f64 / 1e3);
-    if c.token_ids.len() > 1 {
-        let per_token = c.decode_ms as f64 / 1e3 / (c.token_ids.len() - 1) as f64;
+    let g = &c.generation;
+    if g.token_ids.len() > 1 {
+        let per_token = g.decode_ms as f64 / 1e3 / (g.token_ids.len() - 1) as f64;
         histogram!(INTER_TOKEN).record(per_token);
     }
-    counter!(PROMPT_TOKENS).increment(c.prompt_tokens as u64);
-    let reason = match c.finish_reason {
+    counter!(PROMPT_TOKENS).increment(g.prompt_tokens as u64);
+    let reason = match g.finish_reason {
         shared::FinishReason::Length => "length",
         shared::FinishReason::Eos => "eos",
         shared::FinishReason::Stop => "stop",
