@@ -71,8 +71,17 @@ ensure_browser() {
 # Deletes a namespace's queues and Redis keys (what a benchmark run created): delete_namespace NS [REDIS_URL].
 delete_namespace() {
   local ns="$1" redis="${2:-redis://127.0.0.1:6379/}"
-  for q in "$ns.jobs" "$ns.jobs.dead" "$ns.replies"; do
-    rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
-  done
+  # Through the broker with pika (in the venv): queues, the control exchange and the cancellations stream.
+  NS="$ns" "$VENV/bin/python" - <<'PY' >/dev/null 2>&1 || true
+import os
+import pika
+ns = os.environ["NS"]
+url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+conn = pika.BlockingConnection(pika.URLParameters(url))
+for queue in (f"{ns}.jobs", f"{ns}.jobs.dead", f"{ns}.replies", f"{ns}.cancellations"):
+    conn.channel().queue_delete(queue)
+conn.channel().exchange_delete(f"{ns}.control")
+conn.close()
+PY
   redis-cli -u "$redis" --scan --pattern "$ns:*" | xargs -r -n 500 redis-cli -u "$redis" del >/dev/null || true
 }

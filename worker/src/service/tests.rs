@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
@@ -177,15 +177,7 @@ async fn next_reply(consumer: &mut Consumer) -> (String, Option<String>, JobRepl
 
 async fn delete_queues(url: &str, topology: &Topology) {
     let (conn, ch) = channel(url).await;
-    for q in [
-        topology.jobs_queue(),
-        topology.dead_letter_queue(),
-        topology.replies_queue(),
-    ] {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
+    let _ = topology.delete(&ch).await;
     let _ = conn.close(200, "".into()).await;
 }
 
