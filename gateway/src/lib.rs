@@ -10,6 +10,7 @@ pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod dead_letters;
 pub mod decision;
 pub mod error;
 pub mod follow;

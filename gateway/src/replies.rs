@@ -12,14 +12,15 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
 use shared::{JobReply, Topology};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::dead_letters;
 use crate::store::{Appended, JobStore};
 use crate::telemetry as m;
 
@@ -63,26 +64,50 @@ impl ReplyConsumer {
                 return;
             }
         };
-        tracing::info!(%queue, "consuming replies");
+        let dead_queue = self.topology.dead_letter_queue();
+        let dead = match channel
+            .basic_consume(
+                dead_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, queue = %dead_queue, "cannot consume dead letters");
+                return;
+            }
+        };
+        tracing::info!(%queue, dead_letters = %dead_queue, "consuming replies and dead letters");
+        let consumer = futures::stream::select(
+            consumer.map(|d| (Source::Reply, d)),
+            dead.map(|d| (Source::DeadLetter, d)),
+        );
         // Replies are handled concurrently, but one job's in order (started, tokens, final): each job's go
         // to one lane, by its correlation id, and a lane takes one reply at a time.
         let lanes = usize::from(prefetch).clamp(1, MAX_LANES);
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..lanes)
-            .map(|_| mpsc::channel::<Delivery>(usize::from(prefetch).max(1)))
+            .map(|_| mpsc::channel::<(Source, Delivery)>(usize::from(prefetch).max(1)))
             .unzip();
         let cancel = &cancel;
+        let channel = &channel;
         let workers = receivers.into_iter().map(|mut rx| async move {
-            while let Some(delivery) = rx.recv().await {
-                self.handle(delivery, cancel).await;
+            while let Some((source, delivery)) = rx.recv().await {
+                match source {
+                    Source::Reply => self.handle(delivery, cancel).await,
+                    Source::DeadLetter => self.dead_letter(channel, delivery, cancel).await,
+                }
             }
         });
         let dispatch = async move {
             let mut consumer = std::pin::pin!(consumer.take_until(cancel.cancelled()));
-            while let Some(delivery) = consumer.next().await {
+            while let Some((source, delivery)) = consumer.next().await {
                 match delivery {
                     Ok(delivery) => {
                         let lane = lane(&delivery, lanes);
-                        if senders[lane].send(delivery).await.is_err() {
+                        if senders[lane].send((source, delivery)).await.is_err() {
                             return;
                         }
                     }
@@ -110,9 +135,49 @@ impl ReplyConsumer {
             ack(&delivery).await;
             return;
         }
+        self.record(&reply, &delivery, cancel).await;
+    }
+
+    /// A job the broker gave up on: its record (or, for an AMQP producer's job, its producer) learns why.
+    async fn dead_letter(&self, channel: &Channel, delivery: Delivery, cancel: &CancellationToken) {
+        let Some((reply, reply_to)) = dead_letters::failure(&delivery) else {
+            tracing::warn!("dropping a dead letter without a job id");
+            metrics::counter!(m::REPLIES_DROPPED).increment(1);
+            ack(&delivery).await;
+            return;
+        };
+        tracing::info!(job = ?reply.job_id(), reply_to = ?reply_to, "a job was dead-lettered");
+        match reply_to {
+            Some(to) if to != self.topology.replies_queue() => {
+                let props = BasicProperties::default()
+                    .with_type(reply.kind().into())
+                    .with_correlation_id(delivery.properties.correlation_id().clone().unwrap_or_default())
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2);
+                let body = serde_json::to_vec(&reply).unwrap_or_default();
+                if let Err(e) = channel
+                    .basic_publish(
+                        "".into(),
+                        to.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        props,
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not tell a producer its job was dead-lettered");
+                }
+                ack(&delivery).await;
+            }
+            _ => self.record(&reply, &delivery, cancel).await,
+        }
+    }
+
+    /// Applies one reply to its job's record, retrying while Redis refuses, then acknowledges it.
+    async fn record(&self, reply: &JobReply, delivery: &Delivery, cancel: &CancellationToken) {
         let gap_deadline = tokio::time::Instant::now() + GAP_WAIT;
         loop {
-            let applied = match &reply {
+            let applied = match reply {
                 JobReply::Token(chunk) => self.store.append(chunk).await.map(|appended| match appended {
                     Appended::Gap if tokio::time::Instant::now() < gap_deadline => None,
                     Appended::Gap => {
@@ -121,13 +186,13 @@ impl ReplyConsumer {
                     }
                     other => Some(other == Appended::Added),
                 }),
-                _ => self.store.apply(&reply).await.map(Some),
+                _ => self.store.apply(reply).await.map(Some),
             };
             match applied {
                 Ok(None) => tokio::time::sleep(GAP_POLL).await,
                 Ok(Some(changed)) => {
                     if changed {
-                        let outcome = match &reply {
+                        let outcome = match reply {
                             JobReply::Started(_) => "started",
                             JobReply::Succeeded(_) => "succeeded",
                             JobReply::Failed(_) => "failed",
@@ -138,7 +203,7 @@ impl ReplyConsumer {
                             metrics::counter!(m::JOBS, "outcome" => outcome).increment(1);
                         }
                     }
-                    ack(&delivery).await;
+                    ack(delivery).await;
                     return;
                 }
                 Err(e) => {
@@ -152,6 +217,13 @@ impl ReplyConsumer {
             }
         }
     }
+}
+
+/// Which queue a delivery came from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Reply,
+    DeadLetter,
 }
 
 /// Lanes at most: enough to keep Redis busy, few enough that a lane's queue stays short.

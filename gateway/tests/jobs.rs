@@ -568,3 +568,100 @@ async fn the_gateway_reconnects_when_the_broker_drops_its_connection() {
     poll_until(&env, &gw, &id, "succeeded").await;
     env.finish().await;
 }
+
+#[tokio::test]
+async fn a_job_that_expires_in_the_queue_ends_failed_as_expired_and_run_answers_at_once() {
+    let mut env = TestEnv::new();
+    let mut flags = GENEROUS.to_vec();
+    flags.extend(["--job-expiration-ms", "300", "--queue-stats-cache-ms", "0"]);
+    let gw = env.gateway(&flags).await;
+    // No worker: the broker dead-letters the job after 300 ms, and the gateway reads why.
+    let (status, body) = submit(&env.http, &gw, json!({"prompt": "nobody will take this"})).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let mut view = poll(&env, &gw, &id).await;
+    for _ in 0..100 {
+        if view["status"] != "queued" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        view = poll(&env, &gw, &id).await;
+    }
+    assert_eq!(view["status"], "failed", "{view}");
+    assert_eq!(view["error"]["code"], "expired", "{view}");
+    assert_eq!(view["worker_id"], "broker", "{view}");
+    let (_, q) = json(env.http.get(gw.url("/v1/queue")).send().await.unwrap()).await;
+    assert_eq!(
+        (q["depth"].clone(), q["running"].clone()),
+        (json!(0), json!(0)),
+        "{q}"
+    );
+
+    // `/run` on such a job answers when it expires, not at its timeout.
+    let started = std::time::Instant::now();
+    let r = env
+        .http
+        .post(gw.url("/run"))
+        .json(&json!({"data": "nobody will take this either"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "expired", "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn an_amqp_producers_job_that_expires_gets_its_job_failed_from_the_gateway() {
+    let mut env = TestEnv::new();
+    let _gw = env.gateway(GENEROUS).await;
+    let (conn, ch) = amqp().await;
+    let own = ch
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let id = JobId::new_random().to_string();
+    let body = serde_json::to_vec(&JobRequest::new("expire me", Default::default())).unwrap();
+    ch.basic_publish(
+        "".into(),
+        env.jobs_queue().as_str().into(),
+        lapin::options::BasicPublishOptions::default(),
+        &body,
+        lapin::BasicProperties::default()
+            .with_correlation_id(id.as_str().into())
+            .with_reply_to(own.name().clone())
+            .with_expiration("300".into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    // No worker takes it; once it expires the gateway answers on the producer's own queue.
+    let msg = take(&ch, own.name().as_str()).await;
+    assert_eq!(
+        msg.delivery.properties.kind().as_ref().map(|k| k.as_str()),
+        Some("job.failed")
+    );
+    let reply: Value = serde_json::from_slice(&msg.delivery.data).unwrap();
+    assert_eq!(
+        (reply["job_id"].as_str(), reply["error"]["code"].as_str()),
+        (Some(id.as_str()), Some("expired")),
+        "{reply}"
+    );
+    let _ = conn.close(200, "".into()).await;
+    env.finish().await;
+}

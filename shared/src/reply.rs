@@ -52,6 +52,12 @@ pub enum ErrorCode {
     Cancelled,
     /// An OpenAI-compatible request named a model this deployment does not serve.
     ModelNotFound,
+    /// The job waited in the queue past its expiration (`--job-expiration-ms`) and no worker took it.
+    Expired,
+    /// The job was delivered as often as `--delivery-limit` allows without an answer.
+    DeliveryLimit,
+    /// The broker dead-lettered the job for another reason (refused, or the queue was full).
+    Rejected,
 }
 
 /// `{code, message}`: the error shape everywhere.
