@@ -6,7 +6,8 @@
 //! and turns each message into the `job.failed` the job never got, with a stable code from the broker's
 //! `x-death` header. A gateway job's record takes it (a final state a worker's earlier `job.failed` would have
 //! already set is kept); an AMQP producer's job gets the reply on its own `reply_to`, so every accepted job
-//! ends in a true state wherever it came from.
+//! ends in a true state wherever it came from. A message a worker refused (`rejected`) was answered by that
+//! worker before it was rejected, and gets no second answer.
 
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};

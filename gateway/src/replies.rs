@@ -147,7 +147,10 @@ impl ReplyConsumer {
             return;
         };
         tracing::info!(job = ?reply.job_id(), reply_to = ?reply_to, "a job was dead-lettered");
+        // A worker answers the messages it refuses before it rejects them: those need no second answer.
+        let answered = matches!(&reply, JobReply::Failed(f) if f.error.code == shared::ErrorCode::Rejected);
         match reply_to {
+            Some(to) if to != self.topology.replies_queue() && answered => ack(&delivery).await,
             Some(to) if to != self.topology.replies_queue() => {
                 let props = BasicProperties::default()
                     .with_type(reply.kind().into())
