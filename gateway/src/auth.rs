@@ -114,21 +114,36 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     if !is_trusted(peer) {
         return peer;
     }
-    let hops: Vec<IpAddr> = headers
+    let hops: Vec<Option<IpAddr>> = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|hop| hop.trim().parse().ok())
+        .map(hop_address)
         .collect();
+    // From the nearest hop outwards, while the hops are our proxies. A hop that cannot be read (`unknown`, an
+    // obfuscated name) ends the walk at the proxy that wrote it: what is left of it may be made up, so a
+    // spoofed address there must never become the client.
     let mut client = peer;
     for hop in hops.into_iter().rev() {
+        let Some(hop) = hop else {
+            break;
+        };
         client = hop;
         if !is_trusted(hop) {
             break;
         }
     }
     client
+}
+
+/// One `X-Forwarded-For` hop: an address, `ip:port`, or `[v6]:port`; `None` when it is none of these.
+fn hop_address(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    hop.parse::<std::net::SocketAddr>().ok().map(|s| s.ip())
 }
 
 /// Who a request counts against.
@@ -145,9 +160,13 @@ impl ClientId {
             // 128 bits of the digest are plenty to keep clients apart and keep keys short.
             Self::Key(d) => format!("key:{}", &d.hex()[..32]),
             Self::Ip(IpAddr::V4(ip)) => format!("ip:{ip}"),
+            // An IPv6 client usually holds a whole /64: keyed per address, it would have 2^64 budgets.
             Self::Ip(IpAddr::V6(ip)) => match ip.to_ipv4_mapped() {
                 Some(v4) => format!("ip:{v4}"),
-                None => format!("ip:{ip}"),
+                None => {
+                    let s = ip.segments();
+                    format!("ip6:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+                }
             },
         }
     }
@@ -264,5 +283,44 @@ mod tests {
         assert!(is_trusted(&[parse_net("::1").unwrap()], "::1".parse().unwrap()));
         assert!(parse_net("10.0.0.0/33").is_err());
         assert!(parse_net("proxy.local").is_err());
+    }
+
+    #[test]
+    fn forwarded_hops_with_ports_are_read_and_an_unreadable_hop_ends_the_walk() {
+        let proxy = [parse_net("10.0.0.0/8").unwrap()];
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let with = |xff: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-for", xff.parse().unwrap());
+            client_ip(peer, &h, &proxy)
+        };
+        assert_eq!(
+            with("203.0.113.7:51234"),
+            "203.0.113.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            with("[2001:db8::5]:443"),
+            "2001:db8::5".parse::<IpAddr>().unwrap()
+        );
+        // A spoofed hop left of an unreadable one is never the client: the walk stops at the proxy.
+        assert_eq!(with("198.51.100.9, unknown"), peer);
+        assert_eq!(with("198.51.100.9, 10.0.0.2:80, unknown"), peer);
+        assert_eq!(
+            with("198.51.100.9, 203.0.113.7:1"),
+            "203.0.113.7".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_their_64_bit_prefix() {
+        let a = ClientId::Ip("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = ClientId::Ip("2001:db8:1:2:bbbb::9".parse().unwrap());
+        let c = ClientId::Ip("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a.key_part(), b.key_part());
+        assert_ne!(a.key_part(), c.key_part());
+        assert_eq!(
+            ClientId::Ip("::ffff:192.0.2.1".parse().unwrap()).key_part(),
+            "ip:192.0.2.1"
+        );
     }
 }
