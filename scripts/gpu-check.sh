@@ -65,11 +65,11 @@ step "2. random GPT-J-6B checkpoint (float16, sharded safetensors)"
 if [ ! -f "$MODEL/model.safetensors.index.json" ]; then
   python3 scripts/gpu_check.py make-checkpoint "$MODEL" || exit 1
 fi
-cp worker/assets/gptj-tokenizer.json "$MODEL/tokenizer.json"
+cp shared/assets/gptj-tokenizer.json "$MODEL/tokenizer.json"
 du -sh "$MODEL"
 # The batching prompt: whole words, exactly $BATCH_IN tokens as the worker encodes it (`worker generate` takes
 # the prompt as is, no special tokens added).
-python3 scripts/gpu_check.py make-prompt worker/assets/gptj-tokenizer.json "$BATCH_IN" "$OUT/batch-prompt.txt" || exit 1
+python3 scripts/gpu_check.py make-prompt shared/assets/gptj-tokenizer.json "$BATCH_IN" "$OUT/batch-prompt.txt" || exit 1
 BATCH_PROMPT="$(cat "$OUT/batch-prompt.txt")"
 export GPU_CHECK_BATCH_PROMPT="$OUT/batch-prompt.txt"
 

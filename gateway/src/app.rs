@@ -30,6 +30,8 @@ pub struct App {
     pub read_limiter: Limiter,
     pub metrics: Option<PrometheusHandle>,
     pub openapi: serde_json::Value,
+    /// Refuses jobs that cannot fit the model's context.
+    pub context: crate::context::ContextCheck,
     /// When this replica started, in Unix seconds (the OpenAI model list's `created`).
     pub started_at_s: u64,
 }
@@ -55,6 +57,8 @@ impl App {
         caller: &Caller,
     ) -> Result<(Accepted, Option<Decision>), ApiError> {
         let mut job = request.into_valid(&self.settings.prompt_rules)?;
+        // Before the rate limiter: a job that cannot run must not spend the client's budget.
+        self.context.check(&job)?;
         let submitted_at_ms = now_ms();
         job.submitted_at_ms = Some(submitted_at_ms);
         let body = serde_json::to_vec(&job.to_request()).map_err(|e| ApiError::Internal(e.to_string()))?;

@@ -82,6 +82,13 @@ pub struct Config {
     /// an answer nobody will read.
     #[arg(long, env = "CANCEL_ON_DISCONNECT", default_value_t = true, action = clap::ArgAction::Set)]
     pub cancel_on_disconnect: bool,
+    /// The served model's `tokenizer.json`, to count prompt tokens [default: GPT-J's, bundled].
+    #[arg(long, env = "TOKENIZER")]
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// The served model's context in tokens: a job whose prompt tokens plus `max_new_tokens` exceed it is
+    /// refused (422 `context_overflow`) before it is queued or charged.
+    #[arg(long, env = "CONTEXT_LENGTH", default_value_t = 2048)]
+    pub context_length: usize,
     /// The model name the OpenAI-compatible routes serve (`GET /v1/models`, the `model` field).
     #[arg(long, env = "SERVED_MODEL_NAME", default_value = "EleutherAI/gpt-j-6b")]
     pub served_model_name: String,
@@ -214,6 +221,7 @@ pub struct Settings {
     pub cancel_on_disconnect: bool,
     pub served_model_name: String,
     pub consume_replies: bool,
+    pub context_length: usize,
     pub body_limit_bytes: usize,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
@@ -323,6 +331,7 @@ impl Config {
                 name => name.to_owned(),
             },
             consume_replies: self.consume_replies,
+            context_length: positive("context-length", self.context_length as u64)? as usize,
             body_limit_bytes: positive("body-limit-bytes", self.body_limit_bytes as u64)? as usize,
             header_read_timeout: Duration::from_millis(positive(
                 "header-read-timeout-ms",

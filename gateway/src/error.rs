@@ -31,6 +31,15 @@ pub enum ApiError {
     BodyTimeout,
     #[error("`{0}` is not a job id (expected a UUID)")]
     InvalidJobId(String),
+    #[error(
+        "the prompt has {prompt_tokens} tokens; with max_new_tokens {max_new_tokens} that exceeds the model's \
+         context of {context_length} positions"
+    )]
+    ContextOverflow {
+        prompt_tokens: usize,
+        max_new_tokens: usize,
+        context_length: usize,
+    },
     #[error("no such job")]
     NotFound,
     #[error("the model `{0}` does not exist; GET /v1/models lists the one served here")]
@@ -87,6 +96,7 @@ impl ApiError {
             BodyTimeout => (StatusCode::REQUEST_TIMEOUT, ErrorCode::Timeout),
             InvalidJobId(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidJobId),
             NotFound => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            ContextOverflow { .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::ContextOverflow),
             ModelNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::ModelNotFound),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed),
             NoRoute => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
@@ -136,6 +146,7 @@ impl ApiError {
             ApiError::InvalidJob(shared::job::InvalidJob::Version(_)) => Some("version".to_owned()),
             ApiError::InvalidJob(_) => Some("messages".to_owned()),
             ApiError::ModelNotFound(_) => Some("model".to_owned()),
+            ApiError::ContextOverflow { .. } => Some("parameters.max_new_tokens".to_owned()),
             _ => None,
         }
     }

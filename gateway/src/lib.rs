@@ -10,6 +10,7 @@ pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod context;
 pub mod dead_letters;
 pub mod decision;
 pub mod error;
@@ -80,6 +81,8 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
         settings.read_on_error,
     );
     let openapi = openapi::document(&settings.served_model_name);
+    let context = context::ContextCheck::new(config.tokenizer.as_deref(), settings.context_length)
+        .map_err(Error::Config)?;
     Ok(Arc::new(app::App {
         settings,
         store,
@@ -89,6 +92,7 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
         read_limiter,
         metrics,
         openapi,
+        context,
         started_at_s: shared::reply::now_ms() / 1000,
     }))
 }

