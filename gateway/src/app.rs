@@ -72,20 +72,31 @@ impl App {
             owner: owner.as_deref(),
             submitted_at_ms,
         });
-        let decision = match self.submit_limiter.admit_and_record(caller, &record).await {
-            Ok((decision, _)) if decision.admitted => Some(decision),
+        // Not connected, the job cannot be published: refuse before the limiter charges the client for it.
+        if !self.broker.connected() {
+            return Err(ApiError::unavailable("broker", "not connected"));
+        }
+        let (decision, admission) = match self.submit_limiter.admit_and_record(caller, &record).await {
+            Ok((decision, admission)) if decision.admitted => (Some(decision), Some(admission)),
             Ok((decision, _)) => return Err(ApiError::RateLimited(decision)),
             Err(e) => match self.submit_limiter.on_error() {
                 FailMode::Closed => return Err(ApiError::unavailable("rate limiter", e)),
-                FailMode::Open => None,
+                FailMode::Open => (None, None),
             },
         };
         if let Err(e) = self.broker.publish(id, &body).await {
             metrics::counter!(m::JOBS, "outcome" => "publish_failed").increment(1);
             let store = self.store.clone();
+            let limiter = self.submit_limiter.clone();
+            let caller = caller.clone();
             tokio::spawn(async move {
                 if let Err(e) = store.delete(id).await {
                     tracing::warn!(error = %e, %id, "could not remove the record of an unpublished job");
+                }
+                if let Some(admission) = admission
+                    && let Err(e) = limiter.refund(&caller, &admission).await
+                {
+                    tracing::warn!(error = %e, %id, "could not give back the admission of an unpublished job");
                 }
             });
             return Err(ApiError::unavailable("broker", e));

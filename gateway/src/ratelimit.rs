@@ -124,16 +124,37 @@ impl Limiter {
     }
 
     /// Asks whether `caller` may submit and, if so, writes the job's record in the same atomic call.
-    /// Returns the decision and the job's submission number (0 when refused).
+    /// Returns the decision and the admission (to [`Limiter::refund`] if the job is not taken after all).
     pub async fn admit_and_record(
         &self,
         caller: &Caller,
         record: &NewRecord,
-    ) -> Result<(Decision, u64), RedisError> {
+    ) -> Result<(Decision, Admission), RedisError> {
         self.run(caller, Some(record)).await
     }
 
-    async fn run(&self, caller: &Caller, record: Option<&NewRecord>) -> Result<(Decision, u64), RedisError> {
+    /// Gives an admission back: the request it let through was refused for the gateway's own trouble (the
+    /// broker would not take the job), which must not cost the client its budget.
+    pub async fn refund(&self, caller: &Caller, admission: &Admission) -> Result<(), RedisError> {
+        let key = self.key(caller);
+        let member = admission.member.clone();
+        self.redis
+            .call(|mut c| async move {
+                redis::cmd("ZREM")
+                    .arg(key)
+                    .arg(member)
+                    .query_async::<i64>(&mut c)
+                    .await
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn run(
+        &self,
+        caller: &Caller,
+        record: Option<&NewRecord>,
+    ) -> Result<(Decision, Admission), RedisError> {
         let class = self.class.name();
         let result = self.invoke(caller, record).await;
         match &result {
@@ -155,7 +176,7 @@ impl Limiter {
         &self,
         caller: &Caller,
         record: Option<&NewRecord>,
-    ) -> Result<(Decision, u64), RedisError> {
+    ) -> Result<(Decision, Admission), RedisError> {
         // The member must be unique per admission; the score carries the time.
         let member = format!("{:016x}", rand::random::<u64>());
         let window_us = self.limit.window.as_micros() as u64;
@@ -164,7 +185,7 @@ impl Limiter {
             .key(self.key(caller))
             .arg(window_us)
             .arg(self.limit.limit)
-            .arg(member);
+            .arg(member.as_str());
         if let Some(r) = record {
             invocation.key(&r.key).key(&r.seq_key).arg(r.ttl_ms);
             for (field, value) in &r.fields {
@@ -182,8 +203,16 @@ impl Limiter {
             remaining: remaining.max(0) as u32,
             reset: Duration::from_micros(reset_us.max(0) as u64),
         };
-        Ok((decision, seq))
+        Ok((decision, Admission { seq, member }))
     }
+}
+
+/// One admission in a client's window.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// The job's submission number (0 when refused).
+    pub seq: u64,
+    member: String,
 }
 
 /// Middleware: checks the caller (put in extensions by the auth layer) against the class's limit.

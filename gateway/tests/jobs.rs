@@ -665,3 +665,25 @@ async fn an_amqp_producers_job_that_expires_gets_its_job_failed_from_the_gateway
     let _ = conn.close(200, "".into()).await;
     env.finish().await;
 }
+
+#[tokio::test]
+async fn submissions_refused_for_the_gateways_own_trouble_spend_no_rate_quota() {
+    let mut env = TestEnv::new();
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", common::closed_port());
+    let gw = env
+        .gateway_with(
+            &["--amqp-url", url.as_str(), "--submit-rate-limit", "2/60s"],
+            false,
+        )
+        .await;
+    // With the broker unreachable every submission is 503; none uses up the budget of two.
+    for _ in 0..4 {
+        let (status, body) = submit(&env.http, &gw, json!({"prompt": "hello"})).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (503, Some("unavailable")),
+            "{body}"
+        );
+    }
+    env.finish().await;
+}
