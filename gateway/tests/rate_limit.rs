@@ -226,3 +226,28 @@ async fn a_hung_redis_cannot_hang_requests() {
     );
     env.finish().await;
 }
+
+#[tokio::test]
+async fn wrong_keys_are_rate_limited_per_address_so_they_cannot_be_guessed_at_speed() {
+    let mut env = TestEnv::new();
+    let gw = env
+        .gateway(&["--api-keys", "the-right-key", "--read-rate-limit", "3/60s"])
+        .await;
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let r = env
+            .http
+            .get(gw.url("/v1/queue"))
+            .header("authorization", format!("Bearer guess-{i}"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(
+        statuses,
+        vec![401, 401, 401, 429, 429],
+        "the fourth guess is refused unread"
+    );
+    env.finish().await;
+}

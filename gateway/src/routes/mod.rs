@@ -126,7 +126,19 @@ fn peer(request: &Request) -> IpAddr {
 async fn require_key(State(app): State<AppState>, mut request: Request, next: Next) -> Response {
     let key = match app.settings.api_keys.check(request.headers()) {
         Ok(key) => key,
-        Err(AuthError::Missing | AuthError::Invalid) => return ApiError::Unauthorized.into_response(),
+        Err(AuthError::Missing | AuthError::Invalid) => {
+            // Failed attempts count against the address's read budget, so keys cannot be guessed at speed.
+            let who = Caller::identify(
+                None,
+                peer(&request),
+                request.headers(),
+                &app.settings.trusted_proxies,
+            );
+            return match app.read_limiter.check(&who).await {
+                Ok(decision) if !decision.admitted => ApiError::RateLimited(decision).into_response(),
+                _ => ApiError::Unauthorized.into_response(),
+            };
+        }
     };
     let caller = Caller::identify(
         key,
