@@ -49,36 +49,12 @@ impl ReplyConsumer {
             return;
         }
         let queue = self.topology.replies_queue();
-        let consumer = match channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, %queue, "cannot consume replies");
-                return;
-            }
-        };
         let dead_queue = self.topology.dead_letter_queue();
-        let dead = match channel
-            .basic_consume(
-                dead_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, queue = %dead_queue, "cannot consume dead letters");
-                return;
-            }
+        let (Some(consumer), Some(dead)) = (
+            consume(&channel, &queue).await,
+            consume(&channel, &dead_queue).await,
+        ) else {
+            return;
         };
         tracing::info!(%queue, dead_letters = %dead_queue, "consuming replies and dead letters");
         let consumer = futures::stream::select(
@@ -218,6 +194,21 @@ impl ReplyConsumer {
                     }
                 }
             }
+        }
+    }
+}
+
+/// A consumer of `queue` on `channel`, or `None` (logged) when the broker refuses one.
+async fn consume(channel: &Channel, queue: &str) -> Option<lapin::Consumer> {
+    let options = BasicConsumeOptions::default();
+    match channel
+        .basic_consume(queue.into(), "".into(), options, FieldTable::default())
+        .await
+    {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, %queue, "cannot consume");
+            None
         }
     }
 }
