@@ -18,44 +18,36 @@ use shared::{ErrorBody, ErrorCode, JobId, JobReply};
 pub const BROKER: &str = "broker";
 
 /// Why the broker dead-lettered a message, from `x-death` (newest first) or `x-first-death-reason`.
-fn reason(headers: Option<&FieldTable>) -> Option<(String, u64)> {
+fn reason(headers: Option<&FieldTable>) -> Option<String> {
     let headers = headers?;
     let text = |v: &AMQPValue| match v {
         AMQPValue::LongString(s) => Some(s.to_string()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
         _ => None,
     };
-    let count = |v: Option<&AMQPValue>| match v {
-        Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).unwrap_or(0),
-        Some(AMQPValue::LongInt(n)) => u64::try_from(*n).unwrap_or(0),
-        _ => 0,
-    };
     if let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death")
         && let Some(AMQPValue::FieldTable(death)) = deaths.as_slice().first()
         && let Some(reason) = death.inner().get("reason").and_then(text)
     {
-        return Some((reason, count(death.inner().get("count"))));
+        return Some(reason);
     }
-    let reason = headers.inner().get("x-first-death-reason").and_then(text)?;
-    Some((reason, 0))
+    headers.inner().get("x-first-death-reason").and_then(text)
 }
 
 /// The error a dead-lettered job ends with.
 pub fn error(headers: Option<&FieldTable>) -> ErrorBody {
-    match reason(headers) {
-        Some((reason, _)) if reason == "expired" => ErrorBody::new(
+    match reason(headers).as_deref() {
+        Some("expired") => ErrorBody::new(
             ErrorCode::Expired,
             "the job waited in the queue past its expiration and no worker took it",
         ),
-        Some((reason, _)) if reason == "delivery_limit" => ErrorBody::new(
+        Some("delivery_limit") => ErrorBody::new(
             ErrorCode::DeliveryLimit,
             "the job was handed to workers as often as the delivery limit allows and none finished it (each \
              died or lost its connection); it is not tried again",
         ),
-        Some((reason, _)) if reason == "maxlen" => {
-            ErrorBody::new(ErrorCode::Rejected, "the jobs queue was full and dropped the job")
-        }
-        Some((reason, _)) => ErrorBody::new(
+        Some("maxlen") => ErrorBody::new(ErrorCode::Rejected, "the jobs queue was full and dropped the job"),
+        Some(reason) => ErrorBody::new(
             ErrorCode::Rejected,
             format!("the broker dead-lettered the job ({reason})"),
         ),

@@ -167,7 +167,8 @@ impl Follower {
         {
             return None;
         }
-        let (_, figures) = self.app.store.get(self.id).await.ok()??;
+        // The record came with the log; only the queue-wide figures are still needed.
+        let figures = self.app.store.figures().await.ok()?;
         let stats = self.app.broker.queue_stats().await.ok();
         let p = position(record, &figures, stats.map(|s| (s.depth, s.consumers)));
         let due = match self.last_queued {

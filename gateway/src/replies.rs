@@ -170,17 +170,10 @@ impl ReplyConsumer {
             match applied {
                 Ok(None) => tokio::time::sleep(GAP_POLL).await,
                 Ok(Some(changed)) => {
-                    if changed {
-                        let outcome = match reply {
-                            JobReply::Started(_) => "started",
-                            JobReply::Succeeded(_) => "succeeded",
-                            JobReply::Failed(_) => "failed",
-                            JobReply::Cancelled(_) => "cancelled",
-                            JobReply::Token(_) => "token",
-                        };
-                        if !matches!(reply, JobReply::Token(_)) {
-                            metrics::counter!(m::JOBS, "outcome" => outcome).increment(1);
-                        }
+                    // Token chunks are progress, not outcomes: the jobs counter counts the rest.
+                    if changed && !matches!(reply, JobReply::Token(_)) {
+                        let outcome = reply.kind().trim_start_matches("job.");
+                        metrics::counter!(m::JOBS, "outcome" => outcome).increment(1);
                     }
                     ack(delivery).await;
                     return;

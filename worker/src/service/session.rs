@@ -385,7 +385,12 @@ impl Service {
         shutdown: Shutdown,
     ) -> Result<(), SessionError> {
         let Accepted { id, reply_to, job } = accepted;
-        let correlation_id = id.to_string();
+        let to = Destination {
+            channel,
+            reply_to: &reply_to,
+            id,
+            correlation_id: id.to_string(),
+        };
         let watch = self.cancels.watch(id);
         let input = match &job.messages {
             Some(messages) => Input::Chat(messages.clone()),
@@ -407,7 +412,7 @@ impl Service {
                     () = watch.token.cancelled() => {
                         info!(job = %id, "job cancelled before it ran");
                         let reply = self.cancelled_reply(id, 0);
-                        return self.answer(channel, &reply_to, &correlation_id, reply, settlement).await;
+                        return self.answer(&to, reply, settlement).await;
                     }
                     permit = self.places.clone().acquire_owned() => permit.map_err(|_| EngineThreadError::Gone)?,
                     () = shutdown => {
@@ -440,7 +445,7 @@ impl Service {
             started_at_ms: now_ms(),
             redelivered,
         });
-        match replies::publish(channel, &reply_to, Some(&correlation_id), &started).await {
+        match to.publish(&started).await {
             // Progress news only: the job goes on without it.
             Err(PublishError::Nacked) => warn!(job = %id, "the broker refused the job.started reply"),
             other => other?,
@@ -450,18 +455,7 @@ impl Service {
         let (outcome, generated) = match engine_job {
             Some((key, tokens)) => {
                 let stream = TokenStream::new(self.engine.detokenizer(), &plan.stop, self.config.stream);
-                self.follow(
-                    channel,
-                    &reply_to,
-                    &correlation_id,
-                    id,
-                    key,
-                    tokens,
-                    stream,
-                    &watch,
-                    pending,
-                )
-                .await?
+                self.follow(&to, key, tokens, stream, &watch, pending).await?
             }
             None => (pending.await, 0),
         };
@@ -498,25 +492,21 @@ impl Service {
                 finished_at_ms: now_ms(),
             }),
         };
-        self.answer(channel, &reply_to, &correlation_id, reply, settlement)
-            .await
+        self.answer(&to, reply, settlement).await
     }
 
     /// Streams the job's tokens as `job.token` replies until the engine is done with it, and takes it out of
     /// the batch when its cancel arrives. Returns the outcome and the tokens generated.
-    #[allow(clippy::too_many_arguments)]
     async fn follow(
         &self,
-        channel: &Channel,
-        reply_to: &str,
-        correlation_id: &str,
-        id: JobId,
+        to: &Destination<'_>,
         key: u64,
         mut tokens: mpsc::UnboundedReceiver<Vec<u32>>,
         mut stream: TokenStream,
         watch: &super::cancels::Watch,
         pending: PendingOutcome,
     ) -> Result<(Option<Outcome>, usize), SessionError> {
+        let id = to.id;
         let mut pending = std::pin::pin!(pending);
         let mut cancel_sent = false;
         let mut tokens_open = true;
@@ -545,14 +535,7 @@ impl Service {
                 continue;
             }
             if let Some(chunk) = stream.take(id) {
-                match replies::publish(
-                    channel,
-                    reply_to,
-                    Some(correlation_id),
-                    &JobReply::Token(chunk.clone()),
-                )
-                .await
-                {
+                match to.publish(&JobReply::Token(chunk.clone())).await {
                     Ok(()) => {}
                     // Progress news only: the next chunk carries it again, the final reply has it all.
                     Err(PublishError::Nacked) => stream.unsend(&chunk),
@@ -574,16 +557,14 @@ impl Service {
     /// Publishes the job's final reply, then acknowledges it.
     async fn answer(
         &self,
-        channel: &Channel,
-        reply_to: &str,
-        correlation_id: &str,
+        to: &Destination<'_>,
         reply: JobReply,
         settlement: Settlement,
     ) -> Result<(), SessionError> {
-        let id = correlation_id;
+        let id = to.id;
         // The reply must be safely with the broker before the job is let go: a crash between the two
         // leaves the job to be redelivered, never a job acknowledged and unanswered.
-        match replies::publish(channel, reply_to, Some(correlation_id), &reply).await {
+        match to.publish(&reply).await {
             Ok(()) => {}
             // The broker would not take the reply (say, the reply queue is full and refuses publishes).
             // Returned to the queue, the job comes back after a pause and is answered from memory; if
@@ -605,6 +586,20 @@ impl Service {
         // Never held across an await, and nothing panics while holding it; a poisoned lock still holds
         // valid data.
         self.outcomes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Where a job's replies go: its `reply_to` queue, under its job id as the correlation id.
+struct Destination<'a> {
+    channel: &'a Channel,
+    reply_to: &'a str,
+    id: JobId,
+    correlation_id: String,
+}
+
+impl Destination<'_> {
+    async fn publish(&self, reply: &JobReply) -> Result<(), PublishError> {
+        replies::publish(self.channel, self.reply_to, Some(&self.correlation_id), reply).await
     }
 }
 
