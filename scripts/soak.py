@@ -1,0 +1,1264 @@
+"""The soak under faults behind scripts/soak.sh (run that, not this).
+
+Starts 2 gateways and 3 workers on the tiny model in a namespace of its own, drives JOBS jobs through them
+(HTTP `POST /v1/jobs` + polls, synchronous `POST /run`, and AMQP publishes straight to `{ns}.jobs` with a
+durable reply queue of its own), and meanwhile SIGKILLs a random worker every few seconds (restarting it),
+restarts RabbitMQ once (`rabbitmqctl stop_app` / `start_app`) and SIGKILLs and restarts one gateway once.
+Then a checker in the spirit of Jepsen's total-queue check compares what clients were told with what they
+saw in the end, and what the workers' logs say they ran:
+
+- accepted: `POST /v1/jobs` answered 202; `POST /run` answered with a result, an error of the job, or 504
+  with the job id; an AMQP publish the broker confirmed. Refusals (503, 429, a nack or a returned message)
+  are counted apart and retried as new jobs, and so are submissions cut off by a fault (no answer: the
+  client cannot know; the checker finds out afterwards from the job records, by the job's unique prompt);
+- lost: accepted and without a final state the client can see (a poll, the `/run` answer, a final AMQP
+  reply) once the drain deadline has passed;
+- answered twice: an AMQP correlation id with two final replies, or a job whose final state changed between
+  polls (or whose `/run` answer is not what its record holds);
+- run twice: a job that more than one worker run started (the workers' `job started` log lines, less the
+  ones answered from a worker's memory), each classified: the documented at-least-once case is a run cut
+  off by its worker's death or its broker connection's loss, then redelivered.
+
+Prints a plain-text table; exits 1 when a job was lost or answered twice, 2 when the setup failed.
+"""
+
+import argparse
+import collections
+import hashlib
+import http.client
+import json
+import os
+import queue
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from datetime import datetime
+
+import pika
+import pika.exceptions
+
+FINAL_EVENTS = ("job.succeeded", "job.failed", "job.cancelled")
+FINAL_STATUSES = ("succeeded", "failed", "cancelled", "expired")
+
+
+def log(msg):
+    print(f"--- [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small clients: HTTP (keep-alive per thread and gateway), Redis (RESP, for the final scan)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class CutOff(Exception):
+    """No answer: the connection failed or closed before a response (the request may or may not have run)."""
+
+
+class NotSent(Exception):
+    """The connection was refused: the request never reached a gateway."""
+
+
+class Http:
+    def __init__(self):
+        self.local = threading.local()
+
+    def request(self, port, method, path, body=None, timeout=30.0):
+        conns = getattr(self.local, "conns", None)
+        if conns is None:
+            conns = self.local.conns = {}
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"content-type": "application/json"} if data is not None else {}
+        conn = conns.get(port)
+        if conn is None:
+            conn = conns[port] = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        sent = False
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            sent = True
+            r = conn.getresponse()
+            raw = r.read()
+        except ConnectionRefusedError as e:
+            conn.close()
+            conns.pop(port, None)
+            raise NotSent(str(e)) from e
+        except (http.client.HTTPException, OSError) as e:
+            conn.close()
+            conns.pop(port, None)
+            # A request that could not be written whole never ran (a kept-alive connection to a gateway
+            # that died, say). One written whole and never answered may have: that one is cut off.
+            if not sent:
+                raise NotSent(f"{type(e).__name__}: {e}") from e
+            raise CutOff(f"{type(e).__name__}: {e}") from e
+        try:
+            parsed = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = raw.decode(errors="replace")
+        return r.status, parsed
+
+
+class Resp:
+    """A minimal Redis client: enough for SCAN and pipelined HGETALL."""
+
+    def __init__(self, url):
+        u = urllib.parse.urlsplit(url)
+        self.sock = socket.create_connection((u.hostname or "127.0.0.1", u.port or 6379), timeout=30)
+        self.f = self.sock.makefile("rb")
+        if u.password:
+            user = urllib.parse.unquote(u.username) if u.username else None
+            pw = urllib.parse.unquote(u.password)
+            self.call(*(("AUTH", user, pw) if user else ("AUTH", pw)))
+        db = (u.path or "/").strip("/")
+        if db:
+            self.call("SELECT", db)
+
+    @staticmethod
+    def _cmd(*parts):
+        out = [f"*{len(parts)}\r\n".encode()]
+        for p in parts:
+            b = p if isinstance(p, bytes) else str(p).encode()
+            out.append(f"${len(b)}\r\n".encode() + b + b"\r\n")
+        return b"".join(out)
+
+    def _read(self):
+        line = self.f.readline()
+        if not line:
+            raise EOFError("redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read() for _ in range(n)]
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            return self.f.read(n + 2)[:-2].decode(errors="replace")
+        if kind == b":":
+            return int(rest)
+        if kind == b"-":
+            raise RuntimeError(f"redis: {rest.decode()}")
+        return rest.decode()
+
+    def call(self, *parts):
+        self.sock.sendall(self._cmd(*parts))
+        return self._read()
+
+    def pipeline(self, cmds):
+        self.sock.sendall(b"".join(self._cmd(*c) for c in cmds))
+        return [self._read() for _ in cmds]
+
+    def scan(self, pattern):
+        cursor, keys = "0", []
+        while True:
+            cursor, batch = self.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+            keys.extend(batch)
+            if cursor == "0":
+                return keys
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The processes: gateways, workers, the broker
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Cluster:
+    def __init__(self, args):
+        self.args = args
+        self.lock = threading.Lock()
+        self.gateways = {}  # index -> Popen
+        self.workers = {}  # index -> (Popen, incarnation name)
+        self.incarnations = collections.Counter()
+        self.faults = []  # (time, kind, target)
+        self.worker_logs = []  # (incarnation, path)
+        self.killed = {}  # incarnation -> time of its SIGKILL
+        self.broker_windows = []  # (stop time, started again time)
+        self.broker_stopped = False
+        self.t_load = time.time()
+        self.http = Http()
+
+    def port(self, i):
+        return self.args.port + i
+
+    def start_gateway(self, i):
+        a = self.args
+        self.incarnations[f"g{i}"] += 1
+        name = f"g{i}.{self.incarnations[f'g{i}']}"
+        cmd = [a.gateway, "--listen", f"127.0.0.1:{self.port(i)}", "--namespace", a.namespace,
+               "--amqp-url", a.amqp_url, "--redis-url", a.redis_url,
+               "--submit-rate-limit", "1000000000/1s", "--read-rate-limit", "1000000000/1s",
+               "--max-run-waits-per-client", "100000", "--run-timeout-s", str(a.run_timeout),
+               "--shutdown-grace-s", "5"]
+        env = dict(os.environ, RUST_LOG=os.environ.get("GATEWAY_RUST_LOG", "info"))
+        out = open(os.path.join(a.log_dir, f"gateway-{name}.log"), "w")
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        with self.lock:
+            self.gateways[i] = p
+        return name
+
+    def wait_gateway(self, i, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            p = self.gateways[i]
+            if p.poll() is not None:
+                raise SystemExit(f"gateway {i} exited ({p.returncode}); see {self.args.log_dir}")
+            try:
+                status, _ = self.http.request(self.port(i), "GET", "/readyz", timeout=2)
+                if status == 200:
+                    return
+            except (CutOff, NotSent):
+                pass
+            time.sleep(0.1)
+        raise SystemExit(f"gateway {i} did not become ready in {timeout} s")
+
+    def start_worker(self, i):
+        a = self.args
+        self.incarnations[f"w{i}"] += 1
+        name = f"soak-w{i}.{self.incarnations[f'w{i}']}"
+        cmd = [a.worker, "serve", "--model", a.model, "--threads", "1", "--namespace", a.namespace,
+               "--amqp-url", a.amqp_url, "--worker-id", name, "--max-batch-size", str(a.max_batch_size)]
+        env = dict(os.environ, RUST_LOG=os.environ.get("WORKER_RUST_LOG", "info"), LOG_FORMAT="json")
+        path = os.path.join(a.log_dir, f"worker-{name}.log")
+        out = open(path, "w")
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        with self.lock:
+            self.workers[i] = (p, name)
+            self.worker_logs.append((name, path))
+        return name, path
+
+    def wait_worker(self, i, timeout=120):
+        p, name = self.workers[i]
+        path = os.path.join(self.args.log_dir, f"worker-{name}.log")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                raise SystemExit(f"worker {name} exited ({p.returncode}); see {path}")
+            with open(path, errors="replace") as fh:
+                if "consuming jobs" in fh.read():
+                    return
+            time.sleep(0.1)
+        raise SystemExit(f"worker {name} did not start consuming in {timeout} s; see {path}")
+
+    def consuming(self, i):
+        p, name = self.workers[i]
+        if p.poll() is not None:
+            return False
+        try:
+            with open(os.path.join(self.args.log_dir, f"worker-{name}.log"), errors="replace") as fh:
+                return "consuming jobs" in fh.read()
+        except OSError:
+            return False
+
+    def fault(self, kind, target):
+        t = time.time()
+        with self.lock:
+            self.faults.append((t, kind, target))
+        log(f"fault: {kind} {target}")
+        return t
+
+    def kill_worker(self, i):
+        p, name = self.workers[i]
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        t = self.fault("SIGKILL worker", name)
+        with self.lock:
+            self.killed[name] = t
+
+    def kill_gateway(self, i):
+        p = self.gateways[i]
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        self.fault("SIGKILL gateway", f"g{i}.{self.incarnations[f'g{i}']}")
+
+    def restart_broker(self):
+        t0 = self.fault("rabbitmqctl stop_app", "rabbit")
+        self.broker_stopped = True
+        subprocess.run(["rabbitmqctl", "stop_app"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                       timeout=120)
+        time.sleep(self.args.broker_down_s)
+        self.broker_start()
+        t1 = self.fault("rabbitmqctl start_app", "rabbit")
+        self.broker_windows.append((t0, t1))
+
+    def broker_start(self):
+        if self.broker_stopped:
+            subprocess.run(["rabbitmqctl", "start_app"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                           timeout=300)
+            self.broker_stopped = False
+
+    def stop_all(self):
+        procs = [p for p, _ in self.workers.values()] + list(self.gateways.values())
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Jobs and what clients saw of them
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Job:
+    """One logical job: submitted (in one or more attempts, each a job of its own) until one is accepted."""
+
+    def __init__(self, k, channel, params, cancel, due):
+        self.k = k
+        self.channel = channel  # "http", "run" or "amqp"
+        self.params = params
+        self.cancel = cancel
+        self.due = due
+        self.attempts = []  # (attempt prompt, outcome: refused-503 / cut-off / accepted / ...)
+        self.accepted = None  # the attempt's prompt
+        self.id = None  # the job id of the accepted attempt, when the client knows it
+        self.final = None  # first final state the client saw: (status, detail)
+        self.finals = []  # every final observation (AMQP: distinct final replies)
+        self.via = None  # how the final state was seen
+        self.run_status = None  # the /run HTTP status
+        self.run_text = None
+        self.cancel_result = None
+
+    def prompt(self, attempt):
+        return f"Soak job {self.k} try {attempt} once upon a time"
+
+
+class Ledger:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counts = collections.Counter()
+        self.by_prompt = {}  # attempt prompt -> (job, outcome)
+        self.by_id = {}  # job id -> job (ids the client knows)
+        self.events = []
+
+    def count(self, key, n=1):
+        with self.lock:
+            self.counts[key] += n
+
+    def attempt(self, job, prompt, outcome):
+        with self.lock:
+            job.attempts.append((prompt, outcome))
+            self.by_prompt[prompt] = (job, outcome)
+            self.counts[f"{job.channel}:{outcome}"] += 1
+
+    def know(self, job, job_id):
+        with self.lock:
+            job.id = job_id
+            self.by_id[job_id] = job
+
+    def final(self, job, status, detail, via):
+        with self.lock:
+            job.finals.append((status, detail, via, time.time()))
+            if job.final is None:
+                job.final = (status, detail)
+                job.via = via
+
+
+def http_final(record):
+    """(status, detail) of a polled job record, or None while it is not final."""
+    status = record.get("status")
+    if status not in FINAL_STATUSES:
+        return None
+    if status == "succeeded":
+        return status, (record.get("result") or {}).get("text")
+    return status, ((record.get("error") or {}).get("code"))
+
+
+class Load:
+    def __init__(self, args, cluster, ledger, jobs):
+        self.args = args
+        self.cluster = cluster
+        self.ledger = ledger
+        self.jobs = jobs
+        self.http = Http()
+        self.stop = threading.Event()
+        self.poll_lock = threading.Lock()
+        self.to_poll = {}  # job id -> job
+        self.rng_lock = threading.Lock()
+        self.rng = random.Random(args.seed + 1)
+
+    def gateway_order(self):
+        with self.rng_lock:
+            ports = [self.cluster.port(i) for i in range(self.args.gateways)]
+            self.rng.shuffle(ports)
+        return ports
+
+    def wait_due(self, due):
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    # HTTP: POST /v1/jobs, then polls ------------------------------------------------------------------
+
+    def submit_http(self, job):
+        attempt = 0
+        while not self.stop.is_set():
+            attempt += 1
+            prompt = job.prompt(attempt)
+            port = self.gateway_order()[0]
+            body = {"prompt": prompt, "parameters": job.params}
+            try:
+                status, resp = self.http.request(port, "POST", "/v1/jobs", body, timeout=30)
+            except NotSent:
+                self.ledger.attempt(job, prompt, "not-sent")
+                time.sleep(0.05)
+                continue
+            except CutOff as e:
+                self.ledger.attempt(job, prompt, "cut-off")
+                log(f"job {job.k}: POST /v1/jobs cut off ({e})")
+                time.sleep(0.05)
+                continue
+            if status == 202:
+                self.ledger.attempt(job, prompt, "accepted")
+                job.accepted = prompt
+                self.ledger.know(job, resp["id"])
+                with self.poll_lock:
+                    self.to_poll[resp["id"]] = job
+                if job.cancel:
+                    time.sleep(random.uniform(0, 0.2))
+                    self.cancel_http(job)
+                return
+            if status in (429, 503):
+                self.ledger.attempt(job, prompt, f"refused-{status}")
+                self.ledger.count(f"refusal message: {status} {(resp or {}).get('message')}")
+                time.sleep(0.2)
+                continue
+            self.ledger.attempt(job, prompt, f"unexpected-{status}")
+            log(f"job {job.k}: POST /v1/jobs answered {status}: {resp}")
+            return
+
+    def cancel_http(self, job):
+        for _ in range(50):
+            for port in self.gateway_order():
+                try:
+                    status, resp = self.http.request(port, "DELETE", f"/v1/jobs/{job.id}", timeout=30)
+                except (NotSent, CutOff):
+                    continue
+                if status == 200:
+                    job.cancel_result = resp.get("status")
+                    self.ledger.count("http:cancel requests answered")
+                    return
+                if status not in (503, 429):
+                    log(f"job {job.k}: DELETE answered {status}: {resp}")
+                    return
+            time.sleep(0.2)
+
+    def poller(self):
+        """Polls every accepted HTTP job until it is final, then keeps polling it now and then to see that
+        its final state never changes."""
+        while not self.stop.is_set():
+            with self.poll_lock:
+                pending = list(self.to_poll.items())
+            if not pending:
+                time.sleep(0.1)
+                continue
+            started = time.monotonic()
+            for job_id, job in pending:
+                if self.stop.is_set():
+                    return
+                self.poll_once(job_id, job)
+            # Each pending job about every POLL_S seconds.
+            rest = self.args.poll_s - (time.monotonic() - started)
+            if rest > 0:
+                time.sleep(rest)
+
+    def poll_once(self, job_id, job):
+        for port in self.gateway_order():
+            try:
+                status, rec = self.http.request(port, "GET", f"/v1/jobs/{job_id}", timeout=10)
+            except (NotSent, CutOff):
+                continue
+            self.ledger.count("http:polls")
+            if status == 200:
+                fin = http_final(rec)
+                if fin is not None:
+                    self.ledger.final(job, fin[0], fin[1], "poll")
+                    with self.poll_lock:
+                        self.to_poll.pop(job_id, None)
+                return rec
+            if status == 404:
+                self.ledger.count("http:polls answered 404")
+            elif status not in (503, 429):
+                log(f"job {job.k}: poll answered {status}: {rec}")
+            return None
+        return None
+
+    # HTTP: POST /run -----------------------------------------------------------------------------------
+
+    def submit_run(self, job):
+        attempt = 0
+        while not self.stop.is_set():
+            attempt += 1
+            prompt = job.prompt(attempt)
+            port = self.gateway_order()[0]
+            body = {"prompt": prompt, "parameters": job.params}
+            try:
+                status, resp = self.http.request(port, "POST", "/run", body, timeout=self.args.run_timeout + 30)
+            except NotSent:
+                self.ledger.attempt(job, prompt, "not-sent")
+                time.sleep(0.05)
+                continue
+            except CutOff as e:
+                self.ledger.attempt(job, prompt, "cut-off")
+                log(f"job {job.k}: POST /run cut off ({e})")
+                time.sleep(0.05)
+                continue
+            job.run_status = status
+            code = resp.get("code") if isinstance(resp, dict) else None
+            if status == 200:
+                self.ledger.attempt(job, prompt, "accepted")
+                job.accepted = prompt
+                job.run_text = resp
+                self.ledger.count("run:answered 200")
+                self.ledger.final(job, "succeeded", resp, "run")
+                return
+            if status == 504 and isinstance(resp, dict) and resp.get("job_id"):
+                # Past the run timeout: the job goes on; poll it to its end.
+                self.ledger.attempt(job, prompt, "accepted")
+                job.accepted = prompt
+                self.ledger.count("run:answered 504, polled on")
+                self.ledger.know(job, resp["job_id"])
+                with self.poll_lock:
+                    self.to_poll[resp["job_id"]] = job
+                return
+            if status in (429, 503):
+                self.ledger.attempt(job, prompt, f"refused-{status}")
+                self.ledger.count(f"refusal message: {status} {(resp or {}).get('message')}")
+                time.sleep(0.2)
+                continue
+            if status in (409, 500, 504, 422) and code in ("cancelled", "delivery_limit", "expired", "rejected",
+                                                             "generation_failed", "context_overflow"):
+                # The job ran (or the broker gave up on it) and this is its final answer.
+                self.ledger.attempt(job, prompt, "accepted")
+                job.accepted = prompt
+                self.ledger.count(f"run:answered {status} {code}")
+                self.ledger.final(job, "cancelled" if code == "cancelled" else "failed", code, "run")
+                return
+            self.ledger.attempt(job, prompt, f"unexpected-{status}")
+            log(f"job {job.k}: POST /run answered {status}: {resp}")
+            return
+
+    def http_pool(self, q):
+        while True:
+            job = q.get()
+            if job is None:
+                return
+            self.wait_due(job.due)
+            try:
+                (self.submit_run if job.channel == "run" else self.submit_http)(job)
+            except Exception as e:  # noqa: BLE001 - counted; the checker reports the job
+                log(f"job {job.k}: client error {type(e).__name__}: {e}")
+                self.ledger.count(f"{job.channel}:client errors")
+
+
+class AmqpClient(threading.Thread):
+    """Publishes the AMQP jobs with confirms and collects every reply on a durable queue of its own, across
+    broker restarts (reconnecting, re-consuming; a reply redelivered to us is recognised by its bytes)."""
+
+    def __init__(self, args, ledger, jobs):
+        super().__init__(daemon=True)
+        self.args = args
+        self.ledger = ledger
+        self.jobs = collections.deque(jobs)
+        self.by_id = {}
+        self.reply_queue = f"{args.namespace}.soak.replies"
+        self.conn = None
+        self.ch = None
+        self.seen = set()  # digests of reply messages already taken
+        self.replies = collections.defaultdict(list)  # correlation id -> [(type, body, time)]
+        self.unknown_replies = collections.Counter()
+        self.cancels = []  # (due, job)
+        self.done_publishing = threading.Event()
+        self.stop = threading.Event()
+        self.error = None
+
+    def connect(self):
+        while not self.stop.is_set():
+            try:
+                params = pika.URLParameters(self.args.amqp_url)
+                params.heartbeat = 10
+                params.blocked_connection_timeout = 30
+                self.conn = pika.BlockingConnection(params)
+                self.ch = self.conn.channel()
+                self.ch.confirm_delivery()
+                self.ch.queue_declare(self.reply_queue, durable=True)
+                self.ch.basic_qos(prefetch_count=200)
+                self.ch.basic_consume(self.reply_queue, self.on_reply, auto_ack=False)
+                return
+            except pika.exceptions.AMQPError as e:
+                self.ledger.count("amqp:connect failures")
+                log(f"amqp: cannot connect ({type(e).__name__}); retrying")
+                self.close()
+                time.sleep(0.5)
+
+    def close(self):
+        try:
+            if self.conn is not None and self.conn.is_open:
+                self.conn.close()
+        except Exception:  # noqa: BLE001 - the connection is gone either way
+            pass
+        self.conn = self.ch = None
+
+    def on_reply(self, ch, method, props, body):
+        digest = hashlib.sha256((props.type or "").encode() + b"\0" + (props.correlation_id or "").encode()
+                                + b"\0" + body).hexdigest()
+        if digest in self.seen:
+            self.ledger.count("amqp:replies redelivered to us (same message)")
+        else:
+            self.seen.add(digest)
+            cid = props.correlation_id
+            job = self.by_id.get(cid)
+            self.ledger.count(f"amqp:replies {props.type}")
+            if job is None:
+                self.unknown_replies[props.type] += 1
+                self.replies[cid].append((props.type, body, time.time()))
+            else:
+                self.replies[cid].append((props.type, body, time.time()))
+                if props.type in FINAL_EVENTS:
+                    reply = json.loads(body)
+                    if props.type == "job.succeeded":
+                        detail = reply.get("text")
+                    elif props.type == "job.failed":
+                        detail = (reply.get("error") or {}).get("code")
+                    else:
+                        detail = None
+                    self.ledger.final(job, props.type[4:], detail, "amqp")
+        ch.basic_ack(method.delivery_tag)
+
+    def publish(self, job, attempt_id, body):
+        props = pika.BasicProperties(correlation_id=attempt_id, message_id=attempt_id, reply_to=self.reply_queue,
+                                     content_type="application/json", delivery_mode=2)
+        self.ch.basic_publish("", f"{self.args.namespace}.jobs", json.dumps(body).encode(), props, mandatory=True)
+
+    def publish_cancel(self, job):
+        body = json.dumps({"version": 1, "job_id": job.id}).encode()
+        props = pika.BasicProperties(type="job.cancel", content_type="application/json", delivery_mode=2,
+                                     timestamp=int(time.time()))
+        self.ch.basic_publish(f"{self.args.namespace}.control", "", body, props, mandatory=True)
+
+    def run(self):
+        try:
+            self._run()
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            self.error = e
+            log(f"amqp: client failed: {type(e).__name__}: {e}")
+
+    def _run(self):
+        import uuid
+
+        self.connect()
+        current = None  # (job, attempt number)
+        while not self.stop.is_set():
+            try:
+                now = time.monotonic()
+                if current is None and self.jobs and self.jobs[0].due <= now:
+                    current = (self.jobs.popleft(), 0)
+                if current is not None:
+                    job, n = current
+                    n += 1
+                    current = (job, n)
+                    attempt_id = str(uuid.uuid4())
+                    prompt = job.prompt(n)
+                    body = {"version": 1, "prompt": prompt, "parameters": job.params,
+                            "submitted_at_ms": int(time.time() * 1000)}
+                    self.by_id[attempt_id] = job
+                    try:
+                        self.publish(job, attempt_id, body)
+                    except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
+                        self.ledger.attempt(job, attempt_id, f"refused-{type(e).__name__}")
+                        time.sleep(0.2)
+                        continue
+                    except pika.exceptions.AMQPError:
+                        # No confirm: the broker may or may not have the job. A new attempt follows.
+                        self.ledger.attempt(job, attempt_id, "cut-off")
+                        raise
+                    self.ledger.attempt(job, attempt_id, "accepted")
+                    job.accepted = attempt_id
+                    self.ledger.know(job, attempt_id)
+                    if job.cancel:
+                        self.cancels.append((time.monotonic() + random.uniform(0, 0.2), job))
+                    current = None
+                    if not self.jobs:
+                        self.done_publishing.set()
+                while self.cancels and self.cancels[0][0] <= time.monotonic():
+                    _, job = self.cancels[0]
+                    self.publish_cancel(job)
+                    self.cancels.pop(0)
+                    self.ledger.count("amqp:cancels published")
+                self.conn.process_data_events(time_limit=0.01 if current is None else 0)
+                if not self.jobs and current is None:
+                    self.done_publishing.set()
+            except pika.exceptions.AMQPError as e:
+                log(f"amqp: connection lost ({type(e).__name__}: {e}); reconnecting")
+                self.ledger.count("amqp:reconnects")
+                self.close()
+                time.sleep(0.2)
+                self.connect()
+        self.close()
+
+    def delete_queue(self):
+        try:
+            conn = pika.BlockingConnection(pika.URLParameters(self.args.amqp_url))
+            conn.channel().queue_delete(self.reply_queue)
+            conn.close()
+        except Exception as e:  # noqa: BLE001 - the shell's cleanup tries again
+            log(f"could not delete {self.reply_queue}: {e}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Faults
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_faults(args, cluster, load_s, stop):
+    rng = random.Random(args.seed + 2)
+    t0 = time.monotonic()
+    plan = []
+    if args.broker_restart:
+        plan.append((args.broker_at * load_s, "broker", None))
+    if args.gateway_restart:
+        plan.append((args.gateway_at * load_s, "gateway", args.gateways - 1))
+    t = rng.uniform(0.5, 1.0) * args.kill_every
+    kills = 0
+    while t < load_s and (args.max_kills < 0 or kills < args.max_kills):
+        plan.append((t, "worker", None))
+        kills += 1
+        t += rng.uniform(0.5, 1.5) * args.kill_every
+    plan.sort(key=lambda p: p[0])
+    slow = []
+    for at, kind, target in plan:
+        while not stop.is_set() and time.monotonic() - t0 < at:
+            time.sleep(0.05)
+        if stop.is_set():
+            return
+        if kind == "worker":
+            # A worker that is taking jobs (one still starting would test less), at random.
+            ready = [i for i in range(args.workers) if cluster.consuming(i)]
+            if not ready:
+                continue
+            i = rng.choice(ready)
+            cluster.kill_worker(i)
+            time.sleep(args.restart_delay_s)
+            cluster.start_worker(i)
+        else:
+            # The broker's and the gateway's restarts take seconds: worker kills go on meanwhile.
+            th = threading.Thread(target=restart_gateway if kind == "gateway" else restart_broker,
+                                  args=(args, cluster, target), daemon=True)
+            th.start()
+            slow.append(th)
+    for th in slow:
+        th.join()
+
+
+def restart_gateway(args, cluster, i):
+    cluster.kill_gateway(i)
+    time.sleep(args.restart_delay_s)
+    cluster.start_gateway(i)
+    cluster.wait_gateway(i)
+    cluster.fault("gateway ready", f"g{i}")
+
+
+def restart_broker(args, cluster, _):
+    cluster.restart_broker()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The workers' logs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_ts(s):
+    # 2026-12-01T12:49:39.541842Z
+    try:
+        return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+    except (ValueError, AttributeError):
+        return None
+
+
+def read_worker_logs(cluster):
+    """Per job id: fresh runs [(incarnation, start, done or None)], answers from memory, redeliveries; per
+    incarnation: the times it lost the broker."""
+    runs = collections.defaultdict(list)
+    memory = collections.defaultdict(list)
+    redelivered = collections.Counter()
+    lost_broker = collections.defaultdict(list)
+    panics = []
+    for name, path in cluster.worker_logs:
+        open_runs = {}
+        pending_memory = set()
+        try:
+            fh = open(path, errors="replace")
+        except OSError:
+            continue
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                if "panicked" in line:
+                    panics.append((name, line.strip()))
+                continue
+            f = rec.get("fields") or {}
+            msg = f.get("message", "")
+            ts = parse_ts(rec.get("timestamp"))
+            job = f.get("job")
+            if msg == "job seen before; answering from its earlier generation":
+                pending_memory.add(job)
+                memory[job].append((name, ts))
+            elif msg == "job started":
+                if f.get("redelivered"):
+                    redelivered[job] += 1
+                if job in pending_memory:
+                    pending_memory.discard(job)
+                else:
+                    run = [name, ts, None]
+                    runs[job].append(run)
+                    open_runs[job] = run
+            elif msg == "job done":
+                if job in open_runs:
+                    open_runs.pop(job)[2] = ts
+            elif msg.startswith("broker connection lost") or msg.startswith("broker connection ended"):
+                lost_broker[name].append(ts)
+        fh.close()
+    return runs, memory, redelivered, lost_broker, panics
+
+
+def classify_run(run, cluster, lost_broker):
+    """Why an earlier run of a job did not count: the documented at-least-once cases, or `unexplained`."""
+    name, start, done = run
+    killed = cluster.killed.get(name)
+    if done is None:
+        if killed is not None and start is not None and killed >= start - 0.01:
+            return "worker SIGKILLed mid-job"
+        if any(t is not None and start is not None and t >= start - 0.01 for t in lost_broker.get(name, [])):
+            return "worker lost the broker mid-job"
+        if any(a - 1 <= (start or 0) <= b + 30 for a, b in cluster.broker_windows):
+            return "worker lost the broker mid-job"
+        return "unexplained (run never finished)"
+    # It answered, yet ran again: the acknowledgement did not reach the broker.
+    if killed is not None and killed >= done - 0.01 and killed - done < 5:
+        return "answered, killed before the ack landed"
+    if any(a - 5 <= done <= b + 1 for a, b in cluster.broker_windows):
+        return "answered, broker restart before the ack landed"
+    return "unexplained (answered, then run again)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The soak
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_jobs(args):
+    rng = random.Random(args.seed)
+    jobs = []
+    start = time.monotonic() + 0.5
+    weights = [("http", args.http_share), ("run", args.run_share), ("amqp", args.amqp_share)]
+    for k in range(args.jobs):
+        channel = rng.choices([w[0] for w in weights], [w[1] for w in weights])[0]
+        n = rng.randint(args.min_tokens, args.max_tokens)
+        strategy = rng.choices(["greedy", "sample", "contrastive"], [0.5, 0.25, 0.25])[0]
+        params = {"strategy": strategy, "max_new_tokens": n}
+        if strategy == "sample":
+            params["seed"] = rng.randrange(1 << 30)
+        # /run waits for the answer: its cancel is the client hanging up, not exercised here.
+        cancel = channel != "run" and rng.random() < args.cancel_share
+        jobs.append(Job(k, channel, params, cancel, start + k / args.rate))
+    return jobs
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--gateway", required=True)
+    p.add_argument("--worker", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--port", type=int, default=18400, help="gateway i listens on PORT + i")
+    p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/%2f")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/")
+    p.add_argument("--log-dir", required=True)
+    p.add_argument("--jobs", type=int, default=1000)
+    p.add_argument("--rate", type=float, default=10.0, help="jobs submitted per second")
+    p.add_argument("--gateways", type=int, default=2)
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--min-tokens", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--http-share", type=float, default=0.4)
+    p.add_argument("--run-share", type=float, default=0.2)
+    p.add_argument("--amqp-share", type=float, default=0.4)
+    p.add_argument("--cancel-share", type=float, default=0.03)
+    p.add_argument("--run-timeout", type=int, default=8, help="the gateways' --run-timeout-s")
+    p.add_argument("--poll-s", type=float, default=0.5)
+    p.add_argument("--kill-every", type=float, default=4.0, help="mean seconds between worker SIGKILLs")
+    p.add_argument("--max-kills", type=int, default=-1)
+    p.add_argument("--restart-delay-s", type=float, default=0.5)
+    p.add_argument("--broker-restart", type=int, default=1)
+    p.add_argument("--broker-at", type=float, default=0.4, help="fraction of the load phase")
+    p.add_argument("--broker-down-s", type=float, default=1.0)
+    p.add_argument("--gateway-restart", type=int, default=1)
+    p.add_argument("--gateway-at", type=float, default=0.7)
+    p.add_argument("--drain-timeout", type=float, default=120.0)
+    p.add_argument("--settle-s", type=float, default=3.0, help="wait for late duplicate replies")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--http-threads", type=int, default=16)
+    p.add_argument("--command", help="the command line to print")
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args()
+    os.makedirs(args.log_dir, exist_ok=True)
+
+    started = time.time()
+    cluster = Cluster(args)
+    ledger = Ledger()
+    amqp = None
+    load = None
+    try:
+        log(f"namespace {args.namespace}: starting {args.gateways} gateways and {args.workers} workers "
+            f"(logs in {args.log_dir})")
+        for i in range(args.gateways):
+            cluster.start_gateway(i)
+        for i in range(args.workers):
+            cluster.start_worker(i)
+        for i in range(args.gateways):
+            cluster.wait_gateway(i)
+        for i in range(args.workers):
+            cluster.wait_worker(i)
+
+        jobs = make_jobs(args)
+        load_s = args.jobs / args.rate
+        log(f"{args.jobs} jobs over {load_s:.0f} s ({args.rate:g}/s), faults meanwhile")
+        load = Load(args, cluster, ledger, jobs)
+        amqp = AmqpClient(args, ledger, [j for j in jobs if j.channel == "amqp"])
+        http_q = queue.Queue()
+        for j in jobs:
+            if j.channel != "amqp":
+                http_q.put(j)
+        pool = [threading.Thread(target=load.http_pool, args=(http_q,), daemon=True)
+                for _ in range(args.http_threads)]
+        for _ in pool:
+            http_q.put(None)
+        pollers = [threading.Thread(target=load.poller, daemon=True) for _ in range(1)]
+        fault_stop = threading.Event()
+        faults = threading.Thread(target=run_faults, args=(args, cluster, load_s, fault_stop), daemon=True)
+        t_load = time.monotonic()
+        cluster.t_load = time.time()
+        amqp.start()
+        for t in pool + pollers:
+            t.start()
+        faults.start()
+
+        # Load, then drain: every accepted job to a final state the client sees.
+        for t in pool:
+            t.join()
+        amqp.done_publishing.wait()
+        submitted_s = time.monotonic() - t_load
+        log(f"all jobs submitted after {submitted_s:.0f} s; waiting for the faults to end")
+        faults.join()
+        for i in range(args.workers):
+            cluster.wait_worker(i)
+        log("draining")
+        deadline = time.monotonic() + args.drain_timeout
+        while time.monotonic() < deadline:
+            open_jobs = [j for j in jobs if j.accepted is not None and j.final is None]
+            if not open_jobs:
+                break
+            time.sleep(0.25)
+        drained_s = time.monotonic() - t_load
+        # Jobs whose submission was cut off: the records say whether they were taken, and they must end too.
+        redis = Resp(args.redis_url)
+        orphans_open = []
+        while True:
+            records = scan_records(redis, args.namespace)
+            orphans_open = [r for r in records.values()
+                            if r.get("status") not in FINAL_STATUSES
+                            and (ledger.by_prompt.get(r.get("prompt")) or (None, None))[1] != "accepted"]
+            if not orphans_open or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        time.sleep(args.settle_s)
+        # A last look at every HTTP job: a final state must not have changed.
+        repolled = {}
+        for job in jobs:
+            if job.channel in ("http", "run") and job.id is not None:
+                rec = load.poll_once(job.id, job)
+                if rec is not None:
+                    repolled[job.id] = rec
+        records = scan_records(redis, args.namespace)
+        redis.close()
+        load.stop.set()
+        amqp.stop.set()
+        amqp.join(10)
+    finally:
+        fault_stop_safe(locals())
+        cluster.broker_start()  # never leave the broker stopped
+        log("stopping the gateways and workers")
+        cluster.stop_all()
+        if amqp is not None:
+            amqp.stop.set()
+            amqp.delete_queue()
+
+    runs, memory, redelivered, lost_broker, panics = read_worker_logs(cluster)
+    report = check(args, cluster, ledger, jobs, amqp, records, repolled, runs, memory, redelivered, lost_broker)
+    report["timing"] = {"submitted_s": submitted_s, "drained_s": drained_s, "total_s": time.time() - started}
+    report["panics"] = panics
+    print_report(args, report, cluster)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2, default=str)
+    return 1 if report["lost"] or report["answered_twice"] else 0
+
+
+def fault_stop_safe(scope):
+    ev = scope.get("fault_stop")
+    if ev is not None:
+        ev.set()
+    th = scope.get("faults")
+    if th is not None and th.is_alive():
+        th.join(60)
+
+
+def scan_records(redis, ns):
+    keys = redis.scan(f"{ns}:job:*")
+    records = {}
+    for chunk in range(0, len(keys), 500):
+        part = keys[chunk:chunk + 500]
+        for key, flat in zip(part, redis.pipeline([("HGETALL", k) for k in part])):
+            if not flat:
+                continue
+            rec = dict(zip(flat[0::2], flat[1::2]))
+            records[key.rsplit(":", 1)[1]] = rec
+    return records
+
+
+def record_final(rec):
+    status = rec.get("status")
+    if status not in FINAL_STATUSES:
+        return None
+    if status == "succeeded":
+        try:
+            return status, json.loads(rec.get("result") or "{}").get("text")
+        except ValueError:
+            return status, None
+    try:
+        return status, (json.loads(rec.get("error") or "{}") or {}).get("code")
+    except ValueError:
+        return status, None
+
+
+def check(args, cluster, ledger, jobs, amqp, records, repolled, runs, memory, redelivered, lost_broker):
+    r = {"namespace": args.namespace, "jobs": len(jobs)}
+    channels = ("http", "run", "amqp")
+    accepted = [j for j in jobs if j.accepted is not None]
+    r["accepted"] = {c: sum(j.channel == c for j in accepted) for c in channels}
+    r["not_accepted"] = [j.k for j in jobs if j.accepted is None]
+
+    # Final states by kind, as the client saw them first.
+    finals = collections.Counter()
+    for j in accepted:
+        if j.final is None:
+            continue
+        status, detail = j.final
+        kind = status if status in ("succeeded", "cancelled") else f"{status} ({detail})"
+        finals[(j.channel, kind)] += 1
+    r["finals"] = {f"{c}|{k}": n for (c, k), n in sorted(finals.items())}
+
+    lost = [j for j in accepted if j.final is None]
+    r["lost"] = len(lost)
+    r["lost_jobs"] = [{"k": j.k, "channel": j.channel, "id": j.id, "attempts": j.attempts} for j in lost]
+
+    # Answered twice: two different final answers for one job.
+    twice = []
+    amqp_dupes = []
+    for j in accepted:
+        if j.channel == "amqp":
+            fin = [(t, b) for t, b, _ in amqp.replies.get(j.id, []) if t in FINAL_EVENTS]
+            if len(fin) > 1:
+                amqp_dupes.append(j)
+                twice.append({"k": j.k, "channel": "amqp", "id": j.id, "finals": [t for t, _ in fin],
+                              "workers": [json.loads(b).get("worker_id") for _, b in fin]})
+        else:
+            seen = {(s, d) for s, d, _, _ in j.finals}
+            rec = repolled.get(j.id)
+            if rec is not None and http_final(rec) is not None:
+                seen.add(http_final(rec))
+            if j.channel == "run" and j.run_status == 200:
+                # The /run answer is prompt + text; the record's text must be its continuation.
+                rec_id = next((i for i, rr in records.items() if rr.get("prompt") == j.accepted), None)
+                fin = record_final(records[rec_id]) if rec_id else None
+                if fin is not None and (fin[0] != "succeeded" or j.run_text != j.accepted + (fin[1] or "")):
+                    twice.append({"k": j.k, "channel": "run", "id": rec_id, "run_answer": j.run_text,
+                                  "record": fin})
+                continue
+            if len(seen) > 1:
+                twice.append({"k": j.k, "channel": j.channel, "id": j.id, "finals": sorted(map(str, seen))})
+    r["answered_twice"] = len(twice)
+    r["answered_twice_jobs"] = twice
+
+    # Submissions cut off by a fault: did the gateway take them, and did they end?
+    by_prompt = {rec.get("prompt"): (i, rec) for i, rec in records.items() if rec.get("prompt")}
+    cut = collections.Counter()
+    cut_lost = []
+    for j in jobs:
+        for prompt, outcome in j.attempts:
+            if outcome != "cut-off":
+                continue
+            if j.channel == "amqp":
+                fin = [t for t, _, _ in amqp.replies.get(prompt, []) if t in FINAL_EVENTS]
+                cut["amqp: unconfirmed, answered anyway" if fin else "amqp: unconfirmed, no reply"] += 1
+                continue
+            hit = by_prompt.get(prompt)
+            if hit is None:
+                cut[f"{j.channel}: never recorded"] += 1
+            elif record_final(hit[1]) is not None:
+                cut[f"{j.channel}: taken, ended {hit[1].get('status')}"] += 1
+            else:
+                cut[f"{j.channel}: taken, NOT ended"] += 1
+                cut_lost.append({"k": j.k, "id": hit[0], "status": hit[1].get("status")})
+    r["cut_off"] = dict(cut)
+    r["cut_off_not_ended"] = cut_lost
+    known = set(by_prompt)
+    r["records_without_prompt"] = [i for i, rec in records.items() if not rec.get("prompt")]
+    r["records_not_submitted_by_us"] = [i for i, rec in records.items()
+                                        if rec.get("prompt") and rec.get("prompt") not in ledger.by_prompt]
+    r["refusals"] = {k: v for k, v in sorted(ledger.counts.items()) if "refused" in k}
+    r["counts"] = dict(sorted(ledger.counts.items()))
+    del known
+
+    # Run twice by workers: from the workers' logs, by job id (records map HTTP prompts to ids).
+    ids = {}
+    for j in accepted:
+        if j.channel == "amqp":
+            ids[j.id] = j
+        else:
+            hit = by_prompt.get(j.accepted)
+            if hit is not None:
+                ids[hit[0]] = j
+    twice_run = collections.Counter()
+    twice_jobs = []
+    multi = 0
+    for job_id, rs in runs.items():
+        if len(rs) < 2:
+            continue
+        multi += 1
+        reasons = [classify_run(run, cluster, lost_broker) for run in rs[:-1]]
+        for reason in reasons:
+            twice_run[reason] += 1
+        j = ids.get(job_id)
+        twice_jobs.append({"id": job_id, "k": j.k if j else None, "runs": len(rs), "reasons": reasons,
+                           "workers": [x[0] for x in rs]})
+    r["run_twice"] = multi
+    r["run_twice_reasons"] = dict(twice_run)
+    r["run_twice_unexplained"] = sum(n for k, n in twice_run.items() if k.startswith("unexplained"))
+    r["run_twice_jobs"] = twice_jobs
+    r["answered_from_memory"] = sum(len(v) for v in memory.values())
+    r["redelivered_starts"] = sum(redelivered.values())
+    r["jobs_run"] = len(runs)
+    attempts = collections.Counter()
+    for rec in records.values():
+        attempts[int(rec.get("attempts") or 0)] += 1
+    r["record_attempts"] = {str(k): v for k, v in sorted(attempts.items())}
+
+    # /run calls answered.
+    run_jobs = [j for j in jobs if j.channel == "run"]
+    r["run_calls"] = {
+        "calls": sum(len(j.attempts) for j in run_jobs),
+        "answered with the result (200)": sum(j.run_status == 200 and j.accepted is not None for j in run_jobs),
+        "answered 504, polled to the end": ledger.counts.get("run:answered 504, polled on", 0),
+        "answered with the job's error": sum(v for k, v in ledger.counts.items()
+                                             if k.startswith("run:answered ") and " 200" not in k
+                                             and "504, polled" not in k),
+        "refused (429/503)": sum(v for k, v in ledger.counts.items() if k.startswith("run:refused")),
+        "cut off by a fault": ledger.counts.get("run:cut-off", 0),
+        "not sent (gateway down)": ledger.counts.get("run:not-sent", 0),
+    }
+    r["faults"] = [(round(t - cluster.t_load, 1), k, tgt)
+                   for t, k, tgt in cluster.faults]
+    r["amqp_unknown_replies"] = dict(amqp.unknown_replies)
+    return r
+
+
+def print_report(args, r, cluster):
+    out = []
+    w = out.append
+    kills = sum(1 for _, k, _ in r["faults"] if k == "SIGKILL worker")
+    broker = sum(1 for _, k, _ in r["faults"] if k == "rabbitmqctl stop_app")
+    gw = sum(1 for _, k, _ in r["faults"] if k == "SIGKILL gateway")
+    t = r["timing"]
+    w("")
+    w(f"Soak under faults: namespace {r['namespace']}, {args.gateways} gateways, {args.workers} workers "
+      f"(tiny GPT-J, --max-batch-size {args.max_batch_size}), {r['jobs']} jobs at {args.rate:g}/s, "
+      f"{args.min_tokens}-{args.max_tokens} new tokens each")
+    w(f"Faults: {kills} worker SIGKILLs (each restarted), {broker} RabbitMQ restart (stop_app/start_app), "
+      f"{gw} gateway SIGKILL (restarted)")
+    w(f"Submitted in {t['submitted_s']:.0f} s, drained after {t['drained_s']:.0f} s, {t['total_s']:.0f} s in all")
+    w("Fault times (s): " + ", ".join(f"{at:g} {k.replace('rabbitmqctl ', '')}" for at, k, _ in r["faults"]))
+    w("")
+    rows = []
+    acc = r["accepted"]
+    rows.append(("jobs accepted", f"{sum(acc.values())} (HTTP /v1/jobs {acc['http']}, /run {acc['run']}, "
+                                  f"AMQP {acc['amqp']})"))
+    for key, n in r["finals"].items():
+        c, k = key.split("|", 1)
+        rows.append((f"  final: {k} [{c}]", str(n)))
+    rows.append(("jobs lost (accepted, no final state)", f"{r['lost']}"))
+    rows.append(("jobs answered twice to a client", f"{r['answered_twice']}"))
+    rows.append(("jobs run twice by workers", f"{r['run_twice']} of {r['jobs_run']} run"))
+    for reason, n in sorted(r["run_twice_reasons"].items()):
+        rows.append((f"  earlier run: {reason}", str(n)))
+    rows.append(("  redeliveries answered from a worker's memory", str(r["answered_from_memory"])))
+    rows.append(("  job starts that were redeliveries", str(r["redelivered_starts"])))
+    rows.append(("  job records by attempts", ", ".join(f"{k}: {v}" for k, v in r["record_attempts"].items())))
+    rc = r["run_calls"]
+    rows.append(("/run calls", str(rc["calls"])))
+    for k, v in rc.items():
+        if k != "calls":
+            rows.append((f"  {k}", str(v)))
+    refusals = r["refusals"]
+    rows.append(("submissions refused (not accepted)", str(sum(refusals.values()))))
+    for k, v in refusals.items():
+        rows.append((f"  {k}", str(v)))
+    cut = r["cut_off"]
+    rows.append(("submissions cut off by a fault (no answer)", str(sum(cut.values()))))
+    for k, v in sorted(cut.items()):
+        rows.append((f"  {k}", str(v)))
+    rows.append(("job records without a prompt (ghosts)", str(len(r["records_without_prompt"]))))
+    width = max(len(a) for a, _ in rows)
+    w(f"{'what'.ljust(width)}  count")
+    w(f"{'-' * width}  {'-' * 5}")
+    for a, b in rows:
+        w(f"{a.ljust(width)}  {b}")
+    w("")
+    if r["lost"]:
+        w(f"LOST: {json.dumps(r['lost_jobs'][:20])}")
+    if r["answered_twice"]:
+        w(f"ANSWERED TWICE: {json.dumps(r['answered_twice_jobs'][:20])}")
+    if r["run_twice_unexplained"]:
+        w("RUN TWICE, UNEXPLAINED: " + json.dumps([j for j in r["run_twice_jobs"]
+                                                   if any(x.startswith("unexplained") for x in j["reasons"])][:20]))
+    if r["cut_off_not_ended"]:
+        w(f"CUT OFF AND NOT ENDED: {json.dumps(r['cut_off_not_ended'][:20])}")
+    if r["panics"]:
+        w(f"WORKER PANICS: {r['panics'][:5]}")
+    verdict = "PASS" if not r["lost"] and not r["answered_twice"] else "FAIL"
+    w(f"{verdict}: {r['lost']} lost, {r['answered_twice']} answered twice; logs in {args.log_dir}")
+    print("\n".join(out), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
