@@ -9,7 +9,9 @@ use shared::topology::{DEFAULT_DELIVERY_LIMIT, DEFAULT_NAMESPACE};
 use shared::{PromptRules, Topology};
 
 use super::error::ServeError;
+use super::fault::EngineFault;
 use super::generator::BatchSettings;
+use super::health::{DEFAULT_MAX_ENGINE_FAILURES, DEFAULT_STEP_TIMEOUT_S, WatchSettings};
 use super::stream::StreamSettings;
 
 #[derive(Debug, Clone, Args)]
@@ -66,6 +68,25 @@ pub struct ServeArgs {
     /// Deliveries of one job before the broker dead-letters it; must match the gateway's.
     #[arg(long, env = "DELIVERY_LIMIT", default_value_t = DEFAULT_DELIVERY_LIMIT)]
     pub delivery_limit: u32,
+    /// Longest wait for the broker to confirm a reply, in milliseconds (a memory or disk alarm blocks
+    /// publishing). A final reply not confirmed in time counts as not sent: the job is not acknowledged and
+    /// goes back to the queue.
+    #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub publish_timeout_ms: u64,
+    /// An engine step (admission, prefills, one decode pass) running longer than this many seconds means
+    /// the engine is hung: the worker stops taking jobs, leaves its unfinished ones to the queue and exits
+    /// non-zero. 0 turns the watchdog off.
+    #[arg(long, env = "ENGINE_STEP_TIMEOUT_S", default_value_t = DEFAULT_STEP_TIMEOUT_S)]
+    pub engine_step_timeout_s: u64,
+    /// This many jobs in a row failed by the engine (not by their input) mean the device is broken: the
+    /// last of them and every unfinished job go back to the queue unanswered, and the worker exits non-zero.
+    /// 0 never gives up.
+    #[arg(long, env = "MAX_ENGINE_FAILURES", default_value_t = DEFAULT_MAX_ENGINE_FAILURES)]
+    pub max_engine_failures: u32,
+    /// Fault injection for tests of the watchdog: `hang` or `fail` the engine on purpose. Never in
+    /// production.
+    #[arg(long, env = "WORKER_INJECT_ENGINE_FAULT", hide = true)]
+    pub inject_engine_fault: Option<EngineFault>,
     #[command(flatten)]
     pub prompt: PromptArgs,
 }
@@ -81,6 +102,8 @@ pub struct ServiceConfig {
     /// Jobs handed to the engine at once: the batch's places.
     pub max_batch_size: u16,
     pub stream: StreamSettings,
+    /// Longest wait for a reply's confirm.
+    pub publish_timeout: std::time::Duration,
 }
 
 impl ServeArgs {
@@ -108,7 +131,17 @@ impl ServeArgs {
                 tokens: self.stream_tokens,
                 interval: std::time::Duration::from_millis(self.stream_interval_ms),
             },
+            publish_timeout: std::time::Duration::from_millis(self.publish_timeout_ms),
         })
+    }
+
+    /// The engine watchdog's bounds; 0 turns either off.
+    pub fn watch_settings(&self) -> WatchSettings {
+        WatchSettings {
+            step_timeout: Some(std::time::Duration::from_secs(self.engine_step_timeout_s))
+                .filter(|t| !t.is_zero()),
+            max_failures: std::num::NonZeroU32::new(self.max_engine_failures),
+        }
     }
 
     /// The scheduler's settings.
@@ -156,6 +189,28 @@ mod tests {
         assert_eq!(cli.serve.batch_settings(), BatchSettings::default());
         assert_eq!(config.rules, PromptRules::default());
         assert!(config.worker_id.ends_with(&format!("-{}", std::process::id())));
+        assert_eq!(config.publish_timeout, std::time::Duration::from_secs(10));
+        assert_eq!(cli.serve.watch_settings(), WatchSettings::default());
+        assert_eq!(cli.serve.inject_engine_fault, None);
+    }
+
+    #[test]
+    fn zero_turns_either_watchdog_bound_off_and_a_zero_publish_timeout_is_refused() {
+        let cli = Cli::try_parse_from([
+            "worker",
+            "--model",
+            "/m",
+            "--engine-step-timeout-s",
+            "0",
+            "--max-engine-failures",
+            "0",
+        ])
+        .unwrap();
+        let watch = cli.serve.watch_settings();
+        assert_eq!((watch.step_timeout, watch.max_failures), (None, None));
+        assert!(Cli::try_parse_from(["worker", "--model", "/m", "--publish-timeout-ms", "0"]).is_err());
+        let cli = Cli::try_parse_from(["worker", "--model", "/m", "--inject-engine-fault", "hang"]).unwrap();
+        assert_eq!(cli.serve.inject_engine_fault, Some(EngineFault::Hang));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! entry point, which depends on them.
 
 use super::generator::EngineThreadError;
+use super::health::Unhealthy;
 use super::session::SessionError;
 
 /// Why `worker serve` stopped with an error.
@@ -13,6 +14,9 @@ pub enum ServeError {
     Config(String),
     #[error(transparent)]
     Engine(#[from] EngineThreadError),
+    /// The watchdog gave up on the engine; the unfinished jobs went back to the queue.
+    #[error("the engine is unhealthy: {0}")]
+    Unhealthy(#[from] Unhealthy),
     #[error("{0}")]
     Broker(String),
 }
@@ -21,6 +25,7 @@ impl From<SessionError> for ServeError {
     fn from(e: SessionError) -> Self {
         match e {
             SessionError::Engine(e) => Self::Engine(e),
+            SessionError::Unhealthy(e) => Self::Unhealthy(e),
             other => Self::Broker(other.to_string()),
         }
     }

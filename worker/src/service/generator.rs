@@ -12,6 +12,10 @@
 //! on a client: turning them into text and coalescing them into `job.token` replies happens on the async
 //! side (`stream`). The engine is behind the small [`Generator`] / [`Batcher`] seam so the queue logic can be
 //! tested with a stand-in, and the engine is built *on* its thread, so it never has to be `Send`.
+//!
+//! The thread reports to an [`EngineHealth`] (`health`): each call into the batch is timed by a watchdog
+//! that lives on the runtime, and each job's outcome is judged before it is handed out, so a hung engine or
+//! a broken device stops the worker instead of hanging it or failing the whole queue.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -22,6 +26,7 @@ use std::time::Instant;
 use shared::{ErrorBody, ErrorCode, GenerationPlan};
 use tokio::sync::{mpsc, oneshot};
 
+use super::health::{self, EngineHealth, Verdict, WatchSettings};
 use super::job::{Completion, FinishedJob, Input, Outcome};
 use super::metrics;
 use crate::decoding::{Stats, TextDecoder};
@@ -100,6 +105,21 @@ pub trait Generator {
     }
 }
 
+/// A generator chosen at start-up: the engine, or the engine with an injected fault (`fault`).
+impl<G: Generator + ?Sized> Generator for Box<G> {
+    fn batcher(&self, settings: &BatchSettings) -> Box<dyn Batcher + '_> {
+        (**self).batcher(settings)
+    }
+
+    fn detokenizer(&self) -> Option<Detokenizer> {
+        (**self).detokenizer()
+    }
+
+    fn chat_stop(&self) -> Option<String> {
+        (**self).chat_stop()
+    }
+}
+
 struct Request {
     key: u64,
     input: Input,
@@ -144,6 +164,7 @@ pub struct EngineThread {
     next_key: Arc<AtomicU64>,
     detokenizer: Option<Detokenizer>,
     chat_stop: Option<String>,
+    health: Arc<EngineHealth>,
 }
 
 struct InFlight {
@@ -162,13 +183,31 @@ pub fn cancelled() -> ErrorBody {
 
 impl EngineThread {
     /// Starts the thread, builds the generator there with `load`, and returns once it is ready to take
-    /// jobs. Jobs in flight are bounded by the caller (the service holds one permit per batch place).
+    /// jobs; watched with the default bounds. Jobs in flight are bounded by the caller (the service holds
+    /// one permit per batch place).
     pub async fn start<G, E, F>(load: F, settings: BatchSettings) -> Result<Self, EngineThreadError>
     where
         G: Generator,
         E: std::fmt::Display,
         F: FnOnce() -> Result<G, E> + Send + 'static,
     {
+        Self::start_watched(load, settings, WatchSettings::default()).await
+    }
+
+    /// [`EngineThread::start`], watched with these bounds (the watchdog starts once the model is loaded:
+    /// loading has no step to time).
+    pub async fn start_watched<G, E, F>(
+        load: F,
+        settings: BatchSettings,
+        watch: WatchSettings,
+    ) -> Result<Self, EngineThreadError>
+    where
+        G: Generator,
+        E: std::fmt::Display,
+        F: FnOnce() -> Result<G, E> + Send + 'static,
+    {
+        let health = Arc::new(EngineHealth::new(watch));
+        let thread_health = health.clone();
         let (tx, rx) = mpsc::unbounded_channel::<Command>();
         type Ready = (Option<Detokenizer>, Option<String>);
         let (ready_tx, ready_rx) = oneshot::channel::<Result<Ready, String>>();
@@ -185,16 +224,20 @@ impl EngineThread {
                         return;
                     }
                 };
-                run_loop(&generator, &settings, rx);
+                run_loop(&generator, &settings, &thread_health, rx);
             })
             .map_err(|e| EngineThreadError::Load(format!("cannot spawn the engine thread: {e}")))?;
         match ready_rx.await {
-            Ok(Ok((detokenizer, chat_stop))) => Ok(Self {
-                tx,
-                next_key: Arc::new(AtomicU64::new(0)),
-                detokenizer,
-                chat_stop,
-            }),
+            Ok(Ok((detokenizer, chat_stop))) => {
+                health::spawn_watchdog(&health);
+                Ok(Self {
+                    tx,
+                    next_key: Arc::new(AtomicU64::new(0)),
+                    detokenizer,
+                    chat_stop,
+                    health,
+                })
+            }
             Ok(Err(e)) => Err(EngineThreadError::Load(e)),
             Err(_) => Err(EngineThreadError::Load("the loader panicked".into())),
         }
@@ -247,10 +290,29 @@ impl EngineThread {
     pub fn detokenizer(&self) -> Option<Detokenizer> {
         self.detokenizer.clone()
     }
+
+    /// The engine's health, as its thread and its watchdog report it.
+    pub fn health(&self) -> &Arc<EngineHealth> {
+        &self.health
+    }
+}
+
+/// Hands a job's outcome out, unless the health withholds it (then the sender is dropped, and the session
+/// sees the job end without an outcome). Nobody waiting any more (answered from memory, or the connection is
+/// gone) is fine: the result is discarded.
+fn deliver(health: &EngineHealth, reply: oneshot::Sender<Outcome>, outcome: Outcome) {
+    if health.judge(&outcome) == Verdict::Answer {
+        let _ = reply.send(outcome);
+    }
 }
 
 /// The engine thread: take new jobs, step, report; block only when idle.
-fn run_loop(generator: &dyn Generator, settings: &BatchSettings, mut rx: mpsc::UnboundedReceiver<Command>) {
+fn run_loop(
+    generator: &dyn Generator,
+    settings: &BatchSettings,
+    health: &EngineHealth,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+) {
     let mut batcher = generator.batcher(settings);
     let mut in_flight: HashMap<u64, InFlight> = HashMap::new();
     let obey = |batcher: &mut Box<dyn Batcher + '_>, in_flight: &mut HashMap<u64, InFlight>, command| {
@@ -258,9 +320,10 @@ fn run_loop(generator: &dyn Generator, settings: &BatchSettings, mut rx: mpsc::U
             Command::Submit(req) => {
                 let key = req.key;
                 let arrived = Instant::now();
-                let submitted =
+                let submitted = health.busy(|| {
                     std::panic::catch_unwind(AssertUnwindSafe(|| batcher.submit(key, &req.input, &req.plan)))
-                        .unwrap_or_else(|panic| Err(panicked(&*panic)));
+                        .unwrap_or_else(|panic| Err(panicked(&*panic)))
+                });
                 match submitted {
                     Ok(()) => {
                         in_flight.insert(
@@ -274,8 +337,7 @@ fn run_loop(generator: &dyn Generator, settings: &BatchSettings, mut rx: mpsc::U
                             },
                         );
                     }
-                    // The receiver is gone when nobody waits for this job any more; the result is discarded then.
-                    Err(e) => drop(req.reply.send(Err(e))),
+                    Err(e) => deliver(health, req.reply, Err(e)),
                 }
             }
             Command::Cancel(key) => {
@@ -284,12 +346,22 @@ fn run_loop(generator: &dyn Generator, settings: &BatchSettings, mut rx: mpsc::U
                     && let Some(job) = in_flight.remove(&key)
                 {
                     metrics::job_cancelled();
-                    let _ = job.reply.send(Err(cancelled()));
+                    deliver(health, job.reply, Err(cancelled()));
                 }
             }
         }
     };
     loop {
+        if health.unhealthy().is_some() {
+            // Nothing more leaves this thread: dropping the jobs' senders ends them without an outcome, and
+            // the session leaves them to the broker, which gives them to another worker.
+            in_flight.clear();
+            match rx.blocking_recv() {
+                Some(command) => drop(command),
+                None => break,
+            }
+            continue;
+        }
         if !batcher.has_work() {
             match rx.blocking_recv() {
                 Some(command) => obey(&mut batcher, &mut in_flight, command),
@@ -303,14 +375,15 @@ fn run_loop(generator: &dyn Generator, settings: &BatchSettings, mut rx: mpsc::U
             continue;
         }
         let started = Instant::now();
-        let events = match std::panic::catch_unwind(AssertUnwindSafe(|| batcher.step())) {
+        let stepped = health.busy(|| std::panic::catch_unwind(AssertUnwindSafe(|| batcher.step())));
+        let events = match stepped {
             Ok(events) => events,
             Err(panic) => {
                 // The batch's state is unknown after a panic outside any one sequence: every job in it
                 // fails, and a fresh batch takes the next ones.
                 let error = panicked(&*panic);
                 for (_, job) in in_flight.drain() {
-                    let _ = job.reply.send(Err(error.clone()));
+                    deliver(health, job.reply, Err(error.clone()));
                 }
                 batcher = generator.batcher(settings);
                 continue;
@@ -345,7 +418,7 @@ fn run_loop(generator: &dyn Generator, settings: &BatchSettings, mut rx: mpsc::U
                         completion,
                         inference_ms: job.arrived.elapsed().as_millis() as u64,
                     });
-                    let _ = job.reply.send(outcome);
+                    deliver(health, job.reply, outcome);
                 }
             }
         }

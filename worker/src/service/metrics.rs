@@ -37,6 +37,17 @@ pub const GENERATION_TOKENS: &str = "worker_generation_tokens_total";
 pub const PROMPT_TOKENS: &str = "worker_prompt_tokens_total";
 /// Jobs finished, labelled `finish_reason` (`length`, `eos`, `stop`, `cancelled`).
 pub const JOBS_FINISHED: &str = "worker_jobs_finished_total";
+/// Jobs the engine failed (`generation_failed`: the engine or the device, not the input), and how many of
+/// them in a row since the last success: `--max-engine-failures` in a row make the worker give up.
+pub const ENGINE_FAILURES: &str = "worker_engine_failures_total";
+pub const ENGINE_FAILURES_IN_A_ROW: &str = "worker_engine_consecutive_failures";
+/// Times the worker gave up on its engine, labelled `reason` (`step_timeout`, `engine_failures`); the
+/// worker exits right after, so the series is mostly seen as the reason in its last scrape.
+pub const ENGINE_UNHEALTHY: &str = "worker_engine_unhealthy_total";
+/// 1 while the broker blocks the worker's publishing connection (a memory or disk alarm): replies wait.
+pub const PUBLISH_BLOCKED: &str = "worker_amqp_publish_blocked";
+/// Replies whose confirm did not come within `--publish-timeout-ms`.
+pub const PUBLISH_TIMEOUTS: &str = "worker_reply_publish_timeouts_total";
 
 /// Serves `/metrics` on `listen` (installs the process's recorder; needs a Tokio runtime).
 pub fn install(listen: SocketAddr) -> Result<(), String> {
@@ -96,4 +107,29 @@ pub fn job_finished(c: &Completion) {
         shared::FinishReason::Stop => "stop",
     };
     counter!(JOBS_FINISHED, "finish_reason" => reason).increment(1);
+}
+
+/// A job failed by the engine, `in_a_row` since the last success.
+pub fn engine_failure(in_a_row: u32) {
+    counter!(ENGINE_FAILURES).increment(1);
+    engine_failures_in_a_row(in_a_row);
+}
+
+pub fn engine_failures_in_a_row(n: u32) {
+    gauge!(ENGINE_FAILURES_IN_A_ROW).set(f64::from(n));
+}
+
+/// The worker gave up on its engine.
+pub fn engine_unhealthy(reason: &'static str) {
+    counter!(ENGINE_UNHEALTHY, "reason" => reason).increment(1);
+}
+
+/// The broker blocked (`true`) or unblocked the publishing connection.
+pub fn publish_blocked(blocked: bool) {
+    gauge!(PUBLISH_BLOCKED).set(if blocked { 1.0 } else { 0.0 });
+}
+
+/// A reply's confirm did not come in time.
+pub fn publish_timeout() {
+    counter!(PUBLISH_TIMEOUTS).increment(1);
 }

@@ -17,6 +17,12 @@
 //!   (`cancels`);
 //! - a lost connection is retried with backoff, and a job finished meanwhile is answered from memory when
 //!   redelivered (`outcomes`);
+//! - jobs and their acknowledgements travel on one connection, replies on another, and every reply's
+//!   confirm is awaited for `--publish-timeout-ms` at most: a broker alarm blocks publishing connections,
+//!   and it must not also hold the acknowledgements, nor hang the worker (`session`, `replies`);
+//! - an engine step past `--engine-step-timeout-s`, or `--max-engine-failures` jobs in a row failed by the
+//!   engine, stop the worker: it takes no more jobs, answers none of the unfinished ones (the broker gives
+//!   them to another worker) and exits non-zero for its supervisor (`health`);
 //! - SIGTERM/SIGINT stop the consumer, finish every job in the batch, reply, acknowledge, return the jobs
 //!   not yet handed to the engine to the queue, exit 0;
 //! - queues that exist with other arguments (another delivery limit) stop the worker with an error naming
@@ -24,8 +30,11 @@
 
 mod args;
 mod cancels;
+mod connections;
 mod error;
+mod fault;
 mod generator;
+mod health;
 mod intake;
 mod job;
 mod load;
@@ -44,9 +53,11 @@ use futures::FutureExt;
 
 pub use args::{ServeArgs, ServiceConfig};
 pub use error::ServeError;
+pub use fault::EngineFault;
 pub use generator::{
     BatchSettings, Batcher, Detokenizer, EngineThread, EngineThreadError, Generator, JobEvent,
 };
+pub use health::{EngineHealth, Unhealthy, WatchSettings};
 pub use job::{Completion, FinishedJob, Input, Outcome};
 pub use stream::StreamSettings;
 
@@ -62,6 +73,8 @@ pub async fn run(
         tracing::info!(%listen, "serving metrics");
     }
     let settings = args.batch_settings();
+    let watch = args.watch_settings();
+    let fault = args.inject_engine_fault;
     let options = load::engine_options(&args)?;
     tracing::info!(model = %args.engine.model_dir.display(), "loading the model");
     let load = move || {
@@ -80,10 +93,15 @@ pub async fn run(
                 Err(e) => tracing::warn!(error = %e, "warm-up generation failed"),
             }
         }
-        Ok::<_, crate::engine::EngineError>(engine)
+        // The fault wrapper exists only when a test asks for it; the normal path serves the engine itself.
+        let generator: Box<dyn Generator> = match fault {
+            Some(fault) => Box::new(fault::Faulty::new(engine, fault)),
+            None => Box::new(engine),
+        };
+        Ok::<_, crate::engine::EngineError>(generator)
     };
     let engine = tokio::select! {
-        engine = EngineThread::start(load, settings) => engine?,
+        engine = EngineThread::start_watched(load, settings, watch) => engine?,
         () = shutdown.clone() => return Ok(()),
     };
     serve(config, engine, shutdown).await

@@ -1,12 +1,22 @@
 //! Publishing replies: on the default exchange to the job's `reply_to` queue, under its correlation id,
 //! persistent, and confirmed by the broker before the job is acknowledged.
 //!
+//! The wait for the confirm is bounded: a broker under a memory or disk alarm blocks publishing connections
+//! and confirms nothing until the alarm clears, and a worker waiting without a bound would hold its jobs
+//! (and their places in the batch) for as long. A reply not confirmed in time may still reach its queue
+//! later, so the callers treat it like a refused one (the job is not acknowledged): at worst the job is
+//! answered twice, never acknowledged unanswered.
+//!
 //! The AMQP `type` property is the event name (`job.started`, `job.succeeded`, `job.failed`), the same as
 //! the body's `event` field, so a consumer can dispatch on either (docs/amqp.md).
+
+use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation};
 use shared::JobReply;
+
+use super::metrics;
 
 /// AMQP delivery mode 2: the broker writes the reply to disk on durable queues.
 const PERSISTENT: u8 = 2;
@@ -17,6 +27,9 @@ pub enum PublishError {
     Amqp(#[from] lapin::Error),
     #[error("the broker refused (nacked) the reply")]
     Nacked,
+    /// No confirm within `--publish-timeout-ms` (the broker may be blocking publishers: an alarm).
+    #[error("the broker did not confirm the reply within {} ms", .0.as_millis())]
+    Timeout(Duration),
     #[error("the channel is not in confirm mode")]
     NotConfirmed,
     #[error("encoding the reply failed: {0}")]
@@ -36,24 +49,59 @@ pub fn properties(correlation_id: Option<&str>, reply: &JobReply) -> BasicProper
     props
 }
 
-/// Publishes `reply` to `reply_to` and waits for the broker's confirm.
-pub async fn publish(
-    channel: &Channel,
-    reply_to: &str,
-    correlation_id: Option<&str>,
-    reply: &JobReply,
-) -> Result<(), PublishError> {
-    let body = serde_json::to_vec(reply)?;
-    let confirm = channel
-        .basic_publish(
-            "".into(),
-            reply_to.into(),
-            BasicPublishOptions::default(),
-            &body,
-            properties(correlation_id, reply),
-        )
-        .await?
-        .await?;
+/// Where and how replies are published: a confirm-mode channel of the publishing connection, and the
+/// longest wait for a confirm.
+#[derive(Clone, Copy)]
+pub struct Publisher<'a> {
+    pub channel: &'a Channel,
+    pub timeout: Duration,
+}
+
+impl Publisher<'_> {
+    /// Publishes `reply` to `reply_to` and waits for the broker's confirm, `timeout` at most.
+    pub async fn publish(
+        &self,
+        reply_to: &str,
+        correlation_id: Option<&str>,
+        reply: &JobReply,
+    ) -> Result<(), PublishError> {
+        let body = serde_json::to_vec(reply)?;
+        let props = properties(correlation_id, reply);
+        self.confirmed("", reply_to, &body, props).await
+    }
+
+    /// Publishes a message and waits for its confirm, `timeout` at most (sending included: a blocked
+    /// connection does not even send).
+    pub async fn confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let confirm = async {
+            self.channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    props,
+                )
+                .await?
+                .await
+        };
+        match tokio::time::timeout(self.timeout, confirm).await {
+            Ok(confirm) => settled(confirm?),
+            Err(_) => {
+                metrics::publish_timeout();
+                Err(PublishError::Timeout(self.timeout))
+            }
+        }
+    }
+}
+
+fn settled(confirm: Confirmation) -> Result<(), PublishError> {
     match confirm {
         Confirmation::Ack(_) => Ok(()),
         Confirmation::Nack(_) => Err(PublishError::Nacked),

@@ -1,11 +1,17 @@
-//! One broker connection's life: connect, declare the topology, consume `{ns}.jobs`, handle each delivery
-//! on its own, and stop cleanly; plus the loop that reconnects with backoff when the connection is lost.
+//! One session with the broker: connect (a consuming and a publishing connection, see `connections`),
+//! declare the topology, consume `{ns}.jobs`, handle each delivery on its own, and stop cleanly; plus the
+//! loop that reconnects with backoff when a connection is lost.
 //!
 //! Up to `--max-batch-size` jobs are in the engine at once (one permit per place in the batch); each is
 //! answered and acknowledged when it finishes, whatever the others do. Deliveries beyond that (a prefetch
 //! larger than the batch) wait for a place. The loop keeps polling the consumer, so a dropped connection is
 //! noticed at once rather than when a job ends, and the shutdown signal, so SIGTERM cancels the consumer
 //! at once: the jobs in the engine still finish, those still waiting for a place go back to the queue.
+//!
+//! The engine's health (`health`) stops the loop the same way, except that the jobs in the engine do not
+//! finish: the engine is hung or broken, so they are left unacknowledged, unanswered, to the broker, which
+//! gives them to another worker once this one's channel closes; only the answers already decided before
+//! the engine was given up on still go out.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +24,7 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use lapin::{Channel, Connection, Consumer};
 use shared::backoff::Backoff;
 use shared::reply::{Cancelled, Failed, Started, Succeeded, Timings, now_ms};
 use shared::{ErrorCode, JobId, JobReply};
@@ -27,11 +33,13 @@ use tracing::{info, warn};
 
 use super::args::ServiceConfig;
 use super::cancels::Cancels;
+use super::connections::{Connections, PublishSide};
 use super::generator::{EngineThread, EngineThreadError};
+use super::health::Unhealthy;
 use super::intake::{self, Accepted, Refused};
 use super::job::{Input, Outcome};
 use super::outcomes::{Outcomes, PendingOutcome};
-use super::replies::{self, PublishError};
+use super::replies::{PublishError, Publisher};
 use super::settlement::{SettleError, Settlement};
 use super::stream::TokenStream;
 
@@ -52,6 +60,9 @@ pub enum SessionError {
     /// Not a connection problem: the worker cannot go on.
     #[error(transparent)]
     Engine(#[from] EngineThreadError),
+    /// The engine is hung or broken (`health`); its unfinished jobs were left to the broker.
+    #[error("the engine is unhealthy: {0}")]
+    Unhealthy(#[from] Unhealthy),
     /// The queues exist with other arguments (another delivery limit, another queue type): a deployment
     /// mistake that retrying cannot fix.
     #[error(
@@ -64,7 +75,7 @@ pub enum SessionError {
 impl SessionError {
     /// Errors the worker stops on instead of reconnecting.
     fn is_fatal(&self) -> bool {
-        matches!(self, Self::Engine(_) | Self::Topology(_))
+        matches!(self, Self::Engine(_) | Self::Topology(_) | Self::Unhealthy(_))
     }
 }
 
@@ -97,12 +108,31 @@ impl Service {
     }
 
     /// Serves until `shutdown`, reconnecting whenever the broker goes away. Returns an error only when
-    /// going on is pointless: the engine is gone, or the broker refuses the topology.
+    /// going on is pointless: the engine is gone or unhealthy, or the broker refuses the topology.
     pub async fn run(&self, shutdown: Shutdown) -> Result<(), SessionError> {
+        // A tripped engine health stops the session as a shutdown does (see the module's doc for how the
+        // two differ), and the worker then exits with the reason.
+        let tripped = self.engine.health().tripped();
+        let stop: Shutdown = async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = tripped => {}
+            }
+        }
+        .boxed()
+        .shared();
+        let ended = self.reconnecting(stop).await;
+        match self.engine.health().unhealthy() {
+            Some(why) => Err(SessionError::Unhealthy(why.clone())),
+            None => ended,
+        }
+    }
+
+    async fn reconnecting(&self, stop: Shutdown) -> Result<(), SessionError> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
-            let ended = self.session(shutdown.clone(), &mut backoff).await;
-            let stopping = shutdown.clone().now_or_never().is_some();
+            let ended = self.session(stop.clone(), &mut backoff).await;
+            let stopping = stop.clone().now_or_never().is_some();
             match ended {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_fatal() => return Err(e),
@@ -115,54 +145,53 @@ impl Service {
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection lost; reconnecting");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
-                        () = shutdown.clone() => return Ok(()),
+                        () = stop.clone() => return Ok(()),
                     }
                 }
             }
         }
     }
 
-    async fn session(&self, shutdown: Shutdown, backoff: &mut Backoff) -> Result<(), SessionError> {
-        let props = ConnectionProperties::default()
-            .with_connection_name(format!("worker {}", self.config.worker_id).into());
+    async fn session(&self, stop: Shutdown, backoff: &mut Backoff) -> Result<(), SessionError> {
         // A connection attempt can hang (an unreachable host) and must not delay a shutdown.
-        let connection = tokio::select! {
-            connection = Connection::connect(&self.config.amqp_url, props) => connection?,
-            () = shutdown.clone() => return Ok(()),
+        let mut connections = tokio::select! {
+            connections = Connections::open(&self.config.amqp_url, &self.config.worker_id) => connections?,
+            () = stop.clone() => return Ok(()),
         };
-        let result = self.consume_on(&connection, shutdown, backoff).await;
-        // On success this is the orderly goodbye; after an error it releases a connection that may still be
-        // open (a channel-level error leaves it so). Either way it must not hang the reconnect.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            connection.close(200, "worker stopping".into()),
-        )
-        .await;
+        let result = self.consume_on(&mut connections, stop, backoff).await;
+        connections.close().await;
         result
     }
 
     async fn consume_on(
         &self,
-        connection: &Connection,
-        shutdown: Shutdown,
+        connections: &mut Connections,
+        stop: Shutdown,
         backoff: &mut Backoff,
     ) -> Result<(), SessionError> {
         let topology = &self.config.topology;
-        let channel = connection.create_channel().await?;
+        // The consuming connection: jobs, their acknowledgements, the cancellations. It never publishes, so
+        // a broker alarm never blocks it (`connections`).
+        let channel = connections.consume.create_channel().await?;
         topology.declare(&channel).await.map_err(|e| match e.kind() {
             lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == PRECONDITION_FAILED => {
                 SessionError::Topology(amqp.get_message().to_string())
             }
             _ => SessionError::Amqp(e),
         })?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
         channel
             .basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await?;
+        let replies = connections.publish.create_channel().await?;
+        replies.confirm_select(ConfirmSelectOptions::default()).await?;
+        let publisher = Publisher {
+            channel: &replies,
+            timeout: self.config.publish_timeout,
+        };
         let tag = format!("{}-{}", self.config.worker_id, channel.id());
-        let mut control = self.control_consumer(connection).await?;
+        let mut control = self.control_consumer(&connections.consume).await?;
         // Cancels published before this moment must be known before the first job arrives.
-        self.catch_up(&channel, &mut control).await?;
+        self.catch_up(publisher, &mut control).await?;
         let consumer = channel
             .basic_consume(
                 topology.jobs_queue().as_str().into(),
@@ -178,14 +207,18 @@ impl Service {
             worker_id = %self.config.worker_id,
             "consuming jobs"
         );
-        self.consume(&channel, consumer, control, &tag, shutdown).await?;
-        // Closing the channel before the connection lets the broker settle it in order (and keeps lapin
-        // from logging the connection's close as an error).
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            channel.close(200, "worker stopping".into()),
-        )
-        .await;
+        let feeds = Feeds {
+            consumer,
+            control,
+            connections,
+        };
+        self.consume(&channel, publisher, feeds, &tag, stop).await?;
+        // Closing the channels before the connections lets the broker settle them in order (and keeps
+        // lapin from logging the connections' close as an error).
+        for ch in [&channel, &replies] {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), ch.close(200, "worker stopping".into())).await;
+        }
         Ok(())
     }
 
@@ -213,22 +246,22 @@ impl Service {
 
     /// Publishes a marker on the control exchange and reads the stream until it comes back: every cancel
     /// published before it has then been read. Bounded, so a slow stream delays jobs, never stops them.
-    async fn catch_up(&self, channel: &Channel, control: &mut Consumer) -> Result<(), SessionError> {
+    async fn catch_up(&self, publisher: Publisher<'_>, control: &mut Consumer) -> Result<(), SessionError> {
         let marker = JobId::new_random().to_string();
         let props = lapin::BasicProperties::default()
             .with_type(shared::control::SYNC_TYPE.into())
             .with_message_id(marker.as_str().into())
             .with_timestamp(now_ms() / 1000);
-        channel
-            .basic_publish(
-                self.config.topology.control_exchange().as_str().into(),
-                "".into(),
-                lapin::options::BasicPublishOptions::default(),
-                b"{}",
-                props,
-            )
-            .await?
-            .await?;
+        let exchange = self.config.topology.control_exchange();
+        match publisher.confirmed(exchange.as_str(), "", b"{}", props).await {
+            Ok(()) => {}
+            // Publishing is blocked or refused: there is no marker to wait for; cancels still arrive live.
+            Err(e @ (PublishError::Timeout(_) | PublishError::Nacked)) => {
+                warn!(error = %e, "the cancellations catch-up marker was not published; taking jobs anyway");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
         let read = async {
             while let Some(delivery) = control.next().await {
                 let delivery = delivery?;
@@ -278,29 +311,57 @@ impl Service {
     async fn consume(
         &self,
         channel: &Channel,
-        mut consumer: Consumer,
-        mut control: Consumer,
+        publisher: Publisher<'_>,
+        feeds: Feeds<'_>,
         tag: &str,
-        shutdown: Shutdown,
+        stop: Shutdown,
     ) -> Result<(), SessionError> {
+        let Feeds {
+            mut consumer,
+            mut control,
+            connections,
+        } = feeds;
         let mut jobs: FuturesUnordered<BoxFuture<'_, Result<(), SessionError>>> = FuturesUnordered::new();
         let mut stopping = false;
         let mut consumer_done = false;
         let mut control_done = false;
+        let mut publish_events = true;
+        // Once the engine is given up on: until when the answers already decided may still go out (each
+        // job publishes at most a `job.started` and its final reply, each bounded by the publish timeout).
+        let mut give_up_at: Option<std::time::Instant> = None;
         loop {
             if stopping && jobs.is_empty() {
                 return Ok(());
             }
             tokio::select! {
                 biased;
-                () = shutdown.clone(), if !stopping => {
+                () = stop.clone(), if !stopping => {
                     stopping = true;
-                    info!(in_hand = jobs.len(), "stopping: taking no more jobs");
+                    match self.engine.health().unhealthy() {
+                        Some(why) => {
+                            warn!(
+                                reason = %why,
+                                in_hand = jobs.len(),
+                                "giving up on the engine: taking no more jobs; those unfinished go back to the queue"
+                            );
+                            give_up_at = Some(std::time::Instant::now() + 2 * self.config.publish_timeout);
+                        }
+                        None => info!(in_hand = jobs.len(), "stopping: taking no more jobs"),
+                    }
                     if let Err(e) = channel.basic_cancel(tag.into(), BasicCancelOptions::default()).await {
                         warn!(error = %e, "cancelling the consumer failed");
                     }
                 }
+                () = sleep_until(give_up_at), if give_up_at.is_some() => {
+                    warn!(in_hand = jobs.len(), "answers still unsent are left to the broker");
+                    return Ok(());
+                }
                 Some(done) = jobs.next(), if !jobs.is_empty() => done?,
+                event = connections.next_publish_event(), if publish_events => match event {
+                    Some(PublishSide::Fine) => {}
+                    Some(PublishSide::Lost(e)) => return Err(e.into()),
+                    None => publish_events = false,
+                },
                 next = control.next(), if !control_done => match next {
                     Some(Ok(delivery)) => self.on_control(delivery).await,
                     Some(Err(e)) => return Err(e.into()),
@@ -311,7 +372,7 @@ impl Service {
                     Some(Ok(delivery)) if stopping => {
                         let _ = Settlement::new(delivery.acker).requeue().await;
                     }
-                    Some(Ok(delivery)) => jobs.push(self.handle(channel, delivery, shutdown.clone()).boxed()),
+                    Some(Ok(delivery)) => jobs.push(self.handle(publisher, delivery, stop.clone()).boxed()),
                     Some(Err(e)) => return Err(e.into()),
                     None if stopping => consumer_done = true,
                     None => return Err(SessionError::ConsumerCancelled),
@@ -323,9 +384,9 @@ impl Service {
     /// One delivery, from inspection to its acknowledgement.
     async fn handle(
         &self,
-        channel: &Channel,
+        publisher: Publisher<'_>,
         delivery: Delivery,
-        shutdown: Shutdown,
+        stop: Shutdown,
     ) -> Result<(), SessionError> {
         let taken_at_ms = now_ms();
         let Delivery {
@@ -338,17 +399,17 @@ impl Service {
         let settlement = Settlement::new(acker);
         match intake::inspect(&properties, &data, &self.config.rules) {
             Ok(job) => {
-                self.run_job(channel, job, redelivered, taken_at_ms, settlement, shutdown)
+                self.run_job(publisher, job, redelivered, taken_at_ms, settlement, stop)
                     .await
             }
-            Err(refused) => self.refuse(channel, refused, settlement).await,
+            Err(refused) => self.refuse(publisher, refused, settlement).await,
         }
     }
 
     /// Answers an unprocessable message with `job.failed` (when it says where) and dead-letters it.
     async fn refuse(
         &self,
-        channel: &Channel,
+        publisher: Publisher<'_>,
         refused: Refused,
         settlement: Settlement,
     ) -> Result<(), SessionError> {
@@ -365,9 +426,14 @@ impl Service {
                 error: refused.error.clone(),
                 finished_at_ms: now_ms(),
             });
-            match replies::publish(channel, reply_to, refused.correlation_id.as_deref(), &reply).await {
+            match publisher
+                .publish(reply_to, refused.correlation_id.as_deref(), &reply)
+                .await
+            {
                 // The message is dead-lettered either way; the producer learns nothing more by a retry.
-                Err(PublishError::Nacked) => warn!("the broker refused the failure reply"),
+                Err(e @ (PublishError::Nacked | PublishError::Timeout(_))) => {
+                    warn!(error = %e, "the failure reply was not confirmed")
+                }
                 other => other?,
             }
         }
@@ -377,16 +443,16 @@ impl Service {
 
     async fn run_job(
         &self,
-        channel: &Channel,
+        publisher: Publisher<'_>,
         accepted: Accepted,
         redelivered: bool,
         taken_at_ms: u64,
         settlement: Settlement,
-        shutdown: Shutdown,
+        stop: Shutdown,
     ) -> Result<(), SessionError> {
         let Accepted { id, reply_to, job } = accepted;
         let to = Destination {
-            channel,
+            publisher,
             reply_to: &reply_to,
             id,
             correlation_id: id.to_string(),
@@ -405,8 +471,9 @@ impl Service {
                 (None, pending)
             }
             None => {
-                // A place in the batch first; a stop before one frees up returns the job to the queue, and a
-                // cancel skips the job.
+                // A place in the batch first; a stop before one frees up returns the job to the queue (a
+                // shutdown requeues it; a given-up engine leaves it to the channel's close, after the consumer
+                // is cancelled, so that it cannot come straight back here), and a cancel skips the job.
                 let permit = tokio::select! {
                     biased;
                     () = watch.token.cancelled() => {
@@ -415,8 +482,10 @@ impl Service {
                         return self.answer(&to, reply, settlement).await;
                     }
                     permit = self.places.clone().acquire_owned() => permit.map_err(|_| EngineThreadError::Gone)?,
-                    () = shutdown => {
-                        settlement.requeue().await?;
+                    () = stop => {
+                        if self.engine.health().unhealthy().is_none() {
+                            settlement.requeue().await?;
+                        }
                         return Ok(());
                     }
                 };
@@ -433,12 +502,17 @@ impl Service {
                 (Some(submitted.joined), pending)
             }
         };
+        // From here on, a given-up engine ends the wait for the outcome (a hung one would never give it).
+        let pending = unless_given_up(pending, self.engine.health().tripped());
         // `job.started` goes out when the job joins the running batch (or at once when it is answered from
         // memory, or refused before joining).
         let batch_size = match joined {
             Some(joined) => joined_or_done(joined, pending.clone()).await,
             None => None,
         };
+        if let Some(None) = pending.clone().now_or_never() {
+            return self.left_to_the_broker(id, settlement);
+        }
         let started = JobReply::Started(Started {
             job_id: id,
             worker_id: self.config.worker_id.clone(),
@@ -447,7 +521,9 @@ impl Service {
         });
         match to.publish(&started).await {
             // Progress news only: the job goes on without it.
-            Err(PublishError::Nacked) => warn!(job = %id, "the broker refused the job.started reply"),
+            Err(e @ (PublishError::Nacked | PublishError::Timeout(_))) => {
+                warn!(job = %id, error = %e, "the job.started reply was not confirmed")
+            }
             other => other?,
         }
         info!(job = %id, redelivered, batch_size, "job started");
@@ -459,7 +535,9 @@ impl Service {
             }
             None => (pending.await, 0),
         };
-        let outcome = outcome.ok_or(EngineThreadError::Gone)?;
+        let Some(outcome) = outcome else {
+            return self.left_to_the_broker(id, settlement);
+        };
         let worker_id = self.config.worker_id.clone();
         let reply = match outcome {
             Err(error) if error.code == ErrorCode::Cancelled => self.cancelled_reply(id, generated),
@@ -538,7 +616,7 @@ impl Service {
                 match to.publish(&JobReply::Token(chunk.clone())).await {
                     Ok(()) => {}
                     // Progress news only: the next chunk carries it again, the final reply has it all.
-                    Err(PublishError::Nacked) => stream.unsend(&chunk),
+                    Err(PublishError::Nacked | PublishError::Timeout(_)) => stream.unsend(&chunk),
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -575,10 +653,31 @@ impl Service {
                 settlement.requeue().await?;
                 return Ok(());
             }
+            // Not confirmed in time (a broker alarm blocks publishing): the reply may or may not have
+            // reached its queue. Not acknowledged, the job comes back (answered from memory here, or
+            // generated again elsewhere): answered twice at worst, never acknowledged unanswered. The
+            // wait already paced this, so no pause is added.
+            Err(e @ PublishError::Timeout(_)) => {
+                warn!(job = %id, error = %e, "the final reply was not confirmed; returning the job to the queue");
+                settlement.requeue().await?;
+                return Ok(());
+            }
             Err(e) => return Err(e.into()),
         }
         settlement.ack().await?;
         info!(job = %id, event = reply.kind(), "job done");
+        Ok(())
+    }
+
+    /// A job that ended without an outcome. With the engine given up on, it is left unacknowledged and
+    /// unanswered: the broker gives it to another worker when this one's channel closes (after the consumer
+    /// is cancelled, so it does not come back here). Otherwise the engine thread is gone.
+    fn left_to_the_broker(&self, id: JobId, settlement: Settlement) -> Result<(), SessionError> {
+        if self.engine.health().unhealthy().is_none() {
+            return Err(EngineThreadError::Gone.into());
+        }
+        info!(job = %id, "the engine was given up on; the job goes back to the queue unanswered");
+        drop(settlement);
         Ok(())
     }
 
@@ -589,9 +688,16 @@ impl Service {
     }
 }
 
+/// What one session's consume loop reads: the jobs, the cancellations, and the connections' news.
+struct Feeds<'c> {
+    consumer: Consumer,
+    control: Consumer,
+    connections: &'c mut Connections,
+}
+
 /// Where a job's replies go: its `reply_to` queue, under its job id as the correlation id.
 struct Destination<'a> {
-    channel: &'a Channel,
+    publisher: Publisher<'a>,
     reply_to: &'a str,
     id: JobId,
     correlation_id: String,
@@ -599,8 +705,27 @@ struct Destination<'a> {
 
 impl Destination<'_> {
     async fn publish(&self, reply: &JobReply) -> Result<(), PublishError> {
-        replies::publish(self.channel, self.reply_to, Some(&self.correlation_id), reply).await
+        self.publisher
+            .publish(self.reply_to, Some(&self.correlation_id), reply)
+            .await
     }
+}
+
+/// The job's outcome, or `None` as soon as the engine is given up on, whichever comes first; an outcome the
+/// engine handed out before it was given up on wins (it is answered).
+fn unless_given_up(
+    pending: PendingOutcome,
+    tripped: tokio_util::sync::WaitForCancellationFutureOwned,
+) -> PendingOutcome {
+    async move {
+        tokio::select! {
+            biased;
+            outcome = pending => outcome,
+            () = tripped => None,
+        }
+    }
+    .boxed()
+    .shared()
 }
 
 async fn sleep_until(deadline: Option<std::time::Instant>) {

@@ -65,6 +65,7 @@ async fn start_worker(url: &str) -> Worker {
             tokens: 16,
             interval: Duration::from_millis(50),
         },
+        publish_timeout: Duration::from_secs(10),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(config, engine, async move {
@@ -396,6 +397,7 @@ async fn a_jobs_queue_declared_with_another_delivery_limit_stops_the_worker_with
             tokens: 16,
             interval: Duration::from_millis(50),
         },
+        publish_timeout: Duration::from_secs(10),
     };
     let ended = tokio::time::timeout(
         Duration::from_secs(20),

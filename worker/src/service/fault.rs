@@ -1,0 +1,122 @@
+//! Fault injection, for the engine watchdog's end-to-end tests: the hidden `--inject-engine-fault` makes
+//! the real engine's batch hang or fail the way a wedged or broken device would, without one.
+//!
+//! Like the fault-injection hooks of other serving stacks it is a test tool: hidden from `--help`, off
+//! unless set, and it only ever *wraps* the engine when set (`run` picks the wrapper once, at start-up), so
+//! the normal path has no branch for it. The faults sit behind the [`Generator`] seam, so everything from
+//! the engine thread up (the watchdog, the session, acknowledgements) runs as it does for real.
+
+use shared::{ErrorBody, ErrorCode, GenerationPlan};
+
+use super::generator::{BatchSettings, Batcher, Detokenizer, Generator, JobEvent};
+use super::job::Input;
+use crate::decoding::Stats;
+
+/// What goes wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineFault {
+    /// The first step runs (jobs join the batch and are answered `job.started`); every step after it never
+    /// returns, as a kernel that never completes.
+    Hang,
+    /// Every job fails in the engine (`generation_failed`) at the first step after it arrives, as on a
+    /// device that errors on every launch.
+    Fail,
+}
+
+/// A generator with a fault.
+pub struct Faulty<G> {
+    inner: G,
+    fault: EngineFault,
+}
+
+impl<G> Faulty<G> {
+    pub fn new(inner: G, fault: EngineFault) -> Self {
+        tracing::warn!(
+            ?fault,
+            "fault injection is on: this worker's engine is broken on purpose"
+        );
+        Self { inner, fault }
+    }
+}
+
+impl<G: Generator> Generator for Faulty<G> {
+    fn batcher(&self, settings: &BatchSettings) -> Box<dyn Batcher + '_> {
+        Box::new(FaultyBatch {
+            inner: self.inner.batcher(settings),
+            fault: self.fault,
+            steps: 0,
+            failing: Vec::new(),
+        })
+    }
+
+    fn detokenizer(&self) -> Option<Detokenizer> {
+        self.inner.detokenizer()
+    }
+
+    fn chat_stop(&self) -> Option<String> {
+        self.inner.chat_stop()
+    }
+}
+
+struct FaultyBatch<'a> {
+    inner: Box<dyn Batcher + 'a>,
+    fault: EngineFault,
+    steps: usize,
+    /// `Fail`: the jobs to fail at the next step.
+    failing: Vec<u64>,
+}
+
+/// The message a failed job carries.
+pub const INJECTED_FAILURE: &str = "injected engine fault: the device failed";
+
+impl Batcher for FaultyBatch<'_> {
+    fn submit(&mut self, key: u64, input: &Input, plan: &GenerationPlan) -> Result<(), ErrorBody> {
+        match self.fault {
+            EngineFault::Hang => self.inner.submit(key, input, plan),
+            EngineFault::Fail => {
+                self.failing.push(key);
+                Ok(())
+            }
+        }
+    }
+
+    fn step(&mut self) -> Vec<JobEvent> {
+        self.steps += 1;
+        match self.fault {
+            EngineFault::Hang if self.steps > 1 => loop {
+                std::thread::park();
+            },
+            EngineFault::Hang => self.inner.step(),
+            EngineFault::Fail => self
+                .failing
+                .drain(..)
+                .map(|key| JobEvent::Done {
+                    key,
+                    result: Err(ErrorBody::new(ErrorCode::GenerationFailed, INJECTED_FAILURE)),
+                })
+                .collect(),
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        match self.fault {
+            EngineFault::Hang => self.inner.has_work(),
+            EngineFault::Fail => !self.failing.is_empty(),
+        }
+    }
+
+    fn cancel(&mut self, key: u64) -> bool {
+        match self.fault {
+            EngineFault::Hang => self.inner.cancel(key),
+            EngineFault::Fail => {
+                let before = self.failing.len();
+                self.failing.retain(|&k| k != key);
+                self.failing.len() < before
+            }
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        self.inner.stats()
+    }
+}
