@@ -44,6 +44,7 @@ log "starting the gateway on 127.0.0.1:$PORT, namespace $NS"
 RUST_LOG=warn target/release/gateway \
   --listen "127.0.0.1:$PORT" --namespace "$NS" \
   --submit-rate-limit 1000000000/1s --read-rate-limit 1000000000/1s \
+  --token-rate-limit 1000000000/1s --max-active-jobs-per-client 0 \
   >"$WORK/gateway.log" 2>&1 &
 GATEWAY_PID=$!
 for _ in $(seq 100); do

@@ -285,7 +285,8 @@ class Service:
         env = dict(os.environ, RUST_LOG=os.environ.get("GATEWAY_RUST_LOG", "warn"))
         cmd = [a.gateway, "--listen", f"127.0.0.1:{a.port}", "--namespace", a.namespace,
                "--amqp-url", a.amqp_url, "--redis-url", a.redis_url,
-               "--submit-rate-limit", "1000000000/1s", "--read-rate-limit", "1000000000/1s"]
+               "--submit-rate-limit", "1000000000/1s", "--read-rate-limit", "1000000000/1s",
+               "--token-rate-limit", "1000000000/1s", "--max-active-jobs-per-client", "0"]
         log(f"starting the gateway: {shlex.join(cmd)}")
         out = open(os.path.join(a.log_dir, "gateway.log"), "w")
         self.gateway = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -7,13 +7,15 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use shared::reply::now_ms;
 use shared::{JobId, JobRequest};
 
+use crate::admission::{Admissions, IdempotencyKey, Submission, Verdict};
 use crate::auth::Caller;
 use crate::broker::Broker;
 use crate::config::{FailMode, Settings};
 use crate::decision::Decision;
+use crate::drain::DrainRate;
 use crate::error::ApiError;
 use crate::ratelimit::Limiter;
-use crate::store::{CancelOutcome, JobStore, NewJob};
+use crate::store::{CancelOutcome, JobStore, NewJob, Status};
 use crate::telemetry as m;
 use crate::waiters::Waiters;
 
@@ -24,8 +26,10 @@ pub struct App {
     pub store: JobStore,
     pub broker: Arc<Broker>,
     pub waiters: Arc<Waiters>,
-    /// The submit class's limiter; submissions are checked in [`App::enqueue`].
-    pub submit_limiter: Limiter,
+    /// Every bound on submissions, checked in [`App::enqueue`].
+    pub admissions: Admissions,
+    /// How fast the queue drains, for a full queue's `Retry-After`.
+    pub drain: Arc<DrainRate>,
     /// The read class's limiter, applied as a middleware.
     pub read_limiter: Limiter,
     pub metrics: Option<PrometheusHandle>,
@@ -36,78 +40,174 @@ pub struct App {
     pub started_at_s: u64,
 }
 
-/// A job the broker has confirmed.
+/// A job the gateway has taken: the broker confirmed it, or left it unconfirmed and the gateway is
+/// republishing it (see [`App::enqueue`]); or, for a replayed `Idempotency-Key`, the job it names.
 #[derive(Debug, Clone)]
 pub struct Accepted {
     pub id: JobId,
     pub prompt: String,
     pub submitted_at_ms: u64,
+    /// `queued` for a new job; a replay tells the named job's state now.
+    pub status: Status,
+    /// True when an `Idempotency-Key` named this earlier job.
+    pub replayed: bool,
 }
 
 impl App {
-    /// Validates `request`, checks the submit rate limit and records the job as queued (one atomic Redis
-    /// call), then publishes it under `id`. `Ok` means the broker has confirmed the job; the decision, when
-    /// Redis gave one, is for the response's `RateLimit-*` headers. On a publish failure the record is
-    /// removed and the caller gets 503. When Redis cannot be asked, the submit class's fail mode decides
-    /// between 503 and publishing without a record (the replies create it once Redis is back).
+    /// Validates `request`; refuses it when the queue is full; checks the client's bounds and writes the
+    /// job's `queued` record in one atomic Redis call ([`crate::admission`]); then publishes it under `id`.
+    /// The decision, when Redis gave one, is for the response's `RateLimit-*` headers.
+    ///
+    /// A publish the broker refused removes the record, gives the charges back and answers 503. One left
+    /// unconfirmed (a timeout, a connection lost after sending) may have reached the broker: its record
+    /// stays, the client gets the job id, and the job is republished until the broker confirms it (at
+    /// least once: if the first copy did land, the job runs twice and its first end is the one kept).
+    /// When Redis cannot be asked, the submit class's fail mode decides between 503 and publishing without
+    /// a record (the replies create it once Redis is back).
     pub async fn enqueue(
         &self,
         id: JobId,
         request: JobRequest,
         caller: &Caller,
+        idempotency_key: Option<&str>,
     ) -> Result<(Accepted, Option<Decision>), ApiError> {
         let mut job = request.into_valid(&self.settings.prompt_rules)?;
         // Before the rate limiter: a job that cannot run must not spend the client's budget.
         self.context.check(&job)?;
+        let cost = job.plan.max_new_tokens as u64 * job.plan.decoding.beams() as u64;
+        if cost > self.admissions.max_cost() {
+            return Err(ApiError::CostOverBudget {
+                cost,
+                budget: self.admissions.max_cost(),
+            });
+        }
+        // The body without its submission time, so that a resubmission compares equal.
+        let idempotency = match idempotency_key {
+            Some(key) => {
+                let body =
+                    serde_json::to_vec(&job.to_request()).map_err(|e| ApiError::Internal(e.to_string()))?;
+                Some(IdempotencyKey::new(key, &body))
+            }
+            None => None,
+        };
         let submitted_at_ms = now_ms();
         job.submitted_at_ms = Some(submitted_at_ms);
         let body = serde_json::to_vec(&job.to_request()).map_err(|e| ApiError::Internal(e.to_string()))?;
         let parameters =
             serde_json::to_string(&job.parameters).map_err(|e| ApiError::Internal(e.to_string()))?;
         let owner = caller.key.map(|k| k.hex());
+        let active_key = self.admissions.active_key(caller);
         let record = self.store.record(&NewJob {
             id,
             prompt: &job.prompt,
             parameters_json: &parameters,
             owner: owner.as_deref(),
+            active_key: &active_key,
             submitted_at_ms,
         });
         // Not connected, the job cannot be published: refuse before the limiter charges the client for it.
         if !self.broker.connected() {
             return Err(ApiError::unavailable("broker", "not connected"));
         }
-        let (decision, admission) = match self.submit_limiter.admit_and_record(caller, &record).await {
-            Ok((decision, admission)) if decision.admitted => (Some(decision), Some(admission)),
-            Ok((decision, _)) => return Err(ApiError::RateLimited(decision)),
-            Err(e) => match self.submit_limiter.on_error() {
-                FailMode::Closed => return Err(ApiError::unavailable("rate limiter", e)),
-                FailMode::Open => (None, None),
-            },
+        self.check_backlog().await?;
+        let submission = Submission {
+            id,
+            record: &record,
+            cost,
+            idempotency,
+        };
+        let (decision, charge) = match self.admissions.admit(caller, &submission).await {
+            Ok(Verdict::Admitted(decision, charge)) => (Some(decision), Some(charge)),
+            Ok(Verdict::Replay(prior)) => return self.replay(prior).await,
+            Ok(refused) => return Err(refusal(refused)),
+            Err(e) => {
+                crate::ratelimit::failed_check("submit", self.settings.submit_on_error, &e);
+                match self.settings.submit_on_error {
+                    FailMode::Closed => return Err(ApiError::unavailable("rate limiter", e)),
+                    FailMode::Open => (None, None),
+                }
+            }
         };
         if let Err(e) = self.broker.publish(id, &body).await {
-            metrics::counter!(m::JOBS, "outcome" => "publish_failed").increment(1);
-            let store = self.store.clone();
-            let limiter = self.submit_limiter.clone();
-            let caller = caller.clone();
-            tokio::spawn(async move {
-                if let Err(e) = store.delete(id).await {
-                    tracing::warn!(error = %e, %id, "could not remove the record of an unpublished job");
-                }
-                if let Some(admission) = admission
-                    && let Err(e) = limiter.refund(&caller, &admission).await
-                {
-                    tracing::warn!(error = %e, %id, "could not give back the admission of an unpublished job");
-                }
-            });
-            return Err(ApiError::unavailable("broker", e));
+            if e.is_ambiguous() {
+                metrics::counter!(m::JOBS, "outcome" => "unconfirmed").increment(1);
+                tracing::warn!(error = %e, %id, "publish unconfirmed; the job is kept and republished");
+                tokio::spawn(republish(
+                    self.broker.clone(),
+                    self.store.clone(),
+                    id,
+                    body,
+                    self.settings.publish_retry_window,
+                ));
+            } else {
+                metrics::counter!(m::JOBS, "outcome" => "publish_failed").increment(1);
+                let store = self.store.clone();
+                let admissions = self.admissions.clone();
+                let caller = caller.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = store.delete(id).await {
+                        tracing::warn!(error = %e, %id, "could not remove the record of an unpublished job");
+                    }
+                    if let Some(charge) = charge
+                        && let Err(e) = admissions.refund(&caller, &charge).await
+                    {
+                        tracing::warn!(error = %e, %id, "could not give back the admission of an unpublished job");
+                    }
+                });
+                return Err(ApiError::unavailable("broker", e));
+            }
+        } else {
+            metrics::counter!(m::JOBS, "outcome" => "submitted").increment(1);
         }
-        metrics::counter!(m::JOBS, "outcome" => "submitted").increment(1);
         let accepted = Accepted {
             id,
             prompt: job.prompt,
             submitted_at_ms,
+            status: Status::Queued,
+            replayed: false,
         };
         Ok((accepted, decision))
+    }
+
+    /// Refuses a submission while the queue holds `--max-queued-jobs`, advising a retry when the workers,
+    /// at the rate they have been taking jobs, will have made room. A broker that cannot be asked bounds
+    /// nothing here: the publish that follows will tell.
+    async fn check_backlog(&self) -> Result<(), ApiError> {
+        let bound = self.settings.max_queued_jobs;
+        if bound == 0 {
+            return Ok(());
+        }
+        match self.broker.queue_stats().await {
+            Ok(stats) if stats.depth >= bound => {
+                metrics::counter!(m::BOUNDED, "bound" => "queue_full").increment(1);
+                let excess = u64::from(stats.depth - bound) + 1;
+                Err(ApiError::QueueFull {
+                    bound,
+                    retry_after: self.drain.retry_after(excess),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The answer to a replayed `Idempotency-Key`: the job it named, as it is now.
+    async fn replay(&self, id: JobId) -> Result<(Accepted, Option<Decision>), ApiError> {
+        let (record, _) = self
+            .store
+            .get(id)
+            .await
+            .map_err(|e| ApiError::unavailable("redis", e))?
+            .ok_or(ApiError::NotFound)?;
+        Ok((
+            Accepted {
+                id,
+                prompt: record.prompt,
+                submitted_at_ms: record.submitted_at_ms.unwrap_or_default(),
+                status: record.status,
+                replayed: true,
+            },
+            None,
+        ))
     }
 
     /// Cancels a job wherever it is. The workers are told first (a broadcast every worker reads, see
@@ -128,5 +228,76 @@ impl App {
             tracing::info!(%id, ?was, "job cancelled");
         }
         Ok(outcome)
+    }
+}
+
+/// The error for a submission the admission script refused.
+fn refusal(verdict: Verdict) -> ApiError {
+    match verdict {
+        Verdict::RateLimited(decision) => ApiError::RateLimited(decision),
+        Verdict::TooManyActive { limit } => {
+            metrics::counter!(m::BOUNDED, "bound" => "active_jobs").increment(1);
+            ApiError::TooManyActiveJobs(limit)
+        }
+        Verdict::TokensSpent { retry_after } => {
+            metrics::counter!(m::BOUNDED, "bound" => "tokens").increment(1);
+            ApiError::TokensSpent { retry_after }
+        }
+        Verdict::KeyReused(id) => ApiError::IdempotencyKeyReused(id),
+        Verdict::Admitted(..) | Verdict::Replay(_) => {
+            ApiError::Internal("an admitted job taken for refused".into())
+        }
+    }
+}
+
+/// Republishes a job whose publish was left unconfirmed, with backoff, until the broker confirms a copy,
+/// the job is seen to have left the queue (the first copy did land), or `window` passes: then the job is
+/// marked `failed` (`publish_failed`), a final state its client can see, instead of `queued` for ever.
+async fn republish(
+    broker: Arc<Broker>,
+    store: JobStore,
+    id: JobId,
+    body: Vec<u8>,
+    window: std::time::Duration,
+) {
+    let deadline = tokio::time::Instant::now() + window;
+    let mut backoff = shared::backoff::Backoff::new(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(5),
+    );
+    loop {
+        tokio::time::sleep(backoff.next_delay()).await;
+        if let Ok(Some((record, _))) = store.get(id).await
+            && record.status != Status::Queued
+        {
+            return;
+        }
+        match broker.publish(id, &body).await {
+            Ok(()) => {
+                metrics::counter!(m::JOBS, "outcome" => "republished").increment(1);
+                tracing::info!(%id, "unconfirmed job republished");
+                return;
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                tracing::error!(error = %e, %id, "the broker never confirmed the job; marking it failed");
+                let reply = shared::JobReply::Failed(shared::reply::Failed {
+                    job_id: Some(id),
+                    worker_id: "gateway".to_owned(),
+                    error: shared::ErrorBody::new(
+                        shared::ErrorCode::PublishFailed,
+                        format!(
+                            "the broker did not confirm the job within {} s; it may not have run",
+                            window.as_secs()
+                        ),
+                    ),
+                    finished_at_ms: now_ms(),
+                });
+                if let Err(e) = store.apply(&reply).await {
+                    tracing::error!(error = %e, %id, "could not mark an unpublished job failed");
+                }
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, %id, "republish failed; retrying"),
+        }
     }
 }

@@ -1,8 +1,16 @@
-//! The RabbitMQ side: one connection, kept alive by a supervisor that reconnects with backoff and
-//! re-declares the topology; confirm-mode channels that publish jobs; and the queue figures.
+//! The RabbitMQ side: two connections, one that publishes (jobs, cancels, queue figures) and one that
+//! consumes the replies, kept alive by a supervisor that reconnects with backoff and re-declares the
+//! topology; confirm-mode channels that publish jobs; and the queue figures.
 //!
-//! A 202 must mean the broker has the job, so every publish is `mandatory` and awaits its confirm: a nack,
-//! a returned (unroutable) message, a timeout or a closed channel is an error the caller answers with 503.
+//! Two connections because the broker blocks *publishing* connections when it runs short of memory or
+//! disk: were the replies consumed on the same connection, their acknowledgements would stall with it and
+//! the replies that would let the alarm clear would pile up. A blocked publishing connection makes
+//! `/readyz` say so, and publishes time out instead of waiting.
+//!
+//! A 202 must mean the broker has the job, so every publish is `mandatory` and awaits its confirm. A nack, a
+//! returned (unroutable) message or a channel closed before sending is a refusal the caller answers with
+//! 503; a timeout or a connection lost after sending is *ambiguous* (the broker may have the job), which
+//! [`BrokerError::is_ambiguous`] tells, so that the caller keeps the job instead of calling it lost.
 //! Confirms are asynchronous in lapin, so one channel carries many publishes in flight; a few channels
 //! spread the framing work.
 //!
@@ -10,7 +18,7 @@
 //! however many jobs have passed. Concurrent readers share one round trip, and its answer is reused for
 //! `queue_stats_cache` at most (5 ms by default).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -38,10 +46,19 @@ pub enum BrokerError {
     Returned(String),
     #[error("no confirm from the broker within {0:?}")]
     Timeout(Duration),
+    #[error("the connection failed after the job was sent, before its confirm: {0}")]
+    Unconfirmed(lapin::Error),
     #[error("amqp: {0}")]
     Amqp(#[from] lapin::Error),
     #[error("encoding a message failed: {0}")]
     Encode(String),
+}
+
+impl BrokerError {
+    /// True when the broker may have the message after all (sent, never confirmed nor refused).
+    pub fn is_ambiguous(&self) -> bool {
+        matches!(self, Self::Timeout(_) | Self::Unconfirmed(_))
+    }
 }
 
 /// Depth and consumers of the jobs queue, from the broker.
@@ -53,16 +70,27 @@ pub struct QueueStats {
 }
 
 struct Link {
+    /// Publishes jobs and cancels, and reads the queue figures.
     conn: Connection,
     publishers: Vec<Channel>,
     stats: Channel,
+    /// Consumes the replies; `None` on a replica that leaves them to others.
+    replies: Option<Connection>,
 }
 
 impl Link {
+    async fn close(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.close(200, "bye".into())).await;
+        if let Some(replies) = &self.replies {
+            let _ = tokio::time::timeout(Duration::from_secs(2), replies.close(200, "bye".into())).await;
+        }
+    }
+
     fn healthy(&self) -> bool {
         self.conn.status().connected()
             && self.stats.status().connected()
             && self.publishers.iter().all(|c| c.status().connected())
+            && self.replies.as_ref().is_none_or(|c| c.status().connected())
     }
 }
 
@@ -82,6 +110,8 @@ pub struct BrokerSettings {
 pub struct Broker {
     settings: BrokerSettings,
     link: RwLock<Option<Arc<Link>>>,
+    /// Set at the first connection: until then the gateway is still starting (see `/healthz`).
+    started: AtomicBool,
     next: AtomicUsize,
     stats: tokio::sync::Mutex<Option<(Instant, QueueStats)>>,
 }
@@ -94,6 +124,7 @@ impl Broker {
         Arc::new(Self {
             settings,
             link: RwLock::new(None),
+            started: AtomicBool::new(false),
             next: AtomicUsize::new(0),
             stats: tokio::sync::Mutex::new(None),
         })
@@ -109,15 +140,28 @@ impl Broker {
         }
     }
 
-    /// True while a healthy connection is held.
+    /// True while healthy connections are held.
     pub fn connected(&self) -> bool {
         self.current().is_some_and(|l| l.healthy())
     }
 
-    async fn connect(&self) -> Result<Link, lapin::Error> {
-        let props = ConnectionProperties::default()
-            .with_connection_name(format!("gateway {}", self.settings.topology.namespace()).into());
-        let conn = Connection::connect(&self.settings.url, props).await?;
+    /// True once a connection has been made: the gateway has finished starting.
+    pub fn started(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// True while the broker blocks the publishing connection (a memory or disk alarm): publishes wait
+    /// until it lifts or their timeout.
+    pub fn blocked(&self) -> bool {
+        self.current().is_some_and(|l| l.conn.status().blocked())
+    }
+
+    async fn connect(&self, consume_replies: bool) -> Result<Link, lapin::Error> {
+        let name = |role: &str| {
+            ConnectionProperties::default()
+                .with_connection_name(format!("gateway {} {role}", self.settings.topology.namespace()).into())
+        };
+        let conn = Connection::connect(&self.settings.url, name("publish")).await?;
         let setup = conn.create_channel().await?;
         self.settings.topology.declare(&setup).await?;
         let _ = setup.close(200, "declared".into()).await;
@@ -128,10 +172,16 @@ impl Broker {
             publishers.push(channel);
         }
         let stats = conn.create_channel().await?;
+        let replies = if consume_replies {
+            Some(Connection::connect(&self.settings.url, name("replies")).await?)
+        } else {
+            None
+        };
         Ok(Link {
             conn,
             publishers,
             stats,
+            replies,
         })
     }
 
@@ -145,7 +195,7 @@ impl Broker {
                 break;
             }
             let connected = tokio::select! {
-                r = self.connect() => r,
+                r = self.connect(replies.is_some()) => r,
                 _ = cancel.cancelled() => break,
             };
             match connected {
@@ -153,21 +203,26 @@ impl Broker {
                     metrics::counter!(m::BROKER_RECONNECTS).increment(1);
                     tracing::info!(url = %redact(&self.settings.url), "connected to the broker");
                     let link = Arc::new(link);
-                    let consumer_channel = link.conn.create_channel().await;
+                    let consumer_channel = match &link.replies {
+                        Some(conn) => Some(conn.create_channel().await),
+                        None => None,
+                    };
                     let consume = async {
                         match (&replies, consumer_channel) {
-                            (None, _) => std::future::pending().await,
-                            (Some(replies), Ok(channel)) => {
+                            (Some(replies), Some(Ok(channel))) => {
                                 replies
                                     .run(channel, self.settings.replies_prefetch, cancel.clone())
                                     .await
                             }
-                            (Some(_), Err(e)) => {
+                            (Some(_), Some(Err(e))) => {
                                 tracing::warn!(error = %e, "could not open the replies channel")
                             }
+                            _ => std::future::pending().await,
                         }
                     };
                     self.set(Some(link.clone()));
+                    self.started.store(true, Ordering::Relaxed);
+                    metrics::gauge!(m::BROKER_BLOCKED).set(0.0);
                     backoff.reset();
                     let watch = async {
                         let mut events = link.conn.events_listener();
@@ -178,6 +233,14 @@ impl Broker {
                                     Some(lapin::Event::Error(e)) => {
                                         tracing::warn!(error = %e, "broker connection error");
                                         return;
+                                    }
+                                    Some(lapin::Event::ConnectionBlocked(reason)) => {
+                                        metrics::gauge!(m::BROKER_BLOCKED).set(1.0);
+                                        tracing::warn!(%reason, "the broker blocks publishing (resource alarm)");
+                                    }
+                                    Some(lapin::Event::ConnectionUnblocked) => {
+                                        metrics::gauge!(m::BROKER_BLOCKED).set(0.0);
+                                        tracing::info!("the broker accepts publishes again");
                                     }
                                     None => return,
                                     Some(_) => {}
@@ -194,8 +257,7 @@ impl Broker {
                         _ = cancel.cancelled() => {}
                     }
                     self.set(None);
-                    let _ = tokio::time::timeout(Duration::from_secs(2), link.conn.close(200, "bye".into()))
-                        .await;
+                    link.close().await;
                     if cancel.is_cancelled() {
                         break;
                     }
@@ -210,7 +272,7 @@ impl Broker {
             }
         }
         if let Some(link) = self.current() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), link.conn.close(200, "bye".into())).await;
+            link.close().await;
         }
         self.set(None);
     }
@@ -277,7 +339,8 @@ impl Broker {
                     props,
                 )
                 .await?;
-            confirm.await
+            // Sent: from here a failure leaves the broker's answer unknown.
+            confirm.await.map_err(BrokerError::Unconfirmed)
         })
         .await
         .map_err(|_| BrokerError::Timeout(self.settings.publish_timeout))??;

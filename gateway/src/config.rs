@@ -43,6 +43,21 @@ pub struct Config {
     /// Per-client limit on job submission (`POST /v1/jobs` and `POST /run`), as COUNT/WINDOW, e.g. `10/60s`.
     #[arg(long, env = "SUBMIT_RATE_LIMIT", default_value = "10/60s")]
     pub submit_rate_limit: RateLimit,
+    /// Per-client budget of generated tokens, as TOKENS/WINDOW: a job costs `max_new_tokens` × its beams
+    /// (1 without beam search), charged at submission. Counts cost where the submit limit counts requests.
+    #[arg(long, env = "TOKEN_RATE_LIMIT", default_value = "40000/60s")]
+    pub token_rate_limit: RateLimit,
+    /// Jobs one client may have queued and running at once (0: no cap); past it, 429 `too_many_active_jobs`.
+    #[arg(long, env = "MAX_ACTIVE_JOBS_PER_CLIENT", default_value_t = 64)]
+    pub max_active_jobs_per_client: u32,
+    /// Jobs the queue may hold (0: no bound); past it, 503 `queue_full` with a `Retry-After` from the
+    /// measured drain rate.
+    #[arg(long, env = "MAX_QUEUED_JOBS", default_value_t = 10_000)]
+    pub max_queued_jobs: u32,
+    /// How long an `Idempotency-Key` names its job: a resubmission with the same key (and the same body)
+    /// within this time gets the first job back instead of a second one.
+    #[arg(long, env = "IDEMPOTENCY_TTL_S", default_value_t = 86_400)]
+    pub idempotency_ttl_s: u64,
     /// Per-client limit on reads (`/v1/queue`, `/metrics`, job polls), as COUNT/WINDOW.
     #[arg(long, env = "READ_RATE_LIMIT", default_value = "500/10s")]
     pub read_rate_limit: RateLimit,
@@ -103,7 +118,11 @@ pub struct Config {
     /// A client must send its request headers within this time or the connection is closed.
     #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
-    /// A client must send its request body within this time or gets 408.
+    /// Open client connections at most; further connections wait in the listen backlog.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4_096)]
+    pub max_connections: usize,
+    /// A client must send its whole request body within this time (one deadline, not per chunk) or gets
+    /// 408.
     #[arg(long, env = "BODY_READ_TIMEOUT_MS", default_value_t = 30_000)]
     pub body_read_timeout_ms: u64,
 
@@ -129,9 +148,15 @@ pub struct Config {
     /// Confirm-mode channels publishing jobs concurrently.
     #[arg(long, env = "PUBLISH_CHANNELS", default_value_t = 4)]
     pub publish_channels: usize,
-    /// Longest wait for the broker to confirm a publish before answering 503.
+    /// Longest wait for the broker to confirm a publish. A refused publish is answered 503; one left
+    /// unconfirmed (a timeout, a connection lost after sending) is kept and republished, see
+    /// `--publish-retry-window-s`.
     #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 5_000)]
     pub publish_timeout_ms: u64,
+    /// How long the gateway keeps republishing a job whose publish was left unconfirmed before it marks
+    /// the job failed (`publish_failed`).
+    #[arg(long, env = "PUBLISH_RETRY_WINDOW_S", default_value_t = 300)]
+    pub publish_retry_window_s: u64,
     /// Unacknowledged replies this replica holds at once.
     #[arg(long, env = "REPLIES_PREFETCH", default_value_t = 64)]
     pub replies_prefetch: u16,
@@ -210,6 +235,12 @@ pub struct Settings {
     pub cors: Cors,
     pub submit_limit: RateLimit,
     pub read_limit: RateLimit,
+    pub token_limit: RateLimit,
+    pub max_active_jobs_per_client: u32,
+    pub max_queued_jobs: u32,
+    pub idempotency_ttl: Duration,
+    pub max_connections: usize,
+    pub publish_retry_window: Duration,
     pub submit_on_error: FailMode,
     pub read_on_error: FailMode,
     pub redis_timeout: Duration,
@@ -311,6 +342,12 @@ impl Config {
             cors: Cors::parse(&self.cors_allow_origins)?,
             submit_limit: self.submit_rate_limit,
             read_limit: self.read_rate_limit,
+            token_limit: self.token_rate_limit,
+            max_active_jobs_per_client: self.max_active_jobs_per_client,
+            max_queued_jobs: self.max_queued_jobs,
+            idempotency_ttl: Duration::from_secs(positive("idempotency-ttl-s", self.idempotency_ttl_s)?),
+            max_connections: positive("max-connections", self.max_connections as u64)? as usize,
+            publish_retry_window: Duration::from_secs(self.publish_retry_window_s),
             submit_on_error: self.submit_rate_limit_on_error,
             read_on_error: self.read_rate_limit_on_error,
             redis_timeout: Duration::from_millis(positive("redis-timeout-ms", self.redis_timeout_ms)?),

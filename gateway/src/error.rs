@@ -54,6 +54,22 @@ pub enum ApiError {
     RateLimited(crate::decision::Decision),
     #[error("too many open /run requests for this client (at most {0}); poll /v1/jobs instead")]
     TooManyWaits(usize),
+    #[error("this client has {0} jobs queued or running, as many as it may; submit more when one ends")]
+    TooManyActiveJobs(u32),
+    #[error("this client's budget of generated tokens is spent; retry in {} s", retry_secs(.retry_after))]
+    TokensSpent { retry_after: std::time::Duration },
+    #[error(
+        "the job would generate up to {cost} tokens (max_new_tokens × beams), more than the whole budget of \
+         {budget} a client has; ask for fewer"
+    )]
+    CostOverBudget { cost: u64, budget: u64 },
+    #[error("the queue holds {bound} jobs, as many as it takes; retry in {} s", retry_secs(.retry_after))]
+    QueueFull {
+        bound: u32,
+        retry_after: std::time::Duration,
+    },
+    #[error("this Idempotency-Key was used for job {0} with another body; use a new key for a new job")]
+    IdempotencyKeyReused(JobId),
     #[error("job {0} did not finish in time; it continues, poll /v1/jobs/{0}")]
     RunTimeout(JobId),
     /// A job the worker could not run; its error came back in the reply.
@@ -68,6 +84,13 @@ pub enum ApiError {
 
 /// How long a client should wait after a 503.
 const UNAVAILABLE_RETRY_AFTER: u64 = 1;
+/// How long a client at its cap of active jobs should wait: long enough for a short job to end.
+const ACTIVE_RETRY_AFTER: u64 = 1;
+
+/// Whole seconds, rounded up, at least 1: what `Retry-After` can say.
+fn retry_secs(d: &std::time::Duration) -> u64 {
+    d.as_micros().div_ceil(1_000_000).max(1) as u64
+}
 
 #[derive(Serialize)]
 struct Body<'a> {
@@ -103,6 +126,11 @@ impl ApiError {
             Unauthorized => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
             RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
             TooManyWaits(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyWaits),
+            TooManyActiveJobs(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyActiveJobs),
+            TokensSpent { .. } => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TokenRateLimited),
+            CostOverBudget { .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::TokenRateLimited),
+            QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::QueueFull),
+            IdempotencyKeyReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::IdempotencyKeyReused),
             RunTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Timeout),
             JobFailed(body) => (
                 match body.code {
@@ -113,7 +141,7 @@ impl ApiError {
                     ErrorCode::Cancelled => StatusCode::CONFLICT,
                     // Nobody served it in time, or every worker that took it died.
                     ErrorCode::Expired => StatusCode::GATEWAY_TIMEOUT,
-                    ErrorCode::DeliveryLimit => StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::DeliveryLimit | ErrorCode::PublishFailed => StatusCode::INTERNAL_SERVER_ERROR,
                     _ => StatusCode::UNPROCESSABLE_ENTITY,
                 },
                 body.code,
@@ -146,7 +174,10 @@ impl ApiError {
             ApiError::InvalidJob(shared::job::InvalidJob::Version(_)) => Some("version".to_owned()),
             ApiError::InvalidJob(_) => Some("messages".to_owned()),
             ApiError::ModelNotFound(_) => Some("model".to_owned()),
-            ApiError::ContextOverflow { .. } => Some("parameters.max_new_tokens".to_owned()),
+            ApiError::ContextOverflow { .. } | ApiError::CostOverBudget { .. } => {
+                Some("parameters.max_new_tokens".to_owned())
+            }
+            ApiError::IdempotencyKeyReused(_) => Some("Idempotency-Key".to_owned()),
             _ => None,
         }
     }
@@ -168,7 +199,7 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         let job_id = match &self {
-            ApiError::RunTimeout(id) => Some(id),
+            ApiError::RunTimeout(id) | ApiError::IdempotencyKeyReused(id) => Some(id),
             _ => None,
         };
         let body = Body {
@@ -180,6 +211,10 @@ impl IntoResponse for ApiError {
         response.extensions_mut().insert(info);
         let retry_after = match &self {
             ApiError::Unavailable { .. } => Some(UNAVAILABLE_RETRY_AFTER),
+            ApiError::TooManyActiveJobs(_) => Some(ACTIVE_RETRY_AFTER),
+            ApiError::TokensSpent { retry_after } | ApiError::QueueFull { retry_after, .. } => {
+                Some(retry_secs(retry_after))
+            }
             _ => None,
         };
         if let Some(secs) = retry_after {

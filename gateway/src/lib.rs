@@ -6,6 +6,7 @@
 //!
 //! [`run`] is the whole service; `main.rs` only parses [`Config`] and calls it, and tests call it on port 0.
 
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod broker;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod context;
 pub mod dead_letters;
 pub mod decision;
+pub mod drain;
 pub mod error;
 pub mod follow;
 pub mod kv;
@@ -66,12 +68,16 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
         replies_prefetch: settings.replies_prefetch,
     });
     let prefix = settings.topology.redis_key("");
-    let submit_limiter = ratelimit::Limiter::new(
+    let admissions = admission::Admissions::new(
         store.redis().clone(),
         prefix.clone(),
-        ratelimit::RouteClass::Submit,
-        settings.submit_limit,
-        settings.submit_on_error,
+        admission::Bounds {
+            requests: settings.submit_limit,
+            tokens: settings.token_limit,
+            max_active: settings.max_active_jobs_per_client,
+            active_lifetime: settings.result_ttl,
+            idempotency_ttl: settings.idempotency_ttl,
+        },
     );
     let read_limiter = ratelimit::Limiter::new(
         store.redis().clone(),
@@ -88,7 +94,8 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
         store,
         broker,
         waiters: Arc::new(waiters::Waiters::default()),
-        submit_limiter,
+        admissions,
+        drain: Arc::new(drain::DrainRate::default()),
         read_limiter,
         metrics,
         openapi,
@@ -113,6 +120,10 @@ pub async fn run(
         .consume_replies
         .then(|| replies::ReplyConsumer::new(app.store.clone(), app.settings.topology.clone()));
     let supervisor = tokio::spawn(app.broker.clone().supervise(replies, cancel.clone()));
+    let drain = app.drain.clone();
+    let store = app.store.clone();
+    let drain_cancel = cancel.clone();
+    let drain_task = tokio::spawn(async move { drain.run(store, drain_cancel).await });
     let listener_task = tokio::spawn(app.waiters.clone().listen(
         config.redis_url.clone(),
         waiters::Channels {
@@ -121,21 +132,18 @@ pub async fn run(
         },
         cancel.clone(),
     ));
-    let header_read_timeout = app.settings.header_read_timeout;
-    let grace = app.settings.shutdown_grace;
+    let limits = server::Limits {
+        header_read_timeout: app.settings.header_read_timeout,
+        max_connections: app.settings.max_connections,
+        grace: app.settings.shutdown_grace,
+    };
     tracing::info!(addr = ?listener.local_addr().ok(), namespace = app.settings.topology.namespace(), "gateway listening");
-    server::serve(
-        listener,
-        routes::router(app),
-        header_read_timeout,
-        grace,
-        shutdown,
-    )
-    .await;
+    server::serve(listener, routes::router(app), limits, shutdown).await;
 
     cancel.cancel();
     let _ = supervisor.await;
     let _ = listener_task.await;
+    let _ = drain_task.await;
     tracing::info!("gateway stopped");
     Ok(())
 }

@@ -105,8 +105,19 @@ pub struct NewJob<'a> {
     pub prompt: &'a str,
     pub parameters_json: &'a str,
     pub owner: Option<&'a str>,
+    /// The client's active set (see [`crate::admission`]), which the job leaves when it ends.
+    pub active_key: &'a str,
     pub submitted_at_ms: u64,
 }
+
+/// Takes an ended job out of its client's active set (see [`crate::admission`]), whose name the record
+/// keeps: a key the script does not declare, which a single Redis (not a cluster) allows.
+const LEAVE_ACTIVE: &str = r#"
+local function leave_active(job, id)
+  local active = redis.call('HGET', job, 'active')
+  if active then redis.call('ZREM', active, id) end
+end
+"#;
 
 /// Appends a token entry for the tokens and text past the record's cursors (Lua, shared by the scripts).
 const APPEND_TOKENS: &str = r#"
@@ -154,6 +165,7 @@ else
   redis.call('HSET', KEYS[1], 'status', event, 'worker_id', ARGV[6], field, ARGV[7],
     'finished_at_ms', ARGV[3], 'expires_at_ms', ARGV[5])
   redis.call('ZREM', KEYS[2], ARGV[2])
+  leave_active(KEYS[1], ARGV[2])
   if event == 'succeeded' then
     local ms = tonumber(ARGV[8])
     local avg = tonumber(redis.call('HGET', KEYS[4], 'avg_inference_ms'))
@@ -203,6 +215,7 @@ if status == 'queued' then redis.call('INCR', KEYS[3]) end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'error', ARGV[4], 'finished_at_ms', ARGV[1],
   'expires_at_ms', ARGV[2])
 redis.call('ZREM', KEYS[2], ARGV[7])
+leave_active(KEYS[1], ARGV[7])
 redis.call('XADD', KEYS[4], '*', 'event', 'cancelled', 'data', '{}')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIREAT', KEYS[4], ARGV[2])
@@ -273,9 +286,9 @@ impl JobStore {
             topology,
             result_ttl,
             retention,
-            apply: Script::new(&format!("{APPEND_TOKENS}{APPLY}")),
+            apply: Script::new(&format!("{LEAVE_ACTIVE}{APPEND_TOKENS}{APPLY}")),
             tokens: Script::new(&format!("{APPEND_TOKENS}{TOKENS}")),
-            cancel: Script::new(CANCEL),
+            cancel: Script::new(&format!("{LEAVE_ACTIVE}{CANCEL}")),
         }
     }
 
@@ -327,6 +340,7 @@ impl JobStore {
         if let Some(owner) = job.owner {
             fields.push(("owner", owner.to_owned()));
         }
+        fields.push(("active", job.active_key.to_owned()));
         NewRecord {
             key: self.job_key(job.id),
             seq_key: self.topology.redis_key("seq"),

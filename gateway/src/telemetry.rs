@@ -18,11 +18,17 @@ pub const RATE_LIMIT_ERRORS: &str = "gateway_rate_limit_errors_total";
 pub const QUEUE_DEPTH: &str = "gateway_queue_depth";
 pub const QUEUE_CONSUMERS: &str = "gateway_queue_consumers";
 pub const JOBS_RUNNING: &str = "gateway_jobs_running";
-/// Labelled `outcome`: `submitted`, `publish_failed`, `started`, `succeeded`, `failed`.
+/// Labelled `outcome`: `submitted`, `publish_failed`, `unconfirmed` (kept and republished),
+/// `republished`, `started`, `succeeded`, `failed`, `cancelled`.
 pub const JOBS: &str = "gateway_jobs_total";
 pub const PUBLISH_DURATION: &str = "gateway_publish_confirm_seconds";
 pub const REPLIES_DROPPED: &str = "gateway_replies_dropped_total";
 pub const BROKER_RECONNECTS: &str = "gateway_broker_connects_total";
+/// 1 while the broker blocks this replica's publishing connection (a memory or disk alarm).
+pub const BROKER_BLOCKED: &str = "gateway_broker_blocked";
+/// Submissions refused by a bound on the backlog or on cost, labelled `bound`: `queue_full`,
+/// `active_jobs`, `tokens`.
+pub const BOUNDED: &str = "gateway_submissions_bounded_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 

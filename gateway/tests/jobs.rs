@@ -495,7 +495,7 @@ async fn the_api_is_documented_and_observable() {
     env.finish().await;
 }
 
-/// Closes this test's gateway connections at the broker (only those: other tests share the broker).
+/// Closes this test's gateway publishing connection at the broker (only that: other tests share the broker).
 fn close_gateway_connections(ns: &str) -> usize {
     let out = std::process::Command::new("rabbitmqctl")
         .args(["-q", "list_connections", "pid", "client_properties"])
@@ -503,7 +503,10 @@ fn close_gateway_connections(ns: &str) -> usize {
         .expect("rabbitmqctl runs");
     let text = String::from_utf8_lossy(&out.stdout);
     let mut closed = 0;
-    for line in text.lines().filter(|l| l.contains(&format!("gateway {ns}"))) {
+    for line in text
+        .lines()
+        .filter(|l| l.contains(&format!("gateway {ns} publish")))
+    {
         let pid = line.split_whitespace().next().unwrap();
         let status = std::process::Command::new("rabbitmqctl")
             .args(["-q", "close_connection", pid, "test: connection dropped"])

@@ -156,6 +156,14 @@ impl Decoding {
             Self::Beam { .. } => Strategy::Beam,
         }
     }
+
+    /// Sequences decoded side by side: the beams of beam search, else 1. A job's cost scales with it.
+    pub fn beams(&self) -> usize {
+        match self {
+            Self::Beam { num_beams, .. } => *num_beams,
+            _ => 1,
+        }
+    }
 }
 
 /// Validated generation parameters: the only form the engine accepts.

@@ -58,6 +58,17 @@ pub enum ErrorCode {
     DeliveryLimit,
     /// The broker dead-lettered the job for another reason (refused, or the queue was full).
     Rejected,
+    /// The queue holds as many jobs as the gateway admits (`--max-queued-jobs`); retry after `Retry-After`.
+    QueueFull,
+    /// The client has as many jobs queued and running as it may (`--max-active-jobs-per-client`).
+    TooManyActiveJobs,
+    /// The client's budget of generated tokens (`max_new_tokens` × beams) is spent for now
+    /// (`--token-rate-limit`), or one job alone costs more than the whole budget.
+    TokenRateLimited,
+    /// An `Idempotency-Key` that names an earlier submission with another body.
+    IdempotencyKeyReused,
+    /// The broker never confirmed the job, though the gateway retried: it may or may not have run.
+    PublishFailed,
 }
 
 /// `{code, message}`: the error shape everywhere.

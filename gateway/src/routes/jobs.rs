@@ -59,7 +59,7 @@ impl From<SubmitRequest> for JobRequest {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct JobAccepted {
     pub id: String,
-    /// Always `queued`.
+    /// `queued` for a new job; for a replayed `Idempotency-Key`, the named job's state now.
     pub status: Status,
     /// The prompt after cleaning: what the model will see.
     pub prompt: String,
@@ -72,29 +72,40 @@ pub struct JobAccepted {
     post, path = "/v1/jobs", tag = "jobs",
     request_body = SubmitRequest,
     responses(
-        (status = 202, description = "The broker has the job", body = JobAccepted,
-            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 202, description = "The gateway has the job: the broker confirmed it, or left it unconfirmed \
+            and the gateway republishes it until it does. With an `Idempotency-Key` seen before (same body), the \
+            job it named, and `Idempotent-Replayed: true`", body = JobAccepted,
+            headers(("Location" = String, description = "/v1/jobs/{id}"),
+                ("Idempotent-Replayed" = String, description = "`true` when an earlier job is answered again"))),
         (status = 400, description = "Invalid JSON", body = crate::openapi::ErrorDoc),
         (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
         (status = 413, description = "Body over the limit", body = crate::openapi::ErrorDoc),
-        (status = 422, description = "Unknown field, parameter out of range, prompt empty or too long", body = crate::openapi::ErrorDoc),
-        (status = 429, description = "Rate limited (Retry-After)", body = crate::openapi::ErrorDoc),
-        (status = 503, description = "Broker or Redis unavailable (Retry-After)", body = crate::openapi::ErrorDoc),
+        (status = 422, description = "Unknown field, parameter out of range, prompt empty or too long, a job \
+            costing more than the whole token budget, or an Idempotency-Key reused with another body", body = crate::openapi::ErrorDoc),
+        (status = 429, description = "Rate limited, too many active jobs, or the token budget spent (Retry-After)", body = crate::openapi::ErrorDoc),
+        (status = 503, description = "Queue full, broker or Redis unavailable (Retry-After)", body = crate::openapi::ErrorDoc),
     ),
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "Up to 255 printable ASCII characters. A resubmission with the same key and body (within \
+            `--idempotency-ttl-s`) gets the first job back instead of making a second one")),
     security((), ("api_key" = []))
 )]
 pub async fn submit(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    headers: axum::http::HeaderMap,
     ApiJson(body): ApiJson<SubmitRequest>,
 ) -> Result<Response, ApiError> {
-    let (accepted, decision) = app.enqueue(JobId::new_random(), body.into(), &caller).await?;
+    let key = idempotency_key(&headers)?;
+    let (accepted, decision) = app
+        .enqueue(JobId::new_random(), body.into(), &caller, key)
+        .await?;
     let location = format!("/v1/jobs/{}", accepted.id);
     let mut response = (
         StatusCode::ACCEPTED,
         axum::Json(JobAccepted {
             id: accepted.id.to_string(),
-            status: Status::Queued,
+            status: accepted.status,
             prompt: accepted.prompt,
             location: location.clone(),
             submitted_at_ms: accepted.submitted_at_ms,
@@ -107,7 +118,28 @@ pub async fn submit(
     if let Some(d) = decision {
         d.write_headers(response.headers_mut());
     }
+    if accepted.replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
     Ok(response)
+}
+
+/// The `Idempotency-Key` header, if any: 1 to 255 printable ASCII characters.
+fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let invalid = |message: &str| ApiError::InvalidField {
+        field: "Idempotency-Key".into(),
+        message: message.into(),
+    };
+    let key = value.to_str().map_err(|_| invalid("must be printable ASCII"))?;
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(invalid("must be 1 to 255 printable ASCII characters"));
+    }
+    Ok(Some(key))
 }
 
 /// A job as a poll reports it.

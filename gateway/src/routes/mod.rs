@@ -1,6 +1,6 @@
 //! The HTTP surface: which routes exist, which budget each draws on, and the layers around them.
 //!
-//! Layer order, outermost first: request metrics; body-read timeout and size limit; then, per route group,
+//! Layer order, outermost first: request metrics; body size limit and the body's deadline; then, per route group,
 //! caller identification (API key check) and, for reads, the rate limit. Submissions are rate-limited in
 //! the handler, after validation, by the same Redis call that records the job.
 
@@ -20,7 +20,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::app::AppState;
 use crate::auth::{AuthError, Caller};
@@ -77,9 +76,12 @@ pub fn router(app: AppState) -> Router {
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(app.clone())
+        .layer(middleware::from_fn_with_state(
+            app.settings.body_read_timeout,
+            body_deadline,
+        ))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::Extension(BodyLimit(limit)))
-        .layer(RequestBodyTimeoutLayer::new(app.settings.body_read_timeout))
         .layer(middleware::from_fn(crate::telemetry::track))
         .layer(cors(&app.settings.cors))
 }
@@ -120,6 +122,37 @@ fn peer(request: &Request) -> IpAddr {
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// Reads the whole request body under one deadline, counted from when its headers arrived. A timeout
+/// per read (tower-http's) restarts with every chunk, so a client dripping a byte a second holds a request
+/// open for as long as it likes; this one does not. The body is small (it is under the body limit) and
+/// every route reads it whole anyway.
+async fn body_deadline(
+    State(deadline): State<std::time::Duration>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let limit = parts.extensions.get::<BodyLimit>().map_or(usize::MAX, |l| l.0);
+    let read = axum::body::to_bytes(body, limit);
+    match tokio::time::timeout(deadline, read).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(e)) => {
+            // `to_bytes` fails on a body over the limit, or on a connection that broke mid-body.
+            let over = std::error::Error::source(&e)
+                .is_some_and(|source| source.to_string().contains("length limit exceeded"));
+            if over {
+                ApiError::PayloadTooLarge { limit }.into_response()
+            } else {
+                ApiError::InvalidJson(format!("the request body could not be read: {e}")).into_response()
+            }
+        }
+        Err(_) => ApiError::BodyTimeout.into_response(),
+    }
 }
 
 /// Identifies the caller, requiring a valid API key when keys are configured.

@@ -220,7 +220,7 @@ async fn serve(
     let mut decision: Option<Decision> = None;
     let mut prompts = Vec::with_capacity(ids.len());
     for (i, (id, job)) in ids.iter().zip(jobs).enumerate() {
-        match app.enqueue(*id, job, &caller).await {
+        match app.enqueue(*id, job, &caller, None).await {
             Ok((accepted, d)) => {
                 decision = d.or(decision);
                 prompts.push(accepted.prompt);

@@ -20,22 +20,38 @@ pub struct Readiness {
     pub ready: bool,
     pub redis: bool,
     pub rabbitmq: bool,
+    /// The broker blocks this replica's publishing connection (a memory or disk alarm): submissions
+    /// would wait for their confirm and time out.
+    pub rabbitmq_blocked: bool,
 }
 
+/// Liveness, with start-up: 503 `starting` until the first broker connection (a replica that never got
+/// one has not started; one that lost it later is alive, and `/readyz` says it cannot serve).
 #[utoipa::path(get, path = "/healthz", tag = "operations",
-    responses((status = 200, description = "The process is up", body = Health)))]
-pub async fn healthz() -> axum::Json<Health> {
-    axum::Json(Health { status: "ok" })
+    responses(
+        (status = 200, description = "The process is up and has started", body = Health),
+        (status = 503, description = "Still starting: no broker connection yet", body = Health)))]
+pub async fn healthz(State(app): State<AppState>) -> Response {
+    if app.broker.started() {
+        axum::Json(Health { status: "ok" }).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(Health { status: "starting" }),
+        )
+            .into_response()
+    }
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
-        (status = 200, description = "Redis and RabbitMQ reachable", body = Readiness),
-        (status = 503, description = "One of them is not", body = Readiness)))]
+        (status = 200, description = "Redis and RabbitMQ reachable, publishing not blocked", body = Readiness),
+        (status = 503, description = "One of them is not, or the broker blocks publishing", body = Readiness)))]
 pub async fn readyz(State(app): State<AppState>) -> Response {
     let redis = app.store.redis().ping().await.is_ok();
     let rabbitmq = app.broker.connected();
-    let ready = redis && rabbitmq;
+    let rabbitmq_blocked = app.broker.blocked();
+    let ready = redis && rabbitmq && !rabbitmq_blocked;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -47,6 +63,7 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
             ready,
             redis,
             rabbitmq,
+            rabbitmq_blocked,
         }),
     )
         .into_response()

@@ -117,7 +117,7 @@ pub async fn run(
         .ok_or(ApiError::TooManyWaits(s.max_run_waits_per_client))?;
     let id = JobId::new_random();
     let registration = app.waiters.register(id, Interest::Done);
-    let (_, decision) = app.enqueue(id, request, &caller).await?;
+    let (_, decision) = app.enqueue(id, request, &caller, None).await?;
     let mut owner = CancelOnDrop::new(&app, vec![id], s.cancel_on_disconnect);
     let waited = wait_final(&app, id, &registration).await;
     // Answered, or past the timeout after which the contract says the job goes on: either way not a hang-up.

@@ -3,6 +3,8 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 #![allow(clippy::unwrap_used)] // test harness: a failed set-up step should panic the test
 
+pub mod stall;
+
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -56,6 +58,9 @@ impl TestEnv {
             ("--amqp-url", AMQP_URL),
             ("--redis-url", REDIS_URL),
             ("--shutdown-grace-s", "2"),
+            // Tests that exercise the backlog and cost bounds set them; the rest queue jobs freely.
+            ("--token-rate-limit", "1000000000/1s"),
+            ("--max-active-jobs-per-client", "0"),
         ];
         for (flag, value) in defaults {
             if !flags.contains(&flag) {
@@ -176,6 +181,22 @@ pub async fn amqp() -> (Connection, Channel) {
     (conn, channel)
 }
 
+/// Messages ready on `queue`, as the broker counts them (a passive declare on a connection of the test's).
+pub async fn depth(channel: &Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+}
+
 /// Takes one message from `queue`, waiting up to 5 s for it to arrive.
 pub async fn take(channel: &Channel, queue: &str) -> lapin::message::BasicGetMessage {
     for _ in 0..100 {
@@ -228,4 +249,12 @@ pub async fn submit(http: &reqwest::Client, gw: &Gateway, body: Value) -> (u16, 
 pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
+}
+
+/// True when the Prometheus text has the series `series` (name and labels, as rendered) at `min` or more.
+pub fn metric_at_least(text: &str, series: &str, min: f64) -> bool {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series))
+        .filter_map(|rest| rest.trim().parse::<f64>().ok())
+        .any(|v| v >= min)
 }

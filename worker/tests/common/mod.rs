@@ -266,6 +266,10 @@ impl Env {
             "100000/1s",
             "--read-rate-limit",
             "100000/1s",
+            "--token-rate-limit",
+            "1000000000/1s",
+            "--max-active-jobs-per-client",
+            "0",
             "--shutdown-grace-s",
             "2",
         ];

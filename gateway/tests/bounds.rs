@@ -1,0 +1,470 @@
+//! Every accepted job ends in a true state, and what the gateway accepts is bounded: safe retries
+//! (`Idempotency-Key`, unconfirmed publishes kept and republished), the backlog and cost bounds, separate
+//! publishing and consuming connections, and the HTTP edges (one body deadline, a connection cap, start-up
+//! health). Real Redis and RabbitMQ; the broker's confirms are withheld by a real TCP proxy
+//! ([`common::stall`]); no worker runs, the test answers for one at the AMQP contract level where needed.
+
+#![allow(clippy::unwrap_used)] // helpers outside #[test] functions panic on purpose
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::stall::StallProxy;
+use common::{TestEnv, amqp, depth, json, reply, submit, take};
+use serde_json::{Value, json};
+use shared::JobReply;
+use shared::reply::{Succeeded, now_ms};
+use shared::{FinishReason, JobId, Timings};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const GENEROUS: &[&str] = &["--submit-rate-limit", "10000/1s", "--read-rate-limit", "10000/1s"];
+
+fn flags<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut f = GENEROUS.to_vec();
+    f.extend_from_slice(extra);
+    f
+}
+
+fn succeeded(id: JobId, text: &str) -> JobReply {
+    JobReply::Succeeded(Succeeded {
+        job_id: id,
+        worker_id: "test-worker".into(),
+        prompt: "p".into(),
+        text: text.into(),
+        token_ids: vec![1],
+        new_tokens: 1,
+        prompt_tokens: Some(1),
+        finish_reason: FinishReason::Length,
+        timings: Timings {
+            queued_ms: Some(1),
+            prefill_ms: 1,
+            decode_ms: 1,
+            inference_ms: 2,
+            time_to_first_token_ms: Some(1),
+        },
+        batch_size: Some(1),
+        finished_at_ms: now_ms(),
+    })
+}
+
+async fn poll(env: &TestEnv, gw: &common::Gateway, id: &str) -> Value {
+    let (status, body) = json(
+        env.http
+            .get(gw.url(&format!("/v1/jobs/{id}")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+async fn poll_until(env: &TestEnv, gw: &common::Gateway, id: &str, wanted: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..200 {
+        last = poll(env, gw, id).await;
+        if last["status"] == wanted {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("job {id} never became {wanted}: {last}");
+}
+
+async fn submit_keyed(env: &TestEnv, gw: &common::Gateway, key: &str, body: Value) -> reqwest::Response {
+    env.http
+        .post(gw.url("/v1/jobs"))
+        .header("idempotency-key", key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_same_job_instead_of_a_second_one() {
+    let mut env = TestEnv::new();
+    let gw = env.gateway(&flags(&["--queue-stats-cache-ms", "0"])).await;
+    let body = json!({"prompt": "only once", "parameters": {"max_new_tokens": 5}});
+    let first = submit_keyed(&env, &gw, "order-42", body.clone()).await;
+    assert_eq!(first.status(), 202);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let (_, first) = json(first).await;
+    // The retry of a client that never saw the first answer: same job, no second message, no charge.
+    let again = submit_keyed(&env, &gw, "order-42", body.clone()).await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let (_, again) = json(again).await;
+    assert_eq!(again["id"], first["id"], "{again}");
+    assert_eq!(again["status"], "queued");
+    let (_conn, channel) = amqp().await;
+    assert_eq!(depth(&channel, &env.jobs_queue()).await, 1);
+
+    // The same key with another body is a client bug, named as such, with the job the key belongs to.
+    let (status, other) =
+        json(submit_keyed(&env, &gw, "order-42", json!({"prompt": "something else"})).await).await;
+    assert_eq!(
+        (status, other["code"].as_str()),
+        (422, Some("idempotency_key_reused")),
+        "{other}"
+    );
+    assert_eq!(other["job_id"], first["id"]);
+    // Another key is another job.
+    let (status, third) = json(submit_keyed(&env, &gw, "order-43", body).await).await;
+    assert_eq!(status, 202);
+    assert_ne!(third["id"], first["id"]);
+    assert_eq!(depth(&channel, &env.jobs_queue()).await, 2);
+    // A key that is not printable ASCII is refused before anything is queued.
+    let (status, bad) = json(submit_keyed(&env, &gw, "", json!({"prompt": "x"})).await).await;
+    assert_eq!(
+        (status, bad["code"].as_str()),
+        (422, Some("invalid_parameter")),
+        "{bad}"
+    );
+    assert!(
+        bad["message"].as_str().unwrap().contains("Idempotency-Key"),
+        "{bad}"
+    );
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_client_at_its_cap_of_active_jobs_gets_429_until_one_ends() {
+    let mut env = TestEnv::new();
+    let gw = env.gateway(&flags(&["--max-active-jobs-per-client", "2"])).await;
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let (status, body) = submit(&env.http, &gw, json!({"prompt": format!("job {i}")})).await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    let refused = env
+        .http
+        .post(gw.url("/v1/jobs"))
+        .json(&json!({"prompt": "third"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let (_, body) = json(refused).await;
+    assert_eq!(body["code"], "too_many_active_jobs", "{body}");
+
+    // One ends (cancelled): its place is free again.
+    let cancel = env
+        .http
+        .delete(gw.url(&format!("/v1/jobs/{}", ids[0])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 200);
+    let (status, body) = submit(&env.http, &gw, json!({"prompt": "third, later"})).await;
+    assert_eq!(status, 202, "{body}");
+    // And one that succeeds frees its place too.
+    let (_conn, channel) = amqp().await;
+    let id: JobId = ids[1].parse().unwrap();
+    reply(&channel, &env.replies_queue(), &succeeded(id, " done")).await;
+    poll_until(&env, &gw, &ids[1], "succeeded").await;
+    let (status, body) = submit(&env.http, &gw, json!({"prompt": "fourth"})).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, _) = submit(&env.http, &gw, json!({"prompt": "fifth"})).await;
+    assert_eq!(status, 429);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn the_token_budget_counts_generated_tokens_times_beams() {
+    let mut env = TestEnv::new();
+    let gw = env.gateway(&flags(&["--token-rate-limit", "100/60s"])).await;
+    let job = |tokens: u32, beams: u32| {
+        let mut parameters = json!({"max_new_tokens": tokens});
+        if beams > 1 {
+            parameters = json!({"max_new_tokens": tokens, "strategy": "beam", "num_beams": beams});
+        }
+        json!({"prompt": "cost me", "parameters": parameters})
+    };
+    // 4 beams × 30 tokens cost 120, more than the whole budget: never admissible, so 422, not 429.
+    let (status, body) = submit(&env.http, &gw, job(30, 4)).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("token_rate_limited")),
+        "{body}"
+    );
+    let (status, body) = submit(&env.http, &gw, job(60, 1)).await;
+    assert_eq!(status, 202, "{body}");
+    // 60 + 2 × 25 = 110 > 100: refused, with the time until the bucket has room.
+    let refused = env
+        .http
+        .post(gw.url("/v1/jobs"))
+        .json(&job(25, 2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "retry-after {retry}");
+    let (_, body) = json(refused).await;
+    assert_eq!(body["code"], "token_rate_limited", "{body}");
+    // What is left (40) still admits a job that fits.
+    let (status, body) = submit(&env.http, &gw, job(40, 1)).await;
+    assert_eq!(status, 202, "{body}");
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_queue_full_with_retry_after() {
+    let mut env = TestEnv::new();
+    let gw = env
+        .gateway(&flags(&["--max-queued-jobs", "2", "--queue-stats-cache-ms", "0"]))
+        .await;
+    for i in 0..2 {
+        let (status, body) = submit(&env.http, &gw, json!({"prompt": format!("job {i}")})).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let refused = env
+        .http
+        .post(gw.url("/v1/jobs"))
+        .json(&json!({"prompt": "one too many"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1, "retry-after {retry}");
+    let (_, body) = json(refused).await;
+    assert_eq!(body["code"], "queue_full", "{body}");
+    // A worker takes one: there is room again.
+    let (_conn, channel) = amqp().await;
+    take(&channel, &env.jobs_queue()).await;
+    let (status, body) = submit(&env.http, &gw, json!({"prompt": "now it fits"})).await;
+    assert_eq!(status, 202, "{body}");
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn an_unconfirmed_publish_keeps_the_job_and_republishes_it_until_confirmed() {
+    let mut env = TestEnv::new();
+    let proxy = StallProxy::start("127.0.0.1:5672").await;
+    let url = proxy.amqp_url();
+    let gw = env
+        .gateway(&flags(&[
+            "--amqp-url",
+            &url,
+            "--publish-timeout-ms",
+            "300",
+            "--queue-stats-cache-ms",
+            "0",
+        ]))
+        .await;
+    // The confirms of the publishing connection stop coming back; the publish itself reaches the broker.
+    proxy.stall(0, true);
+    let (status, body) = submit(&env.http, &gw, json!({"prompt": "was it sent?"})).await;
+    // Not 503: the broker may have the job, so the gateway keeps it and says where to poll.
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    assert_eq!(poll(&env, &gw, &id).await["status"], "queued");
+    let (_conn, channel) = amqp().await;
+    assert!(
+        depth(&channel, &env.jobs_queue()).await >= 1,
+        "the first copy is on the queue"
+    );
+    // The link recovers; the gateway republishes until a copy is confirmed.
+    proxy.stall(0, false);
+    let start = Instant::now();
+    loop {
+        let text = env
+            .http
+            .get(gw.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if common::metric_at_least(&text, "gateway_jobs_total{outcome=\"republished\"}", 1.0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "never republished:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // At least once: every copy is the same job, and the first end a worker reports is the one kept.
+    let copies = depth(&channel, &env.jobs_queue()).await;
+    assert!(copies >= 2, "{copies} copies");
+    for _ in 0..copies {
+        let msg = take(&channel, &env.jobs_queue()).await;
+        assert_eq!(
+            msg.delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .unwrap()
+                .as_str(),
+            id
+        );
+    }
+    let job: JobId = id.parse().unwrap();
+    reply(&channel, &env.replies_queue(), &succeeded(job, " first")).await;
+    poll_until(&env, &gw, &id, "succeeded").await;
+    reply(&channel, &env.replies_queue(), &succeeded(job, " second")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(poll(&env, &gw, &id).await["result"]["text"], " first");
+    drop(proxy);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_job_the_broker_never_confirms_ends_failed_publish_failed() {
+    let mut env = TestEnv::new();
+    let proxy = StallProxy::start("127.0.0.1:5672").await;
+    let url = proxy.amqp_url();
+    let gw = env
+        .gateway(&flags(&[
+            "--amqp-url",
+            &url,
+            "--publish-timeout-ms",
+            "200",
+            "--publish-retry-window-s",
+            "1",
+        ]))
+        .await;
+    proxy.stall(0, true);
+    let (status, body) = submit(&env.http, &gw, json!({"prompt": "lost in the mail"})).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    // Never a job `queued` for ever: past the retry window it ends, and says why.
+    let job = poll_until(&env, &gw, &id, "failed").await;
+    assert_eq!(job["error"]["code"], "publish_failed", "{job}");
+    drop(proxy);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn replies_are_consumed_while_the_publishing_connection_is_stalled() {
+    let mut env = TestEnv::new();
+    let proxy = StallProxy::start("127.0.0.1:5672").await;
+    let url = proxy.amqp_url();
+    let gw = env
+        .gateway(&flags(&["--amqp-url", &url, "--publish-timeout-ms", "300"]))
+        .await;
+    assert_eq!(
+        proxy.connections(),
+        2,
+        "one connection publishes, another consumes"
+    );
+    let (status, body) = submit(&env.http, &gw, json!({"prompt": "answer me"})).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let (_conn, channel) = amqp().await;
+    take(&channel, &env.jobs_queue()).await;
+    // As under a broker alarm, the publishing connection is stuck; the replies still land.
+    proxy.stall(0, true);
+    reply(
+        &channel,
+        &env.replies_queue(),
+        &succeeded(id.parse().unwrap(), " done"),
+    )
+    .await;
+    let job = poll_until(&env, &gw, &id, "succeeded").await;
+    assert_eq!(job["result"]["text"], " done");
+    proxy.stall(0, false);
+    drop(proxy);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_body_dripped_slowly_meets_one_deadline_not_one_per_chunk() {
+    let mut env = TestEnv::new();
+    let gw = env.gateway(&flags(&["--body-read-timeout-ms", "1000"])).await;
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body = br#"{"prompt": "drip, drip, drip, drip, drip"}"#;
+    let head = format!(
+        "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let start = Instant::now();
+    let (mut read, mut write) = stream.into_split();
+    // One byte every 200 ms: each chunk well inside the timeout, the whole body (8 s) far past it.
+    let dripper = tokio::spawn(async move {
+        for b in body {
+            if write.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), read.read(&mut answer))
+        .await
+        .expect("no answer within 5 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "answered after {:?}",
+        start.elapsed()
+    );
+    dripper.abort();
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_until_one_closes() {
+    let mut env = TestEnv::new();
+    let gw = env.gateway(&flags(&["--max-connections", "2"])).await;
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    // The harness's client may hold pooled connections from the readiness wait: take them out of play.
+    env.http = reqwest::Client::new();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle_a = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _idle_b = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let waited = tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf)).await;
+    assert!(waited.is_err(), "a third connection was served past a cap of two");
+    drop(idle_a);
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("still not served after a slot freed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn healthz_says_starting_until_the_broker_is_first_reached() {
+    let mut env = TestEnv::new();
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", common::closed_port());
+    let gw = env.gateway_with(&["--amqp-url", url.as_str()], false).await;
+    let (status, body) = json(env.http.get(gw.url("/healthz")).send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (503, Some("starting")),
+        "{body}"
+    );
+    let (status, ready) = json(env.http.get(gw.url("/readyz")).send().await.unwrap()).await;
+    assert_eq!(status, 503);
+    assert_eq!(ready["rabbitmq"], false);
+    assert_eq!(ready["rabbitmq_blocked"], false);
+    env.finish().await;
+}
