@@ -97,7 +97,7 @@ impl Link {
 /// Settings the broker side needs.
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
-    pub url: String,
+    pub urls: Arc<shared::brokers::BrokerUrls>,
     pub topology: Topology,
     pub publish_channels: usize,
     pub publish_timeout: Duration,
@@ -161,7 +161,8 @@ impl Broker {
             ConnectionProperties::default()
                 .with_connection_name(format!("gateway {} {role}", self.settings.topology.namespace()).into())
         };
-        let conn = Connection::connect(&self.settings.url, name("publish")).await?;
+        let url = self.settings.urls.current();
+        let conn = Connection::connect(url, name("publish")).await?;
         let setup = conn.create_channel().await?;
         self.settings.topology.declare(&setup).await?;
         let _ = setup.close(200, "declared".into()).await;
@@ -173,7 +174,7 @@ impl Broker {
         }
         let stats = conn.create_channel().await?;
         let replies = if consume_replies {
-            Some(Connection::connect(&self.settings.url, name("replies")).await?)
+            Some(Connection::connect(url, name("replies")).await?)
         } else {
             None
         };
@@ -201,7 +202,7 @@ impl Broker {
             match connected {
                 Ok(link) => {
                     metrics::counter!(m::BROKER_RECONNECTS).increment(1);
-                    tracing::info!(url = %redact(&self.settings.url), "connected to the broker");
+                    tracing::info!(url = %redact(self.settings.urls.current()), "connected to the broker");
                     let link = Arc::new(link);
                     let consumer_channel = match &link.replies {
                         Some(conn) => Some(conn.create_channel().await),
@@ -261,9 +262,12 @@ impl Broker {
                     if cancel.is_cancelled() {
                         break;
                     }
+                    // The node may be gone: the next attempt goes to the next one (of a cluster's).
+                    self.settings.urls.advance();
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, url = %redact(&self.settings.url), "cannot reach the broker");
+                    tracing::warn!(error = %e, url = %redact(self.settings.urls.current()), "cannot reach the broker");
+                    self.settings.urls.advance();
                 }
             }
             tokio::select! {

@@ -23,7 +23,8 @@ pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "LISTEN", default_value = "0.0.0.0:8000")]
     pub listen: SocketAddr,
-    /// RabbitMQ URL.
+    /// RabbitMQ URL; for a cluster, one per node, comma separated: the gateway connects to one and moves
+    /// to the next when it fails.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -229,6 +230,7 @@ impl FromStr for FailMode {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub topology: Topology,
+    pub broker_urls: std::sync::Arc<shared::brokers::BrokerUrls>,
     pub prompt_rules: PromptRules,
     pub api_keys: ApiKeys,
     pub trusted_proxies: Vec<IpNet>,
@@ -336,6 +338,7 @@ impl Config {
             .collect();
         Ok(Settings {
             topology,
+            broker_urls: std::sync::Arc::new(shared::brokers::BrokerUrls::new(&[&self.amqp_url])?),
             prompt_rules,
             api_keys: ApiKeys::new(&keys),
             trusted_proxies: self.trusted_proxies.clone(),

@@ -59,7 +59,7 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
         settings.expired_retention,
     );
     let broker = broker::Broker::new(broker::BrokerSettings {
-        url: config.amqp_url.clone(),
+        urls: settings.broker_urls.clone(),
         topology: settings.topology.clone(),
         publish_channels: settings.publish_channels,
         publish_timeout: settings.publish_timeout,

@@ -468,3 +468,18 @@ async fn healthz_says_starting_until_the_broker_is_first_reached() {
     assert_eq!(ready["rabbitmq_blocked"], false);
     env.finish().await;
 }
+
+#[tokio::test]
+async fn the_gateway_moves_on_to_the_next_broker_url_when_a_node_is_down() {
+    let mut env = TestEnv::new();
+    // A cluster of two "nodes", the first of which is down: the gateway must get to the second.
+    let urls = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f,{}",
+        common::closed_port(),
+        common::AMQP_URL
+    );
+    let gw = env.gateway(&flags(&["--amqp-url", &urls])).await;
+    let (status, body) = submit(&env.http, &gw, json!({"prompt": "any node will do"})).await;
+    assert_eq!(status, 202, "{body}");
+    env.finish().await;
+}

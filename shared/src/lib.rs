@@ -5,6 +5,7 @@
 //! read is generated from these very types (`docs/schema/`, checked by a test).
 
 pub mod backoff;
+pub mod brokers;
 pub mod chat;
 pub mod control;
 pub mod job;
