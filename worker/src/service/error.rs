@@ -14,9 +14,10 @@ pub enum ServeError {
     Config(String),
     #[error(transparent)]
     Engine(#[from] EngineThreadError),
-    /// The watchdog gave up on the engine; the unfinished jobs went back to the queue.
+    /// The watchdog gave up on the engine; the unfinished jobs went back to the queue. (Not a `source`:
+    /// the reason is the message, and an error chain would print it twice.)
     #[error("the engine is unhealthy: {0}")]
-    Unhealthy(#[from] Unhealthy),
+    Unhealthy(Unhealthy),
     #[error("{0}")]
     Broker(String),
 }

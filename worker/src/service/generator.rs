@@ -618,6 +618,63 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn the_nth_engine_failure_in_a_row_and_every_later_job_end_without_an_outcome() {
+        let (generator, calls) = echo();
+        let watch = WatchSettings {
+            step_timeout: None,
+            max_failures: std::num::NonZeroU32::new(2),
+        };
+        let engine = EngineThread::start_watched(
+            move || Ok::<_, String>(generator),
+            BatchSettings::default(),
+            watch,
+        )
+        .await
+        .unwrap();
+        let submit = |prompt: &str| engine.submit(Input::Text(prompt.into()), plan()).unwrap().outcome;
+        // The first engine failure is answered; a prompt too long neither counts nor resets the count.
+        let first = submit("boom").await.unwrap().unwrap_err();
+        assert_eq!(first.code, ErrorCode::GenerationFailed);
+        assert_eq!(
+            submit("fail").await.unwrap().unwrap_err().code,
+            ErrorCode::ContextOverflow
+        );
+        assert!(engine.health().unhealthy().is_none());
+        // The second in a row is withheld: its sender is dropped, the session sees no outcome.
+        assert!(submit("boom").await.is_err(), "withheld");
+        assert!(matches!(
+            engine.health().unhealthy(),
+            Some(crate::service::Unhealthy::Failures { count: 2, .. })
+        ));
+        // From then on nothing leaves the engine thread, and nothing more is generated.
+        assert!(submit("fine").await.is_err(), "withheld");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_success_between_engine_failures_resets_their_count() {
+        let (generator, _) = echo();
+        let watch = WatchSettings {
+            step_timeout: None,
+            max_failures: std::num::NonZeroU32::new(2),
+        };
+        let engine = EngineThread::start_watched(
+            move || Ok::<_, String>(generator),
+            BatchSettings::default(),
+            watch,
+        )
+        .await
+        .unwrap();
+        for prompt in ["boom", "fine", "boom", "fine", "boom"] {
+            assert!(
+                run(&engine, prompt).await.is_ok() == (prompt == "fine"),
+                "{prompt}"
+            );
+        }
+        assert!(engine.health().unhealthy().is_none());
+    }
+
+    #[tokio::test]
     async fn a_loader_error_is_reported_before_any_job() {
         let err = EngineThread::start(|| Err::<One<Echo>, _>("no such model"), BatchSettings::default())
             .await

@@ -112,16 +112,104 @@ fn settled(confirm: Confirmation) -> Result<(), PublishError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    use lapin::{Connection, ConnectionProperties};
     use shared::reply::Started;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
 
-    #[test]
-    fn a_reply_names_its_event_in_the_type_property_and_is_persistent_json() {
-        let reply = JobReply::Started(Started {
+    /// A TCP proxy to the machine's RabbitMQ whose broker-to-client direction can be held: what the client
+    /// sends still reaches the broker, but nothing the broker answers (confirms included) comes back until
+    /// released, as when a broker stops confirming (an alarm blocks the connection; a stalled network). The
+    /// broker's own alarms are global and would stop every other test on it, so they are not used.
+    async fn holding_proxy() -> (String, Arc<AtomicBool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("amqp://guest:guest@{}/%2f", listener.local_addr().unwrap());
+        let held = Arc::new(AtomicBool::new(false));
+        let hold = held.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = TcpStream::connect("127.0.0.1:5672").await.unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut broker_read, mut broker_write) = upstream.into_split();
+                tokio::spawn(async move { tokio::io::copy(&mut client_read, &mut broker_write).await });
+                let hold = hold.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = broker_read.read(&mut buf).await {
+                        while hold.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        (url, held)
+    }
+
+    fn started() -> JobReply {
+        JobReply::Started(Started {
             job_id: shared::JobId::new_random(),
             worker_id: "w".into(),
             started_at_ms: 1,
             redelivered: false,
-        });
+        })
+    }
+
+    #[tokio::test]
+    async fn a_reply_the_broker_does_not_confirm_in_time_fails_as_a_timeout_and_the_channel_goes_on() {
+        let (url, held) = holding_proxy().await;
+        let conn = Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        // Server-named and exclusive: deleted with the connection.
+        let queue = channel
+            .queue_declare("".into(), QueueDeclareOptions::exclusive(), FieldTable::default())
+            .await
+            .unwrap();
+        let reply_to = queue.name().as_str().to_owned();
+        let publisher = Publisher {
+            channel: &channel,
+            timeout: Duration::from_millis(300),
+        };
+        publisher.publish(&reply_to, Some("c"), &started()).await.unwrap();
+
+        held.store(true, Ordering::SeqCst);
+        let begun = std::time::Instant::now();
+        let err = publisher
+            .publish(&reply_to, Some("c"), &started())
+            .await
+            .unwrap_err();
+        let waited = begun.elapsed();
+        assert!(
+            matches!(err, PublishError::Timeout(t) if t == Duration::from_millis(300)),
+            "{err}"
+        );
+        assert!(
+            (Duration::from_millis(300)..Duration::from_secs(3)).contains(&waited),
+            "waited {waited:?}"
+        );
+
+        // The late confirm does not confuse the channel: once the broker is heard again, publishing works.
+        held.store(false, Ordering::SeqCst);
+        publisher.publish(&reply_to, Some("c"), &started()).await.unwrap();
+        let _ = conn.close(200, "".into()).await;
+    }
+
+    #[test]
+    fn a_reply_names_its_event_in_the_type_property_and_is_persistent_json() {
+        let reply = started();
         let p = properties(Some("abc"), &reply);
         assert_eq!(p.kind().as_ref().map(|k| k.as_str()), Some("job.started"));
         assert_eq!(p.correlation_id().as_ref().map(|c| c.as_str()), Some("abc"));

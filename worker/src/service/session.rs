@@ -62,7 +62,7 @@ pub enum SessionError {
     Engine(#[from] EngineThreadError),
     /// The engine is hung or broken (`health`); its unfinished jobs were left to the broker.
     #[error("the engine is unhealthy: {0}")]
-    Unhealthy(#[from] Unhealthy),
+    Unhealthy(Unhealthy),
     /// The queues exist with other arguments (another delivery limit, another queue type): a deployment
     /// mistake that retrying cannot fix.
     #[error(
