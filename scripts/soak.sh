@@ -16,7 +16,8 @@
 # Knobs (environment): JOBS (1000; SHORT: 150), RATE (jobs per second, 8; SHORT: 15), KILL_EVERY (mean
 # seconds between worker SIGKILLs, 4; SHORT: one kill), BROKER_RESTART (1; 0 skips it: RabbitMQ here may be
 # shared with other test runs, which a restart disturbs), GATEWAY_RESTART (1), SEED (0), PORT (18400, the
-# gateways take PORT and PORT+1), SKIP_BUILD=1 (use target/debug as it is), BIN_DIR (binaries to use
+# gateways take PORT and PORT+1), STRICT=1 (a second final AMQP reply fails the run even in the case
+# docs/amqp.md documents: a worker killed after its final reply and before its acknowledgement), SKIP_BUILD=1 (use target/debug as it is), BIN_DIR (binaries to use
 # instead of target/debug), JSON (also write the figures to this file), LOG_DIR (target/soak-logs).
 # Runs in a namespace of its own, deleted at the end (queues, exchange, Redis keys); the binaries are copied
 # first, so a rebuild during the run changes nothing; RabbitMQ and Redis are left running.
@@ -113,6 +114,7 @@ set +e
   --gateway-restart "$GATEWAY_RESTART" \
   --drain-timeout "$DRAIN_TIMEOUT" \
   --seed "$SEED" \
+  --strict "${STRICT:-0}" \
   --command "$COMMAND" \
   "${extra[@]}"
 status=$?

@@ -24,3 +24,5 @@ cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}" 2>&1 | te
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' "$TEST_LOG"
 log "schemathesis over every operation of the OpenAPI document"
 scripts/schemathesis.sh
+log "soak under faults, short (scripts/soak.sh; the full one and its figures: docs/reliability.md)"
+SHORT=1 scripts/soak.sh
