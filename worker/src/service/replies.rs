@@ -116,42 +116,7 @@ mod tests {
     use lapin::types::FieldTable;
     use lapin::{Connection, ConnectionProperties};
     use shared::reply::Started;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-
-    /// A TCP proxy to the machine's RabbitMQ whose broker-to-client direction can be held: what the client
-    /// sends still reaches the broker, but nothing the broker answers (confirms included) comes back until
-    /// released, as when a broker stops confirming (an alarm blocks the connection; a stalled network). The
-    /// broker's own alarms are global and would stop every other test on it, so they are not used.
-    async fn holding_proxy() -> (String, Arc<AtomicBool>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("amqp://guest:guest@{}/%2f", listener.local_addr().unwrap());
-        let held = Arc::new(AtomicBool::new(false));
-        let hold = held.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let upstream = TcpStream::connect("127.0.0.1:5672").await.unwrap();
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut broker_read, mut broker_write) = upstream.into_split();
-                tokio::spawn(async move { tokio::io::copy(&mut client_read, &mut broker_write).await });
-                let hold = hold.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    while let Ok(n @ 1..) = broker_read.read(&mut buf).await {
-                        while hold.load(Ordering::SeqCst) {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                        if client_write.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        (url, held)
-    }
+    use std::sync::atomic::Ordering;
 
     fn started() -> JobReply {
         JobReply::Started(Started {
@@ -164,7 +129,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_the_broker_does_not_confirm_in_time_fails_as_a_timeout_and_the_channel_goes_on() {
-        let (url, held) = holding_proxy().await;
+        let (url, held) = super::super::proxy::holding_proxy(None).await;
         let conn = Connection::connect(&url, ConnectionProperties::default())
             .await
             .unwrap();

@@ -43,6 +43,10 @@ struct Worker {
 }
 
 async fn start_worker(url: &str) -> Worker {
+    start_worker_with(url, Duration::from_secs(10)).await
+}
+
+async fn start_worker_with(url: &str, publish_timeout: Duration) -> Worker {
     let namespace = format!("svc-{}", &JobId::new_random().to_string()[..13]);
     let topology = Topology::new(&namespace, 3).unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -65,7 +69,7 @@ async fn start_worker(url: &str) -> Worker {
             tokens: 16,
             interval: Duration::from_millis(50),
         },
-        publish_timeout: Duration::from_secs(10),
+        publish_timeout,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(config, engine, async move {
@@ -286,6 +290,71 @@ async fn stopping_mid_job_finishes_and_acknowledges_it() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(counts, (0, 0));
+    let _ = conn.close(200, "".into()).await;
+    delete_queues(BROKER, &t).await;
+}
+
+/// A broker that stops confirming the worker's replies (as under an alarm) must neither hang the worker nor
+/// let it acknowledge a job whose answer is unconfirmed: the job comes back, and once the broker is heard
+/// again it is answered (from memory: generated once) and acknowledged.
+#[tokio::test]
+async fn a_final_reply_not_confirmed_in_time_returns_the_job_and_it_is_answered_once_confirms_flow() {
+    // The worker's second connection, its publishing one, is the one whose confirms are held.
+    let (url, held) = super::proxy::holding_proxy(Some(1)).await;
+    let worker = start_worker_with(&url, Duration::from_millis(500)).await;
+    let t = worker.topology.clone();
+    wait_for_consumer(BROKER, &t).await;
+    let (conn, ch) = channel(BROKER).await;
+    let (reply_to, mut replies) = reply_queue(&ch).await;
+
+    held.store(true, Ordering::SeqCst);
+    let id = JobId::new_random().to_string();
+    publish(&ch, &t, Some(&id), &reply_to, &job("Hello")).await;
+    // Only the confirms are held, so the replies themselves arrive; the job, unacknowledged, comes back.
+    let mut kinds = Vec::new();
+    loop {
+        let (kind, corr, reply) = next_reply(&mut replies).await;
+        assert_eq!(corr.as_deref(), Some(id.as_str()));
+        kinds.push(kind);
+        if let JobReply::Started(s) = reply
+            && s.redelivered
+        {
+            break;
+        }
+    }
+    assert_eq!(kinds, ["job.started", "job.succeeded", "job.started"]);
+
+    held.store(false, Ordering::SeqCst);
+    assert_eq!(next_reply(&mut replies).await.0, "job.succeeded");
+    assert_eq!(worker.calls.load(Ordering::SeqCst), 1, "generated once");
+    let more = tokio::time::timeout(Duration::from_secs(1), replies.next()).await;
+    assert!(more.is_err(), "nothing more: the job was acknowledged");
+    worker.stop().await.unwrap();
+    // Acknowledged: nothing went back to the queue when the worker left, nothing was dead-lettered.
+    let counts = |queue: String| {
+        let ch = &ch;
+        async move {
+            let q = ch
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions::durable().passive(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            (q.message_count(), q.consumer_count())
+        }
+    };
+    let mut jobs = (u32::MAX, u32::MAX);
+    for _ in 0..50 {
+        jobs = counts(t.jobs_queue()).await;
+        if jobs == (0, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(jobs, (0, 0));
+    assert_eq!(counts(t.dead_letter_queue()).await.0, 0);
     let _ = conn.close(200, "".into()).await;
     delete_queues(BROKER, &t).await;
 }
