@@ -786,9 +786,9 @@ def run_faults(args, cluster, load_s, stop):
 
 
 def restart_gateway(args, cluster, i):
-    # Killed while a /run waits on it, when one does within 5 s: that client gets no answer and never learns
+    # Killed while a /run waits on it, when one does within 10 s: that client gets no answer and never learns
     # its job's id, and the job must still end (the checker finds it by its prompt).
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while cluster.open_runs_at(i) == 0 and time.monotonic() < deadline:
         time.sleep(0.005)
     cluster.kill_gateway(i)
@@ -908,7 +908,12 @@ def make_jobs(args):
     weights = [("http", args.http_share), ("run", args.run_share), ("amqp", args.amqp_share)]
     for k in range(args.jobs):
         channel = rng.choices([w[0] for w in weights], [w[1] for w in weights])[0]
-        n = rng.randint(args.min_tokens, args.max_tokens)
+        # Mostly short jobs, and a share of long ones: workers are then killed mid-job more often, and a
+        # /run is open on the gateway when it is killed.
+        if rng.random() < args.long_share:
+            n = rng.randint(args.max_tokens, args.long_tokens)
+        else:
+            n = rng.randint(args.min_tokens, args.max_tokens)
         strategy = rng.choices(["greedy", "sample", "contrastive"], [0.5, 0.25, 0.25])[0]
         params = {"strategy": strategy, "max_new_tokens": n}
         if strategy == "sample":
@@ -936,11 +941,13 @@ def main():
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--min-tokens", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--long-share", type=float, default=0.1, help="share of jobs of MAX_TOKENS..LONG_TOKENS")
+    p.add_argument("--long-tokens", type=int, default=160)
     p.add_argument("--http-share", type=float, default=0.4)
     p.add_argument("--run-share", type=float, default=0.2)
     p.add_argument("--amqp-share", type=float, default=0.4)
     p.add_argument("--cancel-share", type=float, default=0.03)
-    p.add_argument("--run-timeout", type=int, default=3, help="the gateways' --run-timeout-s (short, so that "
+    p.add_argument("--run-timeout", type=int, default=2, help="the gateways' --run-timeout-s (short, so that "
                    "/run calls around the faults time out, answer 504 with the job id and are polled on)")
     p.add_argument("--poll-s", type=float, default=0.5)
     p.add_argument("--kill-every", type=float, default=4.0, help="mean seconds between worker SIGKILLs")
@@ -1265,7 +1272,8 @@ def print_report(args, r, cluster):
     w("")
     w(f"Soak under faults: namespace {r['namespace']}, {args.gateways} gateways, {args.workers} workers "
       f"(tiny GPT-J, --max-batch-size {args.max_batch_size}), {r['jobs']} jobs at {args.rate:g}/s, "
-      f"{args.min_tokens}-{args.max_tokens} new tokens each")
+      f"{args.min_tokens}-{args.max_tokens} new tokens ({args.long_share:.0%} of them up to {args.long_tokens}), "
+      f"/run timeout {args.run_timeout} s")
     w(f"Faults: {kills} worker SIGKILLs (each restarted), {broker} RabbitMQ restart (stop_app/start_app), "
       f"{gw} gateway SIGKILL (restarted)")
     w(f"Submitted in {t['submitted_s']:.0f} s, drained after {t['drained_s']:.0f} s, {t['total_s']:.0f} s in all")
