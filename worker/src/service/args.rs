@@ -16,7 +16,8 @@ use super::stream::StreamSettings;
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// RabbitMQ URL (the vhost is the path, `%2f` for `/`).
+    /// RabbitMQ URL (the vhost is the path, `%2f` for `/`); for a cluster, one per node, comma separated:
+    /// the worker connects to one and moves to the next when it fails.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -94,7 +95,7 @@ pub struct ServeArgs {
 /// What the queue loop needs, checked.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
-    pub amqp_url: String,
+    pub brokers: std::sync::Arc<shared::brokers::BrokerUrls>,
     pub topology: Topology,
     pub rules: PromptRules,
     pub prefetch: u16,
@@ -121,7 +122,9 @@ impl ServeArgs {
             )));
         }
         Ok(ServiceConfig {
-            amqp_url: self.amqp_url.clone(),
+            brokers: std::sync::Arc::new(
+                shared::brokers::BrokerUrls::new(&[&self.amqp_url]).map_err(ServeError::Config)?,
+            ),
             topology,
             rules,
             prefetch: self.prefetch.unwrap_or(self.max_batch_size),

@@ -154,12 +154,23 @@ impl Service {
 
     async fn session(&self, stop: Shutdown, backoff: &mut Backoff) -> Result<(), SessionError> {
         // A connection attempt can hang (an unreachable host) and must not delay a shutdown.
+        let brokers = &self.config.brokers;
         let mut connections = tokio::select! {
-            connections = Connections::open(&self.config.amqp_url, &self.config.worker_id) => connections?,
+            connections = Connections::open(brokers.current(), &self.config.worker_id) => match connections {
+                Ok(c) => c,
+                Err(e) => {
+                    // That node may be down: the next attempt goes to the next one (of a cluster's).
+                    brokers.advance();
+                    return Err(e.into());
+                }
+            },
             () = stop.clone() => return Ok(()),
         };
         let result = self.consume_on(&mut connections, stop, backoff).await;
         connections.close().await;
+        if result.is_err() {
+            brokers.advance();
+        }
         result
     }
 

@@ -59,7 +59,7 @@ async fn start_worker_with(url: &str, publish_timeout: Duration) -> Worker {
         .await
         .unwrap();
     let config = ServiceConfig {
-        amqp_url: url.to_owned(),
+        brokers: std::sync::Arc::new(shared::brokers::BrokerUrls::new(&[url]).unwrap()),
         topology: topology.clone(),
         rules: shared::PromptRules::default(),
         prefetch: 1,
@@ -294,6 +294,28 @@ async fn stopping_mid_job_finishes_and_acknowledges_it() {
     delete_queues(BROKER, &t).await;
 }
 
+/// Of a cluster's URLs, the first node is down: the worker moves on to the next and serves.
+#[tokio::test]
+async fn a_worker_given_several_broker_urls_moves_on_past_a_node_that_is_down() {
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = down.local_addr().unwrap().port();
+    drop(down);
+    let urls = format!("amqp://guest:guest@127.0.0.1:{port}/%2f,{BROKER}");
+    let worker = start_worker(&urls).await;
+    let t = worker.topology.clone();
+    wait_for_consumer(BROKER, &t).await;
+    let (conn, ch) = channel(BROKER).await;
+    let (reply_to, mut replies) = reply_queue(&ch).await;
+    let id = JobId::new_random().to_string();
+    publish(&ch, &t, Some(&id), &reply_to, &job("any node")).await;
+    assert_eq!(next_reply(&mut replies).await.0, "job.started");
+    worker.release.send(()).unwrap();
+    assert_eq!(next_reply(&mut replies).await.0, "job.succeeded");
+    worker.stop().await.unwrap();
+    let _ = conn.close(200, "".into()).await;
+    delete_queues(BROKER, &t).await;
+}
+
 /// A broker that stops confirming the worker's replies (as under an alarm) must neither hang the worker nor
 /// let it acknowledge a job whose answer is unconfirmed: the job comes back, and once the broker is heard
 /// again it is answered (from memory: generated once) and acknowledged.
@@ -456,7 +478,7 @@ async fn a_jobs_queue_declared_with_another_delivery_limit_stops_the_worker_with
         .await
         .unwrap();
     let config = ServiceConfig {
-        amqp_url: BROKER.to_owned(),
+        brokers: std::sync::Arc::new(shared::brokers::BrokerUrls::new(&[BROKER]).unwrap()),
         topology: Topology::new(&namespace, 3).unwrap(),
         rules: shared::PromptRules::default(),
         prefetch: 1,
