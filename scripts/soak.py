@@ -188,7 +188,7 @@ class Cluster:
         self.broker_windows = []  # (stop time, started again time)
         self.broker_stopped = False
         self.t_load = time.time()
-        self.open_runs = collections.Counter()  # port -> POST /run requests waiting there
+        self.open_runs = collections.defaultdict(dict)  # port -> {request: when it was sent}
         self.http = Http()
 
     def port(self, i):
@@ -253,13 +253,18 @@ class Cluster:
             time.sleep(0.1)
         raise SystemExit(f"worker {name} did not start consuming in {timeout} s; see {path}")
 
-    def running(self, port, delta):
+    def running(self, port, token, opened):
         with self.lock:
-            self.open_runs[port] += delta
+            if opened:
+                self.open_runs[port][token] = time.monotonic()
+            else:
+                self.open_runs[port].pop(token, None)
 
-    def open_runs_at(self, i):
+    def run_waiting_at(self, i, for_s):
+        """Whether a POST /run has been waiting on gateway i for `for_s` seconds (so it holds a job)."""
+        now = time.monotonic()
         with self.lock:
-            return self.open_runs[self.port(i)]
+            return any(now - t >= for_s for t in self.open_runs[self.port(i)].values())
 
     def consuming(self, i):
         p, name = self.workers[i]
@@ -519,7 +524,8 @@ class Load:
             prompt = job.prompt(attempt)
             port = self.gateway_order()[0]
             body = {"prompt": prompt, "parameters": job.params}
-            self.cluster.running(port, +1)
+            token = object()
+            self.cluster.running(port, token, True)
             try:
                 status, resp = self.http.request(port, "POST", "/run", body, timeout=self.args.run_timeout + 30)
             except NotSent:
@@ -532,7 +538,7 @@ class Load:
                 time.sleep(0.05)
                 continue
             finally:
-                self.cluster.running(port, -1)
+                self.cluster.running(port, token, False)
             job.run_status = status
             code = resp.get("code") if isinstance(resp, dict) else None
             if status == 200:
@@ -789,7 +795,7 @@ def restart_gateway(args, cluster, i):
     # Killed while a /run waits on it, when one does within 10 s: that client gets no answer and never learns
     # its job's id, and the job must still end (the checker finds it by its prompt).
     deadline = time.monotonic() + 10
-    while cluster.open_runs_at(i) == 0 and time.monotonic() < deadline:
+    while not cluster.run_waiting_at(i, 0.05) and time.monotonic() < deadline:
         time.sleep(0.005)
     cluster.kill_gateway(i)
     time.sleep(args.restart_delay_s)
