@@ -1051,6 +1051,7 @@ def main():
                 if rec is not None:
                     repolled[job.id] = rec
         records = scan_records(redis, args.namespace)
+        started_events = scan_started(redis, args.namespace, records)
         redis.close()
         load.stop.set()
         amqp.stop.set()
@@ -1065,6 +1066,16 @@ def main():
             amqp.delete_queue()
 
     runs, memory, redelivered, lost_broker, panics = read_worker_logs(cluster)
+    # A worker killed between its job.started reply and its log line leaves a run only the replies show.
+    for job_id, starts in started_events.items():
+        add_starts(runs, job_id, starts)
+    for cid, replies in amqp.replies.items():
+        starts = []
+        for t, b, _ in replies:
+            if t == "job.started":
+                body = json.loads(b)
+                starts.append((body.get("worker_id"), (body.get("started_at_ms") or 0) / 1000.0))
+        add_starts(runs, cid, starts)
     report = check(args, cluster, ledger, jobs, amqp, records, repolled, runs, memory, redelivered, lost_broker)
     report["timing"] = {"submitted_s": submitted_s, "drained_s": drained_s, "total_s": time.time() - started}
     report["panics"] = panics
@@ -1087,6 +1098,40 @@ def fault_stop_safe(scope):
     th = scope.get("faults")
     if th is not None and th.is_alive():
         th.join(60)
+
+
+def scan_started(redis, ns, records):
+    """The `started` entries of every job's event log: [(worker id, started at)] by job id."""
+    ids = list(records)
+    out = {}
+    for chunk in range(0, len(ids), 500):
+        part = ids[chunk:chunk + 500]
+        for job_id, entries in zip(part, redis.pipeline([("XRANGE", f"{ns}:events:{i}", "-", "+") for i in part])):
+            starts = []
+            for _, flat in entries or []:
+                fields = dict(zip(flat[0::2], flat[1::2]))
+                if fields.get("event") == "started":
+                    try:
+                        data = json.loads(fields.get("data") or "{}")
+                    except ValueError:
+                        continue
+                    starts.append((data.get("worker_id"), (data.get("started_at_ms") or 0) / 1000.0))
+            if starts:
+                out[job_id] = starts
+    return out
+
+
+def add_starts(runs, job_id, starts):
+    """Adds the runs that started replies show and the workers' logs do not (one run per incarnation)."""
+    have = {run[0] for run in runs.get(job_id, [])}
+    added = False
+    for worker, at in starts:
+        if worker and worker not in have:
+            runs[job_id].append([worker, at, None])
+            have.add(worker)
+            added = True
+    if added:
+        runs[job_id].sort(key=lambda run: run[1] or 0)
 
 
 def scan_records(redis, ns):
