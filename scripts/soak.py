@@ -1076,7 +1076,8 @@ def main():
                 body = json.loads(b)
                 starts.append((body.get("worker_id"), (body.get("started_at_ms") or 0) / 1000.0))
         add_starts(runs, cid, starts)
-    report = check(args, cluster, ledger, jobs, amqp, records, repolled, runs, memory, redelivered, lost_broker)
+    report = check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, runs, memory, redelivered,
+                   lost_broker)
     report["timing"] = {"submitted_s": submitted_s, "drained_s": drained_s, "total_s": time.time() - started}
     report["panics"] = panics
     print_report(args, report, cluster)
@@ -1162,7 +1163,8 @@ def record_final(rec):
         return status, None
 
 
-def check(args, cluster, ledger, jobs, amqp, records, repolled, runs, memory, redelivered, lost_broker):
+def check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, runs, memory, redelivered,
+          lost_broker):
     r = {"namespace": args.namespace, "jobs": len(jobs)}
     channels = ("http", "run", "amqp")
     accepted = [j for j in jobs if j.accepted is not None]
@@ -1290,9 +1292,19 @@ def check(args, cluster, ledger, jobs, amqp, records, repolled, runs, memory, re
     r["redelivered_starts"] = sum(redelivered.values())
     r["jobs_run"] = len(runs)
     attempts = collections.Counter()
-    for rec in records.values():
-        attempts[int(rec.get("attempts") or 0)] += 1
+    over = []
+    for job_id, rec in records.items():
+        n = int(rec.get("attempts") or 0)
+        attempts[n] += 1
+        # `attempts` counts the job.started replies the record took: more than the worker processes that
+        # started the job means one reply counted twice (a reply redelivered to a gateway, say).
+        workers = [run[0] for run in runs.get(job_id, [])]
+        logged = started_events.get(job_id, [])
+        if n > len(workers):
+            over.append({"id": job_id, "attempts": n, "runs": workers,
+                         "started_events": [w for w, _ in logged], "status": rec.get("status")})
     r["record_attempts"] = {str(k): v for k, v in sorted(attempts.items())}
+    r["records_attempts_over_runs"] = over
 
     # /run calls answered.
     run_jobs = [j for j in jobs if j.channel == "run"]
@@ -1360,6 +1372,7 @@ def print_report(args, r, cluster):
     for k, v in sorted(cut.items()):
         rows.append((f"  {k}", str(v)))
     rows.append(("job records without a prompt (ghosts)", str(len(r["records_without_prompt"]))))
+    rows.append(("job records whose attempts exceed their runs", str(len(r["records_attempts_over_runs"]))))
     width = max(len(a) for a, _ in rows)
     w(f"{'what'.ljust(width)}  count")
     w(f"{'-' * width}  {'-' * 5}")
@@ -1375,6 +1388,8 @@ def print_report(args, r, cluster):
                                                    if any(x.startswith("unexplained") for x in j["reasons"])][:20]))
     if r["cut_off_not_ended"]:
         w(f"CUT OFF AND NOT ENDED: {json.dumps(r['cut_off_not_ended'][:20])}")
+    if r["records_attempts_over_runs"]:
+        w(f"ATTEMPTS OVER RUNS: {json.dumps(r['records_attempts_over_runs'][:20])}")
     if r["panics"]:
         w(f"WORKER PANICS: {r['panics'][:5]}")
     if r["answered_twice_documented"]:
