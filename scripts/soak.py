@@ -188,11 +188,20 @@ class Cluster:
         self.broker_windows = []  # (stop time, started again time)
         self.broker_stopped = False
         self.t_load = time.time()
+        self.ports = {}
         self.open_runs = collections.defaultdict(dict)  # port -> {request: when it was sent}
         self.http = Http()
 
     def port(self, i):
-        return self.args.port + i
+        if self.args.port:
+            return self.args.port + i
+        if i not in self.ports:
+            # Free ports, so that soaks running side by side do not collide. Chosen once: a gateway restarts
+            # on its port.
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                self.ports[i] = sock.getsockname()[1]
+        return self.ports[i]
 
     def start_gateway(self, i):
         a = self.args
@@ -936,7 +945,7 @@ def main():
     p.add_argument("--worker", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--namespace", required=True)
-    p.add_argument("--port", type=int, default=18400, help="gateway i listens on PORT + i")
+    p.add_argument("--port", type=int, default=0, help="gateway i listens on PORT + i (0: free ports)")
     p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/%2f")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/")
     p.add_argument("--log-dir", required=True)
