@@ -30,6 +30,7 @@ import json
 import os
 import queue
 import random
+import re
 import shlex
 import signal
 import socket
@@ -184,6 +185,7 @@ class Cluster:
         self.incarnations = collections.Counter()
         self.faults = []  # (time, kind, target)
         self.worker_logs = []  # (incarnation, path)
+        self.gateway_logs = []
         self.killed = {}  # incarnation -> time of its SIGKILL
         self.broker_windows = []  # (stop time, started again time)
         self.broker_stopped = False
@@ -212,8 +214,10 @@ class Cluster:
                "--submit-rate-limit", "1000000000/1s", "--read-rate-limit", "1000000000/1s",
                "--max-run-waits-per-client", "100000", "--run-timeout-s", str(a.run_timeout),
                "--shutdown-grace-s", "5"]
-        env = dict(os.environ, RUST_LOG=os.environ.get("GATEWAY_RUST_LOG", "info"))
-        out = open(os.path.join(a.log_dir, f"gateway-{name}.log"), "w")
+        env = dict(os.environ, RUST_LOG=os.environ.get("GATEWAY_RUST_LOG", "info"), NO_COLOR="1")
+        path = os.path.join(a.log_dir, f"gateway-{name}.log")
+        self.gateway_logs.append(path)
+        out = open(path, "w")
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         with self.lock:
             self.gateways[i] = p
@@ -879,6 +883,25 @@ def read_worker_logs(cluster):
     return runs, memory, redelivered, lost_broker, panics
 
 
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def read_gateway_logs(cluster):
+    """Job ids whose publish a gateway left unconfirmed and republished: two copies may have landed."""
+    republished = set()
+    for path in cluster.gateway_logs:
+        try:
+            with open(path, errors="replace") as fh:
+                for line in fh:
+                    line = ANSI.sub("", line)
+                    if "publish unconfirmed" in line or "unconfirmed job republished" in line:
+                        republished.update(UUID.findall(line))
+        except OSError:
+            continue
+    return republished
+
+
 def cut_off(name, after, cluster, lost_broker, within=None):
     """What first cut incarnation `name` off at or after `after` (within `within` s, if given): its SIGKILL,
     or its broker connection's loss (its log says so, or the broker restart began). None if nothing did."""
@@ -894,9 +917,11 @@ def cut_off(name, after, cluster, lost_broker, within=None):
     return min(causes)[1] if causes else None
 
 
-def classify_run(run, answered_by, cluster, lost_broker):
+def classify_run(run, answered_by, cluster, lost_broker, republished=False):
     """Why a job ran again after this run: the documented at-least-once cases, or `unexplained`."""
     name, start, done = run
+    if done is not None and republished and cut_off(name, done, cluster, lost_broker, within=5) is None:
+        return "a second copy: its gateway republished an unconfirmed publish"
     if done is None:
         how = cut_off(name, start, cluster, lost_broker)
         if how is None:
@@ -1274,6 +1299,8 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, 
             hit = by_prompt.get(j.accepted)
             if hit is not None:
                 ids[hit[0]] = j
+    republished = read_gateway_logs(cluster)
+    r["republished_by_a_gateway"] = len(republished)
     twice_run = collections.Counter()
     twice_jobs = []
     multi = 0
@@ -1288,7 +1315,7 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, 
                            if t in FINAL_EVENTS}
         elif job_id in records:
             answered_by = {records[job_id].get("worker_id")}
-        reasons = [classify_run(run, answered_by, cluster, lost_broker) for run in rs[:-1]]
+        reasons = [classify_run(run, answered_by, cluster, lost_broker, job_id in republished) for run in rs[:-1]]
         for reason in reasons:
             twice_run[reason] += 1
         twice_jobs.append({"id": job_id, "k": j.k if j else None, "runs": len(rs), "reasons": reasons,
@@ -1365,6 +1392,7 @@ def print_report(args, r, cluster):
     for reason, n in sorted(r["run_twice_reasons"].items()):
         rows.append((f"  earlier run: {reason}", str(n)))
     rows.append(("  redeliveries answered from a worker's memory", str(r["answered_from_memory"])))
+    rows.append(("  jobs a gateway republished (publish unconfirmed)", str(r["republished_by_a_gateway"])))
     rows.append(("  job starts that were redeliveries", str(r["redelivered_starts"])))
     rows.append(("  job records by attempts", ", ".join(f"{k}: {v}" for k, v in r["record_attempts"].items())))
     rc = r["run_calls"]
