@@ -1373,6 +1373,8 @@ def print_report(args, r, cluster):
       f"(tiny GPT-J, --max-batch-size {args.max_batch_size}), {r['jobs']} jobs at {args.rate:g}/s, "
       f"{args.min_tokens}-{args.max_tokens} new tokens ({args.long_share:.0%} of them up to {args.long_tokens}), "
       f"/run timeout {args.run_timeout} s")
+    if args.command:
+        w(f"Command: {args.command}")
     w(f"Faults: {kills} worker SIGKILLs (each restarted), {broker} RabbitMQ restart (stop_app/start_app), "
       f"{gw} gateway SIGKILL (restarted)")
     w(f"Submitted in {t['submitted_s']:.0f} s, drained after {t['drained_s']:.0f} s, {t['total_s']:.0f} s in all")

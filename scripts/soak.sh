@@ -65,6 +65,11 @@ if [ -z "${BIN_DIR:-}" ]; then
   fi
 fi
 
+if [ "$BROKER_RESTART" != 0 ] && ! rabbitmqctl status >/dev/null 2>&1; then
+  log "WARNING: rabbitmqctl cannot reach the broker here (not installed, or not allowed); no broker restart"
+  BROKER_RESTART=0
+fi
+
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/soak.XXXXXX")"
 cleanup() {
   status=$?
