@@ -736,7 +736,7 @@ class AmqpClient(threading.Thread):
                         self.ledger.count("amqp:cancels published")
                     except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
                         # Right after a broker restart the cancellations stream may not be routable yet.
-                        self.ledger.count(f"amqp:cancels refused ({type(e).__name__}), retried")
+                        self.ledger.count(f"amqp:cancels returned ({type(e).__name__}), retried")
                         self.cancels.append((time.monotonic() + 0.2, job))
                         break
                 self.conn.process_data_events(time_limit=0.01 if current is None else 0)
