@@ -875,6 +875,10 @@ def read_worker_logs(cluster):
             elif msg == "job done":
                 if job in open_runs:
                     open_runs.pop(job)[2] = ts
+            elif job in open_runs and ("returning the job to the queue" in msg or "goes back to the queue" in msg):
+                # By design: the worker gave the job back (its final reply refused or not confirmed in time, or
+                # its engine given up on); another run follows.
+                open_runs.pop(job).append(msg)
             elif msg.startswith("broker connection lost") or msg.startswith("broker connection ended"):
                 lost_broker[name].append(ts)
         fh.close()
@@ -919,7 +923,9 @@ def cut_off(name, after, cluster, lost_broker, within=None):
 
 def classify_run(run, answered_by, cluster, lost_broker, republished=False):
     """Why a job ran again after this run: the documented at-least-once cases, or `unexplained`."""
-    name, start, done = run
+    name, start, done = run[:3]
+    if len(run) > 3:
+        return f"its worker gave it back: {run[3]}"
     if done is not None and republished and cut_off(name, done, cluster, lost_broker, within=5) is None:
         return "a second copy: its gateway republished an unconfirmed publish"
     if done is None:
@@ -1233,7 +1239,9 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, 
                 first_run = next((run for run in runs.get(j.id, []) if run[0] == first_worker), None)
                 finished = (fin[0][1].get("finished_at_ms") or 0) / 1000.0
                 how = None
-                if first_run is not None and first_run[2] is None:
+                if first_run is not None and len(first_run) > 3:
+                    how = f"gave it back: {first_run[3]}"
+                elif first_run is not None and first_run[2] is None:
                     how = cut_off(first_worker, finished - 1, cluster, lost_broker, within=10)
                 same = len({(t, b.get("text"), json.dumps(b.get("error"))) for t, b in fin}) == 1
                 entry = {"k": j.k, "channel": "amqp", "id": j.id, "finals": [t for t, _ in fin],
