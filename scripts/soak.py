@@ -31,7 +31,6 @@ import os
 import queue
 import random
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -1290,13 +1289,11 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, 
                 cut_lost.append({"k": j.k, "id": hit[0], "status": hit[1].get("status")})
     r["cut_off"] = dict(cut)
     r["cut_off_not_ended"] = cut_lost
-    known = set(by_prompt)
     r["records_without_prompt"] = [i for i, rec in records.items() if not rec.get("prompt")]
     r["records_not_submitted_by_us"] = [i for i, rec in records.items()
                                         if rec.get("prompt") and rec.get("prompt") not in ledger.by_prompt]
     r["refusals"] = {k: v for k, v in sorted(ledger.counts.items()) if "refused" in k}
     r["counts"] = dict(sorted(ledger.counts.items()))
-    del known
 
     # Run twice by workers: from the workers' logs, by job id (records map HTTP prompts to ids).
     ids = {}
