@@ -151,6 +151,11 @@ if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
   end
   return 0
 end
+-- The same start again (a reply redelivered after its acknowledgement was lost): nothing new happened.
+if event == 'started' and status == 'running' then
+  local seen = redis.call('HMGET', KEYS[1], 'worker_id', 'started_at_ms')
+  if seen[1] == ARGV[6] and seen[2] == ARGV[9] then return 0 end
+end
 if status == false or status == 'queued' then redis.call('INCR', KEYS[3]) end
 local now = tonumber(ARGV[3])
 if event == 'started' then

@@ -153,9 +153,14 @@ async fn a_poll_sees_queued_then_running_then_succeeded() {
     let msg = take(&channel, &env.jobs_queue()).await;
     let reply_to = msg.delivery.properties.reply_to().as_ref().unwrap().to_string();
     let job_id: JobId = id.parse().unwrap();
-    reply(&channel, &reply_to, &started(job_id)).await;
+    let start = started(job_id);
+    reply(&channel, &reply_to, &start).await;
     let running = poll_until(&env, &gw, &id, "running").await;
     assert_eq!(running["worker_id"], "test-worker");
+    // The same reply again (redelivered: a gateway died before acknowledging it) is not a second start.
+    reply(&channel, &reply_to, &start).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(poll(&env, &gw, &id).await["attempts"], 1);
     let (_, q) = json(env.http.get(gw.url("/v1/queue")).send().await.unwrap()).await;
     assert_eq!(q["running"], 1, "{q}");
 
