@@ -137,5 +137,10 @@ fi
 [ -n "${ALARM_ONLY:-}" ] && exit 0
 
 log "soak against the cluster: ${URLS//guest:guest@/}"
+set +e
 AMQP_URL="$URLS" BROKER_STOP_CMD="$WORK/stop-leader" BROKER_START_CMD="$WORK/start-stopped" \
   BROKER_DOWN_S="${BROKER_DOWN_S:-10}" "$ROOT/scripts/soak.sh"
+status=$?
+set -e
+log "the node stopped mid-soak, the jobs queue's leader then: $(cat "$WORK/stopped" 2>/dev/null || echo none)"
+exit "$status"

@@ -312,8 +312,10 @@ class Cluster:
     def restart_broker(self):
         t0 = self.fault("rabbitmqctl stop_app", "rabbit")
         self.broker_stopped = True
-        subprocess.run(["rabbitmqctl", "stop_app"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                       timeout=120)
+        # By default the one broker's application; against a cluster (scripts/cluster.sh) the command that
+        # stops the node leading the jobs queue.
+        subprocess.run(self.args.broker_stop_cmd, shell=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.STDOUT, timeout=120)
         time.sleep(self.args.broker_down_s)
         self.broker_start()
         t1 = self.fault("rabbitmqctl start_app", "rabbit")
@@ -321,8 +323,8 @@ class Cluster:
 
     def broker_start(self):
         if self.broker_stopped:
-            subprocess.run(["rabbitmqctl", "start_app"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                           timeout=300)
+            subprocess.run(self.args.broker_start_cmd, shell=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.STDOUT, timeout=300)
             self.broker_stopped = False
 
     def stop_all(self):
@@ -623,13 +625,17 @@ class AmqpClient(threading.Thread):
     def connect(self):
         while not self.stop.is_set():
             try:
-                params = pika.URLParameters(self.args.amqp_url)
-                params.heartbeat = 10
-                params.blocked_connection_timeout = 30
+                # A cluster's URLs: pika tries them in turn.
+                params = broker_params(self.args.amqp_url)
+                for p in params:
+                    p.heartbeat = 10
+                    p.blocked_connection_timeout = 30
                 self.conn = pika.BlockingConnection(params)
                 self.ch = self.conn.channel()
                 self.ch.confirm_delivery()
-                self.ch.queue_declare(self.reply_queue, durable=True)
+                # Quorum, as the service's own queues: replicated, so a cluster's node stopped does not take
+                # it away (a classic queue lives on one node and is gone while that node is).
+                self.ch.queue_declare(self.reply_queue, durable=True, arguments={"x-queue-type": "quorum"})
                 self.ch.basic_qos(prefetch_count=200)
                 self.ch.basic_consume(self.reply_queue, self.on_reply, auto_ack=False)
                 return
@@ -751,12 +757,17 @@ class AmqpClient(threading.Thread):
 
     def delete_queue(self):
         try:
-            conn = pika.BlockingConnection(pika.URLParameters(self.args.amqp_url))
+            conn = pika.BlockingConnection(broker_params(self.args.amqp_url))
             conn.channel().queue_delete(self.reply_queue)
             conn.close()
         except Exception as e:  # noqa: BLE001 - the shell's cleanup tries again
             log(f"could not delete {self.reply_queue}: {e}")
 
+
+
+def broker_params(urls):
+    """pika connection parameters for a comma-separated list of AMQP URLs (a cluster's nodes)."""
+    return [pika.URLParameters(u.strip()) for u in urls.split(",") if u.strip()]
 
 # ---------------------------------------------------------------------------------------------------------
 # Faults
@@ -1001,6 +1012,8 @@ def main():
     p.add_argument("--broker-restart", type=int, default=1)
     p.add_argument("--broker-at", type=float, default=0.4, help="fraction of the load phase")
     p.add_argument("--broker-down-s", type=float, default=1.0)
+    p.add_argument("--broker-stop-cmd", default="rabbitmqctl stop_app", help="shell command of the broker fault")
+    p.add_argument("--broker-start-cmd", default="rabbitmqctl start_app", help="shell command that ends it")
     p.add_argument("--gateway-restart", type=int, default=1)
     p.add_argument("--gateway-at", type=float, default=0.7)
     p.add_argument("--drain-timeout", type=float, default=120.0)
@@ -1380,7 +1393,8 @@ def print_report(args, r, cluster):
       f"/run timeout {args.run_timeout} s")
     if args.command:
         w(f"Command: {args.command}")
-    w(f"Faults: {kills} worker SIGKILLs (each restarted), {broker} RabbitMQ restart (stop_app/start_app), "
+    w(f"Faults: {kills} worker SIGKILLs (each restarted), {broker} RabbitMQ restart "
+      f"(`{args.broker_stop_cmd}`, then `{args.broker_start_cmd}` {args.broker_down_s:g} s later), "
       f"{gw} gateway SIGKILL (restarted)")
     w(f"Submitted in {t['submitted_s']:.0f} s, drained after {t['drained_s']:.0f} s, {t['total_s']:.0f} s in all")
     w("Fault times (s): " + ", ".join(f"{at:g} {k.replace('rabbitmqctl ', '')}" for at, k, _ in r["faults"]))

@@ -16,7 +16,9 @@
 #   JOBS=3000 RATE=15 scripts/soak.sh   # longer
 #
 # Knobs (environment): JOBS (1000; SHORT: 150), RATE (jobs per second, 8; SHORT: 15), KILL_EVERY (mean
-# seconds between worker SIGKILLs, 4; SHORT: one kill), BROKER_RESTART (1; 0 skips it, where RabbitMQ is
+# seconds between worker SIGKILLs, 4; SHORT: one kill), BROKER_STOP_CMD / BROKER_START_CMD / BROKER_DOWN_S
+# (the broker fault, `rabbitmqctl stop_app`, `start_app` 1 s later; scripts/cluster.sh stops a cluster's
+# jobs-queue leader instead), BROKER_RESTART (1; 0 skips it, where RabbitMQ is
 # shared with other test runs that a restart would disturb), GATEWAY_RESTART (1), SEED (0), STRICT=1 (a
 # second final AMQP reply fails the run even in the documented case), PORT (the gateways take PORT and
 # PORT+1; default: free ports), DRAIN_TIMEOUT, SKIP_BUILD=1 (use target/debug as it is), BIN_DIR (binaries
@@ -65,7 +67,7 @@ if [ -z "${BIN_DIR:-}" ]; then
   fi
 fi
 
-if [ "$BROKER_RESTART" != 0 ] && ! rabbitmqctl status >/dev/null 2>&1; then
+if [ "$BROKER_RESTART" != 0 ] && [ -z "${BROKER_STOP_CMD:-}" ] && ! rabbitmqctl status >/dev/null 2>&1; then
   log "WARNING: rabbitmqctl cannot reach the broker here (not installed, or not allowed); no broker restart"
   BROKER_RESTART=0
 fi
@@ -84,7 +86,7 @@ cleanup() {
   NS="$NS" AMQP_URL="$AMQP_URL" "$VENV/bin/python" - <<'PY' >/dev/null 2>&1 || true
 import os
 import pika
-conn = pika.BlockingConnection(pika.URLParameters(os.environ["AMQP_URL"]))
+conn = pika.BlockingConnection([pika.URLParameters(u) for u in os.environ["AMQP_URL"].split(",") if u])
 conn.channel().queue_delete(f"{os.environ['NS']}.soak.replies")
 conn.close()
 PY
@@ -121,6 +123,9 @@ set +e
   --kill-every "$KILL_EVERY" \
   --max-kills "$MAX_KILLS" \
   --broker-restart "$BROKER_RESTART" \
+  --broker-stop-cmd "${BROKER_STOP_CMD:-rabbitmqctl stop_app}" \
+  --broker-start-cmd "${BROKER_START_CMD:-rabbitmqctl start_app}" \
+  --broker-down-s "${BROKER_DOWN_S:-1}" \
   --gateway-restart "$GATEWAY_RESTART" \
   --drain-timeout "$DRAIN_TIMEOUT" \
   --seed "$SEED" \
