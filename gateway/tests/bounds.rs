@@ -11,11 +11,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::stall::StallProxy;
-use common::{TestEnv, amqp, depth, json, reply, submit, take};
+use common::{TestEnv, amqp, depth, json, poll, poll_until, reply, submit, succeeded, take};
 use serde_json::{Value, json};
-use shared::JobReply;
-use shared::reply::{Succeeded, now_ms};
-use shared::{FinishReason, JobId, Timings};
+use shared::JobId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const GENEROUS: &[&str] = &["--submit-rate-limit", "10000/1s", "--read-rate-limit", "10000/1s"];
@@ -26,51 +24,14 @@ fn flags<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     f
 }
 
-fn succeeded(id: JobId, text: &str) -> JobReply {
-    JobReply::Succeeded(Succeeded {
-        job_id: id,
-        worker_id: "test-worker".into(),
-        prompt: "p".into(),
-        text: text.into(),
-        token_ids: vec![1],
-        new_tokens: 1,
-        prompt_tokens: Some(1),
-        finish_reason: FinishReason::Length,
-        timings: Timings {
-            queued_ms: Some(1),
-            prefill_ms: 1,
-            decode_ms: 1,
-            inference_ms: 2,
-            time_to_first_token_ms: Some(1),
-        },
-        batch_size: Some(1),
-        finished_at_ms: now_ms(),
-    })
-}
-
-async fn poll(env: &TestEnv, gw: &common::Gateway, id: &str) -> Value {
-    let (status, body) = json(
-        env.http
-            .get(gw.url(&format!("/v1/jobs/{id}")))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
-async fn poll_until(env: &TestEnv, gw: &common::Gateway, id: &str, wanted: &str) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..200 {
-        last = poll(env, gw, id).await;
-        if last["status"] == wanted {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("job {id} never became {wanted}: {last}");
+/// A gateway whose broker connections go through a [`StallProxy`] (the first one it opens publishes).
+async fn through_proxy(env: &mut TestEnv, extra: &[&str]) -> (StallProxy, common::Gateway) {
+    let proxy = StallProxy::start("127.0.0.1:5672").await;
+    let url = proxy.amqp_url();
+    let mut f = flags(&["--amqp-url", &url]);
+    f.extend_from_slice(extra);
+    let gw = env.gateway(&f).await;
+    (proxy, gw)
 }
 
 async fn submit_keyed(env: &TestEnv, gw: &common::Gateway, key: &str, body: Value) -> reqwest::Response {
@@ -165,7 +126,7 @@ async fn a_client_at_its_cap_of_active_jobs_gets_429_until_one_ends() {
     // And one that succeeds frees its place too.
     let (_conn, channel) = amqp().await;
     let id: JobId = ids[1].parse().unwrap();
-    reply(&channel, &env.replies_queue(), &succeeded(id, " done")).await;
+    reply(&channel, &env.replies_queue(), &succeeded(id, "p", " done")).await;
     poll_until(&env, &gw, &ids[1], "succeeded").await;
     let (status, body) = submit(&env.http, &gw, json!({"prompt": "fourth"})).await;
     assert_eq!(status, 202, "{body}");
@@ -254,18 +215,11 @@ async fn a_full_queue_answers_503_queue_full_with_retry_after() {
 #[tokio::test]
 async fn an_unconfirmed_publish_keeps_the_job_and_republishes_it_until_confirmed() {
     let mut env = TestEnv::new();
-    let proxy = StallProxy::start("127.0.0.1:5672").await;
-    let url = proxy.amqp_url();
-    let gw = env
-        .gateway(&flags(&[
-            "--amqp-url",
-            &url,
-            "--publish-timeout-ms",
-            "300",
-            "--queue-stats-cache-ms",
-            "0",
-        ]))
-        .await;
+    let (proxy, gw) = through_proxy(
+        &mut env,
+        &["--publish-timeout-ms", "300", "--queue-stats-cache-ms", "0"],
+    )
+    .await;
     // The confirms of the publishing connection stop coming back; the publish itself reaches the broker.
     proxy.stall(0, true);
     let (status, body) = submit(&env.http, &gw, json!({"prompt": "was it sent?"})).await;
@@ -316,9 +270,9 @@ async fn an_unconfirmed_publish_keeps_the_job_and_republishes_it_until_confirmed
         );
     }
     let job: JobId = id.parse().unwrap();
-    reply(&channel, &env.replies_queue(), &succeeded(job, " first")).await;
+    reply(&channel, &env.replies_queue(), &succeeded(job, "p", " first")).await;
     poll_until(&env, &gw, &id, "succeeded").await;
-    reply(&channel, &env.replies_queue(), &succeeded(job, " second")).await;
+    reply(&channel, &env.replies_queue(), &succeeded(job, "p", " second")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(poll(&env, &gw, &id).await["result"]["text"], " first");
     drop(proxy);
@@ -328,18 +282,11 @@ async fn an_unconfirmed_publish_keeps_the_job_and_republishes_it_until_confirmed
 #[tokio::test]
 async fn a_job_the_broker_never_confirms_ends_failed_publish_failed() {
     let mut env = TestEnv::new();
-    let proxy = StallProxy::start("127.0.0.1:5672").await;
-    let url = proxy.amqp_url();
-    let gw = env
-        .gateway(&flags(&[
-            "--amqp-url",
-            &url,
-            "--publish-timeout-ms",
-            "200",
-            "--publish-retry-window-s",
-            "1",
-        ]))
-        .await;
+    let (proxy, gw) = through_proxy(
+        &mut env,
+        &["--publish-timeout-ms", "200", "--publish-retry-window-s", "1"],
+    )
+    .await;
     proxy.stall(0, true);
     let (status, body) = submit(&env.http, &gw, json!({"prompt": "lost in the mail"})).await;
     assert_eq!(status, 202, "{body}");
@@ -354,11 +301,7 @@ async fn a_job_the_broker_never_confirms_ends_failed_publish_failed() {
 #[tokio::test]
 async fn replies_are_consumed_while_the_publishing_connection_is_stalled() {
     let mut env = TestEnv::new();
-    let proxy = StallProxy::start("127.0.0.1:5672").await;
-    let url = proxy.amqp_url();
-    let gw = env
-        .gateway(&flags(&["--amqp-url", &url, "--publish-timeout-ms", "300"]))
-        .await;
+    let (proxy, gw) = through_proxy(&mut env, &["--publish-timeout-ms", "300"]).await;
     assert_eq!(
         proxy.connections(),
         2,
@@ -374,7 +317,7 @@ async fn replies_are_consumed_while_the_publishing_connection_is_stalled() {
     reply(
         &channel,
         &env.replies_queue(),
-        &succeeded(id.parse().unwrap(), " done"),
+        &succeeded(id.parse().unwrap(), "p", " done"),
     )
     .await;
     let job = poll_until(&env, &gw, &id, "succeeded").await;

@@ -12,67 +12,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestEnv, amqp, json, reply, submit, take};
+use common::{TestEnv, amqp, json, poll, poll_until, reply, started, submit, succeeded, take};
 use serde_json::{Value, json};
-use shared::reply::{Started, Succeeded, now_ms};
-use shared::{FinishReason, JobId, JobReply, JobRequest, Timings};
+use shared::{JobId, JobRequest};
 
 const GENEROUS: &[&str] = &["--submit-rate-limit", "10000/1s", "--read-rate-limit", "10000/1s"];
-
-fn started(id: JobId) -> JobReply {
-    JobReply::Started(Started {
-        job_id: id,
-        worker_id: "test-worker".into(),
-        started_at_ms: now_ms(),
-        redelivered: false,
-    })
-}
-
-fn succeeded(id: JobId, prompt: &str, text: &str) -> JobReply {
-    JobReply::Succeeded(Succeeded {
-        job_id: id,
-        worker_id: "test-worker".into(),
-        prompt: prompt.into(),
-        text: text.into(),
-        token_ids: vec![1, 2, 3],
-        new_tokens: 3,
-        prompt_tokens: Some(2),
-        finish_reason: FinishReason::Length,
-        timings: Timings {
-            queued_ms: Some(5),
-            prefill_ms: 10,
-            decode_ms: 20,
-            inference_ms: 30,
-            time_to_first_token_ms: Some(12),
-        },
-        batch_size: Some(4),
-        finished_at_ms: now_ms(),
-    })
-}
-
-async fn poll(env: &TestEnv, gw: &common::Gateway, id: &str) -> Value {
-    let (status, body) = json(
-        env.http
-            .get(gw.url(&format!("/v1/jobs/{id}")))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
-async fn poll_until(env: &TestEnv, gw: &common::Gateway, id: &str, wanted: &str) -> Value {
-    for _ in 0..100 {
-        let body = poll(env, gw, id).await;
-        if body["status"] == wanted {
-            return body;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("job {id} never reached {wanted}");
-}
 
 #[tokio::test]
 async fn a_submitted_job_is_on_the_jobs_queue_with_the_contracts_properties() {

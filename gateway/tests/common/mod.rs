@@ -12,7 +12,8 @@ use gateway::Config;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
-use shared::JobReply;
+use shared::reply::{Started, Succeeded, now_ms};
+use shared::{FinishReason, JobId, JobReply, Timings};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -257,4 +258,64 @@ pub fn metric_at_least(text: &str, series: &str, min: f64) -> bool {
         .filter_map(|l| l.strip_prefix(series))
         .filter_map(|rest| rest.trim().parse::<f64>().ok())
         .any(|v| v >= min)
+}
+
+/// The job as `GET /v1/jobs/{id}` reports it (asserting 200).
+pub async fn poll(env: &TestEnv, gw: &Gateway, id: &str) -> Value {
+    let (status, body) = json(
+        env.http
+            .get(gw.url(&format!("/v1/jobs/{id}")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Polls until the job's status is `wanted` (10 s at most).
+pub async fn poll_until(env: &TestEnv, gw: &Gateway, id: &str, wanted: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..200 {
+        last = poll(env, gw, id).await;
+        if last["status"] == wanted {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("job {id} never became {wanted}: {last}");
+}
+
+/// A worker's `job.started` for `id`, as the contract says.
+pub fn started(id: JobId) -> JobReply {
+    JobReply::Started(Started {
+        job_id: id,
+        worker_id: "test-worker".into(),
+        started_at_ms: now_ms(),
+        redelivered: false,
+    })
+}
+
+/// A worker's `job.succeeded` for `id`: `text` after `prompt`, with fixed timings the tests check.
+pub fn succeeded(id: JobId, prompt: &str, text: &str) -> JobReply {
+    JobReply::Succeeded(Succeeded {
+        job_id: id,
+        worker_id: "test-worker".into(),
+        prompt: prompt.into(),
+        text: text.into(),
+        token_ids: vec![1, 2, 3],
+        new_tokens: 3,
+        prompt_tokens: Some(2),
+        finish_reason: FinishReason::Length,
+        timings: Timings {
+            queued_ms: Some(5),
+            prefill_ms: 10,
+            decode_ms: 20,
+            inference_ms: 30,
+            time_to_first_token_ms: Some(12),
+        },
+        batch_size: Some(4),
+        finished_at_ms: now_ms(),
+    })
 }

@@ -617,8 +617,8 @@ pub(crate) mod tests {
         assert_eq!(err.code, ErrorCode::ContextOverflow);
     }
 
-    #[tokio::test]
-    async fn the_nth_engine_failure_in_a_row_and_every_later_job_end_without_an_outcome() {
+    /// An echo engine whose watchdog gives up after two engine failures in a row (no step bound).
+    async fn giving_up_after_two_failures() -> (EngineThread, Arc<AtomicUsize>) {
         let (generator, calls) = echo();
         let watch = WatchSettings {
             step_timeout: None,
@@ -631,6 +631,12 @@ pub(crate) mod tests {
         )
         .await
         .unwrap();
+        (engine, calls)
+    }
+
+    #[tokio::test]
+    async fn the_nth_engine_failure_in_a_row_and_every_later_job_end_without_an_outcome() {
+        let (engine, calls) = giving_up_after_two_failures().await;
         let submit = |prompt: &str| engine.submit(Input::Text(prompt.into()), plan()).unwrap().outcome;
         // The first engine failure is answered; a prompt too long neither counts nor resets the count.
         let first = submit("boom").await.unwrap().unwrap_err();
@@ -653,18 +659,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_success_between_engine_failures_resets_their_count() {
-        let (generator, _) = echo();
-        let watch = WatchSettings {
-            step_timeout: None,
-            max_failures: std::num::NonZeroU32::new(2),
-        };
-        let engine = EngineThread::start_watched(
-            move || Ok::<_, String>(generator),
-            BatchSettings::default(),
-            watch,
-        )
-        .await
-        .unwrap();
+        let (engine, _) = giving_up_after_two_failures().await;
         for prompt in ["boom", "fine", "boom", "fine", "boom"] {
             assert!(
                 run(&engine, prompt).await.is_ok() == (prompt == "fine"),
