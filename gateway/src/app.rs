@@ -14,6 +14,7 @@ use crate::config::{FailMode, Settings};
 use crate::decision::Decision;
 use crate::drain::DrainRate;
 use crate::error::ApiError;
+use crate::outbox::Outbox;
 use crate::ratelimit::Limiter;
 use crate::store::{CancelOutcome, JobStore, NewJob, Status};
 use crate::telemetry as m;
@@ -30,6 +31,8 @@ pub struct App {
     pub admissions: Admissions,
     /// How fast the queue drains, for a full queue's `Retry-After`.
     pub drain: Arc<DrainRate>,
+    /// Jobs whose publish was left unconfirmed, republished until confirmed.
+    pub outbox: Outbox,
     /// The read class's limiter, applied as a middleware.
     pub read_limiter: Limiter,
     pub metrics: Option<PrometheusHandle>,
@@ -60,8 +63,9 @@ impl App {
     ///
     /// A publish the broker refused removes the record, gives the charges back and answers 503. One left
     /// unconfirmed (a timeout, a connection lost after sending) may have reached the broker: its record
-    /// stays, the client gets the job id, and the job is republished until the broker confirms it (at
-    /// least once: if the first copy did land, the job runs twice and its first end is the one kept).
+    /// stays, the client gets the job id, and the job goes into the [`Outbox`], republished until the broker
+    /// confirms it (at least once: if the first copy did land, the job runs twice and its first end is the
+    /// one kept).
     /// When Redis cannot be asked, the submit class's fail mode decides between 503 and publishing without
     /// a record (the replies create it once Redis is back).
     pub async fn enqueue(
@@ -132,13 +136,10 @@ impl App {
             if e.is_ambiguous() {
                 metrics::counter!(m::JOBS, "outcome" => "unconfirmed").increment(1);
                 tracing::warn!(error = %e, %id, "publish unconfirmed; the job is kept and republished");
-                tokio::spawn(republish(
-                    self.broker.clone(),
-                    self.store.clone(),
-                    id,
-                    body,
-                    self.settings.publish_retry_window,
-                ));
+                if let Err(e) = self.outbox.add(id, &body).await {
+                    // Redis failing too, at this very moment: nothing will republish this job.
+                    tracing::error!(error = %e, %id, "could not keep an unconfirmed job for republishing");
+                }
             } else {
                 metrics::counter!(m::JOBS, "outcome" => "publish_failed").increment(1);
                 let store = self.store.clone();
@@ -246,58 +247,6 @@ fn refusal(verdict: Verdict) -> ApiError {
         Verdict::KeyReused(id) => ApiError::IdempotencyKeyReused(id),
         Verdict::Admitted(..) | Verdict::Replay(_) => {
             ApiError::Internal("an admitted job taken for refused".into())
-        }
-    }
-}
-
-/// Republishes a job whose publish was left unconfirmed, with backoff, until the broker confirms a copy,
-/// the job is seen to have left the queue (the first copy did land), or `window` passes: then the job is
-/// marked `failed` (`publish_failed`), a final state its client can see, instead of `queued` for ever.
-async fn republish(
-    broker: Arc<Broker>,
-    store: JobStore,
-    id: JobId,
-    body: Vec<u8>,
-    window: std::time::Duration,
-) {
-    let deadline = tokio::time::Instant::now() + window;
-    let mut backoff = shared::backoff::Backoff::new(
-        std::time::Duration::from_millis(200),
-        std::time::Duration::from_secs(5),
-    );
-    loop {
-        tokio::time::sleep(backoff.next_delay()).await;
-        if let Ok(Some((record, _))) = store.get(id).await
-            && record.status != Status::Queued
-        {
-            return;
-        }
-        match broker.publish(id, &body).await {
-            Ok(()) => {
-                metrics::counter!(m::JOBS, "outcome" => "republished").increment(1);
-                tracing::info!(%id, "unconfirmed job republished");
-                return;
-            }
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                tracing::error!(error = %e, %id, "the broker never confirmed the job; marking it failed");
-                let reply = shared::JobReply::Failed(shared::reply::Failed {
-                    job_id: Some(id),
-                    worker_id: "gateway".to_owned(),
-                    error: shared::ErrorBody::new(
-                        shared::ErrorCode::PublishFailed,
-                        format!(
-                            "the broker did not confirm the job within {} s; it may not have run",
-                            window.as_secs()
-                        ),
-                    ),
-                    finished_at_ms: now_ms(),
-                });
-                if let Err(e) = store.apply(&reply).await {
-                    tracing::error!(error = %e, %id, "could not mark an unpublished job failed");
-                }
-                return;
-            }
-            Err(e) => tracing::debug!(error = %e, %id, "republish failed; retrying"),
         }
     }
 }

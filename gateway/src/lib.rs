@@ -20,6 +20,7 @@ pub mod follow;
 pub mod kv;
 pub mod openai;
 pub mod openapi;
+pub mod outbox;
 pub mod ratelimit;
 pub mod replies;
 pub mod routes;
@@ -87,6 +88,11 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
         settings.read_on_error,
     );
     let openapi = openapi::document(&settings.served_model_name);
+    let outbox = outbox::Outbox::new(
+        store.clone(),
+        settings.topology.clone(),
+        settings.publish_retry_window,
+    );
     let context = context::ContextCheck::new(config.tokenizer.as_deref(), settings.context_length)
         .map_err(Error::Config)?;
     Ok(Arc::new(app::App {
@@ -96,6 +102,7 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
         waiters: Arc::new(waiters::Waiters::default()),
         admissions,
         drain: Arc::new(drain::DrainRate::default()),
+        outbox,
         read_limiter,
         metrics,
         openapi,
@@ -124,6 +131,11 @@ pub async fn run(
     let store = app.store.clone();
     let drain_cancel = cancel.clone();
     let drain_task = tokio::spawn(async move { drain.run(store, drain_cancel).await });
+    let outbox = app.outbox.clone();
+    let (outbox_broker, publish_timeout, outbox_cancel) =
+        (app.broker.clone(), app.settings.publish_timeout, cancel.clone());
+    let outbox_task =
+        tokio::spawn(async move { outbox.run(outbox_broker, publish_timeout, outbox_cancel).await });
     let listener_task = tokio::spawn(app.waiters.clone().listen(
         config.redis_url.clone(),
         waiters::Channels {
@@ -144,6 +156,7 @@ pub async fn run(
     let _ = supervisor.await;
     let _ = listener_task.await;
     let _ = drain_task.await;
+    let _ = outbox_task.await;
     tracing::info!("gateway stopped");
     Ok(())
 }

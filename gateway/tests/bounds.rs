@@ -298,6 +298,45 @@ async fn a_job_the_broker_never_confirms_ends_failed_publish_failed() {
     env.finish().await;
 }
 
+/// Jobs waiting in the Redis outbox of unconfirmed publishes.
+async fn outbox_len(ns: &str) -> u64 {
+    let client = redis::Client::open(common::REDIS_URL).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("ZCARD")
+        .arg(format!("{ns}:outbox"))
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_republish_outlives_the_gateway_that_started_it() {
+    let mut env = TestEnv::new();
+    let (proxy, first) = through_proxy(&mut env, &["--publish-timeout-ms", "300"]).await;
+    proxy.stall(0, true);
+    let (status, body) = submit(&env.http, &first, json!({"prompt": "who will finish me?"})).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    // The gateway that took the job goes away before any copy is confirmed: the job waits in Redis.
+    env.stop_gateway(0).await;
+    assert_eq!(outbox_len(&env.ns).await, 1);
+    // Another replica, with a healthy link, finishes the publish.
+    let second = env.gateway(GENEROUS).await;
+    let start = Instant::now();
+    while outbox_len(&env.ns).await > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the outbox was never emptied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(poll(&env, &second, &id).await["status"], "queued");
+    let (_conn, channel) = amqp().await;
+    assert!(depth(&channel, &env.jobs_queue()).await >= 1);
+    drop(proxy);
+    env.finish().await;
+}
+
 #[tokio::test]
 async fn replies_are_consumed_while_the_publishing_connection_is_stalled() {
     let mut env = TestEnv::new();

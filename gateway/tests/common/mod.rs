@@ -114,6 +114,13 @@ impl TestEnv {
         self.ns.clear();
     }
 
+    /// Stops the `index`th gateway started (shutdown as on SIGTERM); the others go on.
+    pub async fn stop_gateway(&mut self, index: usize) {
+        let (tx, handle) = self.gateways.remove(index);
+        let _ = tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+    }
+
     async fn stop_gateways(&mut self) {
         for (tx, handle) in self.gateways.drain(..) {
             let _ = tx.send(());
