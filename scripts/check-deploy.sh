@@ -63,7 +63,10 @@ ensure_promtool() {
   # The package also installs the Prometheus server as a service, which systemd would start: only promtool
   # is wanted here.
   if command -v systemctl >/dev/null && systemctl is-enabled --quiet prometheus 2>/dev/null; then
-    if [ "$(id -u)" = 0 ]; then systemctl disable --now prometheus; else sudo systemctl disable --now prometheus; fi
+    # Without systemd running (a container), `--now` fails after the unit is disabled: not an error here.
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo systemctl disable --now prometheus 2>/dev/null || $sudo systemctl disable prometheus 2>/dev/null || true
   fi
   PROMTOOL="$(command -v promtool)"
 }
