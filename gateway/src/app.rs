@@ -43,6 +43,9 @@ pub struct App {
     pub started_at_s: u64,
 }
 
+/// How old the queue depth checked against `--max-queued-jobs` may be.
+const BACKLOG_STALENESS: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// A job the gateway has taken: the broker confirmed it, or left it unconfirmed and the gateway is
 /// republishing it (see [`App::enqueue`]); or, for a replayed `Idempotency-Key`, the job it names.
 #[derive(Debug, Clone)]
@@ -172,13 +175,15 @@ impl App {
 
     /// Refuses a submission while the queue holds `--max-queued-jobs`, advising a retry when the workers,
     /// at the rate they have been taking jobs, will have made room. A broker that cannot be asked bounds
-    /// nothing here: the publish that follows will tell.
+    /// nothing here: the publish that follows will tell. The depth may be [`BACKLOG_STALENESS`] old, so
+    /// that a submission does not pay a broker round trip each: a burst can pass the bound by what
+    /// arrives in that time, which a bound of thousands of jobs does not notice.
     async fn check_backlog(&self) -> Result<(), ApiError> {
         let bound = self.settings.max_queued_jobs;
         if bound == 0 {
             return Ok(());
         }
-        match self.broker.queue_stats().await {
+        match self.broker.queue_stats_within(BACKLOG_STALENESS).await {
             Ok(stats) if stats.depth >= bound => {
                 metrics::counter!(m::BOUNDED, "bound" => "queue_full").increment(1);
                 let excess = u64::from(stats.depth - bound) + 1;

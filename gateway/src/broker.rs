@@ -359,9 +359,15 @@ impl Broker {
 
     /// Depth and consumers of the jobs queue (passive declare), shared by concurrent callers.
     pub async fn queue_stats(&self) -> Result<QueueStats, BrokerError> {
+        self.queue_stats_within(self.settings.stats_cache).await
+    }
+
+    /// The same, reusing figures up to `max_age` old (never fresher than the configured cache asks).
+    pub async fn queue_stats_within(&self, max_age: Duration) -> Result<QueueStats, BrokerError> {
+        let max_age = max_age.max(self.settings.stats_cache);
         let mut cached = self.stats.lock().await;
         if let Some((at, stats)) = *cached
-            && at.elapsed() <= self.settings.stats_cache
+            && at.elapsed() <= max_age
         {
             return Ok(stats);
         }

@@ -188,6 +188,9 @@ async fn a_full_queue_answers_503_queue_full_with_retry_after() {
         let (status, body) = submit(&env.http, &gw, json!({"prompt": format!("job {i}")})).await;
         assert_eq!(status, 202, "{body}");
     }
+    // The bound reads a depth up to 250 ms old (a broker round trip per submission would cost more).
+    let stale = Duration::from_millis(300);
+    tokio::time::sleep(stale).await;
     let refused = env
         .http
         .post(gw.url("/v1/jobs"))
@@ -207,6 +210,7 @@ async fn a_full_queue_answers_503_queue_full_with_retry_after() {
     // A worker takes one: there is room again.
     let (_conn, channel) = amqp().await;
     take(&channel, &env.jobs_queue()).await;
+    tokio::time::sleep(stale).await;
     let (status, body) = submit(&env.http, &gw, json!({"prompt": "now it fits"})).await;
     assert_eq!(status, 202, "{body}");
     env.finish().await;
