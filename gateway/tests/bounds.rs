@@ -1,7 +1,7 @@
 //! Every accepted job ends in a true state, and what the gateway accepts is bounded: safe retries
 //! (`Idempotency-Key`, unconfirmed publishes kept and republished), the backlog and cost bounds, separate
-//! publishing and consuming connections, and the HTTP edges (one body deadline, a connection cap, start-up
-//! health). Real Redis and RabbitMQ; the broker's confirms are withheld by a real TCP proxy
+//! publishing and consuming connections, several broker URLs, and the HTTP edges (one body deadline, a
+//! connection cap). Real Redis and RabbitMQ; the broker's confirms are withheld by a real TCP proxy
 //! ([`common::stall`]); no worker runs, the test answers for one at the AMQP contract level where needed.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] functions panic on purpose
@@ -434,24 +434,6 @@ async fn connections_past_the_cap_wait_until_one_closes() {
         .expect("still not served after a slot freed")
         .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    env.finish().await;
-}
-
-#[tokio::test]
-async fn healthz_says_starting_until_the_broker_is_first_reached() {
-    let mut env = TestEnv::new();
-    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", common::closed_port());
-    let gw = env.gateway_with(&["--amqp-url", url.as_str()], false).await;
-    let (status, body) = json(env.http.get(gw.url("/healthz")).send().await.unwrap()).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (503, Some("starting")),
-        "{body}"
-    );
-    let (status, ready) = json(env.http.get(gw.url("/readyz")).send().await.unwrap()).await;
-    assert_eq!(status, 503);
-    assert_eq!(ready["rabbitmq"], false);
-    assert_eq!(ready["rabbitmq_blocked"], false);
     env.finish().await;
 }
 

@@ -329,7 +329,15 @@ async fn with_the_broker_down_submission_is_refused_with_503() {
     let (status, ready) = json(env.http.get(gw.url("/readyz")).send().await.unwrap()).await;
     assert_eq!(status, 503);
     assert_eq!(ready["rabbitmq"], false);
+    assert_eq!(ready["rabbitmq_blocked"], false);
     assert_eq!(ready["redis"], true);
+    // Never connected: the gateway has not finished starting, and says so.
+    let (status, health) = json(env.http.get(gw.url("/healthz")).send().await.unwrap()).await;
+    assert_eq!(
+        (status, health["status"].as_str()),
+        (503, Some("starting")),
+        "{health}"
+    );
     env.finish().await;
 }
 
