@@ -434,6 +434,19 @@ class Load:
         if delay > 0:
             time.sleep(delay)
 
+    def post(self, job, prompt, port, path, body, timeout):
+        """One submission attempt: (status, body), or None when it was not sent or was cut off (the ledger
+        records which, and the caller tries again)."""
+        try:
+            return self.http.request(port, "POST", path, body, timeout=timeout)
+        except NotSent:
+            self.ledger.attempt(job, prompt, "not-sent")
+        except CutOff as e:
+            self.ledger.attempt(job, prompt, "cut-off")
+            log(f"job {job.k}: POST {path} cut off ({e})")
+        time.sleep(0.05)
+        return None
+
     # HTTP: POST /v1/jobs, then polls ------------------------------------------------------------------
 
     def submit_http(self, job):
@@ -443,17 +456,10 @@ class Load:
             prompt = job.prompt(attempt)
             port = self.gateway_order()[0]
             body = {"prompt": prompt, "parameters": job.params}
-            try:
-                status, resp = self.http.request(port, "POST", "/v1/jobs", body, timeout=30)
-            except NotSent:
-                self.ledger.attempt(job, prompt, "not-sent")
-                time.sleep(0.05)
+            answer = self.post(job, prompt, port, "/v1/jobs", body, 30)
+            if answer is None:
                 continue
-            except CutOff as e:
-                self.ledger.attempt(job, prompt, "cut-off")
-                log(f"job {job.k}: POST /v1/jobs cut off ({e})")
-                time.sleep(0.05)
-                continue
+            status, resp = answer
             if status == 202:
                 self.ledger.attempt(job, prompt, "accepted")
                 job.accepted = prompt
@@ -541,18 +547,12 @@ class Load:
             token = object()
             self.cluster.running(port, token, True)
             try:
-                status, resp = self.http.request(port, "POST", "/run", body, timeout=self.args.run_timeout + 30)
-            except NotSent:
-                self.ledger.attempt(job, prompt, "not-sent")
-                time.sleep(0.05)
-                continue
-            except CutOff as e:
-                self.ledger.attempt(job, prompt, "cut-off")
-                log(f"job {job.k}: POST /run cut off ({e})")
-                time.sleep(0.05)
-                continue
+                answer = self.post(job, prompt, port, "/run", body, self.args.run_timeout + 30)
             finally:
                 self.cluster.running(port, token, False)
+            if answer is None:
+                continue
+            status, resp = answer
             job.run_status = status
             code = resp.get("code") if isinstance(resp, dict) else None
             if status == 200:

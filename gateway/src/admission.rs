@@ -23,6 +23,7 @@ use crate::auth::Caller;
 use crate::config::RateLimit;
 use crate::decision::Decision;
 use crate::kv::{Redis, RedisError};
+use crate::ratelimit::RouteClass;
 use crate::store::NewRecord;
 
 // KEYS: 1 request log, 2 record, 3 submission counter, 4 token bucket, 5 active set, 6 idempotency key
@@ -32,8 +33,7 @@ use crate::store::NewRecord;
 // Returns {verdict, remaining, µs until a retry can pass, submission number, replayed job id}; verdict:
 // 1 admitted, 0 request limit, 2 active cap, 3 token budget, 4 replay, 5 key reused with another body.
 const ADMIT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = redis_now()
 local window = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
 if ARGV[11] ~= '' then
@@ -43,12 +43,8 @@ if ARGV[11] ~= '' then
     return {5, 0, 0, 0, prior[1]}
   end
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-local count = redis.call('ZCARD', KEYS[1])
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-local reset = 0
-if oldest[2] then reset = tonumber(oldest[2]) + window - now end
-if count >= limit then return {0, 0, reset, 0, ''} end
+local count = window_count(KEYS[1], now, window)
+if count >= limit then return {0, 0, window_reset(KEYS[1], now, window), 0, ''} end
 local cap = tonumber(ARGV[8])
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[9]))
@@ -60,8 +56,7 @@ local new_tat = tat + tonumber(ARGV[7]) * tonumber(ARGV[5])
 local allowed_at = new_tat - tonumber(ARGV[6])
 if allowed_at > now then return {3, limit - count, allowed_at - now, 0, ''} end
 redis.call('SET', KEYS[4], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-redis.call('ZADD', KEYS[1], now, ARGV[3])
-redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000) + 1000)
+window_add(KEYS[1], now, window, ARGV[3])
 if cap > 0 then
   redis.call('ZADD', KEYS[5], now, ARGV[10])
   redis.call('PEXPIRE', KEYS[5], math.ceil(tonumber(ARGV[9]) / 1000))
@@ -73,7 +68,7 @@ if ARGV[11] ~= '' then
   redis.call('HSET', KEYS[6], 'id', ARGV[10], 'fingerprint', ARGV[11])
   redis.call('PEXPIRE', KEYS[6], ARGV[12])
 end
-return {1, limit - count - 1, reset, seq, ''}
+return {1, limit - count - 1, window_reset(KEYS[1], now, window), seq, ''}
 "#;
 
 // KEYS: request log, token bucket, active set, idempotency key (or the log again when none)
@@ -179,7 +174,7 @@ impl Admissions {
             redis,
             prefix: namespace_prefix,
             bounds,
-            admit: Script::new(ADMIT),
+            admit: Script::new(&format!("{}{ADMIT}", crate::ratelimit::WINDOW_LUA)),
             refund: Script::new(REFUND),
         }
     }
@@ -191,7 +186,7 @@ impl Admissions {
     }
 
     fn log_key(&self, caller: &Caller) -> String {
-        format!("{}rl:submit:{}", self.prefix, caller.id.key_part())
+        crate::ratelimit::log_key(&self.prefix, RouteClass::Submit, caller)
     }
 
     fn tokens_key(&self, caller: &Caller) -> String {

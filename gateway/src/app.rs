@@ -15,7 +15,7 @@ use crate::decision::Decision;
 use crate::drain::DrainRate;
 use crate::error::ApiError;
 use crate::outbox::Outbox;
-use crate::ratelimit::Limiter;
+use crate::ratelimit::{Limiter, RouteClass};
 use crate::store::{CancelOutcome, JobStore, NewJob, Status};
 use crate::telemetry as m;
 use crate::waiters::Waiters;
@@ -128,22 +128,24 @@ impl App {
             Ok(Verdict::Replay(prior)) => return self.replay(prior).await,
             Ok(refused) => return Err(refusal(refused)),
             Err(e) => {
-                crate::ratelimit::failed_check("submit", self.settings.submit_on_error, &e);
+                crate::ratelimit::failed_check(RouteClass::Submit, self.settings.submit_on_error, &e);
                 match self.settings.submit_on_error {
                     FailMode::Closed => return Err(ApiError::unavailable("rate limiter", e)),
                     FailMode::Open => (None, None),
                 }
             }
         };
-        if let Err(e) = self.broker.publish(id, &body).await {
-            if e.is_ambiguous() {
+        match self.broker.publish(id, &body).await {
+            Ok(()) => metrics::counter!(m::JOBS, "outcome" => "submitted").increment(1),
+            Err(e) if e.is_ambiguous() => {
                 metrics::counter!(m::JOBS, "outcome" => "unconfirmed").increment(1);
                 tracing::warn!(error = %e, %id, "publish unconfirmed; the job is kept and republished");
                 if let Err(e) = self.outbox.add(id, &body).await {
                     // Redis failing too, at this very moment: nothing will republish this job.
                     tracing::error!(error = %e, %id, "could not keep an unconfirmed job for republishing");
                 }
-            } else {
+            }
+            Err(e) => {
                 metrics::counter!(m::JOBS, "outcome" => "publish_failed").increment(1);
                 let store = self.store.clone();
                 let admissions = self.admissions.clone();
@@ -160,8 +162,6 @@ impl App {
                 });
                 return Err(ApiError::unavailable("broker", e));
             }
-        } else {
-            metrics::counter!(m::JOBS, "outcome" => "submitted").increment(1);
         }
         let accepted = Accepted {
             id,
@@ -240,7 +240,10 @@ impl App {
 /// The error for a submission the admission script refused.
 fn refusal(verdict: Verdict) -> ApiError {
     match verdict {
-        Verdict::RateLimited(decision) => ApiError::RateLimited(decision),
+        Verdict::RateLimited(decision) => {
+            crate::ratelimit::refused(RouteClass::Submit);
+            ApiError::RateLimited(decision)
+        }
         Verdict::TooManyActive { limit } => {
             metrics::counter!(m::BOUNDED, "bound" => "active_jobs").increment(1);
             ApiError::TooManyActiveJobs(limit)

@@ -16,6 +16,11 @@ pub struct Decision {
     pub reset: Duration,
 }
 
+/// Whole seconds, rounded up, at least 1: what a `Retry-After` can say of a wait.
+pub fn retry_after_secs(wait: &Duration) -> u64 {
+    (wait.as_micros().div_ceil(1_000_000) as u64).max(1)
+}
+
 impl Decision {
     /// `RateLimit-*` headers (IETF draft), plus `Retry-After` on refusal.
     pub fn write_headers(&self, headers: &mut HeaderMap) {
@@ -28,7 +33,7 @@ impl Decision {
             headers.insert("ratelimit-policy", policy);
         }
         if !self.admitted {
-            headers.insert("retry-after", HeaderValue::from(reset_s.max(1)));
+            headers.insert("retry-after", HeaderValue::from(retry_after_secs(&self.reset)));
         }
     }
 }

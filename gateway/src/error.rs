@@ -14,6 +14,8 @@ use serde::de::DeserializeOwned;
 use shared::job::InvalidJob;
 use shared::{ErrorBody, ErrorCode, JobId};
 
+use crate::decision::retry_after_secs;
+
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -56,14 +58,14 @@ pub enum ApiError {
     TooManyWaits(usize),
     #[error("this client has {0} jobs queued or running, as many as it may; submit more when one ends")]
     TooManyActiveJobs(u32),
-    #[error("this client's budget of generated tokens is spent; retry in {} s", retry_secs(.retry_after))]
+    #[error("this client's budget of generated tokens is spent; retry in {} s", retry_after_secs(.retry_after))]
     TokensSpent { retry_after: std::time::Duration },
     #[error(
         "the job would generate up to {cost} tokens (max_new_tokens × beams), more than the whole budget of \
          {budget} a client has; ask for fewer"
     )]
     CostOverBudget { cost: u64, budget: u64 },
-    #[error("the queue holds {bound} jobs, as many as it takes; retry in {} s", retry_secs(.retry_after))]
+    #[error("the queue holds {bound} jobs, as many as it takes; retry in {} s", retry_after_secs(.retry_after))]
     QueueFull {
         bound: u32,
         retry_after: std::time::Duration,
@@ -86,11 +88,6 @@ pub enum ApiError {
 const UNAVAILABLE_RETRY_AFTER: u64 = 1;
 /// How long a client at its cap of active jobs should wait: long enough for a short job to end.
 const ACTIVE_RETRY_AFTER: u64 = 1;
-
-/// Whole seconds, rounded up, at least 1: what `Retry-After` can say.
-fn retry_secs(d: &std::time::Duration) -> u64 {
-    d.as_micros().div_ceil(1_000_000).max(1) as u64
-}
 
 #[derive(Serialize)]
 struct Body<'a> {
@@ -213,7 +210,7 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable { .. } => Some(UNAVAILABLE_RETRY_AFTER),
             ApiError::TooManyActiveJobs(_) => Some(ACTIVE_RETRY_AFTER),
             ApiError::TokensSpent { retry_after } | ApiError::QueueFull { retry_after, .. } => {
-                Some(retry_secs(retry_after))
+                Some(retry_after_secs(retry_after))
             }
             _ => None,
         };
@@ -284,13 +281,9 @@ fn body_error(rejection: axum::extract::rejection::BytesRejection, limit: usize)
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError::PayloadTooLarge { limit };
     }
-    // The only other way reading a body fails here is the body-read timeout or a broken connection.
-    let text = rejection.body_text();
-    if text.contains("timed out") || text.contains("timeout") {
-        ApiError::BodyTimeout
-    } else {
-        ApiError::InvalidJson(text)
-    }
+    // The body was already read whole, under its deadline, by `routes::body_deadline`, which answers the
+    // timeouts and broken connections: what is left to fail here is its size.
+    ApiError::InvalidJson(rejection.body_text())
 }
 
 /// Deserializes an already parsed JSON value, naming the offending field like [`parse_json`].

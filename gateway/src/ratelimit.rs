@@ -46,26 +46,44 @@ impl RouteClass {
     }
 }
 
+/// The sliding-window log as Lua functions, for this module's script and the submission's
+/// ([`crate::admission`]): one log, one way to count it. Times are µs of Redis's clock.
+pub(crate) const WINDOW_LUA: &str = r#"
+local function redis_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+-- Drops the entries older than the window and counts the rest.
+local function window_count(key, now, window)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  return redis.call('ZCARD', key)
+end
+local function window_add(key, now, window, member)
+  redis.call('ZADD', key, now, member)
+  redis.call('PEXPIRE', key, math.ceil(window / 1000) + 1000)
+end
+-- µs until the oldest entry leaves the window (a place frees up); 0 for an empty log.
+local function window_reset(key, now, window)
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if oldest[2] then return tonumber(oldest[2]) + window - now end
+  return 0
+end
+"#;
+
 // KEYS[1]: the client's log. ARGV: window (µs), limit, unique member.
 // Returns {admitted (0|1), remaining, µs until the oldest entry leaves the window}.
 const SLIDING_WINDOW: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = redis_now()
 local window = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-local count = redis.call('ZCARD', KEYS[1])
+local count = window_count(KEYS[1], now, window)
 local admitted = 0
 if count < limit then
-  redis.call('ZADD', KEYS[1], now, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000) + 1000)
+  window_add(KEYS[1], now, window, ARGV[3])
   count = count + 1
   admitted = 1
 end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-local reset = 0
-if oldest[2] then reset = tonumber(oldest[2]) + window - now end
-return {admitted, limit - count, reset}
+return {admitted, limit - count, window_reset(KEYS[1], now, window)}
 "#;
 
 pub use crate::decision::Decision;
@@ -95,27 +113,22 @@ impl Limiter {
             class,
             limit,
             on_error,
-            script: Arc::new(Script::new(SLIDING_WINDOW)),
+            script: Arc::new(Script::new(&format!("{WINDOW_LUA}{SLIDING_WINDOW}"))),
         }
     }
 
     /// The Redis key of a client's log: `{ns}:rl:{class}:{client}`.
     pub fn key(&self, caller: &Caller) -> String {
-        format!("{}rl:{}:{}", self.prefix, self.class.name(), caller.id.key_part())
-    }
-
-    pub fn on_error(&self) -> FailMode {
-        self.on_error
+        log_key(&self.prefix, self.class, caller)
     }
 
     /// Asks Redis whether `caller` may go ahead.
     pub async fn check(&self, caller: &Caller) -> Result<Decision, RedisError> {
-        let class = self.class.name();
         let result = self.invoke(caller).await;
         match &result {
-            Ok(d) if !d.admitted => metrics::counter!(m::RATE_LIMITED, "class" => class).increment(1),
+            Ok(d) if !d.admitted => refused(self.class),
             Ok(_) => {}
-            Err(e) => failed_check(class, self.on_error, e),
+            Err(e) => failed_check(self.class, self.on_error, e),
         }
         result
     }
@@ -144,8 +157,19 @@ impl Limiter {
     }
 }
 
+/// The Redis key of a client's log of one class: `{ns}:rl:{class}:{client}`.
+pub fn log_key(namespace_prefix: &str, class: RouteClass, caller: &Caller) -> String {
+    format!("{namespace_prefix}rl:{}:{}", class.name(), caller.id.key_part())
+}
+
+/// Counts a request the class's limit refused.
+pub fn refused(class: RouteClass) {
+    metrics::counter!(m::RATE_LIMITED, "class" => class.name()).increment(1);
+}
+
 /// Logs and counts a check Redis could not answer (the fail mode then decides).
-pub fn failed_check(class: &'static str, on_error: FailMode, e: &RedisError) {
+pub fn failed_check(class: RouteClass, on_error: FailMode, e: &RedisError) {
+    let class = class.name();
     let mode = match on_error {
         FailMode::Open => "open",
         FailMode::Closed => "closed",

@@ -2,7 +2,7 @@
 //! (`Idempotency-Key`, unconfirmed publishes kept and republished), the backlog and cost bounds, separate
 //! publishing and consuming connections, several broker URLs, and the HTTP edges (one body deadline, a
 //! connection cap). Real Redis and RabbitMQ; the broker's confirms are withheld by a real TCP proxy
-//! ([`common::stall`]); no worker runs, the test answers for one at the AMQP contract level where needed.
+//! ([`shared::testing::StallProxy`]); no worker runs, the test answers for one at the AMQP contract level where needed.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] functions panic on purpose
 
@@ -10,10 +10,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::stall::StallProxy;
 use common::{TestEnv, amqp, depth, json, poll, poll_until, reply, submit, succeeded, take};
 use serde_json::{Value, json};
 use shared::JobId;
+use shared::testing::StallProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const GENEROUS: &[&str] = &["--submit-rate-limit", "10000/1s", "--read-rate-limit", "10000/1s"];
@@ -26,7 +26,7 @@ fn flags<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 
 /// A gateway whose broker connections go through a [`StallProxy`] (the first one it opens publishes).
 async fn through_proxy(env: &mut TestEnv, extra: &[&str]) -> (StallProxy, common::Gateway) {
-    let proxy = StallProxy::start("127.0.0.1:5672").await;
+    let proxy = StallProxy::start("127.0.0.1:5672").await.unwrap();
     let url = proxy.amqp_url();
     let mut f = flags(&["--amqp-url", &url]);
     f.extend_from_slice(extra);
@@ -240,15 +240,7 @@ async fn an_unconfirmed_publish_keeps_the_job_and_republishes_it_until_confirmed
     proxy.stall(0, false);
     let start = Instant::now();
     loop {
-        let text = env
-            .http
-            .get(gw.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = common::metrics_text(&env, &gw).await;
         if common::metric_at_least(&text, "gateway_jobs_total{outcome=\"republished\"}", 1.0) {
             break;
         }

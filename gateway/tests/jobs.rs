@@ -431,15 +431,7 @@ async fn the_api_is_documented_and_observable() {
     assert_eq!(status, 200);
     let (status, _) = submit(&env.http, &gw, json!({"prompt": "count me"})).await;
     assert_eq!(status, 202);
-    let text = env
-        .http
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::metrics_text(&env, &gw).await;
     for metric in [
         "gateway_http_requests_total",
         "gateway_http_request_duration_seconds_bucket",

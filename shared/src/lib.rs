@@ -13,6 +13,8 @@ pub mod params;
 pub mod prompt;
 pub mod reply;
 pub mod schema;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tokens;
 pub mod topology;
 

@@ -3,8 +3,6 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 #![allow(clippy::unwrap_used)] // test harness: a failed set-up step should panic the test
 
-pub mod stall;
-
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -257,6 +255,18 @@ pub async fn submit(http: &reqwest::Client, gw: &Gateway, body: Value) -> (u16, 
 pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
+}
+
+/// The gateway's `/metrics` page.
+pub async fn metrics_text(env: &TestEnv, gw: &Gateway) -> String {
+    env.http
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// True when the Prometheus text has the series `series` (name and labels, as rendered) at `min` or more.

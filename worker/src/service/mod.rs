@@ -40,8 +40,6 @@ mod job;
 mod load;
 mod metrics;
 mod outcomes;
-#[cfg(test)]
-mod proxy;
 mod replies;
 mod session;
 mod settlement;

@@ -116,7 +116,6 @@ mod tests {
     use lapin::types::FieldTable;
     use lapin::{Connection, ConnectionProperties};
     use shared::reply::Started;
-    use std::sync::atomic::Ordering;
 
     fn started() -> JobReply {
         JobReply::Started(Started {
@@ -129,7 +128,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_the_broker_does_not_confirm_in_time_fails_as_a_timeout_and_the_channel_goes_on() {
-        let (url, held) = super::super::proxy::holding_proxy(None).await;
+        let proxy = shared::testing::StallProxy::start("127.0.0.1:5672")
+            .await
+            .unwrap();
+        let url = proxy.amqp_url();
         let conn = Connection::connect(&url, ConnectionProperties::default())
             .await
             .unwrap();
@@ -150,7 +152,7 @@ mod tests {
         };
         publisher.publish(&reply_to, Some("c"), &started()).await.unwrap();
 
-        held.store(true, Ordering::SeqCst);
+        proxy.stall(0, true);
         let begun = std::time::Instant::now();
         let err = publisher
             .publish(&reply_to, Some("c"), &started())
@@ -167,7 +169,7 @@ mod tests {
         );
 
         // The late confirm does not confuse the channel: once the broker is heard again, publishing works.
-        held.store(false, Ordering::SeqCst);
+        proxy.stall(0, false);
         publisher.publish(&reply_to, Some("c"), &started()).await.unwrap();
         let _ = conn.close(200, "".into()).await;
     }

@@ -322,14 +322,20 @@ async fn a_worker_given_several_broker_urls_moves_on_past_a_node_that_is_down() 
 #[tokio::test]
 async fn a_final_reply_not_confirmed_in_time_returns_the_job_and_it_is_answered_once_confirms_flow() {
     // The worker's second connection, its publishing one, is the one whose confirms are held.
-    let (url, held) = super::proxy::holding_proxy(Some(1)).await;
+    let proxy = shared::testing::StallProxy::start("127.0.0.1:5672")
+        .await
+        .unwrap();
+    let url = proxy.amqp_url();
     let worker = start_worker_with(&url, Duration::from_millis(500)).await;
     let t = worker.topology.clone();
     wait_for_consumer(BROKER, &t).await;
     let (conn, ch) = channel(BROKER).await;
     let (reply_to, mut replies) = reply_queue(&ch).await;
 
-    held.store(true, Ordering::SeqCst);
+    assert!(
+        proxy.stall(1, true),
+        "the worker's publishing connection is its second"
+    );
     let id = JobId::new_random().to_string();
     publish(&ch, &t, Some(&id), &reply_to, &job("Hello")).await;
     // Only the confirms are held, so the replies themselves arrive; the job, unacknowledged, comes back.
@@ -346,7 +352,7 @@ async fn a_final_reply_not_confirmed_in_time_returns_the_job_and_it_is_answered_
     }
     assert_eq!(kinds, ["job.started", "job.succeeded", "job.started"]);
 
-    held.store(false, Ordering::SeqCst);
+    proxy.stall(1, false);
     assert_eq!(next_reply(&mut replies).await.0, "job.succeeded");
     assert_eq!(worker.calls.load(Ordering::SeqCst), 1, "generated once");
     let more = tokio::time::timeout(Duration::from_secs(1), replies.next()).await;

@@ -1,7 +1,9 @@
-//! A TCP proxy in front of the broker that can stall what the broker sends back on one of the connections
-//! through it: publishes still reach the broker, but their confirms (and everything else) stop coming
-//! back. That is how a confirm goes missing in production (a congested or half-broken link, a connection
-//! the broker has blocked), made on demand, on real connections to the real broker.
+//! Test support shared by the gateway's and the worker's tests (cargo feature `testing`, enabled only as a
+//! dev-dependency): a TCP proxy in front of the broker that can stall what the broker sends back on one of
+//! the connections through it. Publishes still reach the broker, but their confirms (and everything else)
+//! stop coming back: how a confirm goes missing in production (a congested or half-broken link, a
+//! connection the broker has blocked), made on demand, on real connections to the real broker. The broker's
+//! own alarms are global and would stop every other test on it, so they are not used.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,9 +21,9 @@ pub struct StallProxy {
 
 impl StallProxy {
     /// Listens on a free local port and forwards every connection to `upstream` (`host:port`).
-    pub async fn start(upstream: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+    pub async fn start(upstream: &str) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
         let stalls: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
         let upstream = upstream.to_owned();
         let list = stalls.clone();
@@ -31,25 +33,38 @@ impl StallProxy {
                     continue;
                 };
                 let stall = Arc::new(AtomicBool::new(false));
-                list.lock().unwrap().push(stall.clone());
+                if let Ok(mut list) = list.lock() {
+                    list.push(stall.clone());
+                }
                 tokio::spawn(forward(client, server, stall));
             }
         });
-        Self { port, stalls, task }
+        Ok(Self { port, stalls, task })
     }
 
-    /// The AMQP URL that goes through this proxy.
+    /// The AMQP URL (guest, default vhost) that goes through this proxy.
     pub fn amqp_url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
+    /// Connections accepted so far.
     pub fn connections(&self) -> usize {
-        self.stalls.lock().unwrap().len()
+        self.stalls.lock().map_or(0, |l| l.len())
     }
 
-    /// Stops (or resumes) forwarding what the broker sends on the `n`th connection.
-    pub fn stall(&self, n: usize, on: bool) {
-        self.stalls.lock().unwrap()[n].store(on, Ordering::SeqCst);
+    /// Stops (or resumes) forwarding what the broker sends on the `n`th connection (from 0). Returns false
+    /// when there is no such connection yet.
+    pub fn stall(&self, n: usize, on: bool) -> bool {
+        let Ok(list) = self.stalls.lock() else {
+            return false;
+        };
+        match list.get(n) {
+            Some(switch) => {
+                switch.store(on, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
     }
 }
 
