@@ -10,8 +10,9 @@
 //! 4. the client's token budget, a GCRA (generic cell rate) bucket `{ns}:rl:tokens:{client}` charged with
 //!    the job's cost, `max_new_tokens` × beams: the requests limit counts requests, this counts GPU work.
 //!
-//! Only when all pass does the script write the charges, the record and the idempotency key, so a refusal
-//! charges nothing, and two replicas (or two requests of one client) cannot both take the last place.
+//! Only when all pass does the script write the charges, the record, the job's body into the outbox
+//! ([`crate::outbox`]: a gateway that dies before the broker confirms the job leaves it to another) and
+//! the idempotency key, so a refusal charges nothing, and two replicas (or two requests of one client) cannot both take the last place.
 //! [`Admissions::refund`] gives every charge back when the gateway then fails to publish the job.
 
 use std::time::Duration;
@@ -23,13 +24,16 @@ use crate::auth::Caller;
 use crate::config::RateLimit;
 use crate::decision::Decision;
 use crate::kv::{Redis, RedisError};
+use crate::outbox::Entry;
 use crate::ratelimit::RouteClass;
 use crate::store::NewRecord;
 
-// KEYS: 1 request log, 2 record, 3 submission counter, 4 token bucket, 5 active set, 6 idempotency key
+// KEYS: 1 request log, 2 record, 3 submission counter, 4 token bucket, 5 active set, 6 idempotency key,
+//       7 outbox set, 8 outbox body
 // ARGV: 1 window µs, 2 request limit, 3 log member, 4 record ttl ms, 5 µs per token, 6 token window µs,
 //       7 cost (tokens), 8 active cap (0: none), 9 active entry lifetime µs, 10 job id,
-//       11 idempotency fingerprint ('' without a key), 12 idempotency ttl ms, 13.. record fields
+//       11 idempotency fingerprint ('' without a key), 12 idempotency ttl ms, 13 job body,
+//       14 outbox due ms, 15 outbox body ttl ms, 16.. record fields
 // Returns {verdict, remaining, µs until a retry can pass, submission number, replayed job id}; verdict:
 // 1 admitted, 0 request limit, 2 active cap, 3 token budget, 4 replay, 5 key reused with another body.
 const ADMIT: &str = r#"
@@ -62,8 +66,10 @@ if cap > 0 then
   redis.call('PEXPIRE', KEYS[5], math.ceil(tonumber(ARGV[9]) / 1000))
 end
 local seq = redis.call('INCR', KEYS[3])
-redis.call('HSET', KEYS[2], 'seq', seq, unpack(ARGV, 13))
+redis.call('HSET', KEYS[2], 'seq', seq, unpack(ARGV, 16))
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[8], ARGV[13], 'PX', ARGV[15])
+redis.call('ZADD', KEYS[7], ARGV[14], ARGV[10])
 if ARGV[11] ~= '' then
   redis.call('HSET', KEYS[6], 'id', ARGV[10], 'fingerprint', ARGV[11])
   redis.call('PEXPIRE', KEYS[6], ARGV[12])
@@ -106,6 +112,9 @@ pub struct Submission<'a> {
     pub cost: u64,
     /// The client's `Idempotency-Key` and a digest of the body it came with.
     pub idempotency: Option<IdempotencyKey>,
+    /// The message to publish, kept in the outbox under `outbox`.
+    pub body: &'a [u8],
+    pub outbox: Entry,
 }
 
 /// An `Idempotency-Key` as kept: a digest of the key (keys are the client's text, not ours to store) and of
@@ -218,6 +227,8 @@ impl Admissions {
             .key(self.tokens_key(caller))
             .key(self.active_key(caller))
             .key(idempotency_key.clone().unwrap_or_else(|| self.log_key(caller)))
+            .key(&job.outbox.set_key)
+            .key(&job.outbox.body_key)
             .arg(requests.window.as_micros() as u64)
             .arg(requests.limit)
             .arg(member.as_str())
@@ -229,7 +240,10 @@ impl Admissions {
             .arg(self.bounds.active_lifetime.as_micros() as u64)
             .arg(job.id.to_string())
             .arg(job.idempotency.as_ref().map_or("", |k| k.fingerprint.as_str()))
-            .arg(self.bounds.idempotency_ttl.as_millis() as u64);
+            .arg(self.bounds.idempotency_ttl.as_millis() as u64)
+            .arg(job.body)
+            .arg(job.outbox.due_ms)
+            .arg(job.outbox.body_ttl_ms);
         for (field, value) in &job.record.fields {
             invocation.arg(*field).arg(value);
         }

@@ -64,11 +64,12 @@ impl App {
     /// job's `queued` record in one atomic Redis call ([`crate::admission`]); then publishes it under `id`.
     /// The decision, when Redis gave one, is for the response's `RateLimit-*` headers.
     ///
-    /// A publish the broker refused removes the record, gives the charges back and answers 503. One left
+    /// The admission also keeps the job's body in the [`Outbox`], so a gateway that dies before the broker
+    /// confirms the job leaves it to another replica. A confirmed publish takes it out. A publish the broker
+    /// refused removes the record and the body, gives the charges back and answers 503. One left
     /// unconfirmed (a timeout, a connection lost after sending) may have reached the broker: its record
-    /// stays, the client gets the job id, and the job goes into the [`Outbox`], republished until the broker
-    /// confirms it (at least once: if the first copy did land, the job runs twice and its first end is the
-    /// one kept).
+    /// stays, the client gets the job id, and the outbox republishes the job until the broker confirms it
+    /// (at least once: if the first copy did land, the job runs twice and its first end is the one kept).
     /// When Redis cannot be asked, the submit class's fail mode decides between 503 and publishing without
     /// a record (the replies create it once Redis is back).
     pub async fn enqueue(
@@ -122,6 +123,8 @@ impl App {
             record: &record,
             cost,
             idempotency,
+            body: &body,
+            outbox: self.outbox.entry(id),
         };
         let (decision, charge) = match self.admissions.admit(caller, &submission).await {
             Ok(Verdict::Admitted(decision, charge)) => (Some(decision), Some(charge)),
@@ -136,32 +139,38 @@ impl App {
             }
         };
         match self.broker.publish(id, &body).await {
-            Ok(()) => metrics::counter!(m::JOBS, "outcome" => "submitted").increment(1),
-            Err(e) if e.is_ambiguous() => {
-                metrics::counter!(m::JOBS, "outcome" => "unconfirmed").increment(1);
-                tracing::warn!(error = %e, %id, "publish unconfirmed; the job is kept and republished");
-                if let Err(e) = self.outbox.add(id, &body).await {
-                    // Redis failing too, at this very moment: nothing will republish this job.
-                    tracing::error!(error = %e, %id, "could not keep an unconfirmed job for republishing");
-                }
-            }
-            Err(e) => {
-                metrics::counter!(m::JOBS, "outcome" => "publish_failed").increment(1);
-                let store = self.store.clone();
-                let admissions = self.admissions.clone();
-                let caller = caller.clone();
+            Ok(()) => {
+                metrics::counter!(m::JOBS, "outcome" => "submitted").increment(1);
+                // Off the answer's path: until it lands, the sweep that would take the job finds it
+                // started or, still waiting in the queue, publishes a second copy (at least once).
+                let outbox = self.outbox.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = store.delete(id).await {
-                        tracing::warn!(error = %e, %id, "could not remove the record of an unpublished job");
-                    }
-                    if let Some(charge) = charge
-                        && let Err(e) = admissions.refund(&caller, &charge).await
-                    {
-                        tracing::warn!(error = %e, %id, "could not give back the admission of an unpublished job");
+                    if let Err(e) = outbox.confirmed(id).await {
+                        tracing::warn!(error = %e, %id, "could not take a confirmed job out of the outbox");
                     }
                 });
-                return Err(ApiError::unavailable("broker", e));
             }
+            Err(e) if e.is_ambiguous() => self.keep_unconfirmed(id, &body, &e).await,
+            Err(e) => match self.outbox.withdraw(id).await {
+                Ok(()) => {
+                    metrics::counter!(m::JOBS, "outcome" => "publish_failed").increment(1);
+                    if let Some(charge) = charge {
+                        let admissions = self.admissions.clone();
+                        let caller = caller.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = admissions.refund(&caller, &charge).await {
+                                tracing::warn!(error = %e, %id, "could not give back the admission of an unpublished job");
+                            }
+                        });
+                    }
+                    return Err(ApiError::unavailable("broker", e));
+                }
+                // The record and the kept body stay, so the job will be published: it is taken.
+                Err(redis) => {
+                    tracing::warn!(error = %redis, %id, "could not withdraw a refused job; it stays in the outbox");
+                    self.keep_unconfirmed(id, &body, &e).await
+                }
+            },
         }
         let accepted = Accepted {
             id,
@@ -171,6 +180,17 @@ impl App {
             replayed: false,
         };
         Ok((accepted, decision))
+    }
+
+    /// A publish whose fate is unknown: the job's body stays in the [`Outbox`], due at once.
+    async fn keep_unconfirmed(&self, id: JobId, body: &[u8], error: &crate::broker::BrokerError) {
+        metrics::counter!(m::JOBS, "outcome" => "unconfirmed").increment(1);
+        tracing::warn!(%error, %id, "publish unconfirmed; the job is kept and republished");
+        if let Err(e) = self.outbox.unconfirmed(id, body).await {
+            // The admission kept the body already, due a little later; without Redis then (fail open),
+            // nothing will republish this job.
+            tracing::error!(error = %e, %id, "could not make an unconfirmed job due for republishing");
+        }
     }
 
     /// Refuses a submission while the queue holds `--max-queued-jobs`, advising a retry when the workers,

@@ -92,6 +92,7 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
         store.clone(),
         settings.topology.clone(),
         settings.publish_retry_window,
+        settings.publish_timeout,
     );
     let context = context::ContextCheck::new(config.tokenizer.as_deref(), settings.context_length)
         .map_err(Error::Config)?;
@@ -132,10 +133,8 @@ pub async fn run(
     let drain_cancel = cancel.clone();
     let drain_task = tokio::spawn(async move { drain.run(store, drain_cancel).await });
     let outbox = app.outbox.clone();
-    let (outbox_broker, publish_timeout, outbox_cancel) =
-        (app.broker.clone(), app.settings.publish_timeout, cancel.clone());
-    let outbox_task =
-        tokio::spawn(async move { outbox.run(outbox_broker, publish_timeout, outbox_cancel).await });
+    let (outbox_broker, outbox_cancel) = (app.broker.clone(), cancel.clone());
+    let outbox_task = tokio::spawn(async move { outbox.run(outbox_broker, outbox_cancel).await });
     let listener_task = tokio::spawn(app.waiters.clone().listen(
         config.redis_url.clone(),
         waiters::Channels {

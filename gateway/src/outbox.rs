@@ -1,13 +1,20 @@
-//! Jobs whose publish the broker left unconfirmed, kept in Redis until a copy is confirmed.
+//! Every job's body, kept in Redis from its admission until the broker confirms a copy: a transactional
+//! outbox.
 //!
-//! A confirm that times out, or a connection lost after sending, leaves the job's fate unknown: the broker
-//! may have it or not. The gateway keeps the job's record and answers 202 (see [`crate::app::App::enqueue`]),
-//! so the job must reach the broker for sure. Its body goes into an outbox in Redis, `{ns}:outbox` (a sorted
-//! set of job ids by deadline) and `{ns}:outbox:{id}` (the body), that every replica sweeps: a job is
+//! A gateway writes a job's `queued` record and then publishes the job. Between the two it may die (a
+//! crash, a `SIGKILL`, a lost node), and a confirm may time out or its connection drop, leaving the job's
+//! fate unknown: the broker may have it or not. Either way the client may hold the job id, so the job must
+//! reach the broker for sure. Its body therefore goes into the outbox in the same atomic script that writes
+//! the record ([`crate::admission`]): `{ns}:outbox` (a sorted set of job ids by the time a sweep may take
+//! them) and `{ns}:outbox:{id}` (the body). A confirmed publish takes the job out again.
+//!
+//! Every replica sweeps the outbox. A job becomes due once its first publish has had its chance
+//! (`--publish-timeout-ms` and a grace), or at once when that publish was left unconfirmed; a due job is
 //! republished under its own id until a copy is confirmed, or until its record shows that it left `queued`
-//! (the first copy did land), or until its deadline (`--publish-retry-window-s`), when it is marked `failed`
-//! with `publish_failed`, a final state the client can see. Kept in Redis and not in the process, a retry
-//! survives the gateway that started it: another replica, or the same one restarted, finishes it.
+//! (the first copy did land), or until its deadline (`--publish-retry-window-s` after it became due), when
+//! it is marked `failed` with `publish_failed`, a final state the client can see. Kept in Redis and not in
+//! the process, a retry survives the gateway that started it: another replica, or the same one restarted,
+//! finishes it.
 //!
 //! Delivery is then at least once: when the first copy did land, the job runs twice, and its record keeps
 //! the first end. A short lock per job (`{ns}:outbox:lock:{id}`) keeps replicas from republishing the same
@@ -29,20 +36,37 @@ use crate::telemetry as m;
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
 /// Jobs republished per sweep at most.
 const BATCH: isize = 32;
+/// How long past its publish timeout a job's first publish has before the sweep may take the job: the
+/// gateway that is publishing it either takes it out (confirmed) or makes it due at once (unconfirmed)
+/// well within this, unless it died.
+const FIRST_PUBLISH_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct Outbox {
     store: JobStore,
     topology: Topology,
     window: Duration,
+    publish_timeout: Duration,
+}
+
+/// Where and until when the admission script keeps a new job's body (see [`Outbox::entry`]).
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub set_key: String,
+    pub body_key: String,
+    /// When a sweep may first take the job (ms since the epoch).
+    pub due_ms: u64,
+    /// How long the body is kept (ms).
+    pub body_ttl_ms: u64,
 }
 
 impl Outbox {
-    pub fn new(store: JobStore, topology: Topology, window: Duration) -> Self {
+    pub fn new(store: JobStore, topology: Topology, window: Duration, publish_timeout: Duration) -> Self {
         Self {
             store,
             topology,
             window,
+            publish_timeout,
         }
     }
 
@@ -58,20 +82,38 @@ impl Outbox {
         self.topology.redis_key(&format!("outbox:lock:{id}"))
     }
 
-    /// Keeps `body` for republishing until the broker confirms it or the retry window ends.
-    pub async fn add(&self, id: JobId, body: &[u8]) -> Result<(), RedisError> {
-        let deadline = now_ms() + self.window.as_millis() as u64;
-        // The body outlives the deadline a little, so the sweep that marks the job failed still finds it.
-        let ttl_ms = self.window.as_millis() as u64 + 60_000;
+    /// The body outlives the deadline a little, so the sweep that marks the job failed still finds it.
+    fn body_ttl_ms(&self) -> u64 {
+        self.window.as_millis() as u64 + 60_000
+    }
+
+    /// The outbox entry of a job about to be admitted and published now.
+    pub fn entry(&self, id: JobId) -> Entry {
+        Entry {
+            set_key: self.set_key(),
+            body_key: self.body_key(id),
+            due_ms: now_ms() + (self.publish_timeout + FIRST_PUBLISH_GRACE).as_millis() as u64,
+            body_ttl_ms: self.body_ttl_ms(),
+        }
+    }
+
+    /// The broker confirmed the job: nothing left to republish.
+    pub async fn confirmed(&self, id: JobId) -> Result<(), RedisError> {
+        self.remove(id).await
+    }
+
+    /// The job's publish was left unconfirmed: keep `body` (again: the admission may not have written it,
+    /// when Redis failed then) and make it due at once.
+    pub async fn unconfirmed(&self, id: JobId, body: &[u8]) -> Result<(), RedisError> {
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("SET")
             .arg(self.body_key(id))
             .arg(body)
             .arg("PX")
-            .arg(ttl_ms)
+            .arg(self.body_ttl_ms())
             .ignore()
-            .zadd(self.set_key(), id.to_string(), deadline)
+            .zadd(self.set_key(), id.to_string(), now_ms())
             .ignore();
         self.store
             .redis()
@@ -79,25 +121,47 @@ impl Outbox {
             .await
     }
 
-    /// The job ids waiting, with their deadlines (ms).
-    pub async fn pending(&self) -> Result<Vec<(JobId, u64)>, RedisError> {
+    /// The broker refused the job for sure: its record and its entry go together, so that no sweep
+    /// publishes a job whose client was told it was not taken.
+    pub async fn withdraw(&self, id: JobId) -> Result<(), RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .del(self.store.job_key(id))
+            .ignore()
+            .zrem(self.set_key(), id.to_string())
+            .ignore()
+            .del(self.body_key(id))
+            .ignore();
+        self.store
+            .redis()
+            .call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+
+    /// The job ids due now, with their deadlines (ms).
+    pub async fn due(&self) -> Result<Vec<(JobId, u64)>, RedisError> {
         let key = self.set_key();
+        let now = now_ms();
         let entries: Vec<(String, u64)> = self
             .store
             .redis()
             .call(|mut c| async move {
-                redis::cmd("ZRANGE")
+                redis::cmd("ZRANGEBYSCORE")
                     .arg(key)
-                    .arg(0)
-                    .arg(BATCH - 1)
+                    .arg("-inf")
+                    .arg(now)
                     .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(BATCH)
                     .query_async(&mut c)
                     .await
             })
             .await?;
+        let window = self.window.as_millis() as u64;
         Ok(entries
             .into_iter()
-            .filter_map(|(id, deadline)| id.parse().ok().map(|id| (id, deadline)))
+            .filter_map(|(id, due)| id.parse().ok().map(|id| (id, due + window)))
             .collect())
     }
 
@@ -144,7 +208,7 @@ impl Outbox {
     }
 
     /// Sweeps the outbox until `cancel`.
-    pub async fn run(&self, broker: Arc<Broker>, publish_timeout: Duration, cancel: CancellationToken) {
+    pub async fn run(&self, broker: Arc<Broker>, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(SWEEP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -155,18 +219,18 @@ impl Outbox {
             if !broker.connected() {
                 continue;
             }
-            let pending = match self.pending().await {
+            let due = match self.due().await {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::debug!(error = %e, "outbox unreadable");
                     continue;
                 }
             };
-            for (id, deadline) in pending {
+            for (id, deadline) in due {
                 if cancel.is_cancelled() {
                     return;
                 }
-                if let Err(e) = self.attempt(&broker, id, deadline, publish_timeout).await {
+                if let Err(e) = self.attempt(&broker, id, deadline).await {
                     tracing::debug!(error = %e, %id, "outbox attempt failed");
                 }
             }
@@ -174,14 +238,11 @@ impl Outbox {
     }
 
     /// One republish of one job, unless it is done with or another replica is at it.
-    async fn attempt(
-        &self,
-        broker: &Broker,
-        id: JobId,
-        deadline: u64,
-        publish_timeout: Duration,
-    ) -> Result<(), RedisError> {
-        if !self.claim(id, publish_timeout + Duration::from_secs(1)).await? {
+    async fn attempt(&self, broker: &Broker, id: JobId, deadline: u64) -> Result<(), RedisError> {
+        if !self
+            .claim(id, self.publish_timeout + Duration::from_secs(1))
+            .await?
+        {
             return Ok(());
         }
         let status = self.store.get(id).await?.map(|(record, _)| record.status);

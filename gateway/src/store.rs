@@ -301,7 +301,7 @@ impl JobStore {
         &self.redis
     }
 
-    fn job_key(&self, id: JobId) -> String {
+    pub(crate) fn job_key(&self, id: JobId) -> String {
         self.topology.redis_key(&format!("job:{id}"))
     }
     fn running_key(&self) -> String {
@@ -352,15 +352,6 @@ impl JobStore {
             ttl_ms: self.key_ttl_ms(),
             fields,
         }
-    }
-
-    /// Removes the record of a job whose publish failed (the client got a 503, so nobody polls it).
-    pub async fn delete(&self, id: JobId) -> Result<(), RedisError> {
-        let key = self.job_key(id);
-        self.redis
-            .call(|mut c| async move { redis::cmd("DEL").arg(key).query_async::<i64>(&mut c).await })
-            .await
-            .map(|_| ())
     }
 
     /// Applies one reply. Returns false when it changed nothing (the job was already final).

@@ -333,6 +333,113 @@ async fn a_republish_outlives_the_gateway_that_started_it() {
     env.finish().await;
 }
 
+/// The ids of the job records in the namespace.
+async fn record_ids(ns: &str) -> Vec<String> {
+    let client = redis::Client::open(common::REDIS_URL).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{ns}:job:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    keys.into_iter()
+        .map(|k| k.rsplit(':').next().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_job_whose_gateway_is_killed_before_the_confirm_is_published_by_another() {
+    let mut env = TestEnv::new();
+    let proxy = StallProxy::start("127.0.0.1:5672").await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // A real process, so that it can die the hard way (SIGKILL) with its publish in flight.
+    let mut doomed = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--namespace", &env.ns, "--redis-url", common::REDIS_URL])
+        .args(["--amqp-url", &proxy.amqp_url(), "--publish-timeout-ms", "3000"])
+        .args([
+            "--token-rate-limit",
+            "1000000000/1s",
+            "--max-active-jobs-per-client",
+            "0",
+        ])
+        .args(GENEROUS)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let doomed_gw = common::Gateway {
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let start = Instant::now();
+    while !matches!(env.http.get(doomed_gw.url("/readyz")).send().await, Ok(r) if r.status() == 200) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the gateway never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The publishing link goes dead: the job will not reach the broker from this gateway.
+    proxy.freeze(0, true);
+    let http = env.http.clone();
+    let submission = tokio::spawn(async move {
+        http.post(doomed_gw.url("/v1/jobs"))
+            .json(&json!({"prompt": "my gateway dies before the broker answers"}))
+            .send()
+            .await
+    });
+    // The job is admitted (its record written) and its publish waits on the dead link.
+    let start = Instant::now();
+    let id = loop {
+        if let Some(id) = record_ids(&env.ns).await.pop() {
+            break id;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the job was never admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    assert!(
+        submission.await.unwrap().is_err(),
+        "the client got no answer: it may hold the id (from a retry's Idempotency-Key or a lost response)"
+    );
+    let (_conn, channel) = amqp().await;
+    assert_eq!(
+        depth(&channel, &env.jobs_queue()).await,
+        0,
+        "no copy reached the queue"
+    );
+    // Another replica finds the job in the outbox, due once the dead one's publish had its chance.
+    let second = env.gateway(GENEROUS).await;
+    let start = Instant::now();
+    while outbox_len(&env.ns).await > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the outbox was never emptied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(depth(&channel, &env.jobs_queue()).await, 1);
+    let message = take(&channel, &env.jobs_queue()).await;
+    let job: Value = serde_json::from_slice(&message.data).unwrap();
+    assert_eq!(job["prompt"], "my gateway dies before the broker answers");
+    assert_eq!(
+        message.properties.message_id().as_ref().map(|m| m.as_str()),
+        Some(id.as_str()),
+        "republished under its own id"
+    );
+    assert_eq!(poll(&env, &second, &id).await["status"], "queued");
+    drop(proxy);
+    env.finish().await;
+}
+
 #[tokio::test]
 async fn replies_are_consumed_while_the_publishing_connection_is_stalled() {
     let mut env = TestEnv::new();

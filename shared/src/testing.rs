@@ -3,7 +3,8 @@
 //! the connections through it. Publishes still reach the broker, but their confirms (and everything else)
 //! stop coming back: how a confirm goes missing in production (a congested or half-broken link, a
 //! connection the broker has blocked), made on demand, on real connections to the real broker. The broker's
-//! own alarms are global and would stop every other test on it, so they are not used.
+//! own alarms are global and would stop every other test on it, so they are not used. It can also freeze
+//! both directions, a link gone dead: then not even the publish reaches the broker.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,8 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub struct StallProxy {
     pub port: u16,
-    /// One switch per connection accepted, in the order they came.
-    stalls: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+    /// The switches of each connection accepted, in the order they came.
+    stalls: Arc<Mutex<Vec<Arc<Switches>>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -24,7 +25,7 @@ impl StallProxy {
     pub async fn start(upstream: &str) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
-        let stalls: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let stalls: Arc<Mutex<Vec<Arc<Switches>>>> = Arc::default();
         let upstream = upstream.to_owned();
         let list = stalls.clone();
         let task = tokio::spawn(async move {
@@ -32,7 +33,7 @@ impl StallProxy {
                 let Ok(server) = TcpStream::connect(&upstream).await else {
                     continue;
                 };
-                let stall = Arc::new(AtomicBool::new(false));
+                let stall = Arc::new(Switches::default());
                 if let Ok(mut list) = list.lock() {
                     list.push(stall.clone());
                 }
@@ -55,17 +56,33 @@ impl StallProxy {
     /// Stops (or resumes) forwarding what the broker sends on the `n`th connection (from 0). Returns false
     /// when there is no such connection yet.
     pub fn stall(&self, n: usize, on: bool) -> bool {
+        self.switch(n, |s| s.down.store(on, Ordering::SeqCst))
+    }
+
+    /// Stops (or resumes) forwarding both ways on the `n`th connection: nothing the client sends reaches
+    /// the broker either. Returns false when there is no such connection yet.
+    pub fn freeze(&self, n: usize, on: bool) -> bool {
+        self.switch(n, |s| {
+            s.up.store(on, Ordering::SeqCst);
+            s.down.store(on, Ordering::SeqCst);
+        })
+    }
+
+    fn switch(&self, n: usize, set: impl FnOnce(&Switches)) -> bool {
         let Ok(list) = self.stalls.lock() else {
             return false;
         };
-        match list.get(n) {
-            Some(switch) => {
-                switch.store(on, Ordering::SeqCst);
-                true
-            }
-            None => false,
-        }
+        list.get(n).map(|s| set(s)).is_some()
     }
+}
+
+/// Whether a connection holds what each side sends.
+#[derive(Default)]
+struct Switches {
+    /// What the client sends.
+    up: AtomicBool,
+    /// What the broker sends.
+    down: AtomicBool,
 }
 
 impl Drop for StallProxy {
@@ -74,25 +91,34 @@ impl Drop for StallProxy {
     }
 }
 
-async fn forward(client: TcpStream, server: TcpStream, stall: Arc<AtomicBool>) {
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
-    let up = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
-    });
+async fn forward(client: TcpStream, server: TcpStream, stall: Arc<Switches>) {
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let up_stall = stall.clone();
+    let up = tokio::spawn(relay(client_read, server_write, up_stall, |s| &s.up));
+    relay(server_read, client_write, stall, |s| &s.down).await;
+    up.abort();
+}
+
+/// Copies `from` to `to`, holding each chunk while its switch is on.
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stall: Arc<Switches>,
+    switch: fn(&Switches) -> &AtomicBool,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = match server_read.read(&mut buf).await {
+        let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        // Held bytes wait here (and the broker's further bytes in its socket) until the stall lifts.
-        while stall.load(Ordering::SeqCst) {
+        // Held bytes wait here (and the sender's further bytes in its socket) until the stall lifts.
+        while switch(&stall).load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if client_write.write_all(&buf[..n]).await.is_err() {
+        if to.write_all(&buf[..n]).await.is_err() {
             break;
         }
     }
-    up.abort();
 }

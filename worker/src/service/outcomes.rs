@@ -11,8 +11,13 @@
 //! delivery".
 //!
 //! The memory is bounded (oldest first out): it only needs to span a reconnect.
+//!
+//! It also keeps when the job started, so that the `job.started` a redelivery sends again (the first may
+//! have been lost with the connection) is the same reply, which the gateway's store reads as nothing new:
+//! a job answered from memory ran once, and its record's `attempts` says so.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, OnceLock};
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
@@ -24,9 +29,17 @@ use super::job::Outcome;
 /// A job's outcome as many can await it; `None` when the engine thread died before answering.
 pub type PendingOutcome = Shared<BoxFuture<'static, Option<Outcome>>>;
 
+/// One job as remembered.
+#[derive(Clone)]
+pub struct Remembered {
+    pub outcome: PendingOutcome,
+    /// When its `job.started` was first sent (ms since the epoch).
+    pub started_at_ms: Arc<OnceLock<u64>>,
+}
+
 pub struct Outcomes {
     capacity: usize,
-    entries: HashMap<JobId, PendingOutcome>,
+    entries: HashMap<JobId, Remembered>,
     order: VecDeque<JobId>,
 }
 
@@ -39,14 +52,17 @@ impl Outcomes {
         }
     }
 
-    /// The outcome of a job this worker already started, finished or not.
-    pub fn get(&self, id: &JobId) -> Option<PendingOutcome> {
+    /// A job this worker already started, finished or not.
+    pub fn get(&self, id: &JobId) -> Option<Remembered> {
         self.entries.get(id).cloned()
     }
 
     /// Remembers a job just handed to the engine.
-    pub fn insert(&mut self, id: JobId, rx: oneshot::Receiver<Outcome>) -> PendingOutcome {
-        let pending = rx.map(Result::ok).boxed().shared();
+    pub fn insert(&mut self, id: JobId, rx: oneshot::Receiver<Outcome>) -> Remembered {
+        let pending = Remembered {
+            outcome: rx.map(Result::ok).boxed().shared(),
+            started_at_ms: Arc::default(),
+        };
         if self.entries.insert(id, pending.clone()).is_none() {
             self.order.push_back(id);
         }
@@ -78,9 +94,19 @@ mod tests {
         let again = outcomes.get(&id).unwrap();
         tx.send(Err(ErrorBody::new(ErrorCode::ContextOverflow, "x")))
             .unwrap();
-        assert_eq!(first.await, again.await);
+        assert_eq!(first.outcome.await, again.outcome.await);
         // Awaited once already, it is still there for a third delivery.
-        assert!(outcomes.get(&id).unwrap().await.unwrap().is_err());
+        assert!(outcomes.get(&id).unwrap().outcome.await.unwrap().is_err());
+    }
+
+    #[test]
+    fn a_redelivery_sends_the_same_start_as_the_first_delivery() {
+        let mut outcomes = Outcomes::new(4);
+        let id = JobId::new_random();
+        let first = outcomes.insert(id, oneshot::channel().1);
+        let started = *first.started_at_ms.get_or_init(|| 1_000);
+        let again = outcomes.get(&id).unwrap();
+        assert_eq!(*again.started_at_ms.get_or_init(|| 2_000), started);
     }
 
     #[tokio::test]
@@ -89,7 +115,7 @@ mod tests {
         let (tx, rx) = oneshot::channel::<Outcome>();
         let pending = outcomes.insert(JobId::new_random(), rx);
         drop(tx);
-        assert_eq!(pending.await, None);
+        assert_eq!(pending.outcome.await, None);
     }
 
     #[test]

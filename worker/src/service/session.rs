@@ -476,10 +476,10 @@ impl Service {
         let plan = self.engine.plan(&input, &job.plan);
         let seen = self.remembered().get(&id);
         let mut engine_job = None;
-        let (joined, pending) = match seen {
-            Some(pending) => {
+        let (joined, remembered) = match seen {
+            Some(remembered) => {
                 info!(job = %id, "job seen before; answering from its earlier generation");
-                (None, pending)
+                (None, remembered)
             }
             None => {
                 // A place in the batch first; a stop before one frees up returns the job to the queue (a
@@ -501,20 +501,20 @@ impl Service {
                     }
                 };
                 let submitted = self.engine.submit(input.clone(), plan.clone())?;
-                let pending = self.remembered().insert(id, submitted.outcome);
+                let remembered = self.remembered().insert(id, submitted.outcome);
                 // The place is freed when the engine is done with the job, whoever awaits it (or nobody:
                 // the connection may be gone by then).
-                let done = pending.clone();
+                let done = remembered.outcome.clone();
                 tokio::spawn(async move {
                     let _ = done.await;
                     drop(permit);
                 });
                 engine_job = Some((submitted.key, submitted.tokens));
-                (Some(submitted.joined), pending)
+                (Some(submitted.joined), remembered)
             }
         };
         // From here on, a given-up engine ends the wait for the outcome (a hung one would never give it).
-        let pending = unless_given_up(pending, self.engine.health().tripped());
+        let pending = unless_given_up(remembered.outcome, self.engine.health().tripped());
         // `job.started` goes out when the job joins the running batch (or at once when it is answered from
         // memory, or refused before joining).
         let batch_size = match joined {
@@ -527,7 +527,8 @@ impl Service {
         let started = JobReply::Started(Started {
             job_id: id,
             worker_id: self.config.worker_id.clone(),
-            started_at_ms: now_ms(),
+            // Answered from memory, the same start as the first time.
+            started_at_ms: *remembered.started_at_ms.get_or_init(now_ms),
             redelivered,
         });
         match to.publish(&started).await {
