@@ -2,6 +2,7 @@
 //! the `queued` record, publish with confirm.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use shared::reply::now_ms;
@@ -9,7 +10,7 @@ use shared::{JobId, JobRequest};
 
 use crate::admission::{Admissions, IdempotencyKey, Submission, Verdict};
 use crate::auth::Caller;
-use crate::broker::Broker;
+use crate::broker::{Broker, BrokerError};
 use crate::config::{FailMode, Settings};
 use crate::decision::Decision;
 use crate::drain::DrainRate;
@@ -43,8 +44,11 @@ pub struct App {
     pub started_at_s: u64,
 }
 
+/// How long a cancel the broker refused at once is tried again.
+const CANCEL_RETRY_FOR: Duration = Duration::from_secs(3);
+
 /// How old the queue depth checked against `--max-queued-jobs` may be.
-const BACKLOG_STALENESS: std::time::Duration = std::time::Duration::from_millis(250);
+const BACKLOG_STALENESS: Duration = Duration::from_millis(250);
 
 /// A job the gateway has taken: the broker confirmed it, or left it unconfirmed and the gateway is
 /// republishing it (see [`App::enqueue`]); or, for a replayed `Idempotency-Key`, the job it names.
@@ -183,7 +187,7 @@ impl App {
     }
 
     /// A publish whose fate is unknown: the job's body stays in the [`Outbox`], due at once.
-    async fn keep_unconfirmed(&self, id: JobId, body: &[u8], error: &crate::broker::BrokerError) {
+    async fn keep_unconfirmed(&self, id: JobId, body: &[u8], error: &BrokerError) {
         metrics::counter!(m::JOBS, "outcome" => "unconfirmed").increment(1);
         tracing::warn!(%error, %id, "publish unconfirmed; the job is kept and republished");
         if let Err(e) = self.outbox.unconfirmed(id, body).await {
@@ -239,11 +243,25 @@ impl App {
     /// Cancels a job wherever it is. The workers are told first (a broadcast every worker reads, see
     /// `shared::control`), so a refusal by the broker changes nothing and the client can retry; then the
     /// record becomes `cancelled`, a final state that a late reply of the worker cannot overwrite.
+    ///
+    /// A cancel is idempotent, so one the broker refused at once (returned: right after a broker restart
+    /// the cancellations stream takes no messages for a moment; nacked; not connected, while the gateway
+    /// reconnects) is tried again for up to [`CANCEL_RETRY_FOR`] before the client gets 503.
     pub async fn cancel(&self, id: JobId) -> Result<CancelOutcome, ApiError> {
-        self.broker
-            .publish_cancel(id)
-            .await
-            .map_err(|e| ApiError::unavailable("broker", e))?;
+        let give_up_at = Instant::now() + CANCEL_RETRY_FOR;
+        let mut delays = shared::backoff::Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
+        loop {
+            match self.broker.publish_cancel(id).await {
+                Ok(()) => break,
+                Err(e @ (BrokerError::Returned(_) | BrokerError::Nacked | BrokerError::NotConnected))
+                    if Instant::now() < give_up_at =>
+                {
+                    tracing::debug!(error = %e, %id, "cancel refused by the broker; trying again");
+                    tokio::time::sleep(delays.next_delay()).await;
+                }
+                Err(e) => return Err(ApiError::unavailable("broker", e)),
+            }
+        }
         let outcome = self
             .store
             .cancel(id)

@@ -440,6 +440,68 @@ async fn a_job_whose_gateway_is_killed_before_the_confirm_is_published_by_anothe
     env.finish().await;
 }
 
+/// Binds (or unbinds) the namespace's cancellations stream to its control exchange.
+async fn cancellations_bound(channel: &lapin::Channel, ns: &str, bound: bool) {
+    let (queue, exchange) = (format!("{ns}.cancellations"), format!("{ns}.control"));
+    let args = lapin::types::FieldTable::default();
+    if bound {
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "".into(),
+                Default::default(),
+                args,
+            )
+            .await
+            .unwrap();
+    } else {
+        channel
+            .queue_unbind(queue.as_str().into(), exchange.as_str().into(), "".into(), args)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_the_broker_cannot_route_yet_is_tried_again_before_a_503() {
+    let mut env = TestEnv::new();
+    let gw = env.gateway(GENEROUS).await;
+    let (_conn, channel) = amqp().await;
+    let cancel = |id: String| {
+        let (http, url) = (env.http.clone(), gw.url(&format!("/v1/jobs/{id}")));
+        tokio::spawn(async move { http.delete(url).send().await.unwrap() })
+    };
+
+    // As for a moment after a broker restart: nothing takes the control exchange's messages (returned).
+    let (_, body) = submit(&env.http, &gw, json!({"prompt": "cancel me soon"})).await;
+    cancellations_bound(&channel, &env.ns, false).await;
+    let pending = cancel(body["id"].as_str().unwrap().to_owned());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !pending.is_finished(),
+        "answered while the broker could not take the cancel"
+    );
+    cancellations_bound(&channel, &env.ns, true).await;
+    let (status, body) = json(pending.await.unwrap()).await;
+    assert_eq!((status, &body["status"]), (200, &json!("cancelled")), "{body}");
+
+    // A broker that never takes it: 503 once the retries are spent, and the job goes on.
+    let (_, body) = submit(&env.http, &gw, json!({"prompt": "cancel me never"})).await;
+    let id = body["id"].as_str().unwrap().to_owned();
+    cancellations_bound(&channel, &env.ns, false).await;
+    let start = Instant::now();
+    let (status, body) = json(cancel(id.clone()).await.unwrap()).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        start.elapsed() >= Duration::from_secs(3),
+        "gave up after {:?}",
+        start.elapsed()
+    );
+    assert_eq!(poll(&env, &gw, &id).await["status"], "queued");
+    env.finish().await;
+}
+
 #[tokio::test]
 async fn replies_are_consumed_while_the_publishing_connection_is_stalled() {
     let mut env = TestEnv::new();
