@@ -18,12 +18,22 @@ cd "$ROOT" || exit
 
 CLUSTER_PORT="${CLUSTER_PORT:-5701}"
 NODES=(gptj-c1@localhost gptj-c2@localhost gptj-c3@localhost)
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/rabbit-cluster.XXXXXX")"
-chmod 755 "$WORK"
 
 ensure_venv
 ensure_services
 command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+# Built once, as scripts/soak.sh builds (SKIP_BUILD=1: use target/debug as it is; BIN_DIR: binaries to use
+# instead): the alarm check uses them, and so does the soak, told SKIP_BUILD=1.
+if [ -z "${BIN_DIR:-}" ]; then
+  BIN_DIR="$ROOT/target/debug"
+  if [ -z "${SKIP_BUILD:-}" ] || [ ! -x "$BIN_DIR/gateway" ] || [ ! -x "$BIN_DIR/worker" ]; then
+    log "building the gateway and the worker (debug)"
+    cargo build --locked -p gateway -p worker --bins
+  fi
+fi
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/rabbit-cluster.XXXXXX")"
+chmod 755 "$WORK"
 
 node_port() { echo $((CLUSTER_PORT + $1)); }
 
@@ -69,8 +79,7 @@ for i in 0 1 2; do URLS+="${URLS:+,}amqp://guest:guest@127.0.0.1:$(node_port "$i
 # so on /readyz, keep (not lose) a job whose confirm the alarm holds, and publish it once the alarm clears.
 alarm_check() {
   local port=$((CLUSTER_PORT + 100)) ns="alarm$$" gw_pid ready id status
-  [ -x "$ROOT/target/debug/gateway" ] || cargo build --locked -p gateway --bins
-  cp "$ROOT/target/debug/gateway" "$WORK/gateway"
+  cp "$BIN_DIR/gateway" "$WORK/gateway"
   RUST_LOG=warn "$WORK/gateway" --listen "127.0.0.1:$port" --namespace "$ns" --amqp-url "$URLS" \
     --publish-timeout-ms 1000 >"$WORK/alarm-gateway.log" 2>&1 &
   gw_pid=$!
@@ -139,7 +148,7 @@ fi
 log "soak against the cluster: ${URLS//guest:guest@/}"
 set +e
 AMQP_URL="$URLS" BROKER_STOP_CMD="$WORK/stop-leader" BROKER_START_CMD="$WORK/start-stopped" \
-  BROKER_DOWN_S="${BROKER_DOWN_S:-10}" "$ROOT/scripts/soak.sh"
+  BROKER_DOWN_S="${BROKER_DOWN_S:-10}" SKIP_BUILD=1 "$ROOT/scripts/soak.sh"
 status=$?
 set -e
 log "the node stopped mid-soak, the jobs queue's leader then: $(cat "$WORK/stopped" 2>/dev/null || echo none)"

@@ -71,7 +71,9 @@ ensure_browser() {
 # Deletes a namespace's queues and Redis keys (what a benchmark run created): delete_namespace NS [REDIS_URL].
 delete_namespace() {
   local ns="$1" redis="${2:-redis://127.0.0.1:6379/}"
-  # Through the broker with pika (in the venv): queues, the control exchange and the cancellations stream.
+  # Through the broker with pika (in the venv): queues, the control exchange and the cancellations stream,
+  # and the soak's own reply queue (scripts/soak.sh). RabbitMQ deletes a queue that is not there without
+  # complaint.
   NS="$ns" "$VENV/bin/python" - <<'PY' >/dev/null 2>&1 || true
 import os
 import pika
@@ -79,7 +81,7 @@ ns = os.environ["NS"]
 # A cluster's list of URLs: any node will do.
 urls = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f").split(",")
 conn = pika.BlockingConnection([pika.URLParameters(u.strip()) for u in urls if u.strip()])
-for queue in (f"{ns}.jobs", f"{ns}.jobs.dead", f"{ns}.replies", f"{ns}.cancellations"):
+for queue in (f"{ns}.jobs", f"{ns}.jobs.dead", f"{ns}.replies", f"{ns}.cancellations", f"{ns}.soak.replies"):
     conn.channel().queue_delete(queue)
 conn.channel().exchange_delete(f"{ns}.control")
 conn.close()

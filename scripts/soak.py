@@ -220,7 +220,6 @@ class Cluster:
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         with self.lock:
             self.gateways[i] = p
-        return name
 
     def wait_gateway(self, i, timeout=60):
         deadline = time.monotonic() + timeout
@@ -250,7 +249,6 @@ class Cluster:
         with self.lock:
             self.workers[i] = (p, name)
             self.worker_logs.append((name, path))
-        return name, path
 
     def wait_worker(self, i, timeout=120):
         p, name = self.workers[i]
@@ -360,10 +358,8 @@ class Job:
         self.id = None  # the job id of the accepted attempt, when the client knows it
         self.final = None  # first final state the client saw: (status, detail)
         self.finals = []  # every final observation (AMQP: distinct final replies)
-        self.via = None  # how the final state was seen
         self.run_status = None  # the /run HTTP status
         self.run_text = None
-        self.cancel_result = None
 
     def prompt(self, attempt):
         return f"Soak job {self.k} try {attempt} once upon a time"
@@ -374,30 +370,29 @@ class Ledger:
         self.lock = threading.Lock()
         self.counts = collections.Counter()
         self.by_prompt = {}  # attempt prompt -> (job, outcome)
-        self.by_id = {}  # job id -> job (ids the client knows)
-        self.events = []
 
     def count(self, key, n=1):
         with self.lock:
             self.counts[key] += n
 
     def attempt(self, job, prompt, outcome):
+        """Records one submission attempt; an accepted one becomes the job's (`job.accepted`)."""
         with self.lock:
             job.attempts.append((prompt, outcome))
             self.by_prompt[prompt] = (job, outcome)
             self.counts[f"{job.channel}:{outcome}"] += 1
+            if outcome == "accepted":
+                job.accepted = prompt
 
     def know(self, job, job_id):
         with self.lock:
             job.id = job_id
-            self.by_id[job_id] = job
 
     def final(self, job, status, detail, via):
         with self.lock:
             job.finals.append((status, detail, via, time.time()))
             if job.final is None:
                 job.final = (status, detail)
-                job.via = via
 
 
 def http_final(record):
@@ -411,11 +406,10 @@ def http_final(record):
 
 
 class Load:
-    def __init__(self, args, cluster, ledger, jobs):
+    def __init__(self, args, cluster, ledger):
         self.args = args
         self.cluster = cluster
         self.ledger = ledger
-        self.jobs = jobs
         self.http = Http()
         self.stop = threading.Event()
         self.poll_lock = threading.Lock()
@@ -447,37 +441,59 @@ class Load:
         time.sleep(0.05)
         return None
 
-    # HTTP: POST /v1/jobs, then polls ------------------------------------------------------------------
-
-    def submit_http(self, job):
+    def submit(self, job, path, timeout, waits=False):
+        """Submits `job` to POST `path`, a new attempt (and prompt) after each one not sent, cut off or
+        refused (429/503, counted apart), until a gateway answers otherwise: (prompt, status, body), or None
+        once the load stops. With `waits` (a /run), the request counts as waiting on its gateway while open."""
         attempt = 0
         while not self.stop.is_set():
             attempt += 1
             prompt = job.prompt(attempt)
             port = self.gateway_order()[0]
             body = {"prompt": prompt, "parameters": job.params}
-            answer = self.post(job, prompt, port, "/v1/jobs", body, 30)
+            if waits:
+                token = object()
+                self.cluster.running(port, token, True)
+                try:
+                    answer = self.post(job, prompt, port, path, body, timeout)
+                finally:
+                    self.cluster.running(port, token, False)
+            else:
+                answer = self.post(job, prompt, port, path, body, timeout)
             if answer is None:
                 continue
             status, resp = answer
-            if status == 202:
-                self.ledger.attempt(job, prompt, "accepted")
-                job.accepted = prompt
-                self.ledger.know(job, resp["id"])
-                with self.poll_lock:
-                    self.to_poll[resp["id"]] = job
-                if job.cancel:
-                    time.sleep(random.uniform(0, 0.2))
-                    self.cancel_http(job)
-                return
             if status in (429, 503):
                 self.ledger.attempt(job, prompt, f"refused-{status}")
                 self.ledger.count(f"refusal message: {status} {(resp or {}).get('message')}")
                 time.sleep(0.2)
                 continue
-            self.ledger.attempt(job, prompt, f"unexpected-{status}")
-            log(f"job {job.k}: POST /v1/jobs answered {status}: {resp}")
+            return prompt, status, resp
+        return None
+
+    def accept(self, job, prompt, job_id=None):
+        """The attempt `prompt` accepted; with the job id the client was told, polled to its end."""
+        self.ledger.attempt(job, prompt, "accepted")
+        if job_id is not None:
+            self.ledger.know(job, job_id)
+            with self.poll_lock:
+                self.to_poll[job_id] = job
+
+    # HTTP: POST /v1/jobs, then polls ------------------------------------------------------------------
+
+    def submit_http(self, job):
+        answer = self.submit(job, "/v1/jobs", 30)
+        if answer is None:
             return
+        prompt, status, resp = answer
+        if status == 202:
+            self.accept(job, prompt, resp["id"])
+            if job.cancel:
+                time.sleep(random.uniform(0, 0.2))
+                self.cancel_http(job)
+            return
+        self.ledger.attempt(job, prompt, f"unexpected-{status}")
+        log(f"job {job.k}: POST /v1/jobs answered {status}: {resp}")
 
     def cancel_http(self, job):
         for _ in range(50):
@@ -487,7 +503,6 @@ class Load:
                 except (NotSent, CutOff):
                     continue
                 if status == 200:
-                    job.cancel_result = resp.get("status")
                     self.ledger.count("http:cancel requests answered")
                     return
                 if status not in (503, 429):
@@ -538,55 +553,32 @@ class Load:
     # HTTP: POST /run -----------------------------------------------------------------------------------
 
     def submit_run(self, job):
-        attempt = 0
-        while not self.stop.is_set():
-            attempt += 1
-            prompt = job.prompt(attempt)
-            port = self.gateway_order()[0]
-            body = {"prompt": prompt, "parameters": job.params}
-            token = object()
-            self.cluster.running(port, token, True)
-            try:
-                answer = self.post(job, prompt, port, "/run", body, self.args.run_timeout + 30)
-            finally:
-                self.cluster.running(port, token, False)
-            if answer is None:
-                continue
-            status, resp = answer
-            job.run_status = status
-            code = resp.get("code") if isinstance(resp, dict) else None
-            if status == 200:
-                self.ledger.attempt(job, prompt, "accepted")
-                job.accepted = prompt
-                job.run_text = resp
-                self.ledger.count("run:answered 200")
-                self.ledger.final(job, "succeeded", resp, "run")
-                return
-            if status == 504 and isinstance(resp, dict) and resp.get("job_id"):
-                # Past the run timeout: the job goes on; poll it to its end.
-                self.ledger.attempt(job, prompt, "accepted")
-                job.accepted = prompt
-                self.ledger.count("run:answered 504, polled on")
-                self.ledger.know(job, resp["job_id"])
-                with self.poll_lock:
-                    self.to_poll[resp["job_id"]] = job
-                return
-            if status in (429, 503):
-                self.ledger.attempt(job, prompt, f"refused-{status}")
-                self.ledger.count(f"refusal message: {status} {(resp or {}).get('message')}")
-                time.sleep(0.2)
-                continue
-            if status in (409, 500, 504, 422) and code in ("cancelled", "delivery_limit", "expired", "rejected",
-                                                             "generation_failed", "context_overflow"):
-                # The job ran (or the broker gave up on it) and this is its final answer.
-                self.ledger.attempt(job, prompt, "accepted")
-                job.accepted = prompt
-                self.ledger.count(f"run:answered {status} {code}")
-                self.ledger.final(job, "cancelled" if code == "cancelled" else "failed", code, "run")
-                return
-            self.ledger.attempt(job, prompt, f"unexpected-{status}")
-            log(f"job {job.k}: POST /run answered {status}: {resp}")
+        answer = self.submit(job, "/run", self.args.run_timeout + 30, waits=True)
+        if answer is None:
             return
+        prompt, status, resp = answer
+        job.run_status = status
+        code = resp.get("code") if isinstance(resp, dict) else None
+        if status == 200:
+            self.accept(job, prompt)
+            job.run_text = resp
+            self.ledger.count("run:answered 200")
+            self.ledger.final(job, "succeeded", resp, "run")
+            return
+        if status == 504 and isinstance(resp, dict) and resp.get("job_id"):
+            # Past the run timeout: the job goes on; poll it to its end.
+            self.accept(job, prompt, resp["job_id"])
+            self.ledger.count("run:answered 504, polled on")
+            return
+        if status in (409, 500, 504, 422) and code in ("cancelled", "delivery_limit", "expired", "rejected",
+                                                         "generation_failed", "context_overflow"):
+            # The job ran (or the broker gave up on it) and this is its final answer.
+            self.accept(job, prompt)
+            self.ledger.count(f"run:answered {status} {code}")
+            self.ledger.final(job, "cancelled" if code == "cancelled" else "failed", code, "run")
+            return
+        self.ledger.attempt(job, prompt, f"unexpected-{status}")
+        log(f"job {job.k}: POST /run answered {status}: {resp}")
 
     def http_pool(self, q):
         while True:
@@ -679,7 +671,7 @@ class AmqpClient(threading.Thread):
                     self.ledger.final(job, props.type[4:], detail, "amqp")
         ch.basic_ack(method.delivery_tag)
 
-    def publish(self, job, attempt_id, body):
+    def publish(self, attempt_id, body):
         props = pika.BasicProperties(correlation_id=attempt_id, message_id=attempt_id, reply_to=self.reply_queue,
                                      content_type="application/json", delivery_mode=2)
         self.ch.basic_publish("", f"{self.args.namespace}.jobs", json.dumps(body).encode(), props, mandatory=True)
@@ -717,7 +709,7 @@ class AmqpClient(threading.Thread):
                             "submitted_at_ms": int(time.time() * 1000)}
                     self.by_id[attempt_id] = job
                     try:
-                        self.publish(job, attempt_id, body)
+                        self.publish(attempt_id, body)
                     except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
                         self.ledger.attempt(job, attempt_id, f"refused-{type(e).__name__}")
                         time.sleep(0.2)
@@ -727,7 +719,6 @@ class AmqpClient(threading.Thread):
                         self.ledger.attempt(job, attempt_id, "cut-off")
                         raise
                     self.ledger.attempt(job, attempt_id, "accepted")
-                    job.accepted = attempt_id
                     self.ledger.know(job, attempt_id)
                     if job.cancel:
                         self.cancels.append((time.monotonic() + random.uniform(0, 0.2), job))
@@ -1046,7 +1037,7 @@ def main():
         jobs = make_jobs(args)
         load_s = args.jobs / args.rate
         log(f"{args.jobs} jobs over {load_s:.0f} s ({args.rate:g}/s), faults meanwhile")
-        load = Load(args, cluster, ledger, jobs)
+        load = Load(args, cluster, ledger)
         amqp = AmqpClient(args, ledger, [j for j in jobs if j.channel == "amqp"])
         http_q = queue.Queue()
         for j in jobs:
@@ -1056,13 +1047,13 @@ def main():
                 for _ in range(args.http_threads)]
         for _ in pool:
             http_q.put(None)
-        pollers = [threading.Thread(target=load.poller, daemon=True) for _ in range(1)]
+        poller = threading.Thread(target=load.poller, daemon=True)
         fault_stop = threading.Event()
         faults = threading.Thread(target=run_faults, args=(args, cluster, load_s, fault_stop), daemon=True)
         t_load = time.monotonic()
         cluster.t_load = time.time()
         amqp.start()
-        for t in pool + pollers:
+        for t in pool + [poller]:
             t.start()
         faults.start()
 
@@ -1132,7 +1123,7 @@ def main():
                    lost_broker)
     report["timing"] = {"submitted_s": submitted_s, "drained_s": drained_s, "total_s": time.time() - started}
     report["panics"] = panics
-    print_report(args, report, cluster)
+    print_report(args, report)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2, default=str)
@@ -1237,6 +1228,9 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, 
     r["lost"] = len(lost)
     r["lost_jobs"] = [{"k": j.k, "channel": j.channel, "id": j.id, "attempts": j.attempts} for j in lost]
 
+    # The job records by prompt (an attempt's prompt is unique): what became of each HTTP submission.
+    by_prompt = {rec.get("prompt"): (i, rec) for i, rec in records.items() if rec.get("prompt")}
+
     # Answered twice: two final answers for one job. An AMQP producer can get a second final reply in the
     # case docs/amqp.md documents (a worker cut off after its final reply, before its acknowledgement
     # reached the broker: the job is redelivered and answered again); every other one is a failure, and
@@ -1267,8 +1261,8 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, 
                 seen.add(http_final(rec))
             if j.channel == "run" and j.run_status == 200:
                 # The /run answer is prompt + text; the record's text must be its continuation.
-                rec_id = next((i for i, rr in records.items() if rr.get("prompt") == j.accepted), None)
-                fin = record_final(records[rec_id]) if rec_id else None
+                rec_id, run_rec = by_prompt.get(j.accepted, (None, None))
+                fin = record_final(run_rec) if rec_id else None
                 if fin is not None and (fin[0] != "succeeded" or j.run_text != j.accepted + (fin[1] or "")):
                     twice.append({"k": j.k, "channel": "run", "id": rec_id, "run_answer": j.run_text,
                                   "record": fin})
@@ -1281,7 +1275,6 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, 
     r["answered_twice_documented_jobs"] = twice_documented
 
     # Submissions cut off by a fault: did the gateway take them, and did they end?
-    by_prompt = {rec.get("prompt"): (i, rec) for i, rec in records.items() if rec.get("prompt")}
     cut = collections.Counter()
     cut_lost = []
     for j in jobs:
@@ -1379,7 +1372,7 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, 
     return r
 
 
-def print_report(args, r, cluster):
+def print_report(args, r):
     out = []
     w = out.append
     kills = sum(1 for _, k, _ in r["faults"] if k == "SIGKILL worker")

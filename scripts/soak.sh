@@ -78,18 +78,11 @@ cleanup() {
   # Never leave the broker stopped, whatever happened to the run.
   if ! port_open 5672; then
     log "RabbitMQ is not answering: starting its application again"
-    rabbitmqctl start_app >/dev/null 2>&1 || rabbitmq-server -detached
-    for _ in $(seq 120); do port_open 5672 && break; sleep 0.5; done
+    rabbitmqctl start_app >/dev/null 2>&1 || true
+    ensure_rabbitmq || true
   fi
-  delete_namespace "$NS" "$REDIS_URL"
-  # The soak's own reply queue (the Python side deletes it too; this is for a run that died).
-  NS="$NS" AMQP_URL="$AMQP_URL" "$VENV/bin/python" - <<'PY' >/dev/null 2>&1 || true
-import os
-import pika
-conn = pika.BlockingConnection([pika.URLParameters(u) for u in os.environ["AMQP_URL"].split(",") if u])
-conn.channel().queue_delete(f"{os.environ['NS']}.soak.replies")
-conn.close()
-PY
+  # With the soak's own reply queue (the Python side deletes it too; this is for a run that died).
+  AMQP_URL="$AMQP_URL" delete_namespace "$NS" "$REDIS_URL"
   rm -rf "$WORK"
   exit "$status"
 }
@@ -108,7 +101,7 @@ mkdir -p "$LOG_DIR"
 extra=()
 [ -n "${JSON:-}" ] && extra+=(--json "$JSON")
 log "soak ($MODE) in namespace $NS: $JOBS jobs at $RATE/s (logs in $LOG_DIR)"
-set +e
+# The last command: under `set -e` a failure exits with its status, which the EXIT trap passes on.
 "$VENV/bin/python" "$ROOT/scripts/soak.py" \
   --gateway "$WORK/gateway" \
   --worker "$WORK/worker" \
@@ -132,6 +125,3 @@ set +e
   --strict "${STRICT:-0}" \
   --command "$COMMAND" \
   "${extra[@]}"
-status=$?
-set -e
-exit "$status"

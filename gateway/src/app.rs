@@ -149,7 +149,7 @@ impl App {
                 // started or, still waiting in the queue, publishes a second copy (at least once).
                 let outbox = self.outbox.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = outbox.confirmed(id).await {
+                    if let Err(e) = outbox.done(id).await {
                         tracing::warn!(error = %e, %id, "could not take a confirmed job out of the outbox");
                     }
                 });

@@ -16,6 +16,8 @@ const SAMPLES: usize = 30;
 /// Bounds on the advice: a client should neither hammer nor give up.
 const MIN_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(300);
+/// The advice while nothing drains: no worker takes jobs, or none was measured yet.
+const STALLED_RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
 pub struct DrainRate {
@@ -45,14 +47,14 @@ impl DrainRate {
         (elapsed >= 1.0).then(|| last.1.saturating_sub(first.1) as f64 / elapsed)
     }
 
-    /// How long until the workers, at the measured rate, have taken `excess` jobs; the longest advice
-    /// when nothing drains (no worker, or none measured yet).
+    /// How long until the workers, at the measured rate, have taken `excess` jobs; [`STALLED_RETRY`] when
+    /// nothing drains.
     pub fn retry_after(&self, excess: u64) -> Duration {
         match self.per_second() {
             Some(rate) if rate > 0.0 => {
                 Duration::from_secs_f64(excess.max(1) as f64 / rate).clamp(MIN_RETRY, MAX_RETRY)
             }
-            _ => MAX_RETRY.min(Duration::from_secs(30)),
+            _ => STALLED_RETRY,
         }
     }
 

@@ -128,10 +128,11 @@ pub async fn run(
         .consume_replies
         .then(|| replies::ReplyConsumer::new(app.store.clone(), app.settings.topology.clone()));
     let supervisor = tokio::spawn(app.broker.clone().supervise(replies, cancel.clone()));
-    let drain = app.drain.clone();
-    let store = app.store.clone();
-    let drain_cancel = cancel.clone();
-    let drain_task = tokio::spawn(async move { drain.run(store, drain_cancel).await });
+    // The drain rate only advises a full queue's clients: without the bound, nothing reads it.
+    let drain_task = (app.settings.max_queued_jobs > 0).then(|| {
+        let (drain, store, drain_cancel) = (app.drain.clone(), app.store.clone(), cancel.clone());
+        tokio::spawn(async move { drain.run(store, drain_cancel).await })
+    });
     let outbox = app.outbox.clone();
     let (outbox_broker, outbox_cancel) = (app.broker.clone(), cancel.clone());
     let outbox_task = tokio::spawn(async move { outbox.run(outbox_broker, outbox_cancel).await });
@@ -154,7 +155,9 @@ pub async fn run(
     cancel.cancel();
     let _ = supervisor.await;
     let _ = listener_task.await;
-    let _ = drain_task.await;
+    if let Some(task) = drain_task {
+        let _ = task.await;
+    }
     let _ = outbox_task.await;
     tracing::info!("gateway stopped");
     Ok(())

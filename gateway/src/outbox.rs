@@ -97,9 +97,29 @@ impl Outbox {
         }
     }
 
-    /// The broker confirmed the job: nothing left to republish.
-    pub async fn confirmed(&self, id: JobId) -> Result<(), RedisError> {
-        self.remove(id).await
+    /// Takes the job out: a copy is confirmed, or the job needs none any more.
+    pub async fn done(&self, id: JobId) -> Result<(), RedisError> {
+        self.exec(self.forget(id)).await
+    }
+
+    /// The commands that take the job's entry out.
+    fn forget(&self, id: JobId) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .zrem(self.set_key(), id.to_string())
+            .ignore()
+            .del(self.body_key(id))
+            .ignore()
+            .del(self.lock_key(id))
+            .ignore();
+        pipe
+    }
+
+    async fn exec(&self, pipe: redis::Pipeline) -> Result<(), RedisError> {
+        self.store
+            .redis()
+            .call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
     }
 
     /// The job's publish was left unconfirmed: keep `body` (again: the admission may not have written it,
@@ -115,27 +135,15 @@ impl Outbox {
             .ignore()
             .zadd(self.set_key(), id.to_string(), now_ms())
             .ignore();
-        self.store
-            .redis()
-            .call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
-            .await
+        self.exec(pipe).await
     }
 
     /// The broker refused the job for sure: its record and its entry go together, so that no sweep
     /// publishes a job whose client was told it was not taken.
     pub async fn withdraw(&self, id: JobId) -> Result<(), RedisError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .del(self.store.job_key(id))
-            .ignore()
-            .zrem(self.set_key(), id.to_string())
-            .ignore()
-            .del(self.body_key(id))
-            .ignore();
-        self.store
-            .redis()
-            .call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
-            .await
+        let mut pipe = self.forget(id);
+        pipe.del(self.store.job_key(id)).ignore();
+        self.exec(pipe).await
     }
 
     /// The job ids due now, with their deadlines (ms).
@@ -163,20 +171,6 @@ impl Outbox {
             .into_iter()
             .filter_map(|(id, due)| id.parse().ok().map(|id| (id, due + window)))
             .collect())
-    }
-
-    async fn remove(&self, id: JobId) -> Result<(), RedisError> {
-        let mut pipe = redis::pipe();
-        pipe.zrem(self.set_key(), id.to_string())
-            .ignore()
-            .del(self.body_key(id))
-            .ignore()
-            .del(self.lock_key(id))
-            .ignore();
-        self.store
-            .redis()
-            .call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
-            .await
     }
 
     /// Takes the job for one attempt; false when another replica holds it.
@@ -248,7 +242,7 @@ impl Outbox {
         let status = self.store.get(id).await?.map(|(record, _)| record.status);
         if status.is_some_and(|s| s != Status::Queued) {
             // A copy landed and a worker took it (or the job was cancelled): nothing left to publish.
-            return self.remove(id).await;
+            return self.done(id).await;
         }
         let body = self.body(id).await?;
         let published = match &body {
@@ -259,7 +253,7 @@ impl Outbox {
             Ok(()) => {
                 metrics::counter!(m::JOBS, "outcome" => "republished").increment(1);
                 tracing::info!(%id, "unconfirmed job republished and confirmed");
-                self.remove(id).await
+                self.done(id).await
             }
             Err(e) if now_ms() >= deadline => {
                 tracing::error!(error = %e, %id, "the broker never confirmed the job; marking it failed");
@@ -277,16 +271,14 @@ impl Outbox {
                     finished_at_ms: now_ms(),
                 });
                 self.store.apply(&reply).await?;
-                self.remove(id).await
+                self.done(id).await
             }
             Err(e) => {
                 tracing::debug!(error = %e, %id, "republish unconfirmed; retrying");
                 // Let the next sweep (of any replica) try again at once.
-                let lock = self.lock_key(id);
-                self.store
-                    .redis()
-                    .call(|mut c| async move { redis::cmd("DEL").arg(lock).query_async::<()>(&mut c).await })
-                    .await
+                let mut pipe = redis::pipe();
+                pipe.del(self.lock_key(id)).ignore();
+                self.exec(pipe).await
             }
         }
     }

@@ -240,6 +240,17 @@ impl JobReply {
             Self::Cancelled(c) => Some(c.job_id),
         }
     }
+
+    /// The worker (or `gateway`) that sent it; token chunks do not say.
+    pub fn worker_id(&self) -> Option<&str> {
+        match self {
+            Self::Started(s) => Some(&s.worker_id),
+            Self::Token(_) => None,
+            Self::Succeeded(s) => Some(&s.worker_id),
+            Self::Failed(f) => Some(&f.worker_id),
+            Self::Cancelled(c) => Some(&c.worker_id),
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch, by this machine's clock.

@@ -12,16 +12,6 @@ use common::{Env, RawProducer, Reply};
 use serde_json::json;
 use shared::{ErrorCode, JobReply};
 
-fn worker_of(reply: &Reply) -> &str {
-    match &reply.body {
-        JobReply::Started(s) => &s.worker_id,
-        JobReply::Succeeded(s) => &s.worker_id,
-        JobReply::Failed(f) => &f.worker_id,
-        JobReply::Cancelled(c) => &c.worker_id,
-        JobReply::Token(_) => unreachable!("next_reply skips tokens"),
-    }
-}
-
 /// Every reply that arrives until none has for `quiet`.
 async fn replies_until_quiet(producer: &mut RawProducer, quiet: Duration) -> Vec<Reply> {
     let mut got = Vec::new();
@@ -46,7 +36,7 @@ async fn a_worker_whose_engine_hangs_exits_non_zero_within_the_bound_and_another
         .await;
     let started = producer.next_reply(Duration::from_secs(60)).await.unwrap();
     assert_eq!(started.kind, "job.started", "{started:?}");
-    assert_eq!(worker_of(&started), env.workers[0].id);
+    assert_eq!(started.worker_id(), env.workers[0].id);
     let hung_since = Instant::now();
 
     // A healthy worker joins; the job is the hung worker's until that one lets it go.
@@ -172,7 +162,7 @@ async fn a_worker_whose_engine_fails_every_job_exits_after_n_failures_leaving_th
         })
         .collect();
     assert_eq!(redelivered, [ids[2].as_str()], "{replies:#?}");
-    assert!(replies.iter().all(|r| worker_of(r) == env.workers[1].id));
+    assert!(replies.iter().all(|r| r.worker_id() == env.workers[1].id));
     env.wait_for_jobs_queue(0, 1).await;
     producer.close().await;
     env.finish().await;

@@ -31,16 +31,6 @@ fn count<'a>(replies: &'a [Reply], kind: &str) -> HashMap<&'a str, usize> {
     counts
 }
 
-fn worker_of(reply: &Reply) -> String {
-    match &reply.body {
-        JobReply::Started(s) => s.worker_id.clone(),
-        JobReply::Succeeded(s) => s.worker_id.clone(),
-        JobReply::Failed(f) => f.worker_id.clone(),
-        JobReply::Cancelled(c) => c.worker_id.clone(),
-        JobReply::Token(_) => unreachable!("next_reply skips tokens"),
-    }
-}
-
 #[tokio::test]
 async fn a_job_submitted_to_the_gateway_is_polled_to_completion_and_run_answers_synchronously() {
     let mut env = Env::new();
@@ -111,7 +101,7 @@ async fn three_workers_share_one_queue_and_each_job_is_done_exactly_once() {
         assert_eq!(started.get(id.as_str()), Some(&1), "{id} started once");
         assert_eq!(succeeded.get(id.as_str()), Some(&1), "{id} succeeded once");
     }
-    let workers: HashSet<String> = replies.iter().map(worker_of).collect();
+    let workers: HashSet<String> = replies.iter().map(|r| r.worker_id().to_owned()).collect();
     assert_eq!(workers.len(), 3, "every worker took jobs: {workers:?}");
     producer.close().await;
     env.finish().await;
@@ -128,7 +118,7 @@ async fn a_worker_killed_mid_job_leaves_the_job_to_another_worker_and_it_complet
 
     let first = producer.next_reply(Duration::from_secs(30)).await.unwrap();
     assert_eq!(first.kind, "job.started");
-    let doomed = worker_of(&first);
+    let doomed = first.worker_id().to_owned();
     env.worker_by_id(&doomed).kill();
 
     let rest = producer

@@ -144,7 +144,7 @@ async fn body_deadline(
         Ok(Err(e)) => {
             // `to_bytes` fails on a body over the limit, or on a connection that broke mid-body.
             let over = std::error::Error::source(&e)
-                .is_some_and(|source| source.to_string().contains("length limit exceeded"));
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
             if over {
                 ApiError::PayloadTooLarge { limit }.into_response()
             } else {

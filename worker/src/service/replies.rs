@@ -36,6 +36,14 @@ pub enum PublishError {
     Encode(#[from] serde_json::Error),
 }
 
+impl PublishError {
+    /// The broker did not take the message (nacked) or did not say so in time: the connection still
+    /// works, and what to do next is the caller's choice, not a reason to reconnect.
+    pub fn unconfirmed(&self) -> bool {
+        matches!(self, Self::Nacked | Self::Timeout(_))
+    }
+}
+
 /// The properties of a reply.
 pub fn properties(correlation_id: Option<&str>, reply: &JobReply) -> BasicProperties {
     let mut props = BasicProperties::default()

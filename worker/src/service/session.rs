@@ -267,7 +267,7 @@ impl Service {
         match publisher.confirmed(exchange.as_str(), "", b"{}", props).await {
             Ok(()) => {}
             // Publishing is blocked or refused: there is no marker to wait for; cancels still arrive live.
-            Err(e @ (PublishError::Timeout(_) | PublishError::Nacked)) => {
+            Err(e) if e.unconfirmed() => {
                 warn!(error = %e, "the cancellations catch-up marker was not published; taking jobs anyway");
                 return Ok(());
             }
@@ -442,7 +442,7 @@ impl Service {
                 .await
             {
                 // The message is dead-lettered either way; the producer learns nothing more by a retry.
-                Err(e @ (PublishError::Nacked | PublishError::Timeout(_))) => {
+                Err(e) if e.unconfirmed() => {
                     warn!(error = %e, "the failure reply was not confirmed")
                 }
                 other => other?,
@@ -533,7 +533,7 @@ impl Service {
         });
         match to.publish(&started).await {
             // Progress news only: the job goes on without it.
-            Err(e @ (PublishError::Nacked | PublishError::Timeout(_))) => {
+            Err(e) if e.unconfirmed() => {
                 warn!(job = %id, error = %e, "the job.started reply was not confirmed")
             }
             other => other?,
@@ -628,7 +628,7 @@ impl Service {
                 match to.publish(&JobReply::Token(chunk.clone())).await {
                     Ok(()) => {}
                     // Progress news only: the next chunk carries it again, the final reply has it all.
-                    Err(PublishError::Nacked | PublishError::Timeout(_)) => stream.unsend(&chunk),
+                    Err(e) if e.unconfirmed() => stream.unsend(&chunk),
                     Err(e) => return Err(e.into()),
                 }
             }

@@ -46,6 +46,23 @@ async fn start_worker(url: &str) -> Worker {
     start_worker_with(url, Duration::from_secs(10)).await
 }
 
+/// The service's settings for a test worker: one job at a time, the default streaming.
+fn test_config(url: &str, topology: Topology, publish_timeout: Duration) -> ServiceConfig {
+    ServiceConfig {
+        brokers: std::sync::Arc::new(shared::brokers::BrokerUrls::new(&[url]).unwrap()),
+        topology,
+        rules: shared::PromptRules::default(),
+        prefetch: 1,
+        worker_id: "test-worker".into(),
+        max_batch_size: 1,
+        stream: StreamSettings {
+            tokens: 16,
+            interval: Duration::from_millis(50),
+        },
+        publish_timeout,
+    }
+}
+
 async fn start_worker_with(url: &str, publish_timeout: Duration) -> Worker {
     let namespace = format!("svc-{}", &JobId::new_random().to_string()[..13]);
     let topology = Topology::new(&namespace, 3).unwrap();
@@ -58,19 +75,7 @@ async fn start_worker_with(url: &str, publish_timeout: Duration) -> Worker {
     let engine = EngineThread::start(move || Ok::<_, String>(One(gate)), BatchSettings::default())
         .await
         .unwrap();
-    let config = ServiceConfig {
-        brokers: std::sync::Arc::new(shared::brokers::BrokerUrls::new(&[url]).unwrap()),
-        topology: topology.clone(),
-        rules: shared::PromptRules::default(),
-        prefetch: 1,
-        worker_id: "test-worker".into(),
-        max_batch_size: 1,
-        stream: StreamSettings {
-            tokens: 16,
-            interval: Duration::from_millis(50),
-        },
-        publish_timeout,
-    };
+    let config = test_config(url, topology.clone(), publish_timeout);
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(config, engine, async move {
         let _ = stopped.await;
@@ -483,19 +488,11 @@ async fn a_jobs_queue_declared_with_another_delivery_limit_stops_the_worker_with
     let engine = EngineThread::start(move || Ok::<_, String>(One(gate)), BatchSettings::default())
         .await
         .unwrap();
-    let config = ServiceConfig {
-        brokers: std::sync::Arc::new(shared::brokers::BrokerUrls::new(&[BROKER]).unwrap()),
-        topology: Topology::new(&namespace, 3).unwrap(),
-        rules: shared::PromptRules::default(),
-        prefetch: 1,
-        worker_id: "test-worker".into(),
-        max_batch_size: 1,
-        stream: StreamSettings {
-            tokens: 16,
-            interval: Duration::from_millis(50),
-        },
-        publish_timeout: Duration::from_secs(10),
-    };
+    let config = test_config(
+        BROKER,
+        Topology::new(&namespace, 3).unwrap(),
+        Duration::from_secs(10),
+    );
     let ended = tokio::time::timeout(
         Duration::from_secs(20),
         serve(config, engine, std::future::pending()),

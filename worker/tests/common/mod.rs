@@ -478,6 +478,13 @@ pub struct Reply {
     pub body: JobReply,
 }
 
+impl Reply {
+    /// The worker that sent it.
+    pub fn worker_id(&self) -> &str {
+        self.body.worker_id().expect("next_reply skips tokens")
+    }
+}
+
 impl RawProducer {
     pub async fn new(env: &Env) -> Self {
         let (conn, channel) = env.connect().await;
