@@ -9,8 +9,8 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 # The virtualenv holds torch (whose libtorch tch links) and transformers (the parity reference).
 ensure_venv() {
-  if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import torch, transformers, safetensors, openai, pika' 2>/dev/null; then
-    log "setting up the Python virtualenv in $VENV (torch 2.11, transformers 4.55.4, openai, pika)"
+  if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import torch, transformers, safetensors, openai, pika, playwright' 2>/dev/null; then
+    log "setting up the Python virtualenv in $VENV (torch 2.11, transformers 4.55.4, openai, pika, playwright; the first time downloads ~5 GB)"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
     "$VENV/bin/pip" install -q -r "$ROOT/scripts/requirements.txt"
@@ -56,16 +56,19 @@ ensure_rabbitmq() {
 
 ensure_services() { ensure_redis; ensure_rabbitmq; }
 
-# The browser test's tools: Debian's Chromium (a browser download by a test tool fails on these machines) and
-# playwright-core from npm, pinned by worker/tests/browser/package-lock.json.
+# The release build of both binaries, in $ROOT/target/release, that up.sh and worker.sh share: one profile
+# and one package set, because cargo unifies dependency features over the packages it builds (`-p worker`
+# alone builds serde, hyper-util, … with other features), so a different set rebuilds nearly everything.
+# Cargo's output goes to stderr, so a caller's stdout stays its own.
+build_release() {
+  log "building the gateway and the worker (release; the first build takes ~15 minutes on 2 cores)"
+  cargo build --release --locked -p gateway -p worker >&2
+}
+
+# The browser test's browser: Debian's Chromium (a browser download by a test tool fails on these machines),
+# driven by Playwright for Python, which the venv holds (its wheel carries its own driver: no npm).
 ensure_browser() {
   command -v chromium >/dev/null || apt_install chromium
-  command -v node >/dev/null || apt_install nodejs npm
-  local dir="$ROOT/worker/tests/browser"
-  if [ ! -d "$dir/node_modules/playwright-core" ]; then
-    log "installing playwright-core in $dir"
-    (cd "$dir" && npm ci --no-audit --no-fund --silent)
-  fi
 }
 
 # Deletes a namespace's queues and Redis keys (what a benchmark run created): delete_namespace NS [REDIS_URL].

@@ -356,7 +356,9 @@ async fn a_raw_producer_gets_started_then_succeeded_as_the_amqp_guide_describes(
     };
     assert_eq!((s.job_id.to_string(), s.redelivered), (id.clone(), false));
 
-    // Tokens stream in as `job.token` replies, then the final reply.
+    // Tokens stream in as `job.token` replies, then the final reply. How many chunks go depends on how fast
+    // the engine outruns the broker (a job that ends before its first chunk goes sends none, as the guide
+    // says), so the contract checked is the chunks' order and that they are a prefix of the answer.
     let mut streamed_text = String::new();
     let mut streamed_ids = Vec::new();
     let done = loop {
@@ -379,7 +381,6 @@ async fn a_raw_producer_gets_started_then_succeeded_as_the_amqp_guide_describes(
     assert_eq!(s.worker_id, env.workers[0].id);
     assert_eq!(s.new_tokens as usize, s.token_ids.len());
     assert!((1..=6).contains(&s.token_ids.len()));
-    assert!(!streamed_ids.is_empty(), "sampling streams its tokens");
     assert!(
         s.token_ids.starts_with(&streamed_ids),
         "{streamed_ids:?} vs {:?}",

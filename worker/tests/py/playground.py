@@ -1,0 +1,104 @@
+"""Drives the playground in headless Chromium: the page loads from the gateway alone, a prompt submitted shows
+streamed text and ends `succeeded`, a long job is cancelled with the button, /docs renders.
+
+Usage: python playground.py BASE_URL SCREENSHOT_DIR
+
+The browser is Debian's (/usr/bin/chromium, or $CHROMIUM), driven by Playwright for Python from PyPI, whose
+wheel carries its own driver: nothing is fetched from a browser vendor or from npm. Exits non-zero naming the
+failed check.
+"""
+
+import os
+import re
+import sys
+
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from playwright.sync_api import sync_playwright
+
+
+def fail(what):
+    print(f"FAILED: {what}", file=sys.stderr)
+    sys.exit(1)
+
+
+def wait_for(page, script, timeout_ms, what):
+    try:
+        page.wait_for_function(script, timeout=timeout_ms)
+    except PlaywrightTimeout:
+        fail(what())
+
+
+def main():
+    base, shots = sys.argv[1], sys.argv[2]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
+            args=["--no-sandbox", "--disable-gpu"],
+        )
+        try:
+            run(browser.new_page(viewport={"width": 1280, "height": 860}), base, shots)
+        finally:
+            browser.close()
+    print("playground checks passed")
+
+
+def run(page, base, shots):
+    foreign, errors = [], []
+    page.on("request", lambda r: None if r.url.startswith(base) else foreign.append(r.url))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    status = lambda: page.text_content("#status")  # noqa: E731
+
+    page.goto(base + "/", wait_until="load")
+    if page.title() != "GPT-J playground":
+        fail("the playground's title")
+    wait_for(page, "document.getElementById('consumers').textContent === '1'", 15000,
+             lambda: "the live queue shows one worker")
+
+    # A prompt submitted shows text as it streams, then the finished job.
+    page.fill("#prompt", "Once upon a time, in a land far away")
+    page.select_option("#strategy", "greedy")
+    page.fill("#max_new_tokens", "300")
+    page.click("#submit")
+    wait_for(page, "document.getElementById('output').textContent.length > 0", 30000,
+             lambda: "streamed text appears")
+    wait_for(page, "document.getElementById('status').textContent === 'succeeded'", 60000,
+             lambda: f"the job ends succeeded, status: {status()}")
+    output = page.text_content("#output")
+    if not output.startswith("Once upon a time, in a land far away") or len(output) <= 40:
+        fail(f"the text: {output}")
+    if not re.search(r"\d+ tokens", page.text_content("#detail")):
+        fail("the details give the token count")
+    if page.locator("#history tr").count() < 1:
+        fail("the job is in this browser's history")
+    page.screenshot(path=f"{shots}/playground-succeeded.png", full_page=True)
+
+    # A long job, cancelled with the button while it streams.
+    page.fill("#max_new_tokens", "2000")
+    page.fill("#prompt", "A story that never ends")
+    page.click("#submit")
+    wait_for(page, "/^running/.test(document.getElementById('status').textContent)"
+                   " && document.getElementById('output').textContent.length > 0", 30000,
+             lambda: "the long job runs and streams")
+    page.click("#cancel")
+    wait_for(page, "document.getElementById('status').textContent === 'cancelled'", 15000,
+             lambda: f"cancel works, status: {status()}")
+    page.screenshot(path=f"{shots}/playground-cancelled.png", full_page=True)
+
+    # The API reference renders from the gateway alone too.
+    page.goto(base + "/docs/", wait_until="networkidle")
+    try:
+        page.wait_for_selector(".swagger-ui .info .title", timeout=15000)
+    except PlaywrightTimeout:
+        fail("/docs renders")
+    if "GPT-J gateway" not in page.text_content(".swagger-ui .info .title"):
+        fail("/docs shows our API")
+    page.screenshot(path=f"{shots}/docs.png")
+
+    if foreign:
+        fail(f"a page fetched from another host: {', '.join(foreign)}")
+    if errors:
+        fail(f"script errors: {'; '.join(errors)}")
+
+
+if __name__ == "__main__":
+    main()
