@@ -13,7 +13,7 @@ use shared::JobId;
 use tokio::time::Instant;
 
 use crate::app::AppState;
-use crate::routes::jobs::{QueuePosition, position};
+use crate::position::QueuePosition;
 use crate::store::{JobRecord, LogEntry, Status};
 use crate::waiters::{Interest, Registration};
 
@@ -170,7 +170,7 @@ impl Follower {
         // The record came with the log; only the queue-wide figures are still needed.
         let figures = self.app.store.figures().await.ok()?;
         let stats = self.app.broker.queue_stats().await.ok();
-        let p = position(record, &figures, stats.map(|s| (s.depth, s.consumers)));
+        let p = QueuePosition::estimate(record, &figures, stats.as_ref());
         let due = match self.last_queued {
             None => true,
             Some((at, last)) => last != p.position || now >= at + QUEUED_EVERY,

@@ -11,7 +11,8 @@ use utoipa::ToSchema;
 
 use crate::app::AppState;
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ErrorResponse};
+use crate::position::QueuePosition;
 use crate::store::{CancelOutcome, Figures, JobRecord, Status};
 
 fn default_version() -> u32 {
@@ -35,11 +36,11 @@ pub struct SubmitRequest {
     /// each content is cleaned like a prompt, the length limits apply to the contents together, and the
     /// worker renders it with its model's chat template.
     #[serde(default)]
-    #[schema(value_type = Option<Vec<Object>>)]
+    #[schema(schema_with = crate::contract_schema::optional_chat_messages)]
     pub messages: Option<Vec<shared::chat::ChatMessage>>,
     /// Generation parameters (TGI names), all optional; see the `GenerationParameters` schema.
     #[serde(default)]
-    #[schema(schema_with = crate::openapi::generation_parameters)]
+    #[schema(schema_with = crate::contract_schema::generation_parameters)]
     pub parameters: GenerationParameters,
 }
 
@@ -77,16 +78,16 @@ pub struct JobAccepted {
             job it named, and `Idempotent-Replayed: true`", body = JobAccepted,
             headers(("Location" = String, description = "/v1/jobs/{id}"),
                 ("Idempotent-Replayed" = String, description = "`true` when an earlier job is answered again"))),
-        (status = 400, description = "Invalid JSON", body = crate::openapi::ErrorDoc),
-        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
-        (status = 413, description = "Body over the limit", body = crate::openapi::ErrorDoc),
+        (status = 400, description = "Invalid JSON", body = ErrorResponse),
+        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = ErrorResponse),
+        (status = 413, description = "Body over the limit", body = ErrorResponse),
         (status = 422, description = "Unknown field, parameter out of range, prompt empty or too long, a job \
-            costing more than the whole token budget, or an Idempotency-Key reused with another body", body = crate::openapi::ErrorDoc),
-        (status = 429, description = "Rate limited, too many active jobs, or the token budget spent (Retry-After)", body = crate::openapi::ErrorDoc),
-        (status = 503, description = "Queue full, broker or Redis unavailable (Retry-After)", body = crate::openapi::ErrorDoc),
+            costing more than the whole token budget, or an Idempotency-Key reused with another body", body = ErrorResponse),
+        (status = 429, description = "Rate limited, too many active jobs, or the token budget spent (Retry-After)", body = ErrorResponse),
+        (status = 503, description = "Queue full, broker or Redis unavailable (Retry-After)", body = ErrorResponse),
     ),
-    params(("Idempotency-Key" = Option<String>, Header,
-        description = "Up to 255 printable ASCII characters. A resubmission with the same key and body (within \
+    params(("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~][ -~]{0,254}$",
+        description = "1 to 255 printable ASCII characters, the first not a space. A resubmission with the same key and body (within \
             `--idempotency-ttl-s`) gets the first job back instead of making a second one")),
     security((), ("api_key" = []))
 )]
@@ -155,7 +156,7 @@ pub struct JobView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<JobResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<crate::openapi::ErrorDoc>)]
+    #[schema(schema_with = crate::contract_schema::error_body)]
     pub error: Option<shared::ErrorBody>,
     pub timings: JobTimings,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -174,8 +175,7 @@ pub struct JobResult {
     /// Prompt followed by the continuation, as `/run` returns it.
     pub full_text: String,
     pub new_tokens: u32,
-    /// `length`, `eos` or `stop`.
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::contract_schema::finish_reason)]
     pub finish_reason: shared::FinishReason,
     /// The most jobs the worker's running batch held while this one was in it.
     pub batch_size: Option<u32>,
@@ -195,24 +195,16 @@ pub struct JobTimings {
     pub time_to_first_token_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
-pub struct QueuePosition {
-    /// Estimated jobs ahead of this one, itself included.
-    pub position: u64,
-    /// Estimated seconds until a worker takes it; absent until a job has finished to time from.
-    pub estimated_wait_s: Option<f64>,
-}
-
 #[utoipa::path(
     get, path = "/v1/jobs/{id}", tag = "jobs",
     params(("id" = String, Path, format = Uuid, description = "Job id (UUID)")),
     responses(
         (status = 200, description = "The job", body = JobView),
-        (status = 400, description = "Malformed id", body = crate::openapi::ErrorDoc),
-        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
-        (status = 404, description = "Unknown id, or another key's job", body = crate::openapi::ErrorDoc),
-        (status = 429, description = "Rate limited (Retry-After)", body = crate::openapi::ErrorDoc),
-        (status = 503, description = "Redis unavailable (Retry-After)", body = crate::openapi::ErrorDoc),
+        (status = 400, description = "Malformed id", body = ErrorResponse),
+        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = ErrorResponse),
+        (status = 404, description = "Unknown id, or another key's job", body = ErrorResponse),
+        (status = 429, description = "Rate limited (Retry-After)", body = ErrorResponse),
+        (status = 503, description = "Redis unavailable (Retry-After)", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
 )]
@@ -224,7 +216,7 @@ pub async fn get_job(
     let (record, figures) = owned(&app, &caller, &id).await?;
     let queue = if record.status == Status::Queued {
         let stats = app.broker.queue_stats().await.ok();
-        Some(position(&record, &figures, stats.map(|s| (s.depth, s.consumers))))
+        Some(QueuePosition::estimate(&record, &figures, stats.as_ref()))
     } else {
         None
     };
@@ -265,11 +257,11 @@ pub struct CancelResult {
     params(("id" = String, Path, format = Uuid, description = "Job id (UUID)")),
     responses(
         (status = 200, description = "Cancelled, or already ended (`cancelled` says which)", body = CancelResult),
-        (status = 400, description = "Malformed id", body = crate::openapi::ErrorDoc),
-        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
-        (status = 404, description = "Unknown id, or another key's job", body = crate::openapi::ErrorDoc),
-        (status = 429, description = "Rate limited (Retry-After)", body = crate::openapi::ErrorDoc),
-        (status = 503, description = "Broker or Redis unavailable; nothing changed (Retry-After)", body = crate::openapi::ErrorDoc),
+        (status = 400, description = "Malformed id", body = ErrorResponse),
+        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = ErrorResponse),
+        (status = 404, description = "Unknown id, or another key's job", body = ErrorResponse),
+        (status = 429, description = "Rate limited (Retry-After)", body = ErrorResponse),
+        (status = 503, description = "Broker or Redis unavailable; nothing changed (Retry-After)", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
 )]
@@ -303,25 +295,6 @@ pub async fn cancel(
         CancelOutcome::Missing => return Err(ApiError::NotFound),
     };
     Ok(axum::Json(result))
-}
-
-/// Place in line: submissions before this one minus jobs that have left the queue, clamped to the
-/// broker's depth; the wait spreads that many average jobs over the consumers.
-pub fn position(record: &JobRecord, figures: &Figures, broker: Option<(u32, u32)>) -> QueuePosition {
-    let mut position = record.seq.saturating_sub(figures.taken).max(1);
-    if let Some((depth, _)) = broker
-        && depth > 0
-    {
-        position = position.min(u64::from(depth));
-    }
-    let consumers = broker.map(|(_, c)| c).unwrap_or(1).max(1);
-    let estimated_wait_s = figures
-        .avg_inference_ms
-        .map(|ms| position as f64 * ms / 1000.0 / f64::from(consumers));
-    QueuePosition {
-        position,
-        estimated_wait_s,
-    }
 }
 
 pub fn view(record: JobRecord, queue: Option<QueuePosition>) -> JobView {
@@ -360,42 +333,5 @@ pub fn view(record: JobRecord, queue: Option<QueuePosition>) -> JobView {
         worker_id: record.worker_id,
         attempts: record.attempts,
         queue,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(seq: u64) -> JobRecord {
-        JobRecord {
-            id: JobId::new_random(),
-            status: Status::Queued,
-            prompt: "hi".into(),
-            parameters: serde_json::json!({}),
-            owner: None,
-            seq,
-            submitted_at_ms: Some(1),
-            started_at_ms: None,
-            finished_at_ms: None,
-            worker_id: None,
-            attempts: 0,
-            result: None,
-            error: None,
-        }
-    }
-
-    #[test]
-    fn the_position_counts_jobs_not_yet_taken_and_never_exceeds_the_depth() {
-        let figures = Figures {
-            running: 0,
-            taken: 10,
-            avg_inference_ms: Some(2000.0),
-        };
-        let p = position(&record(15), &figures, Some((100, 2)));
-        assert_eq!(p.position, 5);
-        assert_eq!(p.estimated_wait_s, Some(5.0));
-        assert_eq!(position(&record(15), &figures, Some((3, 1))).position, 3);
-        assert_eq!(position(&record(4), &figures, None).position, 1);
     }
 }
