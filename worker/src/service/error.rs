@@ -1,11 +1,11 @@
 //! Why `worker serve` stops with an error, whichever part of the service it comes from.
 //!
-//! Its own module so that the parts that report it (the flags, the loader) do not depend on the service's
-//! entry point, which depends on them.
+//! Its own module, below every part of the service: the parts that report it (the flags, the loader, the
+//! session's end) depend on it, and it on none of them but the engine thread and the watchdog, whose
+//! reasons it carries.
 
 use super::generator::EngineThreadError;
 use super::health::Unhealthy;
-use super::session::SessionError;
 
 /// Why `worker serve` stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -20,14 +20,4 @@ pub enum ServeError {
     Unhealthy(Unhealthy),
     #[error("{0}")]
     Broker(String),
-}
-
-impl From<SessionError> for ServeError {
-    fn from(e: SessionError) -> Self {
-        match e {
-            SessionError::Engine(e) => Self::Engine(e),
-            SessionError::Unhealthy(e) => Self::Unhealthy(e),
-            other => Self::Broker(other.to_string()),
-        }
-    }
 }

@@ -34,6 +34,7 @@ use tracing::{info, warn};
 use super::args::ServiceConfig;
 use super::cancels::Cancels;
 use super::connections::{Connections, PublishSide};
+use super::error::ServeError;
 use super::generator::{EngineThread, EngineThreadError};
 use super::health::Unhealthy;
 use super::intake::{self, Accepted, Refused};
@@ -76,6 +77,18 @@ impl SessionError {
     /// Errors the worker stops on instead of reconnecting.
     fn is_fatal(&self) -> bool {
         matches!(self, Self::Engine(_) | Self::Topology(_) | Self::Unhealthy(_))
+    }
+}
+
+/// How `worker serve` reports a session's end: the engine's and the watchdog's reasons as they are, any
+/// other (the broker's) as its message.
+impl From<SessionError> for ServeError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Engine(e) => Self::Engine(e),
+            SessionError::Unhealthy(e) => Self::Unhealthy(e),
+            other => Self::Broker(other.to_string()),
+        }
     }
 }
 
