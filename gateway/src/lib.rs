@@ -12,7 +12,6 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod context;
-pub mod contract_schema;
 pub mod dead_letters;
 pub mod decision;
 pub mod drain;
