@@ -1,14 +1,12 @@
-//! Queue and key names, all derived from one namespace, and the idempotent declaration every process runs.
+//! Queue and key names, all derived from one namespace, and (with the `amqp` feature, in `declare`) the
+//! idempotent declaration every process runs.
 //!
 //! Every process declares the same topology with the same arguments at start-up and after each reconnect,
 //! so no process depends on another having started first. Tests use their own namespace and so can share
 //! one broker and one Redis.
 
-use lapin::options::{
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+#[cfg(feature = "amqp")]
+mod declare;
 
 /// Default namespace, as the README documents.
 pub const DEFAULT_NAMESPACE: &str = "gptj";
@@ -75,131 +73,6 @@ impl Topology {
     /// A Redis key under this namespace.
     pub fn redis_key(&self, suffix: &str) -> String {
         format!("{}:{suffix}", self.namespace)
-    }
-
-    /// Arguments of the jobs queue. They must be identical in every process, or the broker refuses the
-    /// second declaration (PRECONDITION_FAILED).
-    pub fn jobs_queue_arguments(&self) -> FieldTable {
-        let mut args = FieldTable::default();
-        args.insert(
-            ShortString::from("x-queue-type"),
-            AMQPValue::LongString(LongString::from("quorum")),
-        );
-        args.insert(
-            ShortString::from("x-delivery-limit"),
-            AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
-        );
-        args.insert(
-            ShortString::from("x-dead-letter-exchange"),
-            AMQPValue::LongString(LongString::from("")),
-        );
-        args.insert(
-            ShortString::from("x-dead-letter-routing-key"),
-            AMQPValue::LongString(LongString::from(self.dead_letter_queue())),
-        );
-        args
-    }
-
-    fn quorum() -> FieldTable {
-        let mut args = FieldTable::default();
-        args.insert(
-            ShortString::from("x-queue-type"),
-            AMQPValue::LongString(LongString::from("quorum")),
-        );
-        args
-    }
-
-    /// Arguments of the cancellations stream: retention by age, in small segments so that old cancels are
-    /// really dropped (a stream truncates whole segments only).
-    pub fn cancellations_arguments() -> FieldTable {
-        let mut args = FieldTable::default();
-        args.insert(
-            ShortString::from("x-queue-type"),
-            AMQPValue::LongString(LongString::from("stream")),
-        );
-        args.insert(
-            ShortString::from("x-max-age"),
-            AMQPValue::LongString(LongString::from(CANCEL_RETENTION)),
-        );
-        args.insert(
-            ShortString::from("x-stream-max-segment-size-bytes"),
-            AMQPValue::LongLongInt(1_000_000),
-        );
-        args
-    }
-
-    /// Declares the dead-letter queue, the jobs queue, the replies queue, and the control exchange with its
-    /// cancellations stream. Idempotent.
-    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        channel
-            .queue_declare(self.dead_letter_queue().as_str().into(), durable, Self::quorum())
-            .await?;
-        channel
-            .queue_declare(
-                self.jobs_queue().as_str().into(),
-                durable,
-                self.jobs_queue_arguments(),
-            )
-            .await?;
-        channel
-            .queue_declare(self.replies_queue().as_str().into(), durable, Self::quorum())
-            .await?;
-        channel
-            .exchange_declare(
-                self.control_exchange().as_str().into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_declare(
-                self.cancellations_queue().as_str().into(),
-                durable,
-                Self::cancellations_arguments(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                self.cancellations_queue().as_str().into(),
-                self.control_exchange().as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(())
-    }
-}
-
-impl Topology {
-    /// Deletes the queues [`Topology::declare`] makes, messages and all: for tests and benchmarks that
-    /// ran in a namespace of their own. Missing queues are not an error.
-    pub async fn delete(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        for queue in [
-            self.jobs_queue(),
-            self.dead_letter_queue(),
-            self.replies_queue(),
-            self.cancellations_queue(),
-        ] {
-            channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await?;
-        }
-        channel
-            .exchange_delete(
-                self.control_exchange().as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await?;
-        Ok(())
     }
 }
 
