@@ -10,7 +10,7 @@
 //! positions allocated ahead, each row a sequence (or a beam) whose new keys are written in place at its own
 //! length, so a decode step copies only the new tokens' keys, never the cache.
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// What decoding needs to know about a model.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,23 +97,47 @@ impl KvCache {
     }
 }
 
-/// The running batch's KV cache: per layer `(key, value)`, each `[rows, n_head, positions, head_dim]` on the
-/// layer's device, allocated ahead. Row `r` holds its sequence's keys at positions `0..len_r` with no padding
-/// (rows are ragged on the right); what lies past a row's length is scratch the attention mask hides.
+/// The running batch's KV cache, allocated ahead: row `r` holds its sequence's keys at positions `0..len_r`
+/// with no padding (rows are ragged on the right); what lies past a row's length is scratch the attention
+/// mask hides.
 ///
-/// Rows in use are always `0..n` (the scheduler keeps them packed), so a decode step attends to a view of
-/// the first `n` rows and the first `max len` positions without copying.
-#[derive(Debug, Default)]
+/// The layers that share a device (and dtype and shape) are stacked in one key tensor and one value tensor,
+/// `[layers, rows, n_head, positions, head_dim]`, so moving a sequence's rows, reordering beams or keeping a
+/// contrastive candidate is one copy per device and per key/value, never one per layer: a batch that
+/// sequences join and leave every step pays O(1) operations per move, whatever the depth of the model. A
+/// layer's keys are a view of its slice, so attention reads them in place.
+///
+/// Rows in use are always `0..n` (the scheduler fills the hole a leaver makes with the last rows), so a
+/// decode step attends to a view of the first `n` rows and the first `max len` positions without copying.
+#[derive(Debug)]
 pub struct SlotCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    n_layer: usize,
+    /// Consecutive layers on one device, stacked; empty until the first `reserve`.
+    groups: Vec<LayerGroup>,
     rows: usize,
     positions: usize,
+}
+
+/// Layers `first..first + count` of the model, on one device: `[count, rows, heads, positions, head_dim]`.
+#[derive(Debug)]
+struct LayerGroup {
+    first: usize,
+    count: usize,
+    key: Tensor,
+    value: Tensor,
+}
+
+impl LayerGroup {
+    fn tensors(&self) -> [&Tensor; 2] {
+        [&self.key, &self.value]
+    }
 }
 
 impl SlotCache {
     pub fn new(n_layer: usize) -> Self {
         Self {
-            layers: (0..n_layer).map(|_| None).collect(),
+            n_layer,
+            groups: Vec::new(),
             rows: 0,
             positions: 0,
         }
@@ -150,28 +174,44 @@ impl SlotCache {
         }
         let rows = rows.max(self.rows);
         let positions = positions.max(self.positions);
-        for (i, slot) in self.layers.iter_mut().enumerate() {
+        // Group the layers by where and how they are stored.
+        let mut shapes: Vec<(usize, usize, Kind, Device, i64, i64)> = Vec::new();
+        for i in 0..self.n_layer {
             let (lk, _) = like
                 .layer(i)
                 .ok_or_else(|| tch::TchError::Shape(format!("the prefill cache has no layer {i}")))?;
             let size = lk.size();
-            let shape = [rows as i64, size[1], positions as i64, size[3]];
-            let opts = (lk.kind(), lk.device());
-            let (k, v) = (Tensor::f_zeros(shape, opts)?, Tensor::f_zeros(shape, opts)?);
-            if let Some((ok, ov)) = slot.as_ref()
-                && used_rows > 0
-                && used_len > 0
-            {
-                let (r, l) = (used_rows as i64, used_len as i64);
-                k.f_narrow(0, 0, r)?
-                    .f_narrow(2, 0, l)?
-                    .f_copy_(&ok.f_narrow(0, 0, r)?.f_narrow(2, 0, l)?)?;
-                v.f_narrow(0, 0, r)?
-                    .f_narrow(2, 0, l)?
-                    .f_copy_(&ov.f_narrow(0, 0, r)?.f_narrow(2, 0, l)?)?;
+            let sig = (lk.kind(), lk.device(), size[1], size[3]);
+            match shapes.last_mut() {
+                Some(g) if (g.2, g.3, g.4, g.5) == sig => g.1 += 1,
+                _ => shapes.push((i, 1, sig.0, sig.1, sig.2, sig.3)),
             }
-            *slot = Some((k, v));
         }
+        let mut groups = Vec::with_capacity(shapes.len());
+        for (first, count, kind, device, heads, head_dim) in shapes {
+            let shape = [count as i64, rows as i64, heads, positions as i64, head_dim];
+            let group = LayerGroup {
+                first,
+                count,
+                key: Tensor::f_zeros(shape, (kind, device))?,
+                value: Tensor::f_zeros(shape, (kind, device))?,
+            };
+            if used_rows > 0 && used_len > 0 {
+                let old = self
+                    .groups
+                    .iter()
+                    .find(|o| o.first == first && o.count == count)
+                    .ok_or_else(|| tch::TchError::Shape("the model's layers changed devices".into()))?;
+                let (r, l) = (used_rows as i64, used_len as i64);
+                for (new, old) in group.tensors().into_iter().zip(old.tensors()) {
+                    new.f_narrow(1, 0, r)?
+                        .f_narrow(3, 0, l)?
+                        .f_copy_(&old.f_narrow(1, 0, r)?.f_narrow(3, 0, l)?)?;
+                }
+            }
+            groups.push(group);
+        }
+        self.groups = groups;
         self.rows = rows;
         self.positions = positions;
         Ok(())
@@ -179,15 +219,13 @@ impl SlotCache {
 
     /// Frees the allocation (the batch is empty).
     pub fn release(&mut self) {
-        for slot in &mut self.layers {
-            *slot = None;
-        }
+        self.groups.clear();
         self.rows = 0;
         self.positions = 0;
     }
 
     /// Writes row `from_row` of a prefill cache, its positions `start..start + len` (past its left padding),
-    /// into positions `0..len` of rows `row..row + copies`.
+    /// into positions `0..len` of rows `row..row + copies`: one stack and one copy per device and key/value.
     pub fn load(
         &mut self,
         row: usize,
@@ -197,55 +235,60 @@ impl SlotCache {
         start: usize,
         len: usize,
     ) -> Result<(), tch::TchError> {
-        let l = len as i64;
-        for (i, slot) in self.layers.iter_mut().enumerate() {
-            let ((k, v), Some((fk, fv))) = (slot_ref(slot)?, from.layer(i)) else {
-                return Err(tch::TchError::Shape(format!(
-                    "the prefill cache has no layer {i}"
-                )));
-            };
-            let fk = fk.f_narrow(0, from_row as i64, 1)?.f_narrow(2, start as i64, l)?;
-            let fv = fv.f_narrow(0, from_row as i64, 1)?.f_narrow(2, start as i64, l)?;
-            for c in 0..copies {
-                let r = (row + c) as i64;
-                k.f_narrow(0, r, 1)?.f_narrow(2, 0, l)?.f_copy_(&fk)?;
-                v.f_narrow(0, r, 1)?.f_narrow(2, 0, l)?.f_copy_(&fv)?;
+        let (l, c) = (len as i64, copies as i64);
+        for g in self.allocated()? {
+            for (which, dst) in g.tensors().into_iter().enumerate() {
+                let mut parts = Vec::with_capacity(g.count);
+                for i in g.first..g.first + g.count {
+                    let (k, v) = from
+                        .layer(i)
+                        .ok_or_else(|| tch::TchError::Shape(format!("the prefill cache has no layer {i}")))?;
+                    let t = if which == 0 { k } else { v };
+                    parts.push(t.f_narrow(0, from_row as i64, 1)?.f_narrow(2, start as i64, l)?);
+                }
+                // [count, 1, heads, len, head_dim], broadcast over the copies.
+                let stacked = Tensor::f_stack(&parts, 0)?.f_to_kind(dst.kind())?;
+                let size = stacked.size();
+                dst.f_narrow(1, row as i64, c)?
+                    .f_narrow(3, 0, l)?
+                    .f_copy_(&stacked.f_expand([size[0], c, size[2], size[3], size[4]], false)?)?;
             }
         }
         Ok(())
     }
 
-    /// Moves rows `from..from + n` to `to..to + n` (`to < from`; their first `len` positions): packing the
-    /// rows after a sequence that left.
+    /// Moves rows `from..from + n` to `to..to + n` (their first `len` positions): filling the hole a
+    /// sequence left with the batch's last rows, or packing.
     pub fn move_rows(&mut self, from: usize, to: usize, n: usize, len: usize) -> Result<(), tch::TchError> {
         if n == 0 || len == 0 || from == to {
             return Ok(());
         }
         let (f, t, n, l) = (from as i64, to as i64, n as i64, len as i64);
-        for slot in &mut self.layers {
-            let (k, v) = slot_ref(slot)?;
-            for x in [k, v] {
-                // The ranges may overlap: through a copy, never an aliased in-place copy.
-                let src = x.f_narrow(0, f, n)?.f_narrow(2, 0, l)?.f_detach_copy()?;
-                x.f_narrow(0, t, n)?.f_narrow(2, 0, l)?.f_copy_(&src)?;
+        let overlap = from.abs_diff(to) < n as usize;
+        for g in self.allocated()? {
+            for x in g.tensors() {
+                let src = x.f_narrow(1, f, n)?.f_narrow(3, 0, l)?;
+                // Overlapping ranges go through a copy, never an aliased in-place copy.
+                let src = if overlap { src.f_detach_copy()? } else { src };
+                x.f_narrow(1, t, n)?.f_narrow(3, 0, l)?.f_copy_(&src)?;
             }
         }
         Ok(())
     }
 
     /// Rows `row0..row0 + sources.len()` become copies of rows `row0 + sources[j]` (first `len` positions):
-    /// beam search keeping the continuations of its best beams.
+    /// beam search keeping the continuations of its best beams. One gather and one copy per device.
     pub fn reorder(&mut self, row0: usize, sources: &[i64], len: usize) -> Result<(), tch::TchError> {
         if sources.iter().enumerate().all(|(j, &s)| s == j as i64) || len == 0 {
             return Ok(());
         }
         let (r, n, l) = (row0 as i64, sources.len() as i64, len as i64);
-        for slot in &mut self.layers {
-            let (k, v) = slot_ref(slot)?;
-            for x in [k, v] {
-                let mut group = x.f_narrow(0, r, n)?.f_narrow(2, 0, l)?;
-                let idx = Tensor::from_slice(sources).f_to_device(x.device())?;
-                let picked = group.f_index_select(0, &idx)?;
+        let host = Tensor::f_from_slice(sources)?;
+        for g in self.allocated()? {
+            let idx = host.f_to_device(g.key.device())?;
+            for x in g.tensors() {
+                let mut group = x.f_narrow(1, r, n)?.f_narrow(3, 0, l)?;
+                let picked = group.f_index_select(1, &idx)?;
                 group.f_copy_(&picked)?;
             }
         }
@@ -253,21 +296,17 @@ impl SlotCache {
     }
 
     /// Copies position `from` of row `row` to position `to`: contrastive search keeping the candidate it
-    /// chose (the candidates' keys were written side by side past the sequence's end).
+    /// chose (the candidates' keys were written side by side past the sequence's end). One copy per device.
     pub fn move_position(&mut self, row: usize, from: usize, to: usize) -> Result<(), tch::TchError> {
         if from == to {
             return Ok(());
         }
-        for slot in &mut self.layers {
-            let (k, v) = slot_ref(slot)?;
-            for x in [k, v] {
-                let src = x
-                    .f_narrow(0, row as i64, 1)?
-                    .f_narrow(2, from as i64, 1)?
-                    .f_detach_copy()?;
-                x.f_narrow(0, row as i64, 1)?
-                    .f_narrow(2, to as i64, 1)?
-                    .f_copy_(&src)?;
+        for g in self.allocated()? {
+            for x in g.tensors() {
+                let at = x.f_select(1, row as i64)?;
+                // Two distinct positions: the source and the destination never overlap.
+                let src = at.f_narrow(2, from as i64, 1)?;
+                at.f_narrow(2, to as i64, 1)?.f_copy_(&src)?;
             }
         }
         Ok(())
@@ -275,17 +314,30 @@ impl SlotCache {
 
     /// Layers the cache has slots for.
     pub fn layer_count(&self) -> usize {
-        self.layers.len()
+        self.n_layer
     }
 
-    /// Layer `i`'s tensors.
-    pub fn layer(&self, i: usize) -> Option<&(Tensor, Tensor)> {
-        self.layers.get(i).and_then(|l| l.as_ref())
+    /// Layer `i`'s tensors, `[rows, heads, positions, head_dim]` each: views of its group's.
+    pub fn layer(&self, i: usize) -> Result<(Tensor, Tensor), tch::TchError> {
+        let g = self
+            .groups
+            .iter()
+            .find(|g| (g.first..g.first + g.count).contains(&i))
+            .ok_or_else(|| tch::TchError::Shape(format!("no layer {i} in the slot cache")))?;
+        let at = (i - g.first) as i64;
+        Ok((g.key.f_select(0, at)?, g.value.f_select(0, at)?))
     }
 
-    /// Where a step's new keys go in the flattened cache (`[rows * heads * positions, head_dim]`): row `r`,
-    /// head `h`, new token `j` at `(r * heads + h) * positions + starts[r] + j`. The same for every layer
-    /// (they share heads and positions), so a step builds it once per device.
+    fn allocated(&self) -> Result<&[LayerGroup], tch::TchError> {
+        if self.groups.is_empty() {
+            return Err(tch::TchError::Shape("the slot cache is not allocated".into()));
+        }
+        Ok(&self.groups)
+    }
+
+    /// Where a step's new keys go in a layer's flattened cache (`[rows * heads * positions, head_dim]`):
+    /// row `r`, head `h`, new token `j` at `(r * heads + h) * positions + starts[r] + j`. The same for every
+    /// layer (they share heads and positions), so a step builds it once per device.
     pub fn write_index(
         &self,
         heads: i64,
@@ -301,23 +353,20 @@ impl SlotCache {
                 index.extend(base..base + queries);
             }
         }
-        Tensor::from_slice(&index).f_to_device(device)
+        Tensor::f_from_slice(&index)?.f_to_device(device)
     }
 
     /// Writes a step's new keys and values (`[S, H, Q, D]`) of layer `i` in place, where `index`
     /// ([`SlotCache::write_index`], on the layer's device) says.
     pub fn write(&mut self, i: usize, k: &Tensor, v: &Tensor, index: &Tensor) -> Result<(), tch::TchError> {
         let positions = self.positions as i64;
-        let (ck, cv) = self
-            .layers
-            .get_mut(i)
-            .ok_or_else(|| tch::TchError::Shape(format!("no layer {i} in the slot cache")))
-            .and_then(slot_ref)?;
+        let (ck, cv) = self.layer(i)?;
         let [s, h, q, d] = k.size()[..] else {
             return Err(tch::TchError::Shape(format!("new keys of shape {:?}", k.size())));
         };
         let rows = ck.size()[0];
         for (cache, new) in [(ck, k), (cv, v)] {
+            // A layer's slice of its contiguous group is contiguous: this view aliases the cache.
             let mut flat = cache.f_view([rows * h * positions, d])?;
             let _ = flat.f_index_copy_(0, index, &new.f_reshape([s * h * q, d])?.f_to_kind(cache.kind())?)?;
         }
@@ -326,21 +375,12 @@ impl SlotCache {
 
     /// Layer `i`'s keys and values for rows `0..rows`, positions `0..keys`: views, no copy.
     pub fn view(&self, i: usize, rows: usize, keys: usize) -> Result<(Tensor, Tensor), tch::TchError> {
-        let (k, v) = self
-            .layer(i)
-            .ok_or_else(|| tch::TchError::Shape(format!("no layer {i} in the slot cache")))?;
+        let (k, v) = self.layer(i)?;
         let (r, l) = (rows as i64, keys as i64);
         Ok((
             k.f_narrow(0, 0, r)?.f_narrow(2, 0, l)?,
             v.f_narrow(0, 0, r)?.f_narrow(2, 0, l)?,
         ))
-    }
-}
-
-fn slot_ref(slot: &mut Option<(Tensor, Tensor)>) -> Result<(&mut Tensor, &mut Tensor), tch::TchError> {
-    match slot {
-        Some((k, v)) => Ok((k, v)),
-        None => Err(tch::TchError::Shape("the slot cache is not allocated".into())),
     }
 }
 

@@ -2,14 +2,14 @@
 //!
 //! They differ only in the pick: the highest processed score, or a draw from the warped distribution
 //! ([`super::sample`]) with the sequence's own generator, so a seeded sequence draws the same tokens
-//! whatever else shares the batch.
+//! whatever else shares the batch. The pick itself happens for every such sequence of the batch at once
+//! ([`super::select`]): a sequence contributes its row and takes its token.
 
-use super::error::Result;
 use super::sample::Sampler;
+use super::select::Row;
 use super::sequence::{Choice, Common, Context};
-use super::tensors::to_vec_i64;
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use tch::Tensor;
 
 pub(crate) struct Pick {
     sampler: Option<Box<(Sampler, ChaCha8Rng)>>,
@@ -27,38 +27,26 @@ impl Pick {
         }
     }
 
-    /// Whether the pick is a plain argmax of the raw logits (greedy, no logits processor): the scheduler
-    /// then takes it from one argmax over the whole batch instead of one per sequence.
-    pub fn is_plain_argmax(&self, seq: &Common) -> bool {
-        self.sampler.is_none() && seq.processors.is_noop()
+    /// The row this sequence adds to the step's batch selection ([`super::select`]); a sampling row draws
+    /// its uniform from its own generator here, one a step, so a seeded sequence draws the same tokens
+    /// whatever else shares the batch.
+    pub fn row<'a>(&'a mut self, seq: &'a Common) -> Row<'a> {
+        Row {
+            history: &seq.tokens,
+            generated: seq.generated().len(),
+            processors: &seq.processors,
+            sample: self.sampler.as_mut().map(|b| {
+                let (s, rng) = &mut **b;
+                (&*s, rng.random::<f64>())
+            }),
+        }
     }
 
-    /// Picks the next token from the logits of the last pass (`[1, vocab]`), or takes `argmax`, that
-    /// argmax already computed for the whole batch (only for [`Pick::is_plain_argmax`]).
-    pub fn choose(
-        &mut self,
-        seq: &mut Common,
-        logits: &Tensor,
-        argmax: Option<i64>,
-        ctx: &Context<'_>,
-    ) -> Result<Choice> {
-        if let Some(next) = argmax.filter(|_| self.is_plain_argmax(seq)) {
-            return Ok(match seq.push(next, ctx) {
-                Some(done) => Choice::Done(done),
-                None => Choice::Feed(vec![next]),
-            });
-        }
-        let scores = seq.process(logits.shallow_clone())?;
-        let next = match &mut self.sampler {
-            None => to_vec_i64(&scores.f_argmax(-1, false)?)?[0],
-            Some(b) => {
-                let (s, rng) = &mut **b;
-                s.pick(&scores, std::slice::from_mut(rng), &[0])?[0]
-            }
-        };
-        Ok(match seq.push(next, ctx) {
+    /// Takes the token the batch selection picked for this sequence.
+    pub fn take(&self, seq: &mut Common, next: i64, ctx: &Context<'_>) -> Choice {
+        match seq.push(next, ctx) {
             Some(done) => Choice::Done(done),
             None => Choice::Feed(vec![next]),
-        })
+        }
     }
 }

@@ -18,6 +18,7 @@ mod machine;
 pub mod processors;
 pub mod sample;
 pub mod scheduler;
+mod select;
 mod sequence;
 pub mod stop;
 mod tensors;

@@ -26,9 +26,10 @@ use std::time::{Duration, Instant};
 use super::error::{DecodeError, Result, panic_message};
 use super::finish::Decoded;
 use super::machine::Machine;
+use super::select::select;
 use super::sequence::{Choice, Common, Context};
 use super::stop::TextDecoder;
-use super::tensors::{i64_tensor, to_vec_i64};
+use super::tensors::i64_tensor;
 use crate::lm::{CausalLm, KvCache, Logits, SlotCache, SlotStep};
 use shared::GenerationPlan;
 use tch::{Device, Kind, Tensor};
@@ -140,6 +141,8 @@ struct Running {
     logits: Option<Tensor>,
     /// Where those rows are in the scheduler's `step_logits` (`None` after a prefill).
     logits_row: Option<usize>,
+    /// What it feeds the next pass: a token per row, or a contrastive row's candidates.
+    feed: Vec<i64>,
     arrived: Instant,
     joined: Instant,
     first_token: Option<Instant>,
@@ -240,7 +243,7 @@ impl<'a> Scheduler<'a> {
         }
         if let Some(i) = self.running.iter().position(|r| r.id == id) {
             self.running.remove(i);
-            self.pack();
+            self.compact();
             return true;
         }
         false
@@ -270,36 +273,26 @@ impl<'a> Scheduler<'a> {
             r.batch_size = r.batch_size.max(batch);
         }
 
-        // First half: every sequence decides what it feeds.
-        let argmax = self.batch_argmax();
-        let mut feeds: Vec<Option<Vec<i64>>> = Vec::with_capacity(self.running.len());
+        // First half: every sequence decides what it feeds; greedy and sampling rows pick together.
+        let picked = self.select_picks();
         let mut done: Vec<(usize, Result<Decoded>)> = Vec::new();
-        for i in 0..self.running.len() {
+        for (i, picked) in picked.into_iter().enumerate() {
             let (ctx, cache, seq) = (&self.ctx, &mut self.cache, &mut self.running[i]);
-            let hint = seq
-                .logits_row
-                .and_then(|r| argmax.as_ref().and_then(|a| a.get(r).copied()));
-            match guarded(|| choose(seq, cache, hint, ctx)) {
-                Ok(Choice::Feed(tokens)) => feeds.push(Some(tokens)),
-                Ok(Choice::Done(d)) => {
-                    feeds.push(None);
-                    done.push((i, Ok(d)));
-                }
-                Err(e) => {
-                    feeds.push(None);
-                    done.push((i, Err(e)));
-                }
+            match guarded(|| choose(seq, cache, picked, ctx)) {
+                Ok(Choice::Feed(tokens)) => seq.feed = tokens,
+                Ok(Choice::Done(d)) => done.push((i, Ok(d))),
+                Err(e) => done.push((i, Err(e))),
             }
             self.report_tokens(i, &mut events);
         }
+        // Leaving may reorder the others (a hole is filled with the last rows): each keeps its feed.
         self.finish(done, &mut events);
-        let feeds: Vec<Vec<i64>> = feeds.into_iter().flatten().collect();
         if self.running.is_empty() {
             return events;
         }
 
         // The forward pass over every row, then the second half.
-        match guarded(|| self.forward(&feeds)) {
+        match guarded(|| self.forward()) {
             Ok(done) => self.finish(done, &mut events),
             Err(e) => {
                 // A failed pass cannot be pinned on one sequence: every sequence in it fails.
@@ -323,31 +316,81 @@ impl<'a> Scheduler<'a> {
         events
     }
 
-    /// The argmax of every row of the last pass's logits, when at least two plain greedy sequences would
-    /// otherwise each compute and read back their own.
-    fn batch_argmax(&mut self) -> Option<Vec<i64>> {
-        let logits = self.step_logits.take()?;
-        let plain = self
-            .running
-            .iter()
-            .filter(|r| r.logits_row.is_some())
-            .filter(|r| matches!(&r.machine, Machine::Pick(p) if p.is_plain_argmax(&r.common)))
-            .count();
-        if plain < 2 {
-            return None;
-        }
-        match logits
-            .f_argmax(-1, false)
-            .map_err(DecodeError::from)
-            .and_then(|a| to_vec_i64(&a))
-        {
-            Ok(a) => Some(a),
-            Err(e) => {
-                // Each sequence computes its own instead.
-                tracing::warn!(error = %e, "the batch argmax failed");
-                None
+    /// The next token of every greedy and sampling sequence, in one batch selection with one readback
+    /// ([`super::select`]); `None` for the other strategies, which pick on their own. A failed selection
+    /// cannot be pinned on one sequence: each of its sequences gets the error.
+    fn select_picks(&mut self) -> Vec<Option<Result<i64>>> {
+        let step_logits = self.step_logits.take();
+        let mut picked: Vec<Option<Result<i64>>> = (0..self.running.len()).map(|_| None).collect();
+        // Rows from the last decode pass first (one gather), then newcomers' rows from their prefill.
+        let mut order: Vec<usize> = Vec::new();
+        let mut step_rows: Vec<i64> = Vec::new();
+        let mut joined: Vec<Tensor> = Vec::new();
+        for pass in [true, false] {
+            for (i, seq) in self.running.iter_mut().enumerate() {
+                if !matches!(seq.machine, Machine::Pick(_)) {
+                    continue;
+                }
+                match (pass, seq.logits_row, step_logits.is_some()) {
+                    (true, Some(r), true) => step_rows.push(r as i64),
+                    (false, None, _) | (false, Some(_), false) => match seq.logits.take() {
+                        Some(l) => joined.push(l),
+                        None => continue,
+                    },
+                    _ => continue,
+                }
+                order.push(i);
             }
         }
+        if order.is_empty() {
+            return picked;
+        }
+        let result = guarded(|| {
+            let mut parts = Vec::with_capacity(joined.len() + 1);
+            if let Some(step) = step_logits.as_ref().filter(|_| !step_rows.is_empty()) {
+                let rows = Tensor::f_from_slice(&step_rows)?.f_to_device(step.device())?;
+                parts.push(step.f_index_select(0, &rows)?);
+            }
+            let device = parts.first().or(joined.first()).map(|t| t.device());
+            for t in &joined {
+                parts.push(match device {
+                    Some(d) => t.f_to_device(d)?.f_to_kind(Kind::Float)?,
+                    None => t.shallow_clone(),
+                });
+            }
+            let logits = if parts.len() == 1 {
+                parts.remove(0)
+            } else {
+                Tensor::f_cat(&parts, 0)?
+            };
+            // Each sequence's row, in `order`; the machines are borrowed apart from their sequences.
+            let mut rows = Vec::with_capacity(order.len());
+            let mut slots: Vec<Option<&mut Running>> = self.running.iter_mut().map(Some).collect();
+            for &i in &order {
+                let Some(seq) = slots[i].take() else { continue };
+                let Running { machine, common, .. } = seq;
+                if let Machine::Pick(p) = machine {
+                    rows.push(p.row(common));
+                }
+            }
+            select(&logits, &rows)
+        });
+        match result {
+            Ok(tokens) => {
+                for (&i, t) in order.iter().zip(tokens) {
+                    picked[i] = Some(Ok(t));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, sequences = order.len(), "the batch's token selection failed");
+                for &i in &order {
+                    picked[i] = Some(Err(DecodeError::Invalid(format!(
+                        "the batch's token selection failed: {e}"
+                    ))));
+                }
+            }
+        }
+        picked
     }
 
     fn rows_used(&self) -> usize {
@@ -507,6 +550,7 @@ impl<'a> Scheduler<'a> {
                 need,
                 logits: Some(mine),
                 logits_row: None,
+                feed: Vec::new(),
                 arrived,
                 joined,
                 first_token: None,
@@ -519,7 +563,7 @@ impl<'a> Scheduler<'a> {
 
     /// One forward pass over every running row; contrastive rows pick their candidate. Returns the
     /// sequences that finished.
-    fn forward(&mut self, feeds: &[Vec<i64>]) -> Result<Vec<(usize, Result<Decoded>)>> {
+    fn forward(&mut self) -> Result<Vec<(usize, Result<Decoded>)>> {
         let model = self.ctx.model;
         let s = self.rows_used();
         let q = self.queries();
@@ -528,7 +572,8 @@ impl<'a> Scheduler<'a> {
         let mut positions = Vec::with_capacity(s * q);
         let mut starts = Vec::with_capacity(s);
         let mut visible = vec![false; s * q * keys];
-        for (seq, feed) in self.running.iter().zip(feeds) {
+        for seq in &self.running {
+            let feed = &seq.feed;
             let (rows, queries, len) = (seq.machine.rows(), seq.machine.queries(), seq.len);
             for row in 0..rows {
                 let r = seq.row0 + row;
@@ -616,7 +661,11 @@ impl<'a> Scheduler<'a> {
         let mut at = 0i64;
         for seq in &mut self.running {
             let n = seq.machine.rows() as i64;
-            seq.logits = Some(logits.f_narrow(0, at, n)?);
+            // Greedy and sampling rows are read from `step_logits` by the batch selection.
+            seq.logits = match seq.machine {
+                Machine::Pick(_) => None,
+                _ => Some(logits.f_narrow(0, at, n)?),
+            };
             seq.logits_row = Some(at as usize);
             at += n;
         }
@@ -646,29 +695,35 @@ impl<'a> Scheduler<'a> {
             });
             events.push(Event::Finished { id: seq.id, result });
         }
-        self.pack();
+        self.compact();
     }
 
-    /// Moves every sequence's rows down to close the gaps left by those that left.
-    fn pack(&mut self) {
-        let mut cursor = 0;
+    /// Closes the holes that leavers made, so the rows in use are `0..n` again: each sequence lying past
+    /// the rows still needed moves into a hole (one copy per device, [`SlotCache::move_rows`]), the others
+    /// stay where they are. A leave costs O(1) moves, not a shift of every later sequence. Only when the
+    /// holes are too fragmented for a sequence of several rows (beams) does the batch pack in order.
+    fn compact(&mut self) {
+        let spans: Vec<(usize, usize)> = self.running.iter().map(|r| (r.row0, r.machine.rows())).collect();
+        let moves = plan_moves(&spans).unwrap_or_else(|| pack_moves(&spans));
         let mut failed = Vec::new();
-        for (i, seq) in self.running.iter_mut().enumerate() {
-            let rows = seq.machine.rows();
-            if seq.row0 != cursor {
-                if let Err(e) = self.cache.move_rows(seq.row0, cursor, rows, seq.len) {
-                    failed.push((i, e));
-                }
-                seq.row0 = cursor;
+        for (i, to) in moves {
+            let seq = &mut self.running[i];
+            if let Err(e) = self.cache.move_rows(seq.row0, to, seq.machine.rows(), seq.len) {
+                failed.push(i);
+                tracing::error!(error = %e, "moving a sequence's cache rows failed; the sequence is dropped");
             }
-            cursor += rows;
+            seq.row0 = to;
         }
-        for (i, e) in failed.into_iter().rev() {
-            tracing::error!(error = %e, "packing the batch's cache failed; the sequence is dropped");
+        for i in failed.into_iter().rev() {
             self.running.remove(i);
         }
+        // The running order is the rows' order: a step feeds row r from the r-th sequence's rows.
+        self.running.sort_by_key(|r| r.row0);
         if self.running.is_empty() {
             self.cache.release();
+        } else if self.running.iter().map(|r| r.row0 + r.machine.rows()).max() != Some(self.rows_used()) {
+            // A dropped sequence left a hole of its own.
+            self.compact();
         }
     }
 
@@ -691,21 +746,23 @@ impl<'a> Scheduler<'a> {
     }
 }
 
-/// One sequence's first half of a step (`argmax`: its row's argmax, computed for the whole batch).
+/// One sequence's first half of a step (`picked`: its token from the batch selection, for greedy and
+/// sampling sequences).
 fn choose(
     seq: &mut Running,
     cache: &mut SlotCache,
-    argmax: Option<i64>,
+    picked: Option<Result<i64>>,
     ctx: &Context<'_>,
 ) -> Result<Choice> {
-    let logits = seq
-        .logits
-        .take()
-        .ok_or_else(|| DecodeError::Invalid("a sequence has no logits to decode from".into()))?;
+    let no_logits = || DecodeError::Invalid("a sequence has no logits to decode from".into());
     let choice = match &mut seq.machine {
-        Machine::Pick(p) => p.choose(&mut seq.common, &logits, argmax, ctx)?,
-        Machine::Contrastive(c) => c.choose(&mut seq.common, &logits)?,
+        Machine::Pick(p) => p.take(&mut seq.common, picked.ok_or_else(no_logits)??, ctx),
+        Machine::Contrastive(c) => {
+            let logits = seq.logits.take().ok_or_else(no_logits)?;
+            c.choose(&mut seq.common, &logits)?
+        }
         Machine::Beam(b) => {
+            let logits = seq.logits.take().ok_or_else(no_logits)?;
             let (choice, sources) = b.choose(&mut seq.common, &logits, ctx)?;
             if matches!(choice, Choice::Feed(_)) {
                 cache.reorder(seq.row0, &sources, seq.len)?;
@@ -717,6 +774,44 @@ fn choose(
         seq.first_token.get_or_insert_with(Instant::now);
     }
     Ok(choice)
+}
+
+/// The moves `(sequence, new first row)` that fill the holes below the rows in use with the sequences
+/// lying past them, first fit; `None` when a sequence finds no hole wide enough. `spans` are the remaining
+/// sequences' `(first row, rows)`.
+fn plan_moves(spans: &[(usize, usize)]) -> Option<Vec<(usize, usize)>> {
+    let total: usize = spans.iter().map(|&(_, rows)| rows).sum();
+    let mut free = vec![true; total];
+    for &(row0, rows) in spans {
+        for r in row0..(row0 + rows).min(total) {
+            free[r] = false;
+        }
+    }
+    let mut moves = Vec::new();
+    for (i, &(row0, rows)) in spans.iter().enumerate() {
+        if row0 + rows <= total {
+            continue;
+        }
+        let to = (0..=total.checked_sub(rows)?).find(|&at| free[at..at + rows].iter().all(|&f| f))?;
+        free[to..to + rows].iter_mut().for_each(|f| *f = false);
+        moves.push((i, to));
+    }
+    Some(moves)
+}
+
+/// The moves that pack every sequence down in row order (a source never overlaps a later destination).
+fn pack_moves(spans: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut order: Vec<usize> = (0..spans.len()).collect();
+    order.sort_by_key(|&i| spans[i].0);
+    let mut cursor = 0;
+    let mut moves = Vec::new();
+    for i in order {
+        if spans[i].0 != cursor {
+            moves.push((i, cursor));
+        }
+        cursor += spans[i].1;
+    }
+    moves
 }
 
 /// Runs `f`, turning a panic (libtorch raises through `tch` as panics) into this sequence's error.

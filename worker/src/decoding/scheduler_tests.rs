@@ -333,3 +333,61 @@ fn the_cache_allocation_only_changes_when_sequences_join_and_is_released_when_th
     }
     assert_eq!(s.stats().kv_allocated, 0);
 }
+
+/// Applies moves to spans and checks the rows in use are `0..n` with no overlap.
+fn after(spans: &[(usize, usize)], moves: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut spans = spans.to_vec();
+    for &(i, to) in moves {
+        spans[i].0 = to;
+    }
+    let total: usize = spans.iter().map(|s| s.1).sum();
+    let mut used = vec![false; total];
+    for &(row0, rows) in &spans {
+        for r in row0..row0 + rows {
+            assert!(r < total && !used[r], "{spans:?}");
+            used[r] = true;
+        }
+    }
+    spans
+}
+
+#[test]
+fn a_leaver_is_replaced_by_the_last_sequence_in_one_move() {
+    // Ten one-row sequences; the one in row 1 left.
+    let spans: Vec<(usize, usize)> = (0..10).filter(|&r| r != 1).map(|r| (r, 1)).collect();
+    let moves = plan_moves(&spans).expect("a hole of one row takes a one-row sequence");
+    assert_eq!(moves, vec![(8, 1)], "only the sequence in the last row moves");
+    after(&spans, &moves);
+}
+
+#[test]
+fn leavers_cost_one_move_each_whatever_the_batch_size() {
+    for batch in [8usize, 64, 512] {
+        let leaving = [0, batch / 3, batch / 2];
+        let spans: Vec<(usize, usize)> = (0..batch)
+            .filter(|r| !leaving.contains(r))
+            .map(|r| (r, 1))
+            .collect();
+        let moves = plan_moves(&spans).expect("one-row holes");
+        assert!(
+            moves.len() <= leaving.len(),
+            "{} moves at batch {batch}",
+            moves.len()
+        );
+        after(&spans, &moves);
+    }
+}
+
+#[test]
+fn beams_fill_a_hole_wide_enough_and_fragmented_holes_fall_back_to_packing() {
+    // A 3-beam sequence at rows 7..10 fills the 3-row hole at 2..5.
+    let spans = vec![(0, 2), (5, 2), (7, 3)];
+    let moves = plan_moves(&spans).expect("the hole is wide enough");
+    assert_eq!(moves, vec![(2, 2)]);
+    after(&spans, &moves);
+    // Two one-row holes (rows 1 and 3) cannot take a 2-row sequence: pack in order instead.
+    let spans = vec![(0, 1), (2, 1), (4, 1), (5, 2)];
+    assert_eq!(plan_moves(&spans), None);
+    let moves = pack_moves(&spans);
+    after(&spans, &moves);
+}
