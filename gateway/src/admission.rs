@@ -12,84 +12,136 @@
 //!
 //! Only when all pass does the script write the charges, the record, the job's body into the outbox
 //! ([`crate::outbox`]: a gateway that dies before the broker confirms the job leaves it to another) and
-//! the idempotency key, so a refusal charges nothing, and two replicas (or two requests of one client) cannot both take the last place.
-//! [`Admissions::refund`] gives every charge back when the gateway then fails to publish the job.
+//! the idempotency key, so a refusal charges nothing, and two replicas (or two requests of one client)
+//! cannot both take the last place. [`Admissions::refund`] gives every charge back when the gateway then
+//! fails to publish the job.
+//!
+//! The scripts take their arguments by name, as one JSON object each ([`AdmitArgs`], [`RefundArgs`]), and
+//! their keys from [`crate::keys`], named on their first line.
 
 use std::time::Duration;
 
 use redis::Script;
+use serde::Serialize;
 use shared::JobId;
 
 use crate::auth::Caller;
 use crate::config::RateLimit;
 use crate::decision::Decision;
+use crate::keys::Keys;
 use crate::kv::{Redis, RedisError};
 use crate::outbox::Entry;
 use crate::ratelimit::RouteClass;
 use crate::store::NewRecord;
 
-// KEYS: 1 request log, 2 record, 3 submission counter, 4 token bucket, 5 active set, 6 idempotency key,
-//       7 outbox set, 8 outbox body
-// ARGV: 1 window µs, 2 request limit, 3 log member, 4 record ttl ms, 5 µs per token, 6 token window µs,
-//       7 cost (tokens), 8 active cap (0: none), 9 active entry lifetime µs, 10 job id,
-//       11 idempotency fingerprint ('' without a key), 12 idempotency ttl ms, 13 job body,
-//       14 outbox due ms, 15 outbox body ttl ms, 16.. record fields
+// KEYS, named on the script's first line: the submit class's request log, the record, the submission
+// counter, the token bucket, the active set, the outbox, the job's body in it, and the idempotency key
+// when the submission has one. ARGV[1]: the named arguments, [`AdmitArgs`] as JSON.
 // Returns {verdict, remaining, µs until a retry can pass, submission number, replayed job id}; verdict:
 // 1 admitted, 0 request limit, 2 active cap, 3 token budget, 4 replay, 5 key reused with another body.
 const ADMIT: &str = r#"
+local log, record, seq, bucket, active, outbox, outbox_body, idem = unpack(KEYS)
+local a = cjson.decode(ARGV[1])
 local now = redis_now()
-local window = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-if ARGV[11] ~= '' then
-  local prior = redis.call('HMGET', KEYS[6], 'id', 'fingerprint')
+local window = a.window_us
+local limit = a.limit
+if idem then
+  local prior = redis.call('HMGET', idem, 'id', 'fingerprint')
   if prior[1] then
-    if prior[2] == ARGV[11] then return {4, 0, 0, 0, prior[1]} end
+    if prior[2] == a.fingerprint then return {4, 0, 0, 0, prior[1]} end
     return {5, 0, 0, 0, prior[1]}
   end
 end
-local count = window_count(KEYS[1], now, window)
-if count >= limit then return {0, 0, window_reset(KEYS[1], now, window), 0, ''} end
-local cap = tonumber(ARGV[8])
+local count = window_count(log, now, window)
+if count >= limit then return {0, 0, window_reset(log, now, window), 0, ''} end
+local cap = a.active_cap
 if cap > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[9]))
-  if redis.call('ZCARD', KEYS[5]) >= cap then return {2, limit - count, 1000000, 0, ''} end
+  redis.call('ZREMRANGEBYSCORE', active, '-inf', now - a.active_lifetime_us)
+  if redis.call('ZCARD', active) >= cap then return {2, limit - count, 1000000, 0, ''} end
 end
-local tat = tonumber(redis.call('GET', KEYS[4]) or '0')
+local tat = tonumber(redis.call('GET', bucket) or '0')
 if tat < now then tat = now end
-local new_tat = tat + tonumber(ARGV[7]) * tonumber(ARGV[5])
-local allowed_at = new_tat - tonumber(ARGV[6])
+local new_tat = tat + a.cost * a.us_per_token
+local allowed_at = new_tat - a.token_window_us
 if allowed_at > now then return {3, limit - count, allowed_at - now, 0, ''} end
-redis.call('SET', KEYS[4], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-window_add(KEYS[1], now, window, ARGV[3])
+redis.call('SET', bucket, string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+window_add(log, now, window, a.member)
 if cap > 0 then
-  redis.call('ZADD', KEYS[5], now, ARGV[10])
-  redis.call('PEXPIRE', KEYS[5], math.ceil(tonumber(ARGV[9]) / 1000))
+  redis.call('ZADD', active, now, a.job_id)
+  redis.call('PEXPIRE', active, math.ceil(a.active_lifetime_us / 1000))
 end
-local seq = redis.call('INCR', KEYS[3])
-redis.call('HSET', KEYS[2], 'seq', seq, unpack(ARGV, 16))
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('SET', KEYS[8], ARGV[13], 'PX', ARGV[15])
-redis.call('ZADD', KEYS[7], ARGV[14], ARGV[10])
-if ARGV[11] ~= '' then
-  redis.call('HSET', KEYS[6], 'id', ARGV[10], 'fingerprint', ARGV[11])
-  redis.call('PEXPIRE', KEYS[6], ARGV[12])
+local number = redis.call('INCR', seq)
+redis.call('HSET', record, 'seq', number, unpack(a.record))
+redis.call('PEXPIRE', record, a.record_ttl_ms)
+redis.call('SET', outbox_body, a.body, 'PX', a.outbox_ttl_ms)
+redis.call('ZADD', outbox, a.outbox_due_ms, a.job_id)
+if idem then
+  redis.call('HSET', idem, 'id', a.job_id, 'fingerprint', a.fingerprint)
+  redis.call('PEXPIRE', idem, a.idempotency_ttl_ms)
 end
-return {1, limit - count - 1, window_reset(KEYS[1], now, window), seq, ''}
+return {1, limit - count - 1, window_reset(log, now, window), number, ''}
 "#;
 
-// KEYS: request log, token bucket, active set, idempotency key (or the log again when none)
-// ARGV: log member, job id, token charge µs, whether to drop the idempotency key (0|1)
+/// The admission script's arguments, by name (its one `ARGV`, as JSON).
+#[derive(Serialize)]
+struct AdmitArgs<'a> {
+    /// The submit class's sliding window (µs) and the requests it admits.
+    window_us: u64,
+    limit: u32,
+    /// This request's entry in the log: unique per admission (the score carries the time).
+    member: &'a str,
+    job_id: String,
+    /// The token bucket: what one token costs of it (µs), its window (µs), and the job's cost in tokens.
+    us_per_token: f64,
+    token_window_us: u64,
+    cost: u64,
+    /// Jobs queued and running at once (0: no cap), and how long an id counts as active at most (µs).
+    active_cap: u32,
+    active_lifetime_us: u64,
+    /// A digest of the body the `Idempotency-Key` came with, when there is one, and how long the key is
+    /// kept (ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fingerprint: Option<&'a str>,
+    idempotency_ttl_ms: u64,
+    /// The record's fields, names and values alternating, and its TTL (ms).
+    record: Vec<&'a str>,
+    record_ttl_ms: u64,
+    /// The job's body as the outbox keeps it: until when (a TTL, ms), and when a sweep may first take it.
+    body: &'a str,
+    outbox_ttl_ms: u64,
+    outbox_due_ms: u64,
+}
+
+// KEYS, named on the script's first line: the request log, the token bucket, the active set, and the
+// idempotency key when the admission wrote one. ARGV[1]: [`RefundArgs`] as JSON.
 const REFUND: &str = r#"
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[2]) or '0')
+local log, bucket, active, idem = unpack(KEYS)
+local a = cjson.decode(ARGV[1])
+redis.call('ZREM', log, a.member)
+redis.call('ZREM', active, a.job_id)
+local tat = tonumber(redis.call('GET', bucket) or '0')
 if tat > 0 then
-  local ttl = redis.call('PTTL', KEYS[2])
-  if ttl > 0 then redis.call('SET', KEYS[2], string.format('%.0f', tat - tonumber(ARGV[3])), 'PX', ttl) end
+  local ttl = redis.call('PTTL', bucket)
+  if ttl > 0 then redis.call('SET', bucket, string.format('%.0f', tat - a.token_charge_us), 'PX', ttl) end
 end
-if ARGV[4] == '1' then redis.call('DEL', KEYS[4]) end
+if idem then redis.call('DEL', idem) end
 return 1
 "#;
+
+/// The refund script's arguments, by name (its one `ARGV`, as JSON).
+#[derive(Serialize)]
+struct RefundArgs<'a> {
+    /// The admission's entry in the request log.
+    member: &'a str,
+    job_id: String,
+    /// What the job's cost added to the token bucket (µs).
+    token_charge_us: f64,
+}
+
+/// One JSON argument, as the scripts decode it (`cjson`).
+fn json_arg(args: &impl Serialize) -> Result<String, RedisError> {
+    serde_json::to_string(args).map_err(|e| RedisError::Corrupt(format!("script arguments: {e}")))
+}
 
 /// The bounds on one client's submissions.
 #[derive(Debug, Clone)]
@@ -112,8 +164,8 @@ pub struct Submission<'a> {
     pub cost: u64,
     /// The client's `Idempotency-Key` and a digest of the body it came with.
     pub idempotency: Option<IdempotencyKey>,
-    /// The message to publish, kept in the outbox under `outbox`.
-    pub body: &'a [u8],
+    /// The message to publish, kept in the outbox as `outbox` says.
+    pub body: &'a str,
     pub outbox: Entry,
 }
 
@@ -171,39 +223,26 @@ pub struct Charge {
 #[derive(Clone)]
 pub struct Admissions {
     redis: Redis,
-    prefix: String,
+    keys: Keys,
     bounds: Bounds,
     admit: Script,
     refund: Script,
 }
 
 impl Admissions {
-    pub fn new(redis: Redis, namespace_prefix: String, bounds: Bounds) -> Self {
+    pub fn new(redis: Redis, keys: Keys, bounds: Bounds) -> Self {
         Self {
             redis,
-            prefix: namespace_prefix,
+            keys,
             bounds,
             admit: Script::new(&format!("{}{ADMIT}", crate::ratelimit::WINDOW_LUA)),
             refund: Script::new(REFUND),
         }
     }
 
-    /// `{ns}:active:{client}`: the ids of the client's jobs that have not ended. Its name goes into each
-    /// record (field `active`), so the scripts that end a job know which set to leave.
-    pub fn active_key(&self, caller: &Caller) -> String {
-        format!("{}active:{}", self.prefix, caller.id.key_part())
-    }
-
+    /// The submit class's request log of the caller.
     fn log_key(&self, caller: &Caller) -> String {
-        crate::ratelimit::log_key(&self.prefix, RouteClass::Submit, caller)
-    }
-
-    fn tokens_key(&self, caller: &Caller) -> String {
-        format!("{}rl:tokens:{}", self.prefix, caller.id.key_part())
-    }
-
-    fn idempotency_key(&self, caller: &Caller, key: &IdempotencyKey) -> String {
-        format!("{}idem:{}:{}", self.prefix, caller.id.key_part(), key.key_digest)
+        self.keys.request_log(RouteClass::Submit.name(), &caller.id)
     }
 
     fn us_per_token(&self) -> f64 {
@@ -218,35 +257,47 @@ impl Admissions {
     pub async fn admit(&self, caller: &Caller, job: &Submission<'_>) -> Result<Verdict, RedisError> {
         let member = format!("{:016x}", rand::random::<u64>());
         let requests = self.bounds.requests;
-        let idempotency_key = job.idempotency.as_ref().map(|k| self.idempotency_key(caller, k));
+        let idempotency_key = job
+            .idempotency
+            .as_ref()
+            .map(|k| self.keys.idempotency(&caller.id, &k.key_digest));
+        let args = AdmitArgs {
+            window_us: requests.window.as_micros() as u64,
+            limit: requests.limit,
+            member: &member,
+            job_id: job.id.to_string(),
+            us_per_token: self.us_per_token(),
+            token_window_us: self.bounds.tokens.window.as_micros() as u64,
+            cost: job.cost,
+            active_cap: self.bounds.max_active,
+            active_lifetime_us: self.bounds.active_lifetime.as_micros() as u64,
+            fingerprint: job.idempotency.as_ref().map(|k| k.fingerprint.as_str()),
+            idempotency_ttl_ms: self.bounds.idempotency_ttl.as_millis() as u64,
+            record: job
+                .record
+                .fields
+                .iter()
+                .flat_map(|(field, value)| [*field, value.as_str()])
+                .collect(),
+            record_ttl_ms: job.record.ttl_ms,
+            body: job.body,
+            outbox_ttl_ms: job.outbox.body_ttl_ms,
+            outbox_due_ms: job.outbox.due_ms,
+        };
         let mut invocation = self.admit.prepare_invoke();
-        invocation
-            .key(self.log_key(caller))
-            .key(&job.record.key)
-            .key(&job.record.seq_key)
-            .key(self.tokens_key(caller))
-            .key(self.active_key(caller))
-            .key(idempotency_key.clone().unwrap_or_else(|| self.log_key(caller)))
-            .key(&job.outbox.set_key)
-            .key(&job.outbox.body_key)
-            .arg(requests.window.as_micros() as u64)
-            .arg(requests.limit)
-            .arg(member.as_str())
-            .arg(job.record.ttl_ms)
-            .arg(self.us_per_token())
-            .arg(self.bounds.tokens.window.as_micros() as u64)
-            .arg(job.cost)
-            .arg(self.bounds.max_active)
-            .arg(self.bounds.active_lifetime.as_micros() as u64)
-            .arg(job.id.to_string())
-            .arg(job.idempotency.as_ref().map_or("", |k| k.fingerprint.as_str()))
-            .arg(self.bounds.idempotency_ttl.as_millis() as u64)
-            .arg(job.body)
-            .arg(job.outbox.due_ms)
-            .arg(job.outbox.body_ttl_ms);
-        for (field, value) in &job.record.fields {
-            invocation.arg(*field).arg(value);
+        let keys = [
+            self.log_key(caller),
+            self.keys.job(job.id),
+            self.keys.seq(),
+            self.keys.token_bucket(&caller.id),
+            self.keys.active(&caller.id),
+            self.keys.outbox(),
+            self.keys.outbox_body(job.id),
+        ];
+        for key in keys.into_iter().chain(idempotency_key.clone()) {
+            invocation.key(key);
         }
+        invocation.arg(json_arg(&args)?);
         let (verdict, remaining, retry_us, seq, prior): (i64, i64, i64, u64, String) = self
             .redis
             .call(|mut c| async move { invocation.invoke_async(&mut c).await })
@@ -290,25 +341,21 @@ impl Admissions {
     /// the client): its request slot, its place among the active jobs, its tokens and its idempotency key,
     /// so a retry with the same key makes the job anew.
     pub async fn refund(&self, caller: &Caller, charge: &Charge) -> Result<(), RedisError> {
+        let args = RefundArgs {
+            member: &charge.member,
+            job_id: charge.id.to_string(),
+            token_charge_us: charge.token_charge_us,
+        };
         let mut invocation = self.refund.prepare_invoke();
-        invocation
-            .key(self.log_key(caller))
-            .key(self.tokens_key(caller))
-            .key(self.active_key(caller))
-            .key(
-                charge
-                    .idempotency_key
-                    .clone()
-                    .unwrap_or_else(|| self.log_key(caller)),
-            )
-            .arg(charge.member.as_str())
-            .arg(charge.id.to_string())
-            .arg(charge.token_charge_us)
-            .arg(if charge.idempotency_key.is_some() {
-                "1"
-            } else {
-                "0"
-            });
+        let keys = [
+            self.log_key(caller),
+            self.keys.token_bucket(&caller.id),
+            self.keys.active(&caller.id),
+        ];
+        for key in keys.into_iter().chain(charge.idempotency_key.clone()) {
+            invocation.key(key);
+        }
+        invocation.arg(json_arg(&args)?);
         self.redis
             .call(|mut c| async move { invocation.invoke_async::<i64>(&mut c).await })
             .await

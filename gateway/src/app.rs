@@ -32,7 +32,8 @@ pub struct App {
     pub admissions: Admissions,
     /// How fast the queue drains, for a full queue's `Retry-After`.
     pub drain: Arc<DrainRate>,
-    /// Jobs whose publish was left unconfirmed, republished until confirmed.
+    /// Every job's body from its admission until the broker confirms it: publishes, and republishes what
+    /// was left unconfirmed.
     pub outbox: Outbox,
     /// The read class's limiter, applied as a middleware.
     pub read_limiter: Limiter,
@@ -51,7 +52,7 @@ const CANCEL_RETRY_FOR: Duration = Duration::from_secs(3);
 const BACKLOG_STALENESS: Duration = Duration::from_millis(250);
 
 /// A job the gateway has taken: the broker confirmed it, or left it unconfirmed and the gateway is
-/// republishing it (see [`App::enqueue`]); or, for a replayed `Idempotency-Key`, the job it names.
+/// republishing it (see [`Outbox::publish`]); or, for a replayed `Idempotency-Key`, the job it names.
 #[derive(Debug, Clone)]
 pub struct Accepted {
     pub id: JobId,
@@ -65,15 +66,11 @@ pub struct Accepted {
 
 impl App {
     /// Validates `request`; refuses it when the queue is full; checks the client's bounds and writes the
-    /// job's `queued` record in one atomic Redis call ([`crate::admission`]); then publishes it under `id`.
+    /// job's `queued` record in one atomic Redis call ([`crate::admission`]), which also keeps the job's
+    /// body in the [`Outbox`]; then publishes it under `id` through the outbox, which settles what the
+    /// broker answered ([`Outbox::publish`]). A job the broker refused gets its charges back and a 503.
     /// The decision, when Redis gave one, is for the response's `RateLimit-*` headers.
     ///
-    /// The admission also keeps the job's body in the [`Outbox`], so a gateway that dies before the broker
-    /// confirms the job leaves it to another replica. A confirmed publish takes it out. A publish the broker
-    /// refused removes the record and the body, gives the charges back and answers 503. One left
-    /// unconfirmed (a timeout, a connection lost after sending) may have reached the broker: its record
-    /// stays, the client gets the job id, and the outbox republishes the job until the broker confirms it
-    /// (at least once: if the first copy did land, the job runs twice and its first end is the one kept).
     /// When Redis cannot be asked, the submit class's fail mode decides between 503 and publishing without
     /// a record (the replies create it once Redis is back).
     pub async fn enqueue(
@@ -104,17 +101,15 @@ impl App {
         };
         let submitted_at_ms = now_ms();
         job.submitted_at_ms = Some(submitted_at_ms);
-        let body = serde_json::to_vec(&job.to_request()).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let body = serde_json::to_string(&job.to_request()).map_err(|e| ApiError::Internal(e.to_string()))?;
         let parameters =
             serde_json::to_string(&job.parameters).map_err(|e| ApiError::Internal(e.to_string()))?;
         let owner = caller.key.map(|k| k.hex());
-        let active_key = self.admissions.active_key(caller);
         let record = self.store.record(&NewJob {
-            id,
             prompt: &job.prompt,
             parameters_json: &parameters,
             owner: owner.as_deref(),
-            active_key: &active_key,
+            client: &caller.id,
             submitted_at_ms,
         });
         // Not connected, the job cannot be published: refuse before the limiter charges the client for it.
@@ -128,7 +123,7 @@ impl App {
             cost,
             idempotency,
             body: &body,
-            outbox: self.outbox.entry(id),
+            outbox: self.outbox.entry(),
         };
         let (decision, charge) = match self.admissions.admit(caller, &submission).await {
             Ok(Verdict::Admitted(decision, charge)) => (Some(decision), Some(charge)),
@@ -142,39 +137,17 @@ impl App {
                 }
             }
         };
-        match self.broker.publish(id, &body).await {
-            Ok(()) => {
-                metrics::counter!(m::JOBS, "outcome" => "submitted").increment(1);
-                // Off the answer's path: until it lands, the sweep that would take the job finds it
-                // started or, still waiting in the queue, publishes a second copy (at least once).
-                let outbox = self.outbox.clone();
+        if let Err(e) = self.outbox.publish(&self.broker, id, body.as_bytes()).await {
+            if let Some(charge) = charge {
+                let admissions = self.admissions.clone();
+                let caller = caller.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = outbox.done(id).await {
-                        tracing::warn!(error = %e, %id, "could not take a confirmed job out of the outbox");
+                    if let Err(e) = admissions.refund(&caller, &charge).await {
+                        tracing::warn!(error = %e, %id, "could not give back the admission of an unpublished job");
                     }
                 });
             }
-            Err(e) if e.is_ambiguous() => self.keep_unconfirmed(id, &body, &e).await,
-            Err(e) => match self.outbox.withdraw(id).await {
-                Ok(()) => {
-                    metrics::counter!(m::JOBS, "outcome" => "publish_failed").increment(1);
-                    if let Some(charge) = charge {
-                        let admissions = self.admissions.clone();
-                        let caller = caller.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = admissions.refund(&caller, &charge).await {
-                                tracing::warn!(error = %e, %id, "could not give back the admission of an unpublished job");
-                            }
-                        });
-                    }
-                    return Err(ApiError::unavailable("broker", e));
-                }
-                // The record and the kept body stay, so the job will be published: it is taken.
-                Err(redis) => {
-                    tracing::warn!(error = %redis, %id, "could not withdraw a refused job; it stays in the outbox");
-                    self.keep_unconfirmed(id, &body, &e).await
-                }
-            },
+            return Err(ApiError::unavailable("broker", e));
         }
         let accepted = Accepted {
             id,
@@ -184,17 +157,6 @@ impl App {
             replayed: false,
         };
         Ok((accepted, decision))
-    }
-
-    /// A publish whose fate is unknown: the job's body stays in the [`Outbox`], due at once.
-    async fn keep_unconfirmed(&self, id: JobId, body: &[u8], error: &BrokerError) {
-        metrics::counter!(m::JOBS, "outcome" => "unconfirmed").increment(1);
-        tracing::warn!(%error, %id, "publish unconfirmed; the job is kept and republished");
-        if let Err(e) = self.outbox.unconfirmed(id, body).await {
-            // The admission kept the body already, due a little later; without Redis then (fail open),
-            // nothing will republish this job.
-            tracing::error!(error = %e, %id, "could not make an unconfirmed job due for republishing");
-        }
     }
 
     /// Refuses a submission while the queue holds `--max-queued-jobs`, advising a retry when the workers,

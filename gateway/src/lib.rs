@@ -17,6 +17,7 @@ pub mod decision;
 pub mod drain;
 pub mod error;
 pub mod follow;
+pub mod keys;
 pub mod kv;
 pub mod openai;
 pub mod openapi;
@@ -54,9 +55,10 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
     let metrics = telemetry::install();
     let redis = kv::Redis::new(&config.redis_url, config.redis_pool_size, settings.redis_timeout)
         .map_err(Error::Config)?;
+    let keys = keys::Keys::new(&settings.topology);
     let store = store::JobStore::new(
         redis,
-        settings.topology.clone(),
+        keys.clone(),
         settings.result_ttl,
         settings.expired_retention,
     );
@@ -69,10 +71,9 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
         stats_cache: settings.queue_stats_cache,
         replies_prefetch: settings.replies_prefetch,
     });
-    let prefix = settings.topology.redis_key("");
     let admissions = admission::Admissions::new(
         store.redis().clone(),
-        prefix.clone(),
+        keys.clone(),
         admission::Bounds {
             requests: settings.submit_limit,
             tokens: settings.token_limit,
@@ -83,7 +84,7 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
     );
     let read_limiter = ratelimit::Limiter::new(
         store.redis().clone(),
-        prefix,
+        keys.clone(),
         ratelimit::RouteClass::Read,
         settings.read_limit,
         settings.read_on_error,
@@ -91,7 +92,7 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
     let openapi = openapi::document(&settings.served_model_name);
     let outbox = outbox::Outbox::new(
         store.clone(),
-        settings.topology.clone(),
+        keys,
         settings.publish_retry_window,
         settings.publish_timeout,
     );
@@ -137,11 +138,12 @@ pub async fn run(
     let outbox = app.outbox.clone();
     let (outbox_broker, outbox_cancel) = (app.broker.clone(), cancel.clone());
     let outbox_task = tokio::spawn(async move { outbox.run(outbox_broker, outbox_cancel).await });
+    let keys = keys::Keys::new(&app.settings.topology);
     let listener_task = tokio::spawn(app.waiters.clone().listen(
         config.redis_url.clone(),
         waiters::Channels {
-            done: app.store.done_channel(),
-            events: app.store.events_channel(),
+            done: keys.done_channel(),
+            events: keys.events_channel(),
         },
         cancel.clone(),
     ));

@@ -1,14 +1,19 @@
 //! Every job's body, kept in Redis from its admission until the broker confirms a copy: a transactional
-//! outbox.
+//! outbox. This module owns its protocol, every step of it.
 //!
 //! A gateway writes a job's `queued` record and then publishes the job. Between the two it may die (a
 //! crash, a `SIGKILL`, a lost node), and a confirm may time out or its connection drop, leaving the job's
 //! fate unknown: the broker may have it or not. Either way the client may hold the job id, so the job must
-//! reach the broker for sure. Its body therefore goes into the outbox in the same atomic script that writes
-//! the record ([`crate::admission`]): `{ns}:outbox` (a sorted set of job ids by the time a sweep may take
-//! them) and `{ns}:outbox:{id}` (the body). A confirmed publish takes the job out again.
+//! reach the broker for sure. The steps:
+//! 1. keep: the body goes into the outbox in the same atomic script that writes the record
+//!    ([`crate::admission`], with this module's [`Entry`]): `{ns}:outbox` (a sorted set of job ids by the
+//!    time a sweep may take them) and `{ns}:outbox:{id}` (the body);
+//! 2. publish ([`Outbox::publish`]): a confirmed publish takes the job out again; one whose fate is
+//!    unknown leaves it kept and makes it due at once; one the broker refused for sure withdraws the job,
+//!    record and body together, and only then is the client refused;
+//! 3. sweep ([`Outbox::run`]), on every replica, and republish what is due.
 //!
-//! Every replica sweeps the outbox. A job becomes due once its first publish has had its chance
+//! A job becomes due once its first publish has had its chance
 //! (`--publish-timeout-ms` and a grace), or at once when that publish was left unconfirmed; a due job is
 //! republished under its own id until a copy is confirmed, or until its record shows that it left `queued`
 //! (the first copy did land), or until its deadline (`--publish-retry-window-s` after it became due), when
@@ -24,10 +29,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared::reply::{Failed, now_ms};
-use shared::{ErrorBody, ErrorCode, JobId, JobReply, Topology};
+use shared::{ErrorBody, ErrorCode, JobId, JobReply};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, BrokerError};
+use crate::keys::Keys;
 use crate::kv::RedisError;
 use crate::store::{JobStore, Status};
 use crate::telemetry as m;
@@ -44,16 +50,15 @@ const FIRST_PUBLISH_GRACE: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct Outbox {
     store: JobStore,
-    topology: Topology,
+    keys: Keys,
     window: Duration,
     publish_timeout: Duration,
 }
 
-/// Where and until when the admission script keeps a new job's body (see [`Outbox::entry`]).
+/// Until when the admission script keeps a new job's body (see [`Outbox::entry`]; where: [`Keys::outbox`]
+/// and [`Keys::outbox_body`]).
 #[derive(Debug, Clone)]
 pub struct Entry {
-    pub set_key: String,
-    pub body_key: String,
     /// When a sweep may first take the job (ms since the epoch).
     pub due_ms: u64,
     /// How long the body is kept (ms).
@@ -61,25 +66,13 @@ pub struct Entry {
 }
 
 impl Outbox {
-    pub fn new(store: JobStore, topology: Topology, window: Duration, publish_timeout: Duration) -> Self {
+    pub fn new(store: JobStore, keys: Keys, window: Duration, publish_timeout: Duration) -> Self {
         Self {
             store,
-            topology,
+            keys,
             window,
             publish_timeout,
         }
-    }
-
-    fn set_key(&self) -> String {
-        self.topology.redis_key("outbox")
-    }
-
-    fn body_key(&self, id: JobId) -> String {
-        self.topology.redis_key(&format!("outbox:{id}"))
-    }
-
-    fn lock_key(&self, id: JobId) -> String {
-        self.topology.redis_key(&format!("outbox:lock:{id}"))
     }
 
     /// The body outlives the deadline a little, so the sweep that marks the job failed still finds it.
@@ -88,17 +81,67 @@ impl Outbox {
     }
 
     /// The outbox entry of a job about to be admitted and published now.
-    pub fn entry(&self, id: JobId) -> Entry {
+    pub fn entry(&self) -> Entry {
         Entry {
-            set_key: self.set_key(),
-            body_key: self.body_key(id),
             due_ms: now_ms() + (self.publish_timeout + FIRST_PUBLISH_GRACE).as_millis() as u64,
             body_ttl_ms: self.body_ttl_ms(),
         }
     }
 
+    /// Publishes an admitted job (kept in the outbox by its admission) and settles its entry by the
+    /// broker's answer. `Ok`: the job is taken, confirmed or kept for republishing. `Err`: the broker
+    /// refused it for sure and the job is withdrawn, record and body: the client must be told it was not
+    /// taken.
+    ///
+    /// A publish left unconfirmed (a timeout, a connection lost after sending) may have reached the broker:
+    /// the record stays and the sweep republishes the job until the broker confirms it (at least once: if
+    /// the first copy did land, the job runs twice and its first end is the one kept). So does a refused
+    /// job that cannot be withdrawn (Redis failed): its record and body stay, so it will be published.
+    pub async fn publish(&self, broker: &Broker, id: JobId, body: &[u8]) -> Result<(), BrokerError> {
+        match broker.publish(id, body).await {
+            Ok(()) => {
+                metrics::counter!(m::JOBS, "outcome" => "submitted").increment(1);
+                // Off the answer's path: until it lands, the sweep that would take the job finds it
+                // started or, still waiting in the queue, publishes a second copy (at least once).
+                let outbox = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = outbox.done(id).await {
+                        tracing::warn!(error = %e, %id, "could not take a confirmed job out of the outbox");
+                    }
+                });
+                Ok(())
+            }
+            Err(e) if e.is_ambiguous() => {
+                self.keep_unconfirmed(id, body, &e).await;
+                Ok(())
+            }
+            Err(e) => match self.withdraw(id).await {
+                Ok(()) => {
+                    metrics::counter!(m::JOBS, "outcome" => "publish_failed").increment(1);
+                    Err(e)
+                }
+                Err(redis) => {
+                    tracing::warn!(error = %redis, %id, "could not withdraw a refused job; it stays in the outbox");
+                    self.keep_unconfirmed(id, body, &e).await;
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// A publish whose fate is unknown: the job's body stays, due at once.
+    async fn keep_unconfirmed(&self, id: JobId, body: &[u8], error: &BrokerError) {
+        metrics::counter!(m::JOBS, "outcome" => "unconfirmed").increment(1);
+        tracing::warn!(%error, %id, "publish unconfirmed; the job is kept and republished");
+        if let Err(e) = self.unconfirmed(id, body).await {
+            // The admission kept the body already, due a little later; without Redis then (fail open),
+            // nothing will republish this job.
+            tracing::error!(error = %e, %id, "could not make an unconfirmed job due for republishing");
+        }
+    }
+
     /// Takes the job out: a copy is confirmed, or the job needs none any more.
-    pub async fn done(&self, id: JobId) -> Result<(), RedisError> {
+    async fn done(&self, id: JobId) -> Result<(), RedisError> {
         self.exec(self.forget(id)).await
     }
 
@@ -106,11 +149,11 @@ impl Outbox {
     fn forget(&self, id: JobId) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         pipe.atomic()
-            .zrem(self.set_key(), id.to_string())
+            .zrem(self.keys.outbox(), id.to_string())
             .ignore()
-            .del(self.body_key(id))
+            .del(self.keys.outbox_body(id))
             .ignore()
-            .del(self.lock_key(id))
+            .del(self.keys.outbox_lock(id))
             .ignore();
         pipe
     }
@@ -124,31 +167,31 @@ impl Outbox {
 
     /// The job's publish was left unconfirmed: keep `body` (again: the admission may not have written it,
     /// when Redis failed then) and make it due at once.
-    pub async fn unconfirmed(&self, id: JobId, body: &[u8]) -> Result<(), RedisError> {
+    async fn unconfirmed(&self, id: JobId, body: &[u8]) -> Result<(), RedisError> {
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("SET")
-            .arg(self.body_key(id))
+            .arg(self.keys.outbox_body(id))
             .arg(body)
             .arg("PX")
             .arg(self.body_ttl_ms())
             .ignore()
-            .zadd(self.set_key(), id.to_string(), now_ms())
+            .zadd(self.keys.outbox(), id.to_string(), now_ms())
             .ignore();
         self.exec(pipe).await
     }
 
     /// The broker refused the job for sure: its record and its entry go together, so that no sweep
     /// publishes a job whose client was told it was not taken.
-    pub async fn withdraw(&self, id: JobId) -> Result<(), RedisError> {
+    async fn withdraw(&self, id: JobId) -> Result<(), RedisError> {
         let mut pipe = self.forget(id);
-        pipe.del(self.store.job_key(id)).ignore();
+        pipe.del(self.keys.job(id)).ignore();
         self.exec(pipe).await
     }
 
     /// The job ids due now, with their deadlines (ms).
-    pub async fn due(&self) -> Result<Vec<(JobId, u64)>, RedisError> {
-        let key = self.set_key();
+    async fn due(&self) -> Result<Vec<(JobId, u64)>, RedisError> {
+        let key = self.keys.outbox();
         let now = now_ms();
         let entries: Vec<(String, u64)> = self
             .store
@@ -175,7 +218,7 @@ impl Outbox {
 
     /// Takes the job for one attempt; false when another replica holds it.
     async fn claim(&self, id: JobId, hold: Duration) -> Result<bool, RedisError> {
-        let key = self.lock_key(id);
+        let key = self.keys.outbox_lock(id);
         let taken: Option<String> = self
             .store
             .redis()
@@ -194,7 +237,7 @@ impl Outbox {
     }
 
     async fn body(&self, id: JobId) -> Result<Option<Vec<u8>>, RedisError> {
-        let key = self.body_key(id);
+        let key = self.keys.outbox_body(id);
         self.store
             .redis()
             .call(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
@@ -247,7 +290,7 @@ impl Outbox {
         let body = self.body(id).await?;
         let published = match &body {
             Some(body) => broker.publish(id, body).await,
-            None => Err(crate::broker::BrokerError::Encode("the kept body expired".into())),
+            None => Err(BrokerError::Encode("the kept body expired".into())),
         };
         match published {
             Ok(()) => {
@@ -277,7 +320,7 @@ impl Outbox {
                 tracing::debug!(error = %e, %id, "republish unconfirmed; retrying");
                 // Let the next sweep (of any replica) try again at once.
                 let mut pipe = redis::pipe();
-                pipe.del(self.lock_key(id)).ignore();
+                pipe.del(self.keys.outbox_lock(id)).ignore();
                 self.exec(pipe).await
             }
         }

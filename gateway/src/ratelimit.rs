@@ -25,6 +25,7 @@ use redis::Script;
 use crate::auth::Caller;
 use crate::config::{FailMode, RateLimit};
 use crate::error::ApiError;
+use crate::keys::Keys;
 use crate::kv::{Redis, RedisError};
 use crate::telemetry as m;
 
@@ -92,7 +93,7 @@ pub use crate::decision::Decision;
 #[derive(Clone)]
 pub struct Limiter {
     redis: Redis,
-    prefix: String,
+    keys: Keys,
     class: RouteClass,
     limit: RateLimit,
     on_error: FailMode,
@@ -100,26 +101,15 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    pub fn new(
-        redis: Redis,
-        namespace_prefix: String,
-        class: RouteClass,
-        limit: RateLimit,
-        on_error: FailMode,
-    ) -> Self {
+    pub fn new(redis: Redis, keys: Keys, class: RouteClass, limit: RateLimit, on_error: FailMode) -> Self {
         Self {
             redis,
-            prefix: namespace_prefix,
+            keys,
             class,
             limit,
             on_error,
             script: Arc::new(Script::new(&format!("{WINDOW_LUA}{SLIDING_WINDOW}"))),
         }
-    }
-
-    /// The Redis key of a client's log: `{ns}:rl:{class}:{client}`.
-    pub fn key(&self, caller: &Caller) -> String {
-        log_key(&self.prefix, self.class, caller)
     }
 
     /// Asks Redis whether `caller` may go ahead.
@@ -139,7 +129,7 @@ impl Limiter {
         let window_us = self.limit.window.as_micros() as u64;
         let mut invocation = self.script.prepare_invoke();
         invocation
-            .key(self.key(caller))
+            .key(self.keys.request_log(self.class.name(), &caller.id))
             .arg(window_us)
             .arg(self.limit.limit)
             .arg(member.as_str());
@@ -155,11 +145,6 @@ impl Limiter {
             reset: Duration::from_micros(reset_us.max(0) as u64),
         })
     }
-}
-
-/// The Redis key of a client's log of one class: `{ns}:rl:{class}:{client}`.
-pub fn log_key(namespace_prefix: &str, class: RouteClass, caller: &Caller) -> String {
-    format!("{namespace_prefix}rl:{}:{}", class.name(), caller.id.key_part())
 }
 
 /// Counts a request the class's limit refused.

@@ -1,11 +1,12 @@
 //! Job records in Redis: written at submission and from the replies, read by any replica's poll.
 //!
-//! A record is a hash `{ns}:job:{id}`, created together with the submission's rate-limit admission (see
-//! [`crate::ratelimit`]) and numbered by `{ns}:seq` for queue positions. Replies are applied by one Lua script, atomically, so that replicas
-//! consuming replies concurrently cannot interleave: a final status is never overwritten (a late or
-//! redelivered `job.started` after `job.succeeded` is ignored), the `{ns}:running` set (for `/v1/queue`'s
-//! `running`) and the `{ns}:taken` counter (for queue positions) change with the status, and the final
-//! write publishes the job id on `{ns}:done`, which wakes `/run` waits on every replica.
+//! A record is a hash `{ns}:job:{id}` (every name: [`crate::keys`]), created by the submission's admission
+//! (see [`crate::admission`]) and numbered by `{ns}:seq` for queue positions. Replies are applied by one
+//! Lua script, atomically, so that replicas consuming replies concurrently cannot interleave: a final
+//! status is never overwritten (a late or redelivered `job.started` after `job.succeeded` is ignored), the
+//! `{ns}:running` set (for `/v1/queue`'s `running`) and the `{ns}:taken` counter (for queue positions)
+//! change with the status, and the final write publishes the job id on `{ns}:done`, which wakes `/run`
+//! waits on every replica.
 //!
 //! Expiry is in two steps: a result is readable for the result TTL (`expires_at_ms`), after which the
 //! record answers `expired` until Redis drops the key, `expired_retention` later; then the id is 404.
@@ -24,8 +25,10 @@ use std::time::Duration;
 
 use redis::Script;
 use shared::reply::{Failed, Started, Succeeded, now_ms};
-use shared::{ErrorBody, JobId, JobReply, Topology};
+use shared::{ErrorBody, JobId, JobReply};
 
+use crate::auth::ClientId;
+use crate::keys::Keys;
 use crate::kv::{Redis, RedisError};
 
 /// A job's lifecycle as polls report it.
@@ -101,12 +104,11 @@ pub struct Figures {
 
 /// What a new record holds.
 pub struct NewJob<'a> {
-    pub id: JobId,
     pub prompt: &'a str,
     pub parameters_json: &'a str,
     pub owner: Option<&'a str>,
-    /// The client's active set (see [`crate::admission`]), which the job leaves when it ends.
-    pub active_key: &'a str,
+    /// The submitting client, whose active set (see [`crate::admission`]) the job leaves when it ends.
+    pub client: &'a ClientId,
     pub submitted_at_ms: u64,
 }
 
@@ -263,11 +265,9 @@ pub struct LogEntry {
     pub data: String,
 }
 
-/// A record to create: its key, the counter that numbers submissions, its TTL and its fields.
+/// A record to create: its TTL and its fields (its key and the counter that numbers it: [`Keys`]).
 #[derive(Debug, Clone)]
 pub struct NewRecord {
-    pub key: String,
-    pub seq_key: String,
     pub ttl_ms: u64,
     pub fields: Vec<(&'static str, String)>,
 }
@@ -276,7 +276,7 @@ pub struct NewRecord {
 #[derive(Clone)]
 pub struct JobStore {
     redis: Redis,
-    topology: Topology,
+    keys: Keys,
     result_ttl: Duration,
     retention: Duration,
     apply: Script,
@@ -285,10 +285,10 @@ pub struct JobStore {
 }
 
 impl JobStore {
-    pub fn new(redis: Redis, topology: Topology, result_ttl: Duration, retention: Duration) -> Self {
+    pub fn new(redis: Redis, keys: Keys, result_ttl: Duration, retention: Duration) -> Self {
         Self {
             redis,
-            topology,
+            keys,
             result_ttl,
             retention,
             apply: Script::new(&format!("{LEAVE_ACTIVE}{APPEND_TOKENS}{APPLY}")),
@@ -301,36 +301,13 @@ impl JobStore {
         &self.redis
     }
 
-    pub(crate) fn job_key(&self, id: JobId) -> String {
-        self.topology.redis_key(&format!("job:{id}"))
-    }
-    fn running_key(&self) -> String {
-        self.topology.redis_key("running")
-    }
-    fn taken_key(&self) -> String {
-        self.topology.redis_key("taken")
-    }
-    fn stats_key(&self) -> String {
-        self.topology.redis_key("stats")
-    }
-    fn events_key(&self, id: JobId) -> String {
-        self.topology.redis_key(&format!("events:{id}"))
-    }
-    /// The pub/sub channel on which finished job ids are announced.
-    pub fn done_channel(&self) -> String {
-        self.topology.redis_key("done")
-    }
-    /// The pub/sub channel on which a job id is announced whenever its event log grows.
-    pub fn events_channel(&self) -> String {
-        self.topology.redis_key("events")
-    }
     fn key_ttl_ms(&self) -> u64 {
         (self.result_ttl + self.retention).as_millis() as u64
     }
 
-    /// What the `queued` record of a new job is made of. The rate limiter writes it in the same script
-    /// call as the admission (one round trip), before the publish, so a reply can never arrive for a
-    /// job without a record.
+    /// What the `queued` record of a new job is made of. The admission script writes it in the same call
+    /// that checks and charges the client (one round trip), before the publish, so a reply can never
+    /// arrive for a job without a record.
     pub fn record(&self, job: &NewJob<'_>) -> NewRecord {
         let mut fields = vec![
             ("status", "queued".to_owned()),
@@ -345,10 +322,8 @@ impl JobStore {
         if let Some(owner) = job.owner {
             fields.push(("owner", owner.to_owned()));
         }
-        fields.push(("active", job.active_key.to_owned()));
+        fields.push(("active", self.keys.active(job.client)));
         NewRecord {
-            key: self.job_key(job.id),
-            seq_key: self.topology.redis_key("seq"),
             ttl_ms: self.key_ttl_ms(),
             fields,
         }
@@ -408,10 +383,10 @@ impl JobStore {
         };
         let mut invocation = self.apply.prepare_invoke();
         invocation
-            .key(self.job_key(id))
-            .key(self.running_key())
-            .key(self.taken_key())
-            .key(self.stats_key())
+            .key(self.keys.job(id))
+            .key(self.keys.running())
+            .key(self.keys.taken())
+            .key(self.keys.stats())
             .arg(event)
             .arg(id.to_string())
             .arg(now)
@@ -421,10 +396,10 @@ impl JobStore {
             .arg(payload)
             .arg(inference_ms)
             .arg(started_at)
-            .arg(self.done_channel())
-            .arg(self.events_channel())
+            .arg(self.keys.done_channel())
+            .arg(self.keys.events_channel())
             .arg(data);
-        invocation.key(self.events_key(id));
+        invocation.key(self.keys.events(id));
         let changed: i64 = self
             .redis
             .call(|mut c| async move { invocation.invoke_async(&mut c).await })
@@ -442,14 +417,14 @@ impl JobStore {
             .join(",");
         let mut invocation = self.tokens.prepare_invoke();
         invocation
-            .key(self.job_key(chunk.job_id))
-            .key(self.events_key(chunk.job_id))
+            .key(self.keys.job(chunk.job_id))
+            .key(self.keys.events(chunk.job_id))
             .arg(chunk.index)
             .arg(ids)
             .arg(chunk.text_offset)
             .arg(chunk.text.as_str())
             .arg(self.key_ttl_ms())
-            .arg(self.events_channel())
+            .arg(self.keys.events_channel())
             .arg(chunk.job_id.to_string());
         let added: i64 = self
             .redis
@@ -472,16 +447,16 @@ impl JobStore {
         .map_err(|e| RedisError::Corrupt(e.to_string()))?;
         let mut invocation = self.cancel.prepare_invoke();
         invocation
-            .key(self.job_key(id))
-            .key(self.running_key())
-            .key(self.taken_key())
-            .key(self.events_key(id))
+            .key(self.keys.job(id))
+            .key(self.keys.running())
+            .key(self.keys.taken())
+            .key(self.keys.events(id))
             .arg(now)
             .arg(now + self.result_ttl.as_millis() as u64)
             .arg(self.key_ttl_ms())
             .arg(error)
-            .arg(self.done_channel())
-            .arg(self.events_channel())
+            .arg(self.keys.done_channel())
+            .arg(self.keys.events_channel())
             .arg(id.to_string());
         let before: String = self
             .redis
@@ -507,12 +482,12 @@ impl JobStore {
     ) -> Result<(Vec<LogEntry>, Option<JobRecord>), RedisError> {
         let mut pipe = redis::pipe();
         pipe.cmd("XRANGE")
-            .arg(self.events_key(id))
+            .arg(self.keys.events(id))
             .arg(format!("({after}"))
             .arg("+")
             .arg("COUNT")
             .arg(count)
-            .hgetall(self.job_key(id));
+            .hgetall(self.keys.job(id));
         type Raw = Vec<(String, Vec<(String, Vec<u8>)>)>;
         let (raw, fields): (Raw, HashMap<String, String>) = self
             .redis
@@ -547,7 +522,7 @@ impl JobStore {
     /// round trip.
     pub async fn get(&self, id: JobId) -> Result<Option<(JobRecord, Figures)>, RedisError> {
         let mut pipe = redis::pipe();
-        pipe.hgetall(self.job_key(id));
+        pipe.hgetall(self.keys.job(id));
         self.add_figures(&mut pipe);
         let (fields, running, taken, avg): (HashMap<String, String>, u64, Option<u64>, Option<f64>) = self
             .redis
@@ -580,9 +555,9 @@ impl JobStore {
     }
 
     fn add_figures(&self, pipe: &mut redis::Pipeline) {
-        pipe.zcard(self.running_key())
-            .get(self.taken_key())
-            .hget(self.stats_key(), "avg_inference_ms");
+        pipe.zcard(self.keys.running())
+            .get(self.keys.taken())
+            .hget(self.keys.stats(), "avg_inference_ms");
     }
 }
 

@@ -298,8 +298,9 @@ async fn a_job_the_broker_never_confirms_ends_failed_publish_failed() {
 async fn outbox_len(ns: &str) -> u64 {
     let client = redis::Client::open(common::REDIS_URL).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = gateway::keys::Keys::new(&shared::Topology::new(ns, 3).unwrap());
     redis::cmd("ZCARD")
-        .arg(format!("{ns}:outbox"))
+        .arg(keys.outbox())
         .query_async(&mut conn)
         .await
         .unwrap()

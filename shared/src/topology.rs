@@ -1,5 +1,6 @@
-//! Queue and key names, all derived from one namespace, and (with the `amqp` feature, in `declare`) the
-//! idempotent declaration every process runs.
+//! Queue and exchange names, all derived from one namespace, and (with the `amqp` feature, in `declare`)
+//! the idempotent declaration every process runs. The gateway's Redis keys live under the same namespace
+//! (its `keys` module names them).
 //!
 //! Every process declares the same topology with the same arguments at start-up and after each reconnect,
 //! so no process depends on another having started first. Tests use their own namespace and so can share
@@ -70,10 +71,6 @@ impl Topology {
     pub fn cancellations_queue(&self) -> String {
         format!("{}.cancellations", self.namespace)
     }
-    /// A Redis key under this namespace.
-    pub fn redis_key(&self, suffix: &str) -> String {
-        format!("{}:{suffix}", self.namespace)
-    }
 }
 
 impl Default for Topology {
@@ -97,7 +94,6 @@ mod tests {
         assert_eq!(t.replies_queue(), "blue.replies");
         assert_eq!(t.control_exchange(), "blue.control");
         assert_eq!(t.cancellations_queue(), "blue.cancellations");
-        assert_eq!(t.redis_key("job:1"), "blue:job:1");
     }
 
     #[test]

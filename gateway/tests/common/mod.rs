@@ -151,8 +151,11 @@ impl Drop for TestEnv {
 }
 
 async fn cleanup(ns: String) {
+    let Ok(topology) = shared::Topology::new(&ns, 3) else {
+        return;
+    };
     if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
-        if let (Ok(ch), Ok(topology)) = (conn.create_channel().await, shared::Topology::new(&ns, 3)) {
+        if let Ok(ch) = conn.create_channel().await {
             let _ = topology.delete(&ch).await;
         }
         let _ = conn.close(200, "bye".into()).await;
@@ -161,9 +164,12 @@ async fn cleanup(ns: String) {
         && let Ok(mut conn) = client.get_multiplexed_async_connection().await
     {
         let keys: Vec<String> = {
-            let mut iter = redis::AsyncCommands::scan_match::<_, String>(&mut conn, format!("{ns}:*"))
-                .await
-                .unwrap();
+            let mut iter = redis::AsyncCommands::scan_match::<_, String>(
+                &mut conn,
+                gateway::keys::Keys::new(&topology).pattern(),
+            )
+            .await
+            .unwrap();
             let mut keys = Vec::new();
             while let Some(k) = iter.next().await {
                 if let Ok(k) = k {
