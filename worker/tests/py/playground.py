@@ -1,5 +1,7 @@
-"""Drives the playground in headless Chromium: the page loads from the gateway alone, a prompt submitted shows
-streamed text and ends `succeeded`, a long job is cancelled with the button, /docs renders.
+"""Drives the playground in headless Chromium: the page loads from the gateway alone and carries its icon, a
+prompt submitted shows streamed text and ends `succeeded` with the live queue counting it out, a refused
+submission replaces the last job's status and text with the refusal, a long job is cancelled with the button,
+/docs renders.
 
 Usage: python playground.py BASE_URL SCREENSHOT_DIR
 
@@ -22,8 +24,10 @@ def fail(what):
 
 
 def wait_for(page, script, timeout_ms, what):
+    # As a function: Playwright polls an expression with eval, which the page's content security policy
+    # forbids (no 'unsafe-eval'), while a function is called without it.
     try:
-        page.wait_for_function(script, timeout=timeout_ms)
+        page.wait_for_function(f"() => ({script})", timeout=timeout_ms)
     except PlaywrightTimeout:
         fail(what())
 
@@ -43,9 +47,13 @@ def main():
 
 
 def run(page, base, shots):
-    foreign, errors = [], []
+    foreign, errors, missing = [], [], []
     page.on("request", lambda r: None if r.url.startswith(base) else foreign.append(r.url))
     page.on("pageerror", lambda e: errors.append(str(e)))
+    # The browser's own requests (a /favicon.ico when the page names no icon) raise no request event; a
+    # resource it could not load shows as a console error that names it.
+    page.on("console", lambda m: missing.append(m.location.get("url", "?"))
+            if m.type == "error" and "status of 404" in m.text else None)
     status = lambda: page.text_content("#status")  # noqa: E731
 
     page.goto(base + "/", wait_until="load")
@@ -70,7 +78,22 @@ def run(page, base, shots):
         fail("the details give the token count")
     if page.locator("#history tr").count() < 1:
         fail("the job is in this browser's history")
+    # The header's queue figures are read again when the job ends, not at the next 2 s tick.
+    wait_for(page, "document.getElementById('running').textContent === '0'", 1000,
+             lambda: f"the live queue counts the ended job out, running: {page.text_content('#running')}")
     page.screenshot(path=f"{shots}/playground-succeeded.png", full_page=True)
+
+    # A refused submission (nothing is left of this prompt after cleaning: 422) shows the refusal in place of
+    # the last job's status, text and details.
+    page.fill("#prompt", "$$$")
+    page.click("#submit")
+    wait_for(page, "document.getElementById('status').textContent.startsWith('refused')", 10000,
+             lambda: f"the refusal replaces the last job's status, status: {status()}")
+    if "prompt_empty" not in page.text_content("#error"):
+        fail(f"the refusal names its reason: {page.text_content('#error')}")
+    if page.text_content("#output") or page.text_content("#detail"):
+        fail(f"the last job's text is gone: {page.text_content('#output')!r} {page.text_content('#detail')!r}")
+    page.screenshot(path=f"{shots}/playground-refused.png", full_page=True)
 
     # A long job, cancelled with the button while it streams.
     page.fill("#max_new_tokens", "2000")
@@ -96,6 +119,8 @@ def run(page, base, shots):
 
     if foreign:
         fail(f"a page fetched from another host: {', '.join(foreign)}")
+    if missing:
+        fail(f"the browser was answered 404 for: {', '.join(missing)}")
     if errors:
         fail(f"script errors: {'; '.join(errors)}")
 
