@@ -112,6 +112,9 @@ impl KvCache {
 #[derive(Debug)]
 pub struct SlotCache {
     n_layer: usize,
+    /// Copies made to keep the rows in order (joins, leaves, beam reorders, contrastive keeps): what the
+    /// engine's benchmark reports as cache maintenance.
+    copies: usize,
     /// Consecutive layers on one device, stacked; empty until the first `reserve`.
     groups: Vec<LayerGroup>,
     rows: usize,
@@ -137,6 +140,7 @@ impl SlotCache {
     pub fn new(n_layer: usize) -> Self {
         Self {
             n_layer,
+            copies: 0,
             groups: Vec::new(),
             rows: 0,
             positions: 0,
@@ -156,6 +160,11 @@ impl SlotCache {
     /// KV positions allocated over the whole batch (rows × positions): what the batch budget counts.
     pub fn capacity(&self) -> usize {
         self.rows * self.positions
+    }
+
+    /// Tensor copies made so far to keep the rows in order (not counting a step's own key writes).
+    pub fn copies(&self) -> usize {
+        self.copies
     }
 
     /// Makes room for `rows` × `positions`, shaped like `like`'s layers (a prefill cache: dtype, device,
@@ -211,6 +220,9 @@ impl SlotCache {
             }
             groups.push(group);
         }
+        if used_rows > 0 && used_len > 0 {
+            self.copies += 2 * groups.len();
+        }
         self.groups = groups;
         self.rows = rows;
         self.positions = positions;
@@ -236,6 +248,7 @@ impl SlotCache {
         len: usize,
     ) -> Result<(), tch::TchError> {
         let (l, c) = (len as i64, copies as i64);
+        self.copies += 2 * self.groups.len();
         for g in self.allocated()? {
             for (which, dst) in g.tensors().into_iter().enumerate() {
                 let mut parts = Vec::with_capacity(g.count);
@@ -265,6 +278,7 @@ impl SlotCache {
         }
         let (f, t, n, l) = (from as i64, to as i64, n as i64, len as i64);
         let overlap = from.abs_diff(to) < n as usize;
+        self.copies += 2 * self.groups.len();
         for g in self.allocated()? {
             for x in g.tensors() {
                 let src = x.f_narrow(1, f, n)?.f_narrow(3, 0, l)?;
@@ -284,6 +298,7 @@ impl SlotCache {
         }
         let (r, n, l) = (row0 as i64, sources.len() as i64, len as i64);
         let host = Tensor::f_from_slice(sources)?;
+        self.copies += 2 * self.groups.len();
         for g in self.allocated()? {
             let idx = host.f_to_device(g.key.device())?;
             for x in g.tensors() {
@@ -301,12 +316,42 @@ impl SlotCache {
         if from == to {
             return Ok(());
         }
+        self.copies += 2 * self.groups.len();
         for g in self.allocated()? {
             for x in g.tensors() {
                 let at = x.f_select(1, row as i64)?;
                 // Two distinct positions: the source and the destination never overlap.
                 let src = at.f_narrow(2, from as i64, 1)?;
                 at.f_narrow(2, to as i64, 1)?.f_copy_(&src)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// For each `(row, from, to)`, copies position `from` of `row` to position `to`: every contrastive
+    /// sequence of a step keeping the candidate it chose, in one gather and one scatter per device.
+    pub fn keep_positions(&mut self, moves: &[(usize, usize, usize)]) -> Result<(), tch::TchError> {
+        let moves: Vec<_> = moves.iter().filter(|(_, from, to)| from != to).collect();
+        if moves.is_empty() {
+            return Ok(());
+        }
+        let column = |f: fn(&(usize, usize, usize)) -> usize| -> Result<Tensor, tch::TchError> {
+            Tensor::f_from_slice(&moves.iter().map(|m| f(m) as i64).collect::<Vec<_>>())
+        };
+        let (rows, from, to) = (column(|m| m.0)?, column(|m| m.1)?, column(|m| m.2)?);
+        self.copies += 2 * self.groups.len();
+        for g in self.allocated()? {
+            let device = g.key.device();
+            let (rows, from, to) = (
+                rows.f_to_device(device)?,
+                from.f_to_device(device)?,
+                to.f_to_device(device)?,
+            );
+            for x in g.tensors() {
+                // `[c, layers, heads, head_dim]`: each move's key, every layer at once.
+                let kept = x.f_index(&[None, Some(&rows), None, Some(&from)])?;
+                let mut x = x.shallow_clone();
+                let _ = x.f_index_put_(&[None, Some(&rows), None, Some(&to)], &kept, false)?;
             }
         }
         Ok(())

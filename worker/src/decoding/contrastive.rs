@@ -56,53 +56,100 @@ impl Contrastive {
         Ok(())
     }
 
-    /// The candidates for the next position, from the last pass's logits (`[1, vocab]`).
-    pub fn choose(&mut self, seq: &mut Common, logits: &Tensor) -> Result<Choice> {
-        let scores = seq.process(logits.shallow_clone())?;
-        let probs = scores.f_softmax(-1, Kind::Float)?;
-        let (top_probs, top_ids) = probs.f_topk(self.k as i64, -1, true, true)?;
-        let ids = to_vec_i64(&top_ids)?;
-        self.candidates = Some((top_probs.f_reshape([-1])?, ids.clone()));
-        Ok(Choice::Feed(ids))
+    /// Takes this step's candidates, picked for the whole batch at once ([`super::select`]): their ids,
+    /// most likely first, and probabilities `[k]`; they are what the sequence feeds.
+    pub fn propose(&mut self, ids: Vec<i64>, probs: Tensor) -> Choice {
+        self.candidates = Some((probs, ids.clone()));
+        Choice::Feed(ids)
     }
+}
 
-    /// Picks a candidate from the pass's hidden states of the candidates (`[k, n_embd]`). Returns the
-    /// chosen candidate's index, and the result when its token ended the sequence.
-    pub fn absorb(
-        &mut self,
-        seq: &mut Common,
-        hidden: &Tensor,
-        ctx: &Context<'_>,
-    ) -> Result<(usize, Option<Decoded>)> {
-        let (top_probs, ids) = self.candidates.take().ok_or_else(|| {
-            DecodeError::Invalid("contrastive search absorbed a pass it did not feed".into())
-        })?;
-        let context = self
+/// Contrastive search's pick for every contrastive sequence of a pass at once: one batched similarity of
+/// the candidates with each sequence's earlier hidden states, one choice, one readback. `hidden` is
+/// `[c, kmax, n_embd]`, sequence `i`'s candidates in its first `k_i` rows. Returns each sequence's chosen
+/// candidate, and its result when the chosen token ended it.
+pub(crate) fn absorb(
+    seqs: &mut [(&mut Contrastive, &mut Common)],
+    hidden: &Tensor,
+    ctx: &Context<'_>,
+) -> Result<Vec<(usize, Option<Decoded>)>> {
+    if seqs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut contexts = Vec::with_capacity(seqs.len());
+    let mut probs = Vec::with_capacity(seqs.len());
+    for (c, _) in seqs.iter() {
+        let context = c
             .context
             .as_ref()
             .ok_or_else(|| DecodeError::Invalid("contrastive search has no context".into()))?;
-        let next = normalize(&hidden.f_to_kind(Kind::Float)?.f_to_device(context.device())?)?; // [k, e]
-        // Degeneration penalty: the highest cosine similarity with any earlier position.
-        let cosine = context
-            .f_narrow(0, 0, self.len as i64)?
-            .f_matmul(&next.f_transpose(0, 1)?)?; // [len, k]
-        let penalty = cosine.f_amax([0i64].as_slice(), false)?; // [k]
-        let score = top_probs
-            .f_to_device(penalty.device())?
-            .f_mul_scalar(1.0 - self.alpha)?
-            .f_sub(&penalty.f_mul_scalar(self.alpha)?)?;
-        let chosen = to_vec_i64(&score.f_argmax(-1, false)?)?[0] as usize;
-        if self.len >= context.size()[0] as usize {
+        if c.len >= context.size()[0] as usize {
             return Err(DecodeError::Invalid(
                 "contrastive search ran past its context".into(),
             ));
         }
-        context
-            .f_narrow(0, self.len as i64, 1)?
-            .f_copy_(&next.f_narrow(0, chosen as i64, 1)?)?;
-        self.len += 1;
-        Ok((chosen, seq.push(ids[chosen], ctx)))
+        contexts.push(context.f_narrow(0, 0, c.len as i64)?);
+        let (p, _) = c.candidates.as_ref().ok_or_else(|| {
+            DecodeError::Invalid("contrastive search absorbed a pass it did not feed".into())
+        })?;
+        probs.push(p.shallow_clone());
     }
+    let device = contexts[0].device();
+    let (n, kmax) = (seqs.len(), hidden.size()[1] as usize);
+    let next = normalize(&hidden.f_to_kind(Kind::Float)?.f_to_device(device)?)?; // [c, kmax, e]
+    let lens: Vec<usize> = seqs.iter().map(|(c, _)| c.len).collect();
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    // Each sequence's context, padded to the longest: [c, longest, e].
+    let padded = Tensor::f_pad_sequence(&contexts, true, 0.0, "right")?;
+    // Degeneration penalty: the highest cosine similarity with any earlier position (padding excluded).
+    let cosine = padded.f_bmm(&next.f_transpose(1, 2)?)?; // [c, longest, kmax]
+    let past: Vec<bool> = lens
+        .iter()
+        .flat_map(|&l| (0..longest).map(move |p| p >= l))
+        .collect();
+    let past = Tensor::f_from_slice(&past)?
+        .f_to_device(device)?
+        .f_view([n as i64, longest as i64, 1])?;
+    let penalty = cosine
+        .f_masked_fill(&past, f64::NEG_INFINITY)?
+        .f_amax([1i64].as_slice(), false)?; // [c, kmax]
+    let probs = Tensor::f_pad_sequence(&probs, true, 0.0, "right")?.f_to_device(device)?; // [c, kmax]
+    let column = |v: Vec<f32>| -> Result<Tensor> {
+        Ok(Tensor::f_from_slice(&v)?.f_to_device(device)?.f_view([-1, 1])?)
+    };
+    let keep = column(seqs.iter().map(|(c, _)| (1.0 - c.alpha) as f32).collect())?;
+    let alpha = column(seqs.iter().map(|(c, _)| c.alpha as f32).collect())?;
+    let score = probs.f_mul(&keep)?.f_sub(&penalty.f_mul(&alpha)?)?;
+    // A sequence with fewer candidates than the widest never picks past its own.
+    let beyond: Vec<bool> = seqs
+        .iter()
+        .flat_map(|(c, _)| (0..kmax).map(move |j| j >= c.k))
+        .collect();
+    let beyond = Tensor::f_from_slice(&beyond)?
+        .f_to_device(device)?
+        .f_view([n as i64, kmax as i64])?;
+    let chosen = to_vec_i64(
+        &score
+            .f_masked_fill(&beyond, f64::NEG_INFINITY)?
+            .f_argmax(-1, false)?,
+    )?;
+    let mut out = Vec::with_capacity(n);
+    for (i, ((c, seq), &chosen)) in seqs.iter_mut().zip(&chosen).enumerate() {
+        let chosen = chosen as usize;
+        let (_, ids) = c.candidates.take().ok_or_else(|| {
+            DecodeError::Invalid("contrastive search absorbed a pass it did not feed".into())
+        })?;
+        let context = c
+            .context
+            .as_ref()
+            .ok_or_else(|| DecodeError::Invalid("contrastive search has no context".into()))?;
+        context
+            .f_narrow(0, c.len as i64, 1)?
+            .f_copy_(&next.f_select(0, i as i64)?.f_narrow(0, chosen as i64, 1)?)?;
+        c.len += 1;
+        out.push((chosen, seq.push(ids[chosen], ctx)));
+    }
+    Ok(out)
 }
 
 /// Unit vectors along the last dimension.

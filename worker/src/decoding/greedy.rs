@@ -39,6 +39,7 @@ impl Pick {
                 let (s, rng) = &mut **b;
                 (&*s, rng.random::<f64>())
             }),
+            candidates: None,
         }
     }
 

@@ -29,8 +29,9 @@ use std::collections::HashMap;
 
 pub use error::{DecodeError, Result, panic_message};
 pub use finish::Decoded;
-pub use scheduler::{Event, FinishedSequence, Limits, Request, Scheduler, Stats};
+pub use scheduler::{Event, FinishedSequence, Limits, Request, Scheduler, Stats, StepProfile};
 pub use stop::{StopChecker, TextDecoder};
+pub use tensors::readbacks;
 
 /// A batch's outcome and where its time went.
 #[derive(Debug, Clone)]

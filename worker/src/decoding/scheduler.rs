@@ -23,10 +23,11 @@ use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
+use super::contrastive::{Contrastive, absorb};
 use super::error::{DecodeError, Result, panic_message};
 use super::finish::Decoded;
 use super::machine::Machine;
-use super::select::select;
+use super::select::{Row, Selected, select};
 use super::sequence::{Choice, Common, Context};
 use super::stop::TextDecoder;
 use super::tensors::i64_tensor;
@@ -105,6 +106,24 @@ pub enum Event {
     },
 }
 
+/// Where the last step's time went, and what it cost besides the forward pass: the engine's benchmark prints
+/// the median of each.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepProfile {
+    /// Admitting newcomers: their prefill pass and loading their keys into the batch's rows.
+    pub prefill: Duration,
+    /// Every sequence choosing its next feed: the batch token selection, beam and contrastive choices.
+    pub select: Duration,
+    /// The decode pass over every row (and contrastive search's pick of a candidate).
+    pub forward: Duration,
+    /// Closing the holes leavers made.
+    pub maintenance: Duration,
+    /// Cache copies made to keep rows in order ([`SlotCache::copies`]).
+    pub cache_copies: usize,
+    /// Whether a decode pass ran (a step may only admit, or find everyone done).
+    pub decoded: bool,
+}
+
 /// Gauges for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Stats {
@@ -158,9 +177,10 @@ pub struct Scheduler<'a> {
     running: Vec<Running>,
     waiting: VecDeque<Waiting>,
     steps_since_join: usize,
-    /// The last decode pass's logits, every sequence's rows: plain greedy rows take their argmax from one
-    /// call over all of it (one host sync a step, not one a sequence).
+    /// The last decode pass's logits, every sequence's rows: greedy and sampling rows pick from it together
+    /// (one host sync a step, not one a sequence).
     step_logits: Option<Tensor>,
+    profile: StepProfile,
 }
 
 impl<'a> Scheduler<'a> {
@@ -178,6 +198,7 @@ impl<'a> Scheduler<'a> {
             waiting: VecDeque::new(),
             steps_since_join: 0,
             step_logits: None,
+            profile: StepProfile::default(),
         }
     }
 
@@ -260,10 +281,29 @@ impl<'a> Scheduler<'a> {
         }
     }
 
+    /// Where the last step's time went.
+    pub fn profile(&self) -> StepProfile {
+        self.profile
+    }
+
     /// Admits what may join, then advances every running sequence by one step.
     pub fn step(&mut self) -> Vec<Event> {
+        let copies = self.cache.copies();
+        self.profile = StepProfile::default();
+        let started = Instant::now();
+        let events = self.step_inner();
+        self.profile.forward = started
+            .elapsed()
+            .saturating_sub(self.profile.prefill + self.profile.select + self.profile.maintenance);
+        self.profile.cache_copies = self.cache.copies() - copies;
+        events
+    }
+
+    fn step_inner(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
+        let admitting = Instant::now();
         self.admit(&mut events);
+        self.profile.prefill = admitting.elapsed();
         if self.running.is_empty() {
             return events;
         }
@@ -274,6 +314,7 @@ impl<'a> Scheduler<'a> {
         }
 
         // First half: every sequence decides what it feeds; greedy and sampling rows pick together.
+        let selecting = Instant::now();
         let picked = self.select_picks();
         let mut done: Vec<(usize, Result<Decoded>)> = Vec::new();
         for (i, picked) in picked.into_iter().enumerate() {
@@ -285,11 +326,13 @@ impl<'a> Scheduler<'a> {
             }
             self.report_tokens(i, &mut events);
         }
+        self.profile.select = selecting.elapsed();
         // Leaving may reorder the others (a hole is filled with the last rows): each keeps its feed.
         self.finish(done, &mut events);
         if self.running.is_empty() {
             return events;
         }
+        self.profile.decoded = true;
 
         // The forward pass over every row, then the second half.
         match guarded(|| self.forward()) {
@@ -316,19 +359,19 @@ impl<'a> Scheduler<'a> {
         events
     }
 
-    /// The next token of every greedy and sampling sequence, in one batch selection with one readback
-    /// ([`super::select`]); `None` for the other strategies, which pick on their own. A failed selection
-    /// cannot be pinned on one sequence: each of its sequences gets the error.
-    fn select_picks(&mut self) -> Vec<Option<Result<i64>>> {
+    /// The next token of every greedy and sampling sequence and the candidates of every contrastive one, in
+    /// one batch selection with one readback ([`super::select`]); `None` for beam search, which picks on
+    /// its own. A failed selection cannot be pinned on one sequence: each of its sequences gets the error.
+    fn select_picks(&mut self) -> Vec<Option<Result<Selected>>> {
         let step_logits = self.step_logits.take();
-        let mut picked: Vec<Option<Result<i64>>> = (0..self.running.len()).map(|_| None).collect();
+        let mut picked: Vec<Option<Result<Selected>>> = (0..self.running.len()).map(|_| None).collect();
         // Rows from the last decode pass first (one gather), then newcomers' rows from their prefill.
         let mut order: Vec<usize> = Vec::new();
         let mut step_rows: Vec<i64> = Vec::new();
         let mut joined: Vec<Tensor> = Vec::new();
         for pass in [true, false] {
             for (i, seq) in self.running.iter_mut().enumerate() {
-                if !matches!(seq.machine, Machine::Pick(_)) {
+                if matches!(seq.machine, Machine::Beam(_)) {
                     continue;
                 }
                 match (pass, seq.logits_row, step_logits.is_some()) {
@@ -369,15 +412,23 @@ impl<'a> Scheduler<'a> {
             for &i in &order {
                 let Some(seq) = slots[i].take() else { continue };
                 let Running { machine, common, .. } = seq;
-                if let Machine::Pick(p) = machine {
-                    rows.push(p.row(common));
+                match machine {
+                    Machine::Pick(p) => rows.push(p.row(common)),
+                    Machine::Contrastive(c) => rows.push(Row {
+                        history: &common.tokens,
+                        generated: common.generated().len(),
+                        processors: &common.processors,
+                        sample: None,
+                        candidates: Some(c.top_k()),
+                    }),
+                    Machine::Beam(_) => {}
                 }
             }
             select(&logits, &rows)
         });
         match result {
-            Ok(tokens) => {
-                for (&i, t) in order.iter().zip(tokens) {
+            Ok(selected) => {
+                for (&i, t) in order.iter().zip(selected) {
                     picked[i] = Some(Ok(t));
                 }
             }
@@ -618,37 +669,75 @@ impl<'a> Scheduler<'a> {
             })
             .transpose()?;
 
+        // Contrastive rows pick their candidates together: one similarity, one readback.
         let mut done = Vec::new();
-        let mut wanted: Vec<i64> = Vec::with_capacity(s);
-        for i in 0..self.running.len() {
-            let (ctx, cache, seq) = (&self.ctx, &mut self.cache, &mut self.running[i]);
-            match &mut seq.machine {
-                Machine::Contrastive(c) => {
-                    let candidates = hidden
-                        .as_ref()
-                        .ok_or_else(|| {
-                            DecodeError::Invalid("no hidden states for contrastive search".into())
-                        })?
-                        .f_narrow(0, (seq.row0 * q) as i64, c.top_k() as i64)?;
-                    let absorbed = guarded(|| c.absorb(&mut seq.common, &candidates, ctx));
-                    match absorbed {
-                        Ok((chosen, finished)) => {
-                            cache.move_position(seq.row0, seq.len + chosen, seq.len)?;
-                            wanted.push((seq.row0 * q + chosen) as i64);
-                            if let Some(d) = finished {
-                                done.push((i, Ok(d)));
-                            }
-                        }
-                        Err(e) => {
-                            wanted.push((seq.row0 * q) as i64);
-                            done.push((i, Err(e)));
+        let mut chosen: Vec<Option<usize>> = vec![None; self.running.len()];
+        let contrastive: Vec<usize> = (0..self.running.len())
+            .filter(|&i| matches!(self.running[i].machine, Machine::Contrastive(_)))
+            .collect();
+        if !contrastive.is_empty() {
+            let hidden = hidden
+                .as_ref()
+                .ok_or_else(|| DecodeError::Invalid("no hidden states for contrastive search".into()))?;
+            let kmax = contrastive
+                .iter()
+                .map(|&i| self.running[i].machine.queries())
+                .max()
+                .unwrap_or(1);
+            let mut rows = Vec::with_capacity(contrastive.len() * kmax);
+            for &i in &contrastive {
+                let (row0, k) = (self.running[i].row0, self.running[i].machine.queries());
+                rows.extend((0..kmax).map(|j| (row0 * q + j.min(k - 1)) as i64));
+            }
+            let rows = Tensor::f_from_slice(&rows)?.f_to_device(hidden.device())?;
+            let candidates =
+                hidden
+                    .f_index_select(0, &rows)?
+                    .f_view([contrastive.len() as i64, kmax as i64, -1])?;
+            let ctx = &self.ctx;
+            let mut seqs: Vec<(&mut Contrastive, &mut Common)> = self
+                .running
+                .iter_mut()
+                .filter_map(|r| match &mut r.machine {
+                    Machine::Contrastive(c) => Some((c, &mut r.common)),
+                    _ => None,
+                })
+                .collect();
+            match guarded(|| absorb(&mut seqs, &candidates, ctx)) {
+                Ok(picks) => {
+                    let mut keeps = Vec::with_capacity(picks.len());
+                    for (&i, (pick, finished)) in contrastive.iter().zip(picks) {
+                        let seq = &self.running[i];
+                        keeps.push((seq.row0, seq.len + pick, seq.len));
+                        chosen[i] = Some(pick);
+                        if let Some(d) = finished {
+                            done.push((i, Ok(d)));
                         }
                     }
+                    self.cache.keep_positions(&keeps)?;
                 }
+                Err(e) => {
+                    tracing::error!(error = %e, sequences = contrastive.len(), "contrastive search's pick failed");
+                    for &i in &contrastive {
+                        done.push((
+                            i,
+                            Err(DecodeError::Invalid(format!(
+                                "contrastive search's pick failed: {e}"
+                            ))),
+                        ));
+                    }
+                }
+            }
+        }
+        let mut wanted: Vec<i64> = Vec::with_capacity(s);
+        for (i, seq) in self.running.iter_mut().enumerate() {
+            match &seq.machine {
+                Machine::Contrastive(_) => wanted.push((seq.row0 * q + chosen[i].unwrap_or(0)) as i64),
                 m => wanted.extend((0..m.rows()).map(|b| ((seq.row0 + b) * q) as i64)),
             }
             seq.len += 1;
         }
+        done.sort_by_key(|(i, _)| *i);
         let wanted_t = Tensor::from_slice(&wanted);
         let logits = if late_head {
             let h = hidden.ok_or_else(|| DecodeError::Invalid("no hidden states for the head".into()))?;
@@ -661,10 +750,10 @@ impl<'a> Scheduler<'a> {
         let mut at = 0i64;
         for seq in &mut self.running {
             let n = seq.machine.rows() as i64;
-            // Greedy and sampling rows are read from `step_logits` by the batch selection.
+            // Greedy, sampling and contrastive rows are read from `step_logits` by the batch selection.
             seq.logits = match seq.machine {
-                Machine::Pick(_) => None,
-                _ => Some(logits.f_narrow(0, at, n)?),
+                Machine::Beam(_) => Some(logits.f_narrow(0, at, n)?),
+                _ => None,
             };
             seq.logits_row = Some(at as usize);
             at += n;
@@ -703,6 +792,12 @@ impl<'a> Scheduler<'a> {
     /// stay where they are. A leave costs O(1) moves, not a shift of every later sequence. Only when the
     /// holes are too fragmented for a sequence of several rows (beams) does the batch pack in order.
     fn compact(&mut self) {
+        let started = Instant::now();
+        self.compact_rows();
+        self.profile.maintenance += started.elapsed();
+    }
+
+    fn compact_rows(&mut self) {
         let spans: Vec<(usize, usize)> = self.running.iter().map(|r| (r.row0, r.machine.rows())).collect();
         let moves = plan_moves(&spans).unwrap_or_else(|| pack_moves(&spans));
         let mut failed = Vec::new();
@@ -723,7 +818,7 @@ impl<'a> Scheduler<'a> {
             self.cache.release();
         } else if self.running.iter().map(|r| r.row0 + r.machine.rows()).max() != Some(self.rows_used()) {
             // A dropped sequence left a hole of its own.
-            self.compact();
+            self.compact_rows();
         }
     }
 
@@ -751,17 +846,15 @@ impl<'a> Scheduler<'a> {
 fn choose(
     seq: &mut Running,
     cache: &mut SlotCache,
-    picked: Option<Result<i64>>,
+    picked: Option<Result<Selected>>,
     ctx: &Context<'_>,
 ) -> Result<Choice> {
     let no_logits = || DecodeError::Invalid("a sequence has no logits to decode from".into());
-    let choice = match &mut seq.machine {
-        Machine::Pick(p) => p.take(&mut seq.common, picked.ok_or_else(no_logits)??, ctx),
-        Machine::Contrastive(c) => {
-            let logits = seq.logits.take().ok_or_else(no_logits)?;
-            c.choose(&mut seq.common, &logits)?
-        }
-        Machine::Beam(b) => {
+    let choice = match (&mut seq.machine, picked.transpose()?) {
+        (Machine::Pick(p), Some(Selected::Token(next))) => p.take(&mut seq.common, next, ctx),
+        (Machine::Contrastive(c), Some(Selected::Candidates(ids, probs))) => c.propose(ids, probs),
+        (Machine::Pick(_) | Machine::Contrastive(_), _) => return Err(no_logits()),
+        (Machine::Beam(b), _) => {
             let logits = seq.logits.take().ok_or_else(no_logits)?;
             let (choice, sources) = b.choose(&mut seq.common, &logits, ctx)?;
             if matches!(choice, Choice::Feed(_)) {
@@ -783,9 +876,7 @@ fn plan_moves(spans: &[(usize, usize)]) -> Option<Vec<(usize, usize)>> {
     let total: usize = spans.iter().map(|&(_, rows)| rows).sum();
     let mut free = vec![true; total];
     for &(row0, rows) in spans {
-        for r in row0..(row0 + rows).min(total) {
-            free[r] = false;
-        }
+        free[row0.min(total)..(row0 + rows).min(total)].fill(false);
     }
     let mut moves = Vec::new();
     for (i, &(row0, rows)) in spans.iter().enumerate() {

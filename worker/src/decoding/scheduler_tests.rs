@@ -343,10 +343,9 @@ fn after(spans: &[(usize, usize)], moves: &[(usize, usize)]) -> Vec<(usize, usiz
     let total: usize = spans.iter().map(|s| s.1).sum();
     let mut used = vec![false; total];
     for &(row0, rows) in &spans {
-        for r in row0..row0 + rows {
-            assert!(r < total && !used[r], "{spans:?}");
-            used[r] = true;
-        }
+        assert!(row0 + rows <= total, "{spans:?}");
+        assert!(used[row0..row0 + rows].iter().all(|u| !u), "{spans:?}");
+        used[row0..row0 + rows].fill(true);
     }
     spans
 }

@@ -1,6 +1,6 @@
-//! Token selection over the whole batch: every greedy and sampling row of a step picks its next token in
-//! one set of tensor operations and one device→host readback, whatever mix of logits processors and warpers
-//! the rows ask for.
+//! Token selection over the whole batch: every greedy and sampling row of a step picks its next token, and
+//! every contrastive row its `top_k` candidates, in one set of tensor operations and one device→host
+//! readback, whatever mix of logits processors and warpers the rows ask for.
 //!
 //! On a GPU a decode step of a 6B model takes ~12 ms; selecting tokens row by row (an argmax and a readback
 //! each, or a whole 50k-float row read back to sample on the host) would cost more than the model. So each
@@ -28,24 +28,71 @@ pub(crate) struct Row<'a> {
     pub processors: &'a Processors,
     /// Sampling's warpers and this step's uniform in `[0, 1)`; `None` for greedy.
     pub sample: Option<(&'a Sampler, f64)>,
+    /// Contrastive search's `top_k`: the row wants its `k` most likely tokens and their probabilities
+    /// (after the processors, no warper), not a pick.
+    pub candidates: Option<usize>,
 }
 
-/// The next token of every row of `logits` (`[rows.len(), vocab]`), with one readback.
-pub(crate) fn select(logits: &Tensor, rows: &[Row<'_>]) -> Result<Vec<i64>> {
+/// What a batch selection gives each row, in the order of the rows.
+pub(crate) enum Selected {
+    /// A greedy or sampling row's next token.
+    Token(i64),
+    /// A contrastive row's candidates, most likely first, and their probabilities `[k]` (on the device).
+    Candidates(Vec<i64>, Tensor),
+}
+
+/// Every row's selection from `logits` (`[rows.len(), vocab]`), with one readback.
+pub(crate) fn select(logits: &Tensor, rows: &[Row<'_>]) -> Result<Vec<Selected>> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
+    let device = logits.device();
     let scores = process(logits.f_to_kind(Kind::Float)?, rows)?;
     let greedy = scores.f_argmax(-1, false)?;
     let next = if rows.iter().any(|r| r.sample.is_some()) {
         let sampled = sample(&warp(&scores, rows)?, rows)?;
         let is_sample: Vec<bool> = rows.iter().map(|r| r.sample.is_some()).collect();
-        let is_sample = Tensor::f_from_slice(&is_sample)?.f_to_device(scores.device())?;
+        let is_sample = Tensor::f_from_slice(&is_sample)?.f_to_device(device)?;
         sampled.f_where_self(&is_sample, &greedy)?
     } else {
         greedy
     };
-    to_vec_i64(&next)
+    // Contrastive rows: one top-k at the largest k (its first k of a row are that row's own top k).
+    let contrastive: Vec<usize> = (0..rows.len())
+        .filter(|&i| rows[i].candidates.is_some())
+        .collect();
+    let kmax = contrastive
+        .iter()
+        .filter_map(|&i| rows[i].candidates)
+        .max()
+        .unwrap_or(0) as i64;
+    let (readback, top) = if contrastive.is_empty() {
+        (to_vec_i64(&next)?, None)
+    } else {
+        let at = Tensor::f_from_slice(&contrastive.iter().map(|&i| i as i64).collect::<Vec<_>>())?
+            .f_to_device(device)?;
+        let probs = scores.f_index_select(0, &at)?.f_softmax(-1, Kind::Float)?;
+        let (top_probs, top_ids) = probs.f_topk(kmax, -1, true, true)?;
+        let both = Tensor::f_cat(&[next, top_ids.f_reshape([-1])?], 0)?;
+        (to_vec_i64(&both)?, Some(top_probs))
+    };
+    let (tokens, ids) = readback.split_at(rows.len());
+    let mut out = Vec::with_capacity(rows.len());
+    let mut c = 0;
+    for (i, row) in rows.iter().enumerate() {
+        match (row.candidates, &top) {
+            (Some(k), Some(top_probs)) => {
+                let mine = &ids[c * kmax as usize..][..k];
+                out.push(Selected::Candidates(
+                    mine.to_vec(),
+                    top_probs.f_select(0, c as i64)?.f_narrow(0, 0, k as i64)?,
+                ));
+                c += 1;
+            }
+            _ => out.push(Selected::Token(tokens[i])),
+        }
+    }
+    Ok(out)
 }
 
 /// The processors every strategy applies (transformers' order): repetition penalty, n-gram blocking,
@@ -251,6 +298,49 @@ mod tests {
         }
     }
 
+    fn tokens(selected: Vec<Selected>) -> Vec<i64> {
+        selected
+            .into_iter()
+            .map(|s| match s {
+                Selected::Token(t) => t,
+                Selected::Candidates(..) => panic!("a pick row got candidates"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn contrastive_rows_get_their_own_top_k_beside_picks_in_one_readback() {
+        let logits = Tensor::from_slice(&[0.0f32, 3.0, 1.0, 2.0, 5.0, 4.0, 0.5, 0.1]).view([2, 4]);
+        let p = Processors::default();
+        let rows = [
+            Row {
+                history: &[0],
+                generated: 0,
+                processors: &p,
+                sample: None,
+                candidates: Some(3),
+            },
+            Row {
+                history: &[0],
+                generated: 0,
+                processors: &p,
+                sample: None,
+                candidates: None,
+            },
+        ];
+        let before = crate::decoding::readbacks();
+        let out = select(&logits, &rows).unwrap();
+        assert_eq!(crate::decoding::readbacks() - before, 1);
+        let Selected::Candidates(ids, probs) = &out[0] else {
+            panic!("candidates")
+        };
+        assert_eq!(ids, &vec![1, 3, 2]);
+        let want = Tensor::from_slice(&[0.0f32, 3.0, 1.0, 2.0]).softmax(-1, Kind::Float);
+        let want = to_vec_f32(&want.index_select(0, &Tensor::from_slice(&[1i64, 3, 2]))).unwrap();
+        assert_eq!(to_vec_f32(probs).unwrap(), want);
+        assert!(matches!(out[1], Selected::Token(0)));
+    }
+
     fn processors(rep: Option<f64>, ngram: Option<usize>, min_new: usize) -> Processors {
         Processors {
             repetition_penalty: rep,
@@ -295,9 +385,10 @@ mod tests {
                 generated: 1,
                 processors: &procs[i],
                 sample: samplers[i].as_ref().map(|s| (s, uniforms[i])),
+                candidates: None,
             }).collect();
             let flat: Vec<f32> = logits.concat();
-            let picked = select(&Tensor::from_slice(&flat).view([rows.len() as i64, vocab as i64]), &batch).unwrap();
+            let picked = tokens(select(&Tensor::from_slice(&flat).view([rows.len() as i64, vocab as i64]), &batch).unwrap());
             for i in 0..rows.len() {
                 let want = alone(&logits[i], &histories[i], 1, &procs[i], samplers[i].as_ref(), &mut rngs[i].clone());
                 prop_assert_eq!(picked[i], want, "row {}", i);
@@ -316,8 +407,9 @@ mod tests {
                 generated: 0,
                 processors: &p,
                 sample: Some((&s, u)),
+                candidates: None,
             };
-            let t = select(&logits, &[row]).unwrap()[0];
+            let t = tokens(select(&logits, &[row]).unwrap())[0];
             assert!(t == 1 || t == 2, "{t} at {u}");
         }
     }

@@ -7,13 +7,11 @@
 //! beam), or that it is done. `absorb` (contrastive search only) reads the pass's hidden states and picks
 //! the candidate. Batch of one or batch of a hundred, a sequence runs through the same code.
 
-use super::error::Result;
 use super::finish::{Decoded, Finish};
 use super::processors::Processors;
 use super::stop::{StopChecker, TextDecoder};
 use crate::lm::CausalLm;
 use shared::GenerationPlan;
-use tch::Tensor;
 
 /// What every step needs besides the sequence: the model, the text decoder (stop sequences) and EOS.
 pub(crate) struct Context<'a> {
@@ -55,16 +53,6 @@ impl Common {
 
     pub fn generated(&self) -> &[i64] {
         &self.tokens[self.prompt_len..]
-    }
-
-    /// The logits processors over one row's scores (`[1, vocab]`).
-    pub fn process(&self, scores: Tensor) -> Result<Tensor> {
-        let scores = scores.f_to_kind(tch::Kind::Float)?;
-        if self.processors.is_noop() {
-            return Ok(scores);
-        }
-        self.processors
-            .apply(scores, &[self.tokens.as_slice()], self.generated().len())
     }
 
     pub fn finish<'a>(&'a self, ctx: &'a Context<'_>) -> Finish<'a> {

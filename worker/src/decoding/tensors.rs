@@ -2,10 +2,27 @@
 //! the next one.
 
 use super::error::Result;
+use std::cell::Cell;
 use tch::{Device, Kind, Tensor};
+
+thread_local! {
+    /// Device→host readbacks made by decoding on this thread (the engine's): on a GPU each one waits for
+    /// the device to finish the step's work, so the engine's benchmark reports how many a step makes.
+    static READBACKS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The readbacks decoding has made so far on this thread.
+pub fn readbacks() -> u64 {
+    READBACKS.get()
+}
+
+fn count_readback() {
+    READBACKS.set(READBACKS.get() + 1);
+}
 
 /// Copies a (small) tensor to the CPU as a flat vector.
 pub(super) fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
+    count_readback();
     let flat = t
         .f_to_device(Device::Cpu)?
         .f_to_kind(Kind::Float)?
@@ -14,6 +31,7 @@ pub(super) fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 pub(super) fn to_vec_i64(t: &Tensor) -> Result<Vec<i64>> {
+    count_readback();
     let flat = t
         .f_to_device(Device::Cpu)?
         .f_to_kind(Kind::Int64)?

@@ -1,0 +1,238 @@
+//! The batch engine's mechanics on a CPU that behaves like a GPU host: a deep, narrow GPT-J (GPT-J-6B's 28
+//! layers at width 32) on one libtorch thread, so a step costs mostly per-operation host work, as it does
+//! when a GPU runs the arithmetic. The batch is kept full while jobs of staggered lengths and mixed
+//! strategies join and leave, against equal-length greedy jobs in the same run (the same total of new
+//! tokens each way). What scales with the batch rather than with the model shows here.
+//!
+//! `cargo run --release -p worker --example bench_engine -- [--jobs 256] [--batch 64] [--tokens 64]`
+//! (scripts/bench-engine.sh runs it three times). Prints one table: tokens per second and the ratio to equal
+//! lengths; the median decode step split into prefill, selection, forward and cache maintenance; cache
+//! copies and device→host readbacks per decode step.
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use shared::{GenerationParameters, Strategy};
+use worker::decoding::{Limits, Request, Scheduler, StepProfile, TextDecoder, readbacks};
+use worker::device_map::Placement;
+use worker::lm::CausalLm;
+use worker::model::{Dtype, GptJ, LoadOptions};
+use worker::tiny::{TinyConfig, write_tiny_model};
+
+#[derive(Parser)]
+struct Args {
+    /// Jobs per scenario.
+    #[arg(long, default_value_t = 256)]
+    jobs: usize,
+    /// The running batch's size (`--max-batch-size`).
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Mean new tokens a job (staggered jobs range from a quarter to 1.75 times it).
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    #[arg(long, default_value_t = 28)]
+    layers: usize,
+    #[arg(long, default_value_t = 32)]
+    width: usize,
+    /// libtorch's intra-op threads (1: per-operation host cost dominates, as on a GPU).
+    #[arg(long, default_value_t = 1)]
+    threads: i32,
+}
+
+/// Stop strings are not used: no text is needed.
+struct NoText;
+impl TextDecoder for NoText {
+    fn decode(&self, _: &[u32]) -> String {
+        String::new()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Scenario {
+    EqualGreedy,
+    StaggeredGreedy,
+    StaggeredMixed,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::EqualGreedy => "equal lengths, greedy",
+            Scenario::StaggeredGreedy => "staggered, greedy",
+            Scenario::StaggeredMixed => "staggered, 6 greedy : 3 sample : 1 contrastive",
+        }
+    }
+
+    /// Job `i`'s parameters; every scenario's lengths add up to `jobs × tokens`.
+    fn parameters(self, i: usize, jobs: usize, tokens: usize) -> GenerationParameters {
+        let staggered = self != Scenario::EqualGreedy;
+        // Lengths spread evenly over [tokens/4, 7·tokens/4), in an order that mixes short and long.
+        let n = if staggered {
+            let k = (i * 37) % jobs;
+            tokens / 4 + (k * 3 * tokens / 2) / jobs.max(1)
+        } else {
+            tokens
+        };
+        let base = GenerationParameters {
+            max_new_tokens: Some(n.max(1) as u32),
+            ..Default::default()
+        };
+        match (self, i % 10) {
+            (Scenario::StaggeredMixed, 6..=8) => GenerationParameters {
+                strategy: Some(Strategy::Sample),
+                seed: Some(i as u64),
+                top_k: Some(50),
+                temperature: Some(0.8),
+                ..base
+            },
+            (Scenario::StaggeredMixed, 9) => GenerationParameters {
+                strategy: Some(Strategy::Contrastive),
+                ..base
+            },
+            _ => GenerationParameters {
+                strategy: Some(Strategy::Greedy),
+                ..base
+            },
+        }
+    }
+}
+
+struct Measured {
+    tokens: usize,
+    wall: Duration,
+    steps: Vec<StepProfile>,
+    readbacks: u64,
+}
+
+fn run(model: &GptJ, args: &Args, scenario: Scenario) -> anyhow::Result<Measured> {
+    let limits = Limits {
+        max_batch_size: args.batch,
+        max_batch_tokens: usize::MAX,
+        max_waiting_steps: 8,
+        waiting_served_ratio: 0.3,
+        max_prefill_tokens: worker::decoding::scheduler::DEFAULT_MAX_PREFILL_TOKENS,
+    };
+    let mut scheduler = Scheduler::new(model, &NoText, limits);
+    // Lengths are exact: no job ends early on EOS.
+    scheduler.set_eos(None);
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let vocab = model.info().vocab_size as i64 - 400;
+    for i in 0..args.jobs {
+        let prompt: Vec<i64> = (0..rng.random_range(8..32))
+            .map(|_| rng.random_range(0..vocab))
+            .collect();
+        let plan = scenario
+            .parameters(i, args.jobs, args.tokens)
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        scheduler
+            .submit(Request {
+                id: i as u64,
+                prompt,
+                plan,
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let (mut tokens, mut steps) = (0, Vec::new());
+    let mut decode_readbacks = 0;
+    let started = Instant::now();
+    tch::no_grad(|| {
+        while scheduler.has_work() {
+            let before = readbacks();
+            for event in scheduler.step() {
+                match event {
+                    worker::decoding::Event::Finished { result: Ok(f), .. } => {
+                        tokens += f.decoded.tokens.len()
+                    }
+                    worker::decoding::Event::Finished { result: Err(e), .. } => {
+                        return Err(anyhow::anyhow!("a job failed: {e}"));
+                    }
+                    _ => {}
+                }
+            }
+            let profile = scheduler.profile();
+            if profile.decoded {
+                decode_readbacks += readbacks() - before;
+                steps.push(profile);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(Measured {
+        tokens,
+        wall: started.elapsed(),
+        steps,
+        readbacks: decode_readbacks,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tch::set_num_threads(args.threads);
+    let dir = tempfile::tempdir()?;
+    let cfg = TinyConfig {
+        n_layer: args.layers,
+        n_embd: args.width,
+        n_head: 4,
+        rotary_dim: 4,
+        n_inner: 4 * args.width,
+        ..TinyConfig::tiny()
+    };
+    write_tiny_model(dir.path(), &cfg, 0)?;
+    let model = GptJ::load(
+        dir.path(),
+        &LoadOptions {
+            dtype: Dtype::Float32,
+            placement: Placement::default(),
+        },
+    )?;
+    println!(
+        "engine mechanics: GPT-J {} layers × {} wide, {} libtorch thread(s), {} jobs a scenario, batch {}, {} new tokens a job on average",
+        args.layers, args.width, args.threads, args.jobs, args.batch, args.tokens
+    );
+    println!(
+        "| scenario | tokens | tok/s | × equal | median step ms | prefill | select | forward | maintenance | cache copies/step | readbacks/step |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut reference = None;
+    for scenario in [
+        Scenario::EqualGreedy,
+        Scenario::StaggeredGreedy,
+        Scenario::StaggeredMixed,
+    ] {
+        let m = run(&model, &args, scenario)?;
+        let rate = m.tokens as f64 / m.wall.as_secs_f64();
+        let base = *reference.get_or_insert(rate);
+        let n = m.steps.len().max(1) as f64;
+        let part = |f: fn(&StepProfile) -> Duration| median(m.steps.iter().map(|s| ms(f(s))).collect());
+        println!(
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} |",
+            scenario.name(),
+            m.tokens,
+            rate,
+            rate / base,
+            part(|s| s.prefill + s.select + s.forward + s.maintenance),
+            part(|s| s.prefill),
+            part(|s| s.select),
+            part(|s| s.forward),
+            part(|s| s.maintenance),
+            m.steps.iter().map(|s| s.cache_copies).sum::<usize>() as f64 / n,
+            m.readbacks as f64 / n,
+        );
+    }
+    Ok(())
+}
