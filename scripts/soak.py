@@ -14,15 +14,29 @@ saw in the end, and what the workers' logs say they ran:
 - lost: accepted and without a final state the client can see (a poll, the `/run` answer, a final AMQP
   reply) once the drain deadline has passed;
 - answered twice: an AMQP correlation id with two final replies, or a job whose final state changed between
-  polls (or whose `/run` answer is not what its record holds);
+  polls (or whose `/run` answer is not the state its record holds);
 - run twice: a job that more than one worker run started (the workers' `job started` log lines, less the
   ones answered from a worker's memory), each classified: the documented at-least-once case is a run cut
   off by its worker's death or its broker connection's loss, then redelivered.
 
-Prints a plain-text table; exits 1 when a job was lost or answered twice, 2 when the setup failed.
+And it fails on whatever else it cannot explain: an HTTP answer outside the ones a well-formed request can
+get (`Load.unexplained`); a job record in its namespace it did not submit (foreign), or one of a submission
+it was refused (a ghost), or an accepted HTTP job without a record there (it landed on a gateway not the
+soak's); an AMQP reply for an id it never got accepted; a text that differs between the views of one job
+(the client's answer, the record, the event log, the streamed tokens); a panic in any process's log; a
+gateway or worker that exited without being told to.
+
+Before it starts anything it refuses a PORT that already answers, and a gateway counts as ready only when
+the socket listening on its port is that gateway process's own. On any exit, SIGTERM, SIGINT and SIGHUP
+included, it stops every process it started; it leads a process group of its own, so that scripts/soak.sh
+can end whatever a SIGKILL of this process would leave.
+
+Prints a plain-text table; exits 1 when a check failed, 2 when the setup failed (a port taken, say), 128 +
+the signal's number when interrupted.
 """
 
 import argparse
+import atexit
 import collections
 import hashlib
 import http.client
@@ -171,6 +185,62 @@ class Resp:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Whose port is it: a TCP connect before the start, /proc's socket tables after
+# ---------------------------------------------------------------------------------------------------------
+
+
+def port_answers(port):
+    """Whether something accepts TCP connections on 127.0.0.1:`port`."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def listening_inodes(port):
+    """The inodes of the sockets listening on TCP `port`, any address, from /proc/net/tcp and tcp6."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                next(fh)
+                for line in fh:
+                    fields = line.split()
+                    # 0A is TCP_LISTEN; the local address is HEXADDR:HEXPORT.
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except OSError:
+            continue
+    return inodes
+
+
+def socket_inodes(pid):
+    """The inodes of the sockets process `pid` holds (its /proc/PID/fd links read `socket:[INODE]`)."""
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    return inodes
+
+
+class Interrupted(Exception):
+    """A signal asked the soak to stop: raised in the main thread, so that its `finally` stops every process."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The processes: gateways, workers, the broker
 # ---------------------------------------------------------------------------------------------------------
 
@@ -192,6 +262,12 @@ class Cluster:
         self.ports = {}
         self.open_runs = collections.defaultdict(dict)  # port -> {request: when it was sent}
         self.http = Http()
+        # Every process started, live or not, with its incarnation name: what stop_all ends, and what the
+        # checker asks whether it exited on its own. A process the soak killed is in `asked`.
+        self.procs = []  # (Popen, name)
+        self.asked = set()  # the processes (Popen) the soak signalled
+        self.failures = []  # what went wrong with a process outside the main thread (a restart that failed)
+        self.closed = False  # set once the soak stops: no process starts after that
 
     def port(self, i):
         if self.args.port:
@@ -215,24 +291,39 @@ class Cluster:
                "--shutdown-grace-s", "5"]
         env = dict(os.environ, RUST_LOG=os.environ.get("GATEWAY_RUST_LOG", "info"), NO_COLOR="1")
         path = os.path.join(a.log_dir, f"gateway-{name}.log")
-        self.gateway_logs.append(path)
-        out = open(path, "w")
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         with self.lock:
+            self.check_open()
+            self.gateway_logs.append(path)
+            with open(path, "w") as out:
+                p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+            self.procs.append((p, f"gateway {name}"))
             self.gateways[i] = p
 
+    def check_open(self):
+        """Refuses to start a process once the soak is stopping (a fault thread's restart, racing stop_all)."""
+        if self.closed:
+            raise RuntimeError("the soak is stopping; no process starts now")
+
     def wait_gateway(self, i, timeout=60):
+        """Until gateway i answers /readyz 200 on its port, and that port's listener is its own."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        port = self.port(i)
+        while time.monotonic() < deadline and not self.closed:
             p = self.gateways[i]
             if p.poll() is not None:
                 raise SystemExit(f"gateway {i} exited ({p.returncode}); see {self.args.log_dir}")
             try:
-                status, _ = self.http.request(self.port(i), "GET", "/readyz", timeout=2)
-                if status == 200:
-                    return
+                status, _ = self.http.request(port, "GET", "/readyz", timeout=2)
             except (CutOff, NotSent):
-                pass
+                status = None
+            if status == 200:
+                # Whoever answered: a process that took the port first (another soak given the same PORT)
+                # answers while this gateway fails to bind it, and the soak's jobs would land there.
+                listeners = listening_inodes(port)
+                if listeners and listeners <= socket_inodes(p.pid):
+                    return
+                raise SystemExit(f"port {port} answers, but its listener is not gateway {i} (pid {p.pid}): "
+                                 "another process holds the port (another soak given the same PORT?)")
             time.sleep(0.1)
         raise SystemExit(f"gateway {i} did not become ready in {timeout} s")
 
@@ -244,9 +335,11 @@ class Cluster:
                "--amqp-url", a.amqp_url, "--worker-id", name, "--max-batch-size", str(a.max_batch_size)]
         env = dict(os.environ, RUST_LOG=os.environ.get("WORKER_RUST_LOG", "info"), LOG_FORMAT="json")
         path = os.path.join(a.log_dir, f"worker-{name}.log")
-        out = open(path, "w")
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         with self.lock:
+            self.check_open()
+            with open(path, "w") as out:
+                p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+            self.procs.append((p, f"worker {name}"))
             self.workers[i] = (p, name)
             self.worker_logs.append((name, path))
 
@@ -295,6 +388,7 @@ class Cluster:
 
     def kill_worker(self, i):
         p, name = self.workers[i]
+        self.asked.add(p)
         p.send_signal(signal.SIGKILL)
         p.wait()
         t = self.fault("SIGKILL worker", name)
@@ -303,6 +397,7 @@ class Cluster:
 
     def kill_gateway(self, i):
         p = self.gateways[i]
+        self.asked.add(p)
         p.send_signal(signal.SIGKILL)
         p.wait()
         self.fault("SIGKILL gateway", f"g{i}.{self.incarnations[f'g{i}']}")
@@ -325,11 +420,27 @@ class Cluster:
                            stderr=subprocess.STDOUT, timeout=300)
             self.broker_stopped = False
 
+    def exited_unasked(self):
+        """The processes that ended though the soak never signalled them: [(name, exit status)]."""
+        with self.lock:
+            procs = list(self.procs)
+        return [(name, p.returncode) for p, name in procs if p.poll() is not None and p not in self.asked]
+
+    def process_failed(self, what):
+        if not self.closed:
+            with self.lock:
+                self.failures.append(what)
+            log(f"FAILED: {what}")
+
     def stop_all(self):
-        procs = [p for p, _ in self.workers.values()] + list(self.gateways.values())
+        """Stops every process the soak started (SIGTERM, then SIGKILL after 30 s); no new one starts after.
+        Safe to call again: the signal handler's exit, the main thread's `finally` and atexit all do."""
+        with self.lock:
+            self.closed = True
+            procs = [p for p, _ in self.procs if p.poll() is None]
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+            self.asked.add(p)
+            p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         for p in procs:
             try:
@@ -370,6 +481,7 @@ class Ledger:
         self.lock = threading.Lock()
         self.counts = collections.Counter()
         self.by_prompt = {}  # attempt prompt -> (job, outcome)
+        self.unexplained = []  # HTTP answers no documented case covers: {call, status, k, body}
 
     def count(self, key, n=1):
         with self.lock:
@@ -383,6 +495,12 @@ class Ledger:
             self.counts[f"{job.channel}:{outcome}"] += 1
             if outcome == "accepted":
                 job.accepted = prompt
+
+    def unexplained_answer(self, job, call, status, body):
+        """An answer the soak cannot explain (see `Load`): counted, and a failure of the run."""
+        with self.lock:
+            self.unexplained.append({"call": call, "status": status, "k": job.k, "body": str(body)[:300]})
+        log(f"job {job.k}: {call} answered {status}, which no documented case explains: {body}")
 
     def know(self, job, job_id):
         with self.lock:
@@ -406,6 +524,13 @@ def http_final(record):
 
 
 class Load:
+    """The clients. Each call knows the answers it can explain, the ones the API documents
+    (gateway/src/routes) for a well-formed request from a client without keys, under rate limits set out of
+    reach: `POST /v1/jobs` 202, or 429 and 503 (refused, retried); `POST /run` 200, 504 with the job id,
+    the job's own error (409 cancelled, 422, 500, 504 expired), or 429 and 503; `GET` and `DELETE
+    /v1/jobs/{id}` 200, or 429 and 503. Any other answer, documented or not (a 400, a 404 for an id a
+    gateway gave out, a 500 `internal`), goes to `Ledger.unexplained_answer` and fails the run."""
+
     def __init__(self, args, cluster, ledger):
         self.args = args
         self.cluster = cluster
@@ -493,7 +618,7 @@ class Load:
                 self.cancel_http(job)
             return
         self.ledger.attempt(job, prompt, f"unexpected-{status}")
-        log(f"job {job.k}: POST /v1/jobs answered {status}: {resp}")
+        self.ledger.unexplained_answer(job, "POST /v1/jobs", status, resp)
 
     def cancel_http(self, job):
         for _ in range(50):
@@ -506,7 +631,7 @@ class Load:
                     self.ledger.count("http:cancel requests answered")
                     return
                 if status not in (503, 429):
-                    log(f"job {job.k}: DELETE answered {status}: {resp}")
+                    self.ledger.unexplained_answer(job, "DELETE /v1/jobs/{id}", status, resp)
                     return
             time.sleep(0.2)
 
@@ -543,10 +668,9 @@ class Load:
                     with self.poll_lock:
                         self.to_poll.pop(job_id, None)
                 return rec
-            if status == 404:
-                self.ledger.count("http:polls answered 404")
-            elif status not in (503, 429):
-                log(f"job {job.k}: poll answered {status}: {rec}")
+            if status not in (503, 429):
+                # A 404 too: the id came from a gateway of this namespace, whose records outlive the soak.
+                self.ledger.unexplained_answer(job, "GET /v1/jobs/{id}", status, rec)
             return None
         return None
 
@@ -578,7 +702,7 @@ class Load:
             self.ledger.final(job, "cancelled" if code == "cancelled" else "failed", code, "run")
             return
         self.ledger.attempt(job, prompt, f"unexpected-{status}")
-        log(f"job {job.k}: POST /run answered {status}: {resp}")
+        self.ledger.unexplained_answer(job, "POST /run", status, resp)
 
     def http_pool(self, q):
         while True:
@@ -602,13 +726,13 @@ class AmqpClient(threading.Thread):
         self.args = args
         self.ledger = ledger
         self.jobs = collections.deque(jobs)
-        self.by_id = {}
+        self.by_id = {}  # attempt id (the correlation id) -> job
+        self.prompts = {}  # attempt id -> the prompt it carried
         self.reply_queue = f"{args.namespace}.soak.replies"
         self.conn = None
         self.ch = None
         self.seen = set()  # digests of reply messages already taken
         self.replies = collections.defaultdict(list)  # correlation id -> [(type, body, time)]
-        self.unknown_replies = collections.Counter()
         self.cancels = []  # (due, job)
         self.done_publishing = threading.Event()
         self.stop = threading.Event()
@@ -655,11 +779,13 @@ class AmqpClient(threading.Thread):
             cid = props.correlation_id
             job = self.by_id.get(cid)
             self.ledger.count(f"amqp:replies {props.type}")
-            if job is None:
-                self.unknown_replies[props.type] += 1
-                self.replies[cid].append((props.type, body, time.time()))
-            else:
-                self.replies[cid].append((props.type, body, time.time()))
+            # A reply for an id the soak never published is kept too: the checker reports it (foreign).
+            self.replies[cid].append((props.type, body, time.time()))
+            # Only the accepted attempt's answer is the job's: an earlier attempt left unconfirmed may be
+            # answered too (its own prompt and text; the checker counts it with the cut-off submissions).
+            # Its id is known by now: pika runs this callback only in process_data_events, never inside the
+            # publish that waits for the confirm.
+            if job is not None and cid == job.id:
                 if props.type in FINAL_EVENTS:
                     reply = json.loads(body)
                     if props.type == "job.succeeded":
@@ -708,6 +834,7 @@ class AmqpClient(threading.Thread):
                     body = {"version": 1, "prompt": prompt, "parameters": job.params,
                             "submitted_at_ms": int(time.time() * 1000)}
                     self.by_id[attempt_id] = job
+                    self.prompts[attempt_id] = prompt
                     try:
                         self.publish(attempt_id, body)
                     except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
@@ -785,7 +912,7 @@ def run_faults(args, cluster, load_s, stop):
         while not stop.is_set() and time.monotonic() - t0 < at:
             time.sleep(0.05)
         if stop.is_set():
-            return
+            break  # the restarts under way finish first: a broker left stopped would fail the cleanup
         if kind == "worker":
             # A worker that is taking jobs (one still starting would test less), at random.
             ready = [i for i in range(args.workers) if cluster.consuming(i)]
@@ -794,7 +921,11 @@ def run_faults(args, cluster, load_s, stop):
             i = rng.choice(ready)
             cluster.kill_worker(i)
             time.sleep(args.restart_delay_s)
-            cluster.start_worker(i)
+            try:
+                cluster.start_worker(i)
+            except (OSError, RuntimeError) as e:
+                cluster.process_failed(f"worker {i} did not restart: {e}")
+                break
         else:
             # The broker's and the gateway's restarts take seconds: worker kills go on meanwhile.
             th = threading.Thread(target=restart_gateway if kind == "gateway" else restart_broker,
@@ -813,8 +944,13 @@ def restart_gateway(args, cluster, i):
         time.sleep(0.005)
     cluster.kill_gateway(i)
     time.sleep(args.restart_delay_s)
-    cluster.start_gateway(i)
-    cluster.wait_gateway(i)
+    try:
+        cluster.start_gateway(i)
+        cluster.wait_gateway(i)
+    except (OSError, RuntimeError, SystemExit) as e:
+        # A thread's SystemExit would end only the thread, silently: the checker reports it instead.
+        cluster.process_failed(f"gateway {i} did not come back: {e}")
+        return
     cluster.fault("gateway ready", f"g{i}")
 
 
@@ -842,7 +978,6 @@ def read_worker_logs(cluster):
     memory = collections.defaultdict(list)
     redelivered = collections.Counter()
     lost_broker = collections.defaultdict(list)
-    panics = []
     for name, path in cluster.worker_logs:
         open_runs = {}
         pending_memory = set()
@@ -854,8 +989,6 @@ def read_worker_logs(cluster):
             try:
                 rec = json.loads(line)
             except ValueError:
-                if "panicked" in line:
-                    panics.append((name, line.strip()))
                 continue
             f = rec.get("fields") or {}
             msg = f.get("message", "")
@@ -885,7 +1018,21 @@ def read_worker_logs(cluster):
         fh.close()
     for rs in runs.values():
         rs.sort(key=lambda run: run[1] or 0)
-    return runs, memory, redelivered, lost_broker, panics
+    return runs, memory, redelivered, lost_broker
+
+
+def read_panics(cluster):
+    """Every `panicked at` line in the logs of the processes the soak started (Rust's panic message, on
+    stderr, which goes to the same log): [(log file, line)]. No fault the soak injects explains one."""
+    panics = []
+    for path in cluster.gateway_logs + [path for _, path in cluster.worker_logs]:
+        try:
+            with open(path, errors="replace") as fh:
+                name = os.path.basename(path)
+                panics += [(name, ANSI.sub("", line).strip()) for line in fh if "panicked at" in line]
+        except OSError:
+            continue
+    return panics
 
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -1015,10 +1162,38 @@ def main():
     p.add_argument("--command", help="the command line to print")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
+    if args.port:
+        # Two soaks given one PORT: the second's gateways cannot bind, its jobs go to the first's gateways,
+        # and both runs are wrong. Refuse before anything starts.
+        taken = [args.port + i for i in range(args.gateways) if port_answers(args.port + i)]
+        if taken:
+            print(f"soak: refusing to start: port {', '.join(map(str, taken))} already answers on 127.0.0.1 "
+                  f"(another soak or service?); the gateways take PORT..PORT+{args.gateways - 1}: choose "
+                  "another PORT, or leave it out for free ports", file=sys.stderr, flush=True)
+            return 2
     os.makedirs(args.log_dir, exist_ok=True)
+    # Leads a process group, which every gateway and worker joins: scripts/soak.sh ends the group, so that a
+    # SIGKILL of this process (which no handler sees) leaves nothing running either.
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass  # a session leader already (run by hand from a terminal): its children are its group's anyway
 
     started = time.time()
     cluster = Cluster(args)
+    atexit.register(cluster.stop_all)
+    # SIGTERM, SIGINT, SIGHUP: raised in the main thread as Interrupted, so that the `finally` below stops
+    # every process; one arriving while that cleanup runs is only logged (the cleanup must finish).
+    cleaning = threading.Event()
+
+    def on_signal(signum, _frame):
+        if cleaning.is_set():
+            log(f"{signal.Signals(signum).name}: already stopping every process the soak started")
+            return
+        raise Interrupted(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     ledger = Ledger()
     amqp = None
     load = None
@@ -1094,12 +1269,15 @@ def main():
                 if rec is not None:
                     repolled[job.id] = rec
         records = scan_records(redis, args.namespace)
-        started_events = scan_started(redis, args.namespace, records)
+        started_events, streamed = scan_events(redis, args.namespace, records)
         redis.close()
         load.stop.set()
         amqp.stop.set()
         amqp.join(10)
     finally:
+        cleaning.set()
+        if load is not None:
+            load.stop.set()
         fault_stop_safe(locals())
         cluster.broker_start()  # never leave the broker stopped
         log("stopping the gateways and workers")
@@ -1107,8 +1285,9 @@ def main():
         if amqp is not None:
             amqp.stop.set()
             amqp.delete_queue()
+        cleaning.clear()
 
-    runs, memory, redelivered, lost_broker, panics = read_worker_logs(cluster)
+    runs, memory, redelivered, lost_broker = read_worker_logs(cluster)
     # A worker killed between its job.started reply and its log line leaves a run only the replies show.
     for job_id, starts in started_events.items():
         add_starts(runs, job_id, starts)
@@ -1119,10 +1298,9 @@ def main():
                 body = json.loads(b)
                 starts.append((body.get("worker_id"), (body.get("started_at_ms") or 0) / 1000.0))
         add_starts(runs, cid, starts)
-    report = check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, runs, memory, redelivered,
-                   lost_broker)
+    report = check(args, cluster, ledger, jobs, amqp, records, started_events, streamed, repolled, runs, memory,
+                   redelivered, lost_broker)
     report["timing"] = {"submitted_s": submitted_s, "drained_s": drained_s, "total_s": time.time() - started}
-    report["panics"] = panics
     print_report(args, report)
     if args.json:
         with open(args.json, "w") as fh:
@@ -1130,8 +1308,22 @@ def main():
     return 1 if failed(args, report) else 0
 
 
+# The checks of what the soak cannot explain: report key -> the heading its entries print under.
+UNEXPLAINED = {
+    "unexplained_answers": "HTTP ANSWERS NO DOCUMENTED CASE EXPLAINS",
+    "foreign_records": "FOREIGN JOB RECORDS",
+    "ghost_records": "GHOST JOB RECORDS",
+    "accepted_without_record": "ACCEPTED WITHOUT A RECORD HERE",
+    "stray_replies": "AMQP REPLIES TO IDS NOT PUBLISHED OR NOT ACCEPTED",
+    "texts_differ": "RESULTS THAT DIFFER BETWEEN VIEWS",
+    "panics": "PANICS",
+    "processes_failed": "PROCESSES THAT EXITED UNASKED OR DID NOT RESTART",
+}
+
+
 def failed(args, r):
     return bool(r["lost"] or r["answered_twice"] or r["run_twice_unexplained"] or r["cut_off_not_ended"]
+                or any(r[key] for key in UNEXPLAINED)
                 or (args.strict and r["answered_twice_documented"]))
 
 
@@ -1144,25 +1336,33 @@ def fault_stop_safe(scope):
         th.join(60)
 
 
-def scan_started(redis, ns, records):
-    """The `started` entries of every job's event log: [(worker id, started at)] by job id."""
+def scan_events(redis, ns, records):
+    """Every job's event log, by job id: its `started` entries [(worker id, started at)], and the text its
+    `token` entries add up to (what a client of `/v1/jobs/{id}/events` was streamed)."""
     ids = list(records)
-    out = {}
+    starts_by_id = {}
+    streamed = {}
     for chunk in range(0, len(ids), 500):
         part = ids[chunk:chunk + 500]
         for job_id, entries in zip(part, redis.pipeline([("XRANGE", f"{ns}:events:{i}", "-", "+") for i in part])):
             starts = []
+            texts = []
             for _, flat in entries or []:
                 fields = dict(zip(flat[0::2], flat[1::2]))
-                if fields.get("event") == "started":
-                    try:
-                        data = json.loads(fields.get("data") or "{}")
-                    except ValueError:
-                        continue
+                if fields.get("event") not in ("started", "token"):
+                    continue
+                try:
+                    data = json.loads(fields.get("data") or "{}")
+                except ValueError:
+                    continue
+                if fields["event"] == "started":
                     starts.append((data.get("worker_id"), (data.get("started_at_ms") or 0) / 1000.0))
+                else:
+                    texts.append(data.get("text") or "")
             if starts:
-                out[job_id] = starts
-    return out
+                starts_by_id[job_id] = starts
+            streamed[job_id] = "".join(texts)
+    return starts_by_id, streamed
 
 
 def add_starts(runs, job_id, starts):
@@ -1206,8 +1406,8 @@ def record_final(rec):
         return status, None
 
 
-def check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, runs, memory, redelivered,
-          lost_broker):
+def check(args, cluster, ledger, jobs, amqp, records, started_events, streamed, repolled, runs, memory,
+          redelivered, lost_broker):
     r = {"namespace": args.namespace, "jobs": len(jobs)}
     channels = ("http", "run", "amqp")
     accepted = [j for j in jobs if j.accepted is not None]
@@ -1230,6 +1430,9 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, 
 
     # The job records by prompt (an attempt's prompt is unique): what became of each HTTP submission.
     by_prompt = {rec.get("prompt"): (i, rec) for i, rec in records.items() if rec.get("prompt")}
+    ids_by_prompt = collections.defaultdict(list)
+    for i, rec in records.items():
+        ids_by_prompt[rec.get("prompt")].append(i)
 
     # Answered twice: two final answers for one job. An AMQP producer can get a second final reply in the
     # case docs/amqp.md documents (a worker cut off after its final reply, before its acknowledgement
@@ -1260,10 +1463,10 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, 
             if rec is not None and http_final(rec) is not None:
                 seen.add(http_final(rec))
             if j.channel == "run" and j.run_status == 200:
-                # The /run answer is prompt + text; the record's text must be its continuation.
+                # The /run answer is a success: its record must say so too (its text is compared below).
                 rec_id, run_rec = by_prompt.get(j.accepted, (None, None))
                 fin = record_final(run_rec) if rec_id else None
-                if fin is not None and (fin[0] != "succeeded" or j.run_text != j.accepted + (fin[1] or "")):
+                if fin is not None and fin[0] != "succeeded":
                     twice.append({"k": j.k, "channel": "run", "id": rec_id, "run_answer": j.run_text,
                                   "record": fin})
                 continue
@@ -1273,6 +1476,81 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, 
     r["answered_twice_jobs"] = twice
     r["answered_twice_documented"] = len(twice_documented)
     r["answered_twice_documented_jobs"] = twice_documented
+
+    # Texts: every view of one job's result must agree. HTTP: the client's text (its first final poll, or
+    # `/run`'s answer less the prompt), the record's `result`, and what the job's event log streamed (its
+    # token entries; the final reply appends the rest); AMQP: every `job.token` reply is the final text's
+    # bytes at its `text_offset` (streamed texts are a prefix of the final text, docs/amqp.md). And the
+    # result's prompt is the one the client sent: a text of another job's is no answer to this one.
+    differ = []
+    for j in accepted:
+        if j.final is None or j.final[0] != "succeeded":
+            continue
+        text = j.final[1] or ""
+        if j.channel == "amqp":
+            replies = [(t, json.loads(b)) for t, b, _ in amqp.replies.get(j.id, [])]
+            first = next(b for t, b in replies if t == "job.succeeded")
+            views = {"reply": text}
+            if first.get("prompt") != amqp.prompts.get(j.id):
+                views["reply's prompt"] = first.get("prompt")
+            final = text.encode()
+            for n, (t, b) in enumerate(replies):
+                chunk = (b.get("text") or "").encode()
+                at = b.get("text_offset") or 0
+                if t == "job.token" and final[at:at + len(chunk)] != chunk:
+                    views[f"token reply {n} at byte {at}"] = b.get("text")
+            if len(views) > 1:
+                differ.append({"k": j.k, "channel": "amqp", "id": j.id, "views": views})
+            continue
+        hit = by_prompt.get(j.accepted)
+        if hit is None:
+            continue  # no record here: reported below
+        rec_id, rec = hit
+        fin = record_final(rec)
+        if fin is None or fin[0] != "succeeded":
+            continue  # a final state other than the client's: answered twice, above
+        if j.channel == "run" and j.run_status == 200:
+            run_text = j.run_text if isinstance(j.run_text, str) else ""
+            text = run_text[len(j.accepted):] if run_text.startswith(j.accepted) else run_text
+        try:
+            result_prompt = json.loads(rec.get("result") or "{}").get("prompt")
+        except ValueError:
+            result_prompt = None
+        views = {"client": text, "record": fin[1] or "", "event log": streamed.get(rec_id)}
+        if len(set(views.values())) > 1 or result_prompt != j.accepted:
+            views["record's prompt"] = result_prompt
+            differ.append({"k": j.k, "channel": j.channel, "id": rec_id, "views": views})
+    r["texts_differ"] = differ
+
+    # What the soak cannot account for in its own namespace. A record whose prompt it never sent is foreign
+    # (another client's; or one a reply created for a job no gateway admitted: no prompt). One of a
+    # submission that was refused or never sent is a ghost (a refusal withdraws the record), and so is a
+    # second record of one prompt, or a record whose id is not the one its client was told. Every accepted
+    # HTTP job needs its record here: without one, a gateway that is not the soak's took it. The replies on
+    # the soak's own queue likewise: each for an AMQP publish the broker confirmed (or left unconfirmed).
+    foreign = []
+    ghosts = []
+    for prompt, ids in ids_by_prompt.items():
+        job, outcome = ledger.by_prompt.get(prompt, (None, None))
+        if job is None:
+            foreign += [{"id": i, "prompt": prompt} for i in ids]
+        elif outcome not in ("accepted", "cut-off"):
+            ghosts += [{"id": i, "k": job.k, "submission": outcome} for i in ids]
+        elif len(ids) > 1:
+            ghosts.append({"ids": ids, "k": job.k, "why": "several records of one submission"})
+        elif outcome == "accepted" and job.id is not None and ids[0] != job.id:
+            ghosts.append({"id": ids[0], "k": job.k, "why": f"the client was told id {job.id}"})
+    r["foreign_records"] = foreign
+    r["ghost_records"] = ghosts
+    r["accepted_without_record"] = [{"k": j.k, "channel": j.channel, "id": j.id} for j in accepted
+                                    if j.channel != "amqp" and j.accepted not in ids_by_prompt]
+    stray = []
+    for cid, replies in amqp.replies.items():
+        job, outcome = ledger.by_prompt.get(cid, (None, None)) if cid in amqp.by_id else (None, None)
+        if job is None or outcome not in ("accepted", "cut-off"):
+            stray.append({"correlation_id": cid, "k": job.k if job else None, "submission": outcome,
+                          "replies": [t for t, _, _ in replies]})
+    r["stray_replies"] = stray
 
     # Submissions cut off by a fault: did the gateway take them, and did they end?
     cut = collections.Counter()
@@ -1295,9 +1573,6 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, 
                 cut_lost.append({"k": j.k, "id": hit[0], "status": hit[1].get("status")})
     r["cut_off"] = dict(cut)
     r["cut_off_not_ended"] = cut_lost
-    r["records_without_prompt"] = [i for i, rec in records.items() if not rec.get("prompt")]
-    r["records_not_submitted_by_us"] = [i for i, rec in records.items()
-                                        if rec.get("prompt") and rec.get("prompt") not in ledger.by_prompt]
     r["refusals"] = {k: v for k, v in sorted(ledger.counts.items()) if "refused" in k}
     r["counts"] = dict(sorted(ledger.counts.items()))
 
@@ -1368,7 +1643,10 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, repolled, 
     }
     r["faults"] = [(round(t - cluster.t_load, 1), k, tgt)
                    for t, k, tgt in cluster.faults]
-    r["amqp_unknown_replies"] = dict(amqp.unknown_replies)
+    r["unexplained_answers"] = ledger.unexplained
+    r["panics"] = read_panics(cluster)
+    r["processes_failed"] = [f"{name} exited with {rc} unasked" for name, rc in cluster.exited_unasked()]
+    r["processes_failed"] += cluster.failures
     return r
 
 
@@ -1422,8 +1700,19 @@ def print_report(args, r):
     rows.append(("submissions cut off by a fault (no answer)", str(sum(cut.values()))))
     for k, v in sorted(cut.items()):
         rows.append((f"  {k}", str(v)))
-    rows.append(("job records without a prompt (ghosts)", str(len(r["records_without_prompt"]))))
     rows.append(("job records whose attempts exceed their runs", str(len(r["records_attempts_over_runs"]))))
+    # What the soak cannot explain: each must be 0.
+    unexplained = collections.Counter(f"{a['call']} {a['status']}" for a in r["unexplained_answers"])
+    rows.append(("HTTP answers no documented case explains", str(len(r["unexplained_answers"]))))
+    for k, v in sorted(unexplained.items()):
+        rows.append((f"  {k}", str(v)))
+    rows.append(("job records the soak did not submit (foreign)", str(len(r["foreign_records"]))))
+    rows.append(("job records of submissions not accepted (ghosts)", str(len(r["ghost_records"]))))
+    rows.append(("HTTP jobs accepted without a record here", str(len(r["accepted_without_record"]))))
+    rows.append(("AMQP replies to ids not published or not accepted", str(len(r["stray_replies"]))))
+    rows.append(("jobs whose result differs between views", str(len(r["texts_differ"]))))
+    rows.append(("panics in the processes' logs", str(len(r["panics"]))))
+    rows.append(("gateways or workers that exited unasked or did not restart", str(len(r["processes_failed"]))))
     width = max(len(a) for a, _ in rows)
     w(f"{'what'.ljust(width)}  count")
     w(f"{'-' * width}  {'-' * 5}")
@@ -1441,16 +1730,22 @@ def print_report(args, r):
         w(f"CUT OFF AND NOT ENDED: {json.dumps(r['cut_off_not_ended'][:20])}")
     if r["records_attempts_over_runs"]:
         w(f"ATTEMPTS OVER RUNS: {json.dumps(r['records_attempts_over_runs'][:20])}")
-    if r["panics"]:
-        w(f"WORKER PANICS: {r['panics'][:5]}")
+    for key, title in UNEXPLAINED.items():
+        if r[key]:
+            w(f"{title}: {json.dumps(r[key][:20])}")
     if r["answered_twice_documented"]:
         w("AMQP, ANSWERED AGAIN AFTER THE WORKER DIED BETWEEN ITS REPLY AND ITS ACK (at least once, docs/amqp.md): "
           + json.dumps(r["answered_twice_documented_jobs"][:20]))
     w(f"{'FAIL' if failed(args, r) else 'PASS'}: {r['lost']} lost, {r['answered_twice']} answered twice, "
-      f"{r['run_twice_unexplained']} run again without a documented cause"
+      f"{r['run_twice_unexplained']} run again without a documented cause, "
+      f"{sum(len(r[key]) for key in UNEXPLAINED)} unexplained (answers, records, replies, texts, panics, exits)"
       f"{' (STRICT: the documented second replies count too)' if args.strict else ''}; logs in {args.log_dir}")
     print("\n".join(out), flush=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Interrupted as e:
+        log(f"interrupted by {e}: every process the soak started is stopped")
+        sys.exit(128 + e.signum)

@@ -8,7 +8,15 @@
 # and classified: the documented at-least-once case is a run cut off by its worker's death or its broker
 # connection's loss, then redelivered), and the /run calls answered. Exits non-zero when a job was lost,
 # answered twice (beyond the second identical AMQP reply docs/amqp.md documents; STRICT=1 counts that too)
-# or run again without a documented cause.
+# or run again without a documented cause, and on whatever else it cannot explain, each a row of the table:
+# an HTTP status no documented case explains, a job record in its namespace it did not submit (foreign) or
+# of a submission it was refused (a ghost), an accepted HTTP job without a record there, an AMQP reply to an
+# id it never got accepted, a result that differs between the client's answer, the record, the event log
+# and the streamed tokens, a panic in any gateway's or worker's log, a process that exited unasked.
+# It refuses to start (exit 2, at once) when PORT or PORT+1 already answers, and takes a gateway as ready
+# only when the socket listening on its port is that gateway's own. On any exit (SIGTERM, SIGINT and SIGHUP
+# included) it stops every gateway and worker it started: soak.py stops them itself, and this script then
+# ends whatever is left in soak.py's process group (there is something only if soak.py was SIGKILLed).
 # What it checks and the full run's figures: docs/reliability.md.
 #
 #   scripts/soak.sh                     # the full soak: 1,000 jobs, about 2.5 minutes on 2 cores
@@ -21,9 +29,9 @@
 # jobs-queue leader instead), BROKER_RESTART (1; 0 skips it, where RabbitMQ is
 # shared with other test runs that a restart would disturb), GATEWAY_RESTART (1), SEED (0), STRICT=1 (a
 # second final AMQP reply fails the run even in the documented case), PORT (the gateways take PORT and
-# PORT+1; default: free ports), DRAIN_TIMEOUT, SKIP_BUILD=1 (use target/debug as it is), BIN_DIR (binaries
-# to use instead of target/debug), JSON (also write the figures to this file), LOG_DIR (default
-# target/soak-logs/NAMESPACE; logs of runs over an hour old are removed).
+# PORT+1, which must not answer yet; default: free ports), DRAIN_TIMEOUT, SKIP_BUILD=1 (use target/debug as
+# it is), BIN_DIR (binaries to use instead of target/debug), JSON (also write the figures to this file),
+# LOG_DIR (default target/soak-logs/NAMESPACE; logs of runs over an hour old are removed).
 # Runs in a namespace of its own, deleted at the end (queues, exchange, Redis keys); the binaries are copied
 # first, so a rebuild during the run changes nothing; RabbitMQ and Redis are left running.
 # shellcheck source-path=SCRIPTDIR source=lib.sh disable=SC1091
@@ -54,6 +62,18 @@ REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/}"
 NS="soak$$x$RANDOM"
 LOG_DIR="${LOG_DIR:-$ROOT/target/soak-logs/$NS}"
 
+# Two soaks on one port mix their jobs: refuse before the build, the copies and the model (soak.py checks
+# again right before its gateways start).
+if [ "$PORT" != 0 ]; then
+  for port in "$PORT" "$((PORT + 1))"; do
+    if port_open "$port"; then
+      echo "soak: refusing to start: port $port already answers on 127.0.0.1 (another soak or service?);" \
+        "the gateways take PORT and PORT+1: choose another PORT, or leave it out for free ports" >&2
+      exit 2
+    fi
+  done
+fi
+
 COMMAND="JOBS=$JOBS RATE=$RATE KILL_EVERY=$KILL_EVERY MAX_KILLS=$MAX_KILLS BROKER_RESTART=$BROKER_RESTART"
 COMMAND+=" GATEWAY_RESTART=$GATEWAY_RESTART SEED=$SEED scripts/soak.sh"
 
@@ -73,8 +93,29 @@ if [ "$BROKER_RESTART" != 0 ] && [ -z "${BROKER_STOP_CMD:-}" ] && ! rabbitmqctl 
 fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/soak.XXXXXX")"
+SOAK_PID=""
+# soak.py leads a process group that every gateway and worker joins; it stops them itself on any exit it
+# sees. A SIGKILL it does not see: then its group still holds them, and this ends them.
+end_soak_group() {
+  if [ -n "$SOAK_PID" ] && kill -0 -- "-$SOAK_PID" 2>/dev/null; then
+    log "processes of the soak left running (pid group $SOAK_PID): killing them"
+    kill -KILL -- "-$SOAK_PID" 2>/dev/null || true
+  fi
+}
+# SIGTERM, SIGINT, SIGHUP: passed on to soak.py, which stops its processes and exits; then this one exits
+# too. (A foreground soak.py would delay the trap until it ended by itself: it runs in the background, and
+# this script waits for it. A script started with `&` by another non-interactive shell starts with SIGINT
+# ignored, which bash cannot trap: stop such a one with SIGTERM.)
+stop_soak() {
+  if [ -n "$SOAK_PID" ] && kill -0 "$SOAK_PID" 2>/dev/null; then
+    log "$1: stopping the soak and every process it started"
+    kill "-$1" "$SOAK_PID" 2>/dev/null || true
+    wait "$SOAK_PID" 2>/dev/null || true
+  fi
+}
 cleanup() {
   status=$?
+  end_soak_group
   # Never leave the broker stopped, whatever happened to the run.
   if ! port_open 5672; then
     log "RabbitMQ is not answering: starting its application again"
@@ -87,8 +128,9 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'stop_soak INT; exit 130' INT
+trap 'stop_soak TERM; exit 143' TERM
+trap 'stop_soak HUP; exit 129' HUP
 
 # Copies: another build may replace target/debug's binaries while the soak runs.
 cp "$BIN_DIR/gateway" "$BIN_DIR/worker" "$WORK/"
@@ -101,7 +143,8 @@ mkdir -p "$LOG_DIR"
 extra=()
 [ -n "${JSON:-}" ] && extra+=(--json "$JSON")
 log "soak ($MODE) in namespace $NS: $JOBS jobs at $RATE/s (logs in $LOG_DIR)"
-# The last command: under `set -e` a failure exits with its status, which the EXIT trap passes on.
+# In the background, waited for (see stop_soak): under `set -e` the wait's failure exits with soak.py's
+# status, which the EXIT trap passes on.
 "$VENV/bin/python" "$ROOT/scripts/soak.py" \
   --gateway "$WORK/gateway" \
   --worker "$WORK/worker" \
@@ -124,4 +167,6 @@ log "soak ($MODE) in namespace $NS: $JOBS jobs at $RATE/s (logs in $LOG_DIR)"
   --seed "$SEED" \
   --strict "${STRICT:-0}" \
   --command "$COMMAND" \
-  "${extra[@]}"
+  "${extra[@]}" &
+SOAK_PID=$!
+wait "$SOAK_PID"
