@@ -2,11 +2,22 @@
 //!
 //! Iteration-level scheduling, as TGI's router and vLLM's scheduler do it. Before each decode step the
 //! scheduler admits waiting sequences within two budgets, sequences (`max_batch_size`) and KV positions
-//! allocated over the batch (`max_batch_tokens`); each newcomer's prompt runs its own prefill pass and its
-//! keys are copied into free rows of the batch's [`SlotCache`]. Then one forward pass advances every
+//! allocated over the batch (`max_batch_tokens`); newcomers are prefilled together in one left-padded pass
+//! and their keys copied into free rows of the batch's [`SlotCache`]. Then one forward pass advances every
 //! sequence, whatever its strategy: greedy and sampling rows feed one token, a contrastive row feeds its
-//! `top_k` candidates as queries of its own row, a beam search feeds one token per beam row. A sequence that
-//! finishes, fails or is cancelled leaves at once: its rows are freed and the rows after it packed down.
+//! `top_k` candidates as queries of its own row, a beam search feeds one token per beam row.
+//!
+//! Built for a GPU, where a decode step of a 6B model is ~12 ms and anything that grows with the batch
+//! around it would cost more than the model:
+//! - **One readback a step for the picks.** Every greedy, sampling and contrastive row chooses in one batch
+//!   selection ([`super::select`]): processors and warpers as batch operations with per-row parameters,
+//!   sampling on the device. Contrastive rows then pick their candidate together (one more readback when
+//!   any is in the batch); only beam search still decides per sequence.
+//! - **O(1) leaves.** A sequence that finishes, fails or is cancelled leaves at once and the last rows
+//!   fill its hole: one copy per device and per key/value, whatever the batch's size or the model's depth.
+//! - **Bounded prefills.** A step prefills at most `max_prefill_tokens` prompt tokens; a longer prompt is
+//!   prefilled a chunk a step while the batch decodes, so it delays running sequences by one bounded chunk
+//!   a step, never by its whole prompt.
 //!
 //! Joins are rate-limited as TGI's `waiting_served_ratio` / `max_waiting_tokens` do: while a batch runs,
 //! newcomers join when they are numerous enough against the running sequences, or when they have waited
@@ -16,8 +27,8 @@
 //! one that can never fit the budget is refused when it is submitted.
 //!
 //! Cost per step: the new tokens' keys are written in place; no step copies the cache. Joins copy the
-//! newcomer's prefill (and, when the allocation must grow, the rows in use); leaving copies the rows after
-//! the leaver; beam search copies its own rows when it reorders them.
+//! newcomer's prefill (and, when the allocation must grow, the rows in use); beam search copies its own
+//! rows when it reorders them.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -46,8 +57,9 @@ pub struct Limits {
     pub max_waiting_steps: usize,
     /// ... or once they are at least this share of the running sequences.
     pub waiting_served_ratio: f64,
-    /// Newcomers of one join round are prefilled together, left-padded, up to this many padded prompt
-    /// tokens (TGI's `max_batch_prefill_tokens`); one prompt alone may exceed it.
+    /// Prompt tokens a step prefills at most (TGI's `max_batch_prefill_tokens`): newcomers of one join
+    /// round are prefilled together, left-padded, up to this many; a longer prompt is prefilled in chunks
+    /// of this many tokens, one a step, while the batch decodes.
     pub max_prefill_tokens: usize,
 }
 
@@ -146,6 +158,28 @@ struct Waiting {
     need: usize,
 }
 
+/// A prompt longer than a step's prefill budget, being prefilled a chunk a step.
+struct Prefill {
+    waiting: Waiting,
+    /// Its keys so far, positions `0..done`.
+    cache: KvCache,
+    done: usize,
+    /// Contrastive search's context: each chunk's hidden states.
+    hidden: Vec<Tensor>,
+}
+
+/// A sequence whose prompt was prefilled, about to enter the batch.
+struct Entering {
+    waiting: Waiting,
+    /// Its logits after the prompt, `[1, vocab]`.
+    logits: Tensor,
+    /// The prompt's hidden states `[prompt, n_embd]`, for contrastive search.
+    hidden: Option<Tensor>,
+    /// Where its keys are in the prefill cache: row, and left padding.
+    row: usize,
+    pad: usize,
+}
+
 struct Running {
     id: u64,
     common: Common,
@@ -180,6 +214,8 @@ pub struct Scheduler<'a> {
     /// The last decode pass's logits, every sequence's rows: greedy and sampling rows pick from it together
     /// (one host sync a step, not one a sequence).
     step_logits: Option<Tensor>,
+    /// A long prompt being prefilled in chunks; nothing else joins meanwhile.
+    prefilling: Option<Prefill>,
     profile: StepProfile,
 }
 
@@ -198,6 +234,7 @@ impl<'a> Scheduler<'a> {
             waiting: VecDeque::new(),
             steps_since_join: 0,
             step_logits: None,
+            prefilling: None,
             profile: StepProfile::default(),
         }
     }
@@ -253,11 +290,19 @@ impl<'a> Scheduler<'a> {
 
     /// Whether anything is running or waiting.
     pub fn has_work(&self) -> bool {
-        !self.running.is_empty() || !self.waiting.is_empty()
+        !self.running.is_empty() || !self.waiting.is_empty() || self.prefilling.is_some()
     }
 
     /// Removes a sequence, waiting or running; `false` when it is not here (finished, or never submitted).
     pub fn cancel(&mut self, id: u64) -> bool {
+        if self
+            .prefilling
+            .as_ref()
+            .is_some_and(|p| p.waiting.request.id == id)
+        {
+            self.prefilling = None;
+            return true;
+        }
         if let Some(i) = self.waiting.iter().position(|w| w.request.id == id) {
             self.waiting.remove(i);
             return true;
@@ -273,7 +318,7 @@ impl<'a> Scheduler<'a> {
     pub fn stats(&self) -> Stats {
         Stats {
             running: self.running.len(),
-            waiting: self.waiting.len(),
+            waiting: self.waiting.len() + usize::from(self.prefilling.is_some()),
             rows: self.rows_used(),
             kv_used: self.running.iter().map(|r| r.machine.rows() * r.len).sum(),
             kv_allocated: self.cache.capacity(),
@@ -457,6 +502,11 @@ impl<'a> Scheduler<'a> {
     }
 
     fn admit(&mut self, events: &mut Vec<Event>) {
+        // A long prompt being prefilled takes this step's prefill budget: its next chunk, nothing else.
+        if let Some(prefill) = self.prefilling.take() {
+            self.advance_prefill(prefill, events);
+            return;
+        }
         if self.waiting.is_empty() {
             return;
         }
@@ -496,6 +546,23 @@ impl<'a> Scheduler<'a> {
                 }
                 (rows_alloc, positions)
             };
+            if p > self.limits.max_prefill_tokens {
+                // Longer than a step's prefill budget: prefilled a chunk a step while the batch decodes,
+                // once it is first in line (it joins alone).
+                if picked.is_empty()
+                    && let Some(w) = self.waiting.pop_front()
+                {
+                    let prefill = Prefill {
+                        waiting: w,
+                        cache: KvCache::new(self.ctx.model.info().n_layer),
+                        done: 0,
+                        hidden: Vec::new(),
+                    };
+                    self.advance_prefill(prefill, events);
+                    return;
+                }
+                break;
+            }
             let padded = longest_prompt.max(p) * (picked.len() + 1);
             if !picked.is_empty() && padded > self.limits.max_prefill_tokens {
                 break;
@@ -560,38 +627,174 @@ impl<'a> Scheduler<'a> {
             hidden,
         )?;
         let logits = out.logits.f_select(1, -1)?.f_to_kind(Kind::Float)?;
+        let entering = picked
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let pad = width - w.request.prompt.len();
+                let hidden = match &out.hidden {
+                    Some(h) if w.machine.needs_hidden() => Some(h.f_select(0, i as i64)?.f_narrow(
+                        0,
+                        pad as i64,
+                        w.request.prompt.len() as i64,
+                    )?),
+                    _ => None,
+                };
+                Ok(Entering {
+                    logits: logits.f_narrow(0, i as i64, 1)?,
+                    hidden,
+                    row: i,
+                    pad,
+                    waiting: w,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.enter(entering, &prefill, alloc, joined)
+    }
+
+    /// Runs the next chunk of a long prompt's prefill (at most `max_prefill_tokens` tokens); after its last
+    /// chunk the sequence enters the batch. Running sequences decode in the same step, so a long prompt
+    /// delays them by one bounded chunk a step, never by its whole prefill.
+    fn advance_prefill(&mut self, mut p: Prefill, events: &mut Vec<Event>) {
+        let id = p.waiting.request.id;
+        let chunk = guarded(|| self.prefill_chunk(&mut p));
+        let entered = match chunk {
+            Ok(None) => {
+                self.prefilling = Some(p);
+                return;
+            }
+            Ok(Some((logits, hidden))) => {
+                // Nothing joined while it was prefilled, and leaving only frees room: it fits, unless the
+                // budget changed under it.
+                let (rows, queries) = (p.waiting.machine.rows(), p.waiting.machine.queries());
+                match self.allocation(rows, queries, p.waiting.need) {
+                    Some(alloc) => {
+                        let entering = Entering {
+                            waiting: p.waiting,
+                            logits,
+                            hidden,
+                            row: 0,
+                            pad: 0,
+                        };
+                        let cache = p.cache;
+                        guarded(|| self.enter(vec![entering], &cache, alloc, Instant::now()))
+                    }
+                    None => Err(DecodeError::TooLarge(
+                        "the batch has no room left for the prompt it prefilled".into(),
+                    )),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match entered {
+            Ok(()) => {
+                self.steps_since_join = 0;
+                let batch_size = self.running.len();
+                if let Some(r) = self.running.last_mut() {
+                    r.batch_size = batch_size;
+                }
+                events.push(Event::Joined { id, batch_size });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a chunked prefill failed");
+                self.running.retain(|r| r.id != id);
+                let e = DecodeError::Invalid(format!("the prompt's prefill failed: {e}"));
+                events.push(Event::Finished { id, result: Err(e) });
+                if self.running.is_empty() {
+                    self.cache.release();
+                }
+            }
+        }
+    }
+
+    /// One chunk of a long prompt into its prefill cache; after the last, the prompt's logits `[1, vocab]`
+    /// and (for contrastive search) its hidden states.
+    fn prefill_chunk(&self, p: &mut Prefill) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        let prompt = &p.waiting.request.prompt;
+        let chunk = self.limits.max_prefill_tokens.max(1).min(prompt.len() - p.done);
+        let (from, to) = (p.done, p.done + chunk);
+        let out = self.ctx.model.forward(
+            &i64_tensor(&prompt[from..to], 1, chunk, Device::Cpu)?,
+            &i64_tensor(&vec![1; to], 1, to, Device::Cpu)?,
+            &i64_tensor(
+                &(from as i64..to as i64).collect::<Vec<_>>(),
+                1,
+                chunk,
+                Device::Cpu,
+            )?,
+            &mut p.cache,
+            Logits::LastOnly,
+            p.waiting.machine.needs_hidden(),
+        )?;
+        if let Some(h) = out.hidden {
+            p.hidden.push(h.f_select(0, 0)?);
+        }
+        p.done = to;
+        if to < prompt.len() {
+            return Ok(None);
+        }
+        let hidden = match p.hidden.len() {
+            0 => None,
+            _ => Some(Tensor::f_cat(&p.hidden, 0)?),
+        };
+        Ok(Some((
+            out.logits.f_select(1, -1)?.f_to_kind(Kind::Float)?,
+            hidden,
+        )))
+    }
+
+    /// The allocation `(rows, positions)` the batch needs with one more sequence of `rows` rows, `queries`
+    /// queries and `need` positions; `None` when the budget cannot hold it.
+    fn allocation(&self, rows: usize, queries: usize, need: usize) -> Option<(usize, usize)> {
+        let alloc = (self.cache.rows(), self.cache.positions());
+        let r = self.rows_used() + rows;
+        let positions =
+            self.running.iter().map(|s| s.need).max().unwrap_or(0).max(need) + self.queries().max(queries);
+        if r <= alloc.0 && positions <= alloc.1 {
+            return Some(alloc);
+        }
+        let positions = positions.max(alloc.1);
+        let most = self.limits.max_batch_tokens / positions.max(1);
+        let rows_alloc = r.max(alloc.0.saturating_mul(2)).min(most);
+        (rows_alloc >= r).then_some((rows_alloc, positions))
+    }
+
+    /// Newcomers whose prompts `prefill` holds enter the batch: the allocation grows to `alloc` if it must,
+    /// their keys are copied into free rows, and each gets its prefill's logits for its first choice.
+    fn enter(
+        &mut self,
+        entering: Vec<Entering>,
+        prefill: &KvCache,
+        alloc: (usize, usize),
+        joined: Instant,
+    ) -> Result<()> {
         if alloc != (self.cache.rows(), self.cache.positions()) {
             let used = self.running.iter().map(|r| r.len).max().unwrap_or(0);
             self.cache
-                .reserve(alloc.0, alloc.1, self.rows_used(), used, &prefill)?;
+                .reserve(alloc.0, alloc.1, self.rows_used(), used, prefill)?;
         }
-        for (i, w) in picked.into_iter().enumerate() {
+        for e in entering {
             let Waiting {
                 request,
                 arrived,
                 mut machine,
                 need,
-            } = w;
+            } = e.waiting;
             let p = request.prompt.len();
-            let pad = width - p;
             if let Machine::Contrastive(c) = &mut machine {
-                let h = out.hidden.as_ref().ok_or_else(|| {
+                let h = e.hidden.as_ref().ok_or_else(|| {
                     DecodeError::Invalid("the model returned no hidden states for contrastive search".into())
                 })?;
-                c.start(
-                    &h.f_select(0, i as i64)?.f_narrow(0, pad as i64, p as i64)?,
-                    need + 1,
-                )?;
+                c.start(h, need + 1)?;
             }
             let rows = machine.rows();
-            let mine = logits.f_narrow(0, i as i64, 1)?;
             let mine = if rows > 1 {
-                mine.f_expand([rows as i64, -1], false)?
+                e.logits.f_expand([rows as i64, -1], false)?
             } else {
-                mine
+                e.logits
             };
             let row0 = self.rows_used();
-            self.cache.load(row0, rows, &prefill, i, pad, p)?;
+            self.cache.load(row0, rows, prefill, e.row, e.pad, p)?;
             self.running.push(Running {
                 id: request.id,
                 common: Common::new(&request.prompt, &request.plan, self.ctx.eos),

@@ -390,3 +390,116 @@ fn beams_fill_a_hole_wide_enough_and_fragmented_holes_fall_back_to_packing() {
     let moves = pack_moves(&spans);
     after(&spans, &moves);
 }
+
+#[test]
+fn prompts_longer_than_the_prefill_budget_are_prefilled_in_chunks_and_get_what_they_get_alone() {
+    let mut lm = HashLm::new(40, Some(0));
+    lm.eos_bias = 1.0;
+    let jobs = mixed();
+    let arrivals: Vec<usize> = (0..jobs.len()).collect();
+    // Every strategy's prompt of more than 4 tokens is prefilled 4 tokens a step.
+    let limits = Limits {
+        max_prefill_tokens: 4,
+        ..quick()
+    };
+    assert!(jobs.iter().filter(|(p, _)| p.len() > 4).count() >= 2);
+    let (results, _) = staggered(&lm, &Letters, limits, &jobs, &arrivals);
+    for (i, (prompt, p)) in jobs.iter().enumerate() {
+        let got = results[&(i as u64)].as_ref().expect("succeeds");
+        assert_eq!(got.decoded, alone(&lm, prompt, p), "job {i}: {p:?}");
+    }
+}
+
+#[test]
+fn a_long_prompt_joining_never_stalls_the_running_sequences() {
+    let lm = HashLm::new(40, None);
+    let greedy = |n| {
+        plan(GenerationParameters {
+            strategy: Some(Strategy::Greedy),
+            max_new_tokens: Some(n),
+            ..Default::default()
+        })
+    };
+    let limits = Limits {
+        max_prefill_tokens: 4,
+        ..quick()
+    };
+    let mut s = Scheduler::new(&lm, &Letters, limits);
+    for id in 0..2 {
+        s.submit(Request {
+            id,
+            prompt: vec![1, 2, 3],
+            plan: greedy(40),
+        })
+        .unwrap();
+    }
+    while s.stats().running < 2 {
+        s.step();
+    }
+    let long: Vec<i64> = (0..30).map(|t| t % 37 + 1).collect();
+    s.submit(Request {
+        id: 9,
+        prompt: long.clone(),
+        plan: greedy(5),
+    })
+    .unwrap();
+    // 30 tokens at 4 a step: 8 steps of prefill, and every one of them still decodes the others.
+    let mut joined_at = None;
+    for step in 0..8 {
+        let events = s.step();
+        for id in 0..2 {
+            let tokens: usize = events
+                .iter()
+                .map(|e| match e {
+                    Event::Tokens { id: i, tokens } if *i == id => tokens.len(),
+                    _ => 0,
+                })
+                .sum();
+            assert_eq!(tokens, 1, "sequence {id} decodes at step {step}");
+        }
+        if events.iter().any(|e| matches!(e, Event::Joined { id: 9, .. })) {
+            joined_at = Some(step);
+        }
+    }
+    assert_eq!(joined_at, Some(7), "the long prompt joins with its last chunk");
+    let mut done = None;
+    while done.is_none() {
+        for e in s.step() {
+            if let Event::Finished { id: 9, result } = e {
+                done = Some(result.expect("succeeds").decoded);
+            }
+        }
+    }
+    assert_eq!(done.unwrap(), alone(&lm, &long, &greedy(5)));
+}
+
+#[test]
+fn a_prompt_cancelled_while_it_is_prefilled_in_chunks_leaves_nothing_behind() {
+    let lm = HashLm::new(40, None);
+    let limits = Limits {
+        max_prefill_tokens: 4,
+        ..quick()
+    };
+    let mut s = Scheduler::new(&lm, &Letters, limits);
+    let p = plan(GenerationParameters {
+        strategy: Some(Strategy::Greedy),
+        max_new_tokens: Some(5),
+        ..Default::default()
+    });
+    s.submit(Request {
+        id: 1,
+        prompt: (1..20).collect(),
+        plan: p,
+    })
+    .unwrap();
+    s.step();
+    assert!(s.has_work());
+    assert_eq!(
+        s.stats().waiting,
+        1,
+        "the prompt being prefilled counts as waiting"
+    );
+    assert!(s.cancel(1));
+    assert!(!s.has_work());
+    assert!(s.step().is_empty());
+}
