@@ -3,6 +3,10 @@
 //! This is the one API the command line (`worker generate`) and the queue service share, so a job and a
 //! command-line run of the same prompt and parameters give the same text. It is synchronous and owns the
 //! model; the service moves it to a dedicated thread so inference never blocks the async runtime.
+//!
+//! Its text side ([`PromptCodec`]: tokenizer, chat template, the context check, the final text) is a value
+//! of its own, shared behind an `Arc`, because it needs no model: the service tokenizes and detokenizes on
+//! the async side with it, so the engine thread runs nothing but the scheduler.
 
 use crate::decoding::{self, StopChecker};
 use crate::device_map::Placement;
@@ -12,6 +16,7 @@ use crate::model::{GptJ, LoadOptions};
 use shared::chat::{ChatMessage, ChatTemplate};
 use shared::{FinishReason, GenerationPlan};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 use tokenizers::Tokenizer;
 
@@ -119,12 +124,20 @@ pub struct BatchGeneration {
     pub step_ms: Vec<f64>,
 }
 
-/// A loaded model and tokenizer.
+/// Whether the model's end-of-sequence token ends a sequence: always for jobs; a benchmark of decoding
+/// speed (`worker generate --ignore-eos`) runs every sequence to `max_new_tokens` without the per-row
+/// `min_new_tokens` masking that would otherwise be the way to get there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Eos {
+    #[default]
+    Ends,
+    Ignored,
+}
+
+/// A loaded model and its text side.
 pub struct Engine {
     model: GptJ,
-    tokenizer: Tokenizer,
-    /// The checkpoint's chat template (`tokenizer_config.json`), or the documented default.
-    chat: ChatTemplate,
+    codec: Arc<PromptCodec>,
     load_ms: u64,
 }
 
@@ -148,32 +161,41 @@ fn chat_template(model_dir: &std::path::Path) -> Result<ChatTemplate, EngineErro
     Ok(template.unwrap_or_else(|| ChatTemplate::default_template(None)))
 }
 
-impl Engine {
-    /// Loads the model and tokenizer from `opts.model_dir` (and sets libtorch's thread count).
-    pub fn load(opts: &EngineOptions) -> Result<Self, EngineError> {
-        let start = Instant::now();
-        if let Some(n) = opts.threads {
-            tch::set_num_threads(n.max(1) as i32);
-        }
-        let tokenizer = crate::tokenizer::load(&opts.model_dir)?;
-        let chat = chat_template(&opts.model_dir)?;
-        let model = GptJ::load(&opts.model_dir, &opts.load)?;
-        Ok(Self {
-            model,
+/// The engine's text side: a prompt (or a conversation, through the chat template) to the ids the model
+/// runs, checked against its context, and generated ids to the client's text. Cheap to share, and safe to
+/// use from any thread while the model runs on its own.
+#[derive(Clone)]
+pub struct PromptCodec {
+    tokenizer: Tokenizer,
+    /// The checkpoint's chat template, or the documented default.
+    chat: ChatTemplate,
+    n_positions: usize,
+    /// What an empty prompt starts from: BOS, else EOS (as transformers does).
+    start: Option<i64>,
+}
+
+impl std::fmt::Debug for PromptCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PromptCodec")
+            .field("n_positions", &self.n_positions)
+            .field("start", &self.start)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PromptCodec {
+    /// A codec for a model of this context and these special tokens.
+    pub fn new(tokenizer: Tokenizer, chat: ChatTemplate, info: &crate::lm::ModelInfo) -> Self {
+        Self {
             tokenizer,
             chat,
-            load_ms: start.elapsed().as_millis() as u64,
-        })
+            n_positions: info.n_positions,
+            start: info.bos_token_id.or(info.eos_token_id),
+        }
     }
 
-    /// An engine over an already loaded model and tokenizer, with the default chat template.
-    pub fn from_parts(model: GptJ, tokenizer: Tokenizer) -> Self {
-        Self {
-            model,
-            tokenizer,
-            chat: ChatTemplate::default_template(None),
-            load_ms: 0,
-        }
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
     }
 
     /// A conversation as the prompt the model continues: rendered with the chat template, the assistant's
@@ -188,6 +210,90 @@ impl Engine {
         self.chat.is_default().then_some(shared::chat::DEFAULT_CHAT_STOP)
     }
 
+    /// A prompt's token ids as the model runs them: an empty prompt starts from BOS (as transformers does),
+    /// and the prompt plus the new tokens must fit the context.
+    pub fn prompt_tokens(&self, prompt: &str, plan: &GenerationPlan) -> Result<Vec<i64>, EngineError> {
+        let enc = self
+            .tokenizer
+            .encode(prompt, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let ids: Vec<i64> = enc.get_ids().iter().map(|&t| t as i64).collect();
+        let ids = if ids.is_empty() {
+            let start = self.start.ok_or_else(|| {
+                EngineError::Tokenizer(
+                    "the prompt is empty and the model has no BOS token to start from".into(),
+                )
+            })?;
+            vec![start]
+        } else {
+            ids
+        };
+        if ids.len() + plan.max_new_tokens > self.n_positions {
+            return Err(EngineError::ContextOverflow {
+                prompt_tokens: ids.len(),
+                max_new_tokens: plan.max_new_tokens,
+                n_positions: self.n_positions,
+            });
+        }
+        Ok(ids)
+    }
+
+    /// A result's text for the client: the continuation, ending before the stop sequence that ended it.
+    pub fn final_text(&self, generated: &[i64], finish_reason: FinishReason, stop: &StopChecker) -> String {
+        stop.final_text(&self.tokenizer, generated, finish_reason == FinishReason::Stop)
+    }
+}
+
+impl decoding::TextDecoder for PromptCodec {
+    fn decode(&self, ids: &[u32]) -> String {
+        decoding::TextDecoder::decode(&self.tokenizer, ids)
+    }
+}
+
+impl Engine {
+    /// Loads the model and tokenizer from `opts.model_dir` (and sets libtorch's thread count).
+    pub fn load(opts: &EngineOptions) -> Result<Self, EngineError> {
+        let start = Instant::now();
+        if let Some(n) = opts.threads {
+            tch::set_num_threads(n.max(1) as i32);
+        }
+        // The text side first: a bad tokenizer or template fails before gigabytes of weights load.
+        let tokenizer = crate::tokenizer::load(&opts.model_dir)?;
+        let chat = chat_template(&opts.model_dir)?;
+        let model = GptJ::load(&opts.model_dir, &opts.load)?;
+        let codec = Arc::new(PromptCodec::new(tokenizer, chat, &model.info()));
+        Ok(Self {
+            model,
+            codec,
+            load_ms: start.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// An engine over an already loaded model and tokenizer, with the default chat template.
+    pub fn from_parts(model: GptJ, tokenizer: Tokenizer) -> Self {
+        let codec = PromptCodec::new(tokenizer, ChatTemplate::default_template(None), &model.info());
+        Self {
+            model,
+            codec: Arc::new(codec),
+            load_ms: 0,
+        }
+    }
+
+    /// The engine's text side, to share with other threads.
+    pub fn codec(&self) -> &Arc<PromptCodec> {
+        &self.codec
+    }
+
+    /// See [`PromptCodec::render_chat`].
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        self.codec.render_chat(messages)
+    }
+
+    /// See [`PromptCodec::chat_stop`].
+    pub fn chat_stop(&self) -> Option<&'static str> {
+        self.codec.chat_stop()
+    }
+
     /// How long [`Engine::load`] took.
     pub fn load_ms(&self) -> u64 {
         self.load_ms
@@ -198,7 +304,7 @@ impl Engine {
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        self.codec.tokenizer()
     }
 
     /// Generates a continuation of `prompt`.
@@ -215,6 +321,16 @@ impl Engine {
         prompts: &[&str],
         plan: &GenerationPlan,
     ) -> Result<BatchGeneration, EngineError> {
+        self.generate_batch_with(prompts, plan, Eos::Ends)
+    }
+
+    /// [`Engine::generate_batch`], with the model's end-of-sequence token ending a sequence or not.
+    pub fn generate_batch_with(
+        &self,
+        prompts: &[&str],
+        plan: &GenerationPlan,
+        eos: Eos,
+    ) -> Result<BatchGeneration, EngineError> {
         let start = Instant::now();
         let ids = prompts
             .iter()
@@ -223,8 +339,11 @@ impl Engine {
         let prompt_lens: Vec<usize> = ids.iter().map(Vec::len).collect();
         let tokenize = start.elapsed();
 
-        let eos = self.model.info().eos_token_id;
-        let out = decoding::generate(&self.model, &ids, plan, eos, &self.tokenizer)?;
+        let eos = match eos {
+            Eos::Ends => self.model.info().eos_token_id,
+            Eos::Ignored => None,
+        };
+        let out = decoding::generate(&self.model, &ids, plan, eos, self.tokenizer())?;
 
         let decode_start = Instant::now();
         let stop = StopChecker::new(&plan.stop);
@@ -256,23 +375,20 @@ impl Engine {
         })
     }
 
-    /// A result's text for the client: the continuation, ending before the stop sequence that ended it.
+    /// A result's text for the client (see [`PromptCodec::final_text`]).
     pub fn text(&self, decoded: &decoding::Decoded, stop: &StopChecker) -> String {
-        stop.final_text(
-            &self.tokenizer,
-            &decoded.tokens,
-            decoded.finish_reason == FinishReason::Stop,
-        )
+        self.codec
+            .final_text(&decoded.tokens, decoded.finish_reason, stop)
     }
 
-    /// A prompt's token ids as the model runs them (see [`Engine::prompt_ids`]).
+    /// See [`PromptCodec::prompt_tokens`].
     pub fn prompt_tokens(&self, prompt: &str, plan: &GenerationPlan) -> Result<Vec<i64>, EngineError> {
-        self.prompt_ids(self.encode(prompt)?, plan)
+        self.codec.prompt_tokens(prompt, plan)
     }
 
     /// A continuous-batching scheduler over this engine's model.
     pub fn scheduler(&self, limits: decoding::Limits) -> decoding::Scheduler<'_> {
-        decoding::Scheduler::new(&self.model, &self.tokenizer, limits)
+        decoding::Scheduler::new(&self.model, self.tokenizer(), limits)
     }
 
     /// The KV-cache budget when none is configured: the positions that fit in the memory each device
@@ -310,38 +426,6 @@ impl Engine {
             .unwrap_or(cap);
         fits.min(cap).max(cfg.n_positions.min(cap))
     }
-
-    fn encode(&self, prompt: &str) -> Result<Vec<i64>, EngineError> {
-        let enc = self
-            .tokenizer
-            .encode(prompt, false)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().iter().map(|&t| t as i64).collect())
-    }
-
-    /// The ids a prompt runs as: an empty prompt starts from BOS (as transformers does), and the prompt plus
-    /// the new tokens must fit the context.
-    fn prompt_ids(&self, ids: Vec<i64>, plan: &GenerationPlan) -> Result<Vec<i64>, EngineError> {
-        let info = self.model.info();
-        let ids = if ids.is_empty() {
-            let bos = info.bos_token_id.or(info.eos_token_id).ok_or_else(|| {
-                EngineError::Tokenizer(
-                    "the prompt is empty and the model has no BOS token to start from".into(),
-                )
-            })?;
-            vec![bos]
-        } else {
-            ids
-        };
-        if ids.len() + plan.max_new_tokens > info.n_positions {
-            return Err(EngineError::ContextOverflow {
-                prompt_tokens: ids.len(),
-                max_new_tokens: plan.max_new_tokens,
-                n_positions: info.n_positions,
-            });
-        }
-        Ok(ids)
-    }
 }
 
 #[cfg(test)]
@@ -349,8 +433,64 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_engine_can_move_to_its_own_thread() {
+    fn the_engine_can_move_to_its_own_thread_and_its_text_side_is_shared_with_any() {
         fn send<T: Send>() {}
+        fn shared<T: Send + Sync + 'static>() {}
         send::<Engine>();
+        shared::<PromptCodec>();
+    }
+
+    fn codec(n_positions: usize) -> PromptCodec {
+        let info = crate::lm::ModelInfo {
+            vocab_size: 50400,
+            n_positions,
+            n_embd: 8,
+            n_layer: 1,
+            bos_token_id: Some(50256),
+            eos_token_id: Some(50256),
+        };
+        let tokenizer = crate::tokenizer::bundled().unwrap();
+        PromptCodec::new(tokenizer, ChatTemplate::default_template(None), &info)
+    }
+
+    fn plan(max_new_tokens: u32) -> GenerationPlan {
+        shared::GenerationParameters {
+            max_new_tokens: Some(max_new_tokens),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap()
+    }
+
+    #[test]
+    fn a_prompt_becomes_its_ids_an_empty_one_starts_from_bos_and_it_must_fit_the_context() {
+        let codec = codec(8);
+        assert_eq!(
+            codec.prompt_tokens("Hello world", &plan(2)).unwrap(),
+            [15496, 995]
+        );
+        assert_eq!(codec.prompt_tokens("", &plan(2)).unwrap(), [50256]);
+        let err = codec.prompt_tokens("Hello world", &plan(7)).unwrap_err();
+        assert!(matches!(
+            err,
+            EngineError::ContextOverflow {
+                prompt_tokens: 2,
+                max_new_tokens: 7,
+                n_positions: 8
+            }
+        ));
+    }
+
+    #[test]
+    fn the_final_text_ends_before_the_stop_sequence_that_ended_the_generation() {
+        let codec = codec(64);
+        let ids: Vec<i64> = codec.prompt_tokens(" one, two. three", &plan(1)).unwrap();
+        let stop = StopChecker::new(&[".".to_string()]);
+        let stopped = codec.final_text(&ids[..4], FinishReason::Stop, &stop);
+        assert_eq!(stopped, " one, two");
+        assert_eq!(
+            codec.final_text(&ids, FinishReason::Length, &stop),
+            " one, two. three"
+        );
     }
 }

@@ -8,9 +8,12 @@
 
 use shared::{ErrorBody, ErrorCode, GenerationPlan};
 
-use super::generator::{BatchSettings, Batcher, Detokenizer, Generator, JobEvent};
-use super::job::Input;
+use std::sync::Arc;
+
+use super::generator::{BatchSettings, Batcher, Generator, JobEvent};
+use super::job::Prompt;
 use crate::decoding::Stats;
+use crate::engine::PromptCodec;
 
 /// What goes wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -49,12 +52,8 @@ impl<G: Generator> Generator for Faulty<G> {
         })
     }
 
-    fn detokenizer(&self) -> Option<Detokenizer> {
-        self.inner.detokenizer()
-    }
-
-    fn chat_stop(&self) -> Option<String> {
-        self.inner.chat_stop()
+    fn codec(&self) -> Option<Arc<PromptCodec>> {
+        self.inner.codec()
     }
 }
 
@@ -70,9 +69,9 @@ struct FaultyBatch<'a> {
 pub const INJECTED_FAILURE: &str = "injected engine fault: the device failed";
 
 impl Batcher for FaultyBatch<'_> {
-    fn submit(&mut self, key: u64, input: &Input, plan: &GenerationPlan) -> Result<(), ErrorBody> {
+    fn submit(&mut self, key: u64, prompt: Prompt, plan: &GenerationPlan) -> Result<(), ErrorBody> {
         match self.fault {
-            EngineFault::Hang => self.inner.submit(key, input, plan),
+            EngineFault::Hang => self.inner.submit(key, prompt, plan),
             EngineFault::Fail => {
                 self.failing.push(key);
                 Ok(())

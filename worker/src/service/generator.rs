@@ -10,8 +10,10 @@
 //! advance the batch one step, hand out what the step reported, repeat; sleep only when nothing is running
 //! or waiting. Tokens leave as the step makes them, over each job's own channel, so the thread never waits
 //! on a client: turning them into text and coalescing them into `job.token` replies happens on the async
-//! side (`stream`). The engine is behind the small [`Generator`] / [`Batcher`] seam so the queue logic can be
-//! tested with a stand-in, and the engine is built *on* its thread, so it never has to be `Send`.
+//! side (`stream`), and so do a job's tokenization before it is handed over and its final text after its
+//! outcome comes back (`text`), with the generator's text side ([`Generator::codec`]). The engine is behind
+//! the small [`Generator`] / [`Batcher`] seam so the queue logic can be tested with a stand-in, and the
+//! engine is built *on* its thread, so it never has to be `Send`.
 //!
 //! The thread reports to an [`EngineHealth`] (`health`): each call into the batch is timed by a watchdog
 //! that lives on the runtime, and each job's outcome is judged before it is handed out, so a hung engine or
@@ -23,13 +25,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use shared::{ErrorBody, ErrorCode, GenerationPlan};
 use tokio::sync::{mpsc, oneshot};
 
 use super::health::{self, EngineHealth, Verdict, WatchSettings};
-use super::job::{Completion, FinishedJob, Input, Outcome};
-use super::metrics;
+use super::job::{Completion, FinishedJob, Input, Outcome, Prompt};
+use super::{metrics, text};
 use crate::decoding::{Stats, TextDecoder};
+use crate::engine::PromptCodec;
 
 /// Turns token ids into text off the engine thread (the tokenizer is `Send + Sync`).
 pub type Detokenizer = Arc<dyn TextDecoder + Send + Sync>;
@@ -78,8 +83,8 @@ impl Default for BatchSettings {
 /// A running batch: jobs are submitted, and each step advances all of them. Errors are already in the
 /// shape a `job.failed` reply carries.
 pub trait Batcher {
-    /// Takes a job (cleaned input, validated plan), or refuses it at once.
-    fn submit(&mut self, key: u64, input: &Input, plan: &GenerationPlan) -> Result<(), ErrorBody>;
+    /// Takes a job (its prompt prepared, its plan validated), or refuses it at once.
+    fn submit(&mut self, key: u64, prompt: Prompt, plan: &GenerationPlan) -> Result<(), ErrorBody>;
     /// Admits what may join and advances every running job by one step.
     fn step(&mut self) -> Vec<JobEvent>;
     /// Whether any job is running or waiting.
@@ -95,12 +100,10 @@ pub trait Batcher {
 /// Anything that can run a batch: the engine, or a test's stand-in.
 pub trait Generator {
     fn batcher(&self, settings: &BatchSettings) -> Box<dyn Batcher + '_>;
-    /// What turns this generator's token ids into text, for streaming; `None` streams ids without text.
-    fn detokenizer(&self) -> Option<Detokenizer> {
-        None
-    }
-    /// A stop sequence chat jobs get on top of their own (see [`EngineThread::plan`]).
-    fn chat_stop(&self) -> Option<String> {
+    /// The text side the async side uses: prompts to ids before a job is handed over, ids to text as it
+    /// streams and when it ends, and the stop sequence chat jobs get (see [`EngineThread::plan`]). `None`
+    /// (a test's stand-in): prompts go as text, tokens stream without text, and the batch's text stands.
+    fn codec(&self) -> Option<Arc<PromptCodec>> {
         None
     }
 }
@@ -111,18 +114,14 @@ impl<G: Generator + ?Sized> Generator for Box<G> {
         (**self).batcher(settings)
     }
 
-    fn detokenizer(&self) -> Option<Detokenizer> {
-        (**self).detokenizer()
-    }
-
-    fn chat_stop(&self) -> Option<String> {
-        (**self).chat_stop()
+    fn codec(&self) -> Option<Arc<PromptCodec>> {
+        (**self).codec()
     }
 }
 
 struct Request {
     key: u64,
-    input: Input,
+    prompt: Prompt,
     plan: GenerationPlan,
     joined: oneshot::Sender<usize>,
     tokens: mpsc::UnboundedSender<Vec<u32>>,
@@ -143,7 +142,9 @@ pub struct Submitted {
     pub joined: oneshot::Receiver<usize>,
     /// The job's tokens as the steps make them; closed when the job leaves the batch.
     pub tokens: mpsc::UnboundedReceiver<Vec<u32>>,
-    pub outcome: oneshot::Receiver<Outcome>,
+    /// The job's outcome, its final text written; `None` when the engine thread ended it without one (it
+    /// was given up on, or is gone).
+    pub outcome: BoxFuture<'static, Option<Outcome>>,
 }
 
 /// The engine thread stopped (its loader failed, or it is gone): the worker cannot serve. Not the engine's
@@ -162,8 +163,7 @@ pub enum EngineThreadError {
 pub struct EngineThread {
     tx: mpsc::UnboundedSender<Command>,
     next_key: Arc<AtomicU64>,
-    detokenizer: Option<Detokenizer>,
-    chat_stop: Option<String>,
+    codec: Option<Arc<PromptCodec>>,
     health: Arc<EngineHealth>,
 }
 
@@ -209,14 +209,13 @@ impl EngineThread {
         let health = Arc::new(EngineHealth::new(watch));
         let thread_health = health.clone();
         let (tx, rx) = mpsc::unbounded_channel::<Command>();
-        type Ready = (Option<Detokenizer>, Option<String>);
-        let (ready_tx, ready_rx) = oneshot::channel::<Result<Ready, String>>();
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<Option<Arc<PromptCodec>>, String>>();
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
                 let generator = match load() {
                     Ok(g) => {
-                        let _ = ready_tx.send(Ok((g.detokenizer(), g.chat_stop())));
+                        let _ = ready_tx.send(Ok(g.codec()));
                         g
                     }
                     Err(e) => {
@@ -228,13 +227,12 @@ impl EngineThread {
             })
             .map_err(|e| EngineThreadError::Load(format!("cannot spawn the engine thread: {e}")))?;
         match ready_rx.await {
-            Ok(Ok((detokenizer, chat_stop))) => {
+            Ok(Ok(codec)) => {
                 health::spawn_watchdog(&health);
                 Ok(Self {
                     tx,
                     next_key: Arc::new(AtomicU64::new(0)),
-                    detokenizer,
-                    chat_stop,
+                    codec,
                     health,
                 })
             }
@@ -243,40 +241,63 @@ impl EngineThread {
         }
     }
 
-    /// Hands a job to the engine and returns where its news will arrive. The job runs even if the
-    /// receivers are dropped (its outcome is remembered for a redelivery; see `outcomes`).
     /// The plan a job runs under: a chat job gets the engine's chat stop too, so the stream holds back
     /// what the engine will stop on.
     pub fn plan(&self, input: &Input, plan: &GenerationPlan) -> GenerationPlan {
         let mut plan = plan.clone();
-        if let (Input::Chat(_), Some(stop)) = (input, &self.chat_stop)
-            && !plan.stop.contains(stop)
+        let chat_stop = self.codec.as_ref().and_then(|c| c.chat_stop());
+        if let (Input::Chat(_), Some(stop)) = (input, chat_stop)
+            && !plan.stop.iter().any(|s| s == stop)
         {
-            plan.stop.push(stop.clone());
+            plan.stop.push(stop.to_owned());
         }
         plan
     }
 
-    pub fn submit(&self, input: Input, plan: GenerationPlan) -> Result<Submitted, EngineThreadError> {
+    /// Prepares a job's prompt (off the engine thread, see `text`), hands the job to the engine and returns
+    /// where its news will arrive. A prompt that cannot run (too long, a conversation the template refuses)
+    /// is answered at once through the outcome, as the engine would answer it. The job runs even if the
+    /// receivers are dropped (its outcome is remembered for a redelivery; see `outcomes`).
+    pub async fn submit(&self, input: Input, plan: GenerationPlan) -> Result<Submitted, EngineThreadError> {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let (joined, joined_rx) = oneshot::channel();
         let (tokens, tokens_rx) = mpsc::unbounded_channel();
         let (reply, outcome) = oneshot::channel();
-        self.tx
-            .send(Command::Submit(Request {
-                key,
-                input,
-                plan,
-                joined,
-                tokens,
-                reply,
-            }))
-            .map_err(|_| EngineThreadError::Gone)?;
+        let rendered = match text::prepare(self.codec.clone(), input, &plan).await {
+            Ok(prepared) => {
+                let stops = plan.stop.clone();
+                self.tx
+                    .send(Command::Submit(Request {
+                        key,
+                        prompt: prepared.prompt,
+                        plan,
+                        joined,
+                        tokens,
+                        reply,
+                    }))
+                    .map_err(|_| EngineThreadError::Gone)?;
+                Some((prepared.rendered, stops))
+            }
+            Err(refused) => {
+                // Judged as the engine judges what it refuses: a prompt error is answered and leaves the
+                // count of engine failures alone.
+                deliver(&self.health, reply, Err(refused));
+                None
+            }
+        };
+        let codec = self.codec.clone();
+        let outcome = async move {
+            let outcome = outcome.await.ok()?;
+            Some(match rendered {
+                Some((rendered, stops)) => text::finish(codec, outcome, stops, rendered).await,
+                None => outcome,
+            })
+        };
         Ok(Submitted {
             key,
             joined: joined_rx,
             tokens: tokens_rx,
-            outcome,
+            outcome: outcome.boxed(),
         })
     }
 
@@ -288,7 +309,7 @@ impl EngineThread {
 
     /// The generator's detokenizer, for streaming text.
     pub fn detokenizer(&self) -> Option<Detokenizer> {
-        self.detokenizer.clone()
+        self.codec.clone().map(|c| c as Detokenizer)
     }
 
     /// The engine's health, as its thread and its watchdog report it.
@@ -321,7 +342,7 @@ fn run_loop(
                 let key = req.key;
                 let arrived = Instant::now();
                 let submitted = health.busy(|| {
-                    std::panic::catch_unwind(AssertUnwindSafe(|| batcher.submit(key, &req.input, &req.plan)))
+                    std::panic::catch_unwind(AssertUnwindSafe(|| batcher.submit(key, req.prompt, &req.plan)))
                         .unwrap_or_else(|panic| Err(panicked(&*panic)))
                 });
                 match submitted {
@@ -452,16 +473,8 @@ pub(crate) mod solo {
     }
 
     impl<S: Solo> Batcher for SoloBatch<'_, S> {
-        fn submit(&mut self, key: u64, input: &Input, plan: &GenerationPlan) -> Result<(), ErrorBody> {
-            let prompt = match input {
-                Input::Text(p) => p.clone(),
-                Input::Chat(m) => m
-                    .iter()
-                    .map(|m| m.content.as_str())
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            };
-            self.queue.push_back((key, prompt, plan.clone()));
+        fn submit(&mut self, key: u64, prompt: Prompt, plan: &GenerationPlan) -> Result<(), ErrorBody> {
+            self.queue.push_back((key, prompt.text, plan.clone()));
             Ok(())
         }
 
@@ -575,6 +588,7 @@ pub(crate) mod tests {
     async fn run(engine: &EngineThread, prompt: &str) -> Outcome {
         engine
             .submit(Input::Text(prompt.into()), plan())
+            .await
             .unwrap()
             .outcome
             .await
@@ -637,7 +651,10 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn the_nth_engine_failure_in_a_row_and_every_later_job_end_without_an_outcome() {
         let (engine, calls) = giving_up_after_two_failures().await;
-        let submit = |prompt: &str| engine.submit(Input::Text(prompt.into()), plan()).unwrap().outcome;
+        let submit = async |prompt: &str| {
+            let submitted = engine.submit(Input::Text(prompt.into()), plan()).await.unwrap();
+            submitted.outcome.await
+        };
         // The first engine failure is answered; a prompt too long neither counts nor resets the count.
         let first = submit("boom").await.unwrap().unwrap_err();
         assert_eq!(first.code, ErrorCode::GenerationFailed);
@@ -647,13 +664,13 @@ pub(crate) mod tests {
         );
         assert!(engine.health().unhealthy().is_none());
         // The second in a row is withheld: its sender is dropped, the session sees no outcome.
-        assert!(submit("boom").await.is_err(), "withheld");
+        assert!(submit("boom").await.is_none(), "withheld");
         assert!(matches!(
             engine.health().unhealthy(),
             Some(crate::service::Unhealthy::Failures { count: 2, .. })
         ));
         // From then on nothing leaves the engine thread, and nothing more is generated.
-        assert!(submit("fine").await.is_err(), "withheld");
+        assert!(submit("fine").await.is_none(), "withheld");
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 

@@ -18,8 +18,19 @@ pub enum Input {
     Chat(Vec<ChatMessage>),
 }
 
+/// A job's input as the engine thread takes it, prepared on the async side (`text`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    /// What the model continues: the job's prompt, or its conversation rendered with the chat template (a
+    /// test's stand-in generator, which has no template: the messages' contents, one a line).
+    pub text: String,
+    /// `text`'s token ids as the model runs them; empty where the generator has no text side (a stand-in).
+    pub ids: Vec<i64>,
+}
+
 /// What the running batch produced for one job, ready for its `job.succeeded` reply: the generation (its
-/// `prefill_ms` runs from joining the batch to the first token), and what only a batch knows.
+/// `prefill_ms` runs from joining the batch to the first token), and what only a batch knows. The engine's
+/// batch reports ids only: its text, and the rendered prompt, are written on the async side (`text`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
     /// The prompt the model saw, when the engine built it (a rendered conversation).

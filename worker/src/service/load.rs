@@ -1,17 +1,18 @@
 //! The real engine behind the service's [`Generator`] seam: model flags to [`EngineOptions`], jobs into the
-//! engine's continuous-batching [`Scheduler`], and engine errors to the `{code, message}` a `job.failed`
-//! reply carries.
+//! engine's continuous-batching [`Scheduler`], and scheduler errors to the `{code, message}` a `job.failed`
+//! reply carries. Jobs arrive tokenized and leave as ids: the engine's text side runs on the async side
+//! (`text`).
 
-use std::collections::HashMap;
+use std::sync::Arc;
 
 use shared::{ErrorBody, ErrorCode, GenerationPlan};
 
 use super::args::ServeArgs;
 use super::error::ServeError;
-use super::generator::{BatchSettings, Batcher, Detokenizer, Generator, JobEvent};
-use super::job::{Completion, Input};
-use crate::decoding::{DecodeError, Event, Limits, Request, Scheduler, Stats, StopChecker};
-use crate::engine::{Engine, EngineError, EngineOptions, Generation};
+use super::generator::{BatchSettings, Batcher, Generator, JobEvent};
+use super::job::{Completion, Prompt};
+use crate::decoding::{DecodeError, Event, Limits, Request, Scheduler, Stats};
+use crate::engine::{Engine, EngineOptions, Generation, PromptCodec};
 
 /// The engine options the flags describe; bad values are reported before anything loads.
 pub fn engine_options(args: &ServeArgs) -> Result<EngineOptions, ServeError> {
@@ -39,54 +40,28 @@ impl Generator for Engine {
             "continuous batching"
         );
         Box::new(EngineBatch {
-            engine: self,
             scheduler: self.scheduler(limits),
-            stops: HashMap::new(),
         })
     }
 
-    fn detokenizer(&self) -> Option<Detokenizer> {
-        Some(std::sync::Arc::new(self.tokenizer().clone()))
-    }
-
-    fn chat_stop(&self) -> Option<String> {
-        Engine::chat_stop(self).map(str::to_owned)
+    fn codec(&self) -> Option<Arc<PromptCodec>> {
+        Some(Engine::codec(self).clone())
     }
 }
 
-/// The engine's running batch, and each job's stop sequences for its final text (and, for a chat job, the
-/// prompt it rendered).
+/// The engine's running batch.
 struct EngineBatch<'a> {
-    engine: &'a Engine,
     scheduler: Scheduler<'a>,
-    stops: HashMap<u64, (StopChecker, Option<String>)>,
 }
 
 impl Batcher for EngineBatch<'_> {
-    fn submit(&mut self, key: u64, input: &Input, plan: &GenerationPlan) -> Result<(), ErrorBody> {
-        let rendered = match input {
-            Input::Text(_) => None,
-            Input::Chat(messages) => Some(self.engine.render_chat(messages).map_err(|e| error_body(&e))?),
-        };
-        let prompt = match (input, &rendered) {
-            (_, Some(r)) => r.as_str(),
-            (Input::Text(p), None) => p.as_str(),
-            (Input::Chat(_), None) => "",
-        };
-        let ids = self
-            .engine
-            .prompt_tokens(prompt, plan)
-            .map_err(|e| error_body(&e))?;
+    fn submit(&mut self, key: u64, prompt: Prompt, plan: &GenerationPlan) -> Result<(), ErrorBody> {
         let request = Request {
             id: key,
-            prompt: ids,
+            prompt: prompt.ids,
             plan: plan.clone(),
         };
-        self.scheduler
-            .submit(request)
-            .map_err(|e| decode_error_body(&e))?;
-        self.stops.insert(key, (StopChecker::new(&plan.stop), rendered));
-        Ok(())
+        self.scheduler.submit(request).map_err(|e| decode_error_body(&e))
     }
 
     fn step(&mut self) -> Vec<JobEvent> {
@@ -100,16 +75,15 @@ impl Batcher for EngineBatch<'_> {
                     ids: tokens.iter().map(|&t| t as u32).collect(),
                 },
                 Event::Finished { id, result } => {
-                    let (stop, prompt) = self.stops.remove(&id).unwrap_or_default();
                     let result = match result {
                         Ok(f) => {
                             let d = &f.decoded;
-                            let text = self.engine.text(d, &stop);
                             let ttft = f.time_to_first_token.saturating_sub(f.queued);
                             Ok(Completion {
-                                prompt,
+                                // The async side writes both from the ids (`text`), off this thread.
+                                prompt: None,
                                 generation: Generation {
-                                    text,
+                                    text: String::new(),
                                     token_ids: d.tokens.iter().map(|&t| t as u32).collect(),
                                     finish_reason: d.finish_reason,
                                     prompt_tokens: f.prompt_tokens,
@@ -133,25 +107,11 @@ impl Batcher for EngineBatch<'_> {
     }
 
     fn cancel(&mut self, key: u64) -> bool {
-        self.stops.remove(&key);
         self.scheduler.cancel(key)
     }
 
     fn stats(&self) -> Stats {
         self.scheduler.stats()
-    }
-}
-
-/// The client can fix a context overflow (shorter prompt, fewer tokens); anything else is ours.
-fn error_body(e: &EngineError) -> ErrorBody {
-    match e {
-        EngineError::ContextOverflow { .. } => ErrorBody::new(ErrorCode::ContextOverflow, e.to_string()),
-        // A template may refuse a conversation (`raise_exception`, e.g. roles that do not alternate).
-        EngineError::Chat(_) => ErrorBody::new(ErrorCode::InvalidParameter, e.to_string()),
-        EngineError::Tokenizer(_) | EngineError::Generation(_) | EngineError::Load(_) => {
-            tracing::error!(error = %e, "generation failed");
-            ErrorBody::new(ErrorCode::GenerationFailed, e.to_string())
-        }
     }
 }
 
@@ -204,17 +164,7 @@ mod tests {
     }
 
     #[test]
-    fn a_context_overflow_or_a_job_too_big_for_the_batch_is_the_clients_to_fix() {
-        let e = EngineError::ContextOverflow {
-            prompt_tokens: 10,
-            max_new_tokens: 2048,
-            n_positions: 2048,
-        };
-        assert_eq!(error_body(&e).code, ErrorCode::ContextOverflow);
-        assert_eq!(
-            error_body(&EngineError::Generation("x".into())).code,
-            ErrorCode::GenerationFailed
-        );
+    fn a_job_too_big_for_the_batch_is_the_clients_to_fix() {
         assert_eq!(
             decode_error_body(&DecodeError::TooLarge("x".into())).code,
             ErrorCode::ContextOverflow

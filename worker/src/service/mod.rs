@@ -8,7 +8,8 @@
 //!   loop (`intake`);
 //! - generation runs on its own OS thread, which owns the continuous-batching scheduler: up to
 //!   `--max-batch-size` jobs decode together, each joining and leaving between steps (`generator`,
-//!   `crate::decoding::scheduler`), and the runtime keeps answering heartbeats;
+//!   `crate::decoding::scheduler`), and the runtime keeps answering heartbeats; a job's tokenization and its
+//!   final text run on the async side's blocking pool, not on that thread (`text`);
 //! - each job is handled on its own: `job.started` when it joins the batch, `job.token` replies as it
 //!   generates (`stream`), its final reply and its acknowledgement when it finishes, whatever the others do
 //!   (`session`);
@@ -46,6 +47,7 @@ mod settlement;
 mod stream;
 #[cfg(test)]
 mod tests;
+mod text;
 
 use std::future::Future;
 
@@ -58,7 +60,7 @@ pub use generator::{
     BatchSettings, Batcher, Detokenizer, EngineThread, EngineThreadError, Generator, JobEvent,
 };
 pub use health::{EngineHealth, Unhealthy, WatchSettings};
-pub use job::{Completion, FinishedJob, Input, Outcome};
+pub use job::{Completion, FinishedJob, Input, Outcome, Prompt};
 pub use stream::StreamSettings;
 
 /// Loads the model on the engine thread and serves until `shutdown` resolves.

@@ -22,7 +22,6 @@ use std::sync::{Arc, OnceLock};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use shared::JobId;
-use tokio::sync::oneshot;
 
 use super::job::Outcome;
 
@@ -57,10 +56,11 @@ impl Outcomes {
         self.entries.get(id).cloned()
     }
 
-    /// Remembers a job just handed to the engine.
-    pub fn insert(&mut self, id: JobId, rx: oneshot::Receiver<Outcome>) -> Remembered {
+    /// Remembers a job just handed to the engine, with the future of its outcome (`None` when the engine
+    /// thread ends it without one).
+    pub fn insert(&mut self, id: JobId, outcome: BoxFuture<'static, Option<Outcome>>) -> Remembered {
         let pending = Remembered {
-            outcome: rx.map(Result::ok).boxed().shared(),
+            outcome: outcome.shared(),
             started_at_ms: Arc::default(),
         };
         if self.entries.insert(id, pending.clone()).is_none() {
@@ -84,12 +84,19 @@ impl Outcomes {
 mod tests {
     use super::*;
     use shared::{ErrorBody, ErrorCode};
+    use tokio::sync::oneshot;
+
+    /// A job's outcome as the engine thread hands it out.
+    fn engine_job() -> (oneshot::Sender<Outcome>, BoxFuture<'static, Option<Outcome>>) {
+        let (tx, rx) = oneshot::channel();
+        (tx, rx.map(Result::ok).boxed())
+    }
 
     #[tokio::test]
     async fn a_remembered_job_is_answered_with_the_same_outcome_twice() {
         let mut outcomes = Outcomes::new(4);
         let id = JobId::new_random();
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = engine_job();
         let first = outcomes.insert(id, rx);
         let again = outcomes.get(&id).unwrap();
         tx.send(Err(ErrorBody::new(ErrorCode::ContextOverflow, "x")))
@@ -103,7 +110,7 @@ mod tests {
     fn a_redelivery_sends_the_same_start_as_the_first_delivery() {
         let mut outcomes = Outcomes::new(4);
         let id = JobId::new_random();
-        let first = outcomes.insert(id, oneshot::channel().1);
+        let first = outcomes.insert(id, engine_job().1);
         let started = *first.started_at_ms.get_or_init(|| 1_000);
         let again = outcomes.get(&id).unwrap();
         assert_eq!(*again.started_at_ms.get_or_init(|| 2_000), started);
@@ -112,7 +119,7 @@ mod tests {
     #[tokio::test]
     async fn a_dead_engine_reads_as_no_outcome() {
         let mut outcomes = Outcomes::new(4);
-        let (tx, rx) = oneshot::channel::<Outcome>();
+        let (tx, rx) = engine_job();
         let pending = outcomes.insert(JobId::new_random(), rx);
         drop(tx);
         assert_eq!(pending.outcome.await, None);
@@ -123,7 +130,7 @@ mod tests {
         let mut outcomes = Outcomes::new(2);
         let ids: Vec<JobId> = (0..3).map(|_| JobId::new_random()).collect();
         for id in &ids {
-            drop(outcomes.insert(*id, oneshot::channel().1));
+            drop(outcomes.insert(*id, engine_job().1));
         }
         assert_eq!(outcomes.len(), 2);
         assert!(outcomes.get(&ids[0]).is_none());

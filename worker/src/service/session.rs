@@ -513,7 +513,7 @@ impl Service {
                         return Ok(());
                     }
                 };
-                let submitted = self.engine.submit(input.clone(), plan.clone())?;
+                let submitted = self.engine.submit(input.clone(), plan.clone()).await?;
                 let remembered = self.remembered().insert(id, submitted.outcome);
                 // The place is freed when the engine is done with the job, whoever awaits it (or nobody:
                 // the connection may be gone by then).
