@@ -436,8 +436,14 @@ impl<'a> Scheduler<'a> {
         let result = guarded(|| {
             let mut parts = Vec::with_capacity(joined.len() + 1);
             if let Some(step) = step_logits.as_ref().filter(|_| !step_rows.is_empty()) {
-                let rows = Tensor::f_from_slice(&step_rows)?.f_to_device(step.device())?;
-                parts.push(step.f_index_select(0, &rows)?);
+                // The usual case, every row of the pass in order: a view, not a gather.
+                let in_order = step_rows.iter().enumerate().all(|(i, &r)| r == i as i64);
+                if in_order && step.size()[0] == step_rows.len() as i64 {
+                    parts.push(step.shallow_clone());
+                } else {
+                    let rows = Tensor::f_from_slice(&step_rows)?.f_to_device(step.device())?;
+                    parts.push(step.f_index_select(0, &rows)?);
+                }
             }
             let device = parts.first().or(joined.first()).map(|t| t.device());
             for t in &joined {
@@ -948,7 +954,12 @@ impl<'a> Scheduler<'a> {
         } else {
             let v = out.logits.size().last().copied().unwrap_or(0);
             let flat = out.logits.f_reshape([(s * q) as i64, v])?;
-            flat.f_index_select(0, &wanted_t.f_to_device(flat.device())?)?
+            if q == 1 {
+                // One query a row: every row's logits, in order, are wanted as they are.
+                flat
+            } else {
+                flat.f_index_select(0, &wanted_t.f_to_device(flat.device())?)?
+            }
         };
         let mut at = 0i64;
         for seq in &mut self.running {

@@ -49,13 +49,21 @@ pub(crate) fn select(logits: &Tensor, rows: &[Row<'_>]) -> Result<Vec<Selected>>
     let device = logits.device();
     let scores = process(logits.f_to_kind(Kind::Float)?, rows)?;
     let greedy = scores.f_argmax(-1, false)?;
-    let next = if rows.iter().any(|r| r.sample.is_some()) {
-        let sampled = sample(&warp(&scores, rows)?, rows)?;
-        let is_sample: Vec<bool> = rows.iter().map(|r| r.sample.is_some()).collect();
-        let is_sample = Tensor::f_from_slice(&is_sample)?.f_to_device(device)?;
-        sampled.f_where_self(&is_sample, &greedy)?
-    } else {
+    // Sampling rows are warped and drawn apart from the others: the warpers and the draw cost several
+    // passes over the vocabulary, which greedy rows do not need.
+    let sampling: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].sample.is_some()).collect();
+    let next = if sampling.is_empty() {
         greedy
+    } else {
+        let at = Tensor::f_from_slice(&sampling.iter().map(|&i| i as i64).collect::<Vec<_>>())?
+            .f_to_device(device)?;
+        let subset: Vec<&Row<'_>> = sampling.iter().map(|&i| &rows[i]).collect();
+        let sampled = if sampling.len() == rows.len() {
+            sample(&warp(&scores, &subset)?, &subset)?
+        } else {
+            sample(&warp(&scores.f_index_select(0, &at)?, &subset)?, &subset)?
+        };
+        greedy.f_index_copy(0, &at, &sampled)?
     };
     // Contrastive rows: one top-k at the largest k (its first k of a row are that row's own top k).
     let contrastive: Vec<usize> = (0..rows.len())
@@ -158,9 +166,9 @@ fn process(scores: Tensor, rows: &[Row<'_>]) -> Result<Tensor> {
     Ok(scores)
 }
 
-/// Sampling's warpers, in transformers' order: temperature, top-k, top-p, typical-p. Greedy rows and rows
-/// without a warper get neutral parameters and come out unchanged.
-fn warp(scores: &Tensor, rows: &[Row<'_>]) -> Result<Tensor> {
+/// Sampling's warpers over sampling rows, in transformers' order: temperature, top-k, top-p, typical-p. A
+/// row without one of them gets neutral parameters for it and comes out unchanged.
+fn warp(scores: &Tensor, rows: &[&Row<'_>]) -> Result<Tensor> {
     let device = scores.device();
     let vocab = scores.size().last().copied().unwrap_or(1);
     let per_row = |f: &dyn Fn(&Sampler) -> Option<f64>| -> Option<Vec<Option<f64>>> {
@@ -230,9 +238,8 @@ fn warp(scores: &Tensor, rows: &[Row<'_>]) -> Result<Tensor> {
     Ok(s)
 }
 
-/// One token per row drawn from the softmax of its warped scores by inverse CDF; greedy rows draw at 0
-/// (their result is discarded).
-fn sample(warped: &Tensor, rows: &[Row<'_>]) -> Result<Tensor> {
+/// One token per sampling row, drawn from the softmax of its warped scores by inverse CDF.
+fn sample(warped: &Tensor, rows: &[&Row<'_>]) -> Result<Tensor> {
     let device = warped.device();
     let vocab = warped.size().last().copied().unwrap_or(1);
     let probs = warped.f_softmax(-1, Kind::Float)?;
