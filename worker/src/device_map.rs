@@ -5,7 +5,8 @@
 //! A [`Placement`] is what the user asked for (one device, an explicit map, or memory budgets); it resolves
 //! against a config into a [`DeviceMap`], the answer for every part. The planner is a pure function, so it
 //! is tested on made-up budgets without the hardware. How much memory a device has free now
-//! ([`free_bytes`]) is asked here too, for the engine's KV-cache budget.
+//! ([`free_bytes`]) and what a GPU computes in ([`compute_capability`]) are asked here too, for the
+//! defaults the worker picks (`sizing`).
 
 use crate::config::{Dtype, GptJConfig};
 use crate::load_error::LoadError;
@@ -122,6 +123,23 @@ pub fn free_bytes(device: Device) -> Option<u64> {
         }
         _ => None,
     }
+}
+
+/// A GPU's compute capability as `nvidia-smi` reports it (tch 0.24 exposes no query of its own); `None` for
+/// the CPU, or when it cannot be told (no `nvidia-smi`, or one too old for `compute_cap`).
+pub fn compute_capability(device: Device) -> Option<crate::sizing::Capability> {
+    let Device::Cuda(i) = device else {
+        return None;
+    };
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=compute_cap",
+            "--format=csv,noheader",
+            &format!("--id={i}"),
+        ])
+        .output()
+        .ok()?;
+    crate::sizing::Capability::parse(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// `cpu`, `cuda:0`, … (tch's `Debug` spells them `Cpu`, `Cuda(0)`).
@@ -241,6 +259,22 @@ impl Placement {
             Some(d) => parse_device(d)?,
             None => Device::Cpu,
         }))
+    }
+
+    /// The GPUs this placement names, each once: where the model (or a part of it) will run on CUDA.
+    pub fn gpus(&self) -> Vec<Device> {
+        let named: Vec<Device> = match self {
+            Placement::Device(d) => vec![*d],
+            Placement::Map(entries) => entries.iter().map(|(d, _)| *d).collect(),
+            Placement::MaxMemory(budgets) => budgets.iter().map(|(d, _)| *d).collect(),
+        };
+        let mut gpus: Vec<Device> = Vec::new();
+        for d in named {
+            if d.is_cuda() && !gpus.contains(&d) {
+                gpus.push(d);
+            }
+        }
+        gpus
     }
 
     /// Parses an explicit map (syntax in [`Placement::from_args`]).
@@ -613,5 +647,16 @@ mod tests {
                 (Device::Cpu, 1 << 30)
             ]))
         );
+    }
+
+    #[test]
+    fn the_gpus_a_placement_names_are_each_named_once_and_the_cpu_is_none() {
+        let gpus = |map: Placement| map.gpus();
+        assert_eq!(gpus(Placement::Device(Device::Cpu)), []);
+        assert_eq!(gpus(Placement::Device(Device::Cuda(1))), [Device::Cuda(1)]);
+        let map = Placement::parse_device_map("cuda:0=0-13,cuda:1=14-26,cuda:0=27,cpu=head").unwrap();
+        assert_eq!(gpus(map), [Device::Cuda(0), Device::Cuda(1)]);
+        let budget = Placement::parse_max_memory("cpu=8GiB,cuda:0=10GiB").unwrap();
+        assert_eq!(gpus(budget), [Device::Cuda(0)]);
     }
 }

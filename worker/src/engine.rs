@@ -13,6 +13,7 @@ use crate::device_map::Placement;
 use crate::lm::CausalLm;
 use crate::load_error::LoadError;
 use crate::model::{GptJ, LoadOptions};
+use crate::sizing::{self, BatchLimits};
 use shared::chat::{ChatMessage, ChatTemplate};
 use shared::{FinishReason, GenerationPlan};
 use std::path::PathBuf;
@@ -37,9 +38,10 @@ pub struct EngineArgs {
     /// (the bundled GPT-J tokenizer when absent).
     #[arg(long = "model", env = "MODEL_DIR")]
     pub model_dir: PathBuf,
-    /// float32, float16 or bfloat16 (weights converted on load).
-    #[arg(long, env = "DTYPE", default_value = "float32")]
-    pub dtype: String,
+    /// float32, float16 or bfloat16 (weights converted on load) [default: float32 on the CPU; on a GPU
+    /// bfloat16 where it computes in it (compute capability 8.0 or newer), else float16].
+    #[arg(long, env = "DTYPE")]
+    pub dtype: Option<String>,
     /// Explicit placement, e.g. `cuda:0=0-13,cuda:1=14-27` (parts not named stay on the CPU).
     #[arg(long, env = "DEVICE_MAP")]
     pub device_map: Option<String>,
@@ -58,13 +60,25 @@ pub struct EngineArgs {
 impl EngineArgs {
     /// Checks the flags (before anything loads) and turns them into [`EngineOptions`].
     pub fn options(&self) -> Result<EngineOptions, LoadError> {
-        let dtype = self.dtype.parse()?;
         // A worker on a GPU machine that was told nothing uses the GPU, not the CPU beside it.
         let device = match (&self.device_map, &self.max_memory, &self.device) {
             (None, None, None) if tch::Cuda::is_available() => Some("cuda:0"),
             _ => self.device.as_deref(),
         };
         let placement = Placement::from_args(self.device_map.as_deref(), self.max_memory.as_deref(), device)?;
+        let dtype = match &self.dtype {
+            Some(dtype) => dtype.parse()?,
+            None => {
+                let gpus = placement.gpus();
+                let capabilities: Vec<_> = gpus
+                    .iter()
+                    .map(|d| crate::device_map::compute_capability(*d))
+                    .collect();
+                let dtype = crate::sizing::default_dtype(&capabilities);
+                tracing::info!(%dtype, ?capabilities, "no --dtype given: the devices' default");
+                dtype
+            }
+        };
         Ok(EngineOptions {
             model_dir: self.model_dir.clone(),
             load: LoadOptions { dtype, placement },
@@ -261,7 +275,7 @@ impl Engine {
         let tokenizer = crate::tokenizer::load(&opts.model_dir)?;
         let chat = chat_template(&opts.model_dir)?;
         let model = GptJ::load(&opts.model_dir, &opts.load)?;
-        let codec = Arc::new(PromptCodec::new(tokenizer, chat, &model.info()));
+        let codec = Arc::new(PromptCodec::new(tokenizer, chat, model.info()));
         Ok(Self {
             model,
             codec,
@@ -271,7 +285,7 @@ impl Engine {
 
     /// An engine over an already loaded model and tokenizer, with the default chat template.
     pub fn from_parts(model: GptJ, tokenizer: Tokenizer) -> Self {
-        let codec = PromptCodec::new(tokenizer, ChatTemplate::default_template(None), &model.info());
+        let codec = PromptCodec::new(tokenizer, ChatTemplate::default_template(None), model.info());
         Self {
             model,
             codec: Arc::new(codec),
@@ -391,40 +405,41 @@ impl Engine {
         decoding::Scheduler::new(&self.model, self.tokenizer(), limits)
     }
 
-    /// The KV-cache budget when none is configured: the positions that fit in the memory each device
-    /// holding layers has left after the weights (90 % of a GPU's free memory, half of the host's
-    /// available memory, which other processes share), capped at `max_batch_size` full contexts.
-    pub fn default_batch_tokens(&self, max_batch_size: usize) -> usize {
+    /// The running batch's bounds: those given, and for those not given what the memory left beside the
+    /// weights affords on every device that holds layers (the policy: [`sizing::batch_limits`]).
+    pub fn batch_limits(
+        &self,
+        max_batch_size: Option<usize>,
+        max_batch_tokens: Option<usize>,
+    ) -> BatchLimits {
         let cfg = self.model.config();
         let elt = self.model.dtype().kind().elt_size_in_bytes() as u64;
-        // Keys and values of one position in one layer.
-        let per_layer = 2 * cfg.n_embd as u64 * elt;
-        let mut layers_on: Vec<(tch::Device, u64)> = Vec::new();
+        let mut devices: Vec<(tch::Device, usize)> = Vec::new();
         for d in &self.model.device_map().layers {
-            match layers_on.iter_mut().find(|(dd, _)| dd == d) {
+            match devices.iter_mut().find(|(dd, _)| dd == d) {
                 Some((_, n)) => *n += 1,
-                None => layers_on.push((*d, 1)),
+                None => devices.push((*d, 1)),
             }
         }
-        let cap = max_batch_size.max(1).saturating_mul(cfg.n_positions);
-        let fits = layers_on
-            .iter()
-            .map(|(d, n)| match crate::device_map::free_bytes(*d) {
-                Some(free) => {
-                    let usable = match d {
-                        tch::Device::Cpu => free / 2,
-                        _ => free / 10 * 9,
-                    };
-                    (usable / (per_layer * n).max(1)) as usize
-                }
-                None => {
-                    tracing::warn!(device = ?d, "free memory unknown; budgeting 16 contexts of KV cache");
-                    16 * cfg.n_positions
-                }
-            })
-            .min()
-            .unwrap_or(cap);
-        fits.min(cap).max(cfg.n_positions.min(cap))
+        let memory = sizing::Memory {
+            devices: devices
+                .into_iter()
+                .map(|(device, layers)| {
+                    let free_bytes = crate::device_map::free_bytes(device);
+                    if free_bytes.is_none() {
+                        tracing::warn!(?device, "free memory unknown; budgeting 16 contexts of KV cache");
+                    }
+                    sizing::LayerDevice {
+                        gpu: device.is_cuda(),
+                        free_bytes,
+                        layers,
+                    }
+                })
+                .collect(),
+            kv_bytes_per_layer_position: 2 * cfg.n_embd as u64 * elt,
+            n_positions: cfg.n_positions,
+        };
+        sizing::batch_limits(&memory, max_batch_size, max_batch_tokens)
     }
 }
 

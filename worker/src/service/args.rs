@@ -30,11 +30,13 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Sequences the running batch holds at most: jobs decode together, joining and leaving between steps.
-    /// 1 runs one job at a time.
-    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
-    pub max_batch_size: u16,
+    /// 1 runs one job at a time [default: 32 on the CPU; with the model on a GPU, the KV-cache budget over
+    /// 256 positions a sequence, from 32 to 1024].
+    #[arg(long, env = "MAX_BATCH_SIZE", value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_batch_size: Option<u16>,
     /// KV-cache positions the running batch may allocate (rows × positions per row) [default: what fits
-    /// in the memory the weights leave: 90 % of each GPU's free memory, half the host's available memory].
+    /// in the memory the weights leave (90 % of each GPU's free memory, half the host's available memory),
+    /// at most a full context for every sequence of the batch].
     #[arg(long, env = "MAX_BATCH_TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_batch_tokens: Option<u64>,
     /// While a batch decodes, waiting jobs join once they have waited this many steps (TGI's
@@ -98,10 +100,9 @@ pub struct ServiceConfig {
     pub brokers: std::sync::Arc<shared::brokers::BrokerUrls>,
     pub topology: Topology,
     pub rules: PromptRules,
-    pub prefetch: u16,
+    /// `None`: the engine's batch size.
+    pub prefetch: Option<u16>,
     pub worker_id: String,
-    /// Jobs handed to the engine at once: the batch's places.
-    pub max_batch_size: u16,
     pub stream: StreamSettings,
     /// Longest wait for a reply's confirm.
     pub publish_timeout: std::time::Duration,
@@ -127,9 +128,8 @@ impl ServeArgs {
             ),
             topology,
             rules,
-            prefetch: self.prefetch.unwrap_or(self.max_batch_size),
+            prefetch: self.prefetch,
             worker_id,
-            max_batch_size: self.max_batch_size,
             stream: StreamSettings {
                 tokens: self.stream_tokens,
                 interval: std::time::Duration::from_millis(self.stream_interval_ms),
@@ -150,7 +150,7 @@ impl ServeArgs {
     /// The scheduler's settings.
     pub fn batch_settings(&self) -> BatchSettings {
         BatchSettings {
-            max_batch_size: usize::from(self.max_batch_size),
+            max_batch_size: self.max_batch_size.map(usize::from),
             max_batch_tokens: self.max_batch_tokens.map(|t| t as usize),
             max_waiting_steps: self.max_waiting_steps,
             waiting_served_ratio: self.waiting_served_ratio,
@@ -187,8 +187,11 @@ mod tests {
         let config = cli.serve.service_config().unwrap();
         assert_eq!(config.topology.jobs_queue(), "gptj.jobs");
         assert_eq!(config.topology.delivery_limit, 3);
-        assert_eq!(config.prefetch, 32, "prefetch follows the batch size");
-        assert_eq!(config.max_batch_size, 32);
+        assert_eq!(config.prefetch, None, "prefetch follows the batch size");
+        assert_eq!(
+            cli.serve.max_batch_size, None,
+            "the batch size follows the device"
+        );
         assert_eq!(cli.serve.batch_settings(), BatchSettings::default());
         assert_eq!(config.rules, PromptRules::default());
         assert!(config.worker_id.ends_with(&format!("-{}", std::process::id())));
@@ -222,7 +225,8 @@ mod tests {
         assert!(Cli::try_parse_from(["worker", "--model", "/m", "--max-batch-size", "0"]).is_err());
         assert!(Cli::try_parse_from(["worker", "--model", "/m", "--max-batch-tokens", "0"]).is_err());
         let cli = Cli::try_parse_from(["worker", "--model", "/m", "--max-batch-size", "4"]).unwrap();
-        assert_eq!(cli.serve.service_config().unwrap().prefetch, 4);
+        assert_eq!(cli.serve.batch_settings().max_batch_size, Some(4));
+        assert_eq!(cli.serve.service_config().unwrap().prefetch, None);
         let cli = Cli::try_parse_from(["worker", "--model", "/m", "--namespace", "a.b"]).unwrap();
         assert!(matches!(cli.serve.service_config(), Err(ServeError::Config(_))));
     }

@@ -10,10 +10,11 @@ use shared::{ErrorBody, ErrorCode, GenerationPlan};
 
 use std::sync::Arc;
 
-use super::generator::{BatchSettings, Batcher, Generator, JobEvent};
+use super::generator::{Batcher, Generator, JobEvent};
 use super::job::Prompt;
-use crate::decoding::Stats;
+use crate::decoding::{Limits, Stats};
 use crate::engine::PromptCodec;
+use crate::sizing::BatchLimits;
 
 /// What goes wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -43,9 +44,13 @@ impl<G> Faulty<G> {
 }
 
 impl<G: Generator> Generator for Faulty<G> {
-    fn batcher(&self, settings: &BatchSettings) -> Box<dyn Batcher + '_> {
+    fn bounds(&self, max_batch_size: Option<usize>, max_batch_tokens: Option<usize>) -> BatchLimits {
+        self.inner.bounds(max_batch_size, max_batch_tokens)
+    }
+
+    fn batcher(&self, limits: &Limits) -> Box<dyn Batcher + '_> {
         Box::new(FaultyBatch {
-            inner: self.inner.batcher(settings),
+            inner: self.inner.batcher(limits),
             fault: self.fault,
             steps: 0,
             failing: Vec::new(),

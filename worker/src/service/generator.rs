@@ -33,8 +33,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::health::{self, EngineHealth, Verdict, WatchSettings};
 use super::job::{Completion, FinishedJob, Input, Outcome, Prompt};
 use super::{metrics, text};
-use crate::decoding::{Stats, TextDecoder};
+use crate::decoding::{Limits, Stats, TextDecoder};
 use crate::engine::PromptCodec;
+use crate::sizing::BatchLimits;
 
 /// Turns token ids into text off the engine thread (the tokenizer is `Send + Sync`).
 pub type Detokenizer = Arc<dyn TextDecoder + Send + Sync>;
@@ -57,11 +58,11 @@ pub enum JobEvent {
     },
 }
 
-/// The scheduler's settings, from the command line; a `None` budget is derived from the memory the
-/// engine has left.
+/// The scheduler's settings, from the command line; a bound left `None` is what the generator's devices
+/// afford ([`Generator::bounds`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchSettings {
-    pub max_batch_size: usize,
+    pub max_batch_size: Option<usize>,
     pub max_batch_tokens: Option<usize>,
     pub max_waiting_steps: usize,
     pub waiting_served_ratio: f64,
@@ -71,11 +72,24 @@ pub struct BatchSettings {
 impl Default for BatchSettings {
     fn default() -> Self {
         Self {
-            max_batch_size: 32,
+            max_batch_size: None,
             max_batch_tokens: None,
             max_waiting_steps: 8,
             waiting_served_ratio: 0.3,
             max_prefill_tokens: crate::decoding::scheduler::DEFAULT_MAX_PREFILL_TOKENS,
+        }
+    }
+}
+
+impl BatchSettings {
+    /// The scheduler's limits: these settings within the generator's `bounds`.
+    pub fn limits(&self, bounds: BatchLimits) -> Limits {
+        Limits {
+            max_batch_size: bounds.max_batch_size.max(1),
+            max_batch_tokens: bounds.max_batch_tokens,
+            max_waiting_steps: self.max_waiting_steps,
+            waiting_served_ratio: self.waiting_served_ratio,
+            max_prefill_tokens: self.max_prefill_tokens.max(1),
         }
     }
 }
@@ -99,7 +113,16 @@ pub trait Batcher {
 
 /// Anything that can run a batch: the engine, or a test's stand-in.
 pub trait Generator {
-    fn batcher(&self, settings: &BatchSettings) -> Box<dyn Batcher + '_>;
+    /// The batch's bounds: those given, and for those not given what the generator's devices afford (the
+    /// engine's policy is `crate::sizing`). Asked once, when the generator is ready: the batch size is
+    /// then also the service's number of places. A stand-in holds the CPU's batch and no token budget.
+    fn bounds(&self, max_batch_size: Option<usize>, max_batch_tokens: Option<usize>) -> BatchLimits {
+        BatchLimits {
+            max_batch_size: max_batch_size.unwrap_or(crate::sizing::CPU_BATCH_SIZE).max(1),
+            max_batch_tokens: max_batch_tokens.unwrap_or(usize::MAX),
+        }
+    }
+    fn batcher(&self, limits: &Limits) -> Box<dyn Batcher + '_>;
     /// The text side the async side uses: prompts to ids before a job is handed over, ids to text as it
     /// streams and when it ends, and the stop sequence chat jobs get (see [`EngineThread::plan`]). `None`
     /// (a test's stand-in): prompts go as text, tokens stream without text, and the batch's text stands.
@@ -110,8 +133,12 @@ pub trait Generator {
 
 /// A generator chosen at start-up: the engine, or the engine with an injected fault (`fault`).
 impl<G: Generator + ?Sized> Generator for Box<G> {
-    fn batcher(&self, settings: &BatchSettings) -> Box<dyn Batcher + '_> {
-        (**self).batcher(settings)
+    fn bounds(&self, max_batch_size: Option<usize>, max_batch_tokens: Option<usize>) -> BatchLimits {
+        (**self).bounds(max_batch_size, max_batch_tokens)
+    }
+
+    fn batcher(&self, limits: &Limits) -> Box<dyn Batcher + '_> {
+        (**self).batcher(limits)
     }
 
     fn codec(&self) -> Option<Arc<PromptCodec>> {
@@ -128,9 +155,9 @@ struct Request {
     reply: oneshot::Sender<Outcome>,
 }
 
-/// What the engine thread is told.
+/// What the engine thread is told (a job boxed: it carries its prompt, a cancel only a key).
 enum Command {
-    Submit(Request),
+    Submit(Box<Request>),
     Cancel(u64),
 }
 
@@ -164,7 +191,14 @@ pub struct EngineThread {
     tx: mpsc::UnboundedSender<Command>,
     next_key: Arc<AtomicU64>,
     codec: Option<Arc<PromptCodec>>,
+    max_batch_size: usize,
     health: Arc<EngineHealth>,
+}
+
+/// What the engine thread reports once its generator is ready.
+struct Ready {
+    codec: Option<Arc<PromptCodec>>,
+    max_batch_size: usize,
 }
 
 struct InFlight {
@@ -209,30 +243,43 @@ impl EngineThread {
         let health = Arc::new(EngineHealth::new(watch));
         let thread_health = health.clone();
         let (tx, rx) = mpsc::unbounded_channel::<Command>();
-        let (ready_tx, ready_rx) = oneshot::channel::<Result<Option<Arc<PromptCodec>>, String>>();
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<Ready, String>>();
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
                 let generator = match load() {
-                    Ok(g) => {
-                        let _ = ready_tx.send(Ok(g.codec()));
-                        g
-                    }
+                    Ok(g) => g,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));
                         return;
                     }
                 };
-                run_loop(&generator, &settings, &thread_health, rx);
+                // Resolved once: a batch made again after a panic keeps the bounds the service was sized
+                // for, whatever the memory says by then.
+                let bounds = generator.bounds(settings.max_batch_size, settings.max_batch_tokens);
+                let limits = settings.limits(bounds);
+                tracing::info!(
+                    max_batch_size = limits.max_batch_size,
+                    max_batch_tokens = limits.max_batch_tokens,
+                    max_waiting_steps = limits.max_waiting_steps,
+                    waiting_served_ratio = limits.waiting_served_ratio,
+                    "continuous batching"
+                );
+                let _ = ready_tx.send(Ok(Ready {
+                    codec: generator.codec(),
+                    max_batch_size: limits.max_batch_size,
+                }));
+                run_loop(&generator, &limits, &thread_health, rx);
             })
             .map_err(|e| EngineThreadError::Load(format!("cannot spawn the engine thread: {e}")))?;
         match ready_rx.await {
-            Ok(Ok(codec)) => {
+            Ok(Ok(ready)) => {
                 health::spawn_watchdog(&health);
                 Ok(Self {
                     tx,
                     next_key: Arc::new(AtomicU64::new(0)),
-                    codec,
+                    codec: ready.codec,
+                    max_batch_size: ready.max_batch_size,
                     health,
                 })
             }
@@ -267,20 +314,20 @@ impl EngineThread {
             Ok(prepared) => {
                 let stops = plan.stop.clone();
                 self.tx
-                    .send(Command::Submit(Request {
+                    .send(Command::Submit(Box::new(Request {
                         key,
                         prompt: prepared.prompt,
                         plan,
                         joined,
                         tokens,
                         reply,
-                    }))
+                    })))
                     .map_err(|_| EngineThreadError::Gone)?;
                 Some((prepared.rendered, stops))
             }
             Err(refused) => {
-                // Judged as the engine judges what it refuses: a prompt error is answered and leaves the
-                // count of engine failures alone.
+                // Judged as what the engine refuses is: the input's errors are answered and leave the count
+                // of engine failures alone.
                 deliver(&self.health, reply, Err(refused));
                 None
             }
@@ -307,6 +354,11 @@ impl EngineThread {
         let _ = self.tx.send(Command::Cancel(key));
     }
 
+    /// Sequences the running batch holds at most: given, or what the devices afford.
+    pub fn max_batch_size(&self) -> usize {
+        self.max_batch_size
+    }
+
     /// The generator's detokenizer, for streaming text.
     pub fn detokenizer(&self) -> Option<Detokenizer> {
         self.codec.clone().map(|c| c as Detokenizer)
@@ -330,19 +382,26 @@ fn deliver(health: &EngineHealth, reply: oneshot::Sender<Outcome>, outcome: Outc
 /// The engine thread: take new jobs, step, report; block only when idle.
 fn run_loop(
     generator: &dyn Generator,
-    settings: &BatchSettings,
+    limits: &Limits,
     health: &EngineHealth,
     mut rx: mpsc::UnboundedReceiver<Command>,
 ) {
-    let mut batcher = generator.batcher(settings);
+    let mut batcher = generator.batcher(limits);
     let mut in_flight: HashMap<u64, InFlight> = HashMap::new();
     let obey = |batcher: &mut Box<dyn Batcher + '_>, in_flight: &mut HashMap<u64, InFlight>, command| {
         match command {
             Command::Submit(req) => {
-                let key = req.key;
+                let Request {
+                    key,
+                    prompt,
+                    plan,
+                    joined,
+                    tokens,
+                    reply,
+                } = *req;
                 let arrived = Instant::now();
                 let submitted = health.busy(|| {
-                    std::panic::catch_unwind(AssertUnwindSafe(|| batcher.submit(key, req.prompt, &req.plan)))
+                    std::panic::catch_unwind(AssertUnwindSafe(|| batcher.submit(key, prompt, &plan)))
                         .unwrap_or_else(|panic| Err(panicked(&*panic)))
                 });
                 match submitted {
@@ -350,15 +409,15 @@ fn run_loop(
                         in_flight.insert(
                             key,
                             InFlight {
-                                joined: Some(req.joined),
-                                tokens: req.tokens,
+                                joined: Some(joined),
+                                tokens,
                                 reported: 0,
-                                reply: req.reply,
+                                reply,
                                 arrived,
                             },
                         );
                     }
-                    Err(e) => deliver(health, req.reply, Err(e)),
+                    Err(e) => deliver(health, reply, Err(e)),
                 }
             }
             Command::Cancel(key) => {
@@ -406,7 +465,7 @@ fn run_loop(
                 for (_, job) in in_flight.drain() {
                     deliver(health, job.reply, Err(error.clone()));
                 }
-                batcher = generator.batcher(settings);
+                batcher = generator.batcher(limits);
                 continue;
             }
         };
@@ -512,7 +571,7 @@ pub(crate) mod solo {
     pub(crate) struct One<S>(pub S);
 
     impl<S: Solo> Generator for One<S> {
-        fn batcher(&self, _: &BatchSettings) -> Box<dyn Batcher + '_> {
+        fn batcher(&self, _: &Limits) -> Box<dyn Batcher + '_> {
             Box::new(SoloBatch {
                 solo: &self.0,
                 queue: Default::default(),

@@ -9,10 +9,11 @@ use shared::{ErrorBody, ErrorCode, GenerationPlan};
 
 use super::args::ServeArgs;
 use super::error::ServeError;
-use super::generator::{BatchSettings, Batcher, Generator, JobEvent};
+use super::generator::{Batcher, Generator, JobEvent};
 use super::job::{Completion, Prompt};
 use crate::decoding::{DecodeError, Event, Limits, Request, Scheduler, Stats};
 use crate::engine::{Engine, EngineOptions, Generation, PromptCodec};
+use crate::sizing::BatchLimits;
 
 /// The engine options the flags describe; bad values are reported before anything loads.
 pub fn engine_options(args: &ServeArgs) -> Result<EngineOptions, ServeError> {
@@ -22,25 +23,13 @@ pub fn engine_options(args: &ServeArgs) -> Result<EngineOptions, ServeError> {
 }
 
 impl Generator for Engine {
-    fn batcher(&self, settings: &BatchSettings) -> Box<dyn Batcher + '_> {
-        let limits = Limits {
-            max_batch_size: settings.max_batch_size.max(1),
-            max_batch_tokens: settings
-                .max_batch_tokens
-                .unwrap_or_else(|| self.default_batch_tokens(settings.max_batch_size)),
-            max_waiting_steps: settings.max_waiting_steps,
-            waiting_served_ratio: settings.waiting_served_ratio,
-            max_prefill_tokens: settings.max_prefill_tokens.max(1),
-        };
-        tracing::info!(
-            max_batch_size = limits.max_batch_size,
-            max_batch_tokens = limits.max_batch_tokens,
-            max_waiting_steps = limits.max_waiting_steps,
-            waiting_served_ratio = limits.waiting_served_ratio,
-            "continuous batching"
-        );
+    fn bounds(&self, max_batch_size: Option<usize>, max_batch_tokens: Option<usize>) -> BatchLimits {
+        self.batch_limits(max_batch_size, max_batch_tokens)
+    }
+
+    fn batcher(&self, limits: &Limits) -> Box<dyn Batcher + '_> {
         Box::new(EngineBatch {
-            scheduler: self.scheduler(limits),
+            scheduler: self.scheduler(limits.clone()),
         })
     }
 

@@ -104,18 +104,26 @@ pub struct Service {
     outcomes: Mutex<Outcomes>,
     /// One permit per place in the running batch.
     places: Arc<Semaphore>,
+    /// Deliveries the broker may hand over unacknowledged: `--prefetch`, else the batch size.
+    prefetch: u16,
     cancels: Cancels,
 }
 
 impl Service {
+    /// A service for `engine`, with one place per sequence its batch holds.
     pub fn new(config: ServiceConfig, engine: EngineThread) -> Self {
-        let places = Arc::new(Semaphore::new(usize::from(config.max_batch_size.max(1))));
-        let remembered = REMEMBERED_JOBS.max(4 * usize::from(config.max_batch_size));
+        let batch = engine.max_batch_size().max(1);
+        let places = Arc::new(Semaphore::new(batch));
+        let remembered = REMEMBERED_JOBS.max(4 * batch);
+        let prefetch = config
+            .prefetch
+            .unwrap_or_else(|| u16::try_from(batch).unwrap_or(u16::MAX));
         Self {
             config,
             engine,
             outcomes: Mutex::new(Outcomes::new(remembered)),
             places,
+            prefetch,
             cancels: Cancels::new(Duration::from_secs(shared::topology::CANCEL_RETENTION_SECS)),
         }
     }
@@ -204,7 +212,7 @@ impl Service {
             _ => SessionError::Amqp(e),
         })?;
         channel
-            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .basic_qos(self.prefetch, BasicQosOptions::default())
             .await?;
         let replies = connections.publish.create_channel().await?;
         replies.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -227,7 +235,7 @@ impl Service {
         backoff.reset();
         info!(
             queue = %topology.jobs_queue(),
-            prefetch = self.config.prefetch,
+            prefetch = self.prefetch,
             worker_id = %self.config.worker_id,
             "consuming jobs"
         );

@@ -46,15 +46,22 @@ async fn start_worker(url: &str) -> Worker {
     start_worker_with(url, Duration::from_secs(10)).await
 }
 
-/// The service's settings for a test worker: one job at a time, the default streaming.
+/// A test engine's batch: one job at a time.
+fn one_at_a_time() -> BatchSettings {
+    BatchSettings {
+        max_batch_size: Some(1),
+        ..Default::default()
+    }
+}
+
+/// The service's settings for a test worker: the default streaming.
 fn test_config(url: &str, topology: Topology, publish_timeout: Duration) -> ServiceConfig {
     ServiceConfig {
         brokers: std::sync::Arc::new(shared::brokers::BrokerUrls::new(&[url]).unwrap()),
         topology,
         rules: shared::PromptRules::default(),
-        prefetch: 1,
+        prefetch: Some(1),
         worker_id: "test-worker".into(),
-        max_batch_size: 1,
         stream: StreamSettings {
             tokens: 16,
             interval: Duration::from_millis(50),
@@ -72,7 +79,7 @@ async fn start_worker_with(url: &str, publish_timeout: Duration) -> Worker {
         calls: calls.clone(),
         release: Mutex::new(rx),
     };
-    let engine = EngineThread::start(move || Ok::<_, String>(One(gate)), BatchSettings::default())
+    let engine = EngineThread::start(move || Ok::<_, String>(One(gate)), one_at_a_time())
         .await
         .unwrap();
     let config = test_config(url, topology.clone(), publish_timeout);
@@ -485,7 +492,7 @@ async fn a_jobs_queue_declared_with_another_delivery_limit_stops_the_worker_with
         calls: Arc::new(AtomicUsize::new(0)),
         release: Mutex::new(mpsc::channel().1),
     };
-    let engine = EngineThread::start(move || Ok::<_, String>(One(gate)), BatchSettings::default())
+    let engine = EngineThread::start(move || Ok::<_, String>(One(gate)), one_at_a_time())
         .await
         .unwrap();
     let config = test_config(
