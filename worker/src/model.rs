@@ -416,7 +416,27 @@ impl GptJ {
             )));
         }
 
+        // Every input a device needs (positions, rotary angles, the mask, the slot cache's write index) is
+        // uploaded before the first layer runs: on a GPU an upload inside the layer loop waits for the
+        // kernels queued before it, so the host would stop feeding the device mid-step.
         let mut per_device: Vec<DeviceInputs> = Vec::with_capacity(self.rotary.len());
+        for block in &self.blocks {
+            if !per_device.iter().any(|d| d.device == block.device) {
+                per_device.push(self.device_inputs(block.device, position_ids, &mask_kind, batch, seq)?);
+            }
+        }
+        if let Past::Slots {
+            cache,
+            starts,
+            index,
+            ..
+        } = &mut past_kv
+        {
+            let nh = self.cfg.n_head as i64;
+            for d in &per_device {
+                index.push((d.device, cache.write_index(nh, seq, starts, d.device)?));
+            }
+        }
         let mut h = Tensor::f_embedding(
             &self.wte,
             &input_ids.f_to_device(self.map.embed)?,
