@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::generator::{Batcher, Generator, JobEvent};
 use super::job::Prompt;
-use crate::decoding::{Limits, Stats};
+use crate::decoding::{Limits, Stats, StepProfile};
 use crate::engine::PromptCodec;
 use crate::sizing::BatchLimits;
 
@@ -122,5 +122,9 @@ impl Batcher for FaultyBatch<'_> {
 
     fn stats(&self) -> Stats {
         self.inner.stats()
+    }
+
+    fn profile(&self) -> Option<StepProfile> {
+        self.inner.profile()
     }
 }

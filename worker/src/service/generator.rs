@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::health::{self, EngineHealth, Verdict, WatchSettings};
 use super::job::{Completion, FinishedJob, Input, Outcome, Prompt};
 use super::{metrics, text};
-use crate::decoding::{Limits, Stats, TextDecoder};
+use crate::decoding::{Limits, Stats, StepProfile, TextDecoder};
 use crate::engine::PromptCodec;
 use crate::sizing::BatchLimits;
 
@@ -108,6 +108,10 @@ pub trait Batcher {
     /// Gauges for metrics.
     fn stats(&self) -> Stats {
         Stats::default()
+    }
+    /// Where the last step's time went, for metrics; `None` where the batch does not say (a stand-in).
+    fn profile(&self) -> Option<StepProfile> {
+        None
     }
 }
 
@@ -502,7 +506,7 @@ fn run_loop(
                 }
             }
         }
-        metrics::step(&batcher.stats(), step);
+        metrics::step(&batcher.stats(), step, batcher.profile());
     }
 }
 

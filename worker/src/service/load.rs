@@ -11,7 +11,7 @@ use super::args::ServeArgs;
 use super::error::ServeError;
 use super::generator::{Batcher, Generator, JobEvent};
 use super::job::{Completion, Prompt};
-use crate::decoding::{DecodeError, Event, Limits, Request, Scheduler, Stats};
+use crate::decoding::{DecodeError, Event, Limits, Request, Scheduler, Stats, StepProfile};
 use crate::engine::{Engine, EngineOptions, Generation, PromptCodec};
 use crate::sizing::BatchLimits;
 
@@ -101,6 +101,10 @@ impl Batcher for EngineBatch<'_> {
 
     fn stats(&self) -> Stats {
         self.scheduler.stats()
+    }
+
+    fn profile(&self) -> Option<StepProfile> {
+        Some(self.scheduler.profile())
     }
 }
 

@@ -12,7 +12,7 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 use super::job::Completion;
-use crate::decoding::Stats;
+use crate::decoding::{Stats, StepProfile};
 
 /// Sequences in the running batch (vLLM `num_requests_running`, TGI `tgi_batch_current_size`).
 pub const RUNNING: &str = "worker_num_requests_running";
@@ -28,6 +28,11 @@ pub const KV_BUDGET: &str = "worker_kv_cache_positions_budget";
 /// Wall time of one scheduler step: admission, prefills and the decode pass (TGI
 /// `tgi_batch_forward_duration`).
 pub const STEP_DURATION: &str = "worker_step_duration_seconds";
+/// Where a step's time went, labelled `phase`: `prefill` (admitting newcomers), `select` (choosing every
+/// sequence's next token), `forward` (the decode pass), `maintenance` (closing the holes leavers made); the
+/// scheduler's own split (`StepProfile`), host time: on a GPU a phase that reads a result back also waits
+/// for the kernels queued before it.
+pub const STEP_PHASE: &str = "worker_step_phase_seconds";
 /// Arrival at the engine to the first token (vLLM `time_to_first_token_seconds`).
 pub const TIME_TO_FIRST_TOKEN: &str = "worker_time_to_first_token_seconds";
 /// Mean time between a job's tokens after the first (vLLM `inter_token_latency_seconds`).
@@ -67,8 +72,8 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
         .map_err(|e| format!("cannot serve metrics on {listen}: {e}"))
 }
 
-/// After each step.
-pub fn step(stats: &Stats, took: Duration) {
+/// After each step, with the batch's split of it when it gives one.
+pub fn step(stats: &Stats, took: Duration, profile: Option<StepProfile>) {
     gauge!(RUNNING).set(stats.running as f64);
     gauge!(WAITING).set(stats.waiting as f64);
     gauge!(KV_USED).set(stats.kv_used as f64);
@@ -80,6 +85,16 @@ pub fn step(stats: &Stats, took: Duration) {
         histogram!(BATCH_SIZE).record(stats.running as f64);
     }
     histogram!(STEP_DURATION).record(took.as_secs_f64());
+    if let Some(p) = profile {
+        for (phase, d) in [
+            ("prefill", p.prefill),
+            ("select", p.select),
+            ("forward", p.forward),
+            ("maintenance", p.maintenance),
+        ] {
+            histogram!(STEP_PHASE, "phase" => phase).record(d.as_secs_f64());
+        }
+    }
 }
 
 /// Tokens as they are generated, so the counter's rate is the worker's token rate.
