@@ -749,6 +749,49 @@ pub(crate) mod tests {
         assert!(engine.health().unhealthy().is_none());
     }
 
+    /// The echo stand-in with the engine's text side (a context of 8 positions).
+    struct Tokenizing(One<Echo>, Arc<PromptCodec>);
+
+    impl Generator for Tokenizing {
+        fn batcher(&self, limits: &Limits) -> Box<dyn Batcher + '_> {
+            self.0.batcher(limits)
+        }
+
+        fn codec(&self) -> Option<Arc<PromptCodec>> {
+            Some(self.1.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn prompts_are_tokenized_and_texts_decoded_off_the_engine_thread_and_a_prompt_too_long_never_reaches_it()
+     {
+        let (generator, calls) = echo();
+        let info = crate::lm::ModelInfo {
+            vocab_size: 50400,
+            n_positions: 8,
+            n_embd: 8,
+            n_layer: 1,
+            bos_token_id: Some(50256),
+            eos_token_id: Some(50256),
+        };
+        let tokenizer = crate::tokenizer::bundled().unwrap();
+        let chat = shared::chat::ChatTemplate::default_template(None);
+        let codec = Arc::new(PromptCodec::new(tokenizer, chat, &info));
+        let engine = EngineThread::start(
+            move || Ok::<_, String>(Tokenizing(generator, codec)),
+            BatchSettings::default(),
+        )
+        .await
+        .unwrap();
+        // The batch reports ids (the echo's: three 7s); the text the job gets is theirs, decoded here.
+        let out = run(&engine, "Hello world").await.unwrap();
+        assert_eq!(out.completion.generation.text, "(((");
+        // Six tokens and three new ones do not fit eight positions: refused before the engine thread.
+        let err = run(&engine, "one two three four five six").await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::ContextOverflow);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
     #[tokio::test]
     async fn a_loader_error_is_reported_before_any_job() {
         let err = EngineThread::start(|| Err::<One<Echo>, _>("no such model"), BatchSettings::default())
