@@ -89,12 +89,19 @@ const UNAVAILABLE_RETRY_AFTER: u64 = 1;
 /// How long a client at its cap of active jobs should wait: long enough for a short job to end.
 const ACTIVE_RETRY_AFTER: u64 = 1;
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// The body of every error response (the OpenAI routes rewrite it into OpenAI's shape).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorResponse {
+    /// Stable machine-readable code, e.g. `invalid_json`, `prompt_too_long`, `rate_limited`.
+    #[schema(schema_with = crate::contract_schema::error_code)]
     code: ErrorCode,
+    /// Readable explanation.
     message: String,
+    /// The job the answer is about: on a `/run` timeout the one to poll, on a reused `Idempotency-Key`
+    /// the one the key named.
     #[serde(skip_serializing_if = "Option::is_none")]
-    job_id: Option<&'a JobId>,
+    #[schema(value_type = Option<String>, format = Uuid)]
+    job_id: Option<JobId>,
 }
 
 impl ApiError {
@@ -196,10 +203,10 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         let job_id = match &self {
-            ApiError::RunTimeout(id) | ApiError::IdempotencyKeyReused(id) => Some(id),
+            ApiError::RunTimeout(id) | ApiError::IdempotencyKeyReused(id) => Some(*id),
             _ => None,
         };
-        let body = Body {
+        let body = ErrorResponse {
             code,
             message: self.to_string(),
             job_id,

@@ -93,7 +93,7 @@ fn deserialize_texts<'de, D: Deserializer<'de>>(
 }
 
 /// `prompt`: one text or a batch of texts. Token-id prompts are not supported.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum PromptInput {
     One(String),
@@ -126,7 +126,7 @@ impl PromptInput {
 }
 
 /// `stop`: one sequence or several.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum StopInput {
     One(String),
@@ -171,51 +171,67 @@ macro_rules! with_shared_fields {
     ($callback:ident ! { $($input:tt)* }) => {
         $callback! { [$($input)*]
             /// Tokens to generate at most. Default 16 for completions (as OpenAI), 50 for chat.
+            #[schema(minimum = 1, maximum = 2048)]
             max_tokens: Option<u32>,
             /// Sampling temperature (default 1.0); 0 means greedy decoding.
+            #[schema(minimum = 0, maximum = 100)]
             temperature: Option<f64>,
             /// Nucleus sampling mass in (0, 1].
+            #[schema(exclusive_minimum = 0, maximum = 1)]
             top_p: Option<f64>,
             /// Choices to generate (1 to 8), each its own job.
+            #[schema(minimum = 1, maximum = 8)]
             n: Option<u32>,
             /// Stream the text as server-sent events.
             stream: Option<bool>,
             stream_options: Option<StreamOptions>,
             /// Up to 4 sequences that end the text (not included in it).
+            #[schema(schema_with = crate::openai_schema::stop)]
             stop: Option<StopInput>,
             /// Makes sampling reproducible; choice `i` uses `seed + i`.
+            #[schema(schema_with = crate::openai_schema::seed)]
             seed: Option<u64>,
             /// Accepted and ignored.
             user: Option<String>,
             /// Not supported: only 0 (or absent) is accepted.
+            #[schema(minimum = 0, maximum = 0)]
             presence_penalty: Option<f64>,
             /// Not supported: only 0 (or absent) is accepted.
+            #[schema(minimum = 0, maximum = 0)]
             frequency_penalty: Option<f64>,
             /// Not supported: only `null` or `{}` is accepted.
-            #[schema(value_type = Option<Object>)]
+            #[schema(schema_with = crate::openai_schema::empty_object_only)]
             logit_bias: Option<serde_json::Value>,
             /// Extension: the decoding strategy (`contrastive`, `greedy`, `sample`, `beam`); when given,
             /// the parameters below and OpenAI's map 1:1 to the job's.
-            #[schema(value_type = Option<String>)]
+            #[schema(schema_with = crate::contract_schema::optional_strategy)]
             strategy: Option<Strategy>,
             /// Extension: contrastive search's degeneration penalty.
+            #[schema(minimum = 0, maximum = 1)]
             penalty_alpha: Option<f64>,
             /// Extension: top-k filter for sampling (default 0, none, as OpenAI has no top-k); candidate
-            /// count for contrastive search.
+            /// count for contrastive search (1 to 64).
+            #[schema(maximum = 100000)]
             top_k: Option<u32>,
             /// Extension: typical sampling mass.
+            #[schema(exclusive_minimum = 0, maximum = 1)]
             typical_p: Option<f64>,
             /// Extension: beam count for beam search.
+            #[schema(minimum = 1, maximum = 16)]
             num_beams: Option<u32>,
             /// Extension: CTRL's repetition penalty.
+            #[schema(exclusive_minimum = 0, maximum = 10)]
             repetition_penalty: Option<f64>,
             /// Extension: forbid repeating n-grams of this size.
+            #[schema(maximum = 32)]
             no_repeat_ngram_size: Option<u32>,
             /// Extension: beam search length penalty.
+            #[schema(minimum = -10, maximum = 10)]
             length_penalty: Option<f64>,
             /// Extension: beam search stops when `num_beams` hypotheses are done.
             early_stopping: Option<bool>,
-            /// Extension (vLLM's name): tokens to generate before the text may end.
+            /// Extension (vLLM's name): tokens to generate before the text may end (at most `max_tokens`).
+            #[schema(maximum = 2048)]
             min_tokens: Option<u32>,
             /// Extension: `false` without `strategy` means greedy decoding.
             do_sample: Option<bool>,
@@ -285,15 +301,18 @@ with_shared_fields!(declare_request! {
     pub struct CompletionRequest {
         /// The model's name as `/v1/models` lists it.
         pub model: String,
+        #[schema(schema_with = crate::openai_schema::prompt)]
         pub prompt: PromptInput,
         /// Put the prompt before the generated text.
         pub echo: Option<bool>,
         /// Not supported: only `null` (or absent) is accepted.
-        #[schema(value_type = Option<Value>)]
+        #[schema(schema_with = crate::openai_schema::null_only)]
         pub logprobs: Option<serde_json::Value>,
         /// Not supported: only 1 (or absent) is accepted.
+        #[schema(minimum = 1, maximum = 1)]
         pub best_of: Option<u32>,
         /// Not supported: only absent or empty is accepted.
+        #[schema(max_length = 0)]
         pub suffix: Option<String>,
     }
 });
@@ -304,28 +323,31 @@ with_shared_fields!(declare_request! {
         /// The model's name as `/v1/models` lists it.
         pub model: String,
         /// The conversation; `content` is a string or an array of text parts.
-        #[schema(value_type = Vec<Object>)]
+        #[schema(schema_with = crate::contract_schema::chat_messages)]
         pub messages: Vec<ChatMessage>,
         /// OpenAI's newer name for `max_tokens`; if both are given they must agree.
+        #[schema(minimum = 1, maximum = 2048)]
         pub max_completion_tokens: Option<u32>,
         /// Not supported: only `false` (or absent) is accepted.
+        #[schema(schema_with = crate::openai_schema::false_only)]
         pub logprobs: Option<bool>,
         /// Not supported: only 0 (or absent) is accepted.
+        #[schema(maximum = 0)]
         pub top_logprobs: Option<u32>,
         /// Not supported: only absent, `null` or `[]` is accepted.
-        #[schema(value_type = Option<Value>)]
+        #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
         pub tools: Option<serde_json::Value>,
         /// Not supported: only absent, `null` or `"none"` is accepted.
-        #[schema(value_type = Option<Value>)]
+        #[schema(schema_with = crate::openai_schema::none_only)]
         pub tool_choice: Option<serde_json::Value>,
         /// Not supported: only absent, `null` or `[]` is accepted.
-        #[schema(value_type = Option<Value>)]
+        #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
         pub functions: Option<serde_json::Value>,
         /// Not supported: only absent, `null` or `"none"` is accepted.
-        #[schema(value_type = Option<Value>)]
+        #[schema(schema_with = crate::openai_schema::none_only)]
         pub function_call: Option<serde_json::Value>,
         /// Only `{"type": "text"}` (or absent) is accepted.
-        #[schema(value_type = Option<Object>)]
+        #[schema(schema_with = crate::openai_schema::text_only)]
         pub response_format: Option<serde_json::Value>,
     }
 });
@@ -825,28 +847,50 @@ pub fn status(status: StatusCode) -> StatusCode {
     }
 }
 
-/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`, where `code` is the
-/// gateway's stable code and `type` OpenAI's class of error for `status`.
-pub fn error_body(
-    status: StatusCode,
-    code: ErrorCode,
-    message: &str,
-    param: Option<&str>,
-) -> serde_json::Value {
-    let kind = match status.as_u16() {
-        401 => "authentication_error",
-        429 => "rate_limit_error",
-        500..=599 => "server_error",
-        _ => "invalid_request_error",
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct OpenAiError {
+    pub error: OpenAiErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct OpenAiErrorDetail {
+    pub message: String,
+    pub r#type: OpenAiErrorType,
+    /// The request field to blame, when one is.
+    pub param: Option<String>,
+    /// The gateway's stable error code.
+    #[schema(schema_with = crate::contract_schema::error_code)]
+    pub code: ErrorCode,
+}
+
+/// OpenAI's class of an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OpenAiErrorType {
+    InvalidRequestError,
+    AuthenticationError,
+    RateLimitError,
+    ServerError,
+}
+
+/// An error for `status` in OpenAI's shape, where `code` is the gateway's stable code and `type` OpenAI's
+/// class of error for `status`.
+pub fn error_body(status: StatusCode, code: ErrorCode, message: &str, param: Option<&str>) -> OpenAiError {
+    let r#type = match status.as_u16() {
+        401 => OpenAiErrorType::AuthenticationError,
+        429 => OpenAiErrorType::RateLimitError,
+        500..=599 => OpenAiErrorType::ServerError,
+        _ => OpenAiErrorType::InvalidRequestError,
     };
-    serde_json::json!({
-        "error": {
-            "message": message,
-            "type": kind,
-            "param": param,
-            "code": code,
-        }
-    })
+    OpenAiError {
+        error: OpenAiErrorDetail {
+            message: message.to_owned(),
+            r#type,
+            param: param.map(str::to_owned),
+            code,
+        },
+    }
 }
 
 #[cfg(test)]
@@ -962,6 +1006,111 @@ mod tests {
             (beam.num_beams, beam.length_penalty, beam.early_stopping),
             (Some(3), Some(0.5), Some(true))
         );
+    }
+
+    /// Whether `body` is a request the gateway takes: it parses, and its parameters pass validation.
+    fn accepted<R: serde::de::DeserializeOwned>(
+        body: serde_json::Value,
+        parameters: impl Fn(&R) -> Result<GenerationParameters, ParamError>,
+    ) -> bool {
+        serde_json::from_value::<R>(body)
+            .ok()
+            .and_then(|r| parameters(&r).ok())
+            .is_some_and(|p| p.validate().is_ok())
+    }
+
+    /// The numeric bounds `schema` states, each as `(field, value at the bound, whether the bound itself is
+    /// allowed, direction outwards)`.
+    fn bounds(schema: &serde_json::Value) -> Vec<(String, f64, bool, f64)> {
+        let mut out = Vec::new();
+        for (field, s) in schema["properties"].as_object().unwrap() {
+            for (keyword, inclusive, outwards) in [
+                ("minimum", true, -1.0),
+                ("exclusiveMinimum", false, -1.0),
+                ("maximum", true, 1.0),
+                ("exclusiveMaximum", false, 1.0),
+            ] {
+                // A bound past 2^53 is an integer type's own (seed's u64::MAX), which serde enforces and
+                // a test in f64 cannot step across.
+                if let Some(bound) = s.get(keyword).and_then(serde_json::Value::as_f64)
+                    && bound.abs() < 2f64.powi(53)
+                {
+                    out.push((field.clone(), bound, inclusive, outwards));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_bound_the_request_schemas_state_is_the_one_validation_enforces() {
+        use utoipa::PartialSchema;
+        // Each parameter with the strategy that reads it (none: OpenAI's default sampling, where
+        // temperature 0 means greedy), and `max_tokens` high enough for `min_tokens` to reach its bound.
+        let body = |base: serde_json::Value, field: &str, value: f64| {
+            let mut body = base;
+            let strategy = match field {
+                "penalty_alpha" => Some("contrastive"),
+                "num_beams" | "length_penalty" => Some("beam"),
+                "top_k" => Some("sample"),
+                _ => None,
+            };
+            if let Some(s) = strategy {
+                body["strategy"] = json!(s);
+            }
+            if field == "min_tokens" {
+                body["max_tokens"] = json!(shared::params::MAX_NEW_TOKENS_LIMIT);
+            }
+            body[field] = if value.fract() == 0.0 {
+                json!(value as i64)
+            } else {
+                json!(value)
+            };
+            body
+        };
+        let cases = [
+            (
+                serde_json::to_value(CompletionRequest::schema()).unwrap(),
+                json!({"model": "m", "prompt": "hi"}),
+                true,
+            ),
+            (
+                serde_json::to_value(ChatCompletionRequest::schema()).unwrap(),
+                json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+                false,
+            ),
+        ];
+        for (schema, base, completion) in cases {
+            let takes = |body: serde_json::Value| {
+                if completion {
+                    accepted::<CompletionRequest>(body, |r| r.parameters(16))
+                } else {
+                    accepted::<ChatCompletionRequest>(body, |r| r.parameters(50))
+                }
+            };
+            let bounds = bounds(&schema);
+            assert!(bounds.len() > 15, "{schema}");
+            for (field, bound, inclusive, outwards) in bounds {
+                let step = if schema["properties"][&field]["type"]
+                    .to_string()
+                    .contains("integer")
+                {
+                    1.0
+                } else {
+                    0.25
+                };
+                let inside = if inclusive { bound } else { bound - outwards * step };
+                let outside = if inclusive { bound + outwards * step } else { bound };
+                assert!(
+                    takes(body(base.clone(), &field, inside)),
+                    "{field} = {inside} is within the schema's bound and must be accepted"
+                );
+                assert!(
+                    !takes(body(base.clone(), &field, outside)),
+                    "{field} = {outside} is beyond the schema's bound and must be refused"
+                );
+            }
+        }
     }
 
     #[test]
@@ -1270,27 +1419,29 @@ mod tests {
 
     #[test]
     fn errors_have_openais_shape_with_the_stable_code() {
+        let json = |body: OpenAiError| serde_json::to_value(body).unwrap();
         assert_eq!(
-            error_body(
+            json(error_body(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 ErrorCode::InvalidParameter,
                 "invalid `n`: must be in [1, 8], got 9",
                 Some("n"),
-            ),
+            )),
             json!({"error": {"message": "invalid `n`: must be in [1, 8], got 9",
                 "type": "invalid_request_error", "param": "n", "code": "invalid_parameter"}})
         );
-        let unavailable = error_body(
+        let unavailable = json(error_body(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Unavailable,
             "down",
             None,
-        );
+        ));
         assert_eq!(
             unavailable,
             json!({"error": {"message": "down", "type": "server_error", "param": null, "code": "unavailable"}})
         );
-        let kind = |s: StatusCode| error_body(s, ErrorCode::Internal, "", None)["error"]["type"].clone();
+        let kind =
+            |s: StatusCode| json(error_body(s, ErrorCode::Internal, "", None))["error"]["type"].clone();
         assert_eq!(kind(StatusCode::UNAUTHORIZED), "authentication_error");
         assert_eq!(kind(StatusCode::TOO_MANY_REQUESTS), "rate_limit_error");
         assert_eq!(kind(StatusCode::NOT_FOUND), "invalid_request_error");

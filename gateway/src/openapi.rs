@@ -1,43 +1,11 @@
-//! The OpenAPI 3.1 document: paths and gateway types from utoipa, and the job contract's types
-//! (`GenerationParameters` and what it refers to) from the shared crate's JSON Schemas, so the document
-//! cannot drift from what the gateway actually parses.
+//! The OpenAPI 3.1 document: paths and the gateway's own types from utoipa, and the job contract's types
+//! (`GenerationParameters` and what it refers to) from the shared crate's JSON Schemas (see
+//! [`crate::contract_schema`]), so the document cannot drift from what the gateway actually parses.
 
-use schemars::generate::SchemaSettings;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{Ref, RefOr, Schema};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 
 use crate::routes;
-
-/// `{code, message}` (plus `job_id` on a `/run` timeout); `code` is one of the stable codes in
-/// `docs/schema/job-reply.schema.json`'s `ErrorCode`.
-#[derive(ToSchema)]
-#[allow(dead_code)] // documentation only; the body is built from shared::ErrorBody
-pub struct ErrorDoc {
-    /// Stable machine-readable code, e.g. `invalid_json`, `prompt_too_long`, `rate_limited`.
-    code: String,
-    /// Readable explanation.
-    message: String,
-    /// Only on a `/run` timeout: the job to poll.
-    job_id: Option<String>,
-}
-
-/// One Server-Sent Event of a job's stream (`GET /v1/jobs/{id}/events`).
-#[derive(ToSchema)]
-#[allow(dead_code)] // documentation only; events are written by axum's Sse
-pub struct EventDoc {
-    /// The event's entry in the job's log; absent on `queued` events.
-    id: Option<String>,
-    /// `queued`, `started`, `token`, `succeeded`, `failed`, `cancelled`, `expired` or `gone`.
-    event: String,
-    /// JSON: the place in line, the start, the token chunk, or (final events) the job as a poll shows it.
-    data: String,
-}
-
-/// Schema reference used for the `parameters` field.
-pub fn generation_parameters() -> RefOr<Schema> {
-    RefOr::Ref(Ref::from_schema_name("GenerationParameters"))
-}
 
 struct BearerAuth;
 
@@ -63,7 +31,8 @@ impl Modify for BearerAuth {
     components(schemas(
         routes::jobs::SubmitRequest, routes::jobs::JobAccepted, routes::jobs::JobView,
         routes::jobs::CancelResult, crate::position::QueuePosition,
-        routes::run::OriginalRun, routes::queue::QueueView, ErrorDoc, EventDoc
+        routes::run::OriginalRun, routes::queue::QueueView, crate::error::ErrorResponse,
+        routes::events::StreamEvent
     )),
     modifiers(&BearerAuth)
 )]
@@ -72,20 +41,11 @@ struct ApiDoc;
 /// The whole document as JSON; the OpenAI requests' `model` is the one name this gateway serves.
 pub fn document(served_model_name: &str) -> serde_json::Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
-    let mut generator = SchemaSettings::draft2020_12()
-        .with(|s| s.definitions_path = "/components/schemas/".into())
-        .into_generator();
-    let params = generator.subschema_for::<shared::GenerationParameters>();
-    let mut defs = generator.take_definitions(true);
-    // A type with its own definition comes back as a reference; keep the definition itself.
-    if params.as_value().get("$ref").is_none() {
-        defs.insert("GenerationParameters".into(), params.to_value());
-    }
     if let Some(schemas) = doc
         .pointer_mut("/components/schemas")
         .and_then(serde_json::Value::as_object_mut)
     {
-        for (name, schema) in defs {
+        for (name, schema) in crate::contract_schema::definitions() {
             schemas.entry(name).or_insert(schema);
         }
         for request in ["CompletionRequest", "ChatCompletionRequest"] {
@@ -121,6 +81,30 @@ mod tests {
             assert!(
                 doc.pointer(&format!("/{path}")).is_some(),
                 "dangling $ref #/{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_contracts_types_are_described_by_the_contracts_own_schemas() {
+        let doc = super::document("gpt-j");
+        for (path, name) in [
+            ("SubmitRequest/properties/parameters", "GenerationParameters"),
+            ("SubmitRequest/properties/messages", "ChatMessage"),
+            ("ChatCompletionRequest/properties/messages", "ChatMessage"),
+            ("CompletionRequest/properties/strategy", "Strategy"),
+            ("JobView/properties/error", "ErrorBody"),
+            ("JobResult/properties/finish_reason", "FinishReason"),
+            ("ErrorResponse/properties/code", "ErrorCode"),
+            ("OpenAiErrorDetail/properties/code", "ErrorCode"),
+        ] {
+            let schema = doc
+                .pointer(&format!("/components/schemas/{path}"))
+                .map(serde_json::Value::to_string)
+                .unwrap_or_default();
+            assert!(
+                schema.contains(&format!("\"#/components/schemas/{name}\"")),
+                "{path} should refer to {name}: {schema}"
             );
         }
     }

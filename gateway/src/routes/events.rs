@@ -16,11 +16,11 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
-use utoipa::IntoParams;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::app::AppState;
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiQuery};
+use crate::error::{ApiError, ApiQuery, ErrorResponse};
 use crate::follow::{CancelOnDrop, Followed, follow};
 use crate::routes::jobs::{owned, view};
 
@@ -32,7 +32,21 @@ pub struct EventsQuery {
     pub cancel_on_disconnect: bool,
     /// Resume after this event id (what the `Last-Event-ID` header says, for clients that cannot set it).
     #[serde(default)]
+    #[param(nullable = false, pattern = r"^[0-9]{1,20}-[0-9]{1,20}$")]
     pub last_event_id: Option<String>,
+}
+
+/// One Server-Sent Event of the stream, for the document: axum's `Event` writes the events and has no
+/// schema, so this says what their fields carry.
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation only
+pub struct StreamEvent {
+    /// The event's entry in the job's log (`MILLIS-SEQ`); absent on `queued` and `gone` events.
+    id: Option<String>,
+    /// `queued`, `started`, `token`, `succeeded`, `failed`, `cancelled`, `expired` or `gone`.
+    event: String,
+    /// JSON: the place in line, the start, the token chunk, or (final events) the job as a poll shows it.
+    data: String,
 }
 
 /// How often a comment line keeps an idle stream open through proxies.
@@ -42,16 +56,17 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
     get, path = "/v1/jobs/{id}/events", tag = "jobs",
     params(
         ("id" = String, Path, format = Uuid, description = "Job id (UUID)"),
-        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id"),
+        ("Last-Event-ID" = Option<String>, Header, nullable = false, pattern = r"^[0-9]{1,20}-[0-9]{1,20}$",
+            description = "Resume after this event id (`MILLIS-SEQ`, as an event's `id` gave it)"),
         EventsQuery,
     ),
     responses(
-        (status = 200, description = "text/event-stream: `queued`, `started`, `token` events, then the final one", content_type = "text/event-stream", body = crate::openapi::EventDoc),
-        (status = 400, description = "Malformed id", body = crate::openapi::ErrorDoc),
-        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
-        (status = 422, description = "Last-Event-ID is not an event id of this stream", body = crate::openapi::ErrorDoc),
-        (status = 404, description = "Unknown id, or another key's job", body = crate::openapi::ErrorDoc),
-        (status = 429, description = "Rate limited (Retry-After)", body = crate::openapi::ErrorDoc),
+        (status = 200, description = "text/event-stream: `queued`, `started`, `token` events, then the final one", content_type = "text/event-stream", body = StreamEvent),
+        (status = 400, description = "Malformed id", body = ErrorResponse),
+        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = ErrorResponse),
+        (status = 422, description = "Last-Event-ID (or last_event_id) is not an event id of this stream", body = ErrorResponse),
+        (status = 404, description = "Unknown id, or another key's job", body = ErrorResponse),
+        (status = 429, description = "Rate limited (Retry-After)", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
 )]
@@ -63,21 +78,17 @@ pub async fn events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let (record, _) = owned(&app, &caller, &id).await?;
-    let after = headers
+    // Either resume point, when given, must be one; the header wins over the query when both are.
+    let header = headers
         .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or(query.last_event_id)
-        .unwrap_or_else(|| "0-0".to_owned());
-    if !is_entry_id(&after) {
-        return Err(ApiError::InvalidField {
-            field: "Last-Event-ID".into(),
-            message: format!(
-                "`{}` is not an event id of this stream",
-                after.chars().take(64).collect::<String>()
-            ),
-        });
-    }
+        .map(|v| resume_point("Last-Event-ID", v.to_str().unwrap_or("")))
+        .transpose()?;
+    let in_query = query
+        .last_event_id
+        .as_deref()
+        .map(|v| resume_point("last_event_id", v))
+        .transpose()?;
+    let after = header.or(in_query).unwrap_or_else(|| "0-0".to_owned());
     let id = record.id;
     let mut guard = CancelOnDrop::new(
         &app,
@@ -105,6 +116,21 @@ pub async fn events(
         Ok(event.unwrap_or_else(|e| Event::default().event("error").data(e.to_string())))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+}
+
+/// `value` as a place to resume the stream after, or the error naming `field`.
+fn resume_point(field: &str, value: &str) -> Result<String, ApiError> {
+    if is_entry_id(value) {
+        Ok(value.to_owned())
+    } else {
+        Err(ApiError::InvalidField {
+            field: field.into(),
+            message: format!(
+                "`{}` is not an event id of this stream",
+                value.chars().take(64).collect::<String>()
+            ),
+        })
+    }
 }
 
 /// A Redis stream entry id: `MILLIS-SEQ`.

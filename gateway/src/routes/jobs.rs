@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use crate::app::AppState;
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ErrorResponse};
 use crate::position::QueuePosition;
 use crate::store::{CancelOutcome, Figures, JobRecord, Status};
 
@@ -36,11 +36,11 @@ pub struct SubmitRequest {
     /// each content is cleaned like a prompt, the length limits apply to the contents together, and the
     /// worker renders it with its model's chat template.
     #[serde(default)]
-    #[schema(value_type = Option<Vec<Object>>)]
+    #[schema(schema_with = crate::contract_schema::optional_chat_messages)]
     pub messages: Option<Vec<shared::chat::ChatMessage>>,
     /// Generation parameters (TGI names), all optional; see the `GenerationParameters` schema.
     #[serde(default)]
-    #[schema(schema_with = crate::openapi::generation_parameters)]
+    #[schema(schema_with = crate::contract_schema::generation_parameters)]
     pub parameters: GenerationParameters,
 }
 
@@ -78,16 +78,16 @@ pub struct JobAccepted {
             job it named, and `Idempotent-Replayed: true`", body = JobAccepted,
             headers(("Location" = String, description = "/v1/jobs/{id}"),
                 ("Idempotent-Replayed" = String, description = "`true` when an earlier job is answered again"))),
-        (status = 400, description = "Invalid JSON", body = crate::openapi::ErrorDoc),
-        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
-        (status = 413, description = "Body over the limit", body = crate::openapi::ErrorDoc),
+        (status = 400, description = "Invalid JSON", body = ErrorResponse),
+        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = ErrorResponse),
+        (status = 413, description = "Body over the limit", body = ErrorResponse),
         (status = 422, description = "Unknown field, parameter out of range, prompt empty or too long, a job \
-            costing more than the whole token budget, or an Idempotency-Key reused with another body", body = crate::openapi::ErrorDoc),
-        (status = 429, description = "Rate limited, too many active jobs, or the token budget spent (Retry-After)", body = crate::openapi::ErrorDoc),
-        (status = 503, description = "Queue full, broker or Redis unavailable (Retry-After)", body = crate::openapi::ErrorDoc),
+            costing more than the whole token budget, or an Idempotency-Key reused with another body", body = ErrorResponse),
+        (status = 429, description = "Rate limited, too many active jobs, or the token budget spent (Retry-After)", body = ErrorResponse),
+        (status = 503, description = "Queue full, broker or Redis unavailable (Retry-After)", body = ErrorResponse),
     ),
-    params(("Idempotency-Key" = Option<String>, Header,
-        description = "Up to 255 printable ASCII characters. A resubmission with the same key and body (within \
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, pattern = r"^[!-~][ -~]{0,254}$",
+        description = "1 to 255 printable ASCII characters, the first not a space. A resubmission with the same key and body (within \
             `--idempotency-ttl-s`) gets the first job back instead of making a second one")),
     security((), ("api_key" = []))
 )]
@@ -156,7 +156,7 @@ pub struct JobView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<JobResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<crate::openapi::ErrorDoc>)]
+    #[schema(schema_with = crate::contract_schema::error_body)]
     pub error: Option<shared::ErrorBody>,
     pub timings: JobTimings,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -175,8 +175,7 @@ pub struct JobResult {
     /// Prompt followed by the continuation, as `/run` returns it.
     pub full_text: String,
     pub new_tokens: u32,
-    /// `length`, `eos` or `stop`.
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::contract_schema::finish_reason)]
     pub finish_reason: shared::FinishReason,
     /// The most jobs the worker's running batch held while this one was in it.
     pub batch_size: Option<u32>,
@@ -201,11 +200,11 @@ pub struct JobTimings {
     params(("id" = String, Path, format = Uuid, description = "Job id (UUID)")),
     responses(
         (status = 200, description = "The job", body = JobView),
-        (status = 400, description = "Malformed id", body = crate::openapi::ErrorDoc),
-        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
-        (status = 404, description = "Unknown id, or another key's job", body = crate::openapi::ErrorDoc),
-        (status = 429, description = "Rate limited (Retry-After)", body = crate::openapi::ErrorDoc),
-        (status = 503, description = "Redis unavailable (Retry-After)", body = crate::openapi::ErrorDoc),
+        (status = 400, description = "Malformed id", body = ErrorResponse),
+        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = ErrorResponse),
+        (status = 404, description = "Unknown id, or another key's job", body = ErrorResponse),
+        (status = 429, description = "Rate limited (Retry-After)", body = ErrorResponse),
+        (status = 503, description = "Redis unavailable (Retry-After)", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
 )]
@@ -258,11 +257,11 @@ pub struct CancelResult {
     params(("id" = String, Path, format = Uuid, description = "Job id (UUID)")),
     responses(
         (status = 200, description = "Cancelled, or already ended (`cancelled` says which)", body = CancelResult),
-        (status = 400, description = "Malformed id", body = crate::openapi::ErrorDoc),
-        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
-        (status = 404, description = "Unknown id, or another key's job", body = crate::openapi::ErrorDoc),
-        (status = 429, description = "Rate limited (Retry-After)", body = crate::openapi::ErrorDoc),
-        (status = 503, description = "Broker or Redis unavailable; nothing changed (Retry-After)", body = crate::openapi::ErrorDoc),
+        (status = 400, description = "Malformed id", body = ErrorResponse),
+        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = ErrorResponse),
+        (status = 404, description = "Unknown id, or another key's job", body = ErrorResponse),
+        (status = 429, description = "Rate limited (Retry-After)", body = ErrorResponse),
+        (status = 503, description = "Broker or Redis unavailable; nothing changed (Retry-After)", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
 )]

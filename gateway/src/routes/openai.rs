@@ -52,8 +52,9 @@ struct Meta {
     post, path = "/v1/completions", tag = "openai",
     request_body = CompletionRequest,
     responses(
-        (status = 200, description = "The completion, or (`stream: true`) its chunks as Server-Sent Events ending with `data: [DONE]`",
-            content((openai::Completion = "application/json"), (crate::openapi::EventDoc = "text/event-stream"))),
+        (status = 200, description = "The completion, or (`stream: true`) its chunks, each the data of a Server-Sent Event, \
+            then `data: [DONE]`",
+            content((openai::Completion = "application/json"), (ChunkEvent = "text/event-stream"))),
         OpenAiErrors,
     ),
     security((), ("api_key" = []))
@@ -83,8 +84,9 @@ pub async fn completions(
     post, path = "/v1/chat/completions", tag = "openai",
     request_body = ChatCompletionRequest,
     responses(
-        (status = 200, description = "The chat completion, or (`stream: true`) its chunks as Server-Sent Events ending with `data: [DONE]`",
-            content((openai::ChatCompletion = "application/json"), (crate::openapi::EventDoc = "text/event-stream"))),
+        (status = 200, description = "The chat completion, or (`stream: true`) its chunks, each the data of a Server-Sent \
+            Event, then `data: [DONE]`",
+            content((openai::ChatCompletion = "application/json"), (ChunkEvent = "text/event-stream"))),
         OpenAiErrors,
     ),
     security((), ("api_key" = []))
@@ -118,58 +120,49 @@ pub async fn chat_completions(
 enum OpenAiErrors {
     /// Invalid request: bad JSON, an unknown or unsupported field, a value out of range.
     #[response(status = 400)]
-    BadRequest(#[to_schema] OpenAiErrorDoc),
+    BadRequest(#[to_schema] openai::OpenAiError),
     /// Missing or invalid API key.
     #[response(status = 401)]
-    Unauthorized(#[to_schema] OpenAiErrorDoc),
+    Unauthorized(#[to_schema] openai::OpenAiError),
     /// Unknown model.
     #[response(status = 404)]
-    NotFound(#[to_schema] OpenAiErrorDoc),
+    NotFound(#[to_schema] openai::OpenAiError),
     /// A job of the request was cancelled.
     #[response(status = 409)]
-    Conflict(#[to_schema] OpenAiErrorDoc),
+    Conflict(#[to_schema] openai::OpenAiError),
     /// Body over the limit.
     #[response(status = 413)]
-    TooLarge(#[to_schema] OpenAiErrorDoc),
+    TooLarge(#[to_schema] openai::OpenAiError),
     /// Rate limited (Retry-After).
     #[response(status = 429)]
-    RateLimited(#[to_schema] OpenAiErrorDoc),
+    RateLimited(#[to_schema] openai::OpenAiError),
     /// A job failed in the engine.
     #[response(status = 500)]
-    Failed(#[to_schema] OpenAiErrorDoc),
+    Failed(#[to_schema] openai::OpenAiError),
     /// Broker or Redis unavailable (Retry-After).
     #[response(status = 503)]
-    Unavailable(#[to_schema] OpenAiErrorDoc),
+    Unavailable(#[to_schema] openai::OpenAiError),
     /// Not finished in time; the jobs go on.
     #[response(status = 504)]
-    Timeout(#[to_schema] OpenAiErrorDoc),
+    Timeout(#[to_schema] openai::OpenAiError),
 }
 
-/// `{"error": {"message", "type", "param", "code"}}`.
+/// One Server-Sent Event of a streamed completion, for the document: axum's `Event` writes the events and
+/// has no schema, so this says what they carry.
 #[derive(utoipa::ToSchema)]
 #[allow(dead_code)] // documentation only
-struct OpenAiErrorDoc {
-    error: OpenAiErrorFields,
-}
-
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code)] // documentation only
-struct OpenAiErrorFields {
-    message: String,
-    /// `invalid_request_error`, `authentication_error`, `rate_limit_error` or `server_error`.
-    r#type: String,
-    /// The request field to blame, when one is.
-    param: Option<String>,
-    /// The gateway's stable error code.
-    code: String,
+struct ChunkEvent {
+    /// JSON: a `CompletionChunk` (completions) or a `ChatCompletionChunk` (chat); the last event's is
+    /// `[DONE]`.
+    data: String,
 }
 
 #[utoipa::path(
     get, path = "/v1/models", tag = "openai",
     responses(
         (status = 200, description = "The one model this deployment serves", body = ModelList),
-        (status = 401, description = "Missing or invalid API key", body = OpenAiErrorDoc),
-        (status = 429, description = "Rate limited (Retry-After)", body = OpenAiErrorDoc),
+        (status = 401, description = "Missing or invalid API key", body = openai::OpenAiError),
+        (status = 429, description = "Rate limited (Retry-After)", body = openai::OpenAiError),
     ),
     security((), ("api_key" = []))
 )]

@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 use utoipa_swagger_ui::{Config, SwaggerUi};
 
 use crate::app::AppState;
+use crate::error::ErrorResponse;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
@@ -72,7 +73,7 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses(
         (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
-        (status = 429, description = "Rate limited (Retry-After)", body = crate::openapi::ErrorDoc)))]
+        (status = 429, description = "Rate limited (Retry-After)", body = ErrorResponse)))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
     // The queue gauges are otherwise set only when someone reads /v1/queue; a scrape refreshes them.
     let (stats, figures) = tokio::join!(app.broker.queue_stats(), app.store.figures());

@@ -10,7 +10,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::app::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorResponse};
 use crate::telemetry as m;
 
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
@@ -30,9 +30,9 @@ pub struct QueueView {
     get, path = "/v1/queue", tag = "jobs",
     responses(
         (status = 200, description = "Queue figures", body = QueueView),
-        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
-        (status = 429, description = "Rate limited (Retry-After)", body = crate::openapi::ErrorDoc),
-        (status = 503, description = "Broker or Redis unavailable", body = crate::openapi::ErrorDoc),
+        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = ErrorResponse),
+        (status = 429, description = "Rate limited (Retry-After)", body = ErrorResponse),
+        (status = 503, description = "Broker or Redis unavailable", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
 )]

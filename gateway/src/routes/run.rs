@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 
 use crate::app::AppState;
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiJson, parse_value};
+use crate::error::{ApiError, ApiJson, ErrorResponse, parse_value};
 use crate::follow::{CancelOnDrop, Waited, wait_final};
 use crate::routes::jobs::SubmitRequest;
 use crate::store::{JobRecord, Status};
@@ -34,10 +34,25 @@ pub struct OriginalRun {
     pub data: String,
     /// New tokens to generate (default 50).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 2048)] // MAX_NEW_TOKENS_LIMIT; a test holds them equal
     pub num_tokens: Option<u32>,
-    /// `contrastive` (default), `multinomial sampling` or `beam search`.
+    /// Default `contrastive`.
     #[serde(default)]
-    pub decoding_strategy: Option<String>,
+    pub decoding_strategy: Option<OriginalStrategy>,
+}
+
+/// The original's names for its three ways to decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+pub enum OriginalStrategy {
+    /// Contrastive search with `penalty_alpha` 0.6 and `top_k` 4.
+    #[serde(rename = "contrastive")]
+    Contrastive,
+    /// Sampling with transformers' defaults.
+    #[serde(rename = "multinomial sampling")]
+    MultinomialSampling,
+    /// Beam search with 4 beams.
+    #[serde(rename = "beam search")]
+    BeamSearch,
 }
 
 impl OriginalRun {
@@ -54,23 +69,15 @@ impl OriginalRun {
             max_new_tokens: Some(max_new_tokens),
             ..Default::default()
         };
-        match self.decoding_strategy.as_deref().unwrap_or("contrastive") {
-            "contrastive" => parameters.strategy = Some(Strategy::Contrastive),
-            "multinomial sampling" => {
+        match self.decoding_strategy.unwrap_or(OriginalStrategy::Contrastive) {
+            OriginalStrategy::Contrastive => parameters.strategy = Some(Strategy::Contrastive),
+            OriginalStrategy::MultinomialSampling => {
                 parameters.strategy = Some(Strategy::Sample);
                 parameters.do_sample = Some(true);
             }
-            "beam search" => {
+            OriginalStrategy::BeamSearch => {
                 parameters.strategy = Some(Strategy::Beam);
                 parameters.num_beams = Some(DEFAULT_NUM_BEAMS);
-            }
-            other => {
-                return Err(ApiError::InvalidField {
-                    field: "decoding_strategy".into(),
-                    message: format!(
-                        "unknown strategy `{other}` (expected contrastive, multinomial sampling or beam search)"
-                    ),
-                });
             }
         }
         Ok(JobRequest::new(self.data, parameters))
@@ -92,15 +99,15 @@ pub fn job_from_body(body: serde_json::Value) -> Result<JobRequest, ApiError> {
     request_body(content = OriginalRun, description = "The original body, or a job body as for POST /v1/jobs"),
     responses(
         (status = 200, description = "Prompt followed by the generated text, as a JSON string", body = String, content_type = "application/json"),
-        (status = 400, description = "Invalid JSON", body = crate::openapi::ErrorDoc),
-        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = crate::openapi::ErrorDoc),
-        (status = 409, description = "The job was cancelled", body = crate::openapi::ErrorDoc),
-        (status = 413, description = "Body over the limit", body = crate::openapi::ErrorDoc),
-        (status = 422, description = "Invalid body, or the job failed on a bad input", body = crate::openapi::ErrorDoc),
-        (status = 500, description = "The job failed in the engine", body = crate::openapi::ErrorDoc),
-        (status = 429, description = "Rate limited, or too many open /run requests", body = crate::openapi::ErrorDoc),
-        (status = 503, description = "Broker or Redis unavailable", body = crate::openapi::ErrorDoc),
-        (status = 504, description = "Not finished in time; the body's job_id can be polled", body = crate::openapi::ErrorDoc),
+        (status = 400, description = "Invalid JSON", body = ErrorResponse),
+        (status = 401, description = "Keys are on and the request has none, or a wrong one", body = ErrorResponse),
+        (status = 409, description = "The job was cancelled", body = ErrorResponse),
+        (status = 413, description = "Body over the limit", body = ErrorResponse),
+        (status = 422, description = "Invalid body, or the job failed on a bad input", body = ErrorResponse),
+        (status = 500, description = "The job failed in the engine", body = ErrorResponse),
+        (status = 429, description = "Rate limited, or too many open /run requests", body = ErrorResponse),
+        (status = 503, description = "Broker or Redis unavailable", body = ErrorResponse),
+        (status = 504, description = "Not finished in time; the body's job_id can be polled", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
 )]
@@ -188,6 +195,22 @@ mod tests {
                 seed: None
             }
         );
+    }
+
+    #[test]
+    fn the_documented_range_of_num_tokens_is_the_one_enforced() {
+        use utoipa::PartialSchema;
+        let schema = serde_json::to_value(OriginalRun::schema()).unwrap();
+        let range = &schema["properties"]["num_tokens"];
+        assert_eq!(range["minimum"], json!(1));
+        assert_eq!(range["maximum"], json!(MAX_NEW_TOKENS_LIMIT));
+        let strategies = serde_json::to_value(OriginalStrategy::schema())
+            .unwrap()
+            .to_string();
+        for name in ["contrastive", "multinomial sampling", "beam search"] {
+            assert!(strategies.contains(name), "{strategies}");
+            assert!(job_from_body(json!({"data": "x", "decoding_strategy": name})).is_ok());
+        }
     }
 
     #[test]

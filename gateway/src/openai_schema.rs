@@ -1,0 +1,105 @@
+//! What the OpenAI request bodies accept, as JSON Schema, where utoipa's derive cannot say it: fields the
+//! service takes at one neutral value only (it refuses what it cannot honour, see [`crate::openai`]), and
+//! `prompt` and `stop`, which take a string or an array. The document then promises no request that the
+//! gateway refuses for these reasons, and a client (or a fuzzer) reading it learns the limits up front.
+
+use serde_json::json;
+use shared::params::{MAX_STOP_CHARS, MAX_STOP_SEQUENCES};
+use utoipa::openapi::{RefOr, Schema};
+
+use crate::openai::MAX_CHOICES;
+
+/// A schema written as JSON. utoipa's `Schema` reads only part of JSON Schema (no `const`, no schema
+/// without a `type`) and drops what it does not know, so a literal must come back whole. These are
+/// constants, and the document's tests build every one of them.
+fn literal(schema: serde_json::Value) -> RefOr<Schema> {
+    let read: RefOr<Schema> =
+        serde_json::from_value(schema.clone()).expect("a schema literal of this module is a schema");
+    assert_eq!(
+        serde_json::to_value(&read).ok(),
+        Some(schema),
+        "utoipa's Schema keeps every keyword of a literal of this module"
+    );
+    read
+}
+
+/// `prompt`: a text, or 1 to [`MAX_CHOICES`] texts (each is at least one choice). Token ids are not
+/// supported.
+pub fn prompt() -> RefOr<Schema> {
+    literal(json!({
+        "description": "A text, or an array of texts (each gets `n` choices). Token ids are not supported.",
+        "oneOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_CHOICES},
+        ],
+    }))
+}
+
+/// `stop`: one sequence or up to [`MAX_STOP_SEQUENCES`], each 1 to [`MAX_STOP_CHARS`] characters.
+pub fn stop() -> RefOr<Schema> {
+    let sequence = json!({"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS});
+    literal(json!({
+        "description": "Sequences that end the text (not included in it).",
+        "oneOf": [
+            {"type": "null"},
+            sequence,
+            {"type": "array", "items": sequence, "maxItems": MAX_STOP_SEQUENCES},
+        ],
+    }))
+}
+
+/// `seed`: any u64. utoipa would write the format int64, whose range stops at half of it.
+pub fn seed() -> RefOr<Schema> {
+    literal(json!({
+        "description": "Makes sampling reproducible; choice `i` uses `seed + i`.",
+        "type": ["integer", "null"],
+        "minimum": 0,
+        "maximum": u64::MAX,
+    }))
+}
+
+/// Completions' `logprobs`: log-probabilities are not supported, so only `null`.
+pub fn null_only() -> RefOr<Schema> {
+    literal(json!({"description": "Not supported: only `null` (or absent).", "type": "null"}))
+}
+
+/// `logit_bias`: biasing tokens is not supported, so only `{}`.
+pub fn empty_object_only() -> RefOr<Schema> {
+    literal(json!({
+        "description": "Not supported: only `{}` (or absent).",
+        "type": ["object", "null"],
+        "maxProperties": 0,
+    }))
+}
+
+/// Chat's `logprobs`: only `false`.
+pub fn false_only() -> RefOr<Schema> {
+    literal(
+        json!({"description": "Not supported: only `false` (or absent).", "type": ["boolean", "null"], "enum": [false, null]}),
+    )
+}
+
+/// `tool_choice` and `function_call`: there is no tool calling, so only `"none"`.
+pub fn none_only() -> RefOr<Schema> {
+    literal(json!({
+        "description": "Not supported: only `\"none\"` (or absent).",
+        "type": ["string", "null"],
+        "enum": ["none", null],
+    }))
+}
+
+/// `response_format`: only plain text.
+pub fn text_only() -> RefOr<Schema> {
+    literal(json!({
+        "description": "Only `{\"type\": \"text\"}` (or absent).",
+        "oneOf": [
+            {"type": "null"},
+            {
+                "type": "object",
+                "properties": {"type": {"type": "string", "enum": ["text"]}},
+                "required": ["type"],
+                "additionalProperties": false,
+            },
+        ],
+    }))
+}
