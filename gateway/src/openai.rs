@@ -16,8 +16,8 @@ use shared::params::MAX_STOP_SEQUENCES;
 use shared::{ErrorCode, FinishReason, GenerationParameters, InvalidParameter, JobId, Strategy};
 use utoipa::ToSchema;
 
-/// The most choices one request may ask for (`n`, times the prompts for completions): each is a job.
-pub const MAX_CHOICES: u32 = 8;
+use crate::openai_schema::MAX_CHOICES;
+
 /// OpenAI's documented default `max_tokens` for completions.
 pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
 

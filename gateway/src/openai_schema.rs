@@ -7,7 +7,9 @@ use serde_json::json;
 use shared::params::{MAX_STOP_CHARS, MAX_STOP_SEQUENCES};
 use utoipa::openapi::{RefOr, Schema};
 
-use crate::openai::MAX_CHOICES;
+/// The most choices one request may ask for (`n`, times the prompts for completions): each is a job. Here,
+/// where the schema states it; [`crate::openai`] enforces it.
+pub const MAX_CHOICES: u32 = 8;
 
 /// A schema written as JSON. utoipa's `Schema` reads only part of JSON Schema (no `const`, no schema
 /// without a `type`) and drops what it does not know, so a literal must come back whole. These are
