@@ -426,10 +426,7 @@ impl GptJ {
             }
         }
         if let Past::Slots {
-            cache,
-            starts,
-            index,
-            ..
+            cache, starts, index, ..
         } = &mut past_kv
         {
             let nh = self.cfg.n_head as i64;

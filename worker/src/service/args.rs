@@ -40,15 +40,17 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_BATCH_TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_batch_tokens: Option<u64>,
     /// While a batch decodes, waiting jobs join once they have waited this many steps (TGI's
-    /// max_waiting_tokens)...
-    #[arg(long, env = "MAX_WAITING_STEPS", default_value_t = 8)]
+    /// max_waiting_tokens)... The default, 0, admits them at the next step: a step prefills at most
+    /// --max-prefill-tokens, so a join never holds the running jobs longer than one bounded prefill.
+    #[arg(long, env = "MAX_WAITING_STEPS", default_value_t = 0)]
     pub max_waiting_steps: usize,
-    /// ... or once they number this share of the running jobs (TGI's waiting_served_ratio): joins are
-    /// batched so that arrivals cannot starve decoding with prefills.
+    /// ... or once they number this share of the running jobs (TGI's waiting_served_ratio), when
+    /// --max-waiting-steps batches joins.
     #[arg(long, env = "WAITING_SERVED_RATIO", default_value_t = 0.3)]
     pub waiting_served_ratio: f64,
-    /// Jobs joining together are prefilled in one pass of at most this many (left-padded) prompt tokens
-    /// (TGI's max_batch_prefill_tokens); a longer prompt is prefilled alone.
+    /// Prompt tokens a step prefills at most (TGI's max_batch_prefill_tokens): jobs joining together are
+    /// prefilled in one left-padded pass up to this many; a longer prompt is prefilled in chunks of this
+    /// many tokens, one a step, while the batch decodes.
     #[arg(long, env = "MAX_PREFILL_TOKENS", default_value_t = crate::decoding::scheduler::DEFAULT_MAX_PREFILL_TOKENS)]
     pub max_prefill_tokens: usize,
     /// Jobs the broker may hand this worker before it acknowledges one [default: --max-batch-size]. More

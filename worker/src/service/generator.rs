@@ -74,7 +74,7 @@ impl Default for BatchSettings {
         Self {
             max_batch_size: None,
             max_batch_tokens: None,
-            max_waiting_steps: 8,
+            max_waiting_steps: 0,
             waiting_served_ratio: 0.3,
             max_prefill_tokens: crate::decoding::scheduler::DEFAULT_MAX_PREFILL_TOKENS,
         }
