@@ -121,9 +121,15 @@ pub fn top_k(scores: &Tensor, k: usize) -> Result<Tensor> {
 
 /// Keeps the smallest set of most likely tokens whose probability reaches `p`.
 pub fn top_p(scores: &Tensor, p: f64) -> Result<Tensor> {
+    top_p_rows(scores, &row_column(scores, (1.0 - p) as f32)?)
+}
+
+/// [`top_p`] with each row's own `1 - p` in `limit` (`[rows, 1]` float32): tokens whose cumulative
+/// probability, least likely first, is at most the limit are removed; a limit below 0 removes nothing.
+pub fn top_p_rows(scores: &Tensor, limit: &Tensor) -> Result<Tensor> {
     let (sorted, indices) = scores.f_sort(-1, false)?;
     let cumulative = sorted.f_softmax(-1, Kind::Float)?.f_cumsum(-1, Kind::Float)?;
-    let remove = cumulative.f_le(1.0 - p)?;
+    let remove = cumulative.f_le_tensor(limit)?;
     // Always keep the most likely token (min_tokens_to_keep = 1).
     let vocab = remove.size().last().copied().unwrap_or(1);
     let _ = remove.f_narrow(-1, vocab - 1, 1)?.f_fill_(0)?;
@@ -134,6 +140,11 @@ pub fn top_p(scores: &Tensor, p: f64) -> Result<Tensor> {
 /// Typical sampling: keeps tokens whose information content is closest to the distribution's entropy,
 /// up to mass `p`.
 pub fn typical_p(scores: &Tensor, p: f64) -> Result<Tensor> {
+    typical_p_rows(scores, &row_column(scores, p as f32)?)
+}
+
+/// [`typical_p`] with each row's own mass in `mass` (`[rows, 1]` float32).
+pub fn typical_p_rows(scores: &Tensor, mass: &Tensor) -> Result<Tensor> {
     let normalized = scores.f_log_softmax(-1, Kind::Float)?;
     let probs = normalized.f_exp()?;
     let ent = normalized
@@ -148,7 +159,7 @@ pub fn typical_p(scores: &Tensor, p: f64) -> Result<Tensor> {
         .f_cumsum(-1, Kind::Float)?;
     let vocab = sorted_scores.size().last().copied().unwrap_or(1);
     let last_ind = cumulative
-        .f_lt(p)?
+        .f_lt_tensor(mass)?
         .f_sum_dim_intlist([1i64].as_slice(), false, Kind::Int64)?
         .f_clamp_max(vocab - 1)?;
     let threshold = sorted_scores.f_gather(1, &last_ind.f_view([-1, 1])?, false)?;
@@ -156,6 +167,16 @@ pub fn typical_p(scores: &Tensor, p: f64) -> Result<Tensor> {
     let _ = remove.f_narrow(-1, 0, 1)?.f_fill_(0)?;
     let remove = remove.f_scatter(1, &sorted_indices, &remove)?;
     Ok(scores.f_masked_fill(&remove, f64::NEG_INFINITY)?)
+}
+
+/// A `[rows, 1]` float32 column of `value`, on `scores`' device.
+fn row_column(scores: &Tensor, value: f32) -> Result<Tensor> {
+    let rows = scores.size().first().copied().unwrap_or(1);
+    Ok(Tensor::f_full(
+        [rows, 1],
+        value as f64,
+        (Kind::Float, scores.device()),
+    )?)
 }
 
 #[cfg(test)]

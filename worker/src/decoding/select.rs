@@ -15,7 +15,7 @@
 //! job's text does not depend on its batch, its device or this change.
 
 use super::error::Result;
-use super::processors::{Processors, banned_ngram_tokens};
+use super::processors::{self, Processors, banned_ngram_tokens};
 use super::sample::Sampler;
 use super::tensors::{i64_tensor, to_vec_i64};
 use tch::{Kind, Tensor};
@@ -199,41 +199,16 @@ fn warp(scores: &Tensor, rows: &[&Row<'_>]) -> Result<Tensor> {
         s = s.f_masked_fill(&s.f_lt_tensor(&kth)?, f64::NEG_INFINITY)?;
     }
     if let Some(p) = per_row(&|s| s.top_p) {
-        let (sorted, indices) = s.f_sort(-1, false)?;
-        let cumulative = sorted.f_softmax(-1, Kind::Float)?.f_cumsum(-1, Kind::Float)?;
         // A row without top-p removes nothing (no cumulative mass is below -1).
         let limit = column(p.iter().map(|p| p.map_or(-1.0, |p| (1.0 - p) as f32)).collect())?;
-        let remove = cumulative.f_le_tensor(&limit)?;
-        // Always keep the most likely token (min_tokens_to_keep = 1).
-        let _ = remove.f_narrow(-1, vocab - 1, 1)?.f_fill_(0)?;
-        let remove = remove.f_scatter(1, &indices, &remove)?;
-        s = s.f_masked_fill(&remove, f64::NEG_INFINITY)?;
+        s = processors::top_p_rows(&s, &limit)?;
     }
     if let Some(p) = per_row(&|s| s.typical_p) {
-        let normalized = s.f_log_softmax(-1, Kind::Float)?;
-        let probs = normalized.f_exp()?;
-        let ent = normalized
-            .f_mul(&probs)?
-            .f_nansum([-1i64].as_slice(), true, Kind::Float)?
-            .f_neg()?;
-        let shifted = normalized.f_neg()?.f_sub(&ent)?.f_abs()?;
-        let (sorted_scores, sorted_indices) = shifted.f_sort(-1, false)?;
-        let sorted_logits = s.f_gather(-1, &sorted_indices, false)?;
-        let cumulative = sorted_logits
-            .f_softmax(-1, Kind::Float)?
-            .f_cumsum(-1, Kind::Float)?;
         let mass = column(p.iter().map(|p| p.unwrap_or(1.0) as f32).collect())?;
-        let last_ind = cumulative
-            .f_lt_tensor(&mass)?
-            .f_sum_dim_intlist([1i64].as_slice(), false, Kind::Int64)?
-            .f_clamp_max(vocab - 1)?;
-        let threshold = sorted_scores.f_gather(1, &last_ind.f_view([-1, 1])?, false)?;
-        let remove = sorted_scores.f_gt_tensor(&threshold)?;
-        let _ = remove.f_narrow(-1, 0, 1)?.f_fill_(0)?;
-        let remove = remove.f_scatter(1, &sorted_indices, &remove)?;
-        // Rows without typical-p keep everything.
+        let typical = processors::typical_p_rows(&s, &mass)?;
+        // Rows without typical-p keep their scores.
         let uses = column(p.iter().map(|p| if p.is_some() { 1.0 } else { 0.0 }).collect())?.f_gt(0.5)?;
-        s = s.f_masked_fill(&remove.f_logical_and(&uses)?, f64::NEG_INFINITY)?;
+        s = typical.f_where_self(&uses, &s)?;
     }
     Ok(s)
 }
