@@ -20,6 +20,13 @@ up). Time to first token is the server's: the job's wait in the broker (`timings
 worker's `time_to_first_token_ms` (from the job reaching its engine, a wait for a place in the batch
 included), or plus its prefill time where the worker does not report one.
 
+With `--peer vllm`, vLLM's CPU build serves the same checkpoint directory beside our gateway and
+continuous worker, and one client drives both through the OpenAI route: streamed
+`POST /v1/completions`, greedy, min_tokens = max_tokens, (p1) JOBS concurrent jobs of TOKENS and (p2)
+PEER_JOBS jobs arriving as a seeded Poisson process, each phase against one server and then the other.
+Throughput, time to first token (to the first text chunk) and time per output token are the client's, the
+same measure for both; peak memory is sampled from each server's processes.
+
 Prints Markdown to stdout; `--json FILE` writes the same numbers as JSON. Progress goes to stderr.
 """
 
@@ -509,6 +516,399 @@ def job_body(prompt, strategy, n, seed=None):
     return {"prompt": prompt, "parameters": params}
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The peer: vLLM's CPU build, and the OpenAI client that drives it and our gateway alike
+# ---------------------------------------------------------------------------------------------------------
+
+def check_for_vllm(model_dir):
+    """vLLM loads a Hugging Face directory: config.json naming GPTJForCausalLM (vLLM's class of that name),
+    safetensors weights (sharded, with their index) and tokenizer.json. `worker init-tiny-model` writes all
+    of them; without a tokenizer_config.json, transformers takes the tokenizer class from the model type
+    (GPT-2's, reading tokenizer.json: the prompt ids our worker uses, no BOS). Checked, not assumed, since
+    the checkpoint directory may come from elsewhere (MODELS)."""
+    missing = [n for n in ("config.json", "tokenizer.json") if not os.path.exists(os.path.join(model_dir, n))]
+    if not any(n.endswith(".safetensors") for n in os.listdir(model_dir)):
+        missing.append("*.safetensors")
+    if missing:
+        raise SystemExit(f"{model_dir} has no {', '.join(missing)}: vLLM cannot load it")
+    arch = json.load(open(os.path.join(model_dir, "config.json"))).get("architectures") or []
+    if "GPTJForCausalLM" not in arch:
+        raise SystemExit(f"{model_dir}/config.json names {arch}, not GPTJForCausalLM")
+
+
+def peer_env(venv_bin):
+    """The environment of vLLM's processes: ours minus what points at the main venv's torch 2.11
+    (LD_LIBRARY_PATH, set for tch, would load its libraries under vLLM's torch 2.13), offline (no model hub
+    here), no usage reports."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_LIBRARY_PATH", "LD_PRELOAD", "LIBTORCH_USE_PYTORCH", "LIBTORCH", "VIRTUAL_ENV",
+                        "PYTHONPATH", "GPTJ_PYTHON")}
+    main_bin = os.path.dirname(sys.executable)
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and os.path.abspath(p) != main_bin]
+    env.update(PATH=os.pathsep.join([venv_bin] + path), VLLM_TARGET_DEVICE="cpu", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    return env
+
+
+class Vllm:
+    """`vllm serve` of the bench's checkpoint in its own process group (its API server, engine core and
+    worker), float32 like our worker, at most --max-batch-size running sequences like our worker, its
+    OpenMP threads bound to the first THREADS CPUs."""
+
+    def __init__(self, args):
+        self.args = args
+        self.base = f"http://127.0.0.1:{args.vllm_port}"
+        self.proc = None
+        os.makedirs(args.log_dir, exist_ok=True)
+        self.log_path = os.path.join(args.log_dir, "vllm.log")
+        self.cmd = []
+        self.env_shown = {}
+
+    def start(self):
+        a = self.args
+        self.cmd = [a.vllm, "serve", a.model, "--served-model-name", "medium", "--dtype", "float32",
+                    "--max-num-seqs", str(a.max_batch_size), "--max-model-len", "2048",
+                    "--host", "127.0.0.1", "--port", str(a.vllm_port), "--disable-uvicorn-access-log",
+                    *shlex.split(a.vllm_args)]
+        env = peer_env(os.path.dirname(a.vllm))
+        # OMP threads: as many as our worker's libtorch threads, on the first CPUs this process may use.
+        # Explicit, because vLLM's "auto" keeps one core of a 2-core machine for its scheduler process and
+        # computes on the other.
+        cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:max(1, a.threads)])
+        self.env_shown = {"VLLM_CPU_KVCACHE_SPACE": str(a.vllm_kv_gib),
+                          "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", cpus)}
+        env.update(self.env_shown)
+        log(f"starting vLLM: {' '.join(f'{k}={v}' for k, v in self.env_shown.items())} {shlex.join(self.cmd)}")
+        out = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        http = Http(self.base)
+        deadline = time.monotonic() + a.vllm_ready_timeout
+        while True:
+            if self.proc.poll() is not None:
+                tail = open(self.log_path, errors="replace").read()[-4000:]
+                raise SystemExit(f"vLLM's CPU build exited ({self.proc.returncode}) before serving; "
+                                 f"{self.log_path}:\n{tail}")
+            try:
+                status, _ = http.request("GET", "/v1/models", timeout=2)
+                if status == 200:
+                    return
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit(f"vLLM did not serve in {a.vllm_ready_timeout:.0f} s; see {self.log_path}")
+            time.sleep(1)
+
+    def pids(self):
+        return [self.proc.pid] if self.proc else []
+
+    def stop(self):
+        if self.proc is None:
+            return
+        # The group: the API server and the engine core and worker processes it started.
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Its children may outlive the leader for a moment; the group goes with SIGKILL.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc = None
+
+
+class MemorySampler(threading.Thread):
+    """The largest memory, summed over some processes and their descendants, seen once a second: PSS
+    (shared pages split among the processes sharing them), so vLLM's three processes count their shared
+    libraries once, as our worker's one process does; RSS where PSS cannot be read."""
+
+    def __init__(self, pids):
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.peak = 0
+        self.kind = "PSS"
+        self.stop_event = threading.Event()
+
+    def sample(self):
+        import psutil
+        procs = []
+        for pid in self.pids:
+            try:
+                p = psutil.Process(pid)
+                procs += [p] + p.children(recursive=True)
+            except psutil.Error:
+                pass
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_full_info().pss
+            except (psutil.Error, AttributeError):
+                try:
+                    total += p.memory_info().rss
+                    self.kind = "RSS"
+                except psutil.Error:
+                    pass
+        self.peak = max(self.peak, total)
+
+    def run(self):
+        while True:
+            self.sample()
+            if self.stop_event.wait(1.0):
+                return
+
+    def finish(self):
+        self.stop_event.set()
+        self.join()
+        self.sample()
+        return self.peak
+
+
+def completion_body(model, prompt, n):
+    """Greedy, exactly n new tokens (min_tokens = max_tokens, as the other rows ask), streamed with the usage
+    chunk last: the same body for both servers."""
+    return {"model": model, "prompt": prompt, "max_tokens": n, "min_tokens": n, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+
+
+def stream_completion(base, body, timeout):
+    """One streamed `POST /v1/completions`: the client's clock at submission, at the first chunk carrying
+    text, and at the end of the stream; the text and the usage's completion_tokens."""
+    u = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/completions", body=json.dumps(body).encode(),
+                     headers={"content-type": "application/json", "accept": "text/event-stream"})
+        r = conn.getresponse()
+        if r.status != 200:
+            raise RuntimeError(f"{base}/v1/completions answered {r.status}: {r.read()[:500]!r}")
+        first, text, tokens = None, [], None
+        while True:
+            line = r.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            chunk = json.loads(data)
+            if chunk.get("error"):
+                raise RuntimeError(f"{base}: the stream carried an error: {chunk['error']}")
+            for choice in chunk.get("choices") or []:
+                if choice.get("text"):
+                    if first is None:
+                        first = time.perf_counter()
+                    text.append(choice["text"])
+            if chunk.get("usage"):
+                tokens = chunk["usage"].get("completion_tokens")
+        t1 = time.perf_counter()
+    finally:
+        conn.close()
+    return {"t0": t0, "first": first if first is not None else t1, "t1": t1, "text": "".join(text),
+            "tokens": tokens}
+
+
+def openai_phase(base, bodies, arrivals=None, timeout=600):
+    """Streams the completions on one thread each: all released together, or at `arrivals` (seconds)."""
+    results = [None] * len(bodies)
+    errors = []
+    go = threading.Event()
+    start = time.perf_counter() + 0.2
+
+    def one(i):
+        try:
+            go.wait()
+            if arrivals is not None:
+                delay = start + arrivals[i] - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            results[i] = stream_completion(base, bodies[i], timeout)
+        except Exception as e:  # noqa: BLE001 - collected and re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    time.sleep(max(0.0, start - time.perf_counter()))
+    go.set()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def summarize_openai(key, title, engine, results, asked):
+    """A row of the peer table: client-side figures only, the same for both servers."""
+    wall = max(r["t1"] for r in results) - min(r["t0"] for r in results)
+    tokens = sum(r["tokens"] or 0 for r in results)
+    ttft = [r["first"] - r["t0"] for r in results]
+    lat = [r["t1"] - r["t0"] for r in results]
+    # Time per output token after the first, per job (vLLM's benchmark's TPOT).
+    tpot = [(r["t1"] - r["first"]) / (r["tokens"] - 1) for r in results if (r["tokens"] or 0) > 1]
+    return {
+        "phase": key, "workload": title, "engine": engine, "jobs": len(results), "new_tokens": tokens,
+        "mismatched_jobs": sum((r["tokens"] or 0) != n for r, n in zip(results, asked, strict=True)),
+        "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else float("nan"),
+        "p50_ttft_s": percentile(ttft, 50), "p99_ttft_s": percentile(ttft, 99),
+        "p50_latency_s": percentile(lat, 50), "p99_latency_s": percentile(lat, 99),
+        "p50_tpot_ms": percentile(tpot, 50) * 1000 if tpot else None,
+        "texts": [r["text"] for r in results],
+    }
+
+
+def served_model(base):
+    status, models = Http(base).request("GET", "/v1/models")
+    if status != 200 or not (models or {}).get("data"):
+        raise RuntimeError(f"{base}/v1/models answered {status}: {models}")
+    return models["data"][0]["id"]
+
+
+def run_peer_comparison(sides, plan, timeout):
+    """The peer comparison: each phase against both servers in turn, the order reversed from one phase to
+    the next (ABBA), so that a machine getting busier or quieter weighs on both. sides: (engine, base URL,
+    process ids whose memory to sample)."""
+    models = {}
+    for engine, base, _ in sides:
+        models[engine] = served_model(base)
+        # Warm-up through the same route, excluded from the numbers.
+        openai_phase(base, [completion_body(models[engine], PROMPTS[i], 4) for i in range(4)], timeout=timeout)
+    rows, peaks = [], {}
+    for i, (key, title, items, arrivals) in enumerate(plan):
+        for engine, base, pids in (sides if i % 2 == 0 else sides[::-1]):
+            log(f"{engine}: {title}")
+            sampler = MemorySampler(pids)
+            sampler.start()
+            try:
+                bodies = [completion_body(models[engine], p, n) for p, n in items]
+                res = openai_phase(base, bodies, arrivals, timeout)
+            finally:
+                peaks[engine] = max(peaks.get(engine, 0), sampler.finish())
+            rows.append(dict(summarize_openai(key, title, engine, res, [n for _, n in items]),
+                             memory_kind=sampler.kind))
+            r = rows[-1]
+            log(f"  {r['new_tokens']} tokens in {r['wall_s']:.2f} s: {r['tokens_per_s']:.1f} tok/s, "
+                f"p50 TTFT {r['p50_ttft_s']:.2f} s")
+    for r in rows:
+        r["peak_memory_mib"] = peaks[r["engine"]] / 2**20
+    return rows
+
+
+def peer_plan(args, prompts):
+    """(key, title, [(prompt, tokens)], arrivals): JOBS concurrent greedy jobs of TOKENS (the same prompts
+    as (a)), and PEER_JOBS greedy jobs arriving as a seeded Poisson process."""
+    plan = [("peer-greedy", f"{args.jobs} × greedy, {args.tokens} tokens, at once",
+             [(p, args.tokens) for p in prompts], None)]
+    if args.peer_jobs:
+        rng = random.Random(args.seed + 1)
+        items, arrivals, t = [], [], 0.0
+        for i in range(args.peer_jobs):
+            if i:
+                t += rng.expovariate(args.peer_rate)
+            arrivals.append(t)
+            items.append((PROMPTS[rng.randrange(len(PROMPTS))],
+                          rng.randint(args.mixed_min_tokens, args.mixed_max_tokens)))
+        mean = sum(n for _, n in items) / len(items)
+        plan.append(("peer-poisson", f"{args.peer_jobs} × greedy, Poisson {args.peer_rate:g}/s, "
+                     f"{args.mixed_min_tokens}..{args.mixed_max_tokens} tokens (offered "
+                     f"{args.peer_rate * mean:.0f} tok/s)", items, arrivals))
+    return plan
+
+
+def peer_versions(args):
+    """vllm-cpu's and its torch's versions, from vLLM's venv."""
+    python = os.path.join(os.path.dirname(args.vllm), "python")
+    code = ("import importlib.metadata as m; "
+            "print(m.version('vllm-cpu'), m.version('torch'), m.version('transformers'))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True,
+                         env=peer_env(os.path.dirname(args.vllm)))
+    parts = out.stdout.split()
+    return dict(zip(("vllm_cpu", "torch", "transformers"), parts)) if len(parts) == 3 else {}
+
+
+def peer_report(args, peer, rows):
+    """The peer section of the report: its table, our ratios to it, and whether the texts agree."""
+    versions = peer_versions(args)
+    labels = {"ours": "ours: gateway + continuous worker", "vllm": f"vLLM {versions.get('vllm_cpu', '?')} CPU"}
+
+    def row(phase, engine):
+        return next((r for r in rows if r["phase"] == phase and r["engine"] == engine), None)
+
+    ratios = []
+    for phase, label, key, flip, target in (
+            ("peer-greedy", f"{args.jobs} × greedy: ours / vLLM tok/s", "tokens_per_s", False, 1.2),
+            ("peer-poisson", "Poisson: p50 TTFT, vLLM / ours (> 1: ours shorter)", "p50_ttft_s", True, 1.0),
+            ("peer-greedy", f"{args.jobs} × greedy: p50 TTFT, vLLM / ours", "p50_ttft_s", True, None)):
+        ours, theirs = row(phase, "ours"), row(phase, "vllm")
+        if ours and theirs and ours[key] and theirs[key]:
+            value = theirs[key] / ours[key] if flip else ours[key] / theirs[key]
+            ratios.append({"comparison": label, "value": value, "target": target,
+                           "met": None if target is None else value >= target})
+    ours, theirs = row("peer-greedy", "ours"), row("peer-greedy", "vllm")
+    if ours and theirs:
+        ratios.append({"comparison": "peak memory, vLLM / ours", "value":
+                       theirs["peak_memory_mib"] / ours["peak_memory_mib"], "target": None, "met": None})
+        same = sum(a == b for a, b in zip(ours["texts"], theirs["texts"], strict=True))
+    else:
+        same = None
+
+    lines = []
+    env = " ".join(f"{k}={v}" for k, v in peer.env_shown.items())
+    lines.append(f"Peer: vLLM's CPU build (vllm-cpu {versions.get('vllm_cpu', '?')}, torch "
+                 f"{versions.get('torch', '?')}, transformers {versions.get('transformers', '?')}) on the same "
+                 f"checkpoint: `{env} {shlex.join(peer.cmd)}`. Both servers are driven by the same client: "
+                 "streamed `POST /v1/completions`, greedy (`temperature` 0), `min_tokens` = `max_tokens`, the same "
+                 "prompts, one connection per job. Both were up together (ours: the continuous worker above, "
+                 "before its other phases); each phase ran against one, then the other, the order reversed from "
+                 "one phase to the next.")
+    lines.append("")
+    lines.append("| workload | server | jobs | new tokens | wall s | tok/s | p50 TTFT s | p99 TTFT s | p50 TPOT ms | "
+                 "p50 latency s | p99 latency s | peak memory MiB |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in sorted(rows, key=lambda r: (r["phase"], r["engine"] != "ours")):
+        tokens = str(r["new_tokens"])
+        if r["mismatched_jobs"]:
+            tokens += f" ({r['mismatched_jobs']} jobs ≠ asked)"
+        tpot = "–" if r["p50_tpot_ms"] is None else f"{r['p50_tpot_ms']:.1f}"
+        lines.append(f"| {r['workload']} | {labels[r['engine']]} | {r['jobs']} | {tokens} | {r['wall_s']:.2f} | "
+                     f"{r['tokens_per_s']:.1f} | {r['p50_ttft_s']:.2f} | {r['p99_ttft_s']:.2f} | {tpot} | "
+                     f"{r['p50_latency_s']:.2f} | {r['p99_latency_s']:.2f} | {r['peak_memory_mib']:.0f} |")
+    lines.append("")
+    lines.append("| comparison | ratio | target | met |")
+    lines.append("|---|---:|---:|---|")
+    for q in ratios:
+        target = "–" if q["target"] is None else f"≥ {q['target']:g}×"
+        met = "–" if q["met"] is None else ("yes" if q["met"] else "**no**")
+        lines.append(f"| {q['comparison']} | {q['value']:.2f}× | {target} | {met} |")
+    lines.append("")
+    kind = rows[0]["memory_kind"] if rows else "PSS"
+    lines.append("All figures client-side. Tokens/s: the usage chunks' completion tokens over the time from the "
+                 "first request to the last stream's end. TTFT: request to the first chunk carrying text. TPOT: a "
+                 "job's time after its first text chunk over its tokens after the first. Peak memory: the "
+                 f"largest {kind} sum seen (sampled each second) over the server's processes: ours the gateway "
+                 "and the worker (RabbitMQ and Redis, shared services, not counted), vLLM's its API server, "
+                 "engine core and worker.")
+    if same is not None:
+        lines.append("")
+        lines.append(f"Same text from both servers for {same} of {len(ours['texts'])} greedy jobs (the same "
+                     "weights and prompt ids; float32 kernels that differ may part ways where two logits "
+                     "nearly tie).")
+    data = {"versions": versions, "command": peer.cmd, "env": peer.env_shown, "ratios": ratios,
+            "same_text_jobs": same,
+            "rows": [{k: v for k, v in r.items() if k != "texts"} for r in rows]}
+    return lines, data
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
@@ -538,6 +938,15 @@ def main():
     p.add_argument("--log-dir", default=os.path.join(HERE, "..", "target", "bench-serve-logs"))
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: greedy,contrastive,mixed")
+    p.add_argument("--peer", choices=["", "vllm"], default="", help="also run this peer on the same "
+                   "checkpoint, and the same OpenAI-route workload against it and our gateway")
+    p.add_argument("--vllm", help="the `vllm` executable of vLLM's venv (--peer vllm)")
+    p.add_argument("--vllm-port", type=int, default=18091)
+    p.add_argument("--vllm-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
+    p.add_argument("--vllm-args", default="", help="extra `vllm serve` flags")
+    p.add_argument("--vllm-ready-timeout", type=float, default=900)
+    p.add_argument("--peer-jobs", type=int, default=32, help="jobs of the peer's Poisson phase (0: none)")
+    p.add_argument("--peer-rate", type=float, default=1.0, help="their mean arrivals per second")
     p.add_argument("--command", help="the command line to print (the shell wrapper passes its own)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args()
@@ -548,6 +957,8 @@ def main():
     for req in ("worker", "gateway", "model"):
         if not getattr(args, req):
             p.error(f"--{req} is required")
+    if args.peer == "vllm" and not args.vllm:
+        p.error("--peer vllm needs --vllm")
     args.contrastive_tokens = args.contrastive_tokens or args.tokens
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     started = time.perf_counter()
@@ -557,6 +968,8 @@ def main():
         log(f"writing the medium checkpoint to {args.model}")
         subprocess.run([args.worker, "init-tiny-model", args.model, "--preset", "medium"], check=True,
                        stdout=subprocess.DEVNULL)
+    if args.peer == "vllm":
+        check_for_vllm(args.model)
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.jobs)]
     if args.jobs > len(PROMPTS):
@@ -584,12 +997,9 @@ def main():
     mixed_title = (f"(c) mixed, {n_mixed} jobs, Poisson {args.mixed_rate:g}/s, "
                    f"{args.mixed_min_tokens}..{args.mixed_max_tokens} tokens, greedy/sample/contrastive")
 
-    rows = []
-    hf = None
-    if not args.skip_transformers and phases:
-        log("transformers: batched generate (warm-up call first)")
-        hf = run_transformers(args, prompts, [{"strategy": s, "tokens": n} for _, _, s, n in phases])
-
+    plan = peer_plan(args, prompts) if args.peer else []
+    peer = Vllm(args) if args.peer == "vllm" else None
+    peer_rows, rows, hf = [], [], None
     svc = Service(args)
     # (name, max batch, extra flags, phases it runs): the streaming-off worker repeats (a) only.
     configs = [("continuous", args.max_batch_size, [], None), ("batch-1", 1, [], None)]
@@ -597,13 +1007,29 @@ def main():
         configs.append(("no-stream", args.max_batch_size, ["--stream-tokens", "0"], {"greedy"}))
     worker_cmds = {}
     try:
+        # The peer starts first, so that a peer that cannot start here fails the run before anything else;
+        # it then waits, idle, until our continuous worker is up, and goes once the comparison is done.
+        if peer:
+            peer.start()
+        if not args.skip_transformers and phases:
+            log("transformers: batched generate (warm-up call first)")
+            hf = run_transformers(args, prompts, [{"strategy": s, "tokens": n} for _, _, s, n in phases])
         svc.start_gateway()
         for name, max_batch, extra, only in configs:
+            runs_peer = bool(plan) and name == "continuous"
+            runs_phases = [k for k, *_ in phases if only is None or k in only]
+            if not runs_peer and not runs_phases and not (mixed and only is None):
+                continue  # every phase of this configuration skipped
             worker_cmds[name] = svc.start_worker(name, max_batch, extra)
             # Warm-up through the whole path: a few short jobs of each strategy, excluded from the numbers.
             warm = [job_body(PROMPTS[i], s, 4, seed=i) for s in ("greedy", "contrastive", "sample")
                     for i in range(min(4, max(1, args.jobs)))]
             run_phase(svc, warm)
+            if runs_peer:
+                sides = [("vllm", peer.base, peer.pids()),
+                         ("ours", svc.base, [svc.gateway.pid, svc.worker.pid])]
+                peer_rows = run_peer_comparison(sides, plan, args.job_timeout)
+                peer.stop()
             for key, title, strategy, n in phases:
                 if only is not None and key not in only:
                     continue
@@ -622,6 +1048,8 @@ def main():
                     f"p99 {r['p99_latency_s']:.2f} s")
             svc.stop_worker()
     finally:
+        if peer:
+            peer.stop()
         svc.stop()
 
     if hf:
@@ -685,13 +1113,20 @@ def main():
     print()
     print(f"Command: `{command}`")
     print()
-    print(f"Continuous: `{shlex.join(worker_cmds.get('continuous', []))}`  ")
-    print(f"Batch-1: `{shlex.join(worker_cmds.get('batch-1', []))}`  ")
-    print(f"No-stream: `{shlex.join(worker_cmds.get('no-stream', []))}`")
+    print("  \n".join(f"{name.capitalize()}: `{shlex.join(cmd)}`" for name, cmd in worker_cmds.items()))
     if not svc.has_max_batch:
         print()
         print("**This worker has no `--max-batch-size`: the continuous rows ran it with its defaults.**")
     print()
+    peer_data = None
+    if peer_rows:
+        lines, peer_data = peer_report(args, peer, peer_rows)
+        print("\n".join(lines))
+        print()
+    if not rows:
+        log(f"total time {time.perf_counter() - started:.0f} s")
+        write_json(args, machine, command, worker_cmds, rows, ratios, arrivals, peer_data)
+        return
     print("| workload | engine | jobs | new tokens | wall s | tok/s | p50 latency s | p99 latency s | "
           "p50 TTFT s | max batch |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -723,11 +1158,14 @@ def main():
         print(f"**{polled} jobs were timed by the {args.poll_ms} ms fallback poll, not by a completion notice; "
               "their latencies are that coarse.**")
     log(f"total time {time.perf_counter() - started:.0f} s")
+    write_json(args, machine, command, worker_cmds, rows, ratios, arrivals, peer_data)
 
+
+def write_json(args, machine, command, worker_cmds, rows, ratios, arrivals, peer):
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": machine, "command": command, "worker_commands": worker_cmds, "rows": rows,
-                       "ratios": ratios, "mixed_arrivals_s": arrivals}, fh, indent=2)
+                       "ratios": ratios, "mixed_arrivals_s": arrivals, "peer": peer}, fh, indent=2)
 
 
 if __name__ == "__main__":
