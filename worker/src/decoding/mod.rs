@@ -29,7 +29,7 @@ use std::collections::HashMap;
 
 pub use error::{DecodeError, Result, panic_message};
 pub use finish::Decoded;
-pub use scheduler::{Event, FinishedSequence, Limits, Request, Scheduler, Stats, StepProfile};
+pub use scheduler::{Event, FinishedSequence, JoinPolicy, Limits, Request, Scheduler, Stats, StepProfile};
 pub use stop::{StopChecker, TextDecoder};
 pub use tensors::readbacks;
 

@@ -53,6 +53,13 @@ pub struct Limits {
     pub max_batch_size: usize,
     /// KV-cache positions allocated over the whole batch at most (rows × positions per row).
     pub max_batch_tokens: usize,
+    pub join: JoinPolicy,
+}
+
+/// When waiting sequences join a running batch, and how much prompt a step prefills: the part of the
+/// scheduler's budgets that the worker's settings hand over as they are (the sizes depend on the devices).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JoinPolicy {
     /// While a batch runs, waiting sequences join once they have waited this many steps...
     pub max_waiting_steps: usize,
     /// ... or once they are at least this share of the running sequences.
@@ -63,15 +70,28 @@ pub struct Limits {
     pub max_prefill_tokens: usize,
 }
 
+impl Default for JoinPolicy {
+    /// The worker's defaults: newcomers join at the next step, prefilling at most TGI's default a step.
+    fn default() -> Self {
+        Self {
+            max_waiting_steps: 0,
+            waiting_served_ratio: 0.3,
+            max_prefill_tokens: DEFAULT_MAX_PREFILL_TOKENS,
+        }
+    }
+}
+
 impl Limits {
     /// No budget but the model's context: offline generation of a known set of prompts.
     pub fn unbounded() -> Self {
         Self {
             max_batch_size: usize::MAX,
             max_batch_tokens: usize::MAX,
-            max_waiting_steps: 0,
-            waiting_served_ratio: 0.0,
-            max_prefill_tokens: DEFAULT_MAX_PREFILL_TOKENS,
+            join: JoinPolicy {
+                max_waiting_steps: 0,
+                waiting_served_ratio: 0.0,
+                max_prefill_tokens: DEFAULT_MAX_PREFILL_TOKENS,
+            },
         }
     }
 }
@@ -517,9 +537,9 @@ impl<'a> Scheduler<'a> {
             return;
         }
         if !self.running.is_empty() {
-            let many =
-                self.waiting.len() as f64 >= self.limits.waiting_served_ratio * self.running.len() as f64;
-            if !many && self.steps_since_join < self.limits.max_waiting_steps {
+            let many = self.waiting.len() as f64
+                >= self.limits.join.waiting_served_ratio * self.running.len() as f64;
+            if !many && self.steps_since_join < self.limits.join.max_waiting_steps {
                 return;
             }
         }
@@ -552,7 +572,7 @@ impl<'a> Scheduler<'a> {
                 }
                 (rows_alloc, positions)
             };
-            if p > self.limits.max_prefill_tokens {
+            if p > self.limits.join.max_prefill_tokens {
                 // Longer than a step's prefill budget: prefilled a chunk a step while the batch decodes,
                 // once it is first in line (it joins alone).
                 if picked.is_empty()
@@ -570,7 +590,7 @@ impl<'a> Scheduler<'a> {
                 break;
             }
             let padded = longest_prompt.max(p) * (picked.len() + 1);
-            if !picked.is_empty() && padded > self.limits.max_prefill_tokens {
+            if !picked.is_empty() && padded > self.limits.join.max_prefill_tokens {
                 break;
             }
             let Some(w) = self.waiting.pop_front() else { break };
@@ -717,7 +737,12 @@ impl<'a> Scheduler<'a> {
     /// and (for contrastive search) its hidden states.
     fn prefill_chunk(&self, p: &mut Prefill) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let prompt = &p.waiting.request.prompt;
-        let chunk = self.limits.max_prefill_tokens.max(1).min(prompt.len() - p.done);
+        let chunk = self
+            .limits
+            .join
+            .max_prefill_tokens
+            .max(1)
+            .min(prompt.len() - p.done);
         let (from, to) = (p.done, p.done + chunk);
         let out = self.ctx.model.forward(
             &i64_tensor(&prompt[from..to], 1, chunk, Device::Cpu)?,

@@ -125,9 +125,11 @@ fn quick() -> Limits {
     Limits {
         max_batch_size: 64,
         max_batch_tokens: 1 << 20,
-        max_waiting_steps: 0,
-        waiting_served_ratio: 0.0,
-        max_prefill_tokens: 4096,
+        join: JoinPolicy {
+            max_waiting_steps: 0,
+            waiting_served_ratio: 0.0,
+            max_prefill_tokens: 4096,
+        },
     }
 }
 
@@ -158,10 +160,12 @@ fn rate_limited_joins_and_a_tight_budget_change_no_token() {
         max_batch_size: 3,
         // Room for about two of these jobs at once: the others wait for room.
         max_batch_tokens: 160,
-        max_waiting_steps: 3,
-        waiting_served_ratio: 2.0,
-        // Prefill rounds split: at most two short prompts a round.
-        max_prefill_tokens: 12,
+        join: JoinPolicy {
+            max_waiting_steps: 3,
+            waiting_served_ratio: 2.0,
+            // Prefill rounds split: at most two short prompts a round.
+            max_prefill_tokens: 12,
+        },
     };
     let (results, widest) = staggered(&lm, &Letters, limits, &jobs, &arrivals);
     assert!(widest <= 3, "max_batch_size holds ({widest})");
@@ -180,8 +184,11 @@ fn a_lone_job_joins_at_once_and_later_arrivals_wait_for_the_join_window() {
         ..Default::default()
     });
     let limits = Limits {
-        max_waiting_steps: 4,
-        waiting_served_ratio: 100.0,
+        join: JoinPolicy {
+            max_waiting_steps: 4,
+            waiting_served_ratio: 100.0,
+            ..quick().join
+        },
         ..quick()
     };
     let mut s = Scheduler::new(&lm, &Letters, limits);
@@ -399,7 +406,10 @@ fn prompts_longer_than_the_prefill_budget_are_prefilled_in_chunks_and_get_what_t
     let arrivals: Vec<usize> = (0..jobs.len()).collect();
     // Every strategy's prompt of more than 4 tokens is prefilled 4 tokens a step.
     let limits = Limits {
-        max_prefill_tokens: 4,
+        join: JoinPolicy {
+            max_prefill_tokens: 4,
+            ..quick().join
+        },
         ..quick()
     };
     assert!(jobs.iter().filter(|(p, _)| p.len() > 4).count() >= 2);
@@ -421,7 +431,10 @@ fn a_long_prompt_joining_never_stalls_the_running_sequences() {
         })
     };
     let limits = Limits {
-        max_prefill_tokens: 4,
+        join: JoinPolicy {
+            max_prefill_tokens: 4,
+            ..quick().join
+        },
         ..quick()
     };
     let mut s = Scheduler::new(&lm, &Letters, limits);
@@ -477,7 +490,10 @@ fn a_long_prompt_joining_never_stalls_the_running_sequences() {
 fn a_prompt_cancelled_while_it_is_prefilled_in_chunks_leaves_nothing_behind() {
     let lm = HashLm::new(40, None);
     let limits = Limits {
-        max_prefill_tokens: 4,
+        join: JoinPolicy {
+            max_prefill_tokens: 4,
+            ..quick().join
+        },
         ..quick()
     };
     let mut s = Scheduler::new(&lm, &Letters, limits);

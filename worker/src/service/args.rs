@@ -3,6 +3,7 @@
 
 use clap::Args;
 
+use crate::decoding::JoinPolicy;
 use crate::engine::EngineArgs;
 use shared::prompt::PromptArgs;
 use shared::topology::{DEFAULT_DELIVERY_LIMIT, DEFAULT_NAMESPACE};
@@ -154,9 +155,11 @@ impl ServeArgs {
         BatchSettings {
             max_batch_size: self.max_batch_size.map(usize::from),
             max_batch_tokens: self.max_batch_tokens.map(|t| t as usize),
-            max_waiting_steps: self.max_waiting_steps,
-            waiting_served_ratio: self.waiting_served_ratio,
-            max_prefill_tokens: self.max_prefill_tokens,
+            join: JoinPolicy {
+                max_waiting_steps: self.max_waiting_steps,
+                waiting_served_ratio: self.waiting_served_ratio,
+                max_prefill_tokens: self.max_prefill_tokens,
+            },
         }
     }
 }

@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::health::{self, EngineHealth, Verdict, WatchSettings};
 use super::job::{Completion, FinishedJob, Input, Outcome, Prompt};
 use super::{metrics, text};
-use crate::decoding::{Limits, Stats, StepProfile, TextDecoder};
+use crate::decoding::{JoinPolicy, Limits, Stats, StepProfile, TextDecoder};
 use crate::engine::PromptCodec;
 use crate::sizing::BatchLimits;
 
@@ -60,25 +60,11 @@ pub enum JobEvent {
 
 /// The scheduler's settings, from the command line; a bound left `None` is what the generator's devices
 /// afford ([`Generator::bounds`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct BatchSettings {
     pub max_batch_size: Option<usize>,
     pub max_batch_tokens: Option<usize>,
-    pub max_waiting_steps: usize,
-    pub waiting_served_ratio: f64,
-    pub max_prefill_tokens: usize,
-}
-
-impl Default for BatchSettings {
-    fn default() -> Self {
-        Self {
-            max_batch_size: None,
-            max_batch_tokens: None,
-            max_waiting_steps: 0,
-            waiting_served_ratio: 0.3,
-            max_prefill_tokens: crate::decoding::scheduler::DEFAULT_MAX_PREFILL_TOKENS,
-        }
-    }
+    pub join: JoinPolicy,
 }
 
 impl BatchSettings {
@@ -87,9 +73,10 @@ impl BatchSettings {
         Limits {
             max_batch_size: bounds.max_batch_size.max(1),
             max_batch_tokens: bounds.max_batch_tokens,
-            max_waiting_steps: self.max_waiting_steps,
-            waiting_served_ratio: self.waiting_served_ratio,
-            max_prefill_tokens: self.max_prefill_tokens.max(1),
+            join: JoinPolicy {
+                max_prefill_tokens: self.join.max_prefill_tokens.max(1),
+                ..self.join
+            },
         }
     }
 }
@@ -265,8 +252,8 @@ impl EngineThread {
                 tracing::info!(
                     max_batch_size = limits.max_batch_size,
                     max_batch_tokens = limits.max_batch_tokens,
-                    max_waiting_steps = limits.max_waiting_steps,
-                    waiting_served_ratio = limits.waiting_served_ratio,
+                    max_waiting_steps = limits.join.max_waiting_steps,
+                    waiting_served_ratio = limits.join.waiting_served_ratio,
                     "continuous batching"
                 );
                 let _ = ready_tx.send(Ok(Ready {
