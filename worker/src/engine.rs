@@ -198,6 +198,23 @@ impl std::fmt::Debug for PromptCodec {
 }
 
 impl PromptCodec {
+    /// GPT-J's bundled tokenizer and the default chat template over a context of `n_positions`: what the
+    /// tests of the text side use without a model.
+    #[cfg(test)]
+    pub(crate) fn for_tests(n_positions: usize) -> Self {
+        let info = crate::lm::ModelInfo {
+            vocab_size: 50400,
+            n_positions,
+            n_embd: 8,
+            n_layer: 1,
+            bos_token_id: Some(50256),
+            eos_token_id: Some(50256),
+        };
+        #[allow(clippy::unwrap_used)] // the tokenizer is compiled in
+        let tokenizer = crate::tokenizer::bundled().unwrap();
+        Self::new(tokenizer, ChatTemplate::default_template(None), &info)
+    }
+
     /// A codec for a model of this context and these special tokens.
     pub fn new(tokenizer: Tokenizer, chat: ChatTemplate, info: &crate::lm::ModelInfo) -> Self {
         Self {
@@ -456,16 +473,7 @@ mod tests {
     }
 
     fn codec(n_positions: usize) -> PromptCodec {
-        let info = crate::lm::ModelInfo {
-            vocab_size: 50400,
-            n_positions,
-            n_embd: 8,
-            n_layer: 1,
-            bos_token_id: Some(50256),
-            eos_token_id: Some(50256),
-        };
-        let tokenizer = crate::tokenizer::bundled().unwrap();
-        PromptCodec::new(tokenizer, ChatTemplate::default_template(None), &info)
+        PromptCodec::for_tests(n_positions)
     }
 
     fn plan(max_new_tokens: u32) -> GenerationPlan {

@@ -125,23 +125,10 @@ mod tests {
     use crate::engine::Generation;
     use crate::service::job::{Completion, FinishedJob};
     use shared::FinishReason;
-    use shared::chat::{ChatMessage, ChatTemplate};
+    use shared::chat::ChatMessage;
 
     fn codec(n_positions: usize) -> Arc<PromptCodec> {
-        let info = crate::lm::ModelInfo {
-            vocab_size: 50400,
-            n_positions,
-            n_embd: 8,
-            n_layer: 1,
-            bos_token_id: Some(50256),
-            eos_token_id: Some(50256),
-        };
-        let tokenizer = crate::tokenizer::bundled().unwrap();
-        Arc::new(PromptCodec::new(
-            tokenizer,
-            ChatTemplate::default_template(None),
-            &info,
-        ))
+        Arc::new(PromptCodec::for_tests(n_positions))
     }
 
     fn plan(max_new_tokens: u32) -> GenerationPlan {
