@@ -20,16 +20,13 @@ with any python3.
 """
 
 import argparse
-import http.client
 import json
 import re
 import sys
-import threading
 import time
-import urllib.parse
 import urllib.request
 
-from bench_serve import Http, percentile
+from bench_serve import Http, openai_phase, percentile
 
 PHASES = ("prefill", "select", "forward", "maintenance")
 
@@ -70,61 +67,6 @@ def step_split(before, after):
     return res
 
 
-def stream_job(base, body, timeout):
-    """One streamed `POST /v1/completions`: the client's clock at submission, at the first chunk carrying
-    text, and at the end of the stream, and the usage's completion_tokens."""
-    u = urllib.parse.urlsplit(base)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
-    try:
-        t0 = time.perf_counter()
-        conn.request("POST", "/v1/completions", body=json.dumps(body).encode(),
-                     headers={"content-type": "application/json", "accept": "text/event-stream"})
-        r = conn.getresponse()
-        if r.status != 200:
-            raise RuntimeError(f"{base}/v1/completions answered {r.status}: {r.read()[:500]!r}")
-        first, tokens = None, None
-        for line in r:
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            chunk = json.loads(data)
-            if chunk.get("error"):
-                raise RuntimeError(f"the stream carried an error: {chunk['error']}")
-            if first is None and any(c.get("text") for c in chunk.get("choices") or []):
-                first = time.perf_counter()
-            if chunk.get("usage"):
-                tokens = chunk["usage"].get("completion_tokens")
-        t1 = time.perf_counter()
-    finally:
-        conn.close()
-    return {"t0": t0, "first": first if first is not None else t1, "t1": t1, "tokens": tokens}
-
-
-def run_jobs(base, bodies, arrivals, timeout):
-    """The jobs on one thread each, each released at its arrival (seconds from the start)."""
-    results, errors = [None] * len(bodies), []
-    start = time.perf_counter() + 0.2
-
-    def one(i):
-        try:
-            time.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
-            results[i] = stream_job(base, bodies[i], timeout)
-        except Exception as e:  # noqa: BLE001 - collected and re-raised below
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
 def body(model, prompt, new_tokens, kind, seed):
     b = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "stream": True,
          "stream_options": {"include_usage": True}}
@@ -150,7 +92,7 @@ def phase(args, model, mix, n):
     bodies = [body(model, args.prompt, args.new_tokens, k, seed=i) for i, k in enumerate(kinds(mix, n))]
     arrivals = [i * args.stagger_ms / 1000.0 for i in range(n)]
     before = scrape(args.metrics)
-    results = run_jobs(args.base, bodies, arrivals, args.job_timeout)
+    results = openai_phase(args.base, bodies, arrivals, args.job_timeout)
     after = scrape(args.metrics)
     wall = max(r["t1"] for r in results) - min(r["t0"] for r in results)
     tokens = sum(r["tokens"] or 0 for r in results)
@@ -187,7 +129,7 @@ def main():
         sys.exit(f"{args.base}/v1/models answered {status}: {models}")
     model = models["data"][0]["id"]
     log("warm-up: 2 short jobs through the same route (not counted)")
-    run_jobs(args.base, [body(model, args.prompt, 4, "greedy", 0)] * 2, [0.0, 0.0], args.job_timeout)
+    openai_phase(args.base, [body(model, args.prompt, 4, "greedy", 0)] * 2, [0.0, 0.0], args.job_timeout)
 
     rows, last = [], None  # last: (jobs, seconds) of the phase before
     for mix in args.mixes.split():
