@@ -41,6 +41,8 @@ pub struct App {
     pub openapi: serde_json::Value,
     /// Refuses jobs that cannot fit the model's context.
     pub context: crate::context::ContextCheck,
+    /// Refuses jobs whose grammar does not compile.
+    pub grammars: crate::grammar_check::GrammarCheck,
     /// When this replica started, in Unix seconds (the OpenAI model list's `created`).
     pub started_at_s: u64,
 }
@@ -83,6 +85,7 @@ impl App {
         let mut job = request.into_valid(&self.settings.prompt_rules)?;
         // Before the rate limiter: a job that cannot run must not spend the client's budget.
         self.context.check(&job)?;
+        self.grammars.check(&job).await?;
         let cost = job.plan.max_new_tokens as u64 * job.plan.decoding.beams() as u64;
         if cost > self.admissions.max_cost() {
             return Err(ApiError::CostOverBudget {

@@ -31,6 +31,11 @@ impl ContextCheck {
         })
     }
 
+    /// The served model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
     pub fn check(&self, job: &ValidJob) -> Result<(), ApiError> {
         if job.messages.is_some() {
             return Ok(());

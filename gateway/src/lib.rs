@@ -18,6 +18,7 @@ pub mod decision;
 pub mod drain;
 pub mod error;
 pub mod follow;
+pub mod grammar_check;
 pub mod keys;
 pub mod kv;
 pub mod openai;
@@ -100,6 +101,7 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
     );
     let context = context::ContextCheck::new(config.tokenizer.as_deref(), settings.context_length)
         .map_err(Error::Config)?;
+    let grammars = grammar_check::GrammarCheck::new(context.tokenizer()).map_err(Error::Config)?;
     Ok(Arc::new(app::App {
         settings,
         store,
@@ -112,6 +114,7 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
         metrics,
         openapi,
         context,
+        grammars,
         started_at_s: shared::reply::now_ms() / 1000,
     }))
 }

@@ -13,7 +13,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use shared::chat::ChatMessage;
 use shared::params::MAX_STOP_SEQUENCES;
-use shared::{ErrorCode, FinishReason, GenerationParameters, InvalidParameter, JobId, Strategy};
+use shared::{ErrorCode, FinishReason, GenerationParameters, Grammar, InvalidParameter, JobId, Strategy};
 use utoipa::ToSchema;
 
 use crate::openai_schema::MAX_CHOICES;
@@ -43,6 +43,7 @@ pub fn param_name(field: &str) -> &str {
     match field {
         "max_new_tokens" => "max_tokens",
         "min_new_tokens" => "min_tokens",
+        "grammar" => "response_format",
         other => other,
     }
 }
@@ -235,8 +236,81 @@ macro_rules! with_shared_fields {
             min_tokens: Option<u32>,
             /// Extension: `false` without `strategy` means greedy decoding.
             do_sample: Option<bool>,
+            /// `{"type": "text"}` (the default), `{"type": "json_object"}` (any JSON object) or
+            /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`: the text is valid JSON
+            /// of that schema (constrained decoding). Accepted on completions too, as vLLM does.
+            #[schema(value_type = Option<Object>)]
+            response_format: Option<ResponseFormat>,
+            /// Extension (vLLM's): one of `json` (a JSON Schema), `regex`, `choice` (a list of strings),
+            /// `grammar` (Lark) or `json_object: true` constrains the text.
+            #[schema(value_type = Option<Object>)]
+            structured_outputs: Option<StructuredOutputs>,
+            /// Extension (vLLM's older name for `structured_outputs.json`).
+            #[schema(value_type = Option<Object>)]
+            guided_json: Option<serde_json::Value>,
+            /// Extension (vLLM's older name for `structured_outputs.regex`).
+            guided_regex: Option<String>,
+            /// Extension (vLLM's older name for `structured_outputs.choice`).
+            guided_choice: Option<Vec<String>>,
+            /// Extension (vLLM's older name for `structured_outputs.grammar`).
+            guided_grammar: Option<String>,
+            /// Extension (vLLM's): accepted and ignored; the grammar engine is llguidance.
+            guided_decoding_backend: Option<String>,
         }
     };
+}
+
+/// OpenAI's `response_format`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+/// `response_format.json_schema`: the schema and OpenAI's labels for it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct JsonSchemaFormat {
+    /// The schema's name (OpenAI requires one; it changes nothing here).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The JSON Schema; absent means any JSON value.
+    #[serde(default)]
+    pub schema: Option<serde_json::Value>,
+    /// OpenAI's strict mode: the text follows the schema exactly, which constrained decoding always does.
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// vLLM's `structured_outputs`: one constraint at most.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StructuredOutputs {
+    /// A JSON Schema, as an object or as its JSON text.
+    #[serde(default)]
+    pub json: Option<serde_json::Value>,
+    #[serde(default)]
+    pub regex: Option<String>,
+    #[serde(default)]
+    pub choice: Option<Vec<String>>,
+    /// A grammar in llguidance's Lark dialect.
+    #[serde(default)]
+    pub grammar: Option<String>,
+    #[serde(default)]
+    pub json_object: Option<bool>,
+}
+
+/// A JSON Schema given as an object or as its JSON text (vLLM takes both).
+fn schema_value(param: &str, value: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
+    match value {
+        serde_json::Value::String(text) => {
+            serde_json::from_str(text).map_err(|e| param_error(param, format!("is not a JSON Schema: {e}")))
+        }
+        other => Ok(other.clone()),
+    }
 }
 
 /// The shared fields without their documentation attributes, which only the request schemas need.
@@ -346,9 +420,6 @@ with_shared_fields!(declare_request! {
         /// Not supported: only absent, `null` or `"none"` is accepted.
         #[schema(schema_with = crate::openai_schema::none_only)]
         pub function_call: Option<serde_json::Value>,
-        /// Only `{"type": "text"}` (or absent) is accepted.
-        #[schema(schema_with = crate::openai_schema::text_only)]
-        pub response_format: Option<serde_json::Value>,
     }
 });
 
@@ -367,6 +438,69 @@ fn absent_or(value: &Option<serde_json::Value>, neutral: &[serde_json::Value]) -
 }
 
 impl Shared {
+    /// The constraint the request names, by whichever of OpenAI's or vLLM's fields; one at most.
+    fn grammar(&self) -> Result<Option<Grammar>, ParamError> {
+        let mut named: Vec<(&str, Grammar)> = Vec::new();
+        match &self.response_format {
+            None | Some(ResponseFormat::Text) => {}
+            Some(ResponseFormat::JsonObject) => {
+                named.push((
+                    "response_format",
+                    Grammar::Json(serde_json::json!({"type": "object"})),
+                ));
+            }
+            Some(ResponseFormat::JsonSchema { json_schema }) => {
+                let schema = json_schema.schema.clone().unwrap_or(serde_json::json!({}));
+                named.push(("response_format", Grammar::Json(schema)));
+            }
+        }
+        if let Some(so) = &self.structured_outputs {
+            let param = "structured_outputs";
+            if let Some(json) = &so.json {
+                named.push((param, Grammar::Json(schema_value(param, json)?)));
+            }
+            if let Some(regex) = &so.regex {
+                named.push((param, Grammar::Regex(regex.clone())));
+            }
+            if let Some(choice) = &so.choice {
+                named.push((param, Grammar::Choice(choice.clone())));
+            }
+            if let Some(grammar) = &so.grammar {
+                named.push((param, Grammar::Lark(grammar.clone())));
+            }
+            if so.json_object == Some(true) {
+                named.push((param, Grammar::Json(serde_json::json!({"type": "object"}))));
+            }
+        }
+        if let Some(json) = &self.guided_json {
+            named.push(("guided_json", Grammar::Json(schema_value("guided_json", json)?)));
+        }
+        if let Some(regex) = &self.guided_regex {
+            named.push(("guided_regex", Grammar::Regex(regex.clone())));
+        }
+        if let Some(choice) = &self.guided_choice {
+            named.push(("guided_choice", Grammar::Choice(choice.clone())));
+        }
+        if let Some(grammar) = &self.guided_grammar {
+            named.push(("guided_grammar", Grammar::Lark(grammar.clone())));
+        }
+        match named.len() {
+            0 => Ok(None),
+            1 => {
+                let (param, grammar) = named.remove(0);
+                grammar.check().map_err(|e| param_error(param, e.to_string()))?;
+                Ok(Some(grammar))
+            }
+            _ => Err(param_error(
+                named[1].0,
+                format!(
+                    "constrains the text a second time (with `{}`); give one constraint",
+                    named[0].0
+                ),
+            )),
+        }
+    }
+
     /// The job parameters for these fields, generating at most `max_new_tokens`.
     fn parameters(&self, max_new_tokens: u32) -> Result<GenerationParameters, ParamError> {
         for (param, value) in [
@@ -412,6 +546,7 @@ impl Shared {
             num_beams: self.num_beams,
             length_penalty: self.length_penalty,
             early_stopping: self.early_stopping,
+            grammar: self.grammar()?,
         };
         if self.strategy.is_none() {
             if self.temperature == Some(0.0) || self.do_sample == Some(false) {
@@ -506,11 +641,6 @@ impl ChatCompletionRequest {
                 "is not supported (no tool calling)",
             )?;
         }
-        require_neutral(
-            "response_format",
-            absent_or(&self.response_format, &[serde_json::json!({"type": "text"})]),
-            "only {\"type\": \"text\"} is supported",
-        )?;
         let max_tokens = match (self.max_tokens, self.max_completion_tokens) {
             (Some(a), Some(b)) if a != b => {
                 return Err(param_error(
@@ -1194,7 +1324,6 @@ mod tests {
             ("tool_choice", json!("auto")),
             ("functions", json!([{"name": "f"}])),
             ("function_call", json!({"name": "f"})),
-            ("response_format", json!({"type": "json_object"})),
             ("presence_penalty", json!(1)),
         ];
         for (param, value) in refused {
@@ -1209,6 +1338,86 @@ mod tests {
             "response_format": {"type": "text"},
         });
         assert!(chat(neutral).parameters(50).is_ok());
+    }
+
+    #[test]
+    fn openai_and_vllm_constraints_become_the_jobs_grammar() {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let messages = json!([{"role": "user", "content": "hi"}]);
+        let cases = [
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                Grammar::Json(json!({"type": "object"})),
+            ),
+            (
+                json!({"response_format": {"type": "json_schema",
+                    "json_schema": {"name": "x", "schema": schema, "strict": true}}}),
+                Grammar::Json(schema.clone()),
+            ),
+            (
+                json!({"structured_outputs": {"json": schema}}),
+                Grammar::Json(schema.clone()),
+            ),
+            (
+                json!({"structured_outputs": {"json": schema.to_string()}}),
+                Grammar::Json(schema.clone()),
+            ),
+            (
+                json!({"structured_outputs": {"regex": "a+"}}),
+                Grammar::Regex("a+".into()),
+            ),
+            (
+                json!({"structured_outputs": {"choice": ["x", "y"]}}),
+                Grammar::Choice(vec!["x".into(), "y".into()]),
+            ),
+            (
+                json!({"structured_outputs": {"grammar": "start: \"a\""}}),
+                Grammar::Lark("start: \"a\"".into()),
+            ),
+            (json!({"guided_json": schema}), Grammar::Json(schema.clone())),
+            (
+                json!({"guided_regex": "b+", "guided_decoding_backend": "xgrammar"}),
+                Grammar::Regex("b+".into()),
+            ),
+            (json!({"guided_choice": ["z"]}), Grammar::Choice(vec!["z".into()])),
+        ];
+        for (extra, grammar) in cases {
+            let mut body = json!({"model": "m", "messages": messages});
+            let mut prompt = json!({"model": "m", "prompt": "hi"});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+                prompt[k] = v.clone();
+            }
+            assert_eq!(
+                chat(body).parameters(50).unwrap().grammar,
+                Some(grammar.clone()),
+                "{extra}"
+            );
+            assert_eq!(
+                completion(prompt).parameters(16).unwrap().grammar,
+                Some(grammar),
+                "{extra}"
+            );
+        }
+        let plain = chat(json!({"model": "m", "messages": messages, "response_format": {"type": "text"}}));
+        assert_eq!(plain.parameters(50).unwrap().grammar, None);
+    }
+
+    #[test]
+    fn two_constraints_or_a_broken_one_are_refused_by_name() {
+        let two = chat(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"}, "guided_regex": "a"}),
+        );
+        assert_eq!(two.parameters(50).unwrap_err().param, "guided_regex");
+        let empty = completion(json!({"model": "m", "prompt": "hi", "structured_outputs": {"choice": []}}));
+        assert_eq!(empty.parameters(16).unwrap_err().param, "structured_outputs");
+        let text = completion(json!({"model": "m", "prompt": "hi", "guided_json": "{not json"}));
+        assert_eq!(text.parameters(16).unwrap_err().param, "guided_json");
+        let unknown = serde_json::from_value::<CompletionRequest>(
+            json!({"model": "m", "prompt": "hi", "structured_outputs": {"structural_tag": "x"}}),
+        );
+        assert!(unknown.is_err());
     }
 
     #[test]

@@ -89,19 +89,3 @@ pub fn none_only() -> RefOr<Schema> {
         "enum": ["none", null],
     }))
 }
-
-/// `response_format`: only plain text.
-pub fn text_only() -> RefOr<Schema> {
-    literal(json!({
-        "description": "Only `{\"type\": \"text\"}` (or absent).",
-        "oneOf": [
-            {"type": "null"},
-            {
-                "type": "object",
-                "properties": {"type": {"type": "string", "enum": ["text"]}},
-                "required": ["type"],
-                "additionalProperties": false,
-            },
-        ],
-    }))
-}

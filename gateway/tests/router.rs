@@ -59,7 +59,7 @@ const REFUSALS: &[(&str, &str, u16, &str, Option<&str>)] = &[
     ("/v1/jobs", r#"{"prompt": "hi", "colour": 1}"#, 422, "unknown_field", None),
     ("/v1/jobs", r#"{"prompt": "hi", "parameters": {"max_new_tokens": 0}}"#, 422, "invalid_parameter", None),
     ("/v1/jobs", r#"{"prompt": "$$$"}"#, 422, "prompt_empty", None),
-    ("/v1/jobs", r#"{"prompt": "hi", "version": 2}"#, 422, "unsupported_version", None),
+    ("/v1/jobs", r#"{"prompt": "hi", "version": 3}"#, 422, "unsupported_version", None),
     ("/v1/jobs", r#"{"prompt": "hi", "messages": [{"role": "user", "content": "x"}]}"#, 422, "invalid_parameter", None),
     ("/run", r#"{"data": "x", "num_tokens": 0}"#, 422, "invalid_parameter", None),
     ("/v1/jobs", r#"{"prompt": "Once upon a time", "parameters": {"max_new_tokens": 2045}}"#, 422, "context_overflow", None),

@@ -11,8 +11,12 @@ use crate::chat::{ChatError, ChatMessage, clean_messages};
 use crate::params::{GenerationParameters, GenerationPlan, InvalidParameter};
 use crate::prompt::{PromptError, PromptRules};
 
-/// The body version this build writes and reads.
-pub const JOB_SCHEMA_VERSION: u32 = 1;
+/// The newest body version this build reads: 2 added `parameters.grammar`. It reads every version from
+/// [`OLDEST_JOB_SCHEMA_VERSION`] on, and writes the oldest that holds the body (1 without a grammar), so
+/// the workers of the last release keep taking jobs without a grammar during a rolling upgrade.
+pub const JOB_SCHEMA_VERSION: u32 = 2;
+/// The oldest body version this build reads.
+pub const OLDEST_JOB_SCHEMA_VERSION: u32 = 1;
 
 /// Job ids are random UUIDv4 (122 random bits): unguessable, so a job id alone is a capability to poll
 /// when API keys are off.
@@ -43,7 +47,7 @@ impl std::str::FromStr for JobId {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
-    /// Body version; this build understands 1.
+    /// Body version: 1, or 2 for a body with `parameters.grammar`; this build understands 1 and 2.
     pub version: u32,
     /// The prompt text. Workers clean it again with the same rules the gateway uses. Empty (or absent)
     /// for a chat job.
@@ -65,7 +69,10 @@ pub struct JobRequest {
 /// Why a job body cannot run.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum InvalidJob {
-    #[error("unsupported job version {0}; this worker understands version {JOB_SCHEMA_VERSION}")]
+    #[error(
+        "unsupported job version {0}; this worker understands versions {OLDEST_JOB_SCHEMA_VERSION} to \
+         {JOB_SCHEMA_VERSION}"
+    )]
     Version(u32),
     #[error(transparent)]
     Prompt(#[from] PromptError),
@@ -92,7 +99,7 @@ pub struct ValidJob {
 impl JobRequest {
     pub fn new(prompt: impl Into<String>, parameters: GenerationParameters) -> Self {
         Self {
-            version: JOB_SCHEMA_VERSION,
+            version: version_for(&parameters),
             prompt: prompt.into(),
             messages: None,
             parameters,
@@ -109,7 +116,7 @@ impl JobRequest {
     }
 
     pub fn into_valid(self, rules: &PromptRules) -> Result<ValidJob, InvalidJob> {
-        if self.version != JOB_SCHEMA_VERSION {
+        if !(OLDEST_JOB_SCHEMA_VERSION..=JOB_SCHEMA_VERSION).contains(&self.version) {
             return Err(InvalidJob::Version(self.version));
         }
         let (prompt, messages) = match &self.messages {
@@ -128,11 +135,20 @@ impl JobRequest {
     }
 }
 
+/// The oldest body version that holds these parameters.
+fn version_for(parameters: &GenerationParameters) -> u32 {
+    if parameters.grammar.is_some() {
+        2
+    } else {
+        OLDEST_JOB_SCHEMA_VERSION
+    }
+}
+
 impl ValidJob {
     /// The body to publish: the cleaned prompt, so workers see what the gateway accepted.
     pub fn to_request(&self) -> JobRequest {
         JobRequest {
-            version: JOB_SCHEMA_VERSION,
+            version: version_for(&self.parameters),
             prompt: self.prompt.clone(),
             messages: self.messages.clone(),
             parameters: self.parameters.clone(),
@@ -156,13 +172,29 @@ mod tests {
     #[test]
     fn a_future_version_is_refused() {
         let req = JobRequest {
-            version: 2,
+            version: 3,
             ..JobRequest::new("hi", Default::default())
         };
         assert_eq!(
             req.into_valid(&PromptRules::default()).unwrap_err(),
-            InvalidJob::Version(2)
+            InvalidJob::Version(3)
         );
+    }
+
+    #[test]
+    fn a_body_is_written_in_the_oldest_version_that_holds_it() {
+        let plain = JobRequest::new("hi", Default::default());
+        assert_eq!(plain.version, 1);
+        let constrained = JobRequest::new(
+            "hi",
+            GenerationParameters {
+                grammar: Some(crate::Grammar::Regex("a+".into())),
+                ..Default::default()
+            },
+        );
+        assert_eq!(constrained.version, 2);
+        let valid = constrained.into_valid(&PromptRules::default()).unwrap();
+        assert_eq!(valid.to_request().version, 2);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod brokers;
 pub mod chat;
 pub mod control;
+pub mod grammar;
 pub mod job;
 pub mod params;
 pub mod prompt;
@@ -18,6 +19,7 @@ pub mod testing;
 pub mod tokens;
 pub mod topology;
 
+pub use grammar::{Grammar, GrammarError};
 pub use job::{JOB_SCHEMA_VERSION, JobId, JobRequest, ValidJob};
 pub use params::{Decoding, GenerationParameters, GenerationPlan, InvalidParameter, Strategy};
 pub use prompt::{DisallowedPolicy, PromptError, PromptRules};

@@ -11,6 +11,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::grammar::Grammar;
+
 /// Upper bound on `max_new_tokens` accepted anywhere (GPT-J's context is 2048 positions).
 pub const MAX_NEW_TOKENS_LIMIT: u32 = 2048;
 /// Default number of new tokens, as the original `/run` generated.
@@ -107,6 +109,11 @@ pub struct GenerationParameters {
     /// Beam search stops as soon as `num_beams` hypotheses are finished (default false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stopping: Option<bool>,
+    /// The form the text must take (TGI's `grammar`): `{"type": "json", "value": <JSON Schema>}`,
+    /// `{"type": "regex", "value": "..."}`, `{"type": "choice", "value": ["...", ...]}` or
+    /// `{"type": "lark", "value": "..."}`. Every strategy honours it; the text ends when it is complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grammar: Option<Grammar>,
 }
 
 /// A parameter out of range or inconsistent with the strategy; `field` names it.
@@ -177,6 +184,8 @@ pub struct GenerationPlan {
     /// `None` when off (0).
     pub no_repeat_ngram_size: Option<usize>,
     pub stop: Vec<String>,
+    /// The form the text must take, checked for size (compiling it needs the model's vocabulary).
+    pub grammar: Option<Grammar>,
 }
 
 fn check_range(
@@ -290,6 +299,16 @@ impl GenerationParameters {
             only("top_k", self.top_k.is_some(), "sample` or `contrastive")?;
         }
 
+        if let Some(g) = &self.grammar {
+            g.check().map_err(|e| invalid("grammar", e.to_string()))?;
+            if min_new_tokens > 0 {
+                return Err(invalid(
+                    "min_new_tokens",
+                    "cannot be combined with a grammar, which decides where the text ends",
+                ));
+            }
+        }
+
         let decoding = match strategy {
             Strategy::Greedy => Decoding::Greedy,
             Strategy::Contrastive => {
@@ -364,6 +383,7 @@ impl GenerationParameters {
             repetition_penalty,
             no_repeat_ngram_size,
             stop: self.stop.clone(),
+            grammar: self.grammar.clone(),
         })
     }
 }

@@ -135,6 +135,7 @@ fn run(model: &GptJ, args: &Args, scenario: Scenario) -> anyhow::Result<Measured
                 id: i as u64,
                 prompt,
                 plan,
+                grammar: None,
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }

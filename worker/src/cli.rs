@@ -86,6 +86,7 @@ impl GenerateArgs {
             num_beams: self.num_beams,
             length_penalty: self.length_penalty,
             early_stopping: self.early_stopping.then_some(true),
+            grammar: None,
         }
     }
 }

@@ -121,6 +121,8 @@ pub enum EngineError {
     Generation(String),
     #[error("chat template: {0}")]
     Chat(#[from] shared::chat::ChatError),
+    #[error("invalid `grammar`: {0}")]
+    Grammar(#[from] shared::GrammarError),
 }
 
 impl From<decoding::DecodeError> for EngineError {
@@ -186,6 +188,8 @@ pub struct PromptCodec {
     n_positions: usize,
     /// What an empty prompt starts from: BOS, else EOS (as transformers does).
     start: Option<i64>,
+    /// Jobs' grammars, compiled for this vocabulary.
+    grammars: Arc<crate::grammars::Grammars>,
 }
 
 impl std::fmt::Debug for PromptCodec {
@@ -217,12 +221,27 @@ impl PromptCodec {
 
     /// A codec for a model of this context and these special tokens.
     pub fn new(tokenizer: Tokenizer, chat: ChatTemplate, info: &crate::lm::ModelInfo) -> Self {
+        let eos = info.eos_token_id.and_then(|e| u32::try_from(e).ok());
         Self {
+            grammars: Arc::new(crate::grammars::Grammars::new(
+                tokenizer.clone(),
+                info.vocab_size,
+                eos,
+            )),
             tokenizer,
             chat,
             n_positions: info.n_positions,
             start: info.bos_token_id.or(info.eos_token_id),
         }
+    }
+
+    /// The plan's grammar, compiled for this vocabulary (or from the cache); `None` without one.
+    pub fn grammar(&self, plan: &GenerationPlan) -> Result<Option<decoding::Constraint>, EngineError> {
+        Ok(plan
+            .grammar
+            .as_ref()
+            .map(|g| self.grammars.constraint(g))
+            .transpose()?)
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {

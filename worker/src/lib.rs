@@ -15,6 +15,7 @@ pub mod decoding;
 pub mod device_map;
 pub mod diagnostics;
 pub mod engine;
+pub mod grammars;
 pub mod lm;
 pub mod load_error;
 pub mod logging;

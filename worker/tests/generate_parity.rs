@@ -149,6 +149,7 @@ fn staggered(model: &GptJ, cases: &[Case]) -> Vec<decoding::Decoded> {
                 id: step as u64,
                 prompt: c.prompt.clone(),
                 plan: c.params.validate().expect("valid parameters"),
+                grammar: None,
             };
             scheduler.submit(request).expect("submitted");
         }

@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use shared::job::JOB_SCHEMA_VERSION;
+use shared::job::OLDEST_JOB_SCHEMA_VERSION;
 use shared::{GenerationParameters, JobId, JobRequest};
 use utoipa::ToSchema;
 
@@ -16,7 +16,7 @@ use crate::position::QueuePosition;
 use crate::store::{CancelOutcome, Figures, JobRecord, Status};
 
 fn default_version() -> u32 {
-    JOB_SCHEMA_VERSION
+    OLDEST_JOB_SCHEMA_VERSION
 }
 
 /// A job as clients submit it over HTTP: the AMQP job body without `submitted_at_ms` (the gateway sets
@@ -24,9 +24,9 @@ fn default_version() -> u32 {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
-    /// Body version; 1 when absent.
+    /// Body version, 1 or 2 (the gateway publishes the version the job needs); 1 when absent.
     #[serde(default = "default_version")]
-    #[schema(minimum = 1, maximum = 1)]
+    #[schema(minimum = 1, maximum = 2)]
     pub version: u32,
     /// The prompt. Characters outside the allowed set are removed (or refused, per the gateway's
     /// policy) and whitespace is collapsed before the length limits apply. Give `prompt` or `messages`.

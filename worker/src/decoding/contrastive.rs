@@ -128,6 +128,19 @@ pub(crate) fn absorb(
     let beyond = Tensor::f_from_slice(&beyond)?
         .f_to_device(device)?
         .f_view([n as i64, kmax as i64])?;
+    // A constrained sequence never picks a candidate its grammar ruled out (probability 0): with fewer
+    // allowed tokens than `top_k`, the top k holds some. Unconstrained ones keep transformers' rule.
+    let beyond = if seqs.iter().any(|(_, s)| s.grammar.is_some()) {
+        let constrained = column(
+            seqs.iter()
+                .map(|(_, s)| if s.grammar.is_some() { 1.0 } else { 0.0 })
+                .collect(),
+        )?
+        .f_gt(0.5)?;
+        beyond.f_logical_or(&probs.f_le(0.0)?.f_logical_and(&constrained)?)?
+    } else {
+        beyond
+    };
     let chosen = to_vec_i64(
         &score
             .f_masked_fill(&beyond, f64::NEG_INFINITY)?
@@ -147,7 +160,7 @@ pub(crate) fn absorb(
             .f_narrow(0, c.len as i64, 1)?
             .f_copy_(&next.f_select(0, i as i64)?.f_narrow(0, chosen as i64, 1)?)?;
         c.len += 1;
-        out.push((chosen, seq.push(ids[chosen], ctx)));
+        out.push((chosen, seq.push(ids[chosen], ctx)?));
     }
     Ok(out)
 }

@@ -5,6 +5,7 @@
 //! whatever else shares the batch. The pick itself happens for every such sequence of the batch at once
 //! ([`super::select`]): a sequence contributes its row and takes its token.
 
+use super::error::Result;
 use super::sample::Sampler;
 use super::select::Row;
 use super::sequence::{Choice, Common, Context};
@@ -40,14 +41,15 @@ impl Pick {
                 (&*s, rng.random::<f64>())
             }),
             candidates: None,
+            mask: seq.grammar.as_ref().and_then(|g| g.mask()),
         }
     }
 
     /// Takes the token the batch selection picked for this sequence.
-    pub fn take(&self, seq: &mut Common, next: i64, ctx: &Context<'_>) -> Choice {
-        match seq.push(next, ctx) {
+    pub fn take(&self, seq: &mut Common, next: i64, ctx: &Context<'_>) -> Result<Choice> {
+        Ok(match seq.push(next, ctx)? {
             Some(done) => Choice::Done(done),
             None => Choice::Feed(vec![next]),
-        }
+        })
     }
 }

@@ -10,6 +10,7 @@
 //! batch leak into the repetition penalty; we do not).
 
 pub mod beam;
+mod constraint;
 pub mod contrastive;
 mod error;
 mod finish;
@@ -27,6 +28,7 @@ use crate::lm::CausalLm;
 use shared::GenerationPlan;
 use std::collections::HashMap;
 
+pub use constraint::Constraint;
 pub use error::{DecodeError, Result, panic_message};
 pub use finish::Decoded;
 pub use scheduler::{Event, FinishedSequence, JoinPolicy, Limits, Request, Scheduler, Stats, StepProfile};
@@ -72,6 +74,7 @@ pub fn generate(
                 id: i as u64,
                 prompt: p.clone(),
                 plan: plan.clone(),
+                grammar: None,
             };
             scheduler.submit(request)?;
         }

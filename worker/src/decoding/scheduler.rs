@@ -34,6 +34,7 @@ use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
+use super::constraint::{self, Constraint};
 use super::contrastive::{Contrastive, absorb};
 use super::error::{DecodeError, Result, panic_message};
 use super::finish::Decoded;
@@ -106,6 +107,8 @@ pub struct Request {
     /// Token ids, not empty.
     pub prompt: Vec<i64>,
     pub plan: GenerationPlan,
+    /// The plan's grammar, compiled (off the engine thread); `None` without one.
+    pub grammar: Option<Constraint>,
 }
 
 /// A sequence that left the batch done: its decoded tokens and where its time went.
@@ -400,7 +403,7 @@ impl<'a> Scheduler<'a> {
         self.profile.decoded = true;
 
         // The forward pass over every row, then the second half.
-        match guarded(|| self.forward()) {
+        match self.forward_while_refreshing() {
             Ok(done) => self.finish(done, &mut events),
             Err(e) => {
                 // A failed pass cannot be pinned on one sequence: every sequence in it fails.
@@ -430,13 +433,37 @@ impl<'a> Scheduler<'a> {
     fn select_picks(&mut self) -> Vec<Option<Result<Selected>>> {
         let step_logits = self.step_logits.take();
         let mut picked: Vec<Option<Result<Selected>>> = (0..self.running.len()).map(|_| None).collect();
+        // Masks not computed during the last pass (newcomers, contrastive rows, which pick in the pass).
+        let mut stale: Vec<(usize, &mut Constraint)> = self
+            .running
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, r)| !matches!(r.machine, Machine::Beam(_)))
+            .filter_map(|(i, r)| {
+                r.common
+                    .grammar
+                    .as_mut()
+                    .filter(|g| g.mask().is_none())
+                    .map(|g| (i, g))
+            })
+            .collect();
+        if !stale.is_empty() {
+            let mut refs: Vec<&mut Constraint> = stale.iter_mut().map(|(_, g)| &mut **g).collect();
+            let results = Constraint::refresh_all(&mut refs);
+            let indices: Vec<usize> = stale.iter().map(|(i, _)| *i).collect();
+            for (i, result) in indices.into_iter().zip(results) {
+                if let Err(e) = result {
+                    picked[i] = Some(Err(e));
+                }
+            }
+        }
         // Rows from the last decode pass first (one gather), then newcomers' rows from their prefill.
         let mut order: Vec<usize> = Vec::new();
         let mut step_rows: Vec<i64> = Vec::new();
         let mut joined: Vec<Tensor> = Vec::new();
         for pass in [true, false] {
             for (i, seq) in self.running.iter_mut().enumerate() {
-                if matches!(seq.machine, Machine::Beam(_)) {
+                if matches!(seq.machine, Machine::Beam(_)) || picked[i].is_some() {
                     continue;
                 }
                 match (pass, seq.logits_row, step_logits.is_some()) {
@@ -491,6 +518,7 @@ impl<'a> Scheduler<'a> {
                         processors: &common.processors,
                         sample: None,
                         candidates: Some(c.top_k()),
+                        mask: common.grammar.as_ref().and_then(|g| g.mask()),
                     }),
                     Machine::Beam(_) => {}
                 }
@@ -828,7 +856,7 @@ impl<'a> Scheduler<'a> {
             self.cache.load(row0, rows, prefill, e.row, e.pad, p)?;
             self.running.push(Running {
                 id: request.id,
-                common: Common::new(&request.prompt, &request.plan, self.ctx.eos),
+                common: Common::new(&request.prompt, &request.plan, self.ctx.eos, request.grammar),
                 machine,
                 row0,
                 len: p,
@@ -844,6 +872,45 @@ impl<'a> Scheduler<'a> {
             });
         }
         Ok(())
+    }
+
+    /// The forward pass, while another thread computes the grammar masks of every constrained sequence whose
+    /// token is already chosen (all but contrastive search's, chosen in the pass): on a GPU the masks cost
+    /// no step time. A sequence whose grammar fails leaves with the error.
+    fn forward_while_refreshing(&mut self) -> Result<Vec<(usize, Result<Decoded>)>> {
+        let mut taken: Vec<(usize, Constraint)> = self
+            .running
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, r)| matches!(r.machine, Machine::Pick(_)))
+            .filter_map(|(i, r)| r.common.grammar.take().map(|g| (i, g)))
+            .collect();
+        if taken.is_empty() {
+            return guarded(|| self.forward());
+        }
+        let owed = taken.len();
+        let (forwarded, refreshed) = std::thread::scope(|s| {
+            let masks = s.spawn(|| {
+                let mut refs: Vec<&mut Constraint> = taken.iter_mut().map(|(_, g)| g).collect();
+                Constraint::refresh_all(&mut refs)
+            });
+            let forwarded = guarded(|| self.forward());
+            let refreshed = masks
+                .join()
+                .unwrap_or_else(|_| constraint::lost(owed, "the grammar masks' thread panicked"));
+            (forwarded, refreshed)
+        });
+        let mut done = forwarded?;
+        for ((i, g), result) in taken.into_iter().zip(refreshed) {
+            self.running[i].common.grammar = Some(g);
+            if let Err(e) = result
+                && !done.iter().any(|(j, _)| *j == i)
+            {
+                done.push((i, Err(e)));
+            }
+        }
+        done.sort_by_key(|(i, _)| *i);
+        Ok(done)
     }
 
     /// One forward pass over every running row; contrastive rows pick their candidate. Returns the
@@ -1090,7 +1157,7 @@ fn choose(
 ) -> Result<Choice> {
     let no_logits = || DecodeError::Invalid("a sequence has no logits to decode from".into());
     let choice = match (&mut seq.machine, picked.transpose()?) {
-        (Machine::Pick(p), Some(Selected::Token(next))) => p.take(&mut seq.common, next, ctx),
+        (Machine::Pick(p), Some(Selected::Token(next))) => p.take(&mut seq.common, next, ctx)?,
         (Machine::Contrastive(c), Some(Selected::Candidates(ids, probs))) => c.propose(ids, probs),
         (Machine::Pick(_) | Machine::Contrastive(_), _) => return Err(no_logits()),
         (Machine::Beam(b), _) => {

@@ -89,6 +89,7 @@ fn request(jobs: &[(Vec<i64>, GenerationPlan)], i: usize) -> Request {
         id: i as u64,
         prompt: jobs[i].0.clone(),
         plan: jobs[i].1.clone(),
+        grammar: None,
     }
 }
 
@@ -196,6 +197,7 @@ fn a_lone_job_joins_at_once_and_later_arrivals_wait_for_the_join_window() {
         id,
         prompt: vec![1, 2, 3],
         plan: g.clone(),
+        grammar: None,
     };
     s.submit(req(0)).unwrap();
     let first = s.step();
@@ -294,6 +296,7 @@ fn a_job_that_can_never_fit_the_budget_is_refused_at_once() {
             id: 0,
             prompt: vec![1, 2],
             plan: big,
+            grammar: None,
         })
         .unwrap_err();
     assert!(matches!(err, DecodeError::TooLarge(_)), "{err}");
@@ -308,6 +311,7 @@ fn a_job_that_can_never_fit_the_budget_is_refused_at_once() {
             id: 1,
             prompt: vec![1],
             plan: too_long,
+            grammar: None,
         })
         .unwrap_err();
     assert!(err.to_string().contains("context"), "{err}");
@@ -443,6 +447,7 @@ fn a_long_prompt_joining_never_stalls_the_running_sequences() {
             id,
             prompt: vec![1, 2, 3],
             plan: greedy(40),
+            grammar: None,
         })
         .unwrap();
     }
@@ -454,6 +459,7 @@ fn a_long_prompt_joining_never_stalls_the_running_sequences() {
         id: 9,
         prompt: long.clone(),
         plan: greedy(5),
+        grammar: None,
     })
     .unwrap();
     // 30 tokens at 4 a step: 8 steps of prefill, and every one of them still decodes the others.
@@ -506,6 +512,7 @@ fn a_prompt_cancelled_while_it_is_prefilled_in_chunks_leaves_nothing_behind() {
         id: 1,
         prompt: (1..20).collect(),
         plan: p,
+        grammar: None,
     })
     .unwrap();
     s.step();

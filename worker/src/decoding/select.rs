@@ -14,6 +14,7 @@
 //! probability, summed in float64 as the host draw sums it, exceeds the uniform times the total. A seeded
 //! job's text does not depend on its batch, its device or this change.
 
+use super::constraint::apply_masks;
 use super::error::Result;
 use super::processors::{self, Processors, banned_ngram_tokens};
 use super::sample::Sampler;
@@ -31,6 +32,8 @@ pub(crate) struct Row<'a> {
     /// Contrastive search's `top_k`: the row wants its `k` most likely tokens and their probabilities
     /// (after the processors, no warper), not a pick.
     pub candidates: Option<usize>,
+    /// The row's grammar mask for this pick (packed bits, [`super::constraint`]); `None` when unconstrained.
+    pub mask: Option<&'a [u32]>,
 }
 
 /// What a batch selection gives each row, in the order of the rows.
@@ -104,7 +107,7 @@ pub(crate) fn select(logits: &Tensor, rows: &[Row<'_>]) -> Result<Vec<Selected>>
 }
 
 /// The processors every strategy applies (transformers' order): repetition penalty, n-gram blocking,
-/// `min_new_tokens` masking EOS.
+/// `min_new_tokens` masking EOS; then each constrained row's grammar mask.
 fn process(scores: Tensor, rows: &[Row<'_>]) -> Result<Tensor> {
     let device = scores.device();
     let mut scores = scores;
@@ -162,6 +165,10 @@ fn process(scores: Tensor, rows: &[Row<'_>]) -> Result<Tensor> {
         let at_tokens = Tensor::f_from_slice(&at_tokens)?.f_to_device(device)?;
         let minus_inf = Tensor::f_from_slice(&[f32::NEG_INFINITY])?.f_to_device(device)?;
         scores = scores.f_index_put(&[Some(at_rows), Some(at_tokens)], &minus_inf, false)?;
+    }
+    if rows.iter().any(|r| r.mask.is_some()) {
+        let masks: Vec<Option<&[u32]>> = rows.iter().map(|r| r.mask).collect();
+        scores = apply_masks(scores, &masks)?;
     }
     Ok(scores)
 }
@@ -301,6 +308,7 @@ mod tests {
                 processors: &p,
                 sample: None,
                 candidates: Some(3),
+                mask: None,
             },
             Row {
                 history: &[0],
@@ -308,6 +316,7 @@ mod tests {
                 processors: &p,
                 sample: None,
                 candidates: None,
+                mask: None,
             },
         ];
         let before = crate::decoding::readbacks();
@@ -368,6 +377,7 @@ mod tests {
                 processors: &procs[i],
                 sample: samplers[i].as_ref().map(|s| (s, uniforms[i])),
                 candidates: None,
+                mask: None,
             }).collect();
             let flat: Vec<f32> = logits.concat();
             let picked = tokens(select(&Tensor::from_slice(&flat).view([rows.len() as i64, vocab as i64]), &batch).unwrap());
@@ -390,6 +400,7 @@ mod tests {
                 processors: &p,
                 sample: Some((&s, u)),
                 candidates: None,
+                mask: None,
             };
             let t = tokens(select(&logits, &[row]).unwrap())[0];
             assert!(t == 1 || t == 2, "{t} at {u}");

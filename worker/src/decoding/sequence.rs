@@ -7,6 +7,8 @@
 //! beam), or that it is done. `absorb` (contrastive search only) reads the pass's hidden states and picks
 //! the candidate. Batch of one or batch of a hundred, a sequence runs through the same code.
 
+use super::constraint::Constraint;
+use super::error::Result;
 use super::finish::{Decoded, Finish};
 use super::processors::Processors;
 use super::stop::{StopChecker, TextDecoder};
@@ -37,10 +39,12 @@ pub(crate) struct Common {
     pub stop: StopChecker,
     pub max_new_tokens: usize,
     pub min_new_tokens: usize,
+    /// The grammar the text must follow, advanced by each generated token.
+    pub grammar: Option<Constraint>,
 }
 
 impl Common {
-    pub fn new(prompt: &[i64], plan: &GenerationPlan, eos: Option<i64>) -> Self {
+    pub fn new(prompt: &[i64], plan: &GenerationPlan, eos: Option<i64>, grammar: Option<Constraint>) -> Self {
         Self {
             tokens: prompt.to_vec(),
             prompt_len: prompt.len(),
@@ -48,6 +52,7 @@ impl Common {
             stop: StopChecker::new(&plan.stop),
             max_new_tokens: plan.max_new_tokens,
             min_new_tokens: plan.min_new_tokens,
+            grammar,
         }
     }
 
@@ -65,14 +70,18 @@ impl Common {
         }
     }
 
-    /// Appends a generated token; the result when it ended the sequence.
-    pub fn push(&mut self, token: i64, ctx: &Context<'_>) -> Option<Decoded> {
+    /// Appends a generated token; the result when it ended the sequence. A token its grammar does not
+    /// allow (masking prevents it) fails the sequence.
+    pub fn push(&mut self, token: i64, ctx: &Context<'_>) -> Result<Option<Decoded>> {
+        if let Some(g) = &mut self.grammar {
+            g.advance(token)?;
+        }
         self.tokens.push(token);
         let generated = self.generated();
-        self.finish(ctx).check(generated).map(|(reason, stop)| Decoded {
+        Ok(self.finish(ctx).check(generated).map(|(reason, stop)| Decoded {
             tokens: generated.to_vec(),
             finish_reason: reason,
             stop,
-        })
+        }))
     }
 }

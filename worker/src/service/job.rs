@@ -19,13 +19,15 @@ pub enum Input {
 }
 
 /// A job's input as the engine thread takes it, prepared on the async side (`text`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Prompt {
     /// What the model continues: the job's prompt, or its conversation rendered with the chat template (a
     /// test's stand-in generator, which has no template: the messages' contents, one a line).
     pub text: String,
     /// `text`'s token ids as the model runs them; empty where the generator has no text side (a stand-in).
     pub ids: Vec<i64>,
+    /// The job's grammar, compiled; `None` without one (or without a text side to compile it).
+    pub grammar: Option<crate::decoding::Constraint>,
 }
 
 /// What the running batch produced for one job, ready for its `job.succeeded` reply: the generation (its

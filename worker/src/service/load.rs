@@ -49,6 +49,7 @@ impl Batcher for EngineBatch<'_> {
             id: key,
             prompt: prompt.ids,
             plan: plan.clone(),
+            grammar: prompt.grammar,
         };
         self.scheduler.submit(request).map_err(|e| decode_error_body(&e))
     }

@@ -18,7 +18,7 @@ use crate::engine::{EngineError, PromptCodec};
 
 /// A job ready for the engine thread: its prompt, and the conversation as rendered, which its reply reports
 /// as the prompt (chat jobs).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Prepared {
     pub prompt: Prompt,
     pub rendered: Option<String>,
@@ -49,8 +49,9 @@ fn encode(codec: &PromptCodec, input: Input, plan: &GenerationPlan) -> Result<Pr
         }
     };
     let ids = codec.prompt_tokens(&text, plan).map_err(|e| error_body(&e))?;
+    let grammar = codec.grammar(plan).map_err(|e| error_body(&e))?;
     Ok(Prepared {
-        prompt: Prompt { text, ids },
+        prompt: Prompt { text, ids, grammar },
         rendered,
     })
 }
@@ -68,6 +69,7 @@ fn verbatim(input: Input) -> Prepared {
         prompt: Prompt {
             text,
             ids: Vec::new(),
+            grammar: None,
         },
         rendered: None,
     }
@@ -104,8 +106,11 @@ pub async fn finish(
 fn error_body(e: &EngineError) -> ErrorBody {
     match e {
         EngineError::ContextOverflow { .. } => ErrorBody::new(ErrorCode::ContextOverflow, e.to_string()),
-        // A template may refuse a conversation (`raise_exception`, e.g. roles that do not alternate).
-        EngineError::Chat(_) => ErrorBody::new(ErrorCode::InvalidParameter, e.to_string()),
+        // A template may refuse a conversation (`raise_exception`, e.g. roles that do not alternate); a
+        // grammar that does not compile is the producer's to fix.
+        EngineError::Chat(_) | EngineError::Grammar(_) => {
+            ErrorBody::new(ErrorCode::InvalidParameter, e.to_string())
+        }
         EngineError::Tokenizer(_) | EngineError::Generation(_) | EngineError::Load(_) => {
             tracing::error!(error = %e, "generation failed");
             ErrorBody::new(ErrorCode::GenerationFailed, e.to_string())
