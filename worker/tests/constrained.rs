@@ -124,7 +124,12 @@ fn check_person(text: &str) {
 #[test]
 fn every_strategy_ends_with_text_its_grammar_accepts() {
     let t = tiny();
-    let strategies = [Strategy::Greedy, Strategy::Sample, Strategy::Contrastive];
+    let strategies = [
+        Strategy::Greedy,
+        Strategy::Sample,
+        Strategy::Contrastive,
+        Strategy::Beam,
+    ];
     let mut jobs = Vec::new();
     for s in strategies {
         jobs.push(Job {

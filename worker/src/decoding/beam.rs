@@ -13,6 +13,7 @@
 //!
 //! Score arithmetic is float32 with transformers' `-1e9` sentinels, so rankings and ties match.
 
+use super::constraint::{Constraint, apply_masks};
 use super::error::Result;
 use super::finish::Decoded;
 use super::sequence::{Choice, Common, Context};
@@ -48,6 +49,8 @@ pub(crate) struct Beam {
     finished: Vec<Hyp>,
     improvable: bool,
     generated: usize,
+    /// Each running beam's grammar state (forked from the sequence's at the first step); empty without one.
+    grammars: Vec<Constraint>,
 }
 
 impl Beam {
@@ -70,6 +73,7 @@ impl Beam {
                 .collect(),
             improvable: true,
             generated: 0,
+            grammars: Vec::new(),
         }
     }
 
@@ -101,6 +105,22 @@ impl Beam {
             let refs: Vec<&[i64]> = histories.iter().map(Vec::as_slice).collect();
             seq.processors.apply(log_probs, &refs, self.generated)?
         };
+        // A constrained search masks each beam's continuations with that beam's own grammar state.
+        if self.grammars.is_empty()
+            && let Some(g) = &seq.grammar
+        {
+            self.grammars = vec![g.clone(); nb];
+        }
+        let log_probs = if self.grammars.is_empty() {
+            log_probs
+        } else {
+            let mut refs: Vec<&mut Constraint> = self.grammars.iter_mut().collect();
+            Constraint::refresh_all(&mut refs)
+                .into_iter()
+                .collect::<Result<Vec<()>>>()?;
+            let masks: Vec<Option<&[u32]>> = self.grammars.iter().map(Constraint::mask).collect();
+            apply_masks(log_probs, &masks)?
+        };
         let scores = Tensor::from_slice(&self.running_scores)
             .f_to_device(log_probs.device())?
             .f_unsqueeze(1)?;
@@ -128,6 +148,20 @@ impl Beam {
             .collect();
         let next_running = top(&running_lp, nb);
         let sources: Vec<i64> = next_running.iter().map(|&j| candidates[j].0 as i64).collect();
+        if !self.grammars.is_empty() {
+            let mut forked = Vec::with_capacity(nb);
+            for &j in &next_running {
+                let (beam, s) = &candidates[j];
+                let mut g = self.grammars[*beam].clone();
+                // A continuation its grammar ruled out (-inf) only runs when fewer are allowed than there
+                // are beams; it can never win, and its state stays where it was.
+                if running_lp[j].is_finite() {
+                    g.advance(*s.last().unwrap_or(&0))?;
+                }
+                forked.push(g);
+            }
+            self.grammars = forked;
+        }
         self.running = next_running.iter().map(|&j| candidates[j].1.clone()).collect();
         self.running_scores = next_running.iter().map(|&j| running_lp[j]).collect();
 
