@@ -4,6 +4,9 @@
 //! strategies join and leave, against equal-length greedy jobs in the same run (the same total of new
 //! tokens each way). What scales with the batch rather than with the model shows here.
 //!
+//! A fourth scenario runs the equal-length greedy jobs again with a JSON Schema each (constrained decoding:
+//! a grammar mask a row every step), so its ratio is what structured output costs.
+//!
 //! `cargo run --release -p worker --example bench_engine -- [--jobs 256] [--batch 64] [--tokens 64]`
 //! (scripts/bench-engine.sh runs it three times). Prints one table: tokens per second and the ratio to equal
 //! lengths; the median decode step split into prefill, selection, forward and cache maintenance; cache
@@ -14,9 +17,10 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use shared::{GenerationParameters, Strategy};
+use shared::{GenerationParameters, Grammar, Strategy};
 use worker::decoding::{JoinPolicy, Limits, Request, Scheduler, StepProfile, TextDecoder, readbacks};
 use worker::device_map::Placement;
+use worker::grammars::Grammars;
 use worker::lm::CausalLm;
 use worker::model::{Dtype, GptJ, LoadOptions};
 use worker::tiny::{TinyConfig, write_tiny_model};
@@ -54,6 +58,7 @@ enum Scenario {
     EqualGreedy,
     StaggeredGreedy,
     StaggeredMixed,
+    EqualJson,
 }
 
 impl Scenario {
@@ -62,12 +67,13 @@ impl Scenario {
             Scenario::EqualGreedy => "equal lengths, greedy",
             Scenario::StaggeredGreedy => "staggered, greedy",
             Scenario::StaggeredMixed => "staggered, 6 greedy : 3 sample : 1 contrastive",
+            Scenario::EqualJson => "equal lengths, greedy, a JSON Schema each",
         }
     }
 
     /// Job `i`'s parameters; every scenario's lengths add up to `jobs × tokens`.
     fn parameters(self, i: usize, jobs: usize, tokens: usize) -> GenerationParameters {
-        let staggered = self != Scenario::EqualGreedy;
+        let staggered = !matches!(self, Scenario::EqualGreedy | Scenario::EqualJson);
         // Lengths spread evenly over [tokens/4, 7·tokens/4), in an order that mixes short and long.
         let n = if staggered {
             let k = (i * 37) % jobs;
@@ -91,6 +97,15 @@ impl Scenario {
                 strategy: Some(Strategy::Contrastive),
                 ..base
             },
+            (Scenario::EqualJson, _) => GenerationParameters {
+                strategy: Some(Strategy::Greedy),
+                // An array of short strings: it never completes, so every job runs to its length.
+                grammar: Some(Grammar::Json(serde_json::json!({
+                    "type": "array",
+                    "items": {"type": "string", "maxLength": 8}
+                }))),
+                ..base
+            },
             _ => GenerationParameters {
                 strategy: Some(Strategy::Greedy),
                 ..base
@@ -106,7 +121,7 @@ struct Measured {
     readbacks: u64,
 }
 
-fn run(model: &GptJ, args: &Args, scenario: Scenario) -> anyhow::Result<Measured> {
+fn run(model: &GptJ, grammars: &Grammars, args: &Args, scenario: Scenario) -> anyhow::Result<Measured> {
     let limits = Limits {
         max_batch_size: args.batch,
         max_batch_tokens: usize::MAX,
@@ -130,12 +145,18 @@ fn run(model: &GptJ, args: &Args, scenario: Scenario) -> anyhow::Result<Measured
             .parameters(i, args.jobs, args.tokens)
             .validate()
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let grammar = plan
+            .grammar
+            .as_ref()
+            .map(|g| grammars.constraint(g))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         scheduler
             .submit(Request {
                 id: i as u64,
                 prompt,
                 plan,
-                grammar: None,
+                grammar,
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
@@ -212,13 +233,19 @@ fn main() -> anyhow::Result<()> {
         "| scenario | tokens | tok/s | × equal | median step ms | prefill | select | forward | maintenance | cache copies/step | readbacks/step |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let grammars = Grammars::new(
+        worker::tokenizer::bundled()?,
+        model.info().vocab_size,
+        Some(50256),
+    );
     let mut reference = None;
     for scenario in [
         Scenario::EqualGreedy,
         Scenario::StaggeredGreedy,
         Scenario::StaggeredMixed,
+        Scenario::EqualJson,
     ] {
-        let m = run(&model, &args, scenario)?;
+        let m = run(&model, &grammars, &args, scenario)?;
         let rate = m.tokens as f64 / m.wall.as_secs_f64();
         let base = *reference.get_or_insert(rate);
         let n = m.steps.len().max(1) as f64;
