@@ -309,6 +309,87 @@ mod compile {
             assert!(!accepts(&mut m, &ids("nope")));
         }
 
+        /// JSON values shaped like schemas, built from JSON Schema's own keywords, mostly malformed.
+        fn schema_like() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+            use proptest::prelude::*;
+            use serde_json::Value;
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                (-5i64..5).prop_map(Value::from),
+                prop::sample::select(vec![
+                    "string",
+                    "integer",
+                    "number",
+                    "object",
+                    "array",
+                    "boolean",
+                    "null",
+                    "#/$defs/a",
+                    "#",
+                    "[a-",
+                    "(x",
+                    ".*",
+                    "^$",
+                    "",
+                ])
+                .prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 48, 6, |inner| {
+                let keys = prop::sample::select(vec![
+                    "type",
+                    "properties",
+                    "items",
+                    "$ref",
+                    "$defs",
+                    "enum",
+                    "const",
+                    "anyOf",
+                    "oneOf",
+                    "allOf",
+                    "minimum",
+                    "maximum",
+                    "maxLength",
+                    "minLength",
+                    "pattern",
+                    "required",
+                    "additionalProperties",
+                    "minItems",
+                    "maxItems",
+                    "format",
+                    "multipleOf",
+                    "a",
+                    "prefixItems",
+                ]);
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::btree_map(keys, inner, 0..5)
+                        .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
+                ]
+            })
+        }
+
+        proptest::proptest! {
+            #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+            /// Whatever a client sends as a schema or a pattern, compiling it answers (a matcher or an
+            /// error) and never panics: a grammar cannot take a gateway or a worker down.
+            #[test]
+            fn malformed_grammars_are_answered_never_a_panic(schema in schema_like(), pattern in ".{0,12}") {
+                let c = compiler_once();
+                for g in [Grammar::Json(schema), Grammar::Regex(pattern.clone()), Grammar::Lark(pattern)] {
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.compile(&g).is_ok()));
+                    proptest::prop_assert!(outcome.is_ok(), "compiling {:?} panicked", g);
+                }
+            }
+        }
+
+        /// One compiler for the property test's cases (building one takes a while).
+        fn compiler_once() -> &'static GrammarCompiler {
+            static COMPILER: std::sync::OnceLock<GrammarCompiler> = std::sync::OnceLock::new();
+            COMPILER.get_or_init(compiler)
+        }
+
         #[test]
         fn ids_past_the_tokenizer_never_match() {
             let c = compiler();
