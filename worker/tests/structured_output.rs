@@ -6,7 +6,11 @@
 
 mod common;
 
-use common::Env;
+use std::time::Duration;
+
+use common::{Env, RawProducer};
+use serde_json::json;
+use shared::{ErrorCode, JobReply};
 
 #[tokio::test]
 async fn unmodified_clients_get_answers_that_validate_against_their_schemas() {
@@ -22,5 +26,56 @@ async fn unmodified_clients_get_answers_that_validate_against_their_schemas() {
     command.arg(script).args([&base, "gpt-j-tiny"]);
     let stdout = env.run_checks(command).await;
     assert!(stdout.contains("all structured output checks passed"), "{stdout}");
+    env.finish().await;
+}
+
+/// AMQP producers bypass the gateway: the worker compiles their grammar itself, fails the job whose grammar
+/// does not compile (the producer's to fix) and goes on with the next.
+#[tokio::test]
+async fn a_producers_grammar_that_does_not_compile_fails_its_job_and_the_worker_goes_on() {
+    let mut env = Env::new();
+    env.spawn_worker(&[]);
+    env.wait_for_consumers(1).await;
+    let mut producer = RawProducer::new(&env).await;
+    let broken =
+        json!({"type": "json", "value": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}});
+    let bad = producer
+        .publish_job(
+            "x",
+            json!({"strategy": "greedy", "max_new_tokens": 5, "grammar": broken}),
+        )
+        .await;
+    let choice = json!({"type": "choice", "value": ["up", "down"]});
+    let good = producer
+        .publish_job(
+            "y",
+            json!({"strategy": "greedy", "max_new_tokens": 20, "grammar": choice}),
+        )
+        .await;
+    let replies = producer
+        .replies_until(Duration::from_secs(60), |got| {
+            got.iter().filter(|r| r.body.is_final()).count() == 2
+        })
+        .await;
+    let last = |id: &str| {
+        replies
+            .iter()
+            .rfind(|r| r.correlation_id.as_deref() == Some(id))
+            .map(|r| &r.body)
+    };
+    let Some(JobReply::Failed(failed)) = last(&bad) else {
+        panic!("the broken grammar's job fails: {replies:#?}");
+    };
+    assert_eq!(failed.error.code, ErrorCode::InvalidParameter);
+    assert!(
+        failed.error.message.contains("grammar"),
+        "{}",
+        failed.error.message
+    );
+    let Some(JobReply::Succeeded(done)) = last(&good) else {
+        panic!("the next job succeeds: {replies:#?}");
+    };
+    assert!(["up", "down"].contains(&done.text.as_str()), "{}", done.text);
+    producer.close().await;
     env.finish().await;
 }
