@@ -547,6 +547,8 @@ impl Shared {
             length_penalty: self.length_penalty,
             early_stopping: self.early_stopping,
             grammar: self.grammar()?,
+            logprobs: None,
+            prompt_logprobs: None,
         };
         if self.strategy.is_none() {
             if self.temperature == Some(0.0) || self.do_sample == Some(false) {

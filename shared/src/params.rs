@@ -22,6 +22,8 @@ pub const DEFAULT_PENALTY_ALPHA: f64 = 0.6;
 pub const DEFAULT_CONTRASTIVE_TOP_K: u32 = 4;
 /// transformers' `GenerationConfig.top_k` default, which applies to sampling unless overridden.
 pub const DEFAULT_SAMPLE_TOP_K: u32 = 50;
+/// Alternatives `logprobs` and `prompt_logprobs` may ask for at most (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 /// Beam count used when beam search is asked for without `num_beams` (the original's `/run`).
 pub const DEFAULT_NUM_BEAMS: u32 = 4;
 pub const MAX_STOP_SEQUENCES: usize = 4;
@@ -114,6 +116,14 @@ pub struct GenerationParameters {
     /// `{"type": "lark", "value": "..."}`. Every strategy honours it; the text ends when it is complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grammar: Option<Grammar>,
+    /// Return each generated token's log-probability and this many likeliest alternatives (0..=20). Greedy
+    /// and sampling only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
+    /// Return each prompt token's log-probability (from the second on) and this many likeliest
+    /// alternatives (0..=20); with it `max_new_tokens` may be 0 (score the prompt, generate nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<u32>,
 }
 
 /// A parameter out of range or inconsistent with the strategy; `field` names it.
@@ -186,6 +196,10 @@ pub struct GenerationPlan {
     pub stop: Vec<String>,
     /// The form the text must take, checked for size (compiling it needs the model's vocabulary).
     pub grammar: Option<Grammar>,
+    /// Alternatives to report with each generated token's log-probability; `None`: no log-probabilities.
+    pub logprobs: Option<usize>,
+    /// Alternatives to report with each prompt token's log-probability; `None`: none.
+    pub prompt_logprobs: Option<usize>,
 }
 
 fn check_range(
@@ -224,10 +238,34 @@ impl GenerationParameters {
             ));
         }
         let max_new_tokens = self.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS);
-        if max_new_tokens == 0 || max_new_tokens > MAX_NEW_TOKENS_LIMIT {
+        // Scoring a prompt (its log-probabilities) may generate nothing.
+        let least = if self.prompt_logprobs.is_some() { 0 } else { 1 };
+        if max_new_tokens < least || max_new_tokens > MAX_NEW_TOKENS_LIMIT {
             return Err(invalid(
                 "max_new_tokens",
-                format!("must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens}"),
+                format!("must be in [{least}, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens}"),
+            ));
+        }
+        for (field, n) in [
+            ("logprobs", self.logprobs),
+            ("prompt_logprobs", self.prompt_logprobs),
+        ] {
+            if let Some(n) = n
+                && n > MAX_TOP_LOGPROBS
+            {
+                return Err(invalid(
+                    field,
+                    format!("must be in [0, {MAX_TOP_LOGPROBS}], got {n}"),
+                ));
+            }
+        }
+        if self.logprobs.is_some() && !matches!(strategy, Strategy::Greedy | Strategy::Sample) {
+            return Err(invalid(
+                "logprobs",
+                format!(
+                    "is given for greedy decoding and sampling, not strategy `{}`",
+                    strategy_name(strategy)
+                ),
             ));
         }
         let min_new_tokens = self.min_new_tokens.unwrap_or(0);
@@ -384,6 +422,8 @@ impl GenerationParameters {
             no_repeat_ngram_size,
             stop: self.stop.clone(),
             grammar: self.grammar.clone(),
+            logprobs: self.logprobs.map(|n| n as usize),
+            prompt_logprobs: self.prompt_logprobs.map(|n| n as usize),
         })
     }
 }

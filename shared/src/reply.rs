@@ -160,6 +160,24 @@ pub struct Token {
     pub text: String,
 }
 
+/// A token's log-probability under the model (natural log, of the raw distribution: before the repetition
+/// penalty, temperature or any other processor, as vLLM reports them by default), and the likeliest tokens
+/// at its position when asked for (`top`, most likely first; the token itself may or may not be among them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<TopLogprob>,
+}
+
+/// One of the likeliest tokens at a position.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TopLogprob {
+    pub id: u32,
+    pub logprob: f32,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Succeeded {
     pub job_id: JobId,
@@ -178,6 +196,13 @@ pub struct Succeeded {
     /// The most jobs the worker's running batch held while this one was in it (continuous batching).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<u32>,
+    /// Each generated token's log-probability, when `parameters.logprobs` asked for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
+    /// Each prompt token's log-probability given the tokens before it, from the second token on (the first
+    /// has none), when `parameters.prompt_logprobs` asked for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
     pub finished_at_ms: u64,
 }
 

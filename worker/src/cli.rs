@@ -87,6 +87,8 @@ impl GenerateArgs {
             length_penalty: self.length_penalty,
             early_stopping: self.early_stopping.then_some(true),
             grammar: None,
+            logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }

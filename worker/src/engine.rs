@@ -100,6 +100,10 @@ pub struct Generation {
     pub prefill_ms: u64,
     /// The remaining tokens and the final decode to text.
     pub decode_ms: u64,
+    /// Each generated token's log-probability, when the plan asked for them.
+    pub logprobs: Option<Vec<shared::TokenLogprob>>,
+    /// The prompt's, from its second token on, when the plan asked for them.
+    pub prompt_logprobs: Option<Vec<shared::TokenLogprob>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -408,6 +412,8 @@ impl Engine {
                 prompt_tokens,
                 prefill_ms: 0,
                 decode_ms: 0,
+                logprobs: d.logprobs.clone(),
+                prompt_logprobs: None,
             })
             .collect::<Vec<_>>();
         let prefill_ms = tokenize.as_millis() as u64 + out.prefill_ms;

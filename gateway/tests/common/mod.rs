@@ -339,6 +339,8 @@ pub fn succeeded(id: JobId, prompt: &str, text: &str) -> JobReply {
             time_to_first_token_ms: Some(12),
         },
         batch_size: Some(4),
+        logprobs: None,
+        prompt_logprobs: None,
         finished_at_ms: now_ms(),
     })
 }

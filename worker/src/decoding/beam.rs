@@ -212,6 +212,7 @@ impl Beam {
                     tokens: best.tokens,
                     finish_reason: best.reason.0,
                     stop: best.reason.1,
+                    logprobs: None,
                 }),
                 sources,
             ));

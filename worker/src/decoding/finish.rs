@@ -13,6 +13,8 @@ pub struct Decoded {
     pub finish_reason: FinishReason,
     /// The stop sequence that ended the text, when `finish_reason` is `Stop`.
     pub stop: Option<String>,
+    /// Each token's log-probability, when the plan asked for them (`logprobs`).
+    pub logprobs: Option<Vec<shared::TokenLogprob>>,
 }
 
 pub(crate) struct Finish<'a> {

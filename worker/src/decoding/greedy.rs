@@ -11,6 +11,7 @@ use super::select::Row;
 use super::sequence::{Choice, Common, Context};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+use shared::TokenLogprob;
 
 pub(crate) struct Pick {
     sampler: Option<Box<(Sampler, ChaCha8Rng)>>,
@@ -42,11 +43,23 @@ impl Pick {
             }),
             candidates: None,
             mask: seq.grammar.as_ref().and_then(|g| g.mask()),
+            logprobs: seq.logprobs,
         }
     }
 
     /// Takes the token the batch selection picked for this sequence.
-    pub fn take(&self, seq: &mut Common, next: i64, ctx: &Context<'_>) -> Result<Choice> {
+    pub fn take(
+        &self,
+        seq: &mut Common,
+        next: i64,
+        logprob: Option<TokenLogprob>,
+        ctx: &Context<'_>,
+    ) -> Result<Choice> {
+        if seq.logprobs.is_some()
+            && let Some(lp) = logprob
+        {
+            seq.token_logprobs.push(lp);
+        }
         Ok(match seq.push(next, ctx)? {
             Some(done) => Choice::Done(done),
             None => Choice::Feed(vec![next]),

@@ -42,7 +42,7 @@ use super::machine::Machine;
 use super::select::{Row, Selected, select};
 use super::sequence::{Choice, Common, Context};
 use super::stop::TextDecoder;
-use super::tensors::i64_tensor;
+use super::tensors::{i64_tensor, to_vec_f32, to_vec_i64};
 use crate::lm::{CausalLm, KvCache, Logits, SlotCache, SlotStep};
 use shared::GenerationPlan;
 use tch::{Device, Kind, Tensor};
@@ -124,6 +124,8 @@ pub struct FinishedSequence {
     pub inference: Duration,
     /// The most sequences the running batch held while this one was in it.
     pub batch_size: usize,
+    /// The prompt's log-probabilities, when the plan asked for them.
+    pub prompt_logprobs: Option<Vec<shared::TokenLogprob>>,
 }
 
 /// What a step reports.
@@ -179,6 +181,14 @@ struct Waiting {
     machine: Machine,
     /// The most positions it can cache: prompt + max_new_tokens - 1.
     need: usize,
+}
+
+impl Waiting {
+    /// Whether its prefill must return the prompt's hidden states: contrastive search's context, or the
+    /// prompt's log-probabilities.
+    fn wants_hidden(&self) -> bool {
+        self.machine.needs_hidden() || self.request.plan.prompt_logprobs.is_some()
+    }
 }
 
 /// A prompt longer than a step's prefill budget, being prefilled a chunk a step.
@@ -519,6 +529,7 @@ impl<'a> Scheduler<'a> {
                         sample: None,
                         candidates: Some(c.top_k()),
                         mask: common.grammar.as_ref().and_then(|g| g.mask()),
+                        logprobs: None,
                     }),
                     Machine::Beam(_) => {}
                 }
@@ -670,7 +681,7 @@ impl<'a> Scheduler<'a> {
             mask.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, prompt.len())));
             positions.extend(std::iter::repeat_n(1, pad).chain(0..prompt.len() as i64));
         }
-        let hidden = picked.iter().any(|w| w.machine.needs_hidden());
+        let hidden = picked.iter().any(Waiting::wants_hidden);
         let mut prefill = KvCache::new(model.info().n_layer);
         let out = model.forward(
             &i64_tensor(&ids, n, width, Device::Cpu)?,
@@ -687,7 +698,7 @@ impl<'a> Scheduler<'a> {
             .map(|(i, w)| {
                 let pad = width - w.request.prompt.len();
                 let hidden = match &out.hidden {
-                    Some(h) if w.machine.needs_hidden() => Some(h.f_select(0, i as i64)?.f_narrow(
+                    Some(h) if w.wants_hidden() => Some(h.f_select(0, i as i64)?.f_narrow(
                         0,
                         pad as i64,
                         w.request.prompt.len() as i64,
@@ -783,7 +794,7 @@ impl<'a> Scheduler<'a> {
             )?,
             &mut p.cache,
             Logits::LastOnly,
-            p.waiting.machine.needs_hidden(),
+            p.waiting.wants_hidden(),
         )?;
         if let Some(h) = out.hidden {
             p.hidden.push(h.f_select(0, 0)?);
@@ -852,11 +863,19 @@ impl<'a> Scheduler<'a> {
             } else {
                 e.logits
             };
+            let mut common = Common::new(&request.prompt, &request.plan, self.ctx.eos, request.grammar);
+            if let Some(alternatives) = request.plan.prompt_logprobs {
+                let h = e.hidden.as_ref().ok_or_else(|| {
+                    DecodeError::Invalid("the model returned no hidden states to score the prompt".into())
+                })?;
+                common.prompt_logprobs =
+                    Some(score_prompt(self.ctx.model, h, &request.prompt, alternatives)?);
+            }
             let row0 = self.rows_used();
             self.cache.load(row0, rows, prefill, e.row, e.pad, p)?;
             self.running.push(Running {
                 id: request.id,
-                common: Common::new(&request.prompt, &request.plan, self.ctx.eos, request.grammar),
+                common,
                 machine,
                 row0,
                 len: p,
@@ -1076,7 +1095,8 @@ impl<'a> Scheduler<'a> {
         done.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
         let now = Instant::now();
         for (i, result) in done {
-            let seq = self.running.remove(i);
+            let mut seq = self.running.remove(i);
+            let prompt_logprobs = seq.common.prompt_logprobs.take();
             let result = result.map(|decoded| {
                 let first = seq.first_token.unwrap_or(now);
                 FinishedSequence {
@@ -1085,6 +1105,7 @@ impl<'a> Scheduler<'a> {
                     time_to_first_token: first - seq.arrived,
                     inference: now - seq.joined,
                     batch_size: seq.batch_size,
+                    prompt_logprobs,
                     decoded,
                 }
             });
@@ -1147,6 +1168,54 @@ impl<'a> Scheduler<'a> {
     }
 }
 
+/// Each prompt token's log-probability given the tokens before it (from the second token on) and its
+/// `alternatives` likeliest tokens: the prompt's hidden states `[prompt, n_embd]` through the model's head
+/// and a log-softmax, a slice of positions at a time (a 2,048-token prompt's logits would take 400 MB at
+/// once). Raw log-probabilities, as for generated tokens.
+fn score_prompt(
+    model: &dyn CausalLm,
+    hidden: &Tensor,
+    prompt: &[i64],
+    alternatives: usize,
+) -> Result<Vec<shared::TokenLogprob>> {
+    const SLICE: usize = 256;
+    let mut out = Vec::with_capacity(prompt.len().saturating_sub(1));
+    let mut at = 0;
+    while at + 1 < prompt.len() {
+        let n = SLICE.min(prompt.len() - 1 - at);
+        let log_probs = model
+            .head(&hidden.f_narrow(0, at as i64, n as i64)?)?
+            .f_to_kind(Kind::Float)?
+            .f_log_softmax(-1, Kind::Float)?;
+        let next = &prompt[at + 1..at + 1 + n];
+        let ids = i64_tensor(next, n, 1, log_probs.device())?;
+        let mut floats = vec![log_probs.f_gather(1, &ids, false)?.f_reshape([-1])?];
+        let mut top_ids = Vec::new();
+        if alternatives > 0 {
+            let (values, ids) = log_probs.f_topk(alternatives as i64, -1, true, true)?;
+            floats.push(values.f_reshape([-1])?);
+            top_ids = to_vec_i64(&ids)?;
+        }
+        let floats = to_vec_f32(&Tensor::f_cat(&floats, 0)?)?;
+        let (picked, values) = floats.split_at(n);
+        for (j, &id) in next.iter().enumerate() {
+            let top = (0..alternatives)
+                .map(|k| shared::TopLogprob {
+                    id: top_ids[j * alternatives + k] as u32,
+                    logprob: values[j * alternatives + k],
+                })
+                .collect();
+            out.push(shared::TokenLogprob {
+                id: id as u32,
+                logprob: picked[j],
+                top,
+            });
+        }
+        at += n;
+    }
+    Ok(out)
+}
+
 /// One sequence's first half of a step (`picked`: its token from the batch selection, for greedy and
 /// sampling sequences).
 fn choose(
@@ -1156,8 +1225,19 @@ fn choose(
     ctx: &Context<'_>,
 ) -> Result<Choice> {
     let no_logits = || DecodeError::Invalid("a sequence has no logits to decode from".into());
+    if seq.common.max_new_tokens == 0 {
+        // Only its prompt was wanted (scored in its prefill).
+        return Ok(Choice::Done(Decoded {
+            tokens: Vec::new(),
+            finish_reason: shared::FinishReason::Length,
+            stop: None,
+            logprobs: seq.common.logprobs.map(|_| Vec::new()),
+        }));
+    }
     let choice = match (&mut seq.machine, picked.transpose()?) {
-        (Machine::Pick(p), Some(Selected::Token(next))) => p.take(&mut seq.common, next, ctx)?,
+        (Machine::Pick(p), Some(Selected::Token(next, logprob))) => {
+            p.take(&mut seq.common, next, logprob, ctx)?
+        }
         (Machine::Contrastive(c), Some(Selected::Candidates(ids, probs))) => c.propose(ids, probs),
         (Machine::Pick(_) | Machine::Contrastive(_), _) => return Err(no_logits()),
         (Machine::Beam(b), _) => {

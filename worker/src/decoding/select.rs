@@ -19,6 +19,7 @@ use super::error::Result;
 use super::processors::{self, Processors, banned_ngram_tokens};
 use super::sample::Sampler;
 use super::tensors::{i64_tensor, to_vec_i64};
+use shared::{TokenLogprob, TopLogprob};
 use tch::{Kind, Tensor};
 
 /// What one row needs to pick its token.
@@ -34,12 +35,14 @@ pub(crate) struct Row<'a> {
     pub candidates: Option<usize>,
     /// The row's grammar mask for this pick (packed bits, [`super::constraint`]); `None` when unconstrained.
     pub mask: Option<&'a [u32]>,
+    /// A pick row wants its token's log-probability and this many likeliest alternatives.
+    pub logprobs: Option<usize>,
 }
 
 /// What a batch selection gives each row, in the order of the rows.
 pub(crate) enum Selected {
-    /// A greedy or sampling row's next token.
-    Token(i64),
+    /// A greedy or sampling row's next token, and its log-probability when the row asked.
+    Token(i64, Option<TokenLogprob>),
     /// A contrastive row's candidates, most likely first, and their probabilities `[k]` (on the device).
     Candidates(Vec<i64>, Tensor),
 }
@@ -50,7 +53,8 @@ pub(crate) fn select(logits: &Tensor, rows: &[Row<'_>]) -> Result<Vec<Selected>>
         return Ok(Vec::new());
     }
     let device = logits.device();
-    let scores = process(logits.f_to_kind(Kind::Float)?, rows)?;
+    let raw = logits.f_to_kind(Kind::Float)?;
+    let scores = process(raw.shallow_clone(), rows)?;
     let greedy = scores.f_argmax(-1, false)?;
     // Sampling rows are warped and drawn apart from the others: the warpers and the draw cost several
     // passes over the vocabulary, which greedy rows do not need.
@@ -77,17 +81,29 @@ pub(crate) fn select(logits: &Tensor, rows: &[Row<'_>]) -> Result<Vec<Selected>>
         .filter_map(|&i| rows[i].candidates)
         .max()
         .unwrap_or(0) as i64;
-    let (readback, top) = if contrastive.is_empty() {
-        (to_vec_i64(&next)?, None)
+    // Every part read back in one int64 tensor: the picks, contrastive candidates, log-probabilities.
+    let mut parts = vec![next.shallow_clone()];
+    let top = if contrastive.is_empty() {
+        None
     } else {
         let at = Tensor::f_from_slice(&contrastive.iter().map(|&i| i as i64).collect::<Vec<_>>())?
             .f_to_device(device)?;
         let probs = scores.f_index_select(0, &at)?.f_softmax(-1, Kind::Float)?;
         let (top_probs, top_ids) = probs.f_topk(kmax, -1, true, true)?;
-        let both = Tensor::f_cat(&[next, top_ids.f_reshape([-1])?], 0)?;
-        (to_vec_i64(&both)?, Some(top_probs))
+        parts.push(top_ids.f_reshape([-1])?);
+        Some(top_probs)
     };
-    let (tokens, ids) = readback.split_at(rows.len());
+    let scored: Vec<usize> = (0..rows.len())
+        .filter(|&i| rows[i].logprobs.is_some() && rows[i].candidates.is_none())
+        .collect();
+    let alternatives = scored.iter().filter_map(|&i| rows[i].logprobs).max().unwrap_or(0);
+    if !scored.is_empty() {
+        parts.extend(logprob_parts(&raw, &next, &scored, alternatives)?);
+    }
+    let readback = to_vec_i64(&Tensor::f_cat(&parts, 0)?)?;
+    let (tokens, rest) = readback.split_at(rows.len());
+    let (ids, rest) = rest.split_at(contrastive.len() * kmax as usize);
+    let mut scores_of = unpack_logprobs(rest, &scored, alternatives, rows.len(), tokens);
     let mut out = Vec::with_capacity(rows.len());
     let mut c = 0;
     for (i, row) in rows.iter().enumerate() {
@@ -100,10 +116,72 @@ pub(crate) fn select(logits: &Tensor, rows: &[Row<'_>]) -> Result<Vec<Selected>>
                 ));
                 c += 1;
             }
-            _ => out.push(Selected::Token(tokens[i])),
+            _ => out.push(Selected::Token(
+                tokens[i],
+                scores_of[i].take().map(|mut lp| {
+                    lp.top.truncate(row.logprobs.unwrap_or(0));
+                    lp
+                }),
+            )),
         }
     }
     Ok(out)
+}
+
+/// The log-probabilities of the `scored` rows' picks (`next`) under the raw distribution (`raw`'s
+/// log-softmax, before any processor), and each row's `alternatives` likeliest tokens, as int64 parts of the
+/// step's one readback: the floats' bits, then the alternatives' ids.
+fn logprob_parts(raw: &Tensor, next: &Tensor, scored: &[usize], alternatives: usize) -> Result<Vec<Tensor>> {
+    let at = Tensor::f_from_slice(&scored.iter().map(|&i| i as i64).collect::<Vec<_>>())?
+        .f_to_device(raw.device())?;
+    let log_probs = raw.f_index_select(0, &at)?.f_log_softmax(-1, Kind::Float)?;
+    let picked = log_probs
+        .f_gather(1, &next.f_index_select(0, &at)?.f_unsqueeze(1)?, false)?
+        .f_reshape([-1])?;
+    let bits = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.f_contiguous()?
+            .f_view_dtype(Kind::Int)?
+            .f_to_kind(Kind::Int64)?
+            .f_reshape([-1])?)
+    };
+    let mut parts = vec![bits(&picked)?];
+    if alternatives > 0 {
+        let (values, ids) = log_probs.f_topk(alternatives as i64, -1, true, true)?;
+        parts.push(bits(&values)?);
+        parts.push(ids.f_reshape([-1])?);
+    }
+    Ok(parts)
+}
+
+/// Each row's [`TokenLogprob`] from the readback's log-probability part (`None` for rows not scored).
+fn unpack_logprobs(
+    part: &[i64],
+    scored: &[usize],
+    alternatives: usize,
+    rows: usize,
+    tokens: &[i64],
+) -> Vec<Option<TokenLogprob>> {
+    let float = |v: i64| f32::from_bits(v as i32 as u32);
+    let m = scored.len();
+    let (picked, rest) = part.split_at(m.min(part.len()));
+    let (values, ids) = rest.split_at((m * alternatives).min(rest.len()));
+    let mut out: Vec<Option<TokenLogprob>> = vec![None; rows];
+    for (j, &i) in scored.iter().enumerate() {
+        let top = (0..alternatives)
+            .filter_map(|k| {
+                Some(TopLogprob {
+                    id: *ids.get(j * alternatives + k)? as u32,
+                    logprob: float(*values.get(j * alternatives + k)?),
+                })
+            })
+            .collect();
+        out[i] = Some(TokenLogprob {
+            id: tokens[i] as u32,
+            logprob: picked.get(j).map_or(f32::NAN, |&v| float(v)),
+            top,
+        });
+    }
+    out
 }
 
 /// The processors every strategy applies (transformers' order): repetition penalty, n-gram blocking,
@@ -291,7 +369,7 @@ mod tests {
         selected
             .into_iter()
             .map(|s| match s {
-                Selected::Token(t) => t,
+                Selected::Token(t, _) => t,
                 Selected::Candidates(..) => panic!("a pick row got candidates"),
             })
             .collect()
@@ -309,6 +387,7 @@ mod tests {
                 sample: None,
                 candidates: Some(3),
                 mask: None,
+                logprobs: None,
             },
             Row {
                 history: &[0],
@@ -317,6 +396,7 @@ mod tests {
                 sample: None,
                 candidates: None,
                 mask: None,
+                logprobs: None,
             },
         ];
         let before = crate::decoding::readbacks();
@@ -329,7 +409,7 @@ mod tests {
         let want = Tensor::from_slice(&[0.0f32, 3.0, 1.0, 2.0]).softmax(-1, Kind::Float);
         let want = to_vec_f32(&want.index_select(0, &Tensor::from_slice(&[1i64, 3, 2]))).unwrap();
         assert_eq!(to_vec_f32(probs).unwrap(), want);
-        assert!(matches!(out[1], Selected::Token(0)));
+        assert!(matches!(out[1], Selected::Token(0, None)));
     }
 
     fn processors(rep: Option<f64>, ngram: Option<usize>, min_new: usize) -> Processors {
@@ -378,6 +458,7 @@ mod tests {
                 sample: samplers[i].as_ref().map(|s| (s, uniforms[i])),
                 candidates: None,
                 mask: None,
+                logprobs: None,
             }).collect();
             let flat: Vec<f32> = logits.concat();
             let picked = tokens(select(&Tensor::from_slice(&flat).view([rows.len() as i64, vocab as i64]), &batch).unwrap());
@@ -401,6 +482,7 @@ mod tests {
                 sample: Some((&s, u)),
                 candidates: None,
                 mask: None,
+                logprobs: None,
             };
             let t = tokens(select(&logits, &[row]).unwrap())[0];
             assert!(t == 1 || t == 2, "{t} at {u}");

@@ -13,7 +13,7 @@ use super::finish::{Decoded, Finish};
 use super::processors::Processors;
 use super::stop::{StopChecker, TextDecoder};
 use crate::lm::CausalLm;
-use shared::GenerationPlan;
+use shared::{GenerationPlan, TokenLogprob};
 
 /// What every step needs besides the sequence: the model, the text decoder (stop sequences) and EOS.
 pub(crate) struct Context<'a> {
@@ -41,6 +41,12 @@ pub(crate) struct Common {
     pub min_new_tokens: usize,
     /// The grammar the text must follow, advanced by each generated token.
     pub grammar: Option<Constraint>,
+    /// Alternatives wanted with each generated token's log-probability; `None`: none are reported.
+    pub logprobs: Option<usize>,
+    /// The generated tokens' log-probabilities so far (when `logprobs` is set).
+    pub token_logprobs: Vec<TokenLogprob>,
+    /// The prompt's log-probabilities, from its prefill (when the plan asked for them).
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
 }
 
 impl Common {
@@ -53,6 +59,9 @@ impl Common {
             max_new_tokens: plan.max_new_tokens,
             min_new_tokens: plan.min_new_tokens,
             grammar,
+            logprobs: plan.logprobs,
+            token_logprobs: Vec::new(),
+            prompt_logprobs: None,
         }
     }
 
@@ -82,6 +91,7 @@ impl Common {
             tokens: generated.to_vec(),
             finish_reason: reason,
             stop,
+            logprobs: self.logprobs.map(|_| self.token_logprobs.clone()),
         }))
     }
 }

@@ -581,6 +581,8 @@ pub(crate) mod solo {
                 prompt_tokens: 1,
                 prefill_ms: 0,
                 decode_ms: 0,
+                logprobs: None,
+                prompt_logprobs: None,
             },
             time_to_first_token_ms: 0,
             batch_size: 1,

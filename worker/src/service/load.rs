@@ -66,8 +66,9 @@ impl Batcher for EngineBatch<'_> {
                 },
                 Event::Finished { id, result } => {
                     let result = match result {
-                        Ok(f) => {
-                            let d = &f.decoded;
+                        Ok(mut f) => {
+                            let prompt_logprobs = f.prompt_logprobs.take();
+                            let d = &mut f.decoded;
                             let ttft = f.time_to_first_token.saturating_sub(f.queued);
                             Ok(Completion {
                                 // The async side writes both from the ids (`text`), off this thread.
@@ -79,6 +80,8 @@ impl Batcher for EngineBatch<'_> {
                                     prompt_tokens: f.prompt_tokens,
                                     prefill_ms: ttft.as_millis() as u64,
                                     decode_ms: f.inference.saturating_sub(ttft).as_millis() as u64,
+                                    logprobs: d.logprobs.take(),
+                                    prompt_logprobs,
                                 },
                                 time_to_first_token_ms: f.time_to_first_token.as_millis() as u64,
                                 batch_size: f.batch_size,

@@ -593,6 +593,8 @@ impl Service {
                         time_to_first_token_ms: Some(c.time_to_first_token_ms),
                     },
                     batch_size: Some(c.batch_size as u32),
+                    logprobs: c.generation.logprobs,
+                    prompt_logprobs: c.generation.prompt_logprobs,
                     finished_at_ms: now_ms(),
                 })
             }
