@@ -20,6 +20,6 @@ pub mod topology;
 
 pub use job::{JOB_SCHEMA_VERSION, JobId, JobRequest, ValidJob};
 pub use params::{Decoding, GenerationParameters, GenerationPlan, InvalidParameter, Strategy};
-pub use prompt::{DisallowedPolicy, PromptError, PromptRules};
+pub use prompt::{Cleaning, DisallowedPolicy, PromptError, PromptPolicy, PromptRules};
 pub use reply::{ErrorBody, ErrorCode, FinishReason, JobReply, Timings};
 pub use topology::Topology;

@@ -99,7 +99,13 @@ pub async fn submit(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let (accepted, decision) = app
-        .enqueue(JobId::new_random(), body.into(), &caller, key)
+        .enqueue(
+            JobId::new_random(),
+            body.into(),
+            &app.settings.prompts.jobs,
+            &caller,
+            key,
+        )
         .await?;
     let location = format!("/v1/jobs/{}", accepted.id);
     let mut response = (

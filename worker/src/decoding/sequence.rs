@@ -13,7 +13,8 @@ use super::stop::{StopChecker, TextDecoder};
 use crate::lm::CausalLm;
 use shared::GenerationPlan;
 
-/// What every step needs besides the sequence: the model, the text decoder (stop sequences) and EOS.
+/// What every step needs besides the sequence: the model, the text decoder (stop sequences) and the model's
+/// EOS (which a sequence's plan may ignore, see [`Common::new`]).
 pub(crate) struct Context<'a> {
     pub model: &'a dyn CausalLm,
     pub text: &'a dyn TextDecoder,
@@ -37,10 +38,16 @@ pub(crate) struct Common {
     pub stop: StopChecker,
     pub max_new_tokens: usize,
     pub min_new_tokens: usize,
+    /// The token that ends this sequence: the model's EOS, or none when the plan ignores it.
+    pub eos: Option<i64>,
 }
 
 impl Common {
+    /// A sequence of `prompt` under `plan`, in a model whose end-of-sequence token is `eos`. A plan that
+    /// ignores EOS (vLLM's `ignore_eos`) sees none: the token neither ends the sequence nor is masked before
+    /// `min_new_tokens`, whatever the strategy, so the sequence runs to `max_new_tokens` or a stop sequence.
     pub fn new(prompt: &[i64], plan: &GenerationPlan, eos: Option<i64>) -> Self {
+        let eos = eos.filter(|_| !plan.ignore_eos);
         Self {
             tokens: prompt.to_vec(),
             prompt_len: prompt.len(),
@@ -48,6 +55,7 @@ impl Common {
             stop: StopChecker::new(&plan.stop),
             max_new_tokens: plan.max_new_tokens,
             min_new_tokens: plan.min_new_tokens,
+            eos,
         }
     }
 
@@ -57,7 +65,7 @@ impl Common {
 
     pub fn finish<'a>(&'a self, ctx: &'a Context<'_>) -> Finish<'a> {
         Finish {
-            eos: ctx.eos,
+            eos: self.eos,
             max_new_tokens: self.max_new_tokens,
             min_new_tokens: self.min_new_tokens,
             stop: &self.stop,
