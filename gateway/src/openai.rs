@@ -496,7 +496,15 @@ impl Shared {
         if self.strategy.is_none() {
             if self.temperature == Some(0.0) || self.do_sample == Some(false) {
                 // OpenAI's greedy decoding. Clients routinely send `top_p`, `min_p` and `seed` along,
-                // which cannot change a greedy text; they are dropped rather than refused.
+                // which cannot change a greedy text; they are dropped rather than refused, once known to
+                // be in range: a value the schema refuses is refused at any temperature.
+                let sampling = GenerationParameters {
+                    strategy: Some(Strategy::Sample),
+                    top_p: self.top_p,
+                    min_p: self.min_p,
+                    ..Default::default()
+                };
+                sampling.validate().map_err(|e| ParamError::from(&e))?;
                 p.strategy = Some(Strategy::Greedy);
                 p.temperature = None;
                 p.top_p = None;
@@ -1003,6 +1011,15 @@ mod tests {
             }
         );
         p.validate().unwrap();
+    }
+
+    #[test]
+    fn what_greedy_drops_must_still_be_in_range() {
+        for (field, value) in [("top_p", json!(1.5)), ("min_p", json!(2)), ("top_p", json!(0))] {
+            let mut body = json!({"model": "m", "prompt": "hi", "temperature": 0});
+            body[field] = value;
+            assert_eq!(completion(body).parameters(16).unwrap_err().param, field);
+        }
     }
 
     #[test]
