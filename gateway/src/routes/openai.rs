@@ -632,4 +632,40 @@ mod tests {
             assert!(!is_openai_path(path), "{path}");
         }
     }
+
+    /// A framework's own rejection (plain text, no [`ErrorInfo`]), such as axum's `Json` extractor's 415,
+    /// takes OpenAI's shape too, its text the message and its status the code; elsewhere it stays as it is.
+    #[tokio::test]
+    async fn a_rejection_without_our_record_is_rewritten_by_its_status_on_openais_paths_only() {
+        use tower::ServiceExt;
+        const TEXT: &str = "Expected request with `Content-Type: application/json`";
+        let rejection = || async { (StatusCode::UNSUPPORTED_MEDIA_TYPE, TEXT) };
+        let app = axum::Router::new()
+            .route("/v1/chat/completions", axum::routing::post(rejection))
+            .route("/v1/jobs", axum::routing::post(rejection))
+            .layer(axum::middleware::from_fn(openai_errors));
+        let call = |path: &'static str| {
+            let app = app.clone();
+            async move {
+                let request = Request::post(path).body(axum::body::Body::empty()).unwrap();
+                let response = app.oneshot(request).await.unwrap();
+                let status = response.status();
+                let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                    .await
+                    .unwrap();
+                (status, String::from_utf8_lossy(&bytes).into_owned())
+            }
+        };
+        let (status, body) = call("/v1/chat/completions").await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+            serde_json::json!({"error": {"message": TEXT, "type": "invalid_request_error", "param": null,
+                "code": "invalid_json"}})
+        );
+        assert_eq!(
+            call("/v1/jobs").await,
+            (StatusCode::UNSUPPORTED_MEDIA_TYPE, TEXT.to_owned())
+        );
+    }
 }
