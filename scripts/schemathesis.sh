@@ -86,15 +86,20 @@ import schemathesis
 from schemathesis.openapi.checks import RejectedPositiveData
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-CLEANED = [
-    # A prompt (or a message's content) is cleaned, characters outside the allowed set removed and
-    # whitespace collapsed, before its length limits apply: "$$$" is schema-valid text that cleans to
-    # nothing. JSON Schema can bound a string's length, not the length of what it becomes.
-    ("prompt_empty", r"", "a prompt that cleans to nothing"),
+AS_WRITTEN = [
+    # A prompt taken as written (the OpenAI routes, /v1/jobs) loses only its control characters other than
+    # tab, newline and carriage return: "" or "\u0000" is schema-valid text with nothing left. JSON Schema can
+    # bound a string's length, not the length of what it becomes.
+    ("prompt_empty", r"", "a prompt with nothing left once its control characters are removed"),
+    # The prompt's tokens plus max_new_tokens must fit the model's context: it takes the tokenizer (and, for
+    # a conversation, the worker's chat template).
+    ("context_overflow", r"", "a prompt whose tokens and max_new_tokens overflow the context"),
+]
+CLEANED = AS_WRITTEN + [
+    # /run cleans a prompt as the original did, characters outside the allowed set removed and whitespace
+    # collapsed, before its length limits apply: "$$$" is schema-valid text that cleans to nothing.
     ("prompt_too_short", r"", "a prompt shorter than the minimum once cleaned"),
     ("prompt_too_long", r"", "a prompt longer than the maximum once cleaned"),
-    # The prompt's tokens plus max_new_tokens must fit the model's context: it takes the tokenizer.
-    ("context_overflow", r"", "a prompt whose tokens and max_new_tokens overflow the context"),
 ]
 INTEGRAL = [
     # JSON Schema's `integer` is any number with no fraction, 1.0 included; serde reads only 1 into an
@@ -112,7 +117,7 @@ STRATEGY = [
     ("invalid_parameter", r"must not exceed max_new_tokens", "min_new_tokens above max_new_tokens"),
 ]
 EXCUSED = {
-    "POST /v1/jobs": CLEANED + INTEGRAL + STRATEGY + [
+    "POST /v1/jobs": AS_WRITTEN + INTEGRAL + STRATEGY + [
         # What a key may be reused for depends on the requests before this one.
         ("idempotency_key_reused", r"", "an Idempotency-Key an earlier request used with another body"),
         ("invalid_parameter", r"has a `prompt` or `messages`, not both",
@@ -125,10 +130,10 @@ EXCUSED = {
         ("invalid_parameter", r"`stop`: (at most|each sequence)", "too many or too long stop sequences"),
     ],
     "POST /run": CLEANED + INTEGRAL,
-    "POST /v1/completions": CLEANED + INTEGRAL + STRATEGY + [
+    "POST /v1/completions": AS_WRITTEN + INTEGRAL + STRATEGY + [
         ("invalid_parameter", r"prompts times n", "more prompts times n than 8 choices: a product of two fields"),
     ],
-    "POST /v1/chat/completions": CLEANED + INTEGRAL + STRATEGY + [
+    "POST /v1/chat/completions": AS_WRITTEN + INTEGRAL + STRATEGY + [
         ("invalid_parameter", r"but max_tokens is", "max_tokens and max_completion_tokens that disagree"),
     ],
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use shared::reply::now_ms;
-use shared::{JobId, JobRequest};
+use shared::{JobId, JobRequest, PromptRules};
 
 use crate::admission::{Admissions, IdempotencyKey, Submission, Verdict};
 use crate::auth::Caller;
@@ -67,7 +67,7 @@ pub struct Accepted {
 }
 
 impl App {
-    /// Validates `request`; refuses it when the queue is full; checks the client's bounds and writes the
+    /// Validates `request`, its prompt under the route's `rules`; refuses it when the queue is full; checks the client's bounds and writes the
     /// job's `queued` record in one atomic Redis call ([`crate::admission`]), which also keeps the job's
     /// body in the [`Outbox`]; then publishes it under `id` through the outbox, which settles what the
     /// broker answered ([`Outbox::publish`]). A job the broker refused gets its charges back and a 503.
@@ -79,12 +79,13 @@ impl App {
         &self,
         id: JobId,
         request: JobRequest,
+        rules: &PromptRules,
         caller: &Caller,
         idempotency_key: Option<&str>,
     ) -> Result<(Accepted, Option<Decision>), ApiError> {
-        let mut job = request.into_valid(&self.settings.prompt_rules)?;
+        let mut job = request.into_valid(rules)?;
         // Before the rate limiter: a job that cannot run must not spend the client's budget.
-        self.context.check(&job)?;
+        self.context.check(&job).await?;
         self.grammars.check(&job).await?;
         let cost = job.plan.max_new_tokens as u64 * job.plan.decoding.beams() as u64;
         if cost > self.admissions.max_cost() {

@@ -231,7 +231,7 @@ impl FromStr for FailMode {
 pub struct Settings {
     pub topology: Topology,
     pub broker_urls: std::sync::Arc<shared::brokers::BrokerUrls>,
-    pub prompt_rules: PromptRules,
+    pub prompts: RoutePrompts,
     pub api_keys: ApiKeys,
     pub trusted_proxies: Vec<IpNet>,
     pub cors: Cors,
@@ -264,6 +264,19 @@ pub struct Settings {
     pub replies_prefetch: u16,
     pub queue_stats_cache: Duration,
     pub shutdown_grace: Duration,
+}
+
+/// How each route that takes a prompt takes its text (see `shared::prompt`): the policy is per route, because
+/// `/run`'s clients were written against the original's cleaning and an OpenAI client expects its text to
+/// reach the model as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutePrompts {
+    /// `/run`: the original's cleaning, as the `--prompt-*` flags configure it.
+    pub run: PromptRules,
+    /// `/v1/jobs`: as `--prompt-policy` says, as written by default.
+    pub jobs: PromptRules,
+    /// The OpenAI routes: always as written, bounded in tokens by `--context-length`.
+    pub openai: PromptRules,
 }
 
 /// Which browser origins may call the API.
@@ -322,7 +335,12 @@ impl Config {
     /// Checks every value and derives the settings; the message says which flag is wrong.
     pub fn validate(&self) -> Result<Settings, String> {
         let topology = Topology::new(&self.namespace, self.delivery_limit)?;
-        let prompt_rules = self.prompt.rules().map_err(|e| format!("prompt rules: {e}"))?;
+        let prompt_error = |e: String| format!("prompt rules: {e}");
+        let prompts = RoutePrompts {
+            run: self.prompt.cleaning().map_err(prompt_error)?,
+            jobs: self.prompt.job_rules().map_err(prompt_error)?,
+            openai: PromptRules::AsWritten,
+        };
         let positive = |name: &str, v: u64| -> Result<u64, String> {
             if v == 0 {
                 Err(format!("--{name} must be positive"))
@@ -339,7 +357,7 @@ impl Config {
         Ok(Settings {
             topology,
             broker_urls: std::sync::Arc::new(shared::brokers::BrokerUrls::new(&[&self.amqp_url])?),
-            prompt_rules,
+            prompts,
             api_keys: ApiKeys::new(&keys),
             trusted_proxies: self.trusted_proxies.clone(),
             cors: Cors::parse(&self.cors_allow_origins)?,
@@ -415,7 +433,14 @@ mod tests {
         );
         assert_eq!(s.submit_on_error, FailMode::Closed);
         assert_eq!(s.topology.namespace(), "gptj");
-        assert_eq!(s.prompt_rules, PromptRules::default());
+        assert_eq!(
+            s.prompts,
+            RoutePrompts {
+                run: PromptRules::original(),
+                jobs: PromptRules::AsWritten,
+                openai: PromptRules::AsWritten,
+            }
+        );
     }
 
     #[test]
@@ -451,6 +476,16 @@ mod tests {
         assert!(cors(&["https://a.example/app"]).is_err());
         assert!(cors(&["a.example"]).is_err());
         assert!(cors(&["*", "https://a.example"]).is_err());
+    }
+
+    #[test]
+    fn the_prompt_policy_flag_moves_v1_jobs_alone_to_the_cleaning() {
+        let s = Config::parse_from(["gateway", "--prompt-policy", "clean", "--prompt-max-chars", "80"])
+            .validate()
+            .unwrap();
+        assert_eq!(s.prompts.jobs, s.prompts.run);
+        assert!(s.prompts.run.clean(&"a".repeat(81)).is_err());
+        assert_eq!(s.prompts.openai, PromptRules::AsWritten);
     }
 
     #[test]

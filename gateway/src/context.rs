@@ -2,8 +2,14 @@
 //! (counted with the model's tokenizer, as TGI's router validates) plus `max_new_tokens` must fit
 //! `--context-length`. Without it such a job would be queued, spend a rate-limit slot, and fail on a worker.
 //!
+//! This is the bound on a prompt taken as written (`shared::prompt`): tokens against the context, not
+//! characters. A prompt may be as long as the body limit allows, so it is tokenized on Tokio's blocking pool,
+//! not on the threads that serve requests.
+//!
 //! Chat jobs are left to the worker: their prompt is the conversation rendered with the checkpoint's template,
-//! which only the worker has.
+//! which only the worker has; it refuses one that overflows (`context_overflow`) before it runs.
+
+use std::sync::Arc;
 
 use shared::ValidJob;
 use tokenizers::Tokenizer;
@@ -11,7 +17,7 @@ use tokenizers::Tokenizer;
 use crate::error::ApiError;
 
 pub struct ContextCheck {
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     context_length: usize,
 }
 
@@ -26,7 +32,7 @@ impl ContextCheck {
                 .map_err(|e| format!("the bundled tokenizer: {e}"))?,
         };
         Ok(Self {
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             context_length,
         })
     }
@@ -36,15 +42,21 @@ impl ContextCheck {
         &self.tokenizer
     }
 
-    pub fn check(&self, job: &ValidJob) -> Result<(), ApiError> {
+    /// Refuses a text job whose prompt tokens and `max_new_tokens` overflow the context.
+    pub async fn check(&self, job: &ValidJob) -> Result<(), ApiError> {
         if job.messages.is_some() {
             return Ok(());
         }
-        let prompt_tokens = self
-            .tokenizer
-            .encode(job.prompt.as_str(), false)
-            .map(|e| e.len())
-            .map_err(|e| ApiError::Internal(format!("tokenizing a prompt: {e}")))?;
+        let tokenizer = self.tokenizer.clone();
+        let prompt = job.prompt.clone();
+        let prompt_tokens = tokio::task::spawn_blocking(move || {
+            tokenizer
+                .encode(prompt.as_str(), false)
+                .map(|e| e.len())
+                .map_err(|e| ApiError::Internal(format!("tokenizing a prompt: {e}")))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("the tokenizer panicked: {e}")))??;
         let max_new_tokens = job.plan.max_new_tokens;
         if prompt_tokens + max_new_tokens > self.context_length {
             return Err(ApiError::ContextOverflow {
@@ -68,16 +80,16 @@ mod tests {
             ..Default::default()
         };
         JobRequest::new(prompt, parameters)
-            .into_valid(&PromptRules::default())
+            .into_valid(&PromptRules::AsWritten)
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    #[test]
-    fn prompt_tokens_plus_new_tokens_must_fit_the_context() {
+    #[tokio::test]
+    async fn prompt_tokens_plus_new_tokens_must_fit_the_context() {
         let check = ContextCheck::new(None, 2048).unwrap_or_else(|e| panic!("{e}"));
         // "Once upon a time" is four GPT-J tokens.
-        assert!(check.check(&job("Once upon a time", 2044)).is_ok());
-        let err = check.check(&job("Once upon a time", 2045)).unwrap_err();
+        assert!(check.check(&job("Once upon a time", 2044)).await.is_ok());
+        let err = check.check(&job("Once upon a time", 2045)).await.unwrap_err();
         assert!(
             matches!(
                 err,
@@ -90,8 +102,19 @@ mod tests {
             "{err:?}"
         );
         assert!(
-            check.check(&job("x", 2048)).is_err(),
+            check.check(&job("x", 2048)).await.is_err(),
             "2048 new tokens can never fit"
         );
+    }
+
+    #[tokio::test]
+    async fn a_prompt_as_written_is_bounded_in_tokens_not_characters() {
+        let check = ContextCheck::new(None, 2048).unwrap_or_else(|e| panic!("{e}"));
+        // 2,000 characters of a repeated word: hundreds of tokens, far more characters than the old limit.
+        let long = "hello ".repeat(333);
+        assert!(check.check(&job(&long, 16)).await.is_ok());
+        // Past the context in tokens, whatever the characters.
+        let err = check.check(&job(&"hello ".repeat(2100), 16)).await.unwrap_err();
+        assert!(matches!(err, ApiError::ContextOverflow { .. }), "{err:?}");
     }
 }

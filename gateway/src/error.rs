@@ -229,6 +229,12 @@ impl IntoResponse for ApiError {
         if let ApiError::RateLimited(decision) = &self {
             decision.write_headers(response.headers_mut());
         }
+        if let ApiError::Unauthorized = &self {
+            // RFC 9110: a 401 names the scheme that would be accepted (RFC 6750's for bearer tokens).
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let ApiError::RunTimeout(id) = &self
             && let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{id}"))
         {

@@ -1,10 +1,19 @@
 //! OpenAI's wire protocol for `/v1/completions`, `/v1/chat/completions` and `/v1/models`: request and
 //! response bodies and the pure conversions between them and the job contract.
 //!
-//! Existing OpenAI clients and SDKs then work against the gateway unchanged. What the model cannot do
-//! (log-probabilities, tools, penalties) is refused by name rather than ignored, so a client never believes
-//! it got something it did not. As vLLM does, the bodies also accept our own decoding parameters (`strategy`,
-//! `top_k`, `num_beams`, …) next to OpenAI's. The route handlers do the I/O; nothing here does any.
+//! Existing OpenAI clients, SDKs, frameworks and load testers then work against the gateway unchanged. Each
+//! field OpenAI (or vLLM, whose extensions such tools send) defines is handled one of three ways:
+//! - honoured: OpenAI's sampling fields, `stream_options` (vLLM's `continuous_usage_stats` included), vLLM's
+//!   `ignore_eos` and `min_p`, and our own decoding parameters (`strategy`, `top_k`, `num_beams`, …) as extra
+//!   fields, as vLLM takes its extras;
+//! - accepted and ignored, because it changes nothing here: bookkeeping (`user`, `metadata`, `store`,
+//!   `service_tier`, `safety_identifier`, `prompt_cache_key`), and hints for features a client only uses
+//!   along with others we refuse (`parallel_tool_calls`) or that a model without them has no use for
+//!   (`reasoning_effort`);
+//! - refused by name, when its meaning cannot be delivered (log-probabilities, tools, penalties), so a client
+//!   never believes it got something it did not; each such field's neutral value is accepted.
+//!
+//! `docs/openai.md` lists them all. The route handlers do the I/O; nothing here does any.
 
 use std::fmt;
 
@@ -37,15 +46,28 @@ fn param_error(param: &str, message: impl Into<String>) -> ParamError {
     }
 }
 
+/// Our job parameters' names and OpenAI's (vLLM's), where they differ.
+const OPENAI_NAMES: [(&str, &str); 2] = [("max_new_tokens", "max_tokens"), ("min_new_tokens", "min_tokens")];
+
 /// The OpenAI name of a job parameter, for errors from [`GenerationParameters::validate`] on a parameter
 /// set built here.
 pub fn param_name(field: &str) -> &str {
-    match field {
-        "max_new_tokens" => "max_tokens",
-        "min_new_tokens" => "min_tokens",
-        "grammar" => "response_format",
-        other => other,
+    // A grammar comes from `response_format` (or vLLM's fields, which name themselves when malformed).
+    if field == "grammar" {
+        return "response_format";
     }
+    OPENAI_NAMES
+        .iter()
+        .find(|(ours, _)| *ours == field)
+        .map_or(field, |(_, theirs)| theirs)
+}
+
+/// `message` with our parameters' names replaced by OpenAI's, so that an error on the OpenAI routes (a
+/// context overflow, a bound that is another field's value) names what the client sent.
+pub fn in_openai_terms(message: &str) -> String {
+    OPENAI_NAMES
+        .iter()
+        .fold(message.to_owned(), |m, (ours, theirs)| m.replace(ours, theirs))
 }
 
 impl From<&InvalidParameter> for ParamError {
@@ -160,6 +182,36 @@ impl StopInput {
 pub struct StreamOptions {
     /// Send a last chunk with the token usage (and `"usage": null` on every other chunk).
     pub include_usage: Option<bool>,
+    /// vLLM's: with `include_usage`, every chunk carries the usage so far (its choice's prompt and tokens)
+    /// instead of `null`.
+    pub continuous_usage_stats: Option<bool>,
+}
+
+/// What usage a stream reports, from its `stream_options`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamUsage {
+    /// Chunks have no `usage` field (the default).
+    Off,
+    /// `include_usage`: `"usage": null` on every chunk, the counts in a last chunk of their own.
+    Last,
+    /// `include_usage` and `continuous_usage_stats`: the counts so far on every chunk too.
+    Continuous,
+}
+
+impl StreamUsage {
+    /// A chunk's `usage`: absent, `null`, or (`Continuous`) the counts so far.
+    pub fn on_chunk(self, so_far: Usage) -> Option<Option<Usage>> {
+        match self {
+            Self::Off => None,
+            Self::Last => Some(None),
+            Self::Continuous => Some(Some(so_far)),
+        }
+    }
+
+    /// Whether the stream ends with a chunk of the request's whole usage.
+    pub fn last_chunk(self) -> bool {
+        self != Self::Off
+    }
 }
 
 // The fields both endpoints share are written once, in `with_shared_fields!`, and pasted by callback
@@ -192,8 +244,30 @@ macro_rules! with_shared_fields {
             /// Makes sampling reproducible; choice `i` uses `seed + i`.
             #[schema(schema_with = crate::openai_schema::seed)]
             seed: Option<u64>,
+            /// Extension (vLLM's): generate past the end-of-sequence token, to exactly `max_tokens` unless
+            /// `stop` ends the text first (for benchmarks).
+            ignore_eos: Option<bool>,
+            /// Extension (vLLM's): min-p sampling; tokens less likely than `min_p` times the likeliest are
+            /// removed (0, the default, is off).
+            #[schema(minimum = 0, maximum = 1)]
+            min_p: Option<f64>,
             /// Accepted and ignored.
             user: Option<String>,
+            /// Accepted and ignored: nothing is stored or tagged.
+            #[schema(value_type = Option<Object>)]
+            metadata: Option<serde_json::Map<String, serde_json::Value>>,
+            /// Accepted and ignored: nothing is stored.
+            store: Option<bool>,
+            /// Accepted and ignored: there is one tier.
+            service_tier: Option<String>,
+            /// Accepted and ignored.
+            safety_identifier: Option<String>,
+            /// Accepted and ignored: prompts are not cached across requests.
+            prompt_cache_key: Option<String>,
+            /// Accepted and ignored: only meaningful with `tools`, which are refused.
+            parallel_tool_calls: Option<bool>,
+            /// Accepted and ignored: the model does not reason before it answers.
+            reasoning_effort: Option<String>,
             /// Not supported: only 0 (or absent) is accepted.
             #[schema(minimum = 0, maximum = 0)]
             presence_penalty: Option<f64>,
@@ -318,7 +392,8 @@ macro_rules! declare_shared {
     ([] $( $(#[$meta:meta])* $field:ident : $ty:ty, )*) => {
         /// The fields both endpoints share, as the client sent them.
         #[derive(Debug, Clone, Default, PartialEq)]
-        // `n`, `stream`, `stream_options` and `user` are read through the requests' accessors, or not at all.
+        // `n`, `stream` and `stream_options` are read through the requests' accessors; the fields accepted
+        // and ignored (`user`, `metadata`, …) not at all.
         #[allow(dead_code)]
         struct Shared {
             $( $field: $ty, )*
@@ -350,9 +425,14 @@ macro_rules! declare_request {
                 self.stream.unwrap_or(false)
             }
 
-            /// Whether a stream ends with a usage chunk (and every other chunk says `"usage": null`).
-            pub fn include_usage(&self) -> bool {
-                self.stream() && self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false)
+            /// What usage a stream reports (`Off` when not streamed).
+            pub fn stream_usage(&self) -> StreamUsage {
+                let options = self.stream_options.clone().unwrap_or_default();
+                match (self.stream(), options.include_usage, options.continuous_usage_stats) {
+                    (true, Some(true), Some(true)) => StreamUsage::Continuous,
+                    (true, Some(true), _) => StreamUsage::Last,
+                    _ => StreamUsage::Off,
+                }
             }
 
             /// `n`, checked: 1 to [`MAX_CHOICES`], default 1.
@@ -534,6 +614,9 @@ impl Shared {
             top_p: self.top_p,
             seed: self.seed,
             stop,
+            // vLLM's.
+            min_p: self.min_p,
+            ignore_eos: self.ignore_eos,
             // Ours, as extra fields.
             strategy: self.strategy,
             do_sample: self.do_sample,
@@ -552,11 +635,20 @@ impl Shared {
         };
         if self.strategy.is_none() {
             if self.temperature == Some(0.0) || self.do_sample == Some(false) {
-                // OpenAI's greedy decoding. Clients routinely send `top_p` and `seed` along, which
-                // cannot change a greedy text; they are dropped rather than refused.
+                // OpenAI's greedy decoding. Clients routinely send `top_p`, `min_p` and `seed` along,
+                // which cannot change a greedy text; they are dropped rather than refused, once known to
+                // be in range: a value the schema refuses is refused at any temperature.
+                let sampling = GenerationParameters {
+                    strategy: Some(Strategy::Sample),
+                    top_p: self.top_p,
+                    min_p: self.min_p,
+                    ..Default::default()
+                };
+                sampling.validate().map_err(|e| ParamError::from(&e))?;
                 p.strategy = Some(Strategy::Greedy);
                 p.temperature = None;
                 p.top_p = None;
+                p.min_p = None;
                 p.seed = None;
                 if p.do_sample == Some(false) {
                     p.do_sample = None;
@@ -743,12 +835,6 @@ impl Usage {
     }
 }
 
-/// A chunk's `usage`: absent when the client did not ask for usage, `null` on every chunk but the
-/// last when it did, and the counts on the last.
-fn chunk_usage(include_usage: bool) -> Option<Option<Usage>> {
-    include_usage.then_some(None)
-}
-
 envelope! {
     /// The answer to a completion request.
     Completion, "text_completion", CompletionChoice, [] Usage
@@ -791,9 +877,9 @@ envelope! {
 }
 
 impl CompletionChunk {
-    /// A chunk carrying text; `include_usage` as the request's [`CompletionRequest::include_usage`].
-    pub fn new(head: &Head, choices: Vec<CompletionChoice>, include_usage: bool) -> Self {
-        Self::envelope(head, choices, chunk_usage(include_usage))
+    /// A chunk carrying text, with the `usage` [`StreamUsage::on_chunk`] gives it.
+    pub fn new(head: &Head, choices: Vec<CompletionChoice>, usage: Option<Option<Usage>>) -> Self {
+        Self::envelope(head, choices, usage)
     }
 
     /// The last chunk when the client asked for usage: no choices, only the counts.
@@ -919,10 +1005,9 @@ envelope! {
 }
 
 impl ChatCompletionChunk {
-    /// A chunk carrying deltas; `include_usage` as the request's
-    /// [`ChatCompletionRequest::include_usage`].
-    pub fn new(head: &Head, choices: Vec<ChatChunkChoice>, include_usage: bool) -> Self {
-        Self::envelope(head, choices, chunk_usage(include_usage))
+    /// A chunk carrying deltas, with the `usage` [`StreamUsage::on_chunk`] gives it.
+    pub fn new(head: &Head, choices: Vec<ChatChunkChoice>, usage: Option<Option<Usage>>) -> Self {
+        Self::envelope(head, choices, usage)
     }
 
     /// The last chunk when the client asked for usage: no choices, only the counts.
@@ -1061,6 +1146,15 @@ mod tests {
             }
         );
         p.validate().unwrap();
+    }
+
+    #[test]
+    fn what_greedy_drops_must_still_be_in_range() {
+        for (field, value) in [("top_p", json!(1.5)), ("min_p", json!(2)), ("top_p", json!(0))] {
+            let mut body = json!({"model": "m", "prompt": "hi", "temperature": 0});
+            body[field] = value;
+            assert_eq!(completion(body).parameters(16).unwrap_err().param, field);
+        }
     }
 
     #[test]
@@ -1312,7 +1406,7 @@ mod tests {
         }
         let neutral = json!({
             "model": "m", "prompt": "hi", "logprobs": null, "best_of": 1, "suffix": "", "logit_bias": {},
-            "presence_penalty": 0, "frequency_penalty": 0.0, "user": "u1",
+            "presence_penalty": 0, "frequency_penalty": 0.0,
         });
         assert!(completion(neutral).parameters(16).is_ok());
     }
@@ -1479,13 +1573,122 @@ mod tests {
     }
 
     #[test]
-    fn usage_is_requested_only_for_streams() {
+    fn usage_is_requested_only_for_streams_and_in_every_chunk_only_with_include_usage() {
         let body = json!({"model": "m", "prompt": "hi", "stream_options": {"include_usage": true}});
-        assert!(!completion(body.clone()).include_usage());
+        assert_eq!(completion(body.clone()).stream_usage(), StreamUsage::Off);
         let mut streamed = body;
         streamed["stream"] = json!(true);
-        let r = completion(streamed);
-        assert!(r.stream() && r.include_usage());
+        let r = completion(streamed.clone());
+        assert!(r.stream());
+        assert_eq!(r.stream_usage(), StreamUsage::Last);
+        streamed["stream_options"]["continuous_usage_stats"] = json!(true);
+        assert_eq!(
+            completion(streamed.clone()).stream_usage(),
+            StreamUsage::Continuous
+        );
+        // As vLLM: continuous usage is a refinement of include_usage, nothing without it.
+        streamed["stream_options"]["include_usage"] = json!(false);
+        assert_eq!(completion(streamed).stream_usage(), StreamUsage::Off);
+        let usage = Usage::new(3, 2);
+        assert_eq!(StreamUsage::Off.on_chunk(usage), None);
+        assert_eq!(StreamUsage::Last.on_chunk(usage), Some(None));
+        assert_eq!(StreamUsage::Continuous.on_chunk(usage), Some(Some(usage)));
+    }
+
+    /// Fields that change nothing here, each with a value a client sends: accepted, and the job is the one
+    /// the request makes without them.
+    const IGNORED: &[(&str, &str)] = &[
+        ("user", r#""user-1234""#),
+        ("metadata", r#"{"run": "nightly", "team": "eval"}"#),
+        ("store", "false"),
+        ("store", "true"),
+        ("service_tier", r#""auto""#),
+        ("safety_identifier", r#""hash-of-user""#),
+        ("prompt_cache_key", r#""session-7""#),
+        ("parallel_tool_calls", "false"),
+        ("reasoning_effort", r#""low""#),
+        ("logit_bias", "{}"),
+        ("presence_penalty", "0"),
+        ("frequency_penalty", "0.0"),
+        ("stream_options", r#"{"include_usage": false}"#),
+    ];
+
+    #[test]
+    fn harmless_fields_are_accepted_and_ignored_on_both_routes() {
+        let completion_base = json!({"model": "m", "prompt": "hi"});
+        let chat_base = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        let plain_completion = completion(completion_base.clone()).parameters(16).unwrap();
+        let plain_chat = chat(chat_base.clone()).parameters(50).unwrap();
+        for (field, value) in IGNORED {
+            let value: serde_json::Value = serde_json::from_str(value).unwrap();
+            let mut body = completion_base.clone();
+            body[field] = value.clone();
+            let parsed = serde_json::from_value::<CompletionRequest>(body)
+                .unwrap_or_else(|e| panic!("completions refused `{field}`: {e}"));
+            assert_eq!(parsed.parameters(16).unwrap(), plain_completion, "{field}");
+            let mut body = chat_base.clone();
+            body[field] = value;
+            let parsed = serde_json::from_value::<ChatCompletionRequest>(body)
+                .unwrap_or_else(|e| panic!("chat refused `{field}`: {e}"));
+            assert_eq!(parsed.parameters(50).unwrap(), plain_chat, "{field}");
+        }
+    }
+
+    #[test]
+    fn an_ignored_field_of_the_wrong_type_is_still_refused_naming_it() {
+        for (field, value) in [
+            ("store", json!("yes")),
+            ("metadata", json!([1])),
+            ("user", json!(7)),
+        ] {
+            let mut body = json!({"model": "m", "prompt": "hi"});
+            body[field] = value;
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let de = &mut serde_json::Deserializer::from_slice(&bytes);
+            let err = serde_path_to_error::deserialize::<_, CompletionRequest>(de).unwrap_err();
+            assert_eq!(err.path().to_string(), field);
+        }
+    }
+
+    #[test]
+    fn ignore_eos_and_min_p_are_honoured_as_vllm_defines_them() {
+        let p = completion(json!({"model": "m", "prompt": "hi", "ignore_eos": true, "min_p": 0.05}))
+            .parameters(16)
+            .unwrap();
+        assert_eq!((p.ignore_eos, p.min_p), (Some(true), Some(0.05)));
+        let plan = p.validate().unwrap();
+        assert!(plan.ignore_eos);
+        assert!(matches!(plan.decoding, shared::Decoding::Sample { min_p: Some(m), .. } if m == 0.05));
+        // Greedy (temperature 0): min_p cannot change the text and is dropped; ignore_eos still holds.
+        let greedy = chat(json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+            "min_p": 0.1, "ignore_eos": true,
+        }))
+        .parameters(50)
+        .unwrap();
+        assert_eq!(greedy.min_p, None);
+        assert!(greedy.validate().unwrap().ignore_eos);
+        let err = completion(json!({"model": "m", "prompt": "hi", "min_p": 2}))
+            .parameters(16)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(ParamError::from(&err).param, "min_p");
+    }
+
+    #[test]
+    fn our_parameter_names_in_messages_become_openais() {
+        assert_eq!(param_name("max_new_tokens"), "max_tokens");
+        assert_eq!(param_name("min_new_tokens"), "min_tokens");
+        assert_eq!(param_name("top_p"), "top_p");
+        assert_eq!(
+            in_openai_terms("the prompt has 4 tokens; with max_new_tokens 2045 that exceeds the context"),
+            "the prompt has 4 tokens; with max_tokens 2045 that exceeds the context"
+        );
+        assert_eq!(
+            in_openai_terms("invalid `min_new_tokens`: must not exceed max_new_tokens (5), got 6"),
+            "invalid `min_tokens`: must not exceed max_tokens (5), got 6"
+        );
     }
 
     #[test]
@@ -1547,13 +1750,19 @@ mod tests {
             v
         };
         let choices = json!([{"index": 0, "text": "Hi", "logprobs": null, "finish_reason": null}]);
+        let so_far = Usage::new(3, 1);
+        let chunk = |usage: StreamUsage| {
+            serde_json::to_value(CompletionChunk::new(&head(), piece(), usage.on_chunk(so_far))).unwrap()
+        };
+        assert_eq!(chunk(StreamUsage::Off), with(json!({"choices": choices})));
         assert_eq!(
-            serde_json::to_value(CompletionChunk::new(&head(), piece(), false)).unwrap(),
-            with(json!({"choices": choices}))
+            chunk(StreamUsage::Last),
+            with(json!({"choices": choices, "usage": null}))
         );
         assert_eq!(
-            serde_json::to_value(CompletionChunk::new(&head(), piece(), true)).unwrap(),
-            with(json!({"choices": choices, "usage": null}))
+            chunk(StreamUsage::Continuous),
+            with(json!({"choices": choices,
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}))
         );
         assert_eq!(
             serde_json::to_value(CompletionChunk::usage(&head(), Usage::new(3, 4))).unwrap(),
@@ -1565,7 +1774,7 @@ mod tests {
     #[test]
     fn chat_chunks_send_the_role_then_content_then_an_empty_delta_with_the_finish_reason() {
         let chunk = |choice: ChatChunkChoice| {
-            serde_json::to_value(ChatCompletionChunk::new(&head(), vec![choice], true)).unwrap()
+            serde_json::to_value(ChatCompletionChunk::new(&head(), vec![choice], Some(None))).unwrap()
         };
         let envelope = |choice: serde_json::Value| {
             json!({"id": "cmpl-1", "object": "chat.completion.chunk", "created": 1_700_000_000,
@@ -1589,7 +1798,7 @@ mod tests {
         let without_usage = serde_json::to_value(ChatCompletionChunk::new(
             &head(),
             vec![ChatChunkChoice::role(0)],
-            false,
+            None,
         ))
         .unwrap();
         assert!(without_usage.get("usage").is_none());

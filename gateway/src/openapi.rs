@@ -26,7 +26,8 @@ impl Modify for BearerAuth {
         routes::jobs::submit, routes::jobs::get_job, routes::jobs::cancel, routes::events::events,
         routes::run::run, routes::queue::queue,
         routes::openai::completions, routes::openai::chat_completions, routes::openai::models,
-        routes::ops::healthz, routes::ops::readyz, routes::ops::metrics,
+        routes::openai::model,
+        routes::ops::healthz, routes::ops::readyz, routes::ops::health, routes::ops::metrics,
     ),
     components(schemas(
         routes::jobs::SubmitRequest, routes::jobs::JobAccepted, routes::jobs::JobView,

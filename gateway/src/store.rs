@@ -346,12 +346,15 @@ impl JobStore {
                     ..
                 },
             ) => {
-                data = serde_json::to_string(&serde_json::json!({
+                let mut fields = serde_json::json!({
                     "worker_id": worker_id,
                     "started_at_ms": started_at_ms,
                     "redelivered": started.redelivered,
-                }))
-                .map_err(corrupt)?;
+                });
+                if let Some(n) = started.prompt_tokens {
+                    fields["prompt_tokens"] = n.into();
+                }
+                data = serde_json::to_string(&fields).map_err(corrupt)?;
                 ("started", worker_id.as_str(), String::new(), 0, *started_at_ms)
             }
             JobReply::Succeeded(s) => (

@@ -25,7 +25,7 @@ async fn a_submitted_job_is_on_the_jobs_queue_with_the_contracts_properties() {
     let r = env
         .http
         .post(gw.url("/v1/jobs"))
-        .json(&json!({"prompt": "  Hello,\t$world!  ", "parameters": {"max_new_tokens": 7}}))
+        .json(&json!({"prompt": "  Hello,\t$world!\u{0}  ", "parameters": {"max_new_tokens": 7}}))
         .send()
         .await
         .unwrap();
@@ -34,7 +34,7 @@ async fn a_submitted_job_is_on_the_jobs_queue_with_the_contracts_properties() {
     assert_eq!(status, 202, "{body}");
     let id = body["id"].as_str().unwrap().to_owned();
     assert_eq!(body["status"], "queued");
-    assert_eq!(body["prompt"], "Hello, world");
+    assert_eq!(body["prompt"], "  Hello,\t$world!  ", "as written, less the NUL");
     assert_eq!(location, format!("/v1/jobs/{id}"));
 
     let (_conn, channel) = amqp().await;
@@ -53,7 +53,10 @@ async fn a_submitted_job_is_on_the_jobs_queue_with_the_contracts_properties() {
     assert_eq!(*p.delivery_mode(), Some(2), "persistent");
     let job: JobRequest = serde_json::from_slice(&msg.delivery.data).unwrap();
     assert_eq!(job.version, 1);
-    assert_eq!(job.prompt, "Hello, world", "the cleaned prompt is published");
+    assert_eq!(
+        job.prompt, "  Hello,\t$world!  ",
+        "the prompt as accepted is published"
+    );
     assert_eq!(job.parameters.max_new_tokens, Some(7));
     assert!(job.submitted_at_ms.is_some());
 

@@ -111,22 +111,18 @@ async fn bad_bodies_get_400_413_or_422_naming_the_problem() {
         "{body}"
     );
 
-    // Prompt empty or too long after cleaning: 422.
-    let (status, body) = submit(&http, &gw, json!({"prompt": "$$ ** @@"})).await;
+    // A prompt of nothing but control characters is empty once they are removed: 422.
+    let (status, body) = submit(&http, &gw, json!({"prompt": "\u{0}\u{1b}\u{7f}"})).await;
     assert_eq!(
         (status, body["code"].as_str()),
         (422, Some("prompt_empty")),
         "{body}"
     );
-    let (status, body) = submit(&http, &gw, json!({"prompt": "a".repeat(201)})).await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (422, Some("prompt_too_long")),
-        "{body}"
-    );
-    // ... while 200 allowed characters plus removable ones pass.
-    let (status, body) = submit(&http, &gw, json!({"prompt": format!("{}$$$", "a".repeat(200))})).await;
+    // Anything else is taken as written, and the answer says what the model will see.
+    let written = "Résumé:\n\t\"$5 + 10%\" <b>ok</b>\u{0}";
+    let (status, body) = submit(&http, &gw, json!({"prompt": written})).await;
     assert_eq!(status, 202, "{body}");
+    assert_eq!(body["prompt"], "Résumé:\n\t\"$5 + 10%\" <b>ok</b>", "{body}");
 
     // The /run original body: an unknown strategy is named.
     let r = http
@@ -167,12 +163,36 @@ async fn bad_bodies_get_400_413_or_422_naming_the_problem() {
 }
 
 #[tokio::test]
-async fn the_reject_policy_refuses_disallowed_characters() {
+async fn v1_jobs_configured_to_clean_applies_the_originals_rules_and_the_reject_policy() {
     let mut env = TestEnv::new();
     let mut flags = GENEROUS.to_vec();
-    flags.extend(["--prompt-disallowed", "reject"]);
+    flags.extend(["--prompt-policy", "clean"]);
     let gw = env.gateway(&flags).await;
-    let (status, body) = submit(&env.http, &gw, json!({"prompt": "hello $world"})).await;
+    let http = env.http.clone();
+    let (status, body) = submit(&http, &gw, json!({"prompt": "$$ ** @@"})).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("prompt_empty")),
+        "{body}"
+    );
+    let (status, body) = submit(&http, &gw, json!({"prompt": "a".repeat(201)})).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("prompt_too_long")),
+        "{body}"
+    );
+    // ... while 200 allowed characters plus removable ones pass, cleaned.
+    let (status, body) = submit(&http, &gw, json!({"prompt": format!("{}$$$", "a".repeat(200))})).await;
+    assert_eq!(
+        (status, body["prompt"].as_str()),
+        (202, Some("a".repeat(200).as_str())),
+        "{body}"
+    );
+
+    let mut flags = GENEROUS.to_vec();
+    flags.extend(["--prompt-policy", "clean", "--prompt-disallowed", "reject"]);
+    let gw = env.gateway(&flags).await;
+    let (status, body) = submit(&http, &gw, json!({"prompt": "hello $world"})).await;
     assert_eq!(
         (status, body["code"].as_str()),
         (422, Some("prompt_disallowed_characters")),

@@ -8,7 +8,8 @@
 //!
 //! Cleaning ([`clean_messages`]) applies the prompt rules to each message's content *before* rendering:
 //! the template's own markup (`<|im_start|>`, `User:`, newlines) is the model's format, not client text, and
-//! must survive an allowed set that would strip it.
+//! must survive an allowed set that would strip it. Under the as-written rules (the OpenAI routes') a
+//! content stays as written, less unsafe control characters.
 
 use std::fmt;
 
@@ -184,9 +185,9 @@ pub enum ChatError {
 
 /// Cleans every message's content with `rules` and checks the conversation against the limits.
 ///
-/// Each content gets the plain prompt's cleaning ([`PromptRules::clean_text`]); the length limits apply to
-/// the contents' combined length, since the model sees them together. A content that cleans to nothing
-/// is kept, because an empty system prompt is legitimate, but an all-empty conversation is
+/// Each content gets the plain prompt's rules ([`PromptRules::clean_text`]); the length limits apply to the
+/// contents' combined length, since the model sees them together. A content that cleans to nothing is
+/// kept, because an empty system prompt is legitimate, but an all-empty conversation is
 /// [`PromptError::Empty`], as an empty plain prompt is.
 pub fn clean_messages(messages: &[ChatMessage], rules: &PromptRules) -> Result<Vec<ChatMessage>, ChatError> {
     if messages.is_empty() {
@@ -202,34 +203,17 @@ pub fn clean_messages(messages: &[ChatMessage], rules: &PromptRules) -> Result<V
         .iter()
         .map(|m| Ok(ChatMessage::new(m.role, rules.clean_text(&m.content)?)))
         .collect::<Result<Vec<_>, PromptError>>()?;
-    let len: usize = cleaned.iter().map(|m| m.content.chars().count()).sum();
-    if len == 0 {
-        return Err(PromptError::Empty.into());
-    }
-    if len < rules.min_chars {
-        return Err(PromptError::TooShort {
-            len,
-            min: rules.min_chars,
-        }
-        .into());
-    }
-    if len > rules.max_chars {
-        return Err(PromptError::TooLong {
-            len,
-            max: rules.max_chars,
-        }
-        .into());
-    }
+    rules.check_length(cleaned.iter().map(|m| m.content.chars().count()).sum())?;
     Ok(cleaned)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prompt::{DEFAULT_ALLOWED, DisallowedPolicy};
+    use crate::prompt::{Cleaning, DEFAULT_ALLOWED, DisallowedPolicy};
 
     fn rules(min: usize, max: usize, policy: DisallowedPolicy) -> PromptRules {
-        PromptRules::new(DEFAULT_ALLOWED, min, max, policy).unwrap()
+        PromptRules::Cleaned(Cleaning::new(DEFAULT_ALLOWED, min, max, policy).unwrap())
     }
 
     #[test]
@@ -286,13 +270,34 @@ mod tests {
             ChatMessage::new(Role::System, "$$$"),
             ChatMessage::new(Role::User, "  Hello,\n*world*!  "),
         ];
-        let cleaned = clean_messages(&messages, &PromptRules::default()).unwrap();
+        let cleaned = clean_messages(&messages, &PromptRules::original()).unwrap();
         assert_eq!(
             cleaned,
             vec![
                 ChatMessage::new(Role::System, ""),
                 ChatMessage::new(Role::User, "Hello, world"),
             ]
+        );
+    }
+
+    #[test]
+    fn as_written_contents_keep_every_character_but_unsafe_controls_and_have_no_length_limit() {
+        let system = "You are terse.\nAnswer in JSON: {\"a\": 1}. ".repeat(20);
+        let messages = vec![
+            ChatMessage::new(Role::System, system.clone()),
+            ChatMessage::new(Role::User, "Was ist 2+2?\u{0}"),
+        ];
+        assert_eq!(
+            clean_messages(&messages, &PromptRules::AsWritten).unwrap(),
+            vec![
+                ChatMessage::new(Role::System, system),
+                ChatMessage::new(Role::User, "Was ist 2+2?"),
+            ]
+        );
+        let empty = vec![ChatMessage::new(Role::User, "\u{7}")];
+        assert_eq!(
+            clean_messages(&empty, &PromptRules::AsWritten).unwrap_err(),
+            ChatError::Prompt(PromptError::Empty)
         );
     }
 
@@ -334,7 +339,7 @@ mod tests {
     #[test]
     fn a_conversation_needs_one_to_sixty_four_messages() {
         assert_eq!(
-            clean_messages(&[], &PromptRules::default()).unwrap_err(),
+            clean_messages(&[], &PromptRules::AsWritten).unwrap_err(),
             ChatError::NoMessages
         );
         let many = vec![ChatMessage::new(Role::User, "a"); MAX_MESSAGES + 1];

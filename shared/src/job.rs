@@ -49,13 +49,15 @@ impl std::str::FromStr for JobId {
 pub struct JobRequest {
     /// Body version: 1, or 2 for a body with `parameters.grammar`; this build understands 1 and 2.
     pub version: u32,
-    /// The prompt text. Workers clean it again with the same rules the gateway uses. Empty (or absent)
-    /// for a chat job.
+    /// The prompt text. Workers apply their prompt rules to it again: by default the text as written, less
+    /// control characters other than tab, newline and carriage return, and bounded in tokens by the
+    /// model's context (a worker configured with `--prompt-policy clean` cleans it as `/run` does). Empty
+    /// (or absent) for a chat job.
     #[serde(default)]
     pub prompt: String,
     /// A conversation instead of a prompt: the worker renders it with its checkpoint's chat template (or
-    /// the documented default), after cleaning each message's content with the prompt rules; the rules'
-    /// length limits apply to the contents together.
+    /// the documented default), after applying the prompt rules to each message's content; the rules'
+    /// length limits, if any, apply to the contents together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<Vec<ChatMessage>>,
     /// Generation parameters; all optional.
@@ -84,12 +86,12 @@ pub enum InvalidJob {
     PromptAndMessages,
 }
 
-/// A job that passed every check: cleaned prompt, validated plan.
+/// A job that passed every check: its prompt through the rules, its plan validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidJob {
-    /// The cleaned prompt; empty for a chat job.
+    /// The prompt through the rules; empty for a chat job.
     pub prompt: String,
-    /// The cleaned conversation of a chat job.
+    /// The conversation of a chat job, its contents through the rules.
     pub messages: Option<Vec<ChatMessage>>,
     pub parameters: GenerationParameters,
     pub plan: GenerationPlan,
@@ -145,7 +147,7 @@ fn version_for(parameters: &GenerationParameters) -> u32 {
 }
 
 impl ValidJob {
-    /// The body to publish: the cleaned prompt, so workers see what the gateway accepted.
+    /// The body to publish: the prompt through the rules, so workers see what the gateway accepted.
     pub fn to_request(&self) -> JobRequest {
         JobRequest {
             version: version_for(&self.parameters),
@@ -164,9 +166,11 @@ mod tests {
     #[test]
     fn a_minimal_body_is_a_prompt_and_a_version() {
         let req: JobRequest = serde_json::from_str(r#"{"version":1,"prompt":"Hello $world"}"#).unwrap();
-        let job = req.into_valid(&PromptRules::default()).unwrap();
-        assert_eq!(job.prompt, "Hello world");
+        let job = req.clone().into_valid(&PromptRules::AsWritten).unwrap();
+        assert_eq!(job.prompt, "Hello $world");
         assert_eq!(job.plan.max_new_tokens, 50);
+        let cleaned = req.into_valid(&PromptRules::original()).unwrap();
+        assert_eq!(cleaned.prompt, "Hello world");
     }
 
     #[test]
@@ -176,7 +180,7 @@ mod tests {
             ..JobRequest::new("hi", Default::default())
         };
         assert_eq!(
-            req.into_valid(&PromptRules::default()).unwrap_err(),
+            req.into_valid(&PromptRules::AsWritten).unwrap_err(),
             InvalidJob::Version(3)
         );
     }

@@ -22,6 +22,6 @@ pub mod topology;
 pub use grammar::{Grammar, GrammarError};
 pub use job::{JOB_SCHEMA_VERSION, JobId, JobRequest, ValidJob};
 pub use params::{Decoding, GenerationParameters, GenerationPlan, InvalidParameter, Strategy};
-pub use prompt::{DisallowedPolicy, PromptError, PromptRules};
+pub use prompt::{Cleaning, DisallowedPolicy, PromptError, PromptPolicy, PromptRules};
 pub use reply::{ErrorBody, ErrorCode, FinishReason, JobReply, Timings, TokenLogprob, TopLogprob};
 pub use topology::Topology;

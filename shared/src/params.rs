@@ -2,8 +2,9 @@
 //!
 //! The wire names follow Hugging Face TGI where they overlap (`max_new_tokens`, `temperature`, `top_k`,
 //! `top_p`, `typical_p`, `repetition_penalty`, `do_sample`, `seed`, `stop`) so that TGI clients feel at
-//! home; `strategy`, `penalty_alpha` and `num_beams` add what TGI lacks. Every field is optional and the
-//! defaults are those of transformers' `generate`, so a request gives the text the original deployment gave.
+//! home; `strategy`, `penalty_alpha` and `num_beams` add what TGI lacks, and `min_p` and `ignore_eos` are
+//! vLLM's. Every field is optional and the defaults are those of transformers' `generate`, so a request
+//! gives the text the original deployment gave.
 //!
 //! Parse, don't validate: [`GenerationParameters::validate`] is the only way to a [`GenerationPlan`], and
 //! the plan's [`Decoding`] variants carry exactly the parameters their strategy uses.
@@ -37,7 +38,7 @@ pub enum Strategy {
     Contrastive,
     /// Always the most likely token.
     Greedy,
-    /// Multinomial sampling (`temperature`, `top_k`, `top_p`, `typical_p`, `seed`).
+    /// Multinomial sampling (`temperature`, `top_k`, `top_p`, `min_p`, `typical_p`, `seed`).
     Sample,
     /// Beam search (`num_beams`, `length_penalty`, `early_stopping`).
     Beam,
@@ -87,6 +88,10 @@ pub struct GenerationParameters {
     /// Typical sampling mass in (0, 1] (default 1.0, off). Sampling only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub typical_p: Option<f64>,
+    /// Min-p sampling in [0, 1] (default 0, off), as vLLM and transformers define it: tokens less likely
+    /// than `min_p` times the likeliest one are removed, after temperature, top-k and top-p. Sampling only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f64>,
     /// Penalty > 0 on tokens already present, as CTRL defines it (default 1.0, off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repetition_penalty: Option<f64>,
@@ -124,6 +129,10 @@ pub struct GenerationParameters {
     /// alternatives (0..=20); with it `max_new_tokens` may be 0 (score the prompt, generate nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_logprobs: Option<u32>,
+    /// Generate past the model's end-of-sequence token (vLLM's `ignore_eos`, for benchmarks): the text
+    /// ends only at `max_new_tokens` or a stop sequence. Any strategy; default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_eos: Option<bool>,
 }
 
 /// A parameter out of range or inconsistent with the strategy; `field` names it.
@@ -154,6 +163,9 @@ pub enum Decoding {
         temperature: f64,
         top_k: Option<usize>,
         top_p: Option<f64>,
+        /// `None` when off (0).
+        #[serde(default)]
+        min_p: Option<f64>,
         typical_p: Option<f64>,
         seed: Option<u64>,
     },
@@ -200,6 +212,9 @@ pub struct GenerationPlan {
     pub logprobs: Option<usize>,
     /// Alternatives to report with each prompt token's log-probability; `None`: none.
     pub prompt_logprobs: Option<usize>,
+    /// The end-of-sequence token does not end the text.
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 fn check_range(
@@ -323,6 +338,7 @@ impl GenerationParameters {
             only("temperature", self.temperature.is_some(), "sample")?;
             only("top_p", self.top_p.is_some(), "sample")?;
             only("typical_p", self.typical_p.is_some(), "sample")?;
+            only("min_p", self.min_p.is_some(), "sample")?;
             only("seed", self.seed.is_some(), "sample")?;
         }
         if strategy != Strategy::Contrastive {
@@ -384,10 +400,15 @@ impl GenerationParameters {
                     .typical_p
                     .map(|p| check_range("typical_p", p, true, 0.0, 1.0))
                     .transpose()?;
+                let min_p = self
+                    .min_p
+                    .map(|p| check_range("min_p", p, false, 0.0, 1.0))
+                    .transpose()?;
                 Decoding::Sample {
                     temperature,
                     top_k: (top_k > 0).then_some(top_k as usize),
                     top_p: top_p.filter(|p| *p < 1.0),
+                    min_p: min_p.filter(|p| *p > 0.0),
                     typical_p: typical_p.filter(|p| *p < 1.0),
                     seed: self.seed,
                 }
@@ -424,6 +445,7 @@ impl GenerationParameters {
             grammar: self.grammar.clone(),
             logprobs: self.logprobs.map(|n| n as usize),
             prompt_logprobs: self.prompt_logprobs.map(|n| n as usize),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
         })
     }
 }
@@ -469,6 +491,7 @@ mod tests {
                 temperature: 1.0,
                 top_k: Some(50),
                 top_p: None,
+                min_p: None,
                 typical_p: None,
                 seed: None
             }
@@ -575,6 +598,22 @@ mod tests {
                 },
                 "do_sample",
             ),
+            (
+                GenerationParameters {
+                    strategy: Some(Strategy::Sample),
+                    min_p: Some(1.5),
+                    ..Default::default()
+                },
+                "min_p",
+            ),
+            (
+                GenerationParameters {
+                    strategy: Some(Strategy::Greedy),
+                    min_p: Some(0.1),
+                    ..Default::default()
+                },
+                "min_p",
+            ),
         ];
         for (params, field) in cases {
             let err = params.validate().unwrap_err();
@@ -586,6 +625,41 @@ mod tests {
     fn unknown_fields_are_refused_on_the_wire() {
         let err = serde_json::from_str::<GenerationParameters>(r#"{"max_tokens": 5}"#).unwrap_err();
         assert!(err.to_string().contains("max_tokens"), "{err}");
+    }
+
+    #[test]
+    fn min_p_is_a_sampling_parameter_and_zero_turns_it_off() {
+        let sample = |min_p| GenerationParameters {
+            strategy: Some(Strategy::Sample),
+            min_p: Some(min_p),
+            ..Default::default()
+        };
+        let min_p = |p: GenerationParameters| match p.validate().unwrap().decoding {
+            Decoding::Sample { min_p, .. } => min_p,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(min_p(sample(0.05)), Some(0.05));
+        assert_eq!(min_p(sample(1.0)), Some(1.0));
+        assert_eq!(min_p(sample(0.0)), None);
+        assert!(sample(-0.1).validate().is_err());
+    }
+
+    #[test]
+    fn ignore_eos_is_carried_by_the_plan_for_any_strategy() {
+        assert!(!GenerationParameters::default().validate().unwrap().ignore_eos);
+        for strategy in [
+            Strategy::Greedy,
+            Strategy::Contrastive,
+            Strategy::Sample,
+            Strategy::Beam,
+        ] {
+            let p = GenerationParameters {
+                strategy: Some(strategy),
+                ignore_eos: Some(true),
+                ..Default::default()
+            };
+            assert!(p.validate().unwrap().ignore_eos, "{strategy:?}");
+        }
     }
 
     #[test]

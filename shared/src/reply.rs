@@ -139,6 +139,10 @@ pub struct Started {
     /// Whether the broker delivered this job before (to a worker that died or lost its connection).
     #[serde(default)]
     pub redelivered: bool,
+    /// Tokens of the prompt the model runs (for a chat job, the rendered conversation), when the worker
+    /// knows them as the job starts: streams report usage from the first chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u32>,
 }
 
 /// Tokens generated since the previous `job.token` reply, coalesced (a few tokens or a few milliseconds).

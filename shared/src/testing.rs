@@ -4,7 +4,8 @@
 //! stop coming back: how a confirm goes missing in production (a congested or half-broken link, a
 //! connection the broker has blocked), made on demand, on real connections to the real broker. The broker's
 //! own alarms are global and would stop every other test on it, so they are not used. It can also freeze
-//! both directions, a link gone dead: then not even the publish reaches the broker.
+//! both directions, a link gone dead: then not even the publish reaches the broker. And the prompt of the
+//! OpenAI compatibility tests ([`LOAD_TESTER_PROMPT`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,14 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// A 325-character prompt as a load tester's captured request sends it: newlines, quotes, colons, `+`,
+/// `*`, `&`, brackets, none of which the original's cleaning kept. It must reach the model as written.
+pub const LOAD_TESTER_PROMPT: &str = "You are a helpful assistant: answer the user's questions precisely.\n\
+    Q: What is 2 + 2? Explain step by step, e.g. \"2 + 2 = 4\".\n\
+    A: Two plus two: (1) start at 2; (2) count up -> 3, 4; so it is 4!\n\
+    Q: And 3 * 3? Keep the same format & be exact, please (no prose!).\n\
+    A: Three times three is nine: 3 * 3 = 9. Anything else? [yes/no]\n";
 
 pub struct StallProxy {
     pub port: u16,

@@ -4,7 +4,7 @@
 //! bad value gets the service's message naming the parameter, and a command-line run gives the same text
 //! as a job with the same parameters.
 
-use crate::engine::{Engine, EngineArgs, Eos};
+use crate::engine::{Engine, EngineArgs};
 use anyhow::Context;
 use serde::Serialize;
 use shared::{FinishReason, GenerationParameters, Strategy};
@@ -27,6 +27,8 @@ pub struct GenerateArgs {
     pub top_k: Option<u32>,
     #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f64>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_p: Option<f64>,
     #[arg(long, allow_negative_numbers = true)]
     pub typical_p: Option<f64>,
     #[arg(long, allow_negative_numbers = true)]
@@ -60,8 +62,9 @@ pub struct GenerateArgs {
     /// warm-up).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub repeat: u32,
-    /// The end-of-sequence token does not end a sequence: every copy runs to --max-new-tokens (for
-    /// benchmarks of decoding speed; --min-new-tokens gets there too, but masks EOS in every row each step).
+    /// The end-of-sequence token does not end a sequence (the job parameter `ignore_eos`): every copy runs
+    /// to --max-new-tokens (for benchmarks of decoding speed; --min-new-tokens gets there too, but masks
+    /// EOS in every row each step).
     #[arg(long)]
     pub ignore_eos: bool,
 }
@@ -77,6 +80,7 @@ impl GenerateArgs {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
+            min_p: self.min_p,
             typical_p: self.typical_p,
             repetition_penalty: self.repetition_penalty,
             no_repeat_ngram_size: self.no_repeat_ngram_size,
@@ -89,6 +93,7 @@ impl GenerateArgs {
             grammar: None,
             logprobs: None,
             prompt_logprobs: None,
+            ignore_eos: self.ignore_eos.then_some(true),
         }
     }
 }
@@ -123,11 +128,10 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let engine =
         Engine::load(&options).with_context(|| format!("loading {}", options.model_dir.display()))?;
     let prompts = vec![args.prompt.as_str(); args.batch as usize];
-    let eos = if args.ignore_eos { Eos::Ignored } else { Eos::Ends };
     let mut fastest: Option<(f64, crate::engine::BatchGeneration)> = None;
     for _ in 0..args.repeat {
         let start = std::time::Instant::now();
-        let out = engine.generate_batch_with(&prompts, &plan, eos)?;
+        let out = engine.generate_batch(&prompts, &plan)?;
         let took = start.elapsed().as_secs_f64();
         if fastest.as_ref().is_none_or(|(best, _)| took < *best) {
             fastest = Some((took, out));

@@ -144,16 +144,6 @@ pub struct BatchGeneration {
     pub step_ms: Vec<f64>,
 }
 
-/// Whether the model's end-of-sequence token ends a sequence: always for jobs; a benchmark of decoding
-/// speed (`worker generate --ignore-eos`) runs every sequence to `max_new_tokens` without the per-row
-/// `min_new_tokens` masking that would otherwise be the way to get there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Eos {
-    #[default]
-    Ends,
-    Ignored,
-}
-
 /// A loaded model and its text side.
 pub struct Engine {
     model: GptJ,
@@ -375,16 +365,6 @@ impl Engine {
         prompts: &[&str],
         plan: &GenerationPlan,
     ) -> Result<BatchGeneration, EngineError> {
-        self.generate_batch_with(prompts, plan, Eos::Ends)
-    }
-
-    /// [`Engine::generate_batch`], with the model's end-of-sequence token ending a sequence or not.
-    pub fn generate_batch_with(
-        &self,
-        prompts: &[&str],
-        plan: &GenerationPlan,
-        eos: Eos,
-    ) -> Result<BatchGeneration, EngineError> {
         let start = Instant::now();
         let ids = prompts
             .iter()
@@ -393,10 +373,7 @@ impl Engine {
         let prompt_lens: Vec<usize> = ids.iter().map(Vec::len).collect();
         let tokenize = start.elapsed();
 
-        let eos = match eos {
-            Eos::Ends => self.model.info().eos_token_id,
-            Eos::Ignored => None,
-        };
+        let eos = self.model.info().eos_token_id;
         let out = decoding::generate(&self.model, &ids, plan, eos, self.tokenizer())?;
 
         let decode_start = Instant::now();

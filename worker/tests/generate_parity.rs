@@ -366,6 +366,51 @@ fn eos_ends_generation_and_min_new_tokens_holds_it_off_as_in_transformers() {
     }
 }
 
+#[test]
+fn ignore_eos_generates_through_eos_as_transformers_does_without_one() {
+    // EOS's head bias raised so that the model would stop within a few tokens; ignoring it, every strategy
+    // runs to max_new_tokens, EOS tokens included, as transformers does with no EOS token to stop at.
+    let dir = hf_checkpoint(1, Some(3.5));
+    let model_dir = dir.path().join("model");
+    let ignoring = |p: GenerationParameters| GenerationParameters {
+        ignore_eos: Some(true),
+        ..p
+    };
+    let mut cases = vec![];
+    for p in PROMPTS {
+        cases.push(case(
+            p,
+            ignoring(params(Strategy::Greedy, 12)),
+            json!({"max_new_tokens": 12, "eos_token_id": null}),
+        ));
+        cases.push(case(
+            p,
+            ignoring(GenerationParameters {
+                max_new_tokens: Some(12),
+                ..Default::default()
+            }),
+            json!({"max_new_tokens": 12, "penalty_alpha": 0.6, "top_k": 4, "eos_token_id": null}),
+        ));
+        cases.push(case(
+            p,
+            ignoring(GenerationParameters {
+                num_beams: Some(3),
+                ..params(Strategy::Beam, 12)
+            }),
+            json!({"max_new_tokens": 12, "num_beams": 3, "eos_token_id": null}),
+        ));
+    }
+    let results = assert_parity(&model_dir, &cases);
+    for r in &results {
+        assert_eq!(r.tokens.len(), 12, "{r:?}");
+        assert_eq!(r.finish_reason, FinishReason::Length, "{r:?}");
+    }
+    assert!(
+        results.iter().filter(|r| r.tokens.contains(&50256)).count() >= 3,
+        "EOS is generated and passed: {results:?}"
+    );
+}
+
 /// A tiny model written by the worker itself, with its tokenizer.
 fn tiny_engine() -> (tempfile::TempDir, Engine) {
     let dir = tempfile::tempdir().expect("temp dir");

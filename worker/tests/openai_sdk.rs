@@ -1,7 +1,8 @@
 //! The OpenAI-compatible API as its users meet it: the official `openai` Python SDK (in the project's venv)
 //! against two gateway replicas sharing one broker, a real worker on the tiny GPT-J behind them. The checks
 //! themselves are in `tests/py/openai_client.py`: completions and chat, streamed and not, usage, n choices,
-//! our own parameters as extra fields, greedy text equal to `/v1/jobs`', errors in OpenAI's shape.
+//! our own parameters and vLLM's as extra fields, the SDK's bookkeeping fields accepted and ignored,
+//! `models.retrieve`, `/health`, greedy text equal to `/v1/jobs`', errors in OpenAI's shape and names.
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -28,13 +28,14 @@ pub struct SubmitRequest {
     #[serde(default = "default_version")]
     #[schema(minimum = 1, maximum = 2)]
     pub version: u32,
-    /// The prompt. Characters outside the allowed set are removed (or refused, per the gateway's
-    /// policy) and whitespace is collapsed before the length limits apply. Give `prompt` or `messages`.
+    /// The prompt, taken as written: control characters other than tab, newline and carriage return are
+    /// removed, and its tokens plus `max_new_tokens` must fit the model's context (a gateway run with
+    /// `--prompt-policy clean` cleans it as `/run` does instead). Give `prompt` or `messages`.
     #[serde(default)]
     pub prompt: String,
     /// A conversation instead of a prompt (`[{"role": "system"|"user"|"assistant", "content": "..."}]`):
-    /// each content is cleaned like a prompt, the length limits apply to the contents together, and the
-    /// worker renders it with its model's chat template.
+    /// each content goes through the prompt's rules (any length limits apply to the contents together),
+    /// and the worker renders it with its model's chat template.
     #[serde(default)]
     #[schema(schema_with = crate::contract_schema::optional_chat_messages)]
     pub messages: Option<Vec<shared::chat::ChatMessage>>,
@@ -62,7 +63,7 @@ pub struct JobAccepted {
     pub id: String,
     /// `queued` for a new job; for a replayed `Idempotency-Key`, the named job's state now.
     pub status: Status,
-    /// The prompt after cleaning: what the model will see.
+    /// The prompt after the route's rules: what the model will see.
     pub prompt: String,
     /// Where to poll.
     pub location: String,
@@ -81,8 +82,9 @@ pub struct JobAccepted {
         (status = 400, description = "Invalid JSON", body = ErrorResponse),
         (status = 401, description = "Keys are on and the request has none, or a wrong one", body = ErrorResponse),
         (status = 413, description = "Body over the limit", body = ErrorResponse),
-        (status = 422, description = "Unknown field, parameter out of range, prompt empty or too long, a job \
-            costing more than the whole token budget, or an Idempotency-Key reused with another body", body = ErrorResponse),
+        (status = 422, description = "Unknown field, parameter out of range, prompt empty (or, cleaned, too long), a \
+            prompt that with max_new_tokens overflows the context, a job costing more than the whole token budget, or an \
+            Idempotency-Key reused with another body", body = ErrorResponse),
         (status = 429, description = "Rate limited, too many active jobs, or the token budget spent (Retry-After)", body = ErrorResponse),
         (status = 503, description = "Queue full, broker or Redis unavailable (Retry-After)", body = ErrorResponse),
     ),
@@ -99,7 +101,13 @@ pub async fn submit(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let (accepted, decision) = app
-        .enqueue(JobId::new_random(), body.into(), &caller, key)
+        .enqueue(
+            JobId::new_random(),
+            body.into(),
+            &app.settings.prompts.jobs,
+            &caller,
+            key,
+        )
         .await?;
     let location = format!("/v1/jobs/{}", accepted.id);
     let mut response = (
@@ -148,7 +156,7 @@ fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiE
 pub struct JobView {
     pub id: String,
     pub status: Status,
-    /// The cleaned prompt.
+    /// The prompt as the job took it, after the route's rules.
     pub prompt: String,
     /// The parameters as submitted.
     #[schema(value_type = Object)]

@@ -1,8 +1,10 @@
 //! The HTTP surface: which routes exist, which budget each draws on, and the layers around them.
 //!
-//! Layer order, outermost first: request metrics; body size limit and the body's deadline; then, per route group,
-//! caller identification (API key check) and, for reads, the rate limit. Submissions are rate-limited in
-//! the handler, after validation, by the same Redis call that records the job.
+//! Layer order, outermost first: request metrics; body size limit; OpenAI's error shape on OpenAI's paths
+//! (around everything that can refuse a request there, the body's deadline and the router's fallbacks
+//! included); the body's deadline; then, per route group, caller identification (API key check) and, for
+//! reads, the rate limit. Submissions are rate-limited in the handler, after validation, by the same Redis
+//! call that records the job.
 
 pub mod events;
 pub mod jobs;
@@ -42,8 +44,8 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/queue", get(queue::queue))
         .route_layer(middleware::from_fn_with_state(read.clone(), ratelimit::limit))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_key));
-    // The OpenAI routes: submissions limited in App::enqueue (one admission per choice), reads like reads,
-    // and every error in OpenAI's shape.
+    // The OpenAI routes: submissions limited in App::enqueue (one admission per choice), reads like reads.
+    // A model's id may hold a `/` (`EleutherAI/gpt-j-6b`), hence the wildcard.
     let openai_routes = Router::new()
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -51,10 +53,10 @@ pub fn router(app: AppState) -> Router {
         .merge(
             Router::new()
                 .route("/v1/models", get(openai::models))
+                .route("/v1/models/{*model}", get(openai::model))
                 .route_layer(middleware::from_fn_with_state(read.clone(), ratelimit::limit))
                 .route_layer(middleware::from_fn_with_state(app.clone(), require_key)),
-        )
-        .layer(middleware::from_fn(openai::openai_errors));
+        );
     let metrics_route = Router::new()
         .route("/metrics", get(ops::metrics))
         .route_layer(middleware::from_fn_with_state(read, ratelimit::limit))
@@ -63,6 +65,7 @@ pub fn router(app: AppState) -> Router {
         .route("/", get(playground::page))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
+        .route("/health", get(ops::health))
         .route("/openapi.json", get(ops::openapi))
         .merge(ops::docs());
 
@@ -80,6 +83,7 @@ pub fn router(app: AppState) -> Router {
             app.settings.body_read_timeout,
             body_deadline,
         ))
+        .layer(middleware::from_fn(openai::openai_errors))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::Extension(BodyLimit(limit)))
         .layer(middleware::from_fn(crate::telemetry::track))

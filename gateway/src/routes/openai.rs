@@ -1,17 +1,20 @@
-//! `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`: the OpenAI API over our queue.
+//! `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/models/{model}`: the
+//! OpenAI API over our queue.
 //!
 //! A request becomes one job per choice (`n`, and for completions each prompt), queued like any other: the
-//! same validation, rate limit (one admission per job) and key ownership as `/v1/jobs`. Non-streamed, the
-//! answer waits for every job's final record, as `/run` does; streamed, each job's event log is followed
-//! (so any replica serves it, whichever consumed the replies) and its token events become OpenAI chunks,
-//! then `data: [DONE]`. A client that hangs up cancels its jobs (`--cancel-on-disconnect`). Errors on these
-//! routes take OpenAI's shape (see [`openai_errors`]). The protocol's types are in [`crate::openai`].
+//! same validation, rate limit (one admission per job) and key ownership as `/v1/jobs`, its prompts taken as
+//! written. Non-streamed, the answer waits for every job's final record, as `/run` does; streamed, each job's
+//! event log is followed (so any replica serves it, whichever consumed the replies) and its token events
+//! become OpenAI chunks, then `data: [DONE]`. A client that hangs up cancels its jobs
+//! (`--cancel-on-disconnect`). Every error under these paths, the router's own (no such path, wrong method,
+//! body too large) included, takes OpenAI's shape (see [`openai_errors`]). The protocol's types are in
+//! [`crate::openai`].
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use axum::Extension;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::sse::{Event, Sse};
@@ -27,7 +30,7 @@ use crate::error::{ApiError, ApiJson, ErrorInfo};
 use crate::follow::{CancelOnDrop, Followed, Waited, follow, wait_final};
 use crate::openai::{
     self, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, CompletionChoice, CompletionChunk,
-    CompletionRequest, Head, Model, ModelList, ParamError, Usage, choice_seed,
+    CompletionRequest, Head, Model, ModelList, ParamError, StreamUsage, Usage, choice_seed,
 };
 use crate::store::{JobRecord, Status};
 use crate::waiters::Interest;
@@ -77,7 +80,7 @@ pub async fn completions(
         }
     }
     let kind = Kind::Completion { echo: req.echo() };
-    serve(app, caller, jobs, n, kind, req.stream(), req.include_usage()).await
+    serve(app, caller, jobs, n, kind, req.stream(), req.stream_usage()).await
 }
 
 #[utoipa::path(
@@ -102,29 +105,21 @@ pub async fn chat_completions(
     let jobs = (0..n)
         .map(|choice| JobRequest::chat(req.messages.clone(), seeded(&parameters, choice)))
         .collect();
-    serve(
-        app,
-        caller,
-        jobs,
-        n,
-        Kind::Chat,
-        req.stream(),
-        req.include_usage(),
-    )
-    .await
+    serve(app, caller, jobs, n, Kind::Chat, req.stream(), req.stream_usage()).await
 }
 
 /// The errors both OpenAI routes answer, in OpenAI's shape (`{"error": {message, type, param, code}}`).
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)] // documentation only; the bodies are built by `openai_errors`
 enum OpenAiErrors {
-    /// Invalid request: bad JSON, an unknown or unsupported field, a value out of range.
+    /// Invalid request: bad JSON, an unknown or unsupported field, a value out of range, a prompt that with
+    /// `max_tokens` does not fit the model's context, or is empty.
     #[response(status = 400)]
     BadRequest(#[to_schema] openai::OpenAiError),
     /// Missing or invalid API key.
     #[response(status = 401)]
     Unauthorized(#[to_schema] openai::OpenAiError),
-    /// Unknown model.
+    /// Unknown model (`model_not_found`).
     #[response(status = 404)]
     NotFound(#[to_schema] openai::OpenAiError),
     /// A job of the request was cancelled.
@@ -167,8 +162,31 @@ struct ChunkEvent {
     security((), ("api_key" = []))
 )]
 pub async fn models(State(app): State<AppState>) -> axum::Json<ModelList> {
-    let model = Model::new(&app.settings.served_model_name, app.started_at_s, "gptj-service");
-    axum::Json(ModelList::new(vec![model]))
+    axum::Json(ModelList::new(vec![served(&app)]))
+}
+
+#[utoipa::path(
+    get, path = "/v1/models/{model}", tag = "openai",
+    params(("model" = String, Path, description = "The model's id as `/v1/models` lists it (it may hold a `/`)")),
+    responses(
+        (status = 200, description = "The model", body = Model),
+        (status = 401, description = "Missing or invalid API key", body = openai::OpenAiError),
+        (status = 404, description = "No such model (`model_not_found`)", body = openai::OpenAiError),
+        (status = 429, description = "Rate limited (Retry-After)", body = openai::OpenAiError),
+    ),
+    security((), ("api_key" = []))
+)]
+pub async fn model(
+    State(app): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<axum::Json<Model>, ApiError> {
+    check_model(&app, &model)?;
+    Ok(axum::Json(served(&app)))
+}
+
+/// The one model this deployment serves, as OpenAI describes a model.
+fn served(app: &AppState) -> Model {
+    Model::new(&app.settings.served_model_name, app.started_at_s, "gptj-service")
 }
 
 fn check_model(app: &AppState, model: &str) -> Result<(), ApiError> {
@@ -202,7 +220,7 @@ async fn serve(
     n: u32,
     kind: Kind,
     stream: bool,
-    include_usage: bool,
+    usage: StreamUsage,
 ) -> Result<Response, ApiError> {
     let ids: Vec<JobId> = jobs.iter().map(|_| JobId::new_random()).collect();
     // Registered before the first publish, so no completion notice can slip by.
@@ -213,7 +231,10 @@ async fn serve(
     let mut decision: Option<Decision> = None;
     let mut prompts = Vec::with_capacity(ids.len());
     for (i, (id, job)) in ids.iter().zip(jobs).enumerate() {
-        match app.enqueue(*id, job, &caller, None).await {
+        match app
+            .enqueue(*id, job, &app.settings.prompts.openai, &caller, None)
+            .await
+        {
             Ok((accepted, d)) => {
                 decision = d.or(decision);
                 prompts.push(accepted.prompt);
@@ -242,7 +263,7 @@ async fn serve(
     let mut owner = CancelOnDrop::new(&app, ids.clone(), app.settings.cancel_on_disconnect);
     let mut response = if stream {
         drop(registrations);
-        Sse::new(chunks(app, ids, prompts, n, owner, meta, include_usage)).into_response()
+        Sse::new(chunks(app, ids, prompts, n, owner, meta, usage)).into_response()
     } else {
         let mut records = Vec::with_capacity(ids.len());
         for (id, registration) in ids.iter().zip(&registrations) {
@@ -328,13 +349,17 @@ fn answer(meta: &Meta, n: u32, records: Vec<JobRecord>) -> Result<axum::Json<ser
 struct Streamed {
     meta: Meta,
     n: u32,
-    include_usage: bool,
+    usage: StreamUsage,
     owner: CancelOnDrop,
-    /// Per choice: its cleaned prompt, its result once final, and whether its first chunk (the chat role,
-    /// or the echoed prompt) went out.
+    /// Per choice: its prompt as the job took it, its result once final, and whether its first chunk (the
+    /// chat role, or the echoed prompt) went out.
     prompts: Vec<String>,
     results: Vec<Option<shared::reply::Succeeded>>,
     opened: Vec<bool>,
+    /// Per choice, for continuous usage: its prompt's tokens (from the worker's `started`, or its result),
+    /// and the tokens generated so far (from its token events).
+    prompt_tokens: Vec<u32>,
+    generated: Vec<u32>,
     ended: usize,
 }
 
@@ -353,13 +378,16 @@ impl Streamed {
         finish: Option<shared::FinishReason>,
     ) -> Vec<Event> {
         let head = &self.meta.head;
-        let usage = self.include_usage;
+        // As vLLM counts a chunk's usage: the prompt of the choice it carries, and that choice's tokens.
+        let usage = self
+            .usage
+            .on_chunk(Usage::new(self.prompt_tokens[choice], self.generated[choice]));
         let index = choice as u32;
         let mut out = Vec::new();
         match self.meta.kind {
             Kind::Completion { echo } => {
                 if echo && !self.opened[choice] {
-                    // The cleaned prompt first, as a non-streamed echo has it.
+                    // The prompt first, as a non-streamed echo has it.
                     self.opened[choice] = true;
                     let prompt = CompletionChoice::new(index, self.prompts[choice].clone(), None);
                     out.push(self.chunk(CompletionChunk::new(head, vec![prompt], usage)));
@@ -387,11 +415,20 @@ impl Streamed {
     fn on(&mut self, choice: usize, followed: Followed) -> Vec<Event> {
         match followed {
             Followed::Queued(_) => Vec::new(),
+            Followed::Entry(entry) if entry.event == "started" => {
+                let data = serde_json::from_str::<serde_json::Value>(&entry.data).unwrap_or_default();
+                if let Some(n) = data["prompt_tokens"].as_u64() {
+                    self.prompt_tokens[choice] = n as u32;
+                }
+                Vec::new()
+            }
             Followed::Entry(entry) if entry.event == "token" => {
-                let text = serde_json::from_str::<serde_json::Value>(&entry.data)
-                    .ok()
-                    .and_then(|v| v["text"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
+                let data = serde_json::from_str::<serde_json::Value>(&entry.data).unwrap_or_default();
+                // Tokens so far: the chunk's first index and its tokens (a redelivered chunk counts once).
+                let through = data["index"].as_u64().unwrap_or(0)
+                    + data["token_ids"].as_array().map_or(0, |t| t.len() as u64);
+                self.generated[choice] = self.generated[choice].max(through as u32);
+                let text = data["text"].as_str().unwrap_or_default().to_owned();
                 if text.is_empty() {
                     return Vec::new();
                 }
@@ -407,6 +444,10 @@ impl Streamed {
                 match finished(&record) {
                     Ok(r) => {
                         let finish = r.finish_reason;
+                        self.generated[choice] = r.new_tokens;
+                        if let Some(n) = r.prompt_tokens {
+                            self.prompt_tokens[choice] = n;
+                        }
                         self.results[choice] = Some(r.clone());
                         self.delta(choice, None, Some(finish))
                     }
@@ -432,7 +473,7 @@ impl Streamed {
     /// The usage chunk (when asked for) and `[DONE]`.
     fn close(&self) -> Vec<Event> {
         let mut out = Vec::new();
-        if self.include_usage {
+        if self.usage.last_chunk() {
             let usage = usage(self.n, self.results.iter().flatten());
             let head = &self.meta.head;
             out.push(match self.meta.kind {
@@ -452,16 +493,18 @@ fn chunks(
     n: u32,
     owner: CancelOnDrop,
     meta: Meta,
-    include_usage: bool,
+    usage: StreamUsage,
 ) -> impl Stream<Item = Result<Event, Infallible>> + Send {
     let state = Arc::new(Mutex::new(Streamed {
         meta,
         n,
-        include_usage,
+        usage,
         owner,
         prompts,
         results: vec![None; ids.len()],
         opened: vec![false; ids.len()],
+        prompt_tokens: vec![0; ids.len()],
+        generated: vec![0; ids.len()],
         ended: 0,
     }));
     let follows = ids.iter().enumerate().map(|(choice, id)| {
@@ -481,16 +524,54 @@ fn lock(state: &Mutex<Streamed>) -> std::sync::MutexGuard<'_, Streamed> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Rewrites this group's error responses into OpenAI's shape (`{"error": {message, type, param, code}}`,
-/// invalid parameters as 400), from what [`ApiError`] recorded; headers (`Retry-After`, rate limits) stay.
+/// Whether `path` is one of OpenAI's that the gateway serves, or below one: its errors take OpenAI's shape.
+pub fn is_openai_path(path: &str) -> bool {
+    ["/v1/completions", "/v1/chat/completions", "/v1/models"]
+        .iter()
+        .any(|root| match path.strip_prefix(root) {
+            Some(rest) => rest.is_empty() || rest.starts_with('/'),
+            None => false,
+        })
+}
+
+/// The largest body of an error response read back to be rewritten (axum's plain-text rejections).
+const MAX_REWRITTEN_BODY: usize = 16 * 1024;
+
+/// Rewrites every error response under OpenAI's paths ([`is_openai_path`]) into OpenAI's shape
+/// (`{"error": {message, type, param, code}}`, invalid parameters as 400, our parameters' names as
+/// OpenAI's), whoever answered: a handler, the key check, the body limit, or the router itself (no such
+/// path, wrong method). What [`ApiError`] recorded says it; a response without that record (a framework's
+/// own rejection) is judged by its status, its text the message. Headers (`Retry-After`, rate limits,
+/// `WWW-Authenticate`) stay.
 pub async fn openai_errors(request: Request, next: Next) -> Response {
+    let openai = is_openai_path(request.uri().path());
     let response = next.run(request).await;
-    let Some(info) = response.extensions().get::<ErrorInfo>().cloned() else {
+    if !openai || !(response.status().is_client_error() || response.status().is_server_error()) {
         return response;
+    }
+    let info = response.extensions().get::<ErrorInfo>().cloned();
+    let (mut parts, body) = response.into_parts();
+    let info = match info {
+        Some(info) => info,
+        None => {
+            let text = axum::body::to_bytes(body, MAX_REWRITTEN_BODY)
+                .await
+                .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+                .unwrap_or_default();
+            ErrorInfo {
+                code: code_for(parts.status),
+                message: if text.is_empty() {
+                    parts.status.canonical_reason().unwrap_or("error").to_owned()
+                } else {
+                    text
+                },
+                param: None,
+            }
+        }
     };
-    let (mut parts, _) = response.into_parts();
     let param = info.param.as_deref().map(openai_param);
-    let body = openai::error_body(parts.status, info.code, &info.message, param.as_deref());
+    let message = openai::in_openai_terms(&info.message);
+    let body = openai::error_body(parts.status, info.code, &message, param.as_deref());
     parts.status = openai::status(parts.status);
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     let mut out = (parts.status, axum::Json(body)).into_response();
@@ -502,7 +583,89 @@ pub async fn openai_errors(request: Request, next: Next) -> Response {
     out
 }
 
+/// The stable code of an error response that did not say one.
+fn code_for(status: StatusCode) -> shared::ErrorCode {
+    use shared::ErrorCode;
+    match status {
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+        StatusCode::TOO_MANY_REQUESTS => ErrorCode::RateLimited,
+        StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => ErrorCode::Timeout,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Unavailable,
+        s if s.is_server_error() => ErrorCode::Internal,
+        // 400, 415, 422: a body the framework could not take.
+        _ => ErrorCode::InvalidJson,
+    }
+}
+
 /// Our parameter names as the OpenAI request spells them.
 fn openai_param(ours: &str) -> String {
     openai::param_name(ours.strip_prefix("parameters.").unwrap_or(ours)).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openais_paths_are_its_three_roots_and_what_lies_below_them() {
+        for path in [
+            "/v1/completions",
+            "/v1/completions/x",
+            "/v1/chat/completions",
+            "/v1/chat/completions/abc/def",
+            "/v1/models",
+            "/v1/models/EleutherAI/gpt-j-6b",
+        ] {
+            assert!(is_openai_path(path), "{path}");
+        }
+        for path in [
+            "/v1/jobs",
+            "/v1/queue",
+            "/v1/completionsx",
+            "/v1/modelsfoo",
+            "/run",
+            "/v1/chat",
+        ] {
+            assert!(!is_openai_path(path), "{path}");
+        }
+    }
+
+    /// A framework's own rejection (plain text, no [`ErrorInfo`]), such as axum's `Json` extractor's 415,
+    /// takes OpenAI's shape too, its text the message and its status the code; elsewhere it stays as it is.
+    #[tokio::test]
+    async fn a_rejection_without_our_record_is_rewritten_by_its_status_on_openais_paths_only() {
+        use tower::ServiceExt;
+        const TEXT: &str = "Expected request with `Content-Type: application/json`";
+        let rejection = || async { (StatusCode::UNSUPPORTED_MEDIA_TYPE, TEXT) };
+        let app = axum::Router::new()
+            .route("/v1/chat/completions", axum::routing::post(rejection))
+            .route("/v1/jobs", axum::routing::post(rejection))
+            .layer(axum::middleware::from_fn(openai_errors));
+        let call = |path: &'static str| {
+            let app = app.clone();
+            async move {
+                let request = Request::post(path).body(axum::body::Body::empty()).unwrap();
+                let response = app.oneshot(request).await.unwrap();
+                let status = response.status();
+                let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                    .await
+                    .unwrap();
+                (status, String::from_utf8_lossy(&bytes).into_owned())
+            }
+        };
+        let (status, body) = call("/v1/chat/completions").await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+            serde_json::json!({"error": {"message": TEXT, "type": "invalid_request_error", "param": null,
+                "code": "invalid_json"}})
+        );
+        assert_eq!(
+            call("/v1/jobs").await,
+            (StatusCode::UNSUPPORTED_MEDIA_TYPE, TEXT.to_owned())
+        );
+    }
 }

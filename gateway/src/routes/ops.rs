@@ -70,6 +70,16 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Readiness under the name vLLM and TGI use, which load testers and OpenAI-compatible tooling probe before
+/// they start: the same answer as `/readyz`.
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses(
+        (status = 200, description = "Ready: as `/readyz`", body = Readiness),
+        (status = 503, description = "Not ready: as `/readyz`", body = Readiness)))]
+pub async fn health(state: State<AppState>) -> Response {
+    readyz(state).await
+}
+
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses(
         (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),

@@ -3,11 +3,12 @@
 //! It takes the original body `{"data", "num_tokens", "decoding_strategy"}` (defaults 50 tokens and
 //! contrastive search, as the original ran them: contrastive with `penalty_alpha` 0.6 and `top_k` 4,
 //! "multinomial sampling" as `do_sample` with transformers' defaults, "beam search" with 4 beams) or our
-//! job body, queues the job like any other, waits for its result, and answers 200 with a JSON string: the
-//! prompt followed directly by the continuation, which is what the original returned (it decoded the
-//! prompt's ids and the new ids together). After `run_timeout` it answers 504 with the job id; the job
-//! goes on and can be polled. A client that hangs up before the answer cancels its job
-//! (`--cancel-on-disconnect`).
+//! job body, cleans its prompt as the original did (the `--prompt-*` flags: `a-zA-Z0-9 ?',.-`, at most 200
+//! characters by default, whatever `--prompt-policy` says), queues the job like any other, waits for its
+//! result, and answers 200 with a JSON string: the prompt followed directly by the continuation, which is
+//! what the original returned (it decoded the prompt's ids and the new ids together). After `run_timeout`
+//! it answers 504 with the job id; the job goes on and can be polled. A client that hangs up before the
+//! answer cancels its job (`--cancel-on-disconnect`).
 
 use axum::Extension;
 use axum::extract::State;
@@ -124,7 +125,9 @@ pub async fn run(
         .ok_or(ApiError::TooManyWaits(s.max_run_waits_per_client))?;
     let id = JobId::new_random();
     let registration = app.waiters.register(id, Interest::Done);
-    let (_, decision) = app.enqueue(id, request, &caller, None).await?;
+    let (_, decision) = app
+        .enqueue(id, request, &app.settings.prompts.run, &caller, None)
+        .await?;
     let mut owner = CancelOnDrop::new(&app, vec![id], s.cancel_on_disconnect);
     let waited = wait_final(&app, id, &registration).await;
     // Answered, or past the timeout after which the contract says the job goes on: either way not a hang-up.
@@ -157,7 +160,7 @@ mod tests {
     fn plan(body: serde_json::Value) -> shared::GenerationPlan {
         job_from_body(body)
             .unwrap()
-            .into_valid(&PromptRules::default())
+            .into_valid(&PromptRules::original())
             .unwrap()
             .plan
     }
@@ -191,6 +194,7 @@ mod tests {
                 temperature: 1.0,
                 top_k: Some(50),
                 top_p: None,
+                min_p: None,
                 typical_p: None,
                 seed: None
             }

@@ -317,6 +317,7 @@ pub fn started(id: JobId) -> JobReply {
         worker_id: "test-worker".into(),
         started_at_ms: now_ms(),
         redelivered: false,
+        prompt_tokens: None,
     })
 }
 

@@ -1,7 +1,8 @@
 //! Logits processors: the edits transformers makes to next-token scores before a strategy picks.
 //!
 //! Order and arithmetic follow `_get_logits_processor` in transformers 4.55.4: repetition penalty, n-gram
-//! blocking, `min_new_tokens` (EOS masked), then, for sampling only, temperature, top-k, top-p and typical-p.
+//! blocking, `min_new_tokens` (EOS masked), then, for sampling only, temperature, top-k, top-p, min-p and
+//! typical-p.
 //! They run as libtorch operations on the scores tensor where it lives, the same kernels transformers calls,
 //! so ties break the same way and nothing is copied to the host.
 
@@ -134,6 +135,21 @@ pub fn top_p_rows(scores: &Tensor, limit: &Tensor) -> Result<Tensor> {
     let vocab = remove.size().last().copied().unwrap_or(1);
     let _ = remove.f_narrow(-1, vocab - 1, 1)?.f_fill_(0)?;
     let remove = remove.f_scatter(1, &indices, &remove)?;
+    Ok(scores.f_masked_fill(&remove, f64::NEG_INFINITY)?)
+}
+
+/// Min-p sampling (transformers' `MinPLogitsWarper`, vLLM's `min_p`): removes tokens whose probability is
+/// below `min_p` times the likeliest token's.
+pub fn min_p(scores: &Tensor, min_p: f64) -> Result<Tensor> {
+    min_p_rows(scores, &row_column(scores, min_p as f32)?)
+}
+
+/// [`min_p`] with each row's own `min_p` in `min_p` (`[rows, 1]` float32); a row's 0 removes nothing. The
+/// likeliest token always stays (`min_p` is at most 1), which is transformers' `min_tokens_to_keep` of 1.
+pub fn min_p_rows(scores: &Tensor, min_p: &Tensor) -> Result<Tensor> {
+    let probs = scores.f_softmax(-1, Kind::Float)?;
+    let top = probs.f_amax([-1i64].as_slice(), true)?;
+    let remove = probs.f_lt_tensor(&top.f_mul(min_p)?)?;
     Ok(scores.f_masked_fill(&remove, f64::NEG_INFINITY)?)
 }
 

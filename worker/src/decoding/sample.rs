@@ -1,4 +1,4 @@
-//! Multinomial sampling: warp the scores (temperature, top-k, top-p, typical-p, in transformers' order),
+//! Multinomial sampling: warp the scores (temperature, top-k, top-p, min-p, typical-p, in transformers' order),
 //! then draw from their softmax.
 //!
 //! The draw happens on the host with a ChaCha generator per prompt: seeded, the same seed gives the same
@@ -17,6 +17,7 @@ pub struct Sampler {
     pub temperature: f64,
     pub top_k: Option<usize>,
     pub top_p: Option<f64>,
+    pub min_p: Option<f64>,
     pub typical_p: Option<f64>,
     pub seed: Option<u64>,
 }
@@ -42,6 +43,9 @@ impl Sampler {
         }
         if let Some(p) = self.top_p {
             s = processors::top_p(&s, p)?;
+        }
+        if let Some(p) = self.min_p {
+            s = processors::min_p(&s, p)?;
         }
         if let Some(p) = self.typical_p {
             s = processors::typical_p(&s, p)?;
@@ -90,6 +94,7 @@ mod tests {
             temperature,
             top_k,
             top_p,
+            min_p: None,
             typical_p: None,
             seed: Some(7),
         }
@@ -150,6 +155,75 @@ mod tests {
                 prop_assert!(kept[tok].is_finite());
             }
         }
+    }
+
+    /// transformers' `MinPLogitsWarper` (4.55.4) written out on the host in float64: the tokens it keeps.
+    fn min_p_reference(logits: &[f32], min_p: f64) -> Vec<bool> {
+        let max = logits.iter().copied().fold(f32::MIN, f32::max) as f64;
+        let z: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+        let probs: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp() / z).collect();
+        let top = probs.iter().copied().fold(0.0, f64::max);
+        probs.iter().map(|&p| p >= min_p * top).collect()
+    }
+
+    proptest! {
+        #[test]
+        fn min_p_keeps_the_tokens_at_least_min_p_times_as_likely_as_the_likeliest(
+            logits in prop::collection::vec(-6.0f32..6.0, 2..64), min_p in 0.0f64..=1.0,
+        ) {
+            let t = Tensor::from_slice(&logits).view([1, -1]);
+            let kept: Vec<bool> = to_vec_f32(&processors::min_p(&t, min_p).unwrap())
+                .unwrap()
+                .iter()
+                .map(|v| v.is_finite())
+                .collect();
+            let want = min_p_reference(&logits, min_p);
+            let max = logits.iter().copied().fold(f32::MIN, f32::max);
+            for (i, (&got, &want)) in kept.iter().zip(&want).enumerate() {
+                // A probability within float32 rounding of the threshold may fall either way.
+                let ratio = ((logits[i] - max) as f64).exp();
+                if (ratio - min_p).abs() > 1e-5 {
+                    prop_assert_eq!(got, want, "token {} of {:?} at min_p {}", i, logits, min_p);
+                }
+            }
+            prop_assert!(kept[argmax(&logits)], "the likeliest token always stays");
+        }
+
+        #[test]
+        fn min_p_of_one_is_greedy(logits in prop::collection::vec(-20.0f32..20.0, 2..64), seed in any::<u64>()) {
+            let mut logits = logits;
+            let best = argmax(&logits);
+            logits[best] += 1.0;
+            let s = Sampler { seed: Some(seed), min_p: Some(1.0), ..sampler(1.0, None, None) };
+            let t = Tensor::from_slice(&logits).view([1, -1]);
+            let mut rngs = vec![s.rng()];
+            prop_assert_eq!(s.pick(&t, &mut rngs, &[0]).unwrap(), vec![best as i64]);
+        }
+    }
+
+    #[test]
+    fn min_p_applies_after_temperature_top_k_and_top_p_as_in_transformers() {
+        // Probabilities 0.5, 0.3, 0.15, 0.05: min_p 0.2 alone keeps the first three (0.15 >= 0.1)...
+        let logits: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let t = Tensor::from_slice(&logits).view([1, -1]);
+        let kept = |s: Sampler| -> Vec<bool> {
+            to_vec_f32(&s.warp(&t).unwrap())
+                .unwrap()
+                .iter()
+                .map(|v| v.is_finite())
+                .collect()
+        };
+        let with = |temperature, top_p| Sampler {
+            min_p: Some(0.2),
+            ..sampler(temperature, None, top_p)
+        };
+        assert_eq!(kept(with(1.0, None)), [true, true, true, false]);
+        // ... at temperature 2 the distribution flattens and all four pass; at 0.5 it sharpens and the
+        // third goes (0.15² / 0.5² < 0.2): min-p reads the temperature-scaled probabilities.
+        assert_eq!(kept(with(2.0, None)), [true, true, true, true]);
+        assert_eq!(kept(with(0.5, None)), [true, true, false, false]);
+        // After top-p 0.6 has kept the first two, renormalised (0.625, 0.375), min-p 0.2 keeps both.
+        assert_eq!(kept(with(1.0, Some(0.6))), [true, true, false, false]);
     }
 
     #[test]

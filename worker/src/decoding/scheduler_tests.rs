@@ -80,6 +80,22 @@ fn mixed() -> Vec<(Vec<i64>, GenerationPlan)> {
             }),
         ),
         (vec![6], plan(p(Strategy::Greedy, 3))),
+        (
+            vec![2, 2, 9],
+            plan(GenerationParameters {
+                seed: Some(5),
+                min_p: Some(0.3),
+                top_k: Some(0),
+                ..p(Strategy::Sample, 12)
+            }),
+        ),
+        (
+            vec![3, 9],
+            plan(GenerationParameters {
+                ignore_eos: Some(true),
+                ..p(Strategy::Contrastive, 15)
+            }),
+        ),
     ]
 }
 

@@ -251,8 +251,8 @@ fn process(scores: Tensor, rows: &[Row<'_>]) -> Result<Tensor> {
     Ok(scores)
 }
 
-/// Sampling's warpers over sampling rows, in transformers' order: temperature, top-k, top-p, typical-p. A
-/// row without one of them gets neutral parameters for it and comes out unchanged.
+/// Sampling's warpers over sampling rows, in transformers' order: temperature, top-k, top-p, min-p,
+/// typical-p. A row without one of them gets neutral parameters for it and comes out unchanged.
 fn warp(scores: &Tensor, rows: &[&Row<'_>]) -> Result<Tensor> {
     let device = scores.device();
     let vocab = scores.size().last().copied().unwrap_or(1);
@@ -287,6 +287,11 @@ fn warp(scores: &Tensor, rows: &[&Row<'_>]) -> Result<Tensor> {
         // A row without top-p removes nothing (no cumulative mass is below -1).
         let limit = column(p.iter().map(|p| p.map_or(-1.0, |p| (1.0 - p) as f32)).collect())?;
         s = processors::top_p_rows(&s, &limit)?;
+    }
+    if let Some(p) = per_row(&|s| s.min_p) {
+        // A row without min-p removes nothing (no probability is below 0).
+        let min_p = column(p.iter().map(|p| p.unwrap_or(0.0) as f32).collect())?;
+        s = processors::min_p_rows(&s, &min_p)?;
     }
     if let Some(p) = per_row(&|s| s.typical_p) {
         let mass = column(p.iter().map(|p| p.unwrap_or(1.0) as f32).collect())?;
@@ -331,11 +336,18 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    fn sampler(top_k: Option<usize>, top_p: Option<f64>, typical_p: Option<f64>, t: f64) -> Sampler {
+    fn sampler(
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+        min_p: Option<f64>,
+        typical_p: Option<f64>,
+        t: f64,
+    ) -> Sampler {
         Sampler {
             temperature: t,
             top_k,
             top_p,
+            min_p,
             typical_p,
             seed: Some(1),
         }
@@ -435,6 +447,7 @@ mod tests {
                     prop::option::of((
                         prop::option::of(1usize..8),
                         prop::option::of(0.1f64..0.99),
+                        prop::option::of(0.01f64..0.9),
                         prop::option::of(0.2f64..0.99),
                         0.3f64..2.0,
                     )),
@@ -447,7 +460,7 @@ mod tests {
             let logits: Vec<Vec<f32>> = rows.iter().map(|_| (0..vocab).map(|_| rng.random_range(-4.0f32..4.0)).collect()).collect();
             let histories: Vec<Vec<i64>> = rows.iter().map(|_| (0..rng.random_range(1..12)).map(|_| rng.random_range(0..vocab as i64)).collect()).collect();
             let procs: Vec<Processors> = rows.iter().map(|(rep, ngram, min_new, _)| processors(*rep, *ngram, *min_new)).collect();
-            let samplers: Vec<Option<Sampler>> = rows.iter().map(|r| r.3.map(|(k, p, typ, t)| sampler(k, p, typ, t))).collect();
+            let samplers: Vec<Option<Sampler>> = rows.iter().map(|r| r.3.map(|(k, p, min_p, typ, t)| sampler(k, p, min_p, typ, t))).collect();
             // Each row's generator, twice: one draws the batch's uniform, its twin the reference's.
             let rngs: Vec<ChaCha8Rng> = (0..rows.len()).map(|i| ChaCha8Rng::seed_from_u64(seed ^ i as u64)).collect();
             let uniforms: Vec<f64> = rngs.iter().map(|r| r.clone().random::<f64>()).collect();
@@ -470,8 +483,36 @@ mod tests {
     }
 
     #[test]
+    fn a_row_without_min_p_comes_out_of_the_warpers_bit_for_bit_as_it_went_in() {
+        let logits: Vec<f32> = (0..48).map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.0).collect();
+        let scores = Tensor::from_slice(&logits).view([2, 24]);
+        let p = Processors::default();
+        let with = sampler(None, None, Some(0.3), None, 1.0);
+        let without = sampler(None, None, None, None, 1.0);
+        let row = |s| Row {
+            history: &[1],
+            generated: 0,
+            processors: &p,
+            sample: Some((s, 0.5)),
+            candidates: None,
+            mask: None,
+            logprobs: None,
+        };
+        let (a, b) = (row(&with), row(&without));
+        let warped = to_vec_f32(&warp(&scores, &[&a, &b]).unwrap()).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&warped[24..]), bits(&logits[24..]));
+        let alone = to_vec_f32(&with.warp(&scores.narrow(0, 0, 1)).unwrap()).unwrap();
+        assert_eq!(bits(&warped[..24]), bits(&alone));
+        assert!(
+            warped[..24].iter().any(|v| v.is_infinite()),
+            "min-p removed something"
+        );
+    }
+
+    #[test]
     fn a_token_without_probability_is_never_drawn_even_at_the_top_of_the_range() {
-        let s = sampler(Some(2), None, None, 1.0);
+        let s = sampler(Some(2), None, None, None, 1.0);
         let logits = Tensor::from_slice(&[1.0f32, 5.0, 4.0, -1.0]).view([1, -1]);
         let p = Processors::default();
         for u in [0.0, 0.5, 0.999_999_999_999] {

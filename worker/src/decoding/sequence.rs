@@ -15,7 +15,8 @@ use super::stop::{StopChecker, TextDecoder};
 use crate::lm::CausalLm;
 use shared::{GenerationPlan, TokenLogprob};
 
-/// What every step needs besides the sequence: the model, the text decoder (stop sequences) and EOS.
+/// What every step needs besides the sequence: the model, the text decoder (stop sequences) and the model's
+/// EOS (which a sequence's plan may ignore, see [`Common::new`]).
 pub(crate) struct Context<'a> {
     pub model: &'a dyn CausalLm,
     pub text: &'a dyn TextDecoder,
@@ -47,10 +48,17 @@ pub(crate) struct Common {
     pub token_logprobs: Vec<TokenLogprob>,
     /// The prompt's log-probabilities, from its prefill (when the plan asked for them).
     pub prompt_logprobs: Option<Vec<TokenLogprob>>,
+    /// The token that ends this sequence: the model's EOS, or none when the plan ignores it.
+    pub eos: Option<i64>,
 }
 
 impl Common {
+    /// A sequence of `prompt` under `plan`, in a model whose end-of-sequence token is `eos`, following
+    /// `grammar` if it has one. A plan that ignores EOS (vLLM's `ignore_eos`) sees none: the token neither
+    /// ends the sequence nor is masked before `min_new_tokens`, whatever the strategy, so the sequence runs
+    /// to `max_new_tokens` or a stop sequence.
     pub fn new(prompt: &[i64], plan: &GenerationPlan, eos: Option<i64>, grammar: Option<Constraint>) -> Self {
+        let eos = eos.filter(|_| !plan.ignore_eos);
         Self {
             tokens: prompt.to_vec(),
             prompt_len: prompt.len(),
@@ -62,6 +70,7 @@ impl Common {
             logprobs: plan.logprobs,
             token_logprobs: Vec::new(),
             prompt_logprobs: None,
+            eos,
         }
     }
 
@@ -71,7 +80,7 @@ impl Common {
 
     pub fn finish<'a>(&'a self, ctx: &'a Context<'_>) -> Finish<'a> {
         Finish {
-            eos: ctx.eos,
+            eos: self.eos,
             max_new_tokens: self.max_new_tokens,
             min_new_tokens: self.min_new_tokens,
             stop: &self.stop,

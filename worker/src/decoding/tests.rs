@@ -250,6 +250,47 @@ fn min_new_tokens_holds_off_eos_for_every_strategy() {
 }
 
 #[test]
+fn ignore_eos_runs_every_strategy_through_eos_to_max_new_tokens() {
+    let mut lm = HashLm::new(40, Some(0));
+    lm.eos_bias = 100.0; // EOS always wins when allowed: every sequence would end at its first token
+    for p in [
+        params(Strategy::Greedy, 10),
+        GenerationParameters {
+            seed: Some(1),
+            ..params(Strategy::Sample, 10)
+        },
+        GenerationParameters {
+            num_beams: Some(2),
+            ..params(Strategy::Beam, 10)
+        },
+        GenerationParameters {
+            max_new_tokens: Some(10),
+            ..Default::default()
+        },
+        // EOS is not masked before min_new_tokens either: it ends nothing, as in vLLM.
+        GenerationParameters {
+            min_new_tokens: Some(4),
+            ..params(Strategy::Greedy, 10)
+        },
+    ] {
+        let ignoring = GenerationParameters {
+            ignore_eos: Some(true),
+            ..p.clone()
+        };
+        for d in run(&lm, &prompts(), ignoring) {
+            assert_eq!(d.tokens.len(), 10, "{p:?}: {d:?}");
+            assert_eq!(d.finish_reason, FinishReason::Length, "{p:?}: {d:?}");
+            if p.strategy == Some(Strategy::Greedy) {
+                assert!(
+                    d.tokens.iter().all(|&t| t == 0),
+                    "EOS is generated and passed: {d:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn one_beam_is_greedy() {
     let lm = HashLm::new(40, None);
     let greedy = run(&lm, &prompts(), params(Strategy::Greedy, 10));

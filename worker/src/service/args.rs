@@ -102,6 +102,7 @@ pub struct ServeArgs {
 pub struct ServiceConfig {
     pub brokers: std::sync::Arc<shared::brokers::BrokerUrls>,
     pub topology: Topology,
+    /// How every job's prompt is taken (`--prompt-policy`): as written by default.
     pub rules: PromptRules,
     /// `None`: the engine's batch size.
     pub prefetch: Option<u16>,
@@ -114,7 +115,7 @@ pub struct ServiceConfig {
 impl ServeArgs {
     pub fn service_config(&self) -> Result<ServiceConfig, ServeError> {
         let topology = Topology::new(&self.namespace, self.delivery_limit).map_err(ServeError::Config)?;
-        let rules = self.prompt.rules().map_err(ServeError::Config)?;
+        let rules = self.prompt.job_rules().map_err(ServeError::Config)?;
         let worker_id = match &self.worker_id {
             Some(id) if !id.trim().is_empty() => id.trim().to_owned(),
             _ => default_worker_id(),
@@ -198,7 +199,11 @@ mod tests {
             "the batch size follows the device"
         );
         assert_eq!(cli.serve.batch_settings(), BatchSettings::default());
-        assert_eq!(config.rules, PromptRules::default());
+        assert_eq!(
+            config.rules,
+            PromptRules::AsWritten,
+            "the gateway cleans /run's prompts; a worker takes the text it is given"
+        );
         assert!(config.worker_id.ends_with(&format!("-{}", std::process::id())));
         assert_eq!(config.publish_timeout, std::time::Duration::from_secs(10));
         assert_eq!(cli.serve.watch_settings(), WatchSettings::default());
@@ -242,6 +247,8 @@ mod tests {
             "worker",
             "--model",
             "/m",
+            "--prompt-policy",
+            "clean",
             "--prompt-max-chars",
             "5",
             "--prompt-disallowed",
@@ -251,5 +258,8 @@ mod tests {
         let rules = cli.serve.service_config().unwrap().rules;
         assert!(rules.clean("abcdef").is_err());
         assert!(rules.clean("a$").is_err());
+        let as_written = Cli::try_parse_from(["worker", "--model", "/m", "--prompt-max-chars", "5"]).unwrap();
+        let rules = as_written.serve.service_config().unwrap().rules;
+        assert_eq!(rules.clean("abcdef $"), Ok("abcdef $".to_owned()));
     }
 }

@@ -160,6 +160,8 @@ pub struct Submitted {
     pub joined: oneshot::Receiver<usize>,
     /// The job's tokens as the steps make them; closed when the job leaves the batch.
     pub tokens: mpsc::UnboundedReceiver<Vec<u32>>,
+    /// Tokens of the prompt the engine runs, when it was tokenized (a stand-in without a text side does not).
+    pub prompt_tokens: Option<usize>,
     /// The job's outcome, its final text written; `None` when the engine thread ended it without one (it
     /// was given up on, or is gone).
     pub outcome: BoxFuture<'static, Option<Outcome>>,
@@ -280,11 +282,14 @@ impl EngineThread {
     }
 
     /// The plan a job runs under: a chat job gets the engine's chat stop too, so the stream holds back
-    /// what the engine will stop on.
+    /// what the engine will stop on; unless it ignores EOS, since that stop stands in for the end-of-turn
+    /// token a template without one lacks, and a job that ignores EOS (a benchmark's) wants every token
+    /// it asked for.
     pub fn plan(&self, input: &Input, plan: &GenerationPlan) -> GenerationPlan {
         let mut plan = plan.clone();
         let chat_stop = self.codec.as_ref().and_then(|c| c.chat_stop());
         if let (Input::Chat(_), Some(stop)) = (input, chat_stop)
+            && !plan.ignore_eos
             && !plan.stop.iter().any(|s| s == stop)
         {
             plan.stop.push(stop.to_owned());
@@ -301,9 +306,11 @@ impl EngineThread {
         let (joined, joined_rx) = oneshot::channel();
         let (tokens, tokens_rx) = mpsc::unbounded_channel();
         let (reply, outcome) = oneshot::channel();
+        let mut prompt_tokens = None;
         let rendered = match text::prepare(self.codec.clone(), input, &plan).await {
             Ok(prepared) => {
                 let stops = plan.stop.clone();
+                prompt_tokens = Some(prepared.prompt.ids.len()).filter(|&n| n > 0);
                 self.tx
                     .send(Command::Submit(Box::new(Request {
                         key,
@@ -335,6 +342,7 @@ impl EngineThread {
             key,
             joined: joined_rx,
             tokens: tokens_rx,
+            prompt_tokens,
             outcome: outcome.boxed(),
         })
     }
@@ -779,6 +787,42 @@ pub(crate) mod tests {
         let err = run(&engine, "one two three four five six").await.unwrap_err();
         assert_eq!(err.code, ErrorCode::ContextOverflow);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_chat_job_stops_at_the_default_templates_turn_unless_it_ignores_eos() {
+        let (generator, _) = echo();
+        let codec = Arc::new(PromptCodec::for_tests(64));
+        let engine = EngineThread::start(
+            move || Ok::<_, String>(Tokenizing(generator, codec)),
+            BatchSettings::default(),
+        )
+        .await
+        .unwrap();
+        let chat = Input::Chat(vec![shared::chat::ChatMessage::new(
+            shared::chat::Role::User,
+            "hi",
+        )]);
+        let stops = |ignore_eos| {
+            let plan = shared::GenerationParameters {
+                ignore_eos: Some(ignore_eos),
+                stop: vec!["END".into()],
+                ..Default::default()
+            }
+            .validate()
+            .unwrap();
+            engine.plan(&chat, &plan).stop
+        };
+        assert_eq!(stops(false), ["END", shared::chat::DEFAULT_CHAT_STOP]);
+        assert_eq!(
+            stops(true),
+            ["END"],
+            "the template's stand-in for an end-of-turn token goes with EOS; the client's stops stay"
+        );
+        assert_eq!(
+            engine.plan(&Input::Text("hi".into()), &plan()).stop,
+            Vec::<String>::new()
+        );
     }
 
     #[tokio::test]

@@ -2,8 +2,9 @@
 //!
 //! AMQP producers bypass the gateway, so nothing on `{ns}.jobs` is trusted: the correlation id must be a
 //! job id, the body must be a job of a version this worker understands, and the prompt and parameters pass
-//! the same [`PromptRules`] and checks the gateway applies. This module is pure (properties and bytes in,
-//! a verdict out) so every refusal is unit-tested without a broker.
+//! the worker's [`PromptRules`] (by default the text as written, less unsafe control characters; the
+//! gateway's cleaning of `/run` prompts passes them unchanged) and the checks the gateway applies. This
+//! module is pure (properties and bytes in, a verdict out) so every refusal is unit-tested without a broker.
 
 use lapin::BasicProperties;
 use shared::{ErrorBody, ErrorCode, JobId, JobRequest, PromptRules, ValidJob};
@@ -117,22 +118,38 @@ mod tests {
     const ID: &str = "4f9c2d1e-8b7a-4c3d-9e2f-1a2b3c4d5e6f";
 
     fn refused(p: BasicProperties, body: &str) -> Refused {
-        inspect(&p, body.as_bytes(), &PromptRules::default()).unwrap_err()
+        refused_under(p, body, &PromptRules::AsWritten)
+    }
+
+    fn refused_under(p: BasicProperties, body: &str, rules: &PromptRules) -> Refused {
+        inspect(&p, body.as_bytes(), rules).unwrap_err()
     }
 
     #[test]
-    fn a_well_formed_job_is_accepted_with_its_prompt_cleaned() {
-        let body = r#"{"version":1,"prompt":"Hello   $world","parameters":{"max_new_tokens":5}}"#;
+    fn a_well_formed_job_is_accepted_with_its_prompt_as_written_less_unsafe_controls() {
+        let body = r#"{"version":1,"prompt":"Hello\n  $world\u0000:","parameters":{"max_new_tokens":5}}"#;
         let ok = inspect(
             &props(Some(ID), Some("q")),
             body.as_bytes(),
-            &PromptRules::default(),
+            &PromptRules::AsWritten,
         )
         .unwrap();
         assert_eq!(ok.id.to_string(), ID);
         assert_eq!(ok.reply_to, "q");
-        assert_eq!(ok.job.prompt, "Hello world");
+        assert_eq!(ok.job.prompt, "Hello\n  $world:");
         assert_eq!(ok.job.plan.max_new_tokens, 5);
+    }
+
+    #[test]
+    fn a_worker_configured_to_clean_cleans_as_the_gateway_cleans_run() {
+        let body = r#"{"version":1,"prompt":"Hello   $world"}"#;
+        let ok = inspect(
+            &props(Some(ID), Some("q")),
+            body.as_bytes(),
+            &PromptRules::original(),
+        )
+        .unwrap();
+        assert_eq!(ok.job.prompt, "Hello world");
     }
 
     #[test]
@@ -148,7 +165,7 @@ mod tests {
         let r = inspect(
             &props(Some(ID), Some("q")),
             &[0xff, 0x00, 0x13],
-            &PromptRules::default(),
+            &PromptRules::AsWritten,
         )
         .unwrap_err();
         assert_eq!(r.error.code, ErrorCode::InvalidJson);
@@ -177,11 +194,19 @@ mod tests {
 
     #[test]
     fn the_gateway_rules_apply_again() {
-        let r = refused(props(Some(ID), Some("q")), r#"{"version":1,"prompt":"$$$"}"#);
+        let r = refused(props(Some(ID), Some("q")), r#"{"version":1,"prompt":"\u0001"}"#);
+        assert_eq!(r.error.code, ErrorCode::PromptEmpty);
+        let r = refused_under(
+            props(Some(ID), Some("q")),
+            r#"{"version":1,"prompt":"$$$"}"#,
+            &PromptRules::original(),
+        );
         assert_eq!(r.error.code, ErrorCode::PromptEmpty);
         let long = format!(r#"{{"version":1,"prompt":"{}"}}"#, "a".repeat(201));
         assert_eq!(
-            refused(props(Some(ID), Some("q")), &long).error.code,
+            refused_under(props(Some(ID), Some("q")), &long, &PromptRules::original())
+                .error
+                .code,
             ErrorCode::PromptTooLong
         );
         let r = refused(

@@ -131,6 +131,7 @@ mod tests {
             worker_id: "w".into(),
             started_at_ms: 1,
             redelivered: false,
+            prompt_tokens: None,
         })
     }
 

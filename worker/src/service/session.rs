@@ -497,6 +497,7 @@ impl Service {
         let plan = self.engine.plan(&input, &job.plan);
         let seen = self.remembered().get(&id);
         let mut engine_job = None;
+        let mut prompt_tokens = None;
         let (joined, remembered) = match seen {
             Some(remembered) => {
                 info!(job = %id, "job seen before; answering from its earlier generation");
@@ -530,6 +531,7 @@ impl Service {
                     let _ = done.await;
                     drop(permit);
                 });
+                prompt_tokens = submitted.prompt_tokens;
                 engine_job = Some((submitted.key, submitted.tokens));
                 (Some(submitted.joined), remembered)
             }
@@ -551,6 +553,7 @@ impl Service {
             // Answered from memory, the same start as the first time.
             started_at_ms: *remembered.started_at_ms.get_or_init(now_ms),
             redelivered,
+            prompt_tokens: prompt_tokens.map(|n| n as u32),
         });
         match to.publish(&started).await {
             // Progress news only: the job goes on without it.

@@ -106,6 +106,35 @@ check(contrastive.choices[0].text == job_text(
     BASE_A, PROMPT, {"strategy": "contrastive", "penalty_alpha": 0.6, "top_k": 4, "max_new_tokens": 6}),
     "extra fields select our strategies")
 
+# The model by its id (client.models.retrieve); an unknown one is 404 in OpenAI's shape.
+model = b.models.retrieve(MODEL)
+check(model.id == MODEL and model.object == "model", f"models.retrieve() gives the served model: {model}")
+try:
+    a.models.retrieve("no-such-model")
+    check(False, "an unknown model cannot be retrieved")
+except openai.NotFoundError as e:
+    check(e.body.get("code") == "model_not_found", f"unknown model retrieved: {e.body}")
+
+# What the SDK sends that changes nothing here is accepted and ignored: the same greedy text.
+ignored = a.chat.completions.create(
+    model=MODEL, messages=messages, max_tokens=10, temperature=0, user="user-1", metadata={"run": "ci"},
+    store=False, service_tier="auto", parallel_tool_calls=False, reasoning_effort="low",
+    safety_identifier="hash", prompt_cache_key="session",
+)
+check(ignored.choices[0].message.content == chat.choices[0].message.content,
+      "bookkeeping fields are accepted and change nothing")
+
+# vLLM's extras, as clients written for vLLM send them: ignore_eos generates every token asked, min_p samples.
+through = a.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0,
+                               extra_body={"ignore_eos": True})
+check(through.usage.completion_tokens == 16 and through.choices[0].finish_reason == "length",
+      f"ignore_eos runs to max_tokens: {through.usage}")
+sampled = a.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, seed=3, extra_body={"min_p": 0.05})
+check(sampled.usage.completion_tokens >= 1, f"min_p sampling: {sampled.usage}")
+
+# /health, where load testers look first.
+check(http("GET", f"{BASE_A}/health")["ready"] is True, "/health answers ready")
+
 # Errors in OpenAI's shape.
 try:
     a.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
@@ -123,4 +152,10 @@ try:
     check(False, "logprobs are refused")
 except openai.BadRequestError as e:
     check(e.body.get("param") == "logprobs", f"logprobs: {e.body}")
+try:
+    a.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5000)
+    check(False, "max_tokens past its bound is refused")
+except openai.BadRequestError as e:
+    check(e.body.get("param") == "max_tokens" and "max_new_tokens" not in e.body.get("message", ""),
+          f"the error names OpenAI's field: {e.body}")
 print("all openai SDK checks passed")

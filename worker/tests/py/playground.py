@@ -83,13 +83,14 @@ def run(page, base, shots):
              lambda: f"the live queue counts the ended job out, running: {page.text_content('#running')}")
     page.screenshot(path=f"{shots}/playground-succeeded.png", full_page=True)
 
-    # A refused submission (nothing is left of this prompt after cleaning: 422) shows the refusal in place of
-    # the last job's status, text and details.
-    page.fill("#prompt", "$$$")
+    # A refused submission (its prompt and max new tokens overflow the model's context: 422) shows the refusal
+    # in place of the last job's status, text and details.
+    page.fill("#max_new_tokens", "2048")
+    page.fill("#prompt", "Too long for the context")
     page.click("#submit")
     wait_for(page, "document.getElementById('status').textContent.startsWith('refused')", 10000,
              lambda: f"the refusal replaces the last job's status, status: {status()}")
-    if "prompt_empty" not in page.text_content("#error"):
+    if "context_overflow" not in page.text_content("#error"):
         fail(f"the refusal names its reason: {page.text_content('#error')}")
     if page.text_content("#output") or page.text_content("#detail"):
         fail(f"the last job's text is gone: {page.text_content('#output')!r} {page.text_content('#detail')!r}")
