@@ -125,7 +125,7 @@ pub struct GenerationParameters {
     /// and sampling only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u32>,
-    /// Return each prompt token's log-probability (from the second on) and this many likeliest
+    /// Return each prompt token's log-probability (the first's is null) and this many likeliest
     /// alternatives (0..=20); with it `max_new_tokens` may be 0 (score the prompt, generate nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_logprobs: Option<u32>,

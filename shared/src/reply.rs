@@ -170,7 +170,8 @@ pub struct Token {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TokenLogprob {
     pub id: u32,
-    pub logprob: f32,
+    /// `null` only for a prompt's first token, which nothing precedes.
+    pub logprob: Option<f32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub top: Vec<TopLogprob>,
 }
@@ -203,8 +204,8 @@ pub struct Succeeded {
     /// Each generated token's log-probability, when `parameters.logprobs` asked for them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<TokenLogprob>>,
-    /// Each prompt token's log-probability given the tokens before it, from the second token on (the first
-    /// has none), when `parameters.prompt_logprobs` asked for them.
+    /// Each prompt token's log-probability given the tokens before it (the first's is `null`), when
+    /// `parameters.prompt_logprobs` asked for them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_logprobs: Option<Vec<TokenLogprob>>,
     pub finished_at_ms: u64,

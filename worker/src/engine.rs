@@ -102,7 +102,7 @@ pub struct Generation {
     pub decode_ms: u64,
     /// Each generated token's log-probability, when the plan asked for them.
     pub logprobs: Option<Vec<shared::TokenLogprob>>,
-    /// The prompt's, from its second token on, when the plan asked for them.
+    /// The prompt's (the first token's is `None`), when the plan asked for them.
     pub prompt_logprobs: Option<Vec<shared::TokenLogprob>>,
 }
 

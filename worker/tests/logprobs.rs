@@ -41,10 +41,11 @@ fn reference(dir: &Path, sequences: &[Vec<i64>]) -> Vec<Vec<Reference>> {
 }
 
 fn assert_matches(ours: &TokenLogprob, theirs: &Reference, what: &str) {
+    let logprob = ours.logprob.expect("a logprob");
     assert!(
-        (ours.logprob - theirs.logprob).abs() < TOLERANCE,
+        (logprob - theirs.logprob).abs() < TOLERANCE,
         "{what}: {} vs transformers' {}",
-        ours.logprob,
+        logprob,
         theirs.logprob
     );
     assert_eq!(ours.top.len(), TOP, "{what}");
@@ -130,8 +131,9 @@ fn generated_and_prompt_logprobs_equal_transformers() {
     for (j, ((prompt, _), f)) in jobs.iter().zip(&results).enumerate() {
         let p = prompt.len();
         let prompt_lp = f.prompt_logprobs.as_ref().expect("prompt logprobs");
-        assert_eq!(prompt_lp.len(), p - 1);
-        for (t, lp) in prompt_lp.iter().enumerate() {
+        assert_eq!(prompt_lp.len(), p);
+        assert_eq!((prompt_lp[0].id as i64, prompt_lp[0].logprob), (prompt[0], None));
+        for (t, lp) in prompt_lp[1..].iter().enumerate() {
             assert_eq!(lp.id as i64, prompt[t + 1]);
             assert_matches(lp, &theirs[j][t], &format!("job {j} prompt token {}", t + 1));
         }

@@ -1168,7 +1168,7 @@ impl<'a> Scheduler<'a> {
     }
 }
 
-/// Each prompt token's log-probability given the tokens before it (from the second token on) and its
+/// Each prompt token's log-probability given the tokens before it (the first's is `None`) and its
 /// `alternatives` likeliest tokens: the prompt's hidden states `[prompt, n_embd]` through the model's head
 /// and a log-softmax, a slice of positions at a time (a 2,048-token prompt's logits would take 400 MB at
 /// once). Raw log-probabilities, as for generated tokens.
@@ -1179,7 +1179,14 @@ fn score_prompt(
     alternatives: usize,
 ) -> Result<Vec<shared::TokenLogprob>> {
     const SLICE: usize = 256;
-    let mut out = Vec::with_capacity(prompt.len().saturating_sub(1));
+    let mut out = Vec::with_capacity(prompt.len());
+    if let Some(&first) = prompt.first() {
+        out.push(shared::TokenLogprob {
+            id: first as u32,
+            logprob: None,
+            top: Vec::new(),
+        });
+    }
     let mut at = 0;
     while at + 1 < prompt.len() {
         let n = SLICE.min(prompt.len() - 1 - at);
@@ -1207,7 +1214,7 @@ fn score_prompt(
                 .collect();
             out.push(shared::TokenLogprob {
                 id: id as u32,
-                logprob: picked[j],
+                logprob: Some(picked[j]),
                 top,
             });
         }

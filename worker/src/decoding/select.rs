@@ -177,7 +177,7 @@ fn unpack_logprobs(
             .collect();
         out[i] = Some(TokenLogprob {
             id: tokens[i] as u32,
-            logprob: picked.get(j).map_or(f32::NAN, |&v| float(v)),
+            logprob: picked.get(j).map(|&v| float(v)),
             top,
         });
     }
