@@ -43,6 +43,8 @@ pub struct App {
     pub context: crate::context::ContextCheck,
     /// Refuses jobs whose grammar does not compile.
     pub grammars: crate::grammar_check::GrammarCheck,
+    /// Token ids as OpenAI's log-probabilities name them.
+    pub vocabulary: crate::logprobs::Vocabulary,
     /// When this replica started, in Unix seconds (the OpenAI model list's `created`).
     pub started_at_s: u64,
 }

@@ -21,6 +21,7 @@ pub mod follow;
 pub mod grammar_check;
 pub mod keys;
 pub mod kv;
+pub mod logprobs;
 pub mod openai;
 pub mod openai_schema;
 pub mod openapi;
@@ -102,6 +103,7 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
     let context = context::ContextCheck::new(config.tokenizer.as_deref(), settings.context_length)
         .map_err(Error::Config)?;
     let grammars = grammar_check::GrammarCheck::new(context.tokenizer()).map_err(Error::Config)?;
+    let vocabulary = logprobs::Vocabulary::new(context.tokenizer()).map_err(Error::Config)?;
     Ok(Arc::new(app::App {
         settings,
         store,
@@ -115,6 +117,7 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
         openapi,
         context,
         grammars,
+        vocabulary,
         started_at_s: shared::reply::now_ms() / 1000,
     }))
 }

@@ -223,7 +223,8 @@ impl StreamUsage {
 macro_rules! with_shared_fields {
     ($callback:ident ! { $($input:tt)* }) => {
         $callback! { [$($input)*]
-            /// Tokens to generate at most. Default 16 for completions (as OpenAI), 50 for chat.
+            /// Tokens to generate at most. Default 16 for completions (as OpenAI), 50 for chat. Also 0, to
+            /// score a prompt only (completions with `echo` and `logprobs`; outside this schema's bound).
             #[schema(minimum = 1, maximum = 2048)]
             max_tokens: Option<u32>,
             /// Sampling temperature (default 1.0); 0 means greedy decoding.
@@ -457,11 +458,13 @@ with_shared_fields!(declare_request! {
         pub model: String,
         #[schema(schema_with = crate::openai_schema::prompt)]
         pub prompt: PromptInput,
-        /// Put the prompt before the generated text.
+        /// Put the prompt before the generated text; with `logprobs`, the prompt's tokens are scored too
+        /// (the first's is `null`) and `max_tokens` may be 0.
         pub echo: Option<bool>,
-        /// Not supported: only `null` (or absent) is accepted.
-        #[schema(schema_with = crate::openai_schema::null_only)]
-        pub logprobs: Option<serde_json::Value>,
+        /// Return each token's log-probability and this many likeliest alternatives (0 to 20); greedy
+        /// decoding and sampling (not streamed).
+        #[schema(minimum = 0, maximum = 20)]
+        pub logprobs: Option<u32>,
         /// Not supported: only 1 (or absent) is accepted.
         #[schema(minimum = 1, maximum = 1)]
         pub best_of: Option<u32>,
@@ -482,11 +485,10 @@ with_shared_fields!(declare_request! {
         /// OpenAI's newer name for `max_tokens`; if both are given they must agree.
         #[schema(minimum = 1, maximum = 2048)]
         pub max_completion_tokens: Option<u32>,
-        /// Not supported: only `false` (or absent) is accepted.
-        #[schema(schema_with = crate::openai_schema::false_only)]
+        /// Return each generated token's log-probability (greedy decoding and sampling; not streamed).
         pub logprobs: Option<bool>,
-        /// Not supported: only 0 (or absent) is accepted.
-        #[schema(maximum = 0)]
+        /// With `logprobs`, the likeliest alternatives to report at each position (0 to 20).
+        #[schema(minimum = 0, maximum = 20)]
         pub top_logprobs: Option<u32>,
         /// Not supported: only absent, `null` or `[]` is accepted.
         #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
@@ -671,11 +673,6 @@ impl CompletionRequest {
     /// still validates them. `default_max_tokens` applies when `max_tokens` is absent (OpenAI: 16).
     pub fn parameters(&self, default_max_tokens: u32) -> Result<GenerationParameters, ParamError> {
         require_neutral(
-            "logprobs",
-            absent_or(&self.logprobs, &[]),
-            "is not supported; only null is accepted",
-        )?;
-        require_neutral(
             "best_of",
             self.best_of.is_none_or(|b| b == 1),
             "is not supported; only 1 is accepted (use `n`)",
@@ -696,8 +693,16 @@ impl CompletionRequest {
                 ),
             ));
         }
-        self.shared()
-            .parameters(self.max_tokens.unwrap_or(default_max_tokens))
+        let mut p = self
+            .shared()
+            .parameters(self.max_tokens.unwrap_or(default_max_tokens))?;
+        if let Some(n) = self.logprobs {
+            not_streamed(self.stream())?;
+            p.logprobs = Some(n);
+            // OpenAI's `echo` with `logprobs` scores the prompt too (how evaluation harnesses score text).
+            p.prompt_logprobs = self.echo().then_some(n);
+        }
+        Ok(p)
     }
 
     /// Whether the prompt goes before the generated text.
@@ -711,16 +716,9 @@ impl ChatCompletionRequest {
     /// still validates them. `default_max_tokens` applies when neither `max_tokens` nor
     /// `max_completion_tokens` is given.
     pub fn parameters(&self, default_max_tokens: u32) -> Result<GenerationParameters, ParamError> {
-        require_neutral(
-            "logprobs",
-            self.logprobs != Some(true),
-            "is not supported; only false is accepted",
-        )?;
-        require_neutral(
-            "top_logprobs",
-            self.top_logprobs.is_none_or(|n| n == 0),
-            "is not supported; only 0 is accepted",
-        )?;
+        if self.top_logprobs.is_some_and(|n| n > 0) && self.logprobs != Some(true) {
+            return Err(param_error("top_logprobs", "needs `logprobs: true`"));
+        }
         let none = serde_json::json!("none");
         let empty = serde_json::json!([]);
         for (param, value, neutral) in [
@@ -745,7 +743,24 @@ impl ChatCompletionRequest {
             (a, b) => a.or(b).unwrap_or(default_max_tokens),
         };
         self.n()?;
-        self.shared().parameters(max_tokens)
+        let mut p = self.shared().parameters(max_tokens)?;
+        if self.logprobs == Some(true) {
+            not_streamed(self.stream())?;
+            p.logprobs = Some(self.top_logprobs.unwrap_or(0));
+        }
+        Ok(p)
+    }
+}
+
+/// Log-probabilities come with a whole answer: a stream's chunks do not carry them yet.
+fn not_streamed(stream: bool) -> Result<(), ParamError> {
+    if stream {
+        Err(param_error(
+            "logprobs",
+            "is not streamed yet; ask without `stream` (the whole answer carries them)",
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -851,9 +866,8 @@ impl Completion {
 pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
-    /// Always `null`: log-probabilities are not supported.
-    #[schema(value_type = Option<Object>)]
-    logprobs: Option<()>,
+    /// The tokens' log-probabilities when the request asked for them (`logprobs`), else `null`.
+    pub logprobs: Option<crate::logprobs::CompletionLogprobs>,
     /// `stop` or `length`; `null` on every chunk but a choice's last.
     #[schema(value_type = Option<String>)]
     pub finish_reason: Option<&'static str>,
@@ -922,9 +936,8 @@ impl ChatCompletion {
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
-    /// Always `null`: log-probabilities are not supported.
-    #[schema(value_type = Option<Object>)]
-    logprobs: Option<()>,
+    /// The generated tokens' log-probabilities when the request asked for them (`logprobs`), else `null`.
+    pub logprobs: Option<crate::logprobs::ChatLogprobs>,
     /// `stop` or `length`.
     #[schema(value_type = Option<String>)]
     pub finish_reason: Option<&'static str>,
@@ -1287,6 +1300,10 @@ mod tests {
             if field == "min_tokens" {
                 body["max_tokens"] = json!(shared::params::MAX_NEW_TOKENS_LIMIT);
             }
+            // Alternatives are asked for with log-probabilities, at the temperature that reports them.
+            if field == "top_logprobs" {
+                body["logprobs"] = json!(true);
+            }
             body[field] = if value.fract() == 0.0 {
                 json!(value as i64)
             } else {
@@ -1391,7 +1408,6 @@ mod tests {
     #[test]
     fn unsupported_completion_fields_are_refused_by_name_unless_neutral() {
         let refused = [
-            ("logprobs", json!(5)),
             ("best_of", json!(2)),
             ("suffix", json!("end")),
             ("logit_bias", json!({"50256": -100})),
@@ -1414,7 +1430,6 @@ mod tests {
     #[test]
     fn unsupported_chat_fields_are_refused_by_name_unless_neutral() {
         let refused = [
-            ("logprobs", json!(true)),
             ("top_logprobs", json!(2)),
             ("tools", json!([{"type": "function", "function": {"name": "f"}}])),
             ("tool_choice", json!("auto")),
@@ -1497,6 +1512,41 @@ mod tests {
         }
         let plain = chat(json!({"model": "m", "messages": messages, "response_format": {"type": "text"}}));
         assert_eq!(plain.parameters(50).unwrap().grammar, None);
+    }
+
+    #[test]
+    fn logprobs_map_to_the_jobs_and_echo_scores_the_prompt() {
+        let p = completion(json!({"model": "m", "prompt": "hi", "logprobs": 3, "temperature": 0}))
+            .parameters(16)
+            .unwrap();
+        assert_eq!((p.logprobs, p.prompt_logprobs), (Some(3), None));
+        let p =
+            completion(json!({"model": "m", "prompt": "hi", "logprobs": 1, "echo": true, "max_tokens": 0}))
+                .parameters(16)
+                .unwrap();
+        assert_eq!(
+            (p.logprobs, p.prompt_logprobs, p.max_new_tokens),
+            (Some(1), Some(1), Some(0))
+        );
+        assert!(p.validate().is_ok(), "scoring a prompt generates nothing");
+        let messages = json!([{"role": "user", "content": "hi"}]);
+        let p = chat(json!({"model": "m", "messages": messages, "logprobs": true, "top_logprobs": 4}))
+            .parameters(50)
+            .unwrap();
+        assert_eq!(p.logprobs, Some(4));
+        let p = chat(json!({"model": "m", "messages": messages, "logprobs": true}))
+            .parameters(50)
+            .unwrap();
+        assert_eq!(p.logprobs, Some(0));
+        let alone = chat(json!({"model": "m", "messages": messages, "top_logprobs": 2}));
+        assert_eq!(alone.parameters(50).unwrap_err().param, "top_logprobs");
+        let streamed = chat(json!({"model": "m", "messages": messages, "logprobs": true, "stream": true}));
+        assert_eq!(streamed.parameters(50).unwrap_err().param, "logprobs");
+        let no_echo = completion(json!({"model": "m", "prompt": "hi", "max_tokens": 0}));
+        assert!(
+            no_echo.parameters(16).unwrap().validate().is_err(),
+            "max_tokens 0 scores only with echo"
+        );
     }
 
     #[test]

@@ -126,7 +126,7 @@ impl<T> RecentGrammars<T> {
 }
 
 #[cfg(feature = "grammar")]
-pub use compile::{GrammarCompiler, Matcher};
+pub use compile::{GrammarCompiler, Matcher, token_bytes};
 
 #[cfg(feature = "grammar")]
 mod compile {
@@ -163,6 +163,16 @@ mod compile {
         }
     }
 
+    /// Every token id's bytes, as a byte-level (or byte-fallback) tokenizer decodes it: what grammars are
+    /// compiled against, and what log-probabilities name tokens by. A special token is its text after
+    /// llguidance's marker byte 0xFF (never a byte of UTF-8 text).
+    pub fn token_bytes(tokenizer: &tokenizers::Tokenizer) -> Result<Vec<Vec<u8>>, GrammarError> {
+        let broken = |e: &dyn std::fmt::Display| GrammarError(format!("the tokenizer's vocabulary: {e}"));
+        let json = tokenizer.to_string(false).map_err(|e| broken(&e))?;
+        let json: serde_json::Value = serde_json::from_str(&json).map_err(|e| broken(&e))?;
+        llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| broken(&e))
+    }
+
     /// Compiles grammars against one model's vocabulary. Built once (the vocabulary's trie takes tens of
     /// milliseconds), shared by every job.
     pub struct GrammarCompiler {
@@ -184,9 +194,7 @@ mod compile {
             eos: u32,
         ) -> Result<Self, GrammarError> {
             let broken = |e: &dyn std::fmt::Display| GrammarError(format!("the tokenizer's vocabulary: {e}"));
-            let json = tokenizer.to_string(false).map_err(|e| broken(&e))?;
-            let json: serde_json::Value = serde_json::from_str(&json).map_err(|e| broken(&e))?;
-            let mut words = llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| broken(&e))?;
+            let mut words = token_bytes(tokenizer)?;
             words.resize(vocab_size.max(words.len()), Vec::new());
             let info = TokRxInfo::new(words.len() as u32, eos);
             let vocabulary = Vocabulary {

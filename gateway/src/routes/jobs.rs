@@ -187,6 +187,14 @@ pub struct JobResult {
     pub finish_reason: shared::FinishReason,
     /// The most jobs the worker's running batch held while this one was in it.
     pub batch_size: Option<u32>,
+    /// Each generated token's id, log-probability and likeliest alternatives, when `logprobs` asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub logprobs: Option<Vec<shared::TokenLogprob>>,
+    /// The prompt's (the first token's logprob is `null`), when `prompt_logprobs` asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub prompt_logprobs: Option<Vec<shared::TokenLogprob>>,
 }
 
 #[derive(Debug, Default, Serialize, ToSchema)]
@@ -329,6 +337,8 @@ pub fn view(record: JobRecord, queue: Option<QueuePosition>) -> JobView {
         new_tokens: r.new_tokens,
         finish_reason: r.finish_reason,
         batch_size: r.batch_size,
+        logprobs: r.logprobs,
+        prompt_logprobs: r.prompt_logprobs,
     });
     JobView {
         id: record.id.to_string(),

@@ -277,7 +277,7 @@ async fn serve(
             }
         }
         owner.disarm();
-        answer(&meta, n, records)?.into_response()
+        answer(&meta, &app.vocabulary, n, records)?.into_response()
     };
     if let Some(d) = decision {
         d.write_headers(response.headers_mut());
@@ -313,7 +313,12 @@ fn usage<'a>(n: u32, results: impl Iterator<Item = &'a shared::reply::Succeeded>
     Usage::new(prompt, completion)
 }
 
-fn answer(meta: &Meta, n: u32, records: Vec<JobRecord>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+fn answer(
+    meta: &Meta,
+    vocabulary: &crate::logprobs::Vocabulary,
+    n: u32,
+    records: Vec<JobRecord>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let results = records.iter().map(finished).collect::<Result<Vec<_>, _>>()?;
     let usage = usage(n, results.iter().copied());
     let body = match meta.kind {
@@ -327,7 +332,12 @@ fn answer(meta: &Meta, n: u32, records: Vec<JobRecord>) -> Result<axum::Json<ser
                     } else {
                         r.text.clone()
                     };
-                    CompletionChoice::new(i as u32, text, Some(r.finish_reason))
+                    let mut choice = CompletionChoice::new(i as u32, text, Some(r.finish_reason));
+                    choice.logprobs = r.logprobs.as_ref().map(|generated| {
+                        let prompt = r.prompt_logprobs.as_deref().filter(|_| echo).unwrap_or_default();
+                        vocabulary.completion(prompt.iter().chain(generated))
+                    });
+                    choice
                 })
                 .collect();
             serde_json::to_value(openai::Completion::new(&meta.head, choices, usage))
@@ -336,7 +346,11 @@ fn answer(meta: &Meta, n: u32, records: Vec<JobRecord>) -> Result<axum::Json<ser
             let choices = results
                 .iter()
                 .enumerate()
-                .map(|(i, r)| openai::ChatChoice::new(i as u32, r.text.clone(), r.finish_reason))
+                .map(|(i, r)| {
+                    let mut choice = openai::ChatChoice::new(i as u32, r.text.clone(), r.finish_reason);
+                    choice.logprobs = r.logprobs.as_deref().map(|generated| vocabulary.chat(generated));
+                    choice
+                })
                 .collect();
             serde_json::to_value(openai::ChatCompletion::new(&meta.head, choices, usage))
         }
