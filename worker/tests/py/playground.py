@@ -1,7 +1,7 @@
 """Drives the playground in headless Chromium: the page loads from the gateway alone and carries its icon, a
 prompt submitted shows streamed text and ends `succeeded` with the live queue counting it out, a refused
-submission replaces the last job's status and text with the refusal, a long job is cancelled with the button,
-/docs renders.
+submission replaces the last job's status and text with the refusal, a JSON Schema in its box makes the text
+valid JSON of that schema, a long job is cancelled with the button, /docs renders.
 
 Usage: python playground.py BASE_URL SCREENSHOT_DIR
 
@@ -10,6 +10,7 @@ wheel carries its own driver: nothing is fetched from a browser vendor or from n
 failed check.
 """
 
+import json
 import os
 import re
 import sys
@@ -95,6 +96,33 @@ def run(page, base, shots):
     if page.text_content("#output") or page.text_content("#detail"):
         fail(f"the last job's text is gone: {page.text_content('#output')!r} {page.text_content('#detail')!r}")
     page.screenshot(path=f"{shots}/playground-refused.png", full_page=True)
+
+    # A JSON Schema in its box: the text is JSON valid against it (the random model writes noise otherwise).
+    prompt = "A person as JSON:"
+    page.fill("#prompt", prompt)
+    page.fill("#max_new_tokens", "200")
+    page.fill("#schema", json.dumps({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["name", "age"], "additionalProperties": False}))
+    page.click("#submit")
+    wait_for(page, "document.getElementById('status').textContent === 'succeeded'", 60000,
+             lambda: f"the constrained job ends succeeded, status: {status()}")
+    answer = page.text_content("#output")[len(prompt):]
+    try:
+        person = json.loads(answer)
+    except ValueError:
+        fail(f"the constrained output is JSON: {answer!r}")
+    if sorted(person) != ["age", "name"] or not 0 <= person["age"] <= 99 or len(person["name"]) > 12:
+        fail(f"the constrained output follows its schema: {person}")
+    page.screenshot(path=f"{shots}/playground-schema.png", full_page=True)
+    # A schema that is not JSON is refused in the page, before anything is sent.
+    page.fill("#schema", "{not json")
+    page.click("#submit")
+    wait_for(page, "document.getElementById('status').textContent.startsWith('refused')", 5000,
+             lambda: f"a broken schema is refused, status: {status()}")
+    if "not JSON" not in page.text_content("#error"):
+        fail(f"the refusal says the schema is not JSON: {page.text_content('#error')}")
+    page.fill("#schema", "")
 
     # A long job, cancelled with the button while it streams.
     page.fill("#max_new_tokens", "2000")
