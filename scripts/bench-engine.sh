@@ -5,7 +5,8 @@
 # lengths and mixed strategies join and leave; equal-length greedy jobs in the same run are the reference
 # each ratio divides by. Prints one table a run: tokens/s and the ratio to equal lengths, the median decode
 # step split into prefill / selection / forward / cache maintenance, cache copies and device→host readbacks
-# per decode step. The tables in docs/benchmarks.md come from here.
+# per decode step. Two more rows rerun the equal-length jobs with a JSON Schema each and with logprobs (5
+# alternatives): what structured output and logprobs cost. The tables in docs/benchmarks.md come from here.
 #
 #   scripts/bench-engine.sh                        # three runs: 256 jobs, batch 64, 64 new tokens a job
 #   RUNS=1 JOBS=128 BATCH=32 TOKENS=32 scripts/bench-engine.sh

@@ -4,8 +4,9 @@
 //! strategies join and leave, against equal-length greedy jobs in the same run (the same total of new
 //! tokens each way). What scales with the batch rather than with the model shows here.
 //!
-//! A fourth scenario runs the equal-length greedy jobs again with a JSON Schema each (constrained decoding:
-//! a grammar mask a row every step), so its ratio is what structured output costs.
+//! Two more scenarios run the equal-length greedy jobs again, with a JSON Schema each (constrained decoding:
+//! a grammar mask a row every step) and with log-probabilities (each token's and its 5 likeliest
+//! alternatives), so their ratios are what structured output and logprobs cost.
 //!
 //! `cargo run --release -p worker --example bench_engine -- [--jobs 256] [--batch 64] [--tokens 64]`
 //! (scripts/bench-engine.sh runs it three times). Prints one table: tokens per second and the ratio to equal
@@ -59,6 +60,7 @@ enum Scenario {
     StaggeredGreedy,
     StaggeredMixed,
     EqualJson,
+    EqualLogprobs,
 }
 
 impl Scenario {
@@ -68,12 +70,16 @@ impl Scenario {
             Scenario::StaggeredGreedy => "staggered, greedy",
             Scenario::StaggeredMixed => "staggered, 6 greedy : 3 sample : 1 contrastive",
             Scenario::EqualJson => "equal lengths, greedy, a JSON Schema each",
+            Scenario::EqualLogprobs => "equal lengths, greedy, logprobs with 5 alternatives",
         }
     }
 
     /// Job `i`'s parameters; every scenario's lengths add up to `jobs × tokens`.
     fn parameters(self, i: usize, jobs: usize, tokens: usize) -> GenerationParameters {
-        let staggered = !matches!(self, Scenario::EqualGreedy | Scenario::EqualJson);
+        let staggered = !matches!(
+            self,
+            Scenario::EqualGreedy | Scenario::EqualJson | Scenario::EqualLogprobs
+        );
         // Lengths spread evenly over [tokens/4, 7·tokens/4), in an order that mixes short and long.
         let n = if staggered {
             let k = (i * 37) % jobs;
@@ -104,6 +110,11 @@ impl Scenario {
                     "type": "array",
                     "items": {"type": "string", "maxLength": 8}
                 }))),
+                ..base
+            },
+            (Scenario::EqualLogprobs, _) => GenerationParameters {
+                strategy: Some(Strategy::Greedy),
+                logprobs: Some(5),
                 ..base
             },
             _ => GenerationParameters {
@@ -244,6 +255,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::StaggeredGreedy,
         Scenario::StaggeredMixed,
         Scenario::EqualJson,
+        Scenario::EqualLogprobs,
     ] {
         let m = run(&model, &grammars, &args, scenario)?;
         let rate = m.tokens as f64 / m.wall.as_secs_f64();
