@@ -116,8 +116,22 @@ STRATEGY = [
     # A bound that is another field's value.
     ("invalid_parameter", r"must not exceed max_new_tokens", "min_new_tokens above max_new_tokens"),
 ]
+GRAMMAR = [
+    # A grammar (a JSON Schema, a regular expression, a Lark grammar) is refused when it does not compile:
+    # only compiling it against the vocabulary tells, and a random string is rarely a valid pattern.
+    ("invalid_parameter", r"^invalid `(grammar|response_format|structured_outputs|guided_[a-z]+)`",
+     "a grammar that does not compile"),
+    # Relations of two fields: one constraint at most; a grammar decides where the text ends, so it cannot
+    # be combined with a minimum length; alternatives come with logprobs; logprobs are not streamed yet.
+    ("invalid_parameter", r"constrains the text a second time", "two constraints"),
+    ("invalid_parameter", r"cannot be combined with a grammar", "min_new_tokens with a grammar"),
+    ("invalid_parameter", r"needs `logprobs: true`", "top_logprobs without logprobs"),
+    ("invalid_parameter", r"is not streamed yet", "logprobs with stream"),
+    # Log-probabilities are reported for greedy decoding and sampling: a rule on the value of `strategy`.
+    ("invalid_parameter", r"is given for greedy decoding and sampling", "logprobs with contrastive or beam"),
+]
 EXCUSED = {
-    "POST /v1/jobs": AS_WRITTEN + INTEGRAL + STRATEGY + [
+    "POST /v1/jobs": AS_WRITTEN + INTEGRAL + STRATEGY + GRAMMAR + [
         # What a key may be reused for depends on the requests before this one.
         ("idempotency_key_reused", r"", "an Idempotency-Key an earlier request used with another body"),
         ("invalid_parameter", r"has a `prompt` or `messages`, not both",
@@ -130,10 +144,10 @@ EXCUSED = {
         ("invalid_parameter", r"`stop`: (at most|each sequence)", "too many or too long stop sequences"),
     ],
     "POST /run": CLEANED + INTEGRAL,
-    "POST /v1/completions": AS_WRITTEN + INTEGRAL + STRATEGY + [
+    "POST /v1/completions": AS_WRITTEN + INTEGRAL + STRATEGY + GRAMMAR + [
         ("invalid_parameter", r"prompts times n", "more prompts times n than 8 choices: a product of two fields"),
     ],
-    "POST /v1/chat/completions": AS_WRITTEN + INTEGRAL + STRATEGY + [
+    "POST /v1/chat/completions": AS_WRITTEN + INTEGRAL + STRATEGY + GRAMMAR + [
         ("invalid_parameter", r"but max_tokens is", "max_tokens and max_completion_tokens that disagree"),
     ],
 }

@@ -314,20 +314,23 @@ macro_rules! with_shared_fields {
             /// `{"type": "text"}` (the default), `{"type": "json_object"}` (any JSON object) or
             /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`: the text is valid JSON
             /// of that schema (constrained decoding). Accepted on completions too, as vLLM does.
-            #[schema(value_type = Option<Object>)]
+            #[schema(schema_with = crate::openai_schema::response_format)]
             response_format: Option<ResponseFormat>,
             /// Extension (vLLM's): one of `json` (a JSON Schema), `regex`, `choice` (a list of strings),
             /// `grammar` (Lark) or `json_object: true` constrains the text.
-            #[schema(value_type = Option<Object>)]
+            #[schema(schema_with = crate::openai_schema::structured_outputs)]
             structured_outputs: Option<StructuredOutputs>,
             /// Extension (vLLM's older name for `structured_outputs.json`).
             #[schema(value_type = Option<Object>)]
             guided_json: Option<serde_json::Value>,
             /// Extension (vLLM's older name for `structured_outputs.regex`).
+            #[schema(min_length = 1)]
             guided_regex: Option<String>,
             /// Extension (vLLM's older name for `structured_outputs.choice`).
+            #[schema(schema_with = crate::openai_schema::guided_choice)]
             guided_choice: Option<Vec<String>>,
             /// Extension (vLLM's older name for `structured_outputs.grammar`).
+            #[schema(min_length = 1)]
             guided_grammar: Option<String>,
             /// Extension (vLLM's): accepted and ignored; the grammar engine is llguidance.
             guided_decoding_backend: Option<String>,

@@ -89,3 +89,74 @@ pub fn none_only() -> RefOr<Schema> {
         "enum": ["none", null],
     }))
 }
+
+/// `response_format`: text, any JSON object, or JSON of a schema (constrained decoding).
+pub fn response_format() -> RefOr<Schema> {
+    literal(json!({
+        "description": "`{\"type\": \"text\"}` (the default), `{\"type\": \"json_object\"}`, or \
+            `{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"}}`: the text is valid \
+            JSON of that schema.",
+        "oneOf": [
+            {"type": "null"},
+            {
+                "type": "object",
+                "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}},
+                "required": ["type"],
+                "additionalProperties": false,
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"type": "string", "enum": ["json_schema"]},
+                    "json_schema": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string"},
+                            "description": {"type": "string"},
+                            "schema": {"type": "object"},
+                            "strict": {"type": ["boolean", "null"]},
+                        },
+                        "additionalProperties": false,
+                    },
+                },
+                "required": ["type", "json_schema"],
+                "additionalProperties": false,
+            },
+        ],
+    }))
+}
+
+/// A choice constraint's strings: 1 to 1,024, none empty.
+fn choices_schema(description: &str) -> serde_json::Value {
+    json!({
+        "description": description,
+        "type": ["array", "null"],
+        "items": {"type": "string", "minLength": 1},
+        "minItems": 1,
+        "maxItems": shared::grammar::MAX_GRAMMAR_CHOICES,
+    })
+}
+
+/// vLLM's `guided_choice`.
+pub fn guided_choice() -> RefOr<Schema> {
+    literal(choices_schema(
+        "Extension (vLLM's older name for `structured_outputs.choice`).",
+    ))
+}
+
+/// vLLM's `structured_outputs`: one of its constraints.
+pub fn structured_outputs() -> RefOr<Schema> {
+    literal(json!({
+        "description": "Extension (vLLM's): one of `json` (a JSON Schema, or its JSON text), `regex`, `choice`, \
+            `grammar` (Lark) or `json_object: true` constrains the text.",
+        "type": ["object", "null"],
+        "properties": {
+            "json": {"type": ["object", "string", "boolean"]},
+            "regex": {"type": ["string", "null"], "minLength": 1},
+            "choice": choices_schema("Exactly one of these strings."),
+            "grammar": {"type": ["string", "null"], "minLength": 1},
+            "json_object": {"type": ["boolean", "null"]},
+        },
+        "additionalProperties": false,
+    }))
+}
