@@ -5,11 +5,12 @@
 //! masks in parallel (rayon) while the forward pass runs ([`Constraint::refresh_all`] on another thread), so
 //! on a GPU they cost no step time. The masks reach the device as packed bits (6 KB a row for a 50k
 //! vocabulary, not 50 KB of booleans), unpacked and applied there with the other logits processors
-//! ([`apply_masks`]): one upload a step for every constrained row together, no readback.
+//! ([`apply_masks`]): one upload a step for every constrained row together, no readback. (On the CPU the bits
+//! are unpacked on the host, which is there already.)
 
 use rayon::prelude::*;
 use shared::grammar::Matcher;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::error::{DecodeError, Result};
 
@@ -110,7 +111,7 @@ pub(crate) fn lost(n: usize, why: &str) -> Vec<Result<()>> {
 }
 
 /// Sets to -inf every score a row's mask disallows; `masks[r]` is row `r`'s packed mask, `None` for an
-/// unconstrained row (left unchanged). One upload of the packed bits, unpacked on the device.
+/// unconstrained row (left unchanged). On an accelerator, one upload of the packed bits, unpacked there.
 pub(crate) fn apply_masks(scores: Tensor, masks: &[Option<&[u32]>]) -> Result<Tensor> {
     let Some(words) = masks.iter().flatten().map(|m| m.len()).max() else {
         return Ok(scores);
@@ -123,6 +124,32 @@ pub(crate) fn apply_masks(scores: Tensor, masks: &[Option<&[u32]>]) -> Result<Te
             words * 32
         )));
     }
+    if device == Device::Cpu {
+        // On the host the bits are unpacked where they are: one pass, no upload to save.
+        unpack_on_host(scores, masks, vocab)
+    } else {
+        unpack_on_device(scores, masks, words, vocab)
+    }
+}
+
+fn unpack_on_host(scores: Tensor, masks: &[Option<&[u32]>], vocab: i64) -> Result<Tensor> {
+    let mut disallowed = vec![false; masks.len() * vocab as usize];
+    for (r, m) in masks.iter().enumerate() {
+        let Some(m) = m else { continue };
+        let row = &mut disallowed[r * vocab as usize..(r + 1) * vocab as usize];
+        for (t, d) in row.iter_mut().enumerate() {
+            *d = m.get(t / 32).is_none_or(|w| w >> (t % 32) & 1 == 0);
+        }
+    }
+    let disallowed = Tensor::f_from_slice(&disallowed)?
+        .f_view([masks.len() as i64, vocab])?
+        .f_to_device(scores.device())?;
+    Ok(scores.f_masked_fill(&disallowed, f64::NEG_INFINITY)?)
+}
+
+/// The packed bits uploaded once and unpacked by the device: a 50k vocabulary's mask is 6 KB a row.
+fn unpack_on_device(scores: Tensor, masks: &[Option<&[u32]>], words: usize, vocab: i64) -> Result<Tensor> {
+    let device = scores.device();
     // Unconstrained rows allow everything (all bits set).
     let mut packed: Vec<i32> = Vec::with_capacity(masks.len() * words);
     for m in masks {
@@ -156,10 +183,9 @@ fn allowed(mask: &[u32], token: usize) -> bool {
 mod tests {
     use super::*;
     use crate::decoding::tensors::to_vec_f32;
-    use tch::Device;
 
     #[test]
-    fn masks_unpack_on_the_device_bit_for_bit() {
+    fn masks_unpack_bit_for_bit_on_the_device_and_on_the_host() {
         let vocab = 70usize;
         let scores =
             Tensor::from_slice(&(0..3 * vocab).map(|i| i as f32).collect::<Vec<_>>()).view([3, vocab as i64]);
@@ -169,15 +195,20 @@ mod tests {
             a[t / 32] |= 1 << (t % 32);
         }
         let b = vec![1u32, 0, 0];
-        let out = apply_masks(scores.shallow_clone(), &[Some(&a), None, Some(&b)]).unwrap();
-        let out = to_vec_f32(&out.view([-1])).unwrap();
-        let row = |r: usize| &out[r * vocab..(r + 1) * vocab];
-        for t in 0..vocab {
-            assert_eq!(row(0)[t].is_finite(), allowed(&a, t), "row 0 token {t}");
-            assert_eq!(row(1)[t], (vocab + t) as f32);
-            assert_eq!(row(2)[t].is_finite(), t == 0);
+        let masks = [Some(a.as_slice()), None, Some(b.as_slice())];
+        for out in [
+            unpack_on_device(scores.shallow_clone(), &masks, 3, vocab as i64).unwrap(),
+            unpack_on_host(scores.shallow_clone(), &masks, vocab as i64).unwrap(),
+        ] {
+            let out = to_vec_f32(&out.view([-1])).unwrap();
+            let row = |r: usize| &out[r * vocab..(r + 1) * vocab];
+            for t in 0..vocab {
+                assert_eq!(row(0)[t].is_finite(), allowed(&a, t), "row 0 token {t}");
+                assert_eq!(row(1)[t], (vocab + t) as f32);
+                assert_eq!(row(2)[t].is_finite(), t == 0);
+            }
+            assert_eq!(row(0)[69], 69.0, "allowed scores are untouched");
         }
-        assert_eq!(row(0)[69], 69.0, "allowed scores are untouched");
     }
 
     #[test]
