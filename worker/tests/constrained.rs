@@ -2,31 +2,12 @@
 //! with a grammar ends with text its grammar accepts, though the model's own output is noise; jobs without
 //! one, in the same batch, get exactly the tokens they get alone.
 
-use std::collections::HashMap;
+mod common;
 
 use serde_json::{Value, json};
 use shared::{FinishReason, GenerationParameters, GenerationPlan, Grammar, Strategy};
-use worker::decoding::{Event, FinishedSequence, Limits, Request, StopChecker};
-use worker::engine::{Engine, EngineOptions};
-use worker::model::LoadOptions;
-use worker::tiny::{TinyConfig, write_tiny_model};
-
-struct Tiny {
-    _dir: tempfile::TempDir,
-    engine: Engine,
-}
-
-fn tiny() -> Tiny {
-    let dir = tempfile::tempdir().expect("temp dir");
-    write_tiny_model(dir.path(), &TinyConfig::tiny(), 5).expect("writes");
-    let engine = Engine::load(&EngineOptions {
-        model_dir: dir.path().to_path_buf(),
-        load: LoadOptions::default(),
-        threads: None,
-    })
-    .expect("loads");
-    Tiny { _dir: dir, engine }
-}
+use worker::decoding::{FinishedSequence, Request, StopChecker};
+use worker::engine::Engine;
 
 struct Job {
     prompt: &'static str,
@@ -34,41 +15,28 @@ struct Job {
 }
 
 /// Runs every job in one batch (all submitted before the first step) and returns each one's text and result.
-fn run(t: &Tiny, jobs: &[Job]) -> Vec<(String, FinishedSequence)> {
-    let codec = t.engine.codec();
-    let mut scheduler = t.engine.scheduler(Limits::unbounded());
-    let mut plans: Vec<GenerationPlan> = Vec::new();
-    for (i, job) in jobs.iter().enumerate() {
-        let plan = job.params.validate().expect("valid parameters");
-        let prompt = codec.prompt_tokens(job.prompt, &plan).expect("tokenizes");
-        let grammar = codec.grammar(&plan).expect("compiles");
-        scheduler
-            .submit(Request {
-                id: i as u64,
-                prompt,
-                plan: plan.clone(),
-                grammar,
-            })
-            .expect("submitted");
-        plans.push(plan);
-    }
-    let mut done: HashMap<u64, FinishedSequence> = HashMap::new();
-    tch::no_grad(|| {
-        while scheduler.has_work() {
-            for event in scheduler.step() {
-                if let Event::Finished { id, result } = event {
-                    done.insert(id, result.expect("finishes"));
-                }
-            }
-        }
-    });
-    (0..jobs.len())
-        .map(|i| {
-            let f = done.remove(&(i as u64)).expect("every job finishes");
+fn run(engine: &Engine, jobs: &[Job]) -> Vec<(String, FinishedSequence)> {
+    let codec = engine.codec();
+    let plans: Vec<GenerationPlan> = jobs.iter().map(|j| j.params.validate().expect("valid")).collect();
+    let requests = jobs
+        .iter()
+        .zip(&plans)
+        .enumerate()
+        .map(|(i, (job, plan))| Request {
+            id: i as u64,
+            prompt: codec.prompt_tokens(job.prompt, plan).expect("tokenizes"),
+            plan: plan.clone(),
+            grammar: codec.grammar(plan).expect("compiles"),
+        })
+        .collect();
+    common::run_batch(engine, requests)
+        .into_iter()
+        .zip(&plans)
+        .map(|(f, plan)| {
             let text = codec.final_text(
                 &f.decoded.tokens,
                 f.decoded.finish_reason,
-                &StopChecker::new(&plans[i].stop),
+                &StopChecker::new(&plan.stop),
             );
             (text, f)
         })
@@ -123,7 +91,7 @@ fn check_person(text: &str) {
 
 #[test]
 fn every_strategy_ends_with_text_its_grammar_accepts() {
-    let t = tiny();
+    let t = common::tiny_engine();
     let strategies = [
         Strategy::Greedy,
         Strategy::Sample,
@@ -178,7 +146,7 @@ fn every_strategy_ends_with_text_its_grammar_accepts() {
 
 #[test]
 fn the_model_alone_does_not_write_json_so_the_grammar_is_what_makes_it_valid() {
-    let t = tiny();
+    let t = common::tiny_engine();
     let results = run(
         &t,
         &[Job {
@@ -195,7 +163,7 @@ fn the_model_alone_does_not_write_json_so_the_grammar_is_what_makes_it_valid() {
 
 #[test]
 fn jobs_without_a_grammar_keep_their_tokens_beside_constrained_ones() {
-    let t = tiny();
+    let t = common::tiny_engine();
     let free = |s| Job {
         prompt: "The quick brown fox",
         params: params(s, None, 16),
@@ -231,7 +199,7 @@ fn jobs_without_a_grammar_keep_their_tokens_beside_constrained_ones() {
 
 #[test]
 fn a_grammar_cut_short_by_the_length_limit_says_length() {
-    let t = tiny();
+    let t = common::tiny_engine();
     let grammar = Grammar::Json(json!({"type": "object", "properties": {"s": {"type": "string"}},
         "required": ["s"], "additionalProperties": false}));
     let results = run(

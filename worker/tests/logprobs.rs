@@ -2,16 +2,14 @@
 //! in one batch) and each prompt token's, with their likeliest alternatives, are the raw log-softmax of
 //! GPTJForCausalLM's logits at that position, within float tolerance.
 
-use std::collections::HashMap;
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
 use serde::Deserialize;
 use shared::{GenerationParameters, Strategy, TokenLogprob};
-use worker::decoding::{Event, FinishedSequence, Limits, Request};
-use worker::engine::{Engine, EngineOptions};
-use worker::model::LoadOptions;
-use worker::tiny::{TinyConfig, write_tiny_model};
+use worker::decoding::Request;
 
 const TOP: usize = 5;
 const TOLERANCE: f32 = 2e-4;
@@ -23,14 +21,15 @@ struct Reference {
 }
 
 /// transformers' log-probabilities of each sequence's tokens from the second on.
-fn reference(dir: &Path, sequences: &[Vec<i64>]) -> Vec<Vec<Reference>> {
-    let out = dir.join("hf_logprobs.json");
+fn reference(model_dir: &Path, sequences: &[Vec<i64>]) -> Vec<Vec<Reference>> {
+    let work = tempfile::tempdir().expect("temp dir");
+    let out = work.path().join("hf_logprobs.json");
     let python =
         std::env::var_os("GPTJ_PYTHON").expect("GPTJ_PYTHON is set (scripts/test.sh provisions the venv)");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/hf_logprobs.py");
     let status = Command::new(python)
         .arg(script)
-        .arg(dir)
+        .arg(model_dir)
         .arg(serde_json::to_string(sequences).unwrap_or_default())
         .arg(TOP.to_string())
         .arg(&out)
@@ -61,42 +60,9 @@ fn assert_matches(ours: &TokenLogprob, theirs: &Reference, what: &str) {
     }
 }
 
-fn run(engine: &Engine, jobs: &[(Vec<i64>, GenerationParameters)]) -> Vec<FinishedSequence> {
-    let mut scheduler = engine.scheduler(Limits::unbounded());
-    for (i, (prompt, params)) in jobs.iter().enumerate() {
-        let request = Request {
-            id: i as u64,
-            prompt: prompt.clone(),
-            plan: params.validate().expect("valid"),
-            grammar: None,
-        };
-        scheduler.submit(request).expect("submitted");
-    }
-    let mut done: HashMap<u64, FinishedSequence> = HashMap::new();
-    tch::no_grad(|| {
-        while scheduler.has_work() {
-            for event in scheduler.step() {
-                if let Event::Finished { id, result } = event {
-                    done.insert(id, result.expect("finishes"));
-                }
-            }
-        }
-    });
-    (0..jobs.len() as u64)
-        .map(|i| done.remove(&i).expect("every job ends"))
-        .collect()
-}
-
 #[test]
 fn generated_and_prompt_logprobs_equal_transformers() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    write_tiny_model(dir.path(), &TinyConfig::tiny(), 9).expect("writes");
-    let engine = Engine::load(&EngineOptions {
-        model_dir: dir.path().to_path_buf(),
-        load: LoadOptions::default(),
-        threads: None,
-    })
-    .expect("loads");
+    let engine = common::tiny_engine();
     let scored = |strategy, n| GenerationParameters {
         strategy: Some(strategy),
         max_new_tokens: Some(n),
@@ -121,13 +87,23 @@ fn generated_and_prompt_logprobs_equal_transformers() {
             },
         ),
     ];
-    let results = run(&engine, &jobs);
+    let requests = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, (prompt, params))| Request {
+            id: i as u64,
+            prompt: prompt.clone(),
+            plan: params.validate().expect("valid"),
+            grammar: None,
+        })
+        .collect();
+    let results = common::run_batch(&engine, requests);
     let sequences: Vec<Vec<i64>> = jobs
         .iter()
         .zip(&results)
         .map(|((prompt, _), f)| [prompt.as_slice(), &f.decoded.tokens].concat())
         .collect();
-    let theirs = reference(dir.path(), &sequences);
+    let theirs = reference(common::tiny_model(), &sequences);
     for (j, ((prompt, _), f)) in jobs.iter().zip(&results).enumerate() {
         let p = prompt.len();
         let prompt_lp = f.prompt_logprobs.as_ref().expect("prompt logprobs");

@@ -14,19 +14,7 @@ use shared::{ErrorCode, JobReply};
 
 #[tokio::test]
 async fn unmodified_clients_get_answers_that_validate_against_their_schemas() {
-    let Some(python) = std::env::var_os("GPTJ_PYTHON") else {
-        panic!("GPTJ_PYTHON is not set: run the tests with scripts/test.sh, which provisions the venv");
-    };
-    let mut env = Env::new();
-    let base = env.gateway_with(&["--served-model-name", "gpt-j-tiny"]).await;
-    env.spawn_worker(&[]);
-    env.wait_for_consumers(1).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/structured_output.py");
-    let mut command = tokio::process::Command::new(python);
-    command.arg(script).args([&base, "gpt-j-tiny"]);
-    let stdout = env.run_checks(command).await;
-    assert!(stdout.contains("all structured output checks passed"), "{stdout}");
-    env.finish().await;
+    common::python_client_checks("structured_output.py", &[], "all structured output checks passed").await;
 }
 
 /// AMQP producers bypass the gateway: the worker compiles their grammar itself, fails the job whose grammar

@@ -24,6 +24,67 @@ use tokio::task::JoinHandle;
 pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379/";
 
+/// Runs the client script `tests/py/{script}` (the project venv's Python) against one gateway serving the
+/// model as `gpt-j-tiny` and one worker on the tiny GPT-J, with the gateway's base URL, the model's name, the
+/// tiny model's directory and `extra` as its arguments. The script exits non-zero naming the check that
+/// failed; its last line must be `done` (its own "all … passed").
+pub async fn python_client_checks(script: &str, extra: &[&std::ffi::OsStr], done: &str) {
+    let Some(python) = std::env::var_os("GPTJ_PYTHON") else {
+        panic!("GPTJ_PYTHON is not set: run the tests with scripts/test.sh, which provisions the venv");
+    };
+    let mut env = Env::new();
+    let base = env.gateway_with(&["--served-model-name", "gpt-j-tiny"]).await;
+    env.spawn_worker(&[]);
+    env.wait_for_consumers(1).await;
+    let mut command = tokio::process::Command::new(python);
+    command
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/py")
+                .join(script),
+        )
+        .args([&base, "gpt-j-tiny"])
+        .arg(tiny_model())
+        .args(extra);
+    let stdout = env.run_checks(command).await;
+    assert!(stdout.contains(done), "{stdout}");
+    env.finish().await;
+}
+
+/// The tiny GPT-J ([`tiny_model`]) loaded as the worker loads it: for tests that drive its scheduler.
+pub fn tiny_engine() -> worker::engine::Engine {
+    worker::engine::Engine::load(&worker::engine::EngineOptions {
+        model_dir: tiny_model().to_path_buf(),
+        load: worker::model::LoadOptions::default(),
+        threads: None,
+    })
+    .unwrap()
+}
+
+/// Submits every request to one running batch of `engine` before its first step and steps it until all have
+/// finished: their results, in the requests' order.
+pub fn run_batch(
+    engine: &worker::engine::Engine,
+    requests: Vec<worker::decoding::Request>,
+) -> Vec<worker::decoding::FinishedSequence> {
+    let mut scheduler = engine.scheduler(worker::decoding::Limits::unbounded());
+    let ids: Vec<u64> = requests.iter().map(|r| r.id).collect();
+    for request in requests {
+        scheduler.submit(request).unwrap();
+    }
+    let mut done = std::collections::HashMap::new();
+    tch::no_grad(|| {
+        while scheduler.has_work() {
+            for event in scheduler.step() {
+                if let worker::decoding::Event::Finished { id, result } = event {
+                    done.insert(id, result.unwrap());
+                }
+            }
+        }
+    });
+    ids.iter().map(|id| done.remove(id).unwrap()).collect()
+}
+
 /// The tiny GPT-J every test's workers load: written once per test binary.
 pub fn tiny_model() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();

@@ -3,7 +3,7 @@
 worker on the tiny random GPT-J. Its unconstrained output is noise, so only the constraint can make an answer
 parse and validate; every one must, for schemas of many shapes.
 
-Usage: structured_output.py BASE MODEL. Exits non-zero, naming the check, on the first failure.
+Usage: structured_output.py BASE MODEL [MODEL_DIR]. Exits non-zero, naming the check, on the first failure.
 """
 
 import json
