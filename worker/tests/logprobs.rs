@@ -74,7 +74,7 @@ fn generated_and_prompt_logprobs_equal_transformers() {
         prompt_logprobs: Some(TOP as u32),
         ..Default::default()
     };
-    let jobs = vec![
+    let jobs = [
         (vec![464, 2068, 7586, 21831], scored(Strategy::Greedy, 12)),
         (vec![15496, 995, 11, 616, 318, 257], scored(Strategy::Sample, 9)),
         // Scoring a prompt only: nothing generated.
