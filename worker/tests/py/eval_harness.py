@@ -9,15 +9,17 @@ import json
 import os
 import sys
 
+BASE, MODEL, MODEL_DIR, WORK = sys.argv[1:5]
+# Nothing from the hub, and the dataset's cache in the test's own directory (deleted with it), not ~/.cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["HF_DATASETS_CACHE"] = os.path.join(WORK, "datasets-cache")
 
 import lm_eval  # noqa: E402
 import torch  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import AutoTokenizer, GPTJForCausalLM  # noqa: E402
 
-BASE, MODEL, MODEL_DIR, WORK = sys.argv[1:5]
 TOLERANCE = 1e-3
 ITEMS = [
     {"context": "The capital of France is", "continuation": " Paris"},
