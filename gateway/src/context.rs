@@ -38,8 +38,8 @@ impl ContextCheck {
     }
 
     /// The served model's tokenizer.
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+    pub fn tokenizer(&self) -> Arc<Tokenizer> {
+        self.tokenizer.clone()
     }
 
     /// Refuses a text job whose prompt tokens and `max_new_tokens` overflow the context.

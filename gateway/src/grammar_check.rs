@@ -3,10 +3,12 @@
 //! before it is queued and charged, instead of failing on a worker.
 //!
 //! Compiling takes milliseconds and runs on Tokio's blocking pool; a grammar that compiled is remembered by
-//! its text (up to [`REMEMBERED`]), so a client sending the same schema again pays nothing. The worker
-//! compiles it again for its own model (AMQP producers bypass the gateway).
+//! its text (up to [`REMEMBERED`]), so a client sending the same schema again pays nothing. The compiler
+//! itself (the vocabulary's token trie) is built with the first grammar, not at startup: a gateway that
+//! never sees one never pays for it, and starts as fast as it did. The worker compiles it again for its own
+//! model (AMQP producers bypass the gateway).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use shared::grammar::{Grammar, GrammarCompiler, RecentGrammars};
 use shared::{InvalidParameter, ValidJob};
@@ -17,21 +19,20 @@ use crate::error::ApiError;
 pub const REMEMBERED: usize = 1024;
 
 pub struct GrammarCheck {
-    compiler: Arc<GrammarCompiler>,
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    compiler: Arc<OnceLock<Result<GrammarCompiler, String>>>,
     /// Grammars that compiled, by their text.
     known: RecentGrammars<()>,
 }
 
 impl GrammarCheck {
     /// Against `tokenizer`'s vocabulary (ids past it never match a grammar, so its size is enough here).
-    pub fn new(tokenizer: &tokenizers::Tokenizer) -> Result<Self, String> {
-        let eos = tokenizer.token_to_id("<|endoftext|>").unwrap_or(0);
-        let compiler = GrammarCompiler::new(tokenizer, tokenizer.get_vocab_size(true), eos)
-            .map_err(|e| format!("the grammar compiler: {e}"))?;
-        Ok(Self {
-            compiler: Arc::new(compiler),
+    pub fn new(tokenizer: Arc<tokenizers::Tokenizer>) -> Self {
+        Self {
+            tokenizer,
+            compiler: Arc::new(OnceLock::new()),
             known: RecentGrammars::new(REMEMBERED),
-        })
+        }
     }
 
     /// Refuses the job when its grammar does not compile.
@@ -43,10 +44,20 @@ impl GrammarCheck {
         if self.known.get_with(&key, |_| ()).is_some() {
             return Ok(());
         }
-        let compiler = self.compiler.clone();
-        let compiled = tokio::task::spawn_blocking(move || compile(&compiler, &grammar))
-            .await
-            .map_err(|e| ApiError::Internal(format!("compiling a grammar: {e}")))?;
+        let (compiler, tokenizer) = (self.compiler.clone(), self.tokenizer.clone());
+        let compiled = tokio::task::spawn_blocking(move || {
+            let compiler = compiler
+                .get_or_init(|| {
+                    let eos = tokenizer.token_to_id("<|endoftext|>").unwrap_or(0);
+                    GrammarCompiler::new(&tokenizer, tokenizer.get_vocab_size(true), eos)
+                        .map_err(|e| e.to_string())
+                })
+                .as_ref()
+                .map_err(|e| ApiError::Internal(format!("the grammar compiler: {e}")))?;
+            compile(compiler, &grammar)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("compiling a grammar: {e}")))?;
         compiled?;
         self.known.insert(key, ());
         Ok(())
@@ -81,7 +92,7 @@ mod tests {
 
     fn check() -> GrammarCheck {
         let tokenizer = tokenizers::Tokenizer::from_bytes(shared::tokens::GPTJ_TOKENIZER_JSON).unwrap();
-        GrammarCheck::new(&tokenizer).unwrap()
+        GrammarCheck::new(Arc::new(tokenizer))
     }
 
     #[tokio::test]

@@ -102,8 +102,8 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
     );
     let context = context::ContextCheck::new(config.tokenizer.as_deref(), settings.context_length)
         .map_err(Error::Config)?;
-    let grammars = grammar_check::GrammarCheck::new(context.tokenizer()).map_err(Error::Config)?;
-    let vocabulary = logprobs::Vocabulary::new(context.tokenizer()).map_err(Error::Config)?;
+    let grammars = grammar_check::GrammarCheck::new(context.tokenizer());
+    let vocabulary = logprobs::Vocabulary::new(context.tokenizer());
     Ok(Arc::new(app::App {
         settings,
         store,

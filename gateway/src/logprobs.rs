@@ -10,25 +10,36 @@ use serde::Serialize;
 use shared::TokenLogprob;
 use utoipa::ToSchema;
 
-/// Every token id's bytes.
+/// Every token id's bytes, read from the tokenizer with the first answer that needs them (not at startup).
 pub struct Vocabulary {
-    bytes: Vec<Vec<u8>>,
+    tokenizer: std::sync::Arc<tokenizers::Tokenizer>,
+    bytes: std::sync::OnceLock<Vec<Vec<u8>>>,
 }
 
 impl Vocabulary {
-    pub fn new(tokenizer: &tokenizers::Tokenizer) -> Result<Self, String> {
-        let mut bytes = shared::grammar::token_bytes(tokenizer).map_err(|e| e.to_string())?;
-        // A special token (`<|endoftext|>`) is named by its text, without the grammar engine's marker.
-        for b in &mut bytes {
-            if b.first() == Some(&0xFF) {
-                b.remove(0);
-            }
+    pub fn new(tokenizer: std::sync::Arc<tokenizers::Tokenizer>) -> Self {
+        Self {
+            tokenizer,
+            bytes: std::sync::OnceLock::new(),
         }
-        Ok(Self { bytes })
+    }
+
+    fn all(&self) -> &[Vec<u8>] {
+        self.bytes.get_or_init(|| {
+            // A vocabulary that cannot be read as bytes names every token by its id's absence: empty text.
+            let mut bytes = shared::grammar::token_bytes(&self.tokenizer).unwrap_or_default();
+            // A special token (`<|endoftext|>`) is named by its text, without the grammar engine's marker.
+            for b in &mut bytes {
+                if b.first() == Some(&0xFF) {
+                    b.remove(0);
+                }
+            }
+            bytes
+        })
     }
 
     fn bytes(&self, id: u32) -> &[u8] {
-        self.bytes.get(id as usize).map_or(&[], Vec::as_slice)
+        self.all().get(id as usize).map_or(&[], Vec::as_slice)
     }
 
     fn text(&self, id: u32) -> String {
@@ -126,7 +137,7 @@ mod tests {
 
     fn vocabulary() -> Vocabulary {
         let tokenizer = tokenizers::Tokenizer::from_bytes(shared::tokens::GPTJ_TOKENIZER_JSON).unwrap();
-        Vocabulary::new(&tokenizer).unwrap()
+        Vocabulary::new(std::sync::Arc::new(tokenizer))
     }
 
     fn scored(id: u32, logprob: Option<f32>, top: &[(u32, f32)]) -> TokenLogprob {
@@ -165,7 +176,7 @@ mod tests {
     fn chat_entries_carry_exact_bytes() {
         let v = vocabulary();
         // A token holding part of a UTF-8 character (byte-level BPE has many).
-        let partial = (0..v.bytes.len() as u32)
+        let partial = (0..v.all().len() as u32)
             .find(|&id| std::str::from_utf8(v.bytes(id)).is_err())
             .unwrap();
         let lp = v.chat(&[
