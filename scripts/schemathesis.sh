@@ -122,11 +122,10 @@ GRAMMAR = [
     ("invalid_parameter", r"^invalid `(grammar|response_format|structured_outputs|guided_[a-z]+)`",
      "a grammar that does not compile"),
     # Relations of two fields: one constraint at most; a grammar decides where the text ends, so it cannot
-    # be combined with a minimum length; alternatives come with logprobs; logprobs are not streamed yet.
+    # be combined with a minimum length; alternatives come with logprobs.
     ("invalid_parameter", r"constrains the text a second time", "two constraints"),
     ("invalid_parameter", r"cannot be combined with a grammar", "min_new_tokens with a grammar"),
     ("invalid_parameter", r"needs `logprobs: true`", "top_logprobs without logprobs"),
-    ("invalid_parameter", r"is not streamed yet", "logprobs with stream"),
     # Log-probabilities are reported for greedy decoding and sampling: a rule on the value of `strategy`.
     ("invalid_parameter", r"is given for greedy decoding and sampling", "logprobs with contrastive or beam"),
 ]

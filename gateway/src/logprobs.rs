@@ -5,6 +5,12 @@
 //! Token text comes from the vocabulary's bytes, built once from the served model's tokenizer. A byte-level
 //! token may hold part of a UTF-8 character: its `token` then shows U+FFFD where the part is, and its `bytes`
 //! are exact (OpenAI's reason for `bytes`).
+//!
+//! The worker's scores are `f32`; these shapes hold them as `f64`, the same value, so that however a body is
+//! serialized (a whole answer through `serde_json::Value`, a stream's chunk directly) it prints the value
+//! exactly as a client reads it into its doubles, as vLLM's (Python's) floats print: an `f32` serialized
+//! directly prints its shortest form, which a client parses to a different double, and the chunks of a
+//! stream would not equal the whole answer's.
 
 use serde::Serialize;
 use shared::TokenLogprob;
@@ -49,14 +55,24 @@ impl Vocabulary {
     /// Completions' shape, over `tokens` in order (with `echo`, the prompt's then the generated ones):
     /// `text_offset` counts characters of the tokens' texts before each.
     pub fn completion<'a>(&self, tokens: impl IntoIterator<Item = &'a TokenLogprob>) -> CompletionLogprobs {
+        self.completion_from(&mut 0, tokens)
+    }
+
+    /// [`Vocabulary::completion`] for a piece of a choice (a stream's chunk): `text_offset` counts on from
+    /// `offset`, the characters before the piece, which it leaves past the piece's last token, so a stream's
+    /// offsets run on across its chunks as one answer's do.
+    pub fn completion_from<'a>(
+        &self,
+        offset: &mut usize,
+        tokens: impl IntoIterator<Item = &'a TokenLogprob>,
+    ) -> CompletionLogprobs {
         let mut out = CompletionLogprobs::default();
-        let mut offset = 0;
         for t in tokens {
             let text = self.text(t.id);
-            out.text_offset.push(offset);
-            offset += text.chars().count();
+            out.text_offset.push(*offset);
+            *offset += text.chars().count();
             out.tokens.push(text);
-            out.token_logprobs.push(t.logprob);
+            out.token_logprobs.push(t.logprob.map(f64::from));
             out.top_logprobs.push(t.logprob.map(|_| {
                 t.top
                     .iter()
@@ -73,14 +89,14 @@ impl Vocabulary {
             .iter()
             .map(|t| ChatTokenLogprob {
                 token: self.text(t.id),
-                logprob: t.logprob.unwrap_or(f32::MIN),
+                logprob: f64::from(t.logprob.unwrap_or(f32::MIN)),
                 bytes: self.bytes(t.id).to_vec(),
                 top_logprobs: t
                     .top
                     .iter()
                     .map(|a| ChatTopLogprob {
                         token: self.text(a.id),
-                        logprob: a.logprob,
+                        logprob: f64::from(a.logprob),
                         bytes: self.bytes(a.id).to_vec(),
                     })
                     .collect(),
@@ -98,7 +114,7 @@ impl Vocabulary {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, ToSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<Option<f32>>,
+    pub token_logprobs: Vec<Option<f64>>,
     /// Each position's likeliest tokens as `{token: logprob}`.
     #[schema(value_type = Vec<Option<Object>>)]
     pub top_logprobs: Vec<Option<serde_json::Map<String, serde_json::Value>>>,
@@ -118,7 +134,7 @@ pub struct ChatLogprobs {
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ChatTokenLogprob {
     pub token: String,
-    pub logprob: f32,
+    pub logprob: f64,
     pub bytes: Vec<u8>,
     pub top_logprobs: Vec<ChatTopLogprob>,
 }
@@ -126,7 +142,7 @@ pub struct ChatTokenLogprob {
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ChatTopLogprob {
     pub token: String,
-    pub logprob: f32,
+    pub logprob: f64,
     pub bytes: Vec<u8>,
 }
 
@@ -165,6 +181,49 @@ mod tests {
         assert_eq!(lp.top_logprobs[0], None);
         let top = lp.top_logprobs[1].as_ref().unwrap();
         assert_eq!(top.keys().collect::<Vec<_>>(), [" world", ","]);
+    }
+
+    #[test]
+    fn a_pieces_offsets_run_on_from_the_characters_before_it() {
+        let v = vocabulary();
+        let tokens = [
+            scored(15496, Some(-0.5), &[]),
+            scored(995, Some(-1.5), &[]),
+            scored(11, Some(-2.5), &[]),
+        ];
+        let whole = v.completion(&tokens);
+        let mut offset = 0;
+        let first = v.completion_from(&mut offset, &tokens[..2]);
+        assert_eq!(offset, "Hello world".len(), "left past the piece");
+        let second = v.completion_from(&mut offset, &tokens[2..]);
+        assert_eq!(
+            [first.text_offset, second.text_offset].concat(),
+            whole.text_offset
+        );
+        assert_eq!([first.tokens, second.tokens].concat(), whole.tokens);
+    }
+
+    #[test]
+    fn a_score_prints_the_same_whole_or_streamed_as_the_exact_value_a_client_reads() {
+        let v = vocabulary();
+        let tokens = [scored(995, Some(-0.1), &[(995, -0.1)])];
+        let whole = |value: serde_json::Value| serde_json::to_string(&value).unwrap();
+        for (direct, through_value) in [
+            (
+                serde_json::to_string(&v.completion(&tokens)).unwrap(),
+                whole(serde_json::to_value(v.completion(&tokens)).unwrap()),
+            ),
+            (
+                serde_json::to_string(&v.chat(&tokens)).unwrap(),
+                whole(serde_json::to_value(v.chat(&tokens)).unwrap()),
+            ),
+        ] {
+            assert_eq!(direct, through_value);
+            assert!(
+                direct.contains(&f64::from(-0.1_f32).to_string()),
+                "the f32's exact value: {direct}"
+            );
+        }
     }
 
     #[test]

@@ -3,14 +3,14 @@
 //!
 //! Existing OpenAI clients, SDKs, frameworks and load testers then work against the gateway unchanged. Each
 //! field OpenAI (or vLLM, whose extensions such tools send) defines is handled one of three ways:
-//! - honoured: OpenAI's sampling fields, `stream_options` (vLLM's `continuous_usage_stats` included), vLLM's
-//!   `ignore_eos` and `min_p`, and our own decoding parameters (`strategy`, `top_k`, `num_beams`, …) as extra
-//!   fields, as vLLM takes its extras;
+//! - honoured: OpenAI's sampling fields, log-probabilities (streamed too), `stream_options` (vLLM's
+//!   `continuous_usage_stats` included), vLLM's `ignore_eos` and `min_p`, and our own decoding parameters
+//!   (`strategy`, `top_k`, `num_beams`, …) as extra fields, as vLLM takes its extras;
 //! - accepted and ignored, because it changes nothing here: bookkeeping (`user`, `metadata`, `store`,
 //!   `service_tier`, `safety_identifier`, `prompt_cache_key`), and hints for features a client only uses
 //!   along with others we refuse (`parallel_tool_calls`) or that a model without them has no use for
 //!   (`reasoning_effort`);
-//! - refused by name, when its meaning cannot be delivered (log-probabilities, tools, penalties), so a client
+//! - refused by name, when its meaning cannot be delivered (tools, penalties, `best_of`), so a client
 //!   never believes it got something it did not; each such field's neutral value is accepted.
 //!
 //! `docs/openai.md` lists them all. The route handlers do the I/O; nothing here does any.
@@ -465,7 +465,7 @@ with_shared_fields!(declare_request! {
         /// (the first's is `null`) and `max_tokens` may be 0.
         pub echo: Option<bool>,
         /// Return each token's log-probability and this many likeliest alternatives (0 to 20); greedy
-        /// decoding and sampling (not streamed).
+        /// decoding and sampling. Streamed, each chunk carries its tokens'.
         #[schema(minimum = 0, maximum = 20)]
         pub logprobs: Option<u32>,
         /// Not supported: only 1 (or absent) is accepted.
@@ -488,7 +488,8 @@ with_shared_fields!(declare_request! {
         /// OpenAI's newer name for `max_tokens`; if both are given they must agree.
         #[schema(minimum = 1, maximum = 2048)]
         pub max_completion_tokens: Option<u32>,
-        /// Return each generated token's log-probability (greedy decoding and sampling; not streamed).
+        /// Return each generated token's log-probability (greedy decoding and sampling). Streamed, each
+        /// chunk carries its tokens'.
         pub logprobs: Option<bool>,
         /// With `logprobs`, the likeliest alternatives to report at each position (0 to 20).
         #[schema(minimum = 0, maximum = 20)]
@@ -700,7 +701,6 @@ impl CompletionRequest {
             .shared()
             .parameters(self.max_tokens.unwrap_or(default_max_tokens))?;
         if let Some(n) = self.logprobs {
-            not_streamed(self.stream())?;
             p.logprobs = Some(n);
             // OpenAI's `echo` with `logprobs` scores the prompt too (how evaluation harnesses score text).
             p.prompt_logprobs = self.echo().then_some(n);
@@ -748,22 +748,9 @@ impl ChatCompletionRequest {
         self.n()?;
         let mut p = self.shared().parameters(max_tokens)?;
         if self.logprobs == Some(true) {
-            not_streamed(self.stream())?;
             p.logprobs = Some(self.top_logprobs.unwrap_or(0));
         }
         Ok(p)
-    }
-}
-
-/// Log-probabilities come with a whole answer: a stream's chunks do not carry them yet.
-fn not_streamed(stream: bool) -> Result<(), ParamError> {
-    if stream {
-        Err(param_error(
-            "logprobs",
-            "is not streamed yet; ask without `stream` (the whole answer carries them)",
-        ))
-    } else {
-        Ok(())
     }
 }
 
@@ -869,7 +856,9 @@ impl Completion {
 pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
-    /// The tokens' log-probabilities when the request asked for them (`logprobs`), else `null`.
+    /// The tokens' log-probabilities when the request asked for them (`logprobs`), else `null`. In a
+    /// chunk, those of the tokens the chunk adds (its text may be held back while they go), `text_offset`
+    /// running on across the chunks; a choice's last chunk carries none.
     pub logprobs: Option<crate::logprobs::CompletionLogprobs>,
     /// `stop` or `length`; `null` on every chunk but a choice's last.
     #[schema(value_type = Option<String>)]
@@ -972,9 +961,10 @@ pub struct Delta {
 pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: Delta,
-    /// Always `null`: log-probabilities are not supported.
-    #[schema(value_type = Option<Object>)]
-    logprobs: Option<()>,
+    /// The log-probabilities of the tokens this chunk adds, when the request asked for them (`logprobs`),
+    /// else `null`. A chunk whose text is held back (it may begin a stop sequence) may still carry its
+    /// tokens' entries; the role chunk and the last chunk carry none.
+    pub logprobs: Option<crate::logprobs::ChatLogprobs>,
     /// `stop` or `length` on a choice's last chunk, else `null`.
     #[schema(value_type = Option<String>)]
     pub finish_reason: Option<&'static str>,
@@ -1544,7 +1534,11 @@ mod tests {
         let alone = chat(json!({"model": "m", "messages": messages, "top_logprobs": 2}));
         assert_eq!(alone.parameters(50).unwrap_err().param, "top_logprobs");
         let streamed = chat(json!({"model": "m", "messages": messages, "logprobs": true, "stream": true}));
-        assert_eq!(streamed.parameters(50).unwrap_err().param, "logprobs");
+        assert_eq!(streamed.parameters(50).unwrap().logprobs, Some(0), "streamed too");
+        let streamed =
+            completion(json!({"model": "m", "prompt": "hi", "logprobs": 2, "echo": true, "stream": true}));
+        let p = streamed.parameters(16).unwrap();
+        assert_eq!((p.logprobs, p.prompt_logprobs), (Some(2), Some(2)));
         let no_echo = completion(json!({"model": "m", "prompt": "hi", "max_tokens": 0}));
         assert!(
             no_echo.parameters(16).unwrap().validate().is_err(),

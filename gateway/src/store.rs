@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use redis::Script;
 use shared::reply::{Failed, Started, Succeeded, now_ms};
-use shared::{ErrorBody, JobId, JobReply};
+use shared::{ErrorBody, JobId, JobReply, TokenLogprob};
 
 use crate::auth::ClientId;
 use crate::keys::Keys;
@@ -122,18 +122,32 @@ end
 "#;
 
 /// Appends a token entry for the tokens and text past the record's cursors (Lua, shared by the scripts).
+/// `scores`, when the job asked for log-probabilities, holds each of `ids`' as JSON, one a line
+/// ([`scores_arg`]; empty when there are none): the entry's `logprobs` are cut by the token cursor as its
+/// ids are, and copied as written (Lua's JSON would round-trip the floats through its own formatting).
 const APPEND_TOKENS: &str = r#"
-local function append_tokens(job, events, index, ids, offset, text)
+local function append_tokens(job, events, index, ids, offset, text, scores)
   local have_t = tonumber(redis.call('HGET', job, 'stream_tokens') or '0')
   local have_b = tonumber(redis.call('HGET', job, 'stream_bytes') or '0')
   if index > have_t or offset > have_b then return -1 end
-  local new = {}
-  for i = have_t - index + 1, #ids do new[#new + 1] = ids[i] end
+  local lines = nil
+  if scores ~= '' then
+    lines = {}
+    for line in string.gmatch(scores, '[^\n]+') do lines[#lines + 1] = line end
+    -- Not one per token: the producer is broken, and the entry goes without rather than misaligned.
+    if #lines ~= #ids then lines = nil end
+  end
+  local new, new_scores = {}, {}
+  for i = have_t - index + 1, #ids do
+    new[#new + 1] = ids[i]
+    if lines then new_scores[#new_scores + 1] = lines[i] end
+  end
   local tail = string.sub(text, have_b - offset + 1)
   if #new == 0 and #tail == 0 then return 0 end
-  redis.call('XADD', events, '*', 'event', 'token', 'data',
-    '{"index":' .. have_t .. ',"token_ids":[' .. table.concat(new, ',') .. '],"text":'
-      .. (cjson.encode(tail):gsub('\\/', '/')) .. '}')
+  local data = '{"index":' .. have_t .. ',"token_ids":[' .. table.concat(new, ',') .. '],"text":'
+    .. (cjson.encode(tail):gsub('\\/', '/'))
+  if lines then data = data .. ',"logprobs":[' .. table.concat(new_scores, ',') .. ']' end
+  redis.call('XADD', events, '*', 'event', 'token', 'data', data .. '}')
   redis.call('HSET', job, 'stream_tokens', have_t + #new, 'stream_bytes', have_b + #tail)
   return 1
 end
@@ -141,7 +155,8 @@ end
 
 // KEYS: job, running, taken, stats, events
 // ARGV: event, job id, now ms, key ttl ms, expires-at ms, worker id, payload json, inference ms,
-//       started-at ms, done channel, events channel, event data json
+//       started-at ms, done channel, events channel, event data json, the result's token log-probabilities
+//       ([`scores_arg`]; empty when it has none)
 const APPLY: &str = r#"
 local status = redis.call('HGET', KEYS[1], 'status')
 local event = ARGV[1]
@@ -180,7 +195,7 @@ else
     redis.call('HSET', KEYS[4], 'avg_inference_ms', tostring(avg))
     if status ~= false then
       local r = cjson.decode(ARGV[7])
-      append_tokens(KEYS[1], KEYS[5], 0, r.token_ids, 0, r.text)
+      append_tokens(KEYS[1], KEYS[5], 0, r.token_ids, 0, r.text, ARGV[13])
     end
   end
   redis.call('XADD', KEYS[5], '*', 'event', event, 'data', ARGV[12])
@@ -198,13 +213,14 @@ return 1
 "#;
 
 // KEYS: job, events
-// ARGV: index, token ids (comma-separated), text offset, text, key ttl ms, events channel, job id
+// ARGV: index, token ids (comma-separated), text offset, text, key ttl ms, events channel, job id,
+//       the tokens' log-probabilities ([`scores_arg`]; empty when the chunk has none)
 const TOKENS: &str = r#"
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == false or status == 'succeeded' or status == 'failed' or status == 'cancelled' then return 0 end
 local ids = {}
 for id in string.gmatch(ARGV[2], '[^,]+') do ids[#ids + 1] = id end
-local added = append_tokens(KEYS[1], KEYS[2], tonumber(ARGV[1]), ids, tonumber(ARGV[3]), ARGV[4])
+local added = append_tokens(KEYS[1], KEYS[2], tonumber(ARGV[1]), ids, tonumber(ARGV[3]), ARGV[4], ARGV[8])
 if added == 1 then
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
   redis.call('PUBLISH', ARGV[6], ARGV[7])
@@ -263,6 +279,28 @@ pub struct LogEntry {
     pub event: String,
     /// JSON: the started or token data (`{}` for final events, whose data is the record).
     pub data: String,
+}
+
+impl LogEntry {
+    /// A `token` entry's data; `None` for other events (or an entry that does not parse).
+    pub fn token(&self) -> Option<TokenEntry> {
+        if self.event != "token" {
+            return None;
+        }
+        serde_json::from_str(&self.data).ok()
+    }
+}
+
+/// A `token` entry's data, as [`APPEND_TOKENS`] writes it: what the log lacked of a chunk.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct TokenEntry {
+    /// Index of the first of `token_ids` in the generation.
+    pub index: u32,
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    /// One per id of `token_ids`, when the job asked for log-probabilities.
+    #[serde(default)]
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// A record to create: its TTL and its fields (its key and the counter that numbers it: [`Keys`]).
@@ -338,6 +376,11 @@ impl JobStore {
         let expires_at = now + self.result_ttl.as_millis() as u64;
         let corrupt = |e: serde_json::Error| RedisError::Corrupt(e.to_string());
         let mut data = "{}".to_owned();
+        // The tokens the chunks did not carry go into the log with the result, their scores with them.
+        let scores = match reply {
+            JobReply::Succeeded(s) => scores_arg(s.logprobs.as_deref())?,
+            _ => String::new(),
+        };
         let (event, worker, payload, inference_ms, started_at) = match reply {
             JobReply::Started(
                 started @ Started {
@@ -401,7 +444,8 @@ impl JobStore {
             .arg(started_at)
             .arg(self.keys.done_channel())
             .arg(self.keys.events_channel())
-            .arg(data);
+            .arg(data)
+            .arg(scores);
         invocation.key(self.keys.events(id));
         let changed: i64 = self
             .redis
@@ -428,7 +472,8 @@ impl JobStore {
             .arg(chunk.text.as_str())
             .arg(self.key_ttl_ms())
             .arg(self.keys.events_channel())
-            .arg(chunk.job_id.to_string());
+            .arg(chunk.job_id.to_string())
+            .arg(scores_arg(chunk.logprobs.as_deref())?);
         let added: i64 = self
             .redis
             .call(|mut c| async move { invocation.invoke_async(&mut c).await })
@@ -562,6 +607,16 @@ impl JobStore {
             .get(self.keys.taken())
             .hget(self.keys.stats(), "avg_inference_ms");
     }
+}
+
+/// Token log-probabilities as the scripts take them ([`APPEND_TOKENS`]): each as JSON, one a line (compact
+/// JSON never holds a raw newline); empty when there are none.
+fn scores_arg(logprobs: Option<&[TokenLogprob]>) -> Result<String, RedisError> {
+    let mut lines = Vec::new();
+    for scored in logprobs.unwrap_or_default() {
+        lines.push(serde_json::to_string(scored).map_err(|e| RedisError::Corrupt(e.to_string()))?);
+    }
+    Ok(lines.join("\n"))
 }
 
 fn parse_record(id: JobId, mut f: HashMap<String, String>, now: u64) -> Result<JobRecord, RedisError> {

@@ -1,10 +1,10 @@
-//! Job submission, polling, `/run`, the queue figures, API keys and the documents, against the real
-//! Redis and RabbitMQ.
+//! Job submission, polling, `/run`, the queue figures, API keys, the documents, and a stream's token chunks,
+//! against the real Redis and RabbitMQ.
 //!
 //! No worker runs here: where a job must progress, the test itself stands in for a worker at the AMQP
-//! contract level — it takes the message from `{ns}.jobs` and publishes `job.started` / `job.succeeded`
-//! replies on the message's `reply_to` with its `correlation_id`, exactly as `docs/amqp.md` tells any
-//! worker to. The end-to-end tests with real workers live elsewhere.
+//! contract level — it takes the message from `{ns}.jobs` and publishes `job.started` / `job.token` /
+//! `job.succeeded` replies on the message's `reply_to` with its `correlation_id`, exactly as
+//! `docs/amqp.md` tells any worker to. The end-to-end tests with real workers live elsewhere.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] functions panic on purpose
 
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{TestEnv, amqp, json, poll, poll_until, reply, started, submit, succeeded, take};
 use serde_json::{Value, json};
-use shared::{JobId, JobRequest};
+use shared::{JobId, JobReply, JobRequest};
 
 const GENEROUS: &[&str] = &["--submit-rate-limit", "10000/1s", "--read-rate-limit", "10000/1s"];
 
@@ -640,5 +640,141 @@ async fn submissions_refused_for_the_gateways_own_trouble_spend_no_rate_quota() 
             "{body}"
         );
     }
+    env.finish().await;
+}
+
+/// The log-probability the stand-in worker gives token `id` (told apart by its value).
+fn scored(id: u32) -> shared::TokenLogprob {
+    shared::TokenLogprob {
+        id,
+        logprob: Some(-(id as f32) / 1000.0),
+        top: vec![shared::TopLogprob {
+            id,
+            logprob: -(id as f32) / 1000.0,
+        }],
+    }
+}
+
+/// A `job.token` chunk for `ids`, with their log-probabilities.
+fn chunk(job: JobId, index: u32, ids: &[u32], text_offset: u32, text: &str) -> JobReply {
+    JobReply::Token(shared::reply::Token {
+        job_id: job,
+        index,
+        token_ids: ids.to_vec(),
+        text_offset,
+        text: text.into(),
+        logprobs: Some(ids.iter().copied().map(scored).collect()),
+    })
+}
+
+#[tokio::test]
+async fn a_streamed_completions_chunks_carry_each_tokens_logprobs_once_in_order() {
+    let mut env = TestEnv::new();
+    let flags = [GENEROUS, &["--served-model-name", "gpt-j"]].concat();
+    let gw = env.gateway(&flags).await;
+    let request = json!({"model": "gpt-j", "prompt": "Hello", "max_tokens": 5, "temperature": 0,
+        "logprobs": 1, "stream": true});
+    let response = env
+        .http
+        .post(gw.url("/v1/completions"))
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // Stand in for a worker: " world" (995) "," (11) " and" (290) " world" (995) "." (13).
+    let (_conn, channel) = amqp().await;
+    let msg = take(&channel, &env.jobs_queue()).await;
+    let reply_to = msg.delivery.properties.reply_to().as_ref().unwrap().to_string();
+    let job: JobId = msg
+        .delivery
+        .properties
+        .correlation_id()
+        .as_ref()
+        .unwrap()
+        .as_str()
+        .parse()
+        .unwrap();
+    let job_request: JobRequest = serde_json::from_slice(&msg.delivery.data).unwrap();
+    assert_eq!(job_request.parameters.logprobs, Some(1), "the job asks for them");
+    for r in [
+        started(job),
+        chunk(job, 0, &[995, 11], 0, " world,"),
+        // Redelivered, then a rerun's chunk that overlaps what the log has: only the new token and text.
+        chunk(job, 0, &[995, 11], 0, " world,"),
+        chunk(job, 1, &[11, 290], 6, ", and"),
+        // Its text held back (it may begin a stop sequence): the token's score goes anyway.
+        chunk(job, 3, &[995], 11, ""),
+    ] {
+        reply(&channel, &reply_to, &r).await;
+    }
+    // The result's last token never came in a chunk: the log takes it, with its score, from the result.
+    let JobReply::Succeeded(mut result) = succeeded(job, "Hello", " world, and world.") else {
+        unreachable!()
+    };
+    result.token_ids = vec![995, 11, 290, 995, 13];
+    result.new_tokens = 5;
+    result.logprobs = Some(result.token_ids.iter().copied().map(scored).collect());
+    reply(&channel, &reply_to, &JobReply::Succeeded(result)).await;
+
+    let body = response.text().await.unwrap();
+    let chunks: Vec<Value> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .take_while(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let pieces: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]).collect();
+    let text: String = pieces.iter().map(|p| p["text"].as_str().unwrap()).collect();
+    assert_eq!(text, " world, and world.");
+    let carrying: Vec<&Value> = pieces
+        .iter()
+        .filter(|p| !p["logprobs"].is_null())
+        .copied()
+        .collect();
+    let joined = |field: &str| -> Vec<Value> {
+        carrying
+            .iter()
+            .flat_map(|p| p["logprobs"][field].as_array().unwrap().clone())
+            .collect()
+    };
+    assert_eq!(
+        joined("tokens"),
+        [" world", ",", " and", " world", "."],
+        "each token once, in order: {body}"
+    );
+    let floats =
+        |values: Vec<Value>| -> Vec<f32> { values.iter().map(|v| v.as_f64().unwrap() as f32).collect() };
+    assert_eq!(
+        floats(joined("token_logprobs")),
+        [995, 11, 290, 995, 13].map(|id| scored(id).logprob.unwrap()),
+        "the worker's scores, exactly"
+    );
+    assert_eq!(
+        joined("text_offset"),
+        [0, 6, 7, 11, 17].map(|o| json!(o)),
+        "offsets run on across chunks"
+    );
+    let top = joined("top_logprobs")[2].clone();
+    assert_eq!(
+        (
+            top.as_object().unwrap().len(),
+            top[" and"].as_f64().unwrap() as f32
+        ),
+        (1, scored(290).logprob.unwrap())
+    );
+    assert!(
+        carrying
+            .iter()
+            .any(|p| p["text"] == "" && p["logprobs"]["tokens"] == json!([" world"])),
+        "a chunk whose text is held still carries its token's score: {body}"
+    );
+    let last = pieces.last().unwrap();
+    assert_eq!(
+        (last["finish_reason"].as_str(), &last["logprobs"]),
+        (Some("length"), &Value::Null),
+        "the last chunk repeats none"
+    );
     env.finish().await;
 }

@@ -152,6 +152,11 @@ pub struct Started {
 /// bytes of streamed text. The text never splits a UTF-8 character and holds back what may still turn out
 /// to be a stop sequence, so the streamed texts concatenated are always a prefix of the final `text`; the
 /// rest comes with `job.succeeded`. Beam search sends no tokens: its answer is known only at the end.
+///
+/// When the job asked for log-probabilities (`parameters.logprobs`), each chunk carries those of its
+/// `token_ids`, one per id: they go with the ids, not with the text (held-back text does not hold them
+/// back), so the chunks' `logprobs` concatenated are a prefix of the final `logprobs`, cut by `index` as the
+/// ids are.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Token {
     pub job_id: JobId,
@@ -162,6 +167,9 @@ pub struct Token {
     pub text_offset: u32,
     /// The text added since the previous chunk (may be empty while text is held back).
     pub text: String,
+    /// The log-probability of each of `token_ids`, when `parameters.logprobs` asked for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// A token's log-probability under the model (natural log, of the raw distribution: before the repetition

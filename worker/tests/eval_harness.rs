@@ -11,6 +11,7 @@ async fn lm_evaluation_harness_scores_text_as_transformers_does() {
     let work = tempfile::tempdir().unwrap();
     common::python_client_checks(
         "eval_harness.py",
+        &[],
         &[work.path().as_os_str()],
         "all eval harness checks passed",
     )

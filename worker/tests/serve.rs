@@ -328,7 +328,7 @@ async fn a_raw_producer_gets_started_then_succeeded_as_the_amqp_guide_describes(
     let body = json!({
         "version": 1,
         "prompt": "Once upon a time",
-        "parameters": {"max_new_tokens": 6, "strategy": "sample", "seed": 42, "top_k": 20},
+        "parameters": {"max_new_tokens": 6, "strategy": "sample", "seed": 42, "top_k": 20, "logprobs": 2},
         "submitted_at_ms": shared::reply::now_ms(),
     });
     let props = BasicProperties::default()
@@ -363,9 +363,11 @@ async fn a_raw_producer_gets_started_then_succeeded_as_the_amqp_guide_describes(
 
     // Tokens stream in as `job.token` replies, then the final reply. How many chunks go depends on how fast
     // the engine outruns the broker (a job that ends before its first chunk goes sends none, as the guide
-    // says), so the contract checked is the chunks' order and that they are a prefix of the answer.
+    // says), so the contract checked is the chunks' order and that they are a prefix of the answer. The job
+    // asked for log-probabilities: each chunk carries its tokens'.
     let mut streamed_text = String::new();
     let mut streamed_ids = Vec::new();
+    let mut streamed_logprobs = Vec::new();
     let done = loop {
         let reply = producer.next_event(Duration::from_secs(30)).await.unwrap();
         let JobReply::Token(t) = &reply.body else {
@@ -374,7 +376,17 @@ async fn a_raw_producer_gets_started_then_succeeded_as_the_amqp_guide_describes(
         assert_eq!(reply.kind, "job.token");
         assert_eq!(t.index as usize, streamed_ids.len(), "chunks follow each other");
         assert_eq!(t.text_offset as usize, streamed_text.len());
+        let scores = t
+            .logprobs
+            .as_ref()
+            .expect("the chunk carries its tokens' logprobs");
+        assert_eq!(
+            scores.iter().map(|s| s.id).collect::<Vec<_>>(),
+            t.token_ids,
+            "one per token id, in order"
+        );
         streamed_ids.extend_from_slice(&t.token_ids);
+        streamed_logprobs.extend(scores.iter().cloned());
         streamed_text.push_str(&t.text);
     };
     assert_eq!(done.kind, "job.succeeded");
@@ -395,6 +407,12 @@ async fn a_raw_producer_gets_started_then_succeeded_as_the_amqp_guide_describes(
         s.text.starts_with(&streamed_text),
         "{streamed_text:?} vs {:?}",
         s.text
+    );
+    assert!(
+        s.logprobs
+            .as_ref()
+            .is_some_and(|all| all.starts_with(&streamed_logprobs)),
+        "the chunks' logprobs are a prefix of the answer's"
     );
     assert_eq!(
         s.prompt_tokens,

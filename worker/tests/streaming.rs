@@ -33,11 +33,13 @@ async fn events(env: &Env, base: &str, id: &str, last_event_id: Option<&str>) ->
     SseReader::new(request.send().await.unwrap())
 }
 
-/// Token events' texts and ids, checking each starts where the previous ended.
+/// Token events' texts, ids and log-probabilities (when the job asked), checking each starts where the
+/// previous ended.
 #[derive(Default)]
 struct Tokens {
     text: String,
     ids: Vec<u64>,
+    logprobs: Vec<Value>,
 }
 
 impl Tokens {
@@ -48,6 +50,14 @@ impl Tokens {
             self.ids.len() as u64,
             "a token event starts where the last ended: no gap, no repeat"
         );
+        if let Some(scores) = chunk["logprobs"].as_array() {
+            assert_eq!(
+                scores.len(),
+                chunk["token_ids"].as_array().unwrap().len(),
+                "one log-probability per token id: {chunk}"
+            );
+            self.logprobs.extend(scores.iter().cloned());
+        }
         self.ids.extend(
             chunk["token_ids"]
                 .as_array()
@@ -68,7 +78,10 @@ async fn a_stream_from_a_replica_that_consumes_no_replies_gets_every_token_and_r
     env.spawn_worker(&["--stream-tokens", "4", "--stream-interval-ms", "5"]);
     env.wait_for_consumers(1).await;
 
-    let id = env.submit(&b, "The history of the world", long_job(300)).await;
+    // With log-probabilities: they come with the token events, cut where the ids are.
+    let mut job = long_job(300);
+    job["logprobs"] = json!(1);
+    let id = env.submit(&b, "The history of the world", job).await;
     let mut stream = events(&env, &a, &id, None).await;
     let mut tokens = Tokens::default();
     let mut seen = Vec::new();
@@ -114,6 +127,11 @@ async fn a_stream_from_a_replica_that_consumes_no_replies_gets_every_token_and_r
         tokens.ids.len() as u64,
         final_view["result"]["new_tokens"].as_u64().unwrap()
     );
+    assert_eq!(
+        Some(&tokens.logprobs),
+        final_view["result"]["logprobs"].as_array(),
+        "the token events' log-probabilities are the result's, each once"
+    );
 
     // A finished job's stream replays its whole log, from any replica.
     let mut replay = events(&env, &a, &id, None).await;
@@ -124,6 +142,7 @@ async fn a_stream_from_a_replica_that_consumes_no_replies_gets_every_token_and_r
         }
     }
     assert_eq!(again.text, tokens.text);
+    assert_eq!(again.logprobs, tokens.logprobs);
     env.finish().await;
 }
 

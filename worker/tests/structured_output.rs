@@ -14,7 +14,13 @@ use shared::{ErrorCode, JobReply};
 
 #[tokio::test]
 async fn unmodified_clients_get_answers_that_validate_against_their_schemas() {
-    common::python_client_checks("structured_output.py", &[], "all structured output checks passed").await;
+    common::python_client_checks(
+        "structured_output.py",
+        &[],
+        &[],
+        "all structured output checks passed",
+    )
+    .await;
 }
 
 /// AMQP producers bypass the gateway: the worker compiles their grammar itself, fails the job whose grammar

@@ -1,8 +1,9 @@
 //! `GET /v1/jobs/{id}/events`: a job's life as Server-Sent Events, from any replica.
 //!
 //! Events: `queued` (place in line and estimated wait, repeated as they change), `started`, `token` (the
-//! text added and its token ids), then one final `succeeded`, `failed` or `cancelled` (or `expired`) whose
-//! data is the job as `GET /v1/jobs/{id}` shows it; the stream then ends. Every `started`, `token` and final
+//! text added, its token ids, and their `logprobs` when the job asked), then one final `succeeded`,
+//! `failed` or `cancelled` (or `expired`) whose data is the job as `GET /v1/jobs/{id}` shows it; the stream
+//! then ends. Every `started`, `token` and final
 //! event has the id of its entry in the job's event log, so a client that reconnects with `Last-Event-ID`
 //! gets exactly the events after it: nothing lost, nothing repeated. `queued` events have no id (they are
 //! not in the log; the browser's `EventSource` keeps the last id it had).

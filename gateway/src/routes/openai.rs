@@ -21,7 +21,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use shared::reply::now_ms;
-use shared::{GenerationParameters, JobId, JobRequest};
+use shared::{GenerationParameters, JobId, JobRequest, TokenLogprob};
 
 use crate::app::AppState;
 use crate::auth::Caller;
@@ -365,6 +365,8 @@ struct Streamed {
     n: u32,
     usage: StreamUsage,
     owner: CancelOnDrop,
+    /// Names the tokens of the log-probabilities chunks carry.
+    app: AppState,
     /// Per choice: its prompt as the job took it, its result once final, and whether its first chunk (the
     /// chat role, or the echoed prompt) went out.
     prompts: Vec<String>,
@@ -374,24 +376,24 @@ struct Streamed {
     /// and the tokens generated so far (from its token events).
     prompt_tokens: Vec<u32>,
     generated: Vec<u32>,
+    /// Per choice, for completions' log-probabilities: the characters of the tokens before its next chunk's
+    /// (`text_offset` runs on across chunks, from the echoed prompt's).
+    offsets: Vec<usize>,
     ended: usize,
 }
 
 impl Streamed {
-    fn chunk(&self, value: impl serde::Serialize) -> Event {
-        Event::default()
-            .json_data(value)
-            .unwrap_or_else(|e| Event::default().data(format!("{{\"error\":{{\"message\":\"{e}\"}}}}")))
-    }
-
-    /// Chunks for new text of one choice, or for its end.
+    /// Chunks for a piece of one choice (its new text, and the log-probabilities of its new tokens when
+    /// asked for), or for its end.
     fn delta(
         &mut self,
         choice: usize,
         text: Option<String>,
+        scores: Option<&[TokenLogprob]>,
         finish: Option<shared::FinishReason>,
     ) -> Vec<Event> {
         let head = &self.meta.head;
+        let vocabulary = &self.app.vocabulary;
         // As vLLM counts a chunk's usage: the prompt of the choice it carries, and that choice's tokens.
         let usage = self
             .usage
@@ -400,26 +402,41 @@ impl Streamed {
         let mut out = Vec::new();
         match self.meta.kind {
             Kind::Completion { echo } => {
+                let offset = &mut self.offsets[choice];
                 if echo && !self.opened[choice] {
-                    // The prompt first, as a non-streamed echo has it.
+                    // The prompt first, as a non-streamed echo has it, with its scores when they are known
+                    // by now: they come with the job's result, so only a choice that streamed no tokens
+                    // before it ended (`max_tokens` 0) has them here.
                     self.opened[choice] = true;
-                    let prompt = CompletionChoice::new(index, self.prompts[choice].clone(), None);
-                    out.push(self.chunk(CompletionChunk::new(head, vec![prompt], usage)));
+                    let prompt_text = &self.prompts[choice];
+                    let mut prompt = CompletionChoice::new(index, prompt_text.clone(), None);
+                    match self.results[choice]
+                        .as_ref()
+                        .and_then(|r| r.prompt_logprobs.as_deref())
+                    {
+                        Some(prompt_scores) => {
+                            prompt.logprobs = Some(vocabulary.completion_from(offset, prompt_scores))
+                        }
+                        None => *offset = prompt_text.chars().count(),
+                    }
+                    out.push(chunk(CompletionChunk::new(head, vec![prompt], usage)));
                 }
-                let choice = CompletionChoice::new(index, text.unwrap_or_default(), finish);
-                out.push(self.chunk(CompletionChunk::new(head, vec![choice], usage)));
+                let mut piece = CompletionChoice::new(index, text.unwrap_or_default(), finish);
+                piece.logprobs = scores.map(|scores| vocabulary.completion_from(offset, scores));
+                out.push(chunk(CompletionChunk::new(head, vec![piece], usage)));
             }
             Kind::Chat => {
                 if !self.opened[choice] {
                     self.opened[choice] = true;
                     let role = ChatChunkChoice::role(index);
-                    out.push(self.chunk(ChatCompletionChunk::new(head, vec![role], usage)));
+                    out.push(chunk(ChatCompletionChunk::new(head, vec![role], usage)));
                 }
-                let delta = match (text, finish) {
+                let mut delta = match (text, finish) {
                     (_, Some(reason)) => ChatChunkChoice::finish(index, reason),
                     (text, None) => ChatChunkChoice::content(index, text.unwrap_or_default()),
                 };
-                out.push(self.chunk(ChatCompletionChunk::new(head, vec![delta], usage)));
+                delta.logprobs = scores.map(|scores| vocabulary.chat(scores));
+                out.push(chunk(ChatCompletionChunk::new(head, vec![delta], usage)));
             }
         }
         out
@@ -436,19 +453,21 @@ impl Streamed {
                 }
                 Vec::new()
             }
-            Followed::Entry(entry) if entry.event == "token" => {
-                let data = serde_json::from_str::<serde_json::Value>(&entry.data).unwrap_or_default();
+            Followed::Entry(entry) => {
+                let Some(token) = entry.token() else {
+                    return Vec::new();
+                };
                 // Tokens so far: the chunk's first index and its tokens (a redelivered chunk counts once).
-                let through = data["index"].as_u64().unwrap_or(0)
-                    + data["token_ids"].as_array().map_or(0, |t| t.len() as u64);
-                self.generated[choice] = self.generated[choice].max(through as u32);
-                let text = data["text"].as_str().unwrap_or_default().to_owned();
-                if text.is_empty() {
+                let through = token.index + token.token_ids.len() as u32;
+                self.generated[choice] = self.generated[choice].max(through);
+                // Log-probabilities go with their tokens, whether or not their text is held back (a
+                // possible stop sequence), as vLLM streams them: a chunk without text may carry them.
+                let scores = token.logprobs.filter(|s| !s.is_empty());
+                if token.text.is_empty() && scores.is_none() {
                     return Vec::new();
                 }
-                self.delta(choice, Some(text), None)
+                self.delta(choice, Some(token.text), scores.as_deref(), None)
             }
-            Followed::Entry(_) => Vec::new(),
             Followed::Final { record, .. } => {
                 self.ended += 1;
                 self.owner.release(record.id);
@@ -463,18 +482,20 @@ impl Streamed {
                             self.prompt_tokens[choice] = n;
                         }
                         self.results[choice] = Some(r.clone());
-                        self.delta(choice, None, Some(finish))
+                        // Every token's scores came with its token entry (the result's own tokens too, which
+                        // the log took before this end): the last chunk repeats none.
+                        self.delta(choice, None, None, Some(finish))
                     }
                     Err(e) => {
                         let (status, code) = e.status_and_code();
-                        vec![self.chunk(openai::error_body(status, code, &e.to_string(), None))]
+                        vec![chunk(openai::error_body(status, code, &e.to_string(), None))]
                     }
                 }
             }
             Followed::Gone => {
                 self.ended += 1;
                 let message = "the job's record expired while it was streamed";
-                vec![self.chunk(openai::error_body(
+                vec![chunk(openai::error_body(
                     StatusCode::GONE,
                     shared::ErrorCode::NotFound,
                     message,
@@ -491,8 +512,8 @@ impl Streamed {
             let usage = usage(self.n, self.results.iter().flatten());
             let head = &self.meta.head;
             out.push(match self.meta.kind {
-                Kind::Completion { .. } => self.chunk(CompletionChunk::usage(head, usage)),
-                Kind::Chat => self.chunk(ChatCompletionChunk::usage(head, usage)),
+                Kind::Completion { .. } => chunk(CompletionChunk::usage(head, usage)),
+                Kind::Chat => chunk(ChatCompletionChunk::usage(head, usage)),
             });
         }
         out.push(Event::default().data("[DONE]"));
@@ -514,11 +535,13 @@ fn chunks(
         n,
         usage,
         owner,
+        app: app.clone(),
         prompts,
         results: vec![None; ids.len()],
         opened: vec![false; ids.len()],
         prompt_tokens: vec![0; ids.len()],
         generated: vec![0; ids.len()],
+        offsets: vec![0; ids.len()],
         ended: 0,
     }));
     let follows = ids.iter().enumerate().map(|(choice, id)| {
@@ -531,6 +554,13 @@ fn chunks(
         .map(move |(choice, f)| lock(&on).on(choice, f))
         .chain(futures::stream::once(async move { lock(&state).close() }));
     events.flat_map(|events| futures::stream::iter(events.into_iter().map(Ok)))
+}
+
+/// A chunk's Server-Sent Event.
+fn chunk(value: impl serde::Serialize) -> Event {
+    Event::default()
+        .json_data(value)
+        .unwrap_or_else(|e| Event::default().data(format!("{{\"error\":{{\"message\":\"{e}\"}}}}")))
 }
 
 fn lock(state: &Mutex<Streamed>) -> std::sync::MutexGuard<'_, Streamed> {

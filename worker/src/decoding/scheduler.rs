@@ -134,8 +134,13 @@ pub enum Event {
     /// The sequence joined the running batch (its prefill ran).
     Joined { id: u64, batch_size: usize },
     /// New tokens (greedy, sampling and contrastive search report them as they come; beam search only
-    /// knows its tokens at the end).
-    Tokens { id: u64, tokens: Vec<i64> },
+    /// knows its tokens at the end), with their log-probabilities, one per token, when the sequence asked
+    /// for them (the same entries its finished sequence's `logprobs` hold), so a stream can carry them.
+    Tokens {
+        id: u64,
+        tokens: Vec<i64>,
+        logprobs: Option<Vec<shared::TokenLogprob>>,
+    },
     /// The sequence left the batch: done, or failed alone.
     Finished {
         id: u64,
@@ -1159,9 +1164,19 @@ impl<'a> Scheduler<'a> {
         let generated = seq.common.generated();
         if generated.len() > seq.emitted {
             seq.first_token.get_or_insert_with(Instant::now);
+            // A sequence that asks for log-probabilities records one per generated token
+            // (`Pick::take`), so the new ones start where the new tokens do.
+            let logprobs = seq.common.logprobs.map(|_| {
+                seq.common
+                    .token_logprobs
+                    .get(seq.emitted..)
+                    .unwrap_or_default()
+                    .to_vec()
+            });
             events.push(Event::Tokens {
                 id: seq.id,
                 tokens: generated[seq.emitted..].to_vec(),
+                logprobs,
             });
             seq.emitted = generated.len();
         }

@@ -486,7 +486,7 @@ fn a_long_prompt_joining_never_stalls_the_running_sequences() {
             let tokens: usize = events
                 .iter()
                 .map(|e| match e {
-                    Event::Tokens { id: i, tokens } if *i == id => tokens.len(),
+                    Event::Tokens { id: i, tokens, .. } if *i == id => tokens.len(),
                     _ => 0,
                 })
                 .sum();
@@ -541,4 +541,60 @@ fn a_prompt_cancelled_while_it_is_prefilled_in_chunks_leaves_nothing_behind() {
     assert!(s.cancel(1));
     assert!(!s.has_work());
     assert!(s.step().is_empty());
+}
+
+#[test]
+fn tokens_events_carry_the_log_probabilities_the_finished_sequence_reports_one_per_token() {
+    let lm = HashLm::new(40, None);
+    let scored = |strategy, logprobs| GenerationParameters {
+        strategy: Some(strategy),
+        max_new_tokens: Some(9),
+        logprobs,
+        ..Default::default()
+    };
+    let jobs = vec![
+        (vec![3, 1, 4], plan(scored(Strategy::Greedy, Some(2)))),
+        (
+            vec![2, 7],
+            plan(GenerationParameters {
+                seed: Some(5),
+                ..scored(Strategy::Sample, Some(0))
+            }),
+        ),
+        (vec![5, 5, 1], plan(scored(Strategy::Greedy, None))),
+    ];
+    let mut s = Scheduler::new(&lm, &Letters, quick());
+    for i in 0..jobs.len() {
+        s.submit(request(&jobs, i)).unwrap();
+    }
+    let mut streamed: HashMap<u64, (Vec<i64>, Option<Vec<shared::TokenLogprob>>)> = HashMap::new();
+    let mut finished = HashMap::new();
+    while s.has_work() {
+        for event in s.step() {
+            match event {
+                Event::Tokens { id, tokens, logprobs } => {
+                    if let Some(l) = &logprobs {
+                        assert_eq!(l.len(), tokens.len(), "one log-probability per new token");
+                    }
+                    let (ids, scores) = streamed.entry(id).or_default();
+                    ids.extend(tokens);
+                    if let Some(l) = logprobs {
+                        scores.get_or_insert_with(Vec::new).extend(l);
+                    }
+                }
+                Event::Finished { id, result } => {
+                    finished.insert(id, result.expect("succeeds").decoded);
+                }
+                Event::Joined { .. } => {}
+            }
+        }
+    }
+    for (id, decoded) in finished {
+        let (ids, scores) = &streamed[&id];
+        assert_eq!(ids, &decoded.tokens, "job {id}");
+        assert_eq!(
+            scores, &decoded.logprobs,
+            "job {id}: streamed as the result reports them"
+        );
+    }
 }

@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use shared::{ErrorBody, ErrorCode, GenerationPlan};
+use shared::{ErrorBody, ErrorCode, GenerationPlan, TokenLogprob};
 use tokio::sync::{mpsc, oneshot};
 
 use super::health::{self, EngineHealth, Verdict, WatchSettings};
@@ -40,6 +40,14 @@ use crate::sizing::BatchLimits;
 /// Turns token ids into text off the engine thread (the tokenizer is `Send + Sync`).
 pub type Detokenizer = Arc<dyn TextDecoder + Send + Sync>;
 
+/// Tokens a step generated for one job, as they leave the engine thread for the job's stream: their ids,
+/// and their log-probabilities (one per id, in order) when the job asked for them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NewTokens {
+    pub ids: Vec<u32>,
+    pub logprobs: Option<Vec<TokenLogprob>>,
+}
+
 /// What a batch step reports about a job (keys are the engine thread's).
 #[derive(Debug)]
 pub enum JobEvent {
@@ -50,7 +58,7 @@ pub enum JobEvent {
     /// Tokens the step generated (greedy, sampling and contrastive search: each step's; beam search: none).
     Tokens {
         key: u64,
-        ids: Vec<u32>,
+        tokens: NewTokens,
     },
     Done {
         key: u64,
@@ -142,7 +150,7 @@ struct Request {
     prompt: Prompt,
     plan: GenerationPlan,
     joined: oneshot::Sender<usize>,
-    tokens: mpsc::UnboundedSender<Vec<u32>>,
+    tokens: mpsc::UnboundedSender<NewTokens>,
     reply: oneshot::Sender<Outcome>,
 }
 
@@ -159,7 +167,7 @@ pub struct Submitted {
     /// The batch size when the job joined; dropped unsent when the job never joins (refused, failed).
     pub joined: oneshot::Receiver<usize>,
     /// The job's tokens as the steps make them; closed when the job leaves the batch.
-    pub tokens: mpsc::UnboundedReceiver<Vec<u32>>,
+    pub tokens: mpsc::UnboundedReceiver<NewTokens>,
     /// Tokens of the prompt the engine runs, when it was tokenized (a stand-in without a text side does not).
     pub prompt_tokens: Option<usize>,
     /// The job's outcome, its final text written; `None` when the engine thread ended it without one (it
@@ -196,7 +204,7 @@ struct Ready {
 
 struct InFlight {
     joined: Option<oneshot::Sender<usize>>,
-    tokens: mpsc::UnboundedSender<Vec<u32>>,
+    tokens: mpsc::UnboundedSender<NewTokens>,
     /// Tokens reported so far (for the tokens counter, which counts them as they come).
     reported: usize,
     reply: oneshot::Sender<Outcome>,
@@ -476,12 +484,12 @@ fn run_loop(
                         let _ = sender.send(batch_size);
                     }
                 }
-                JobEvent::Tokens { key, ids } => {
+                JobEvent::Tokens { key, tokens } => {
                     if let Some(job) = in_flight.get_mut(&key) {
-                        metrics::tokens(ids.len());
-                        job.reported += ids.len();
+                        metrics::tokens(tokens.ids.len());
+                        job.reported += tokens.ids.len();
                         // Nobody listening (answered from memory, or the connection is gone) is fine.
-                        let _ = job.tokens.send(ids);
+                        let _ = job.tokens.send(tokens);
                     }
                 }
                 JobEvent::Done { key, result } => {

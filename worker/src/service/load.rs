@@ -9,7 +9,7 @@ use shared::{ErrorBody, ErrorCode, GenerationPlan};
 
 use super::args::ServeArgs;
 use super::error::ServeError;
-use super::generator::{Batcher, Generator, JobEvent};
+use super::generator::{Batcher, Generator, JobEvent, NewTokens};
 use super::job::{Completion, Prompt};
 use crate::decoding::{DecodeError, Event, Limits, Request, Scheduler, Stats, StepProfile};
 use crate::engine::{Engine, EngineOptions, Generation, PromptCodec};
@@ -60,9 +60,12 @@ impl Batcher for EngineBatch<'_> {
             .into_iter()
             .map(|event| match event {
                 Event::Joined { id, batch_size } => JobEvent::Joined { key: id, batch_size },
-                Event::Tokens { id, tokens } => JobEvent::Tokens {
+                Event::Tokens { id, tokens, logprobs } => JobEvent::Tokens {
                     key: id,
-                    ids: tokens.iter().map(|&t| t as u32).collect(),
+                    tokens: NewTokens {
+                        ids: tokens.iter().map(|&t| t as u32).collect(),
+                        logprobs,
+                    },
                 },
                 Event::Finished { id, result } => {
                     let result = match result {

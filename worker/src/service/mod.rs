@@ -57,7 +57,7 @@ pub use args::{ServeArgs, ServiceConfig};
 pub use error::ServeError;
 pub use fault::EngineFault;
 pub use generator::{
-    BatchSettings, Batcher, Detokenizer, EngineThread, EngineThreadError, Generator, JobEvent,
+    BatchSettings, Batcher, Detokenizer, EngineThread, EngineThreadError, Generator, JobEvent, NewTokens,
 };
 pub use health::{EngineHealth, Unhealthy, WatchSettings};
 pub use job::{Completion, FinishedJob, Input, Outcome, Prompt};

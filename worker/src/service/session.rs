@@ -35,7 +35,7 @@ use super::args::ServiceConfig;
 use super::cancels::Cancels;
 use super::connections::{Connections, PublishSide};
 use super::error::ServeError;
-use super::generator::{EngineThread, EngineThreadError};
+use super::generator::{EngineThread, EngineThreadError, NewTokens};
 use super::health::Unhealthy;
 use super::intake::{self, Accepted, Refused};
 use super::job::{Input, Outcome};
@@ -617,7 +617,7 @@ impl Service {
         &self,
         to: &Destination<'_>,
         key: u64,
-        mut tokens: mpsc::UnboundedReceiver<Vec<u32>>,
+        mut tokens: mpsc::UnboundedReceiver<NewTokens>,
         mut stream: TokenStream,
         watch: &super::cancels::Watch,
         pending: PendingOutcome,
@@ -631,8 +631,8 @@ impl Service {
             tokio::select! {
                 biased;
                 outcome = &mut pending => {
-                    while let Ok(ids) = tokens.try_recv() {
-                        stream.push(&ids);
+                    while let Ok(new) = tokens.try_recv() {
+                        stream.push(&new.ids, new.logprobs.as_deref());
                     }
                     return Ok((outcome, stream.tokens()));
                 }
@@ -641,8 +641,8 @@ impl Service {
                     self.engine.cancel(key);
                     cancel_sent = true;
                 }
-                ids = tokens.recv(), if tokens_open => match ids {
-                    Some(ids) => stream.push(&ids),
+                new = tokens.recv(), if tokens_open => match new {
+                    Some(new) => stream.push(&new.ids, new.logprobs.as_deref()),
                     None => tokens_open = false,
                 },
                 () = sleep_until(deadline), if deadline.is_some() => {}

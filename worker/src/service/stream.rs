@@ -10,13 +10,17 @@
 //!   the generation went on and the text is released);
 //! - token ids are not held: the final reply's `token_ids` include the stop sequence's tokens too.
 //!
+//! A job that asked for log-probabilities gets them on its chunks, one per token id, in order: they go
+//! with the ids, never with the text (held-back text does not hold them back), as vLLM streams them, so
+//! the chunks' log-probabilities concatenated are the final reply's `logprobs`.
+//!
 //! Coalescing: the first chunk goes at once (time to first token is what a streaming client sees), later
 //! ones when `tokens` have gathered or `interval` has passed since the last chunk, whichever comes first.
 
 use std::time::{Duration, Instant};
 
-use shared::JobId;
 use shared::reply::Token;
+use shared::{JobId, TokenLogprob};
 
 use super::generator::Detokenizer;
 
@@ -39,6 +43,8 @@ pub struct TokenStream {
     stops: Vec<String>,
     settings: StreamSettings,
     ids: Vec<u32>,
+    /// One per id of `ids` when the job asked for them (they come with its first tokens), else `None`.
+    logprobs: Option<Vec<TokenLogprob>>,
     /// The text of every token decoded so far, complete characters only.
     text: String,
     /// TGI's offsets: `ids[prefix..read]` decoded gives the context for decoding the tokens after `read`.
@@ -58,6 +64,7 @@ impl TokenStream {
             stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
             settings,
             ids: Vec::new(),
+            logprobs: None,
             text: String::new(),
             prefix: 0,
             read: 0,
@@ -73,7 +80,12 @@ impl TokenStream {
         self.ids.len()
     }
 
-    pub fn push(&mut self, ids: &[u32]) {
+    /// Takes a step's new tokens, with their log-probabilities (one per id) when the job asked for them.
+    pub fn push(&mut self, ids: &[u32], logprobs: Option<&[TokenLogprob]>) {
+        if let Some(new) = logprobs {
+            debug_assert_eq!(new.len(), ids.len(), "one log-probability per token");
+            self.logprobs.get_or_insert_with(Vec::new).extend_from_slice(new);
+        }
         for &id in ids {
             self.before_newest = self.text.len();
             self.ids.push(id);
@@ -153,6 +165,10 @@ impl TokenStream {
             token_ids: self.ids[self.sent_tokens..].to_vec(),
             text_offset: self.sent_bytes as u32,
             text: self.text[self.sent_bytes..end].to_owned(),
+            logprobs: self
+                .logprobs
+                .as_ref()
+                .map(|all| all.get(self.sent_tokens..).unwrap_or_default().to_vec()),
         };
         self.sent_tokens = self.ids.len();
         self.sent_bytes = end;
@@ -202,6 +218,22 @@ mod tests {
         s.bytes().map(u32::from).collect()
     }
 
+    /// A log-probability for each byte of `s`, told apart by its value.
+    fn scores(s: &str) -> Vec<TokenLogprob> {
+        s.bytes()
+            .map(|b| TokenLogprob {
+                id: u32::from(b),
+                logprob: Some(-f32::from(b) / 100.0),
+                top: Vec::new(),
+            })
+            .collect()
+    }
+
+    /// Pushes `s`'s tokens with their log-probabilities, as a job that asked for them gets them.
+    fn push_scored(stream: &mut TokenStream, s: &str) {
+        stream.push(&ids(s), Some(&scores(s)));
+    }
+
     fn sent(s: &mut TokenStream) -> String {
         s.take(JobId::new_random()).map(|c| c.text).unwrap_or_default()
     }
@@ -210,55 +242,59 @@ mod tests {
     fn a_character_split_over_tokens_is_sent_whole() {
         let mut s = stream(&[]);
         let euro = "€".as_bytes();
-        s.push(&ids("a"));
-        s.push(&[u32::from(euro[0]), u32::from(euro[1])]);
+        s.push(&ids("a"), None);
+        s.push(&[u32::from(euro[0]), u32::from(euro[1])], None);
         assert_eq!(sent(&mut s), "a");
-        s.push(&[u32::from(euro[2])]);
+        s.push(&[u32::from(euro[2])], None);
         assert_eq!(sent(&mut s), "€");
     }
 
     #[test]
     fn text_that_may_begin_a_stop_sequence_is_held_until_it_cannot() {
         let mut s = stream(&["\nUser:"]);
-        s.push(&ids("Hi there\nUs"));
+        s.push(&ids("Hi there\nUs"), None);
         assert_eq!(sent(&mut s), "Hi there");
-        s.push(&ids("ually"));
+        s.push(&ids("ually"), None);
         assert_eq!(sent(&mut s), "\nUsually");
     }
 
     #[test]
     fn a_stop_completed_by_the_newest_token_is_held_and_released_when_generation_goes_on() {
         let mut s = stream(&["END"]);
-        s.push(&ids("answer E"));
+        s.push(&ids("answer E"), None);
         assert_eq!(sent(&mut s), "answer ");
-        s.push(&[u32::from(b'N'), u32::from(b'D')]);
-        s.push(&ids("x"));
+        s.push(&[u32::from(b'N'), u32::from(b'D')], None);
+        s.push(&ids("x"), None);
         // "x" is a later token: the generation went on past END (min_new_tokens), so it is released.
         assert_eq!(sent(&mut s), "ENDx");
         let mut s = stream(&["END"]);
-        s.push(&ids("answer EN"));
-        s.push(&ids("D"));
+        s.push(&ids("answer EN"), None);
+        s.push(&ids("D"), None);
         assert_eq!(sent(&mut s), "answer ");
     }
 
     #[test]
     fn chunks_carry_cursors_and_ids_are_never_held() {
         let mut s = stream(&["\n\n"]);
-        s.push(&ids("ab\n"));
+        s.push(&ids("ab\n"), None);
         let first = s.take(JobId::new_random()).unwrap();
         assert_eq!(
             (first.index, first.text_offset, first.text.as_str()),
             (0, 0, "ab")
         );
         assert_eq!(first.token_ids.len(), 3);
-        s.push(&ids("c"));
+        s.push(&ids("c"), None);
         let second = s.take(JobId::new_random()).unwrap();
         assert_eq!(
             (second.index, second.text_offset, second.text.as_str()),
             (3, 2, "\nc")
         );
         assert!(s.take(JobId::new_random()).is_none(), "nothing new, no chunk");
-        s.push(&ids("d"));
+        assert!(
+            first.logprobs.is_none() && second.logprobs.is_none(),
+            "not asked for, none"
+        );
+        s.push(&ids("d"), None);
         let job = JobId::new_random();
         let refused = s.take(job).unwrap();
         s.unsend(&refused);
@@ -266,20 +302,67 @@ mod tests {
     }
 
     #[test]
+    fn log_probabilities_go_with_their_ids_whatever_text_is_held() {
+        let mut s = stream(&["\n\n"]);
+        push_scored(&mut s, "ab\n");
+        let first = s.take(JobId::new_random()).unwrap();
+        assert_eq!(first.text, "ab", "the newline may begin the stop sequence");
+        assert_eq!(
+            first.logprobs,
+            Some(scores("ab\n")),
+            "its token's score is not held"
+        );
+        push_scored(&mut s, "c");
+        push_scored(&mut s, "de");
+        let second = s.take(JobId::new_random()).unwrap();
+        assert_eq!((second.index, second.text.as_str()), (3, "\ncde"));
+        assert_eq!(second.logprobs, Some(scores("cde")));
+        push_scored(&mut s, "\n\n");
+        let held = s.take(JobId::new_random()).unwrap();
+        assert_eq!(held.text, "", "a whole stop sequence is held");
+        assert_eq!(held.logprobs, Some(scores("\n\n")));
+        let streamed: Vec<TokenLogprob> = [first, second, held]
+            .into_iter()
+            .flat_map(|c| c.logprobs.unwrap())
+            .collect();
+        assert_eq!(
+            streamed,
+            scores("ab\ncde\n\n"),
+            "concatenated, one per token in order"
+        );
+    }
+
+    #[test]
+    fn a_refused_chunks_log_probabilities_come_again_with_its_ids() {
+        let mut s = stream(&[]);
+        push_scored(&mut s, "ab");
+        let job = JobId::new_random();
+        s.take(job).unwrap();
+        push_scored(&mut s, "cd");
+        let refused = s.take(job).unwrap();
+        s.unsend(&refused);
+        push_scored(&mut s, "e");
+        let again = s.take(job).unwrap();
+        assert_eq!((again.index, again.text_offset), (2, 2));
+        assert_eq!(again.token_ids, ids("cde"));
+        assert_eq!(again.logprobs, Some(scores("cde")));
+    }
+
+    #[test]
     fn the_first_chunk_goes_at_once_and_later_ones_by_count_or_time() {
         let mut s = stream(&[]);
         let t0 = Instant::now();
         assert!(!s.due(t0));
-        s.push(&ids("a"));
+        s.push(&ids("a"), None);
         assert!(s.due(t0), "the first token goes at once");
         s.take(JobId::new_random());
-        s.push(&ids("bc"));
+        s.push(&ids("bc"), None);
         assert!(!s.due(Instant::now()));
         assert!(
             s.due(Instant::now() + Duration::from_millis(60)),
             "the interval passed"
         );
-        s.push(&ids("de"));
+        s.push(&ids("de"), None);
         assert!(s.due(Instant::now()), "four tokens gathered");
         let off = TokenStream::new(
             None,

@@ -25,16 +25,21 @@ pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379/";
 
 /// Runs the client script `tests/py/{script}` (the project venv's Python) against one gateway serving the
-/// model as `gpt-j-tiny` and one worker on the tiny GPT-J, with the gateway's base URL, the model's name, the
-/// tiny model's directory and `extra` as its arguments. The script exits non-zero naming the check that
-/// failed; its last line must be `done` (its own "all … passed").
-pub async fn python_client_checks(script: &str, extra: &[&std::ffi::OsStr], done: &str) {
+/// model as `gpt-j-tiny` and one worker (started with `worker_args`) on the tiny GPT-J, with the gateway's
+/// base URL, the model's name, the tiny model's directory and `extra` as its arguments. The script exits
+/// non-zero naming the check that failed; its last line must be `done` (its own "all … passed").
+pub async fn python_client_checks(
+    script: &str,
+    worker_args: &[&str],
+    extra: &[&std::ffi::OsStr],
+    done: &str,
+) {
     let Some(python) = std::env::var_os("GPTJ_PYTHON") else {
         panic!("GPTJ_PYTHON is not set: run the tests with scripts/test.sh, which provisions the venv");
     };
     let mut env = Env::new();
     let base = env.gateway_with(&["--served-model-name", "gpt-j-tiny"]).await;
-    env.spawn_worker(&[]);
+    env.spawn_worker(worker_args);
     env.wait_for_consumers(1).await;
     let mut command = tokio::process::Command::new(python);
     command
