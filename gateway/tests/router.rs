@@ -76,7 +76,7 @@ const REFUSALS: &[(&str, &str, u16, &str, Option<&str>)] = &[
     ("/run", r#"{"data": "x", "decoding_strategy": "telepathy"}"#, 422, "invalid_parameter", None),
     ("/v1/completions", r#"{"model": "gpt-4", "prompt": "hi"}"#, 404, "model_not_found", Some("model")),
     ("/v1/completions", r#"{"model": "gpt-j", "prompt": "hi", "temperature": -1}"#, 400, "invalid_parameter", Some("temperature")),
-    ("/v1/completions", r#"{"model": "gpt-j", "prompt": "hi", "logprobs": 3}"#, 400, "invalid_parameter", Some("logprobs")),
+    ("/v1/completions", r#"{"model": "gpt-j", "prompt": "hi", "logprobs": 21}"#, 400, "invalid_parameter", Some("logprobs")),
     ("/v1/completions", r#"{"model": "gpt-j", "prompt": "hi", "n": 9}"#, 400, "invalid_parameter", Some("n")),
     ("/v1/completions", r#"{"model": "gpt-j", "prompt": "hi", "wat": 1}"#, 400, "unknown_field", Some("wat")),
     ("/v1/chat/completions", r#"{"model": "gpt-j", "messages": [], "max_tokens": 3}"#, 400, "invalid_parameter", Some("messages")),
