@@ -148,10 +148,10 @@ except openai.BadRequestError as e:
     check(e.body.get("param") == "temperature" and e.body.get("type") == "invalid_request_error",
           f"bad temperature: {e.body}")
 try:
-    a.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, logprobs=2)
-    check(False, "logprobs are refused")
+    a.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, best_of=2)
+    check(False, "best_of above 1 is refused")
 except openai.BadRequestError as e:
-    check(e.body.get("param") == "logprobs", f"logprobs: {e.body}")
+    check(e.body.get("param") == "best_of", f"best_of: {e.body}")
 try:
     a.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5000)
     check(False, "max_tokens past its bound is refused")
