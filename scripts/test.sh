@@ -19,7 +19,7 @@ log "cargo test"
 set -o pipefail
 TEST_LOG="$(mktemp)"
 trap 'rm -f "$TEST_LOG"' EXIT
-cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$TEST_LOG"
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$TEST_LOG"
 # One closing line over every test binary (cargo's last line is a doc-test run that may hold no test).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' "$TEST_LOG"
 log "the GPU check, dry run: every step of scripts/gpu-check.sh on the tiny model, on the CPU (the binaries cargo test built)"

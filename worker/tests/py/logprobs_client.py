@@ -121,7 +121,6 @@ for stop in [None, plain[len(plain) // 2:][:3] or None]:
     check(not differ, f"stop={stop!r}: the chunks' logprobs put together are the answer's {differ or ''}")
     check(len(streamed["tokens"]) == chunks[-1].usage.completion_tokens,
           f"stop={stop!r}: one logprob per generated token")
-    check(stop or len(scored) >= 2, f"several chunks carry logprobs ({len(scored)})")
     last = [p for p in pieces(chunks) if p.finish_reason]
     check(len(last) == 1 and last[0].logprobs is None, f"stop={stop!r}: the last chunk repeats none")
 
