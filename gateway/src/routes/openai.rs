@@ -21,7 +21,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use shared::reply::now_ms;
-use shared::{GenerationParameters, JobId, JobRequest, TokenLogprob};
+use shared::{GenerationParameters, JobId, JobRequest, Lane, TokenLogprob};
 
 use crate::app::AppState;
 use crate::auth::Caller;
@@ -65,9 +65,12 @@ struct Meta {
 pub async fn completions(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     check_model(&app, &req.model)?;
+    let lane = req.lane().map_err(param_error)?;
+    let timeout_s = crate::deadline::timeout(req.timeout_s(), &headers)?;
     let parameters = req
         .parameters(openai::DEFAULT_COMPLETION_MAX_TOKENS)
         .map_err(param_error)?;
@@ -80,7 +83,13 @@ pub async fn completions(
         }
     }
     let kind = Kind::Completion { echo: req.echo() };
-    serve(app, caller, jobs, n, kind, req.stream(), req.stream_usage()).await
+    let jobs = Jobs {
+        requests: jobs,
+        n,
+        lane,
+        timeout_s,
+    };
+    serve(app, caller, jobs, kind, req.stream(), req.stream_usage()).await
 }
 
 #[utoipa::path(
@@ -97,15 +106,24 @@ pub async fn completions(
 pub async fn chat_completions(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     check_model(&app, &req.model)?;
+    let lane = req.lane().map_err(param_error)?;
+    let timeout_s = crate::deadline::timeout(req.timeout_s(), &headers)?;
     let parameters = req.parameters(CHAT_MAX_TOKENS).map_err(param_error)?;
     let n = req.n().map_err(param_error)?;
     let jobs = (0..n)
         .map(|choice| JobRequest::chat(req.messages.clone(), seeded(&parameters, choice)))
         .collect();
-    serve(app, caller, jobs, n, Kind::Chat, req.stream(), req.stream_usage()).await
+    let jobs = Jobs {
+        requests: jobs,
+        n,
+        lane,
+        timeout_s,
+    };
+    serve(app, caller, jobs, Kind::Chat, req.stream(), req.stream_usage()).await
 }
 
 /// The errors both OpenAI routes answer, in OpenAI's shape (`{"error": {message, type, param, code}}`).
@@ -212,16 +230,30 @@ fn seeded(parameters: &GenerationParameters, choice: u32) -> GenerationParameter
     }
 }
 
+/// A request's jobs (`n` choices of each prompt) and where they go: the lane `service_tier` asks for and
+/// the request's timeout.
+struct Jobs {
+    requests: Vec<JobRequest>,
+    n: u32,
+    lane: Option<Lane>,
+    timeout_s: Option<f64>,
+}
+
 /// Queues the jobs (all or none: a refusal cancels those already queued), then answers.
 async fn serve(
     app: AppState,
     caller: Caller,
-    jobs: Vec<JobRequest>,
-    n: u32,
+    jobs: Jobs,
     kind: Kind,
     stream: bool,
     usage: StreamUsage,
 ) -> Result<Response, ApiError> {
+    let Jobs {
+        requests: jobs,
+        n,
+        lane,
+        timeout_s,
+    } = jobs;
     let ids: Vec<JobId> = jobs.iter().map(|_| JobId::new_random()).collect();
     // Registered before the first publish, so no completion notice can slip by.
     let registrations: Vec<_> = ids
@@ -230,9 +262,12 @@ async fn serve(
         .collect();
     let mut decision: Option<Decision> = None;
     let mut prompts = Vec::with_capacity(ids.len());
-    for (i, (id, job)) in ids.iter().zip(jobs).enumerate() {
+    let lane = caller.lane(lane);
+    let deadline_ms = timeout_s.map(|t| crate::deadline::deadline_ms(now_ms(), t));
+    for (i, (id, mut job)) in ids.iter().zip(jobs).enumerate() {
+        job.deadline_ms = deadline_ms;
         match app
-            .enqueue(*id, job, &app.settings.prompts.openai, &caller, None)
+            .enqueue(*id, job, &app.settings.prompts.openai, &caller, None, lane)
             .await
         {
             Ok((accepted, d)) => {
@@ -257,6 +292,7 @@ async fn serve(
             },
             created: now_ms() / 1000,
             model: app.settings.served_model_name.clone(),
+            service_tier: openai::service_tier(lane),
         },
         kind,
     };
