@@ -483,7 +483,7 @@ fn for_now(e: &ApiError) -> bool {
 }
 
 /// The id of a batch's output (`output`) or error (`error`) file: the same every time it is written.
-fn output_file_id(batch: &str, which: &str) -> String {
+pub fn output_file_id(batch: &str, which: &str) -> String {
     let digest = Sha256::digest(format!("{batch}/{which}").as_bytes());
     let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     format!("file-{hex}")

@@ -174,13 +174,22 @@ pub struct Config {
     #[arg(long, env = "FILES_DIR", default_value = "data/files")]
     pub files_dir: std::path::PathBuf,
     /// An S3 bucket for the Batch API's files instead of `--files-dir` (every replica sees the same files).
-    /// Credentials and region come from the standard `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-    /// `AWS_REGION` variables.
+    /// Credentials and region: the flags below, or the standard `AWS_*` variables (a session token, an
+    /// instance's role and the other `AWS_*` settings are read from the environment too).
     #[arg(long, env = "FILES_S3_BUCKET")]
     pub files_s3_bucket: Option<String>,
     /// The URL of an S3-compatible service (MinIO, Ceph, moto…) holding `--files-s3-bucket`; AWS when unset.
     #[arg(long, env = "FILES_S3_ENDPOINT", requires = "files_s3_bucket")]
     pub files_s3_endpoint: Option<String>,
+    /// The bucket's region.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub files_s3_region: String,
+    /// The S3 access key id (best given by its variable).
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    pub files_s3_access_key_id: Option<String>,
+    /// The S3 secret access key (best given by its variable).
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub files_s3_secret_access_key: Option<String>,
     /// Largest file `POST /v1/files` takes (OpenAI's is 200 MB); the upload is streamed to the store,
     /// never held whole.
     #[arg(long, env = "MAX_FILE_BYTES", default_value_t = 200 * 1024 * 1024)]
@@ -450,6 +459,12 @@ impl Config {
                 Some(bucket) => crate::files::Storage::S3 {
                     bucket: bucket.clone(),
                     endpoint: self.files_s3_endpoint.clone(),
+                    region: self.files_s3_region.clone(),
+                    credentials: match (&self.files_s3_access_key_id, &self.files_s3_secret_access_key) {
+                        (Some(id), Some(secret)) => Some((id.clone(), secret.clone())),
+                        (None, None) => None,
+                        _ => return Err("--files-s3-access-key-id and --files-s3-secret-access-key go together".into()),
+                    },
                 },
                 None => crate::files::Storage::Local(self.files_dir.clone()),
             },

@@ -30,11 +30,14 @@ use crate::kv::{Redis, RedisError};
 pub enum Storage {
     /// A directory of the local file system (created if missing).
     Local(PathBuf),
-    /// An S3-compatible bucket; credentials and region from the standard `AWS_*` environment variables.
+    /// An S3-compatible bucket.
     S3 {
         bucket: String,
         /// The service's URL, for S3-compatible stores other than AWS (`http://` allowed).
         endpoint: Option<String>,
+        region: String,
+        /// Access key id and secret; without them, the environment's (`AWS_*`, an instance's role).
+        credentials: Option<(String, String)>,
     },
 }
 
@@ -55,8 +58,18 @@ impl Storage {
                 // itself would need the directory to exist before the first file.
                 Ok((Arc::new(object_store::local::LocalFileSystem::new()), prefix))
             }
-            Storage::S3 { bucket, endpoint } => {
-                let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+            Storage::S3 {
+                bucket,
+                endpoint,
+                region,
+                credentials,
+            } => {
+                let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_region(region);
+                if let Some((id, secret)) = credentials {
+                    builder = builder.with_access_key_id(id).with_secret_access_key(secret);
+                }
                 if let Some(endpoint) = endpoint {
                     builder = builder
                         .with_endpoint(endpoint)
