@@ -84,7 +84,7 @@ ns = os.environ["NS"]
 # A cluster's list of URLs: any node will do.
 urls = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f").split(",")
 conn = pika.BlockingConnection([pika.URLParameters(u.strip()) for u in urls if u.strip()])
-for queue in (f"{ns}.jobs", f"{ns}.jobs.dead", f"{ns}.replies", f"{ns}.cancellations", f"{ns}.soak.replies"):
+for queue in (f"{ns}.jobs", f"{ns}.jobs.batch", f"{ns}.jobs.dead", f"{ns}.replies", f"{ns}.cancellations", f"{ns}.soak.replies"):
     conn.channel().queue_delete(queue)
 conn.channel().exchange_delete(f"{ns}.control")
 conn.close()

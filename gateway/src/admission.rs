@@ -291,7 +291,7 @@ impl Admissions {
             self.keys.seq(),
             self.keys.token_bucket(&caller.id),
             self.keys.active(&caller.id),
-            self.keys.outbox(),
+            self.keys.outbox(job.outbox.lane),
             self.keys.outbox_body(job.id),
         ];
         for key in keys.into_iter().chain(idempotency_key.clone()) {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use shared::reply::now_ms;
-use shared::{JobId, JobRequest, PromptRules};
+use shared::{JobId, JobRequest, Lane, PromptRules};
 
 use crate::admission::{Admissions, IdempotencyKey, Submission, Verdict};
 use crate::auth::Caller;
@@ -73,7 +73,7 @@ pub struct Accepted {
 }
 
 impl App {
-    /// Validates `request`, its prompt under the route's `rules`; refuses it when the queue is full; checks the client's bounds and writes the
+    /// Validates `request`, its prompt under the route's `rules`, for `lane`'s queue; refuses it when the queue is full; checks the client's bounds and writes the
     /// job's `queued` record in one atomic Redis call ([`crate::admission`]), which also keeps the job's
     /// body in the [`Outbox`]; then publishes it under `id` through the outbox, which settles what the
     /// broker answered ([`Outbox::publish`]). A job the broker refused gets its charges back and a 503.
@@ -88,6 +88,7 @@ impl App {
         rules: &PromptRules,
         caller: &Caller,
         idempotency_key: Option<&str>,
+        lane: Lane,
     ) -> Result<(Accepted, Option<Decision>), ApiError> {
         let mut job = request.into_valid(rules)?;
         // Before the rate limiter: a job that cannot run must not spend the client's budget.
@@ -133,7 +134,7 @@ impl App {
             cost,
             idempotency,
             body: &body,
-            outbox: self.outbox.entry(),
+            outbox: self.outbox.entry(lane),
         };
         let (decision, charge) = match self.admissions.admit(caller, &submission).await {
             Ok(Verdict::Admitted(decision, charge)) => (Some(decision), Some(charge)),
@@ -147,7 +148,7 @@ impl App {
                 }
             }
         };
-        if let Err(e) = self.outbox.publish(&self.broker, id, body.as_bytes()).await {
+        if let Err(e) = self.outbox.publish(&self.broker, id, lane, body.as_bytes()).await {
             if let Some(charge) = charge {
                 let admissions = self.admissions.clone();
                 let caller = caller.clone();

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use shared::reply::now_ms;
-use shared::{ErrorBody, ErrorCode};
+use shared::{ErrorBody, ErrorCode, Lane};
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -445,13 +445,17 @@ async fn submit(
         }
     };
     let jobs = plan.jobs.len();
+    // Each job runs on the batch lane, and not after the batch's window: one still queued then fails
+    // `deadline_exceeded` without running.
+    let deadline_ms = state.batch.expires_at.unwrap_or(u64::MAX / 1000) * 1000;
     for (choice, job) in plan.jobs.into_iter().enumerate() {
         let id = job_id(batch, raw.index, choice);
         let key = batch_lines::idempotency_key(batch, raw.index, choice);
-        match app
-            .enqueue(id, job, &settings.prompts.openai, caller, Some(&key))
-            .await
-        {
+        let job = job.with_deadline(deadline_ms);
+        let submitted = app
+            .enqueue(id, job, &settings.prompts.openai, caller, Some(&key), Lane::Batch)
+            .await;
+        match submitted {
             Ok(_) => {}
             Err(e) if for_now(&e) => {
                 tracing::debug!(batch = %batch, line = raw.number(), error = %e, "line refused for now");

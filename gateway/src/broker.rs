@@ -29,7 +29,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use shared::backoff::Backoff;
 use shared::reply::now_ms;
-use shared::{JobId, Topology};
+use shared::{JobId, Lane, Topology};
 use tokio_util::sync::CancellationToken;
 
 use crate::replies::ReplyConsumer;
@@ -281,8 +281,8 @@ impl Broker {
         self.set(None);
     }
 
-    /// Publishes a job body and waits for the broker's confirm.
-    pub async fn publish(&self, id: JobId, body: &[u8]) -> Result<(), BrokerError> {
+    /// Publishes a job body to its lane's queue and waits for the broker's confirm.
+    pub async fn publish(&self, id: JobId, lane: Lane, body: &[u8]) -> Result<(), BrokerError> {
         let link = self.current().ok_or(BrokerError::NotConnected)?;
         let n = self.next.fetch_add(1, Ordering::Relaxed) % link.publishers.len();
         let channel = &link.publishers[n];
@@ -299,7 +299,7 @@ impl Broker {
             props = props.with_expiration(ttl.as_millis().to_string().into());
         }
         let start = Instant::now();
-        self.confirmed(channel, "", &topology.jobs_queue(), body, props)
+        self.confirmed(channel, "", &topology.lane_queue(lane), body, props)
             .await?;
         metrics::histogram!(m::PUBLISH_DURATION).record(start.elapsed().as_secs_f64());
         Ok(())

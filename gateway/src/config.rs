@@ -463,7 +463,12 @@ impl Config {
                     credentials: match (&self.files_s3_access_key_id, &self.files_s3_secret_access_key) {
                         (Some(id), Some(secret)) => Some((id.clone(), secret.clone())),
                         (None, None) => None,
-                        _ => return Err("--files-s3-access-key-id and --files-s3-secret-access-key go together".into()),
+                        _ => {
+                            return Err(
+                                "--files-s3-access-key-id and --files-s3-secret-access-key go together"
+                                    .into(),
+                            );
+                        }
                     },
                 },
                 None => crate::files::Storage::Local(self.files_dir.clone()),

@@ -154,7 +154,7 @@ impl ApiError {
                     // Someone (or the client's own hang-up) cancelled it.
                     ErrorCode::Cancelled => StatusCode::CONFLICT,
                     // Nobody served it in time, or every worker that took it died.
-                    ErrorCode::Expired => StatusCode::GATEWAY_TIMEOUT,
+                    ErrorCode::Expired | ErrorCode::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
                     ErrorCode::DeliveryLimit | ErrorCode::PublishFailed => StatusCode::INTERNAL_SERVER_ERROR,
                     _ => StatusCode::UNPROCESSABLE_ENTITY,
                 },

@@ -7,7 +7,7 @@
 //! record's field `active` holds its client's [`Keys::active`] set, written at admission, so that the
 //! scripts that end a job know which set to leave.
 
-use shared::{JobId, Topology};
+use shared::{JobId, Lane, Topology};
 
 use crate::auth::ClientId;
 
@@ -78,9 +78,15 @@ impl Keys {
 
     // The outbox (`outbox`).
 
-    /// `{ns}:outbox`: the ids of the jobs kept, a sorted set by when a sweep may take each.
-    pub fn outbox(&self) -> String {
-        self.key("outbox")
+    /// `{ns}:outbox` (interactive jobs) and `{ns}:outbox:batch` (batch jobs): the ids of a lane's jobs
+    /// kept, a sorted set by when a sweep may take each. One set per lane, so that the lane a job is
+    /// republished to is where it is kept (a gateway of an earlier release sweeps only the interactive set,
+    /// and so never sends a batch job to the interactive queue).
+    pub fn outbox(&self, lane: Lane) -> String {
+        match lane {
+            Lane::Interactive => self.key("outbox"),
+            Lane::Batch => self.key("outbox:batch"),
+        }
     }
 
     /// `{ns}:outbox:{id}`: a kept job's body.
@@ -174,6 +180,8 @@ mod tests {
         let client = ClientId::Ip("127.0.0.1".parse().unwrap());
         assert_eq!(keys.job(id), format!("blue:job:{id}"));
         assert_eq!(keys.outbox_lock(id), format!("blue:outbox:lock:{id}"));
+        assert_eq!(keys.outbox(Lane::Interactive), "blue:outbox");
+        assert_eq!(keys.outbox(Lane::Batch), "blue:outbox:batch");
         assert_eq!(keys.request_log("submit", &client), "blue:rl:submit:ip:127.0.0.1");
         assert_eq!(keys.token_bucket(&client), "blue:rl:tokens:ip:127.0.0.1");
         assert_eq!(keys.idempotency(&client, "ab"), "blue:idem:ip:127.0.0.1:ab");

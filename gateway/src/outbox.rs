@@ -6,8 +6,9 @@
 //! fate unknown: the broker may have it or not. Either way the client may hold the job id, so the job must
 //! reach the broker for sure. The steps:
 //! 1. keep: the body goes into the outbox in the same atomic script that writes the record
-//!    ([`crate::admission`], with this module's [`Entry`]): `{ns}:outbox` (a sorted set of job ids by the
-//!    time a sweep may take them) and `{ns}:outbox:{id}` (the body);
+//!    ([`crate::admission`], with this module's [`Entry`]): `{ns}:outbox` or `{ns}:outbox:batch` (a sorted
+//!    set per lane of job ids by the time a sweep may take them: the set remembers the lane a republish
+//!    goes to) and `{ns}:outbox:{id}` (the body);
 //! 2. publish ([`Outbox::publish`]): a confirmed publish takes the job out again; one whose fate is
 //!    unknown leaves it kept and makes it due at once; one the broker refused for sure withdraws the job,
 //!    record and body together, and only then is the client refused;
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared::reply::{Failed, now_ms};
-use shared::{ErrorBody, ErrorCode, JobId, JobReply};
+use shared::{ErrorBody, ErrorCode, JobId, JobReply, Lane};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerError};
@@ -59,6 +60,8 @@ pub struct Outbox {
 /// and [`Keys::outbox_body`]).
 #[derive(Debug, Clone)]
 pub struct Entry {
+    /// The lane whose queue the job is published to, and so the set that keeps it.
+    pub lane: Lane,
     /// When a sweep may first take the job (ms since the epoch).
     pub due_ms: u64,
     /// How long the body is kept (ms).
@@ -80,9 +83,10 @@ impl Outbox {
         self.window.as_millis() as u64 + 60_000
     }
 
-    /// The outbox entry of a job about to be admitted and published now.
-    pub fn entry(&self) -> Entry {
+    /// The outbox entry of a job about to be admitted and published now, to `lane`.
+    pub fn entry(&self, lane: Lane) -> Entry {
         Entry {
+            lane,
             due_ms: now_ms() + (self.publish_timeout + FIRST_PUBLISH_GRACE).as_millis() as u64,
             body_ttl_ms: self.body_ttl_ms(),
         }
@@ -97,8 +101,14 @@ impl Outbox {
     /// the record stays and the sweep republishes the job until the broker confirms it (at least once: if
     /// the first copy did land, the job runs twice and its first end is the one kept). So does a refused
     /// job that cannot be withdrawn (Redis failed): its record and body stay, so it will be published.
-    pub async fn publish(&self, broker: &Broker, id: JobId, body: &[u8]) -> Result<(), BrokerError> {
-        match broker.publish(id, body).await {
+    pub async fn publish(
+        &self,
+        broker: &Broker,
+        id: JobId,
+        lane: Lane,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
+        match broker.publish(id, lane, body).await {
             Ok(()) => {
                 metrics::counter!(m::JOBS, "outcome" => "submitted").increment(1);
                 // Off the answer's path: until it lands, the sweep that would take the job finds it
@@ -112,7 +122,7 @@ impl Outbox {
                 Ok(())
             }
             Err(e) if e.is_ambiguous() => {
-                self.keep_unconfirmed(id, body, &e).await;
+                self.keep_unconfirmed(id, lane, body, &e).await;
                 Ok(())
             }
             Err(e) => match self.withdraw(id).await {
@@ -122,7 +132,7 @@ impl Outbox {
                 }
                 Err(redis) => {
                     tracing::warn!(error = %redis, %id, "could not withdraw a refused job; it stays in the outbox");
-                    self.keep_unconfirmed(id, body, &e).await;
+                    self.keep_unconfirmed(id, lane, body, &e).await;
                     Ok(())
                 }
             },
@@ -130,10 +140,10 @@ impl Outbox {
     }
 
     /// A publish whose fate is unknown: the job's body stays, due at once.
-    async fn keep_unconfirmed(&self, id: JobId, body: &[u8], error: &BrokerError) {
+    async fn keep_unconfirmed(&self, id: JobId, lane: Lane, body: &[u8], error: &BrokerError) {
         metrics::counter!(m::JOBS, "outcome" => "unconfirmed").increment(1);
         tracing::warn!(%error, %id, "publish unconfirmed; the job is kept and republished");
-        if let Err(e) = self.unconfirmed(id, body).await {
+        if let Err(e) = self.unconfirmed(id, lane, body).await {
             // The admission kept the body already, due a little later; without Redis then (fail open),
             // nothing will republish this job.
             tracing::error!(error = %e, %id, "could not make an unconfirmed job due for republishing");
@@ -145,13 +155,14 @@ impl Outbox {
         self.exec(self.forget(id)).await
     }
 
-    /// The commands that take the job's entry out.
+    /// The commands that take the job's entry out (of whichever lane's set holds it).
     fn forget(&self, id: JobId) -> redis::Pipeline {
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .zrem(self.keys.outbox(), id.to_string())
-            .ignore()
-            .del(self.keys.outbox_body(id))
+        pipe.atomic();
+        for lane in Lane::ALL {
+            pipe.zrem(self.keys.outbox(lane), id.to_string()).ignore();
+        }
+        pipe.del(self.keys.outbox_body(id))
             .ignore()
             .del(self.keys.outbox_lock(id))
             .ignore();
@@ -167,7 +178,7 @@ impl Outbox {
 
     /// The job's publish was left unconfirmed: keep `body` (again: the admission may not have written it,
     /// when Redis failed then) and make it due at once.
-    async fn unconfirmed(&self, id: JobId, body: &[u8]) -> Result<(), RedisError> {
+    async fn unconfirmed(&self, id: JobId, lane: Lane, body: &[u8]) -> Result<(), RedisError> {
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("SET")
@@ -176,7 +187,7 @@ impl Outbox {
             .arg("PX")
             .arg(self.body_ttl_ms())
             .ignore()
-            .zadd(self.keys.outbox(), id.to_string(), now_ms())
+            .zadd(self.keys.outbox(lane), id.to_string(), now_ms())
             .ignore();
         self.exec(pipe).await
     }
@@ -189,9 +200,9 @@ impl Outbox {
         self.exec(pipe).await
     }
 
-    /// The job ids due now, with their deadlines (ms).
-    async fn due(&self) -> Result<Vec<(JobId, u64)>, RedisError> {
-        let key = self.keys.outbox();
+    /// The job ids of `lane` due now, with their deadlines (ms).
+    async fn due(&self, lane: Lane) -> Result<Vec<(JobId, u64)>, RedisError> {
+        let key = self.keys.outbox(lane);
         let now = now_ms();
         let entries: Vec<(String, u64)> = self
             .store
@@ -256,26 +267,28 @@ impl Outbox {
             if !broker.connected() {
                 continue;
             }
-            let due = match self.due().await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::debug!(error = %e, "outbox unreadable");
-                    continue;
-                }
-            };
-            for (id, deadline) in due {
-                if cancel.is_cancelled() {
-                    return;
-                }
-                if let Err(e) = self.attempt(&broker, id, deadline).await {
-                    tracing::debug!(error = %e, %id, "outbox attempt failed");
+            for lane in Lane::ALL {
+                let due = match self.due(lane).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "outbox unreadable");
+                        continue;
+                    }
+                };
+                for (id, deadline) in due {
+                    if cancel.is_cancelled() {
+                        return;
+                    }
+                    if let Err(e) = self.attempt(&broker, id, lane, deadline).await {
+                        tracing::debug!(error = %e, %id, "outbox attempt failed");
+                    }
                 }
             }
         }
     }
 
     /// One republish of one job, unless it is done with or another replica is at it.
-    async fn attempt(&self, broker: &Broker, id: JobId, deadline: u64) -> Result<(), RedisError> {
+    async fn attempt(&self, broker: &Broker, id: JobId, lane: Lane, deadline: u64) -> Result<(), RedisError> {
         if !self
             .claim(id, self.publish_timeout + Duration::from_secs(1))
             .await?
@@ -289,7 +302,7 @@ impl Outbox {
         }
         let body = self.body(id).await?;
         let published = match &body {
-            Some(body) => broker.publish(id, body).await,
+            Some(body) => broker.publish(id, lane, body).await,
             None => Err(BrokerError::Encode("the kept body expired".into())),
         };
         match published {

@@ -312,7 +312,7 @@ async fn outbox_len(ns: &str) -> u64 {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let keys = gateway::keys::Keys::new(&shared::Topology::new(ns, 3).unwrap());
     redis::cmd("ZCARD")
-        .arg(keys.outbox())
+        .arg(keys.outbox(shared::Lane::Interactive))
         .query_async(&mut conn)
         .await
         .unwrap()

@@ -62,7 +62,7 @@ const REFUSALS: &[(&str, &str, u16, &str, Option<&str>)] = &[
     ("/v1/jobs", r#"{"prompt": "\u0000\u0007"}"#, 422, "prompt_empty", None),
     ("/run", r#"{"data": "$$$"}"#, 422, "prompt_empty", None),
     ("/run", r#"{"prompt": "$$$"}"#, 422, "prompt_empty", None),
-    ("/v1/jobs", r#"{"prompt": "hi", "version": 3}"#, 422, "unsupported_version", None),
+    ("/v1/jobs", r#"{"prompt": "hi", "version": 4}"#, 422, "unsupported_version", None),
     ("/v1/jobs", r#"{"prompt": "hi", "messages": [{"role": "user", "content": "x"}]}"#, 422, "invalid_parameter", None),
     ("/run", r#"{"data": "x", "num_tokens": 0}"#, 422, "invalid_parameter", None),
     ("/v1/jobs", r#"{"prompt": "Once upon a time", "parameters": {"max_new_tokens": 2045}}"#, 422, "context_overflow", None),

@@ -11,10 +11,11 @@ use crate::chat::{ChatError, ChatMessage, clean_messages};
 use crate::params::{GenerationParameters, GenerationPlan, InvalidParameter};
 use crate::prompt::{PromptError, PromptRules};
 
-/// The newest body version this build reads: 2 added `parameters.grammar`. It reads every version from
-/// [`OLDEST_JOB_SCHEMA_VERSION`] on, and writes the oldest that holds the body (1 without a grammar), so
-/// the workers of the last release keep taking jobs without a grammar during a rolling upgrade.
-pub const JOB_SCHEMA_VERSION: u32 = 2;
+/// The newest body version this build reads: 2 added `parameters.grammar`, 3 `deadline_ms`. It reads every
+/// version from [`OLDEST_JOB_SCHEMA_VERSION`] on, and writes the oldest that holds the body (1 without a
+/// grammar or a deadline), so the workers of the last release keep taking the jobs they can run during a
+/// rolling upgrade.
+pub const JOB_SCHEMA_VERSION: u32 = 3;
 /// The oldest body version this build reads.
 pub const OLDEST_JOB_SCHEMA_VERSION: u32 = 1;
 
@@ -47,7 +48,8 @@ impl std::str::FromStr for JobId {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
-    /// Body version: 1, or 2 for a body with `parameters.grammar`; this build understands 1 and 2.
+    /// Body version: 1; 2 for a body with `parameters.grammar`; 3 for a body with `deadline_ms`. This build
+    /// understands 1 to 3.
     pub version: u32,
     /// The prompt text. Workers apply their prompt rules to it again: by default the text as written, less
     /// control characters other than tab, newline and carriage return, and bounded in tokens by the
@@ -66,6 +68,11 @@ pub struct JobRequest {
     /// When the job was submitted, in milliseconds since the Unix epoch (for queue-time figures).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_at_ms: Option<u64>,
+    /// When the job stops being worth running, in milliseconds since the Unix epoch (version 3): a worker
+    /// that takes it later does not run it and answers `job.failed` with `deadline_exceeded`. A job that
+    /// has started runs to its end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
 }
 
 /// Why a job body cannot run.
@@ -96,16 +103,28 @@ pub struct ValidJob {
     pub parameters: GenerationParameters,
     pub plan: GenerationPlan,
     pub submitted_at_ms: Option<u64>,
+    /// Not worth starting after this (ms since the Unix epoch).
+    pub deadline_ms: Option<u64>,
 }
 
 impl JobRequest {
     pub fn new(prompt: impl Into<String>, parameters: GenerationParameters) -> Self {
         Self {
-            version: version_for(&parameters),
+            version: version_for(&parameters, None),
             prompt: prompt.into(),
             messages: None,
             parameters,
             submitted_at_ms: None,
+            deadline_ms: None,
+        }
+    }
+
+    /// The same job with a deadline (ms since the Unix epoch), in the version that holds it.
+    pub fn with_deadline(self, deadline_ms: u64) -> Self {
+        Self {
+            version: version_for(&self.parameters, Some(deadline_ms)),
+            deadline_ms: Some(deadline_ms),
+            ..self
         }
     }
 
@@ -133,13 +152,16 @@ impl JobRequest {
             parameters: self.parameters,
             plan,
             submitted_at_ms: self.submitted_at_ms,
+            deadline_ms: self.deadline_ms,
         })
     }
 }
 
-/// The oldest body version that holds these parameters.
-fn version_for(parameters: &GenerationParameters) -> u32 {
-    if parameters.grammar.is_some() {
+/// The oldest body version that holds these parameters and this deadline.
+fn version_for(parameters: &GenerationParameters, deadline_ms: Option<u64>) -> u32 {
+    if deadline_ms.is_some() {
+        3
+    } else if parameters.grammar.is_some() {
         2
     } else {
         OLDEST_JOB_SCHEMA_VERSION
@@ -150,12 +172,18 @@ impl ValidJob {
     /// The body to publish: the prompt through the rules, so workers see what the gateway accepted.
     pub fn to_request(&self) -> JobRequest {
         JobRequest {
-            version: version_for(&self.parameters),
+            version: version_for(&self.parameters, self.deadline_ms),
             prompt: self.prompt.clone(),
             messages: self.messages.clone(),
             parameters: self.parameters.clone(),
             submitted_at_ms: self.submitted_at_ms,
+            deadline_ms: self.deadline_ms,
         }
+    }
+
+    /// True when the job has a deadline and `now_ms` is past it: it must not start.
+    pub fn expired_at(&self, now_ms: u64) -> bool {
+        self.deadline_ms.is_some_and(|deadline| now_ms >= deadline)
     }
 }
 
@@ -176,12 +204,33 @@ mod tests {
     #[test]
     fn a_future_version_is_refused() {
         let req = JobRequest {
-            version: 3,
+            version: JOB_SCHEMA_VERSION + 1,
             ..JobRequest::new("hi", Default::default())
         };
         assert_eq!(
             req.into_valid(&PromptRules::AsWritten).unwrap_err(),
-            InvalidJob::Version(3)
+            InvalidJob::Version(JOB_SCHEMA_VERSION + 1)
+        );
+    }
+
+    #[test]
+    fn a_deadline_is_carried_in_version_3_and_expires_at_its_millisecond() {
+        let req = JobRequest::new("hi", Default::default()).with_deadline(1_000);
+        assert_eq!(req.version, 3);
+        let text = serde_json::to_string(&req).unwrap();
+        assert!(text.contains(r#""deadline_ms":1000"#), "{text}");
+        let valid = req.into_valid(&PromptRules::AsWritten).unwrap();
+        assert_eq!(valid.deadline_ms, Some(1_000));
+        assert_eq!(valid.to_request().version, 3);
+        assert!(!valid.expired_at(999));
+        assert!(valid.expired_at(1_000));
+        let plain = JobRequest::new("hi", Default::default());
+        assert!(!serde_json::to_string(&plain).unwrap().contains("deadline"));
+        assert!(
+            !plain
+                .into_valid(&PromptRules::AsWritten)
+                .unwrap()
+                .expired_at(u64::MAX)
         );
     }
 

@@ -10,6 +10,7 @@ pub mod chat;
 pub mod control;
 pub mod grammar;
 pub mod job;
+pub mod lane;
 pub mod params;
 pub mod prompt;
 pub mod reply;
@@ -21,6 +22,7 @@ pub mod topology;
 
 pub use grammar::{Grammar, GrammarError};
 pub use job::{JOB_SCHEMA_VERSION, JobId, JobRequest, ValidJob};
+pub use lane::Lane;
 pub use params::{Decoding, GenerationParameters, GenerationPlan, InvalidParameter, Strategy};
 pub use prompt::{Cleaning, DisallowedPolicy, PromptError, PromptPolicy, PromptRules};
 pub use reply::{ErrorBody, ErrorCode, FinishReason, JobReply, Timings, TokenLogprob, TopLogprob};

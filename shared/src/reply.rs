@@ -69,6 +69,9 @@ pub enum ErrorCode {
     IdempotencyKeyReused,
     /// The broker never confirmed the job, though the gateway retried: it may or may not have run.
     PublishFailed,
+    /// The job's deadline (`deadline_ms`) passed before a worker could start it: it never ran. At
+    /// submission: the queue's estimated wait is past the deadline asked for.
+    DeadlineExceeded,
 }
 
 /// `{code, message}`: the error shape everywhere.

@@ -9,6 +9,8 @@
 #[cfg(feature = "amqp")]
 mod declare;
 
+use crate::lane::Lane;
+
 /// Default namespace, as the README documents.
 pub const DEFAULT_NAMESPACE: &str = "gptj";
 /// Deliveries of one job before the broker dead-letters it (a job that kills its worker every time).
@@ -51,9 +53,19 @@ impl Topology {
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
-    /// Durable quorum queue of jobs, consumed by workers.
+    /// Durable quorum queue of jobs, consumed by workers: the interactive lane's (see
+    /// [`Topology::lane_queue`]), under the name it had before lanes, so producers that know no lanes keep
+    /// publishing interactive jobs.
     pub fn jobs_queue(&self) -> String {
-        format!("{}.jobs", self.namespace)
+        self.lane_queue(Lane::Interactive)
+    }
+    /// The queue of a lane's jobs: `{ns}.jobs` for interactive jobs, `{ns}.jobs.batch` for batch ones.
+    /// Both are declared alike (quorum, the same delivery limit and dead-letter queue).
+    pub fn lane_queue(&self, lane: Lane) -> String {
+        match lane {
+            Lane::Interactive => format!("{}.jobs", self.namespace),
+            Lane::Batch => format!("{}.jobs.batch", self.namespace),
+        }
     }
     /// Where jobs go that could not be processed (malformed, or past the delivery limit).
     pub fn dead_letter_queue(&self) -> String {
@@ -90,6 +102,8 @@ mod tests {
     fn every_name_derives_from_the_namespace() {
         let t = Topology::new("blue", 3).unwrap();
         assert_eq!(t.jobs_queue(), "blue.jobs");
+        assert_eq!(t.lane_queue(Lane::Interactive), "blue.jobs");
+        assert_eq!(t.lane_queue(Lane::Batch), "blue.jobs.batch");
         assert_eq!(t.dead_letter_queue(), "blue.jobs.dead");
         assert_eq!(t.replies_queue(), "blue.replies");
         assert_eq!(t.control_exchange(), "blue.control");

@@ -38,7 +38,9 @@ async fn the_openai_sdk_runs_batches_with_files_on_the_local_file_system() {
     let mut env = Env::new();
     let files = env.dir().join("files");
     sdk_checks(&mut env, &["--files-dir", files.to_str().unwrap()]).await;
-    let kept = std::fs::read_dir(files.join(&env.ns).join("files")).unwrap().count();
+    let kept = std::fs::read_dir(files.join(&env.ns).join("files"))
+        .unwrap()
+        .count();
     assert!(kept >= 4, "the files are in --files-dir ({kept})");
     env.finish().await;
 }
@@ -104,12 +106,15 @@ async fn the_openai_sdk_runs_batches_with_files_on_s3() {
         ],
     )
     .await;
-    let listing = reqwest::get(format!("{}/batch-files?list-type=2&prefix={}/files/", moto.url, env.ns))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let listing = reqwest::get(format!(
+        "{}/batch-files?list-type=2&prefix={}/files/",
+        moto.url, env.ns
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
     assert!(
         listing.matches("<Key>").count() >= 4,
         "the files are in the bucket: {listing}"
@@ -204,7 +209,11 @@ async fn spawn_gateway(env: &Env, extra: &[&str]) -> GatewayProcess {
         {
             return gateway;
         }
-        assert!(Instant::now() < deadline, "gateway never ready:\n{}", gateway.log());
+        assert!(
+            Instant::now() < deadline,
+            "gateway never ready:\n{}",
+            gateway.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -251,7 +260,10 @@ async fn create_batch(env: &Env, base: &str, text: &str) -> String {
     let file: Value = env
         .http
         .post(format!("{base}/v1/files"))
-        .header("content-type", format!("multipart/form-data; boundary={BOUNDARY}"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
         .body(form)
         .send()
         .await
@@ -269,7 +281,10 @@ async fn create_batch(env: &Env, base: &str, text: &str) -> String {
         .json()
         .await
         .unwrap();
-    batch["id"].as_str().unwrap_or_else(|| panic!("{file} {batch}")).to_owned()
+    batch["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{file} {batch}"))
+        .to_owned()
 }
 
 async fn get(env: &Env, url: String) -> Option<Value> {
@@ -280,7 +295,11 @@ async fn get(env: &Env, url: String) -> Option<Value> {
 }
 
 /// Polls `what` every 20 ms until it gives something, for at most `timeout`.
-async fn until<T, F: std::future::Future<Output = Option<T>>>(timeout: Duration, what: &str, f: impl Fn() -> F) -> T {
+async fn until<T, F: std::future::Future<Output = Option<T>>>(
+    timeout: Duration,
+    what: &str,
+    f: impl Fn() -> F,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f().await {
@@ -295,9 +314,9 @@ async fn until<T, F: std::future::Future<Output = Option<T>>>(timeout: Duration,
 /// or error file exactly once, and returns how many of them were answered.
 async fn completes_with_every_request_once(env: &Env, base: &str, id: &str, lines: usize) -> usize {
     let batch = until(Duration::from_secs(180), "the batch ends", || async {
-        get(env, format!("{base}/v1/batches/{id}"))
-            .await
-            .filter(|b| ["completed", "failed", "expired", "cancelled"].contains(&b["status"].as_str().unwrap()))
+        get(env, format!("{base}/v1/batches/{id}")).await.filter(|b| {
+            ["completed", "failed", "expired", "cancelled"].contains(&b["status"].as_str().unwrap())
+        })
     })
     .await;
     assert_eq!(batch["status"], "completed", "{batch}\n{}", env.logs());
@@ -316,7 +335,9 @@ async fn completes_with_every_request_once(env: &Env, base: &str, id: &str, line
             .unwrap();
         for line in text.lines() {
             let line: Value = serde_json::from_str(line).unwrap();
-            *seen.entry(line["custom_id"].as_str().unwrap().to_owned()).or_default() += 1;
+            *seen
+                .entry(line["custom_id"].as_str().unwrap().to_owned())
+                .or_default() += 1;
             if line["response"]["status_code"] == 200 {
                 answered += 1;
             }
@@ -342,7 +363,9 @@ async fn a_gateway_killed_while_expanding_a_batch_leaves_it_to_another_and_it_co
         get(&env, format!("{}/v1/jobs/{job}", first.base))
     })
     .await;
-    let batch = get(&env, format!("{}/v1/batches/{id}", first.base)).await.unwrap();
+    let batch = get(&env, format!("{}/v1/batches/{id}", first.base))
+        .await
+        .unwrap();
     assert_eq!(batch["status"], "in_progress", "{batch}");
     first.kill();
 
@@ -371,7 +394,9 @@ async fn a_gateway_killed_while_finalizing_a_batch_leaves_it_to_another_and_it_c
         output.exists().then_some(())
     })
     .await;
-    let batch = get(&env, format!("{}/v1/batches/{id}", first.base)).await.unwrap();
+    let batch = get(&env, format!("{}/v1/batches/{id}", first.base))
+        .await
+        .unwrap();
     assert_eq!(batch["status"], "finalizing", "{batch}");
     first.kill();
 
@@ -379,7 +404,11 @@ async fn a_gateway_killed_while_finalizing_a_batch_leaves_it_to_another_and_it_c
     let answered = completes_with_every_request_once(&env, &second, &id, 4).await;
     assert_eq!(answered, 4);
     let batch = get(&env, format!("{second}/v1/batches/{id}")).await.unwrap();
-    assert_eq!(batch["output_file_id"], output_file_id(&id, "output"), "the redone output replaced the first");
+    assert_eq!(
+        batch["output_file_id"],
+        output_file_id(&id, "output"),
+        "the redone output replaced the first"
+    );
     env.finish().await;
 }
 

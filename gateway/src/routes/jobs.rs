@@ -6,7 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shared::job::OLDEST_JOB_SCHEMA_VERSION;
-use shared::{GenerationParameters, JobId, JobRequest};
+use shared::{GenerationParameters, JobId, JobRequest, Lane};
 use utoipa::ToSchema;
 
 use crate::app::AppState;
@@ -24,9 +24,9 @@ fn default_version() -> u32 {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
-    /// Body version, 1 or 2 (the gateway publishes the version the job needs); 1 when absent.
+    /// Body version, 1 to 3 (the gateway publishes the version the job needs); 1 when absent.
     #[serde(default = "default_version")]
-    #[schema(minimum = 1, maximum = 2)]
+    #[schema(minimum = 1, maximum = 3)]
     pub version: u32,
     /// The prompt, taken as written: control characters other than tab, newline and carriage return are
     /// removed, and its tokens plus `max_new_tokens` must fit the model's context (a gateway run with
@@ -53,6 +53,7 @@ impl From<SubmitRequest> for JobRequest {
             messages: r.messages,
             parameters: r.parameters,
             submitted_at_ms: None,
+            deadline_ms: None,
         }
     }
 }
@@ -107,6 +108,7 @@ pub async fn submit(
             &app.settings.prompts.jobs,
             &caller,
             key,
+            Lane::Interactive,
         )
         .await?;
     let location = format!("/v1/jobs/{}", accepted.id);

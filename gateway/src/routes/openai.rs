@@ -21,7 +21,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use shared::reply::now_ms;
-use shared::{JobId, TokenLogprob};
+use shared::{JobId, Lane, TokenLogprob};
 
 use crate::app::AppState;
 use crate::auth::Caller;
@@ -175,7 +175,14 @@ async fn serve(
     let mut prompts = Vec::with_capacity(ids.len());
     for (i, (id, job)) in ids.iter().zip(jobs).enumerate() {
         match app
-            .enqueue(*id, job, &app.settings.prompts.openai, &caller, None)
+            .enqueue(
+                *id,
+                job,
+                &app.settings.prompts.openai,
+                &caller,
+                None,
+                Lane::Interactive,
+            )
             .await
         {
             Ok((accepted, d)) => {

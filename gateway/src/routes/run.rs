@@ -15,7 +15,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use shared::params::{DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_BEAMS, MAX_NEW_TOKENS_LIMIT};
-use shared::{GenerationParameters, JobId, JobRequest, Strategy};
+use shared::{GenerationParameters, JobId, JobRequest, Lane, Strategy};
 use utoipa::ToSchema;
 
 use crate::app::AppState;
@@ -126,7 +126,14 @@ pub async fn run(
     let id = JobId::new_random();
     let registration = app.waiters.register(id, Interest::Done);
     let (_, decision) = app
-        .enqueue(id, request, &app.settings.prompts.run, &caller, None)
+        .enqueue(
+            id,
+            request,
+            &app.settings.prompts.run,
+            &caller,
+            None,
+            Lane::Interactive,
+        )
         .await?;
     let mut owner = CancelOnDrop::new(&app, vec![id], s.cancel_on_disconnect);
     let waited = wait_final(&app, id, &registration).await;

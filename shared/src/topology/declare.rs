@@ -11,9 +11,10 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
 use super::{CANCEL_RETENTION, Topology};
+use crate::lane::Lane;
 
 impl Topology {
-    /// Arguments of the jobs queue. They must be identical in every process, or the broker refuses the
+    /// Arguments of every lane's jobs queue. They must be identical in every process, or the broker refuses the
     /// second declaration (PRECONDITION_FAILED).
     pub fn jobs_queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
@@ -64,8 +65,8 @@ impl Topology {
         args
     }
 
-    /// Declares the dead-letter queue, the jobs queue, the replies queue, and the control exchange with its
-    /// cancellations stream. Idempotent.
+    /// Declares the dead-letter queue, every lane's jobs queue, the replies queue, and the control exchange
+    /// with its cancellations stream. Idempotent.
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
         let durable = QueueDeclareOptions {
             durable: true,
@@ -74,13 +75,15 @@ impl Topology {
         channel
             .queue_declare(self.dead_letter_queue().as_str().into(), durable, Self::quorum())
             .await?;
-        channel
-            .queue_declare(
-                self.jobs_queue().as_str().into(),
-                durable,
-                self.jobs_queue_arguments(),
-            )
-            .await?;
+        for lane in Lane::ALL {
+            channel
+                .queue_declare(
+                    self.lane_queue(lane).as_str().into(),
+                    durable,
+                    self.jobs_queue_arguments(),
+                )
+                .await?;
+        }
         channel
             .queue_declare(self.replies_queue().as_str().into(), durable, Self::quorum())
             .await?;
@@ -118,7 +121,8 @@ impl Topology {
     /// ran in a namespace of their own. Missing queues are not an error.
     pub async fn delete(&self, channel: &Channel) -> Result<(), lapin::Error> {
         for queue in [
-            self.jobs_queue(),
+            self.lane_queue(Lane::Interactive),
+            self.lane_queue(Lane::Batch),
             self.dead_letter_queue(),
             self.replies_queue(),
             self.cancellations_queue(),

@@ -215,7 +215,7 @@ mod tests {
         );
         assert_eq!(r.error.code, ErrorCode::InvalidParameter);
         assert!(r.error.message.contains("max_new_tokens"));
-        let r = refused(props(Some(ID), Some("q")), r#"{"version":3,"prompt":"hi"}"#);
+        let r = refused(props(Some(ID), Some("q")), r#"{"version":4,"prompt":"hi"}"#);
         assert_eq!(r.error.code, ErrorCode::UnsupportedVersion);
     }
 
