@@ -156,6 +156,8 @@ async fn keep_lease(app: &App, id: &str, holder: &str) {
 /// One step of batch `id`; true when the batch has ended.
 async fn step(app: &App, id: &str) -> Result<bool, DriveError> {
     let Some(state) = app.batches.get(id).await? else {
+        // Gone (deleted by hand): nothing to drive.
+        app.batches.forget_active(id).await?;
         return Ok(true);
     };
     match state.batch.status {

@@ -31,11 +31,19 @@ pub struct CreateBatch {
     /// The endpoint every line targets.
     pub endpoint: Endpoint,
     /// `24h`, the only window offered.
-    #[schema(example = "24h")]
+    #[schema(schema_with = completion_window)]
     pub completion_window: String,
     /// Up to 16 pairs of strings, kept with the batch.
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<HashMap<String, String>>, max_properties = 16)]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// `completion_window`'s schema: the one value it takes.
+fn completion_window() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some([COMPLETION_WINDOW]))
+        .build()
 }
 
 /// A batch's status, as OpenAI names them.
@@ -134,7 +142,7 @@ pub struct Batch {
     pub cancelling_at: Option<u64>,
     pub cancelled_at: Option<u64>,
     pub request_counts: RequestCounts,
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<HashMap<String, String>>)]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
@@ -349,6 +357,20 @@ impl BatchStore {
         let key = self.keys.batches_active();
         self.redis
             .call(|mut c| async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut c).await })
+            .await
+    }
+
+    /// Takes batch `id` off the batches to drive.
+    pub async fn forget_active(&self, id: &str) -> Result<(), RedisError> {
+        let (key, member) = (self.keys.batches_active(), id.to_owned());
+        self.redis
+            .call(|mut c| async move {
+                redis::cmd("SREM")
+                    .arg(key)
+                    .arg(member)
+                    .query_async::<()>(&mut c)
+                    .await
+            })
             .await
     }
 

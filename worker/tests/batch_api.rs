@@ -313,16 +313,33 @@ async fn until<T, F: std::future::Future<Output = Option<T>>>(
 /// Waits for batch `id` to end; asserts it completed with every one of its `lines` requests in its output
 /// or error file exactly once, and returns how many of them were answered.
 async fn completes_with_every_request_once(env: &Env, base: &str, id: &str, lines: usize) -> usize {
+    let lines = ends_with_every_request_once(env, base, id, lines, "completed").await;
+    lines.keys().filter(|k| !k.starts_with("error:")).count()
+}
+
+/// Waits for batch `id` to end; asserts it ended `status` with every one of its `lines` requests in its
+/// output or error file exactly once; returns the output file's lines by `custom_id`, and the error file's
+/// after them under `error:{custom_id}`.
+async fn ends_with_every_request_once(
+    env: &Env,
+    base: &str,
+    id: &str,
+    lines: usize,
+    status: &str,
+) -> HashMap<String, Value> {
     let batch = until(Duration::from_secs(180), "the batch ends", || async {
         get(env, format!("{base}/v1/batches/{id}")).await.filter(|b| {
             ["completed", "failed", "expired", "cancelled"].contains(&b["status"].as_str().unwrap())
         })
     })
     .await;
-    assert_eq!(batch["status"], "completed", "{batch}\n{}", env.logs());
+    assert_eq!(batch["status"], status, "{batch}\n{}", env.logs());
     let mut seen: HashMap<String, usize> = HashMap::new();
-    let mut answered = 0;
-    for file in [&batch["output_file_id"], &batch["error_file_id"]] {
+    let mut answered = HashMap::new();
+    for (file, prefix) in [
+        (&batch["output_file_id"], ""),
+        (&batch["error_file_id"], "error:"),
+    ] {
         let Some(file) = file.as_str() else { continue };
         let text = env
             .http
@@ -347,7 +364,9 @@ async fn completes_with_every_request_once(env: &Env, base: &str, id: &str, line
     assert_eq!(seen, expected, "every custom_id exactly once: {batch}");
     let counts = &batch["request_counts"];
     assert_eq!(counts["total"], lines);
-    assert_eq!(counts["completed"], answered);
+    let output = answered.keys().filter(|k| !k.starts_with("error:")).count();
+    assert_eq!(counts["completed"], output);
+    assert_eq!(counts["failed"], lines - output);
     answered
 }
 
@@ -431,5 +450,33 @@ async fn a_worker_killed_mid_batch_leaves_its_job_to_another_worker_and_the_batc
     env.spawn_worker(&[]);
     let answered = completes_with_every_request_once(&env, &base, &id, 3).await;
     assert_eq!(answered, 3);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_batch_past_its_window_ends_expired_keeping_its_finished_lines() {
+    let mut env = Env::new();
+    // A window of 20 s; one line at a time.
+    let base = gateway_in_process(&mut env, &["--batch-window-s", "20", "--batch-slice", "1"]).await;
+    let worker = env.spawn_worker(&[]);
+    env.wait_for_consumers(1).await;
+    let id = create_batch(&env, &base, &chat_file(3, |i| if i == 0 { 4 } else { 600 })).await;
+    until(Duration::from_secs(60), "the first line is answered", || async {
+        get(&env, format!("{base}/v1/batches/{id}"))
+            .await
+            .filter(|b| b["request_counts"]["completed"] == 1)
+    })
+    .await;
+    // No worker from now on: what is left cannot finish before the window ends.
+    env.workers[worker].kill();
+    let lines = ends_with_every_request_once(&env, &base, &id, 3, "expired").await;
+    assert_eq!(
+        lines["req-0"]["response"]["status_code"], 200,
+        "the finished line is kept"
+    );
+    for unfinished in ["error:req-1", "error:req-2"] {
+        assert_eq!(lines[unfinished]["response"], Value::Null, "{lines:?}");
+        assert_eq!(lines[unfinished]["error"]["code"], "batch_expired", "{lines:?}");
+    }
     env.finish().await;
 }

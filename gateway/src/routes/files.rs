@@ -22,11 +22,18 @@ use crate::openai::OpenAiError;
 #[allow(dead_code)] // documentation only: the form is read field by field
 pub struct UploadForm {
     /// `batch`: a JSONL file, one request a line.
-    #[schema(example = "batch")]
-    purpose: String,
+    purpose: UploadPurpose,
     /// The file.
     #[schema(value_type = String, format = Binary)]
     file: Vec<u8>,
+}
+
+/// The one purpose an upload may have here.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // documentation only
+pub enum UploadPurpose {
+    Batch,
 }
 
 #[utoipa::path(
