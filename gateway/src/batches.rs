@@ -34,7 +34,7 @@ pub struct CreateBatch {
     #[schema(schema_with = completion_window)]
     pub completion_window: String,
     /// Up to 16 pairs of strings, kept with the batch.
-    #[schema(value_type = Option<HashMap<String, String>>, max_properties = 16)]
+    #[schema(value_type = Option<HashMap<String, String>>)]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
