@@ -211,17 +211,17 @@ impl FileStore {
     }
 
     /// Writes `body` as file `id`'s body, in one piece; returns its size.
-    pub async fn write<E: std::fmt::Display>(
+    pub async fn write(
         &self,
         id: &str,
-        mut body: impl Stream<Item = Result<Bytes, E>> + Unpin,
+        mut body: impl Stream<Item = Result<Bytes, FileError>> + Unpin,
         limit: u64,
     ) -> Result<u64, FileError> {
         let mut writer = self.writer(id);
         let mut bytes = 0u64;
         let outcome = async {
             while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| FileError::Upload(e.to_string()))?;
+                let chunk = chunk?;
                 bytes += chunk.len() as u64;
                 if bytes > limit {
                     return Err(FileError::TooLarge { limit });

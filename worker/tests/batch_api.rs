@@ -27,7 +27,16 @@ const DONE: &str = "all batch API checks passed";
 /// a time.
 async fn sdk_checks(env: &mut Env, storage_args: &[&str]) {
     let keys = format!("{KEY},{OTHER_KEY}");
-    let mut args = vec!["--api-keys", &keys, "--batch-slice", "3", "--batch-poll-ms", "50"];
+    let mut args = vec![
+        "--api-keys",
+        &keys,
+        "--batch-slice",
+        "3",
+        "--batch-poll-ms",
+        "50",
+        "--max-file-bytes",
+        "1000000",
+    ];
     args.extend_from_slice(storage_args);
     let extra = [std::ffi::OsStr::new(KEY), std::ffi::OsStr::new(OTHER_KEY)];
     python_client_checks_in(env, "batch_client.py", &args, &[], &extra, DONE).await;
@@ -352,12 +361,9 @@ async fn ends_with_every_request_once(
             .unwrap();
         for line in text.lines() {
             let line: Value = serde_json::from_str(line).unwrap();
-            *seen
-                .entry(line["custom_id"].as_str().unwrap().to_owned())
-                .or_default() += 1;
-            if line["response"]["status_code"] == 200 {
-                answered += 1;
-            }
+            let custom_id = line["custom_id"].as_str().unwrap().to_owned();
+            *seen.entry(custom_id.clone()).or_default() += 1;
+            answered.insert(format!("{prefix}{custom_id}"), line);
         }
     }
     let expected: HashMap<String, usize> = (0..lines).map(|i| (format!("req-{i}"), 1)).collect();

@@ -9,12 +9,13 @@ use axum::extract::multipart::{Multipart, MultipartError};
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiQuery};
-use crate::files::{FileObject, List, PURPOSE_BATCH, owner};
+use crate::files::{FileError, FileObject, List, PURPOSE_BATCH, owner};
 use crate::openai::OpenAiError;
 
 /// The upload form, for the document.
@@ -79,9 +80,15 @@ pub async fn upload(
                 "file" if written.is_none() => {
                     let filename = field.file_name().unwrap_or("file").chars().take(256).collect();
                     let id = crate::files::FileStore::new_id();
+                    // The form's own bound (a little over the file's) can trip while the file's chunks are
+                    // read ahead: it is the same refusal.
+                    let chunks = field.map_err(move |e| match e.status() {
+                        axum::http::StatusCode::PAYLOAD_TOO_LARGE => FileError::TooLarge { limit },
+                        _ => FileError::Upload(e.body_text()),
+                    });
                     let bytes = app
                         .files
-                        .write(&id, Box::pin(field), limit)
+                        .write(&id, Box::pin(chunks), limit)
                         .await
                         .map_err(|e| ApiError::file(e, &id))?;
                     written = Some((id, filename, bytes));

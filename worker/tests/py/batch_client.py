@@ -206,6 +206,20 @@ try:
 except openai.ConflictError:
     check(True, "a completed batch cannot be cancelled (409)")
 
+# A file larger than a request body (64 KiB) is streamed in whole; one over --max-file-bytes (1 MB here) is
+# refused, and nothing of it is kept.
+big_lines = [{**chat_lines[0], "custom_id": f"big-{i}"} for i in range(1500)]
+big = upload(big_lines, name="big.jsonl")
+check(big.bytes > 64 * 1024 and client.files.content(big.id).text.count("\n") == 1500,
+      f"a {big.bytes}-byte file is stored whole")
+before = {f.id for f in client.files.list()}
+try:
+    upload(big_lines * 6, name="huge.jsonl")
+    check(False, "a file over --max-file-bytes is refused")
+except openai.APIStatusError as e:
+    check(e.status_code == 413, f"a file over --max-file-bytes is refused with 413: {e.status_code}")
+check({f.id for f in client.files.list()} == before, "a refused upload leaves no file")
+
 # Deleting a file.
 deleted = client.files.delete(completion_file.id)
 check(deleted.deleted and deleted.id == completion_file.id, f"files.delete: {deleted}")
