@@ -468,14 +468,17 @@ def check_k8s(objects: list[tuple[str, dict]], keda_schema: dict) -> None:
         where = f"ScaledObject/{name}"
         spec = obj.get("spec", {})
         check(spec.get("scaleTargetRef", {}).get("name") in deployments, where, "scaleTargetRef is not a Deployment here")
+        lanes = {f"{namespace_setting}.jobs", f"{namespace_setting}.jobs.batch"}
+        watched = set()
         for trigger in spec.get("triggers", []):
             if not check(trigger.get("type") == "rabbitmq", where, "expected a rabbitmq trigger"):
                 continue
             meta = trigger.get("metadata", {})
+            watched.add(meta.get("queueName"))
             check(
-                meta.get("queueName") == f"{namespace_setting}.jobs",
+                meta.get("queueName") in lanes,
                 where,
-                f"queueName {meta.get('queueName')} is not the jobs queue {namespace_setting}.jobs",
+                f"queueName {meta.get('queueName')} is not the jobs queue of a lane ({', '.join(sorted(lanes))})",
             )
             # Over AMQP only ready messages are counted: busy workers would be scaled down mid-job.
             check(meta.get("protocol") == "http", where, "must read the management API (protocol: http)")
@@ -503,6 +506,9 @@ def check_k8s(objects: list[tuple[str, dict]], keda_schema: dict) -> None:
                     f"TriggerAuthentication/{auth_name}",
                     "must provide the host parameter",
                 )
+        # Workers consume both lanes; a backlog on either must scale them.
+        missing = sorted(lanes - watched)
+        check(not missing, where, f"does not scale on every lane's queue: no trigger for {', '.join(missing)}")
 
 
 # ----------------------------------------------------------------------------------------------------- images

@@ -129,6 +129,13 @@ CASES = [
         "is not the jobs queue",
     ),
     (
+        "KEDA scaling on the interactive lane only (a batch backlog would wait for ever at zero workers)",
+        "compose/k8s/keda.yaml",
+        "queueName: gptj.jobs.batch",
+        "queueName: gptj.jobs",
+        "no trigger for gptj.jobs.batch",
+    ),
+    (
         "KEDA trigger metadata that is not a string",
         "compose/k8s/keda.yaml",
         'value: "40"',

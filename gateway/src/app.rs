@@ -70,6 +70,10 @@ pub struct Accepted {
     pub status: Status,
     /// True when an `Idempotency-Key` named this earlier job.
     pub replayed: bool,
+    /// The lane it was queued in.
+    pub lane: Lane,
+    /// When it stops being worth starting (ms since the epoch), if it has a deadline.
+    pub deadline_ms: Option<u64>,
 }
 
 impl App {
@@ -101,11 +105,13 @@ impl App {
                 budget: self.admissions.max_cost(),
             });
         }
-        // The body without its submission time, so that a resubmission compares equal.
+        // The body without its submission time nor its deadline (both from the clock), so that a
+        // resubmission compares equal.
         let idempotency = match idempotency_key {
             Some(key) => {
-                let body =
-                    serde_json::to_vec(&job.to_request()).map_err(|e| ApiError::Internal(e.to_string()))?;
+                let mut timeless = job.to_request();
+                timeless.deadline_ms = None;
+                let body = serde_json::to_vec(&timeless).map_err(|e| ApiError::Internal(e.to_string()))?;
                 Some(IdempotencyKey::new(key, &body))
             }
             None => None,
@@ -122,12 +128,16 @@ impl App {
             owner: owner.as_deref(),
             client: &caller.id,
             submitted_at_ms,
+            lane,
         });
         // Not connected, the job cannot be published: refuse before the limiter charges the client for it.
         if !self.broker.connected() {
             return Err(ApiError::unavailable("broker", "not connected"));
         }
         self.check_backlog().await?;
+        if let Some(deadline_ms) = job.deadline_ms {
+            self.check_deadline(lane, submitted_at_ms, deadline_ms).await?;
+        }
         let submission = Submission {
             id,
             record: &record,
@@ -166,6 +176,8 @@ impl App {
             submitted_at_ms,
             status: Status::Queued,
             replayed: false,
+            lane,
+            deadline_ms: job.deadline_ms,
         };
         Ok((accepted, decision))
     }
@@ -193,6 +205,32 @@ impl App {
         }
     }
 
+    /// Refuses a job whose estimated start in `lane` ([`crate::deadline::estimated_start`]: the jobs ahead of
+    /// it at the rate the workers have been taking jobs) is past its deadline, advising a retry when the
+    /// jobs ahead will have been taken. No estimate (no rate measured yet, or a broker that cannot be
+    /// asked) refuses nothing: the worker still fails the job if its deadline passes in the queue.
+    async fn check_deadline(&self, lane: Lane, now_ms: u64, deadline_ms: u64) -> Result<(), ApiError> {
+        let Ok(stats) = self.broker.queue_stats_within(BACKLOG_STALENESS).await else {
+            return Ok(());
+        };
+        let ahead = stats.ahead_of(lane);
+        let Some(start) = crate::deadline::estimated_start(ahead, self.drain.per_second()) else {
+            return Ok(());
+        };
+        let timeout = Duration::from_millis(deadline_ms.saturating_sub(now_ms));
+        if start <= timeout {
+            return Ok(());
+        }
+        metrics::counter!(m::BOUNDED, "bound" => "deadline").increment(1);
+        Err(ApiError::DeadlineUnmeetable {
+            lane,
+            ahead,
+            estimated_start: (start != Duration::MAX).then_some(start),
+            timeout,
+            retry_after: self.drain.retry_after(ahead),
+        })
+    }
+
     /// The answer to a replayed `Idempotency-Key`: the job it named, as it is now.
     async fn replay(&self, id: JobId) -> Result<(Accepted, Option<Decision>), ApiError> {
         let (record, _) = self
@@ -208,6 +246,8 @@ impl App {
                 submitted_at_ms: record.submitted_at_ms.unwrap_or_default(),
                 status: record.status,
                 replayed: true,
+                lane: record.lane,
+                deadline_ms: None,
             },
             None,
         ))

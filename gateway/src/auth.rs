@@ -1,4 +1,5 @@
-//! Who is calling: API-key checks and the client identity that rate limits and `/run` wait slots count.
+//! Who is calling: API-key checks, the client identity that rate limits and `/run` wait slots count, and the
+//! highest lane (`shared::Lane`) the caller's key may use: a request asks for a lane, its key clamps it.
 //!
 //! Keys are compared as SHA-256 digests in constant time, and only digests are kept, in memory and in job
 //! records (a job's owner), so neither a timing side channel nor a Redis dump reveals a key.
@@ -17,6 +18,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use ipnet::IpNet;
+use shared::Lane;
 
 /// SHA-256 of an API key; its hex form marks a job's owner.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,10 +40,10 @@ impl std::fmt::Debug for KeyDigest {
     }
 }
 
-/// The configured API keys (digests only). Empty means keys are off.
+/// The configured API keys (digests only), each with the highest lane it may use. Empty means keys are off.
 #[derive(Debug, Clone, Default)]
 pub struct ApiKeys {
-    digests: Vec<KeyDigest>,
+    digests: Vec<(KeyDigest, Lane)>,
 }
 
 /// Why a request is not let in.
@@ -52,10 +54,28 @@ pub enum AuthError {
 }
 
 impl ApiKeys {
+    /// Keys that may use every lane.
     pub fn new(keys: &[&str]) -> Self {
-        Self {
-            digests: keys.iter().map(|k| KeyDigest::of(k)).collect(),
+        Self::with_ceilings(keys.iter().map(|k| (*k, Lane::Interactive)))
+    }
+
+    /// Keys, each with the highest lane it may use. A key given twice keeps its lowest ceiling.
+    pub fn with_ceilings<'k>(keys: impl IntoIterator<Item = (&'k str, Lane)>) -> Self {
+        let mut digests: Vec<(KeyDigest, Lane)> = Vec::new();
+        for (key, ceiling) in keys {
+            let digest = KeyDigest::of(key);
+            match digests.iter_mut().find(|(d, _)| *d == digest) {
+                Some((_, c)) => *c = (*c).min(ceiling),
+                None => digests.push((digest, ceiling)),
+            }
         }
+        Self { digests }
+    }
+
+    /// The highest lane the key may use: every lane without keys.
+    pub fn ceiling(&self, key: Option<KeyDigest>) -> Lane {
+        key.and_then(|key| self.digests.iter().find(|(d, _)| *d == key))
+            .map_or(Lane::Interactive, |(_, ceiling)| *ceiling)
     }
 
     pub fn enabled(&self) -> bool {
@@ -71,7 +91,7 @@ impl ApiKeys {
         let presented = bearer(headers).ok_or(AuthError::Missing)?;
         let digest = KeyDigest::of(presented);
         let mut found = subtle::Choice::from(0);
-        for known in &self.digests {
+        for (known, _) in &self.digests {
             found |= known.0.ct_eq(&digest.0);
         }
         if bool::from(found) {
@@ -178,6 +198,8 @@ pub struct Caller {
     pub id: ClientId,
     /// The key's digest when API keys are on (the owner of the jobs this caller submits).
     pub key: Option<KeyDigest>,
+    /// The highest lane the caller may use ([`ApiKeys::ceiling`]).
+    pub ceiling: Lane,
 }
 
 impl Caller {
@@ -186,13 +208,29 @@ impl Caller {
             Some(k) => ClientId::Key(k),
             None => ClientId::Ip(client_ip(peer, headers, trusted)),
         };
-        Self { id, key }
+        Self {
+            id,
+            key,
+            ceiling: Lane::Interactive,
+        }
+    }
+
+    /// The same caller, limited to `ceiling`.
+    pub fn with_ceiling(self, ceiling: Lane) -> Self {
+        Self { ceiling, ..self }
+    }
+
+    /// The lane a request of this caller goes to: the one it asks for (interactive by default), clamped to
+    /// its ceiling, never refused.
+    pub fn lane(&self, asked: Option<Lane>) -> Lane {
+        asked.unwrap_or_default().clamp_to(self.ceiling)
     }
 }
 
 impl Caller {
     /// The caller as text, kept with work done on its behalf later (a batch's jobs are admitted as its
-    /// owner's): the key's digest or the address, never the key. [`Caller::from_token`] reads it back.
+    /// owner's): the key's digest or the address, never the key. [`Caller::from_token`] reads it back, its
+    /// ceiling as [`Caller::identify`] sets it: such work names its lane itself.
     pub fn token(&self) -> String {
         match &self.id {
             ClientId::Key(digest) => format!("key:{}", digest.hex()),
@@ -206,12 +244,14 @@ impl Caller {
             return Some(Self {
                 id: ClientId::Key(digest),
                 key: Some(digest),
+                ceiling: Lane::Interactive,
             });
         }
         let ip = token.strip_prefix("ip:")?.parse().ok()?;
         Some(Self {
             id: ClientId::Ip(ip),
             key: None,
+            ceiling: Lane::Interactive,
         })
     }
 }
@@ -308,6 +348,34 @@ mod tests {
                 .key_part(),
             "ip:127.0.0.1"
         );
+    }
+
+    #[test]
+    fn a_keys_ceiling_clamps_the_lane_it_asks_for() {
+        let keys = ApiKeys::with_ceilings([("alpha", Lane::Interactive), ("bulk", Lane::Batch)]);
+        let bulk = keys.check(&headers(&[("authorization", "Bearer bulk")])).unwrap();
+        assert_eq!(keys.ceiling(bulk), Lane::Batch);
+        let caller =
+            Caller::identify(bulk, ip("127.0.0.1"), &HeaderMap::new(), &[]).with_ceiling(Lane::Batch);
+        assert_eq!(caller.lane(None), Lane::Batch, "clamped, not refused");
+        assert_eq!(caller.lane(Some(Lane::Interactive)), Lane::Batch);
+        let alpha = keys
+            .check(&headers(&[("authorization", "Bearer alpha")]))
+            .unwrap();
+        assert_eq!(keys.ceiling(alpha), Lane::Interactive);
+        let caller = Caller::identify(alpha, ip("127.0.0.1"), &HeaderMap::new(), &[]);
+        assert_eq!(
+            caller.lane(Some(Lane::Batch)),
+            Lane::Batch,
+            "a lower lane is always allowed"
+        );
+        assert_eq!(
+            ApiKeys::default().ceiling(None),
+            Lane::Interactive,
+            "keys off: every lane"
+        );
+        let twice = ApiKeys::with_ceilings([("k", Lane::Interactive), ("k", Lane::Batch)]);
+        assert_eq!(twice.ceiling(Some(KeyDigest::of("k"))), Lane::Batch);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::batches::{BatchState, BatchStatus, Ending, InFlight, Slice};
 use crate::error::ApiError;
 use crate::files::{FileError, FileObject, PURPOSE_BATCH, PURPOSE_BATCH_OUTPUT};
 use crate::kv::RedisError;
-use crate::openai::{Head, chat_completion_id, completion_id};
+use crate::openai::{Head, chat_completion_id, completion_id, service_tier};
 use crate::openai_jobs::{Kind, Meta, answer};
 use crate::store::{JobRecord, Status};
 
@@ -720,6 +720,7 @@ async fn output_line(
             },
             created,
             model: settings.served_model_name.clone(),
+            service_tier: service_tier(Lane::Batch),
         },
         kind: plan.kind,
     };

@@ -14,8 +14,8 @@
 //! Confirms are asynchronous in lapin, so one channel carries many publishes in flight; a few channels
 //! spread the framing work.
 //!
-//! `/v1/queue` reads depth and consumers by a passive declare of `{ns}.jobs`: constant time at the broker
-//! however many jobs have passed. Concurrent readers share one round trip, and its answer is reused for
+//! `/v1/queue` reads depth and consumers by a passive declare of each lane's queue (`{ns}.jobs`,
+//! `{ns}.jobs.batch`): constant time at the broker however many jobs have passed. Concurrent readers share one round trip, and its answer is reused for
 //! `queue_stats_cache` at most (5 ms by default).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -61,12 +61,32 @@ impl BrokerError {
     }
 }
 
-/// Depth and consumers of the jobs queue, from the broker.
+/// Depth and consumers of the lanes' queues, from the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueStats {
-    /// Messages ready for delivery (not those a worker holds).
+    /// Messages ready for delivery in every lane (not those a worker holds).
     pub depth: u32,
+    /// Workers consuming: those of the interactive queue (every worker consumes every lane).
     pub consumers: u32,
+    /// Ready messages of the interactive lane.
+    pub interactive: u32,
+    /// Ready messages of the batch lane.
+    pub batch: u32,
+}
+
+impl QueueStats {
+    /// Ready messages of `lane`.
+    pub fn lane_depth(&self, lane: Lane) -> u32 {
+        match lane {
+            Lane::Interactive => self.interactive,
+            Lane::Batch => self.batch,
+        }
+    }
+
+    /// Jobs a new job of `lane` waits behind: its lane's, and every higher lane's.
+    pub fn ahead_of(&self, lane: Lane) -> u64 {
+        crate::deadline::ahead(lane, self.interactive, self.batch)
+    }
 }
 
 struct Link {
@@ -357,7 +377,7 @@ impl Broker {
         }
     }
 
-    /// Depth and consumers of the jobs queue (passive declare), shared by concurrent callers.
+    /// Depth and consumers of the lanes' queues (passive declares), shared by concurrent callers.
     pub async fn queue_stats(&self) -> Result<QueueStats, BrokerError> {
         self.queue_stats_within(self.settings.stats_cache).await
     }
@@ -372,25 +392,38 @@ impl Broker {
             return Ok(stats);
         }
         let link = self.current().ok_or(BrokerError::NotConnected)?;
-        let queue = tokio::time::timeout(
-            self.settings.publish_timeout,
-            link.stats.queue_declare(
-                self.settings.topology.jobs_queue().as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            ),
-        )
+        let declare = |lane: Lane| {
+            let queue = self.settings.topology.lane_queue(lane);
+            let stats = link.stats.clone();
+            async move {
+                stats
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+            }
+        };
+        let (interactive, batch) = tokio::time::timeout(self.settings.publish_timeout, async {
+            futures::future::try_join(declare(Lane::Interactive), declare(Lane::Batch)).await
+        })
         .await
         .map_err(|_| BrokerError::Timeout(self.settings.publish_timeout))??;
         let stats = QueueStats {
-            depth: queue.message_count(),
-            consumers: queue.consumer_count(),
+            depth: interactive.message_count().saturating_add(batch.message_count()),
+            consumers: interactive.consumer_count(),
+            interactive: interactive.message_count(),
+            batch: batch.message_count(),
         };
         *cached = Some((Instant::now(), stats));
         metrics::gauge!(m::QUEUE_DEPTH).set(f64::from(stats.depth));
+        for lane in Lane::ALL {
+            metrics::gauge!(m::LANE_DEPTH, "lane" => lane.name()).set(f64::from(stats.lane_depth(lane)));
+        }
         metrics::gauge!(m::QUEUE_CONSUMERS).set(f64::from(stats.consumers));
         Ok(stats)
     }

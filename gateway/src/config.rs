@@ -134,6 +134,10 @@ pub struct Config {
     /// and a job can only be read with the key that submitted it.
     #[arg(long, env = "API_KEYS", value_delimiter = ',', hide_env_values = true)]
     pub api_keys: Vec<String>,
+    /// API keys whose highest lane is the batch lane, comma separated: valid keys as `--api-keys`'s, whose
+    /// jobs go to the batch lane whatever they ask for (`service_tier`, `lane`), clamped, never refused.
+    #[arg(long, env = "BATCH_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub batch_api_keys: Vec<String>,
     /// Proxies (addresses or CIDR blocks, comma separated) whose `X-Forwarded-For` is believed.
     #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', value_parser = crate::auth::parse_net)]
     pub trusted_proxies: Vec<IpNet>,
@@ -398,17 +402,19 @@ impl Config {
                 Ok(v)
             }
         };
-        let keys: Vec<&str> = self
+        let keys: Vec<(&str, shared::Lane)> = self
             .api_keys
             .iter()
-            .map(|k| k.trim())
-            .filter(|k| !k.is_empty())
+            .map(|k| (k, shared::Lane::Interactive))
+            .chain(self.batch_api_keys.iter().map(|k| (k, shared::Lane::Batch)))
+            .map(|(k, lane)| (k.trim(), lane))
+            .filter(|(k, _)| !k.is_empty())
             .collect();
         Ok(Settings {
             topology,
             broker_urls: std::sync::Arc::new(shared::brokers::BrokerUrls::new(&[&self.amqp_url])?),
             prompts,
-            api_keys: ApiKeys::new(&keys),
+            api_keys: ApiKeys::with_ceilings(keys),
             trusted_proxies: self.trusted_proxies.clone(),
             cors: Cors::parse(&self.cors_allow_origins)?,
             submit_limit: self.submit_rate_limit,

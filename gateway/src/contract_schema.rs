@@ -12,7 +12,7 @@
 use schemars::JsonSchema;
 use schemars::generate::SchemaSettings;
 use shared::chat::{ChatMessage, MAX_MESSAGES};
-use shared::{ErrorBody, ErrorCode, FinishReason, GenerationParameters, Strategy};
+use shared::{ErrorBody, ErrorCode, FinishReason, GenerationParameters, Lane, Strategy};
 use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
 use utoipa::openapi::{Ref, RefOr, Schema};
 
@@ -29,6 +29,7 @@ pub fn definitions() -> serde_json::Map<String, serde_json::Value> {
         root::<ErrorBody>(&mut generator),
         root::<ErrorCode>(&mut generator),
         root::<FinishReason>(&mut generator),
+        root::<Lane>(&mut generator),
     ];
     let mut defs = generator.take_definitions(true);
     for (name, schema) in roots.into_iter().flatten() {
@@ -68,6 +69,16 @@ pub fn generation_parameters() -> RefOr<Schema> {
 /// An optional decoding strategy.
 pub fn optional_strategy() -> RefOr<Schema> {
     nullable(named::<Strategy>())
+}
+
+/// A lane (`interactive`, `batch`).
+pub fn lane() -> RefOr<Schema> {
+    named::<Lane>().into()
+}
+
+/// An optional lane.
+pub fn optional_lane() -> RefOr<Schema> {
+    nullable(named::<Lane>())
 }
 
 /// A conversation: 1 to [`MAX_MESSAGES`] messages (`clean_messages` refuses an empty one and a longer one).

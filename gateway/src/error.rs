@@ -78,6 +78,22 @@ pub enum ApiError {
         bound: u32,
         retry_after: std::time::Duration,
     },
+    #[error(
+        "{} jobs wait ahead of this one in the {lane} lane: its estimated start, {}, is past its timeout of \
+         {:.1} s; retry in {} s or with a longer timeout",
+        .ahead,
+        .estimated_start.map_or("none (no job has left the queue lately)".to_owned(), |s| format!("in {:.1} s", s.as_secs_f64())),
+        .timeout.as_secs_f64(),
+        retry_after_secs(.retry_after)
+    )]
+    DeadlineUnmeetable {
+        lane: shared::Lane,
+        ahead: u64,
+        /// `None`: nothing drains, no start in sight.
+        estimated_start: Option<std::time::Duration>,
+        timeout: std::time::Duration,
+        retry_after: std::time::Duration,
+    },
     #[error("this Idempotency-Key was used for job {0} with another body; use a new key for a new job")]
     IdempotencyKeyReused(JobId),
     #[error("job {0} did not finish in time; it continues, poll /v1/jobs/{0}")]
@@ -144,6 +160,7 @@ impl ApiError {
             TokensSpent { .. } => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TokenRateLimited),
             CostOverBudget { .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::TokenRateLimited),
             QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::QueueFull),
+            DeadlineUnmeetable { .. } => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::DeadlineExceeded),
             IdempotencyKeyReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::IdempotencyKeyReused),
             RunTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Timeout),
             JobFailed(body) => (
@@ -208,6 +225,7 @@ impl ApiError {
                 Some("parameters.max_new_tokens".to_owned())
             }
             ApiError::IdempotencyKeyReused(_) => Some("Idempotency-Key".to_owned()),
+            ApiError::DeadlineUnmeetable { .. } => Some("timeout_s".to_owned()),
             _ => None,
         }
     }
@@ -242,9 +260,9 @@ impl IntoResponse for ApiError {
         let retry_after = match &self {
             ApiError::Unavailable { .. } => Some(UNAVAILABLE_RETRY_AFTER),
             ApiError::TooManyActiveJobs(_) => Some(ACTIVE_RETRY_AFTER),
-            ApiError::TokensSpent { retry_after } | ApiError::QueueFull { retry_after, .. } => {
-                Some(retry_after_secs(retry_after))
-            }
+            ApiError::TokensSpent { retry_after }
+            | ApiError::QueueFull { retry_after, .. }
+            | ApiError::DeadlineUnmeetable { retry_after, .. } => Some(retry_after_secs(retry_after)),
             _ => None,
         };
         if let Some(secs) = retry_after {

@@ -17,6 +17,7 @@ pub mod config;
 pub mod context;
 pub mod contract_schema;
 pub mod dead_letters;
+pub mod deadline;
 pub mod decision;
 pub mod drain;
 pub mod error;

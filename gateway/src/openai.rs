@@ -6,8 +6,11 @@
 //! - honoured: OpenAI's sampling fields, log-probabilities (streamed too), `stream_options` (vLLM's
 //!   `continuous_usage_stats` included), vLLM's `ignore_eos` and `min_p`, and our own decoding parameters
 //!   (`strategy`, `top_k`, `num_beams`, …) as extra fields, as vLLM takes its extras;
+//! - honoured our way: `service_tier` picks the lane (`auto`/`default` interactive, `flex` batch, `priority`
+//!   interactive where the key may use it; clamped to the key's highest lane, never refused), and the answer
+//!   says which lane it got, as OpenAI's does; the extension `timeout_s` is the job's deadline;
 //! - accepted and ignored, because it changes nothing here: bookkeeping (`user`, `metadata`, `store`,
-//!   `service_tier`, `safety_identifier`, `prompt_cache_key`), and hints for features a client only uses
+//!   `safety_identifier`, `prompt_cache_key`), and hints for features a client only uses
 //!   along with others we refuse (`parallel_tool_calls`) or that a model without them has no use for
 //!   (`reasoning_effort`);
 //! - refused by name, when its meaning cannot be delivered (tools, penalties, `best_of`), so a client
@@ -22,7 +25,9 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use shared::chat::ChatMessage;
 use shared::params::MAX_STOP_SEQUENCES;
-use shared::{ErrorCode, FinishReason, GenerationParameters, Grammar, InvalidParameter, JobId, Strategy};
+use shared::{
+    ErrorCode, FinishReason, GenerationParameters, Grammar, InvalidParameter, JobId, Lane, Strategy,
+};
 use utoipa::ToSchema;
 
 use crate::openai_schema::MAX_CHOICES;
@@ -259,8 +264,16 @@ macro_rules! with_shared_fields {
             metadata: Option<serde_json::Map<String, serde_json::Value>>,
             /// Accepted and ignored: nothing is stored.
             store: Option<bool>,
-            /// Accepted and ignored: there is one tier.
+            /// The lane: `auto` or `default` (the default) interactive, `flex` the batch lane (bulk work, run
+            /// in the room interactive jobs leave), `priority` interactive where the key may use it; a key
+            /// limited to the batch lane gets `flex` whatever it asks. The answer says which it got.
+            #[schema(value_type = Option<String>, pattern = "^(auto|default|flex|priority)$")]
             service_tier: Option<String>,
+            /// Extension: seconds the request is worth waiting for (the header `X-Request-Timeout` says
+            /// the same; the shorter wins). Refused at once (503 `deadline_exceeded`) when the queue's
+            /// estimated wait is longer; a job no worker started in time fails with `deadline_exceeded`.
+            #[schema(exclusive_minimum = 0, maximum = 604800)]
+            timeout_s: Option<f64>,
             /// Accepted and ignored.
             safety_identifier: Option<String>,
             /// Accepted and ignored: prompts are not cached across requests.
@@ -439,6 +452,16 @@ macro_rules! declare_request {
                 }
             }
 
+            /// The lane `service_tier` asks for; `None` leaves it to the default.
+            pub fn lane(&self) -> Result<Option<Lane>, ParamError> {
+                requested_lane(self.service_tier.as_deref())
+            }
+
+            /// The extension `timeout_s`, as given.
+            pub fn timeout_s(&self) -> Option<f64> {
+                self.timeout_s
+            }
+
             /// `n`, checked: 1 to [`MAX_CHOICES`], default 1.
             pub fn n(&self) -> Result<u32, ParamError> {
                 let n = self.n.unwrap_or(1);
@@ -508,6 +531,28 @@ with_shared_fields!(declare_request! {
         pub function_call: Option<serde_json::Value>,
     }
 });
+
+/// The lane a `service_tier` asks for: OpenAI's tiers onto our lanes (`scale` is OpenAI's older name for
+/// `priority`). The caller's key clamps it afterwards.
+fn requested_lane(tier: Option<&str>) -> Result<Option<Lane>, ParamError> {
+    match tier {
+        None | Some("auto") | Some("default") => Ok(None),
+        Some("flex") => Ok(Some(Lane::Batch)),
+        Some("priority") | Some("scale") => Ok(Some(Lane::Interactive)),
+        Some(other) => Err(param_error(
+            "service_tier",
+            format!("must be `auto`, `default`, `flex` or `priority`, got `{other}`"),
+        )),
+    }
+}
+
+/// The `service_tier` an answer reports for the lane its jobs went to.
+pub fn service_tier(lane: Lane) -> &'static str {
+    match lane {
+        Lane::Interactive => "default",
+        Lane::Batch => "flex",
+    }
+}
 
 /// Refuses `param` unless `neutral`: it asks for something the service does not do.
 fn require_neutral(param: &str, neutral: bool, message: &str) -> Result<(), ParamError> {
@@ -796,6 +841,9 @@ macro_rules! envelope {
             pub choices: Vec<$choice>,
             $(#[$usage_attr])*
             pub usage: $usage,
+            /// The tier the request ran in: `default` (the interactive lane) or `flex` (the batch lane).
+            #[schema(value_type = String)]
+            pub service_tier: &'static str,
         }
 
         impl $name {
@@ -807,6 +855,7 @@ macro_rules! envelope {
                     model: head.model.clone(),
                     choices,
                     usage,
+                    service_tier: head.service_tier,
                 }
             }
         }
@@ -820,6 +869,8 @@ pub struct Head {
     /// Unix seconds.
     pub created: u64,
     pub model: String,
+    /// [`service_tier`] of the lane the request's jobs went to.
+    pub service_tier: &'static str,
 }
 
 /// Token counts.
@@ -1135,6 +1186,7 @@ mod tests {
             id: "cmpl-1".into(),
             created: 1_700_000_000,
             model: "gpt-j-6b".into(),
+            service_tier: "default",
         }
     }
 
@@ -1317,11 +1369,25 @@ mod tests {
             ),
         ];
         for (schema, base, completion) in cases {
+            // The route refuses a timeout out of range before it reads the parameters.
+            let timeout_ok = |t: Option<f64>| crate::deadline::timeout(t, &Default::default()).is_ok();
             let takes = |body: serde_json::Value| {
                 if completion {
-                    accepted::<CompletionRequest>(body, |r| r.parameters(16))
+                    accepted::<CompletionRequest>(body, |r| {
+                        r.parameters(16).and_then(|p| {
+                            timeout_ok(r.timeout_s())
+                                .then_some(p)
+                                .ok_or_else(|| param_error("timeout_s", "out of range"))
+                        })
+                    })
                 } else {
-                    accepted::<ChatCompletionRequest>(body, |r| r.parameters(50))
+                    accepted::<ChatCompletionRequest>(body, |r| {
+                        r.parameters(50).and_then(|p| {
+                            timeout_ok(r.timeout_s())
+                                .then_some(p)
+                                .ok_or_else(|| param_error("timeout_s", "out of range"))
+                        })
+                    })
                 }
             };
             let bounds = bounds(&schema);
@@ -1748,6 +1814,21 @@ mod tests {
     }
 
     #[test]
+    fn service_tiers_pick_a_lane_and_an_unknown_one_is_refused_by_name() {
+        let lane = |tier: serde_json::Value| {
+            completion(json!({"model": "m", "prompt": "hi", "service_tier": tier})).lane()
+        };
+        assert_eq!(lane(json!("auto")).unwrap(), None);
+        assert_eq!(lane(json!("default")).unwrap(), None);
+        assert_eq!(lane(json!(null)).unwrap(), None);
+        assert_eq!(lane(json!("flex")).unwrap(), Some(Lane::Batch));
+        assert_eq!(lane(json!("priority")).unwrap(), Some(Lane::Interactive));
+        assert_eq!(lane(json!("gold")).unwrap_err().param, "service_tier");
+        assert_eq!(service_tier(Lane::Batch), "flex");
+        assert_eq!(service_tier(Lane::Interactive), "default");
+    }
+
+    #[test]
     fn a_completion_serializes_with_null_logprobs_and_usage() {
         let body = Completion::new(
             &head(),
@@ -1757,7 +1838,7 @@ mod tests {
         assert_eq!(
             serde_json::to_value(body).unwrap(),
             json!({
-                "id": "cmpl-1", "object": "text_completion", "created": 1_700_000_000, "model": "gpt-j-6b",
+                "id": "cmpl-1", "object": "text_completion", "created": 1_700_000_000, "model": "gpt-j-6b", "service_tier": "default",
                 "choices": [{"index": 0, "text": " there", "logprobs": null, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
             })
@@ -1774,7 +1855,7 @@ mod tests {
         assert_eq!(
             serde_json::to_value(body).unwrap(),
             json!({
-                "id": "cmpl-1", "object": "chat.completion", "created": 1_700_000_000, "model": "gpt-j-6b",
+                "id": "cmpl-1", "object": "chat.completion", "created": 1_700_000_000, "model": "gpt-j-6b", "service_tier": "default",
                 "choices": [{
                     "index": 0, "message": {"role": "assistant", "content": "Hi."},
                     "logprobs": null, "finish_reason": "length",
@@ -1788,7 +1869,7 @@ mod tests {
     fn completion_chunks_omit_usage_unless_asked_and_then_say_null_until_the_usage_chunk() {
         let piece = || vec![CompletionChoice::new(0, "Hi", None)];
         let envelope = json!({"id": "cmpl-1", "object": "text_completion", "created": 1_700_000_000,
-            "model": "gpt-j-6b"});
+            "model": "gpt-j-6b", "service_tier": "default"});
         let with = |extra: serde_json::Value| {
             let mut v = envelope.clone();
             v.as_object_mut()
@@ -1825,7 +1906,7 @@ mod tests {
         };
         let envelope = |choice: serde_json::Value| {
             json!({"id": "cmpl-1", "object": "chat.completion.chunk", "created": 1_700_000_000,
-                "model": "gpt-j-6b", "choices": [choice], "usage": null})
+                "model": "gpt-j-6b", "service_tier": "default", "choices": [choice], "usage": null})
         };
         assert_eq!(
             chunk(ChatChunkChoice::role(0)),
@@ -1852,7 +1933,7 @@ mod tests {
         assert_eq!(
             serde_json::to_value(ChatCompletionChunk::usage(&head(), Usage::new(1, 2))).unwrap(),
             json!({"id": "cmpl-1", "object": "chat.completion.chunk", "created": 1_700_000_000,
-                "model": "gpt-j-6b", "choices": [],
+                "model": "gpt-j-6b", "service_tier": "default", "choices": [],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
         );
     }

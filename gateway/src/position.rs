@@ -20,14 +20,16 @@ pub struct QueuePosition {
 
 impl QueuePosition {
     /// Place in line: submissions before this one minus jobs that have left the queue, clamped to the
-    /// broker's depth; the wait spreads that many average jobs over the consumers. Without the broker's
-    /// figures, the records' alone, over one consumer.
+    /// jobs the broker holds ahead of its lane (an interactive job waits behind the interactive queue only,
+    /// a batch job behind both); the wait spreads that many average jobs over the consumers. Without the
+    /// broker's figures, the records' alone, over one consumer.
     pub fn estimate(record: &JobRecord, figures: &Figures, broker: Option<&QueueStats>) -> Self {
         let mut position = record.seq.saturating_sub(figures.taken).max(1);
-        if let Some(stats) = broker
-            && stats.depth > 0
-        {
-            position = position.min(u64::from(stats.depth));
+        if let Some(stats) = broker {
+            let ahead = stats.ahead_of(record.lane);
+            if ahead > 0 {
+                position = position.min(ahead);
+            }
         }
         let consumers = broker.map(|s| s.consumers).unwrap_or(1).max(1);
         let estimated_wait_s = figures
@@ -62,11 +64,17 @@ mod tests {
             attempts: 0,
             result: None,
             error: None,
+            lane: shared::Lane::Interactive,
         }
     }
 
     fn stats(depth: u32, consumers: u32) -> QueueStats {
-        QueueStats { depth, consumers }
+        QueueStats {
+            depth,
+            consumers,
+            interactive: depth,
+            batch: 0,
+        }
     }
 
     #[test]
@@ -82,5 +90,33 @@ mod tests {
         let clamped = QueuePosition::estimate(&record(15), &figures, Some(&stats(3, 1)));
         assert_eq!(clamped.position, 3);
         assert_eq!(QueuePosition::estimate(&record(4), &figures, None).position, 1);
+    }
+
+    #[test]
+    fn an_interactive_job_waits_behind_its_lane_and_a_batch_job_behind_both() {
+        let figures = Figures {
+            running: 0,
+            taken: 0,
+            avg_inference_ms: None,
+        };
+        let stats = QueueStats {
+            depth: 105,
+            consumers: 1,
+            interactive: 5,
+            batch: 100,
+        };
+        let interactive = record(500);
+        assert_eq!(
+            QueuePosition::estimate(&interactive, &figures, Some(&stats)).position,
+            5
+        );
+        let batch = JobRecord {
+            lane: shared::Lane::Batch,
+            ..record(500)
+        };
+        assert_eq!(
+            QueuePosition::estimate(&batch, &figures, Some(&stats)).position,
+            105
+        );
     }
 }

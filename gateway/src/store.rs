@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use redis::Script;
 use shared::reply::{Failed, Started, Succeeded, now_ms};
-use shared::{ErrorBody, JobId, JobReply, TokenLogprob};
+use shared::{ErrorBody, JobId, JobReply, Lane, TokenLogprob};
 
 use crate::auth::ClientId;
 use crate::keys::Keys;
@@ -89,6 +89,8 @@ pub struct JobRecord {
     pub attempts: u32,
     pub result: Option<Succeeded>,
     pub error: Option<ErrorBody>,
+    /// The lane the job was queued in (interactive for records older than lanes).
+    pub lane: Lane,
 }
 
 /// Queue-wide figures kept in Redis.
@@ -110,6 +112,7 @@ pub struct NewJob<'a> {
     /// The submitting client, whose active set (see [`crate::admission`]) the job leaves when it ends.
     pub client: &'a ClientId,
     pub submitted_at_ms: u64,
+    pub lane: Lane,
 }
 
 /// Takes an ended job out of its client's active set (see [`crate::admission`]), whose name the record
@@ -360,6 +363,7 @@ impl JobStore {
         if let Some(owner) = job.owner {
             fields.push(("owner", owner.to_owned()));
         }
+        fields.push(("lane", job.lane.name().to_owned()));
         fields.push(("active", self.keys.active(job.client)));
         NewRecord {
             ttl_ms: self.key_ttl_ms(),
@@ -658,6 +662,7 @@ fn parse_record(id: JobId, mut f: HashMap<String, String>, now: u64) -> Result<J
         worker_id: f.remove("worker_id"),
         result,
         error,
+        lane: f.get("lane").and_then(|l| l.parse().ok()).unwrap_or_default(),
     })
 }
 

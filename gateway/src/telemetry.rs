@@ -16,6 +16,8 @@ pub const HTTP_DURATION: &str = "gateway_http_request_duration_seconds";
 pub const RATE_LIMITED: &str = "gateway_rate_limited_total";
 pub const RATE_LIMIT_ERRORS: &str = "gateway_rate_limit_errors_total";
 pub const QUEUE_DEPTH: &str = "gateway_queue_depth";
+/// Ready jobs of one lane, labelled `lane` (`interactive`, `batch`); `gateway_queue_depth` is their sum.
+pub const LANE_DEPTH: &str = "gateway_lane_queue_depth";
 pub const QUEUE_CONSUMERS: &str = "gateway_queue_consumers";
 pub const JOBS_RUNNING: &str = "gateway_jobs_running";
 /// Labelled `outcome`: `submitted`, `publish_failed`, `unconfirmed` (kept and republished),

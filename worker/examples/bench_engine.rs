@@ -168,6 +168,7 @@ fn run(model: &GptJ, grammars: &Grammars, args: &Args, scenario: Scenario) -> an
                 prompt,
                 plan,
                 grammar,
+                lane: shared::Lane::Interactive,
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }

@@ -27,6 +27,7 @@ fn run(engine: &Engine, jobs: &[Job]) -> Vec<(String, FinishedSequence)> {
             prompt: codec.prompt_tokens(job.prompt, plan).expect("tokenizes"),
             plan: plan.clone(),
             grammar: codec.grammar(plan).expect("compiles"),
+            lane: shared::Lane::Interactive,
         })
         .collect();
     common::run_batch(engine, requests)

@@ -150,6 +150,7 @@ fn staggered(model: &GptJ, cases: &[Case]) -> Vec<decoding::Decoded> {
                 prompt: c.prompt.clone(),
                 plan: c.params.validate().expect("valid parameters"),
                 grammar: None,
+                lane: shared::Lane::Interactive,
             };
             scheduler.submit(request).expect("submitted");
         }

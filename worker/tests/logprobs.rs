@@ -95,6 +95,7 @@ fn generated_and_prompt_logprobs_equal_transformers() {
             prompt: prompt.clone(),
             plan: params.validate().expect("valid"),
             grammar: None,
+            lane: shared::Lane::Interactive,
         })
         .collect();
     let results = common::run_batch(&engine, requests);

@@ -43,6 +43,16 @@ pub struct SubmitRequest {
     #[serde(default)]
     #[schema(schema_with = crate::contract_schema::generation_parameters)]
     pub parameters: GenerationParameters,
+    /// The lane to queue the job in: `interactive` (the default) or `batch` (bulk work, run in the room
+    /// interactive jobs leave). An API key limited to the batch lane gets `batch` whatever it asks.
+    #[serde(default)]
+    #[schema(schema_with = crate::contract_schema::optional_lane)]
+    pub lane: Option<Lane>,
+    /// Seconds the job is worth waiting for: it is refused at once (503 `deadline_exceeded`) when the
+    /// queue's estimated wait is longer, and fails with `deadline_exceeded` if no worker started it in time.
+    /// The header `X-Request-Timeout` says the same; the shorter wins.
+    #[schema(exclusive_minimum = 0, maximum = 604800)]
+    pub timeout_s: Option<f64>,
 }
 
 impl From<SubmitRequest> for JobRequest {
@@ -69,6 +79,12 @@ pub struct JobAccepted {
     /// Where to poll.
     pub location: String,
     pub submitted_at_ms: u64,
+    /// The lane the job went to: the one asked for, or the key's highest.
+    #[schema(schema_with = crate::contract_schema::lane)]
+    pub lane: Lane,
+    /// When the job stops being worth starting (ms since the epoch), when it has a timeout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
 }
 
 #[utoipa::path(
@@ -87,11 +103,14 @@ pub struct JobAccepted {
             prompt that with max_new_tokens overflows the context, a job costing more than the whole token budget, or an \
             Idempotency-Key reused with another body", body = ErrorResponse),
         (status = 429, description = "Rate limited, too many active jobs, or the token budget spent (Retry-After)", body = ErrorResponse),
-        (status = 503, description = "Queue full, broker or Redis unavailable (Retry-After)", body = ErrorResponse),
+        (status = 503, description = "Queue full, the estimated wait past the job's timeout (`deadline_exceeded`), broker or \
+            Redis unavailable (Retry-After)", body = ErrorResponse),
     ),
     params(("Idempotency-Key" = Option<String>, Header, nullable = false, pattern = r"^[!-~][ -~]{0,254}$",
         description = "1 to 255 printable ASCII characters, the first not a space. A resubmission with the same key and body (within \
-            `--idempotency-ttl-s`) gets the first job back instead of making a second one")),
+            `--idempotency-ttl-s`) gets the first job back instead of making a second one"),
+        ("X-Request-Timeout" = Option<f64>, Header, nullable = false,
+        description = "Seconds the job is worth waiting for, as the body's `timeout_s` (the shorter wins)")),
     security((), ("api_key" = []))
 )]
 pub async fn submit(
@@ -101,14 +120,18 @@ pub async fn submit(
     ApiJson(body): ApiJson<SubmitRequest>,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
+    let timeout_s = crate::deadline::timeout(body.timeout_s, &headers)?;
+    let lane = caller.lane(body.lane);
+    let mut request: JobRequest = body.into();
+    request.deadline_ms = timeout_s.map(|t| crate::deadline::deadline_ms(shared::reply::now_ms(), t));
     let (accepted, decision) = app
         .enqueue(
             JobId::new_random(),
-            body.into(),
+            request,
             &app.settings.prompts.jobs,
             &caller,
             key,
-            Lane::Interactive,
+            lane,
         )
         .await?;
     let location = format!("/v1/jobs/{}", accepted.id);
@@ -120,6 +143,8 @@ pub async fn submit(
             prompt: accepted.prompt,
             location: location.clone(),
             submitted_at_ms: accepted.submitted_at_ms,
+            lane: accepted.lane,
+            deadline_ms: accepted.deadline_ms,
         }),
     )
         .into_response();
@@ -173,6 +198,9 @@ pub struct JobView {
     pub worker_id: Option<String>,
     /// Deliveries to a worker so far (more than 1 after a worker died mid-job).
     pub attempts: u32,
+    /// The lane the job was queued in.
+    #[schema(schema_with = crate::contract_schema::lane)]
+    pub lane: Lane,
     /// While queued: an estimate of the place in line and the wait.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueuePosition>,
@@ -352,6 +380,7 @@ pub fn view(record: JobRecord, queue: Option<QueuePosition>) -> JobView {
         timings,
         worker_id: record.worker_id,
         attempts: record.attempts,
+        lane: record.lane,
         queue,
     }
 }

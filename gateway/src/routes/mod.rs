@@ -217,7 +217,8 @@ async fn require_key(State(app): State<AppState>, mut request: Request, next: Ne
         peer(&request),
         request.headers(),
         &app.settings.trusted_proxies,
-    );
+    )
+    .with_ceiling(app.settings.api_keys.ceiling(key));
     request.extensions_mut().insert(caller);
     next.run(request).await
 }

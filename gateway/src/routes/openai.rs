@@ -32,7 +32,7 @@ use crate::openai::{
     self, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, CompletionChoice, CompletionChunk,
     CompletionRequest, Head, Model, ModelList, StreamUsage, Usage,
 };
-use crate::openai_jobs::{Kind, Meta, Plan, answer, check_model, finished, usage};
+use crate::openai_jobs::{Kind, Meta, Plan, answer, check_model, finished, param_error, usage};
 use crate::waiters::Interest;
 
 #[utoipa::path(
@@ -49,10 +49,15 @@ use crate::waiters::Interest;
 pub async fn completions(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let plan = Plan::completion(&app.settings.served_model_name, &req)?;
-    serve(app, caller, plan, req.stream(), req.stream_usage()).await
+    let jobs = Jobs {
+        plan: Plan::completion(&app.settings.served_model_name, &req)?,
+        lane: req.lane().map_err(param_error)?,
+        timeout_s: crate::deadline::timeout(req.timeout_s(), &headers)?,
+    };
+    serve(app, caller, jobs, req.stream(), req.stream_usage()).await
 }
 
 #[utoipa::path(
@@ -69,10 +74,15 @@ pub async fn completions(
 pub async fn chat_completions(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let plan = Plan::chat(&app.settings.served_model_name, &req)?;
-    serve(app, caller, plan, req.stream(), req.stream_usage()).await
+    let jobs = Jobs {
+        plan: Plan::chat(&app.settings.served_model_name, &req)?,
+        lane: req.lane().map_err(param_error)?,
+        timeout_s: crate::deadline::timeout(req.timeout_s(), &headers)?,
+    };
+    serve(app, caller, jobs, req.stream(), req.stream_usage()).await
 }
 
 /// The errors both OpenAI routes answer, in OpenAI's shape (`{"error": {message, type, param, code}}`).
@@ -156,15 +166,26 @@ fn served(app: &AppState) -> Model {
     Model::new(&app.settings.served_model_name, app.started_at_s, "gptj-service")
 }
 
+/// A request's jobs and where they go: the lane `service_tier` asks for and the request's timeout.
+struct Jobs {
+    plan: Plan,
+    lane: Option<Lane>,
+    timeout_s: Option<f64>,
+}
+
 /// Queues the jobs (all or none: a refusal cancels those already queued), then answers.
 async fn serve(
     app: AppState,
     caller: Caller,
-    plan: Plan,
+    jobs: Jobs,
     stream: bool,
     usage: StreamUsage,
 ) -> Result<Response, ApiError> {
-    let Plan { jobs, n, kind } = plan;
+    let Jobs {
+        plan: Plan { jobs, n, kind },
+        lane,
+        timeout_s,
+    } = jobs;
     let ids: Vec<JobId> = jobs.iter().map(|_| JobId::new_random()).collect();
     // Registered before the first publish, so no completion notice can slip by.
     let registrations: Vec<_> = ids
@@ -173,16 +194,12 @@ async fn serve(
         .collect();
     let mut decision: Option<Decision> = None;
     let mut prompts = Vec::with_capacity(ids.len());
-    for (i, (id, job)) in ids.iter().zip(jobs).enumerate() {
+    let lane = caller.lane(lane);
+    let deadline_ms = timeout_s.map(|t| crate::deadline::deadline_ms(now_ms(), t));
+    for (i, (id, mut job)) in ids.iter().zip(jobs).enumerate() {
+        job.deadline_ms = deadline_ms;
         match app
-            .enqueue(
-                *id,
-                job,
-                &app.settings.prompts.openai,
-                &caller,
-                None,
-                Lane::Interactive,
-            )
+            .enqueue(*id, job, &app.settings.prompts.openai, &caller, None, lane)
             .await
         {
             Ok((accepted, d)) => {
@@ -207,6 +224,7 @@ async fn serve(
             },
             created: now_ms() / 1000,
             model: app.settings.served_model_name.clone(),
+            service_tier: openai::service_tier(lane),
         },
         kind,
     };

@@ -75,6 +75,7 @@ pub fn generate(
                 prompt: p.clone(),
                 plan: plan.clone(),
                 grammar: None,
+                lane: shared::Lane::Interactive,
             };
             scheduler.submit(request)?;
         }

@@ -22,9 +22,10 @@
 //! Joins are rate-limited as TGI's `waiting_served_ratio` / `max_waiting_tokens` do: while a batch runs,
 //! newcomers join when they are numerous enough against the running sequences, or when they have waited
 //! `max_waiting_steps` steps, so constant arrivals cannot starve decoding with prefills. An empty batch
-//! admits at once: a lone job never waits for company. Admission is first come, first served: a sequence
-//! that does not fit now waits (those behind it wait too, so a big job is not starved by small ones), and
-//! one that can never fit the budget is refused when it is submitted.
+//! admits at once: a lone job never waits for company. Admission is first come, first served within a
+//! lane, and interactive sequences wait ahead of batch ones (`shared::Lane`): a sequence that does not fit
+//! now waits (those behind it wait too, so a big job is not starved by small ones), and one that can never
+//! fit the budget is refused when it is submitted.
 //!
 //! Cost per step: the new tokens' keys are written in place; no step copies the cache. Joins copy the
 //! newcomer's prefill (and, when the allocation must grow, the rows in use); beam search copies its own
@@ -44,7 +45,7 @@ use super::sequence::{Choice, Common, Context};
 use super::stop::TextDecoder;
 use super::tensors::{i64_tensor, to_vec_f32, to_vec_i64};
 use crate::lm::{CausalLm, KvCache, Logits, SlotCache, SlotStep};
-use shared::GenerationPlan;
+use shared::{GenerationPlan, Lane};
 use tch::{Device, Kind, Tensor};
 
 /// The scheduler's budgets.
@@ -109,6 +110,8 @@ pub struct Request {
     pub plan: GenerationPlan,
     /// The plan's grammar, compiled (off the engine thread); `None` without one.
     pub grammar: Option<Constraint>,
+    /// The lane the job came from: interactive sequences wait ahead of batch ones.
+    pub lane: Lane,
 }
 
 /// A sequence that left the batch done: its decoded tokens and where its time went.
@@ -317,12 +320,16 @@ impl<'a> Scheduler<'a> {
             ));
             return Err(e);
         }
-        self.waiting.push_back(Waiting {
-            request,
-            arrived: Instant::now(),
-            machine,
-            need: total - 1,
-        });
+        let at = place_in_line(self.waiting.iter().map(|w| w.request.lane), request.lane);
+        self.waiting.insert(
+            at,
+            Waiting {
+                request,
+                arrived: Instant::now(),
+                machine,
+                need: total - 1,
+            },
+        );
         Ok(())
     }
 
@@ -1311,6 +1318,19 @@ fn pack_moves(spans: &[(usize, usize)]) -> Vec<(usize, usize)> {
         cursor += spans[i].1;
     }
     moves
+}
+
+/// Where a sequence of `lane` joins the waiting line whose lanes are `line`, in order: behind every
+/// sequence of its lane or a higher one, ahead of every sequence of a lower one (first come, first served
+/// within a lane).
+fn place_in_line(line: impl Iterator<Item = Lane>, lane: Lane) -> usize {
+    let mut at = 0;
+    for (i, waiting) in line.enumerate() {
+        if waiting >= lane {
+            at = i + 1;
+        }
+    }
+    at
 }
 
 /// Runs `f`, turning a panic (libtorch raises through `tch` as panics) into this sequence's error.

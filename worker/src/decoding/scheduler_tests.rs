@@ -106,6 +106,7 @@ fn request(jobs: &[(Vec<i64>, GenerationPlan)], i: usize) -> Request {
         prompt: jobs[i].0.clone(),
         plan: jobs[i].1.clone(),
         grammar: None,
+        lane: shared::Lane::Interactive,
     }
 }
 
@@ -214,6 +215,7 @@ fn a_lone_job_joins_at_once_and_later_arrivals_wait_for_the_join_window() {
         prompt: vec![1, 2, 3],
         plan: g.clone(),
         grammar: None,
+        lane: shared::Lane::Interactive,
     };
     s.submit(req(0)).unwrap();
     let first = s.step();
@@ -313,6 +315,7 @@ fn a_job_that_can_never_fit_the_budget_is_refused_at_once() {
             prompt: vec![1, 2],
             plan: big,
             grammar: None,
+            lane: shared::Lane::Interactive,
         })
         .unwrap_err();
     assert!(matches!(err, DecodeError::TooLarge(_)), "{err}");
@@ -328,6 +331,7 @@ fn a_job_that_can_never_fit_the_budget_is_refused_at_once() {
             prompt: vec![1],
             plan: too_long,
             grammar: None,
+            lane: shared::Lane::Interactive,
         })
         .unwrap_err();
     assert!(err.to_string().contains("context"), "{err}");
@@ -464,6 +468,7 @@ fn a_long_prompt_joining_never_stalls_the_running_sequences() {
             prompt: vec![1, 2, 3],
             plan: greedy(40),
             grammar: None,
+            lane: shared::Lane::Interactive,
         })
         .unwrap();
     }
@@ -476,6 +481,7 @@ fn a_long_prompt_joining_never_stalls_the_running_sequences() {
         prompt: long.clone(),
         plan: greedy(5),
         grammar: None,
+        lane: shared::Lane::Interactive,
     })
     .unwrap();
     // 30 tokens at 4 a step: 8 steps of prefill, and every one of them still decodes the others.
@@ -529,6 +535,7 @@ fn a_prompt_cancelled_while_it_is_prefilled_in_chunks_leaves_nothing_behind() {
         prompt: (1..20).collect(),
         plan: p,
         grammar: None,
+        lane: shared::Lane::Interactive,
     })
     .unwrap();
     s.step();
@@ -597,4 +604,51 @@ fn tokens_events_carry_the_log_probabilities_the_finished_sequence_reports_one_p
             "job {id}: streamed as the result reports them"
         );
     }
+}
+
+#[test]
+fn interactive_sequences_join_ahead_of_batch_ones_that_waited_longer() {
+    let lm = HashLm::new(40, None);
+    let g = plan(GenerationParameters {
+        strategy: Some(Strategy::Greedy),
+        max_new_tokens: Some(3),
+        ..Default::default()
+    });
+    let limits = Limits {
+        max_batch_size: 1,
+        ..quick()
+    };
+    let mut s = Scheduler::new(&lm, &Letters, limits);
+    let req = |id, lane| Request {
+        id,
+        prompt: vec![1, 2, 3],
+        plan: g.clone(),
+        grammar: None,
+        lane,
+    };
+    s.submit(req(0, Lane::Batch)).unwrap();
+    s.submit(req(1, Lane::Batch)).unwrap();
+    s.submit(req(2, Lane::Interactive)).unwrap();
+    s.submit(req(3, Lane::Interactive)).unwrap();
+    let mut joined = Vec::new();
+    while s.has_work() {
+        for event in s.step() {
+            if let Event::Joined { id, .. } = event {
+                joined.push(id);
+            }
+        }
+    }
+    assert_eq!(joined, [2, 3, 0, 1], "interactive first, each lane in its order");
+}
+
+#[test]
+fn the_place_in_line_is_behind_the_own_lane_and_ahead_of_lower_ones() {
+    use Lane::{Batch, Interactive};
+    assert_eq!(place_in_line([].into_iter(), Batch), 0);
+    assert_eq!(
+        place_in_line([Interactive, Batch, Batch].into_iter(), Interactive),
+        1
+    );
+    assert_eq!(place_in_line([Interactive, Batch].into_iter(), Batch), 2);
+    assert_eq!(place_in_line([Batch, Batch].into_iter(), Interactive), 0);
 }

@@ -58,6 +58,11 @@ pub struct ServeArgs {
     /// than the batch holds only saves a round trip, and holds jobs other workers could have started.
     #[arg(long, env = "PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: Option<u16>,
+    /// Places of the running batch that batch-lane jobs (`{ns}.jobs.batch`) leave free for interactive ones
+    /// (`{ns}.jobs`): an interactive job that arrives while the batch lane fills the rest joins at the
+    /// engine's next step. The batch lane always has at least one place; interactive jobs may take all.
+    #[arg(long, env = "INTERACTIVE_RESERVE", default_value_t = 1)]
+    pub interactive_reserve: usize,
     /// Stream tokens as `job.token` replies, coalesced: a reply once this many tokens have gathered (or
     /// `--stream-interval-ms` has passed; the first token goes at once). 0 turns streaming off.
     #[arg(long, env = "STREAM_TOKENS", default_value_t = 16)]
@@ -106,6 +111,8 @@ pub struct ServiceConfig {
     pub rules: PromptRules,
     /// `None`: the engine's batch size.
     pub prefetch: Option<u16>,
+    /// Places the batch lane leaves to interactive jobs.
+    pub interactive_reserve: usize,
     pub worker_id: String,
     pub stream: StreamSettings,
     /// Longest wait for a reply's confirm.
@@ -133,6 +140,7 @@ impl ServeArgs {
             topology,
             rules,
             prefetch: self.prefetch,
+            interactive_reserve: self.interactive_reserve,
             worker_id,
             stream: StreamSettings {
                 tokens: self.stream_tokens,
@@ -194,6 +202,7 @@ mod tests {
         assert_eq!(config.topology.jobs_queue(), "gptj.jobs");
         assert_eq!(config.topology.delivery_limit, 3);
         assert_eq!(config.prefetch, None, "prefetch follows the batch size");
+        assert_eq!(config.interactive_reserve, 1);
         assert_eq!(
             cli.serve.max_batch_size, None,
             "the batch size follows the device"

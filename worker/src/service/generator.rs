@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use shared::{ErrorBody, ErrorCode, GenerationPlan, TokenLogprob};
+use shared::{ErrorBody, ErrorCode, GenerationPlan, Lane, TokenLogprob};
 use tokio::sync::{mpsc, oneshot};
 
 use super::health::{self, EngineHealth, Verdict, WatchSettings};
@@ -309,7 +309,12 @@ impl EngineThread {
     /// where its news will arrive. A prompt that cannot run (too long, a conversation the template refuses)
     /// is answered at once through the outcome, as the engine would answer it. The job runs even if the
     /// receivers are dropped (its outcome is remembered for a redelivery; see `outcomes`).
-    pub async fn submit(&self, input: Input, plan: GenerationPlan) -> Result<Submitted, EngineThreadError> {
+    pub async fn submit(
+        &self,
+        input: Input,
+        plan: GenerationPlan,
+        lane: Lane,
+    ) -> Result<Submitted, EngineThreadError> {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let (joined, joined_rx) = oneshot::channel();
         let (tokens, tokens_rx) = mpsc::unbounded_channel();
@@ -322,7 +327,10 @@ impl EngineThread {
                 self.tx
                     .send(Command::Submit(Box::new(Request {
                         key,
-                        prompt: prepared.prompt,
+                        prompt: Prompt {
+                            lane,
+                            ..prepared.prompt
+                        },
                         plan,
                         joined,
                         tokens,
@@ -655,7 +663,7 @@ pub(crate) mod tests {
 
     async fn run(engine: &EngineThread, prompt: &str) -> Outcome {
         engine
-            .submit(Input::Text(prompt.into()), plan())
+            .submit(Input::Text(prompt.into()), plan(), Lane::Interactive)
             .await
             .unwrap()
             .outcome
@@ -720,7 +728,10 @@ pub(crate) mod tests {
     async fn the_nth_engine_failure_in_a_row_and_every_later_job_end_without_an_outcome() {
         let (engine, calls) = giving_up_after_two_failures().await;
         let submit = async |prompt: &str| {
-            let submitted = engine.submit(Input::Text(prompt.into()), plan()).await.unwrap();
+            let submitted = engine
+                .submit(Input::Text(prompt.into()), plan(), Lane::Interactive)
+                .await
+                .unwrap();
             submitted.outcome.await
         };
         // The first engine failure is answered; a prompt too long neither counts nor resets the count.

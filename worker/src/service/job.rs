@@ -28,6 +28,8 @@ pub struct Prompt {
     pub ids: Vec<i64>,
     /// The job's grammar, compiled; `None` without one (or without a text side to compile it).
     pub grammar: Option<crate::decoding::Constraint>,
+    /// The lane the job came from: in the engine's waiting line, interactive jobs go first.
+    pub lane: shared::Lane,
 }
 
 /// What the running batch produced for one job, ready for its `job.succeeded` reply: the generation (its

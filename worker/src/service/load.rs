@@ -50,6 +50,7 @@ impl Batcher for EngineBatch<'_> {
             prompt: prompt.ids,
             plan: plan.clone(),
             grammar: prompt.grammar,
+            lane: prompt.lane,
         };
         self.scheduler.submit(request).map_err(|e| decode_error_body(&e))
     }

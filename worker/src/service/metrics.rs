@@ -40,7 +40,8 @@ pub const INTER_TOKEN: &str = "worker_inter_token_latency_seconds";
 /// Tokens generated (vLLM `generation_tokens_total`) and prompt tokens prefilled (`prompt_tokens_total`).
 pub const GENERATION_TOKENS: &str = "worker_generation_tokens_total";
 pub const PROMPT_TOKENS: &str = "worker_prompt_tokens_total";
-/// Jobs finished, labelled `finish_reason` (`length`, `eos`, `stop`, `cancelled`).
+/// Jobs finished, labelled `finish_reason` (`length`, `eos`, `stop`, `cancelled`, and `deadline_exceeded`
+/// for a job whose deadline passed before it could start: it never ran).
 pub const JOBS_FINISHED: &str = "worker_jobs_finished_total";
 /// Jobs the engine failed (`generation_failed`: the engine or the device, not the input), and how many of
 /// them in a row since the last success: `--max-engine-failures` in a row make the worker give up.
@@ -105,6 +106,11 @@ pub fn tokens(n: usize) {
 /// A job cancelled out of the batch.
 pub fn job_cancelled() {
     counter!(JOBS_FINISHED, "finish_reason" => "cancelled").increment(1);
+}
+
+/// A job not run: its deadline passed before it could start.
+pub fn deadline_exceeded() {
+    counter!(JOBS_FINISHED, "finish_reason" => "deadline_exceeded").increment(1);
 }
 
 /// After each successful job.

@@ -1,5 +1,5 @@
-//! `worker serve`: the queue service. Consumes `{ns}.jobs`, runs each job on the engine thread, and
-//! replies on the job's `reply_to` queue (docs/amqp.md is the contract).
+//! `worker serve`: the queue service. Consumes both lanes' queues (`{ns}.jobs`, `{ns}.jobs.batch`), runs
+//! each job on the engine thread, and replies on the job's `reply_to` queue (docs/amqp.md is the contract).
 //!
 //! The guarantees, and where each is kept:
 //! - a job is acknowledged only after its final reply is confirmed by the broker (`session`), so a worker
@@ -10,6 +10,10 @@
 //!   `--max-batch-size` jobs decode together, each joining and leaving between steps (`generator`,
 //!   `crate::decoding::scheduler`), and the runtime keeps answering heartbeats; a job's tokenization and its
 //!   final text run on the async side's blocking pool, not on that thread (`text`);
+//! - places in the batch go to waiting interactive jobs before batch-lane ones, and the batch lane leaves
+//!   `--interactive-reserve` places to interactive jobs (`places`);
+//! - a job whose `deadline_ms` passed before it got a place is answered `job.failed`
+//!   (`deadline_exceeded`) and acknowledged, never run (`session`);
 //! - each job is handled on its own: `job.started` when it joins the batch, `job.token` replies as it
 //!   generates (`stream`), its final reply and its acknowledgement when it finishes, whatever the others do
 //!   (`session`);
@@ -41,6 +45,7 @@ mod job;
 mod load;
 mod metrics;
 mod outcomes;
+mod places;
 mod replies;
 mod session;
 mod settlement;

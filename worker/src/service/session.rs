@@ -1,12 +1,16 @@
 //! One session with the broker: connect (a consuming and a publishing connection, see `connections`),
-//! declare the topology, consume `{ns}.jobs`, handle each delivery on its own, and stop cleanly; plus the
-//! loop that reconnects with backoff when a connection is lost.
+//! declare the topology, consume both lanes' queues (`{ns}.jobs` and `{ns}.jobs.batch`, one consumer each
+//! on one channel), handle each delivery on its own, and stop cleanly; plus the loop that reconnects with
+//! backoff when a connection is lost.
 //!
-//! Up to `--max-batch-size` jobs are in the engine at once (one permit per place in the batch); each is
-//! answered and acknowledged when it finishes, whatever the others do. Deliveries beyond that (a prefetch
-//! larger than the batch) wait for a place. The loop keeps polling the consumer, so a dropped connection is
-//! noticed at once rather than when a job ends, and the shutdown signal, so SIGTERM cancels the consumer
-//! at once: the jobs in the engine still finish, those still waiting for a place go back to the queue.
+//! Up to `--max-batch-size` jobs are in the engine at once (one place each in the batch, handed out lane by
+//! lane: `places`); each is answered and acknowledged when it finishes, whatever the others do. Deliveries
+//! beyond that (a prefetch larger than the batch) wait for a place. The batch lane's prefetch is its share
+//! of the places, so the broker keeps the rest of a batch backlog for other workers. A job whose deadline
+//! has passed when it arrives, or when it gets its place, is answered `deadline_exceeded` and never runs.
+//! The loop keeps polling the consumers, so a dropped connection is noticed at once rather than when a job
+//! ends, and the shutdown signal, so SIGTERM cancels the consumers at once: the jobs in the engine still
+//! finish, those still waiting for a place go back to the queue.
 //!
 //! The engine's health (`health`) stops the loop the same way, except that the jobs in the engine do not
 //! finish: the engine is hung or broken, so they are left unacknowledged, unanswered, to the broker, which
@@ -27,8 +31,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, Consumer};
 use shared::backoff::Backoff;
 use shared::reply::{Cancelled, Failed, Started, Succeeded, Timings, now_ms};
-use shared::{ErrorCode, JobId, JobReply};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use shared::{ErrorBody, ErrorCode, JobId, JobReply, Lane};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::args::ServiceConfig;
@@ -40,6 +44,7 @@ use super::health::Unhealthy;
 use super::intake::{self, Accepted, Refused};
 use super::job::{Input, Outcome};
 use super::outcomes::{Outcomes, PendingOutcome};
+use super::places::Places;
 use super::replies::{PublishError, Publisher};
 use super::settlement::{SettleError, Settlement};
 use super::stream::TokenStream;
@@ -102,8 +107,8 @@ pub struct Service {
     config: ServiceConfig,
     engine: EngineThread,
     outcomes: Mutex<Outcomes>,
-    /// One permit per place in the running batch.
-    places: Arc<Semaphore>,
+    /// The running batch's places, interactive jobs first.
+    places: Arc<Places>,
     /// Deliveries the broker may hand over unacknowledged: `--prefetch`, else the batch size.
     prefetch: u16,
     cancels: Cancels,
@@ -113,7 +118,7 @@ impl Service {
     /// A service for `engine`, with one place per sequence its batch holds.
     pub fn new(config: ServiceConfig, engine: EngineThread) -> Self {
         let batch = engine.max_batch_size().max(1);
-        let places = Arc::new(Semaphore::new(batch));
+        let places = Places::new(batch, config.interactive_reserve);
         let remembered = REMEMBERED_JOBS.max(4 * batch);
         let prefetch = config
             .prefetch
@@ -211,6 +216,7 @@ impl Service {
             }
             _ => SessionError::Amqp(e),
         })?;
+        // Per-consumer prefetch: each `basic.qos` applies to the consumers started after it on the channel.
         channel
             .basic_qos(self.prefetch, BasicQosOptions::default())
             .await?;
@@ -226,25 +232,42 @@ impl Service {
         self.catch_up(publisher, &mut control).await?;
         let consumer = channel
             .basic_consume(
-                topology.jobs_queue().as_str().into(),
+                topology.lane_queue(Lane::Interactive).as_str().into(),
                 tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let batch_prefetch = u16::try_from(self.places.batch_share()).unwrap_or(u16::MAX);
+        channel
+            .basic_qos(batch_prefetch, BasicQosOptions::default())
+            .await?;
+        let batch_tag = format!("{tag}-batch");
+        let batch_consumer = channel
+            .basic_consume(
+                topology.lane_queue(Lane::Batch).as_str().into(),
+                batch_tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
         backoff.reset();
         info!(
-            queue = %topology.jobs_queue(),
+            queue = %topology.lane_queue(Lane::Interactive),
+            batch_queue = %topology.lane_queue(Lane::Batch),
             prefetch = self.prefetch,
+            batch_prefetch,
             worker_id = %self.config.worker_id,
             "consuming jobs"
         );
         let feeds = Feeds {
-            consumer,
+            interactive: consumer,
+            batch: batch_consumer,
+            tags: [tag, batch_tag],
             control,
             connections,
         };
-        self.consume(&channel, publisher, feeds, &tag, stop).await?;
+        self.consume(&channel, publisher, feeds, stop).await?;
         // Closing the channels before the connections lets the broker settle them in order (and keeps
         // lapin from logging the connections' close as an error).
         for ch in [&channel, &replies] {
@@ -345,17 +368,19 @@ impl Service {
         channel: &Channel,
         publisher: Publisher<'_>,
         feeds: Feeds<'_>,
-        tag: &str,
         stop: Shutdown,
     ) -> Result<(), SessionError> {
         let Feeds {
-            mut consumer,
+            mut interactive,
+            mut batch,
+            tags,
             mut control,
             connections,
         } = feeds;
         let mut jobs: FuturesUnordered<BoxFuture<'_, Result<(), SessionError>>> = FuturesUnordered::new();
         let mut stopping = false;
-        let mut consumer_done = false;
+        let mut interactive_done = false;
+        let mut batch_done = false;
         let mut control_done = false;
         let mut publish_events = true;
         // Once the engine is given up on: until when the answers already decided may still go out (each
@@ -380,8 +405,10 @@ impl Service {
                         }
                         None => info!(in_hand = jobs.len(), "stopping: taking no more jobs"),
                     }
-                    if let Err(e) = channel.basic_cancel(tag.into(), BasicCancelOptions::default()).await {
-                        warn!(error = %e, "cancelling the consumer failed");
+                    for tag in &tags {
+                        if let Err(e) = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
+                            warn!(error = %e, "cancelling a consumer failed");
+                        }
                     }
                 }
                 () = sleep_until(give_up_at), if give_up_at.is_some() => {
@@ -400,16 +427,45 @@ impl Service {
                     None if stopping => control_done = true,
                     None => return Err(SessionError::ConsumerCancelled),
                 },
-                next = consumer.next(), if !consumer_done => match next {
-                    Some(Ok(delivery)) if stopping => {
-                        let _ = Settlement::new(delivery.acker).requeue().await;
+                next = interactive.next(), if !interactive_done => {
+                    match self.take(Lane::Interactive, next, stopping, publisher, &stop).await? {
+                        Taken::Job(job) => jobs.push(job),
+                        Taken::Requeued => {}
+                        Taken::Ended => interactive_done = true,
                     }
-                    Some(Ok(delivery)) => jobs.push(self.handle(publisher, delivery, stop.clone()).boxed()),
-                    Some(Err(e)) => return Err(e.into()),
-                    None if stopping => consumer_done = true,
-                    None => return Err(SessionError::ConsumerCancelled),
-                },
+                }
+                next = batch.next(), if !batch_done => {
+                    match self.take(Lane::Batch, next, stopping, publisher, &stop).await? {
+                        Taken::Job(job) => jobs.push(job),
+                        Taken::Requeued => {}
+                        Taken::Ended => batch_done = true,
+                    }
+                }
             }
+        }
+    }
+
+    /// What one lane's consumer gave: a job to handle, or (while stopping) a delivery returned to the queue,
+    /// or the end of the consumer (an error unless stopping).
+    async fn take<'s>(
+        &'s self,
+        lane: Lane,
+        next: Option<Result<Delivery, lapin::Error>>,
+        stopping: bool,
+        publisher: Publisher<'s>,
+        stop: &Shutdown,
+    ) -> Result<Taken<'s>, SessionError> {
+        match next {
+            Some(Ok(delivery)) if stopping => {
+                let _ = Settlement::new(delivery.acker).requeue().await;
+                Ok(Taken::Requeued)
+            }
+            Some(Ok(delivery)) => Ok(Taken::Job(
+                self.handle(publisher, delivery, lane, stop.clone()).boxed(),
+            )),
+            Some(Err(e)) => Err(e.into()),
+            None if stopping => Ok(Taken::Ended),
+            None => Err(SessionError::ConsumerCancelled),
         }
     }
 
@@ -418,6 +474,7 @@ impl Service {
         &self,
         publisher: Publisher<'_>,
         delivery: Delivery,
+        lane: Lane,
         stop: Shutdown,
     ) -> Result<(), SessionError> {
         let taken_at_ms = now_ms();
@@ -431,8 +488,12 @@ impl Service {
         let settlement = Settlement::new(acker);
         match intake::inspect(&properties, &data, &self.config.rules) {
             Ok(job) => {
-                self.run_job(publisher, job, redelivered, taken_at_ms, settlement, stop)
-                    .await
+                let arrival = Arrival {
+                    lane,
+                    redelivered,
+                    taken_at_ms,
+                };
+                self.run_job(publisher, job, arrival, settlement, stop).await
             }
             Err(refused) => self.refuse(publisher, refused, settlement).await,
         }
@@ -477,12 +538,16 @@ impl Service {
         &self,
         publisher: Publisher<'_>,
         accepted: Accepted,
-        redelivered: bool,
-        taken_at_ms: u64,
+        arrival: Arrival,
         settlement: Settlement,
         stop: Shutdown,
     ) -> Result<(), SessionError> {
         let Accepted { id, reply_to, job } = accepted;
+        let Arrival {
+            lane,
+            redelivered,
+            taken_at_ms,
+        } = arrival;
         let to = Destination {
             publisher,
             reply_to: &reply_to,
@@ -504,6 +569,10 @@ impl Service {
                 (None, remembered)
             }
             None => {
+                // A job past its deadline is not worth a place: answered at once, never run.
+                if job.expired_at(now_ms()) {
+                    return self.answer(&to, self.deadline_reply(id, &job), settlement).await;
+                }
                 // A place in the batch first; a stop before one frees up returns the job to the queue (a
                 // shutdown requeues it; a given-up engine leaves it to the channel's close, after the consumer
                 // is cancelled, so that it cannot come straight back here), and a cancel skips the job.
@@ -514,7 +583,7 @@ impl Service {
                         let reply = self.cancelled_reply(id, 0);
                         return self.answer(&to, reply, settlement).await;
                     }
-                    permit = self.places.clone().acquire_owned() => permit.map_err(|_| EngineThreadError::Gone)?,
+                    permit = self.places.acquire(lane) => permit,
                     () = stop => {
                         if self.engine.health().unhealthy().is_none() {
                             settlement.requeue().await?;
@@ -522,7 +591,12 @@ impl Service {
                         return Ok(());
                     }
                 };
-                let submitted = self.engine.submit(input.clone(), plan.clone()).await?;
+                // Its deadline may have passed while it waited for the place.
+                if job.expired_at(now_ms()) {
+                    drop(permit);
+                    return self.answer(&to, self.deadline_reply(id, &job), settlement).await;
+                }
+                let submitted = self.engine.submit(input.clone(), plan.clone(), lane).await?;
                 let remembered = self.remembered().insert(id, submitted.outcome);
                 // The place is freed when the engine is done with the job, whoever awaits it (or nobody:
                 // the connection may be gone by then).
@@ -661,6 +735,27 @@ impl Service {
         }
     }
 
+    /// The answer to a job whose deadline passed before it could start.
+    fn deadline_reply(&self, id: JobId, job: &shared::ValidJob) -> JobReply {
+        let deadline_ms = job.deadline_ms.unwrap_or_default();
+        let now = now_ms();
+        info!(job = %id, late_ms = now.saturating_sub(deadline_ms), "deadline passed before the job started; not running it");
+        super::metrics::deadline_exceeded();
+        JobReply::Failed(Failed {
+            job_id: Some(id),
+            worker_id: self.config.worker_id.clone(),
+            error: ErrorBody::new(
+                ErrorCode::DeadlineExceeded,
+                format!(
+                    "the job's deadline ({deadline_ms} ms since the epoch) passed {} ms before a worker could \
+                     start it; it did not run",
+                    now.saturating_sub(deadline_ms)
+                ),
+            ),
+            finished_at_ms: now,
+        })
+    }
+
     fn cancelled_reply(&self, id: JobId, generated: usize) -> JobReply {
         JobReply::Cancelled(Cancelled {
             job_id: id,
@@ -726,11 +821,30 @@ impl Service {
     }
 }
 
-/// What one session's consume loop reads: the jobs, the cancellations, and the connections' news.
+/// What one session's consume loop reads: each lane's jobs, the cancellations, and the connections' news.
 struct Feeds<'c> {
-    consumer: Consumer,
+    interactive: Consumer,
+    batch: Consumer,
+    /// The two job consumers' tags, to cancel them.
+    tags: [String; 2],
     control: Consumer,
     connections: &'c mut Connections,
+}
+
+/// What a lane's consumer gave the consume loop.
+enum Taken<'s> {
+    Job(BoxFuture<'s, Result<(), SessionError>>),
+    /// Returned to the queue: the worker is stopping.
+    Requeued,
+    /// The consumer ended (cancelled while stopping).
+    Ended,
+}
+
+/// How a job came: from which lane, whether the broker delivered it before, and when this worker took it.
+struct Arrival {
+    lane: Lane,
+    redelivered: bool,
+    taken_at_ms: u64,
 }
 
 /// Where a job's replies go: its `reply_to` queue, under its job id as the correlation id.

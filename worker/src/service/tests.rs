@@ -61,6 +61,7 @@ fn test_config(url: &str, topology: Topology, publish_timeout: Duration) -> Serv
         topology,
         rules: shared::PromptRules::default(),
         prefetch: Some(1),
+        interactive_reserve: 1,
         worker_id: "test-worker".into(),
         stream: StreamSettings {
             tokens: 16,

@@ -51,7 +51,12 @@ fn encode(codec: &PromptCodec, input: Input, plan: &GenerationPlan) -> Result<Pr
     let ids = codec.prompt_tokens(&text, plan).map_err(|e| error_body(&e))?;
     let grammar = codec.grammar(plan).map_err(|e| error_body(&e))?;
     Ok(Prepared {
-        prompt: Prompt { text, ids, grammar },
+        prompt: Prompt {
+            text,
+            ids,
+            grammar,
+            lane: shared::Lane::default(),
+        },
         rendered,
     })
 }
@@ -70,6 +75,7 @@ fn verbatim(input: Input) -> Prepared {
             text,
             ids: Vec::new(),
             grammar: None,
+            lane: shared::Lane::default(),
         },
         rendered: None,
     }

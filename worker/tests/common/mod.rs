@@ -17,7 +17,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use serde_json::Value;
-use shared::{JobId, JobReply};
+use shared::{JobId, JobReply, Lane};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -551,7 +551,7 @@ pub struct RawProducer {
     pub channel: Channel,
     pub reply_to: String,
     replies: Consumer,
-    jobs_queue: String,
+    topology: shared::Topology,
 }
 
 /// One reply as it arrived.
@@ -605,12 +605,17 @@ impl RawProducer {
             channel,
             reply_to,
             replies,
-            jobs_queue: env.jobs_queue(),
+            topology: shared::Topology::new(&env.ns, shared::topology::DEFAULT_DELIVERY_LIMIT).unwrap(),
         }
     }
 
     /// Publishes `body` with the properties docs/amqp.md lists; `correlation_id` `None` leaves it out.
     pub async fn publish_raw(&self, correlation_id: Option<&str>, body: &[u8]) {
+        self.publish_raw_to(Lane::Interactive, correlation_id, body).await;
+    }
+
+    /// [`RawProducer::publish_raw`] to `lane`'s queue.
+    pub async fn publish_raw_to(&self, lane: Lane, correlation_id: Option<&str>, body: &[u8]) {
         let mut props = BasicProperties::default()
             .with_reply_to(self.reply_to.as_str().into())
             .with_content_type("application/json".into())
@@ -622,7 +627,7 @@ impl RawProducer {
             .channel
             .basic_publish(
                 "".into(),
-                self.jobs_queue.as_str().into(),
+                self.topology.lane_queue(lane).as_str().into(),
                 BasicPublishOptions::default(),
                 body,
                 props,
@@ -636,6 +641,11 @@ impl RawProducer {
 
     /// Publishes a job; returns its id.
     pub async fn publish_job(&self, prompt: &str, parameters: Value) -> String {
+        self.publish_job_to(Lane::Interactive, prompt, parameters).await
+    }
+
+    /// Publishes a job to `lane`'s queue; returns its id.
+    pub async fn publish_job_to(&self, lane: Lane, prompt: &str, parameters: Value) -> String {
         let id = JobId::new_random().to_string();
         let body = serde_json::json!({
             "version": 1,
@@ -643,7 +653,7 @@ impl RawProducer {
             "parameters": parameters,
             "submitted_at_ms": shared::reply::now_ms(),
         });
-        self.publish_raw(Some(&id), &serde_json::to_vec(&body).unwrap())
+        self.publish_raw_to(lane, Some(&id), &serde_json::to_vec(&body).unwrap())
             .await;
         id
     }
