@@ -165,6 +165,7 @@ pub struct FilesQuery {
     /// The page starts after this file.
     after: Option<String>,
     /// `desc` (newest first, the default) or `asc`.
+    #[param(inline)]
     order: Option<Order>,
 }
 
