@@ -8,8 +8,8 @@
 # - use_after_free is off: DELETE /v1/jobs/{id} cancels a job, which stays readable as `cancelled`, as it
 #   must;
 # - positive_data_acceptance (a request the schema allows must not be refused) lets through, on the four
-#   operations that take a job and only there, the refusals listed in EXCUSED: each by its error code and
-#   message, with why the schema cannot state the rule. Any other refusal of a schema-valid request fails;
+#   operations that take a job and on POST /v1/batches, and only there, the refusals listed in EXCUSED: each
+#   by its error code and message, with why the schema cannot state the rule. Any other refusal of a schema-valid request fails;
 # - not_a_server_error takes a 504 from the three operations that wait for their jobs (their documented
 #   timeout), and negative_data_rejection a 413 from the four that take a body (the body limit).
 # Knobs: EXAMPLES (25 per operation), SEED (a fixed seed: runs are reproducible), BIN (target/debug).

@@ -18,8 +18,9 @@ use crate::error::{ApiError, ApiQuery};
 use crate::files::{FileError, FileObject, List, PURPOSE_BATCH, owner};
 use crate::openai::OpenAiError;
 
-/// The upload form, for the document.
-#[derive(utoipa::ToSchema)]
+/// The upload form, for the document (`deny_unknown_fields` states that no other field is taken).
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)] // documentation only: the form is read field by field
 pub struct UploadForm {
     /// `batch`: a JSONL file, one request a line.
@@ -30,8 +31,8 @@ pub struct UploadForm {
 }
 
 /// The one purpose an upload may have here.
-#[derive(utoipa::ToSchema)]
-#[schema(rename_all = "lowercase")]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
 #[allow(dead_code)] // documentation only
 pub enum UploadPurpose {
     Batch,
