@@ -156,36 +156,32 @@ impl Drop for GatewayProcess {
     }
 }
 
-/// The flags every gateway of a fault test takes: the env's namespace and broker, limits out of the way,
-/// files in the env's directory, batches looked at often and left by a dead gateway after a second.
-fn gateway_flags(env: &Env) -> Vec<String> {
-    [
-        "--namespace",
-        &env.ns,
-        "--amqp-url",
-        &env.amqp_url,
-        "--redis-url",
-        REDIS_URL,
-        "--served-model-name",
-        "gpt-j-tiny",
-        "--submit-rate-limit",
-        "100000/1s",
-        "--read-rate-limit",
-        "100000/1s",
-        "--token-rate-limit",
-        "1000000000/1s",
-        "--max-active-jobs-per-client",
-        "0",
-        "--files-dir",
-        env.dir().join("files").to_str().unwrap(),
-        "--batch-poll-ms",
-        "50",
-        "--batch-lease-ms",
-        "1000",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+/// The flags every gateway of a fault test takes, less those `extra` sets: the env's namespace and broker,
+/// limits out of the way, files in the env's directory, batches looked at often and left by a dead gateway
+/// after a second.
+fn gateway_flags(env: &Env, extra: &[&str]) -> Vec<String> {
+    let files = env.dir().join("files");
+    let defaults = [
+        ("--namespace", env.ns.as_str()),
+        ("--amqp-url", env.amqp_url.as_str()),
+        ("--redis-url", REDIS_URL),
+        ("--served-model-name", "gpt-j-tiny"),
+        ("--submit-rate-limit", "100000/1s"),
+        ("--read-rate-limit", "100000/1s"),
+        ("--token-rate-limit", "1000000000/1s"),
+        ("--max-active-jobs-per-client", "0"),
+        ("--files-dir", files.to_str().unwrap()),
+        ("--batch-poll-ms", "50"),
+        ("--batch-lease-ms", "1000"),
+    ];
+    let mut flags = Vec::new();
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            flags.extend([flag.to_owned(), value.to_owned()]);
+        }
+    }
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    flags
 }
 
 async fn spawn_gateway(env: &Env, extra: &[&str]) -> GatewayProcess {
@@ -198,9 +194,8 @@ async fn spawn_gateway(env: &Env, extra: &[&str]) -> GatewayProcess {
     let port = free_port();
     let log = env.dir().join(format!("gateway-{port}.log"));
     let child = Command::new(bin)
-        .args(gateway_flags(env))
+        .args(gateway_flags(env, extra))
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -484,5 +479,42 @@ async fn a_batch_past_its_window_ends_expired_keeping_its_finished_lines() {
         assert_eq!(lines[unfinished]["response"], Value::Null, "{lines:?}");
         assert_eq!(lines[unfinished]["error"]["code"], "batch_expired", "{lines:?}");
     }
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_batchs_jobs_are_admitted_as_its_owners_within_the_owners_cap_of_active_jobs() {
+    let mut env = Env::new();
+    // The owner may have 2 jobs queued or running at once; the batch would queue 8.
+    let gateway = spawn_gateway(&env, &["--max-active-jobs-per-client", "2", "--batch-slice", "8"]).await;
+    env.spawn_worker(&[]);
+    env.wait_for_consumers(1).await;
+    let id = create_batch(&env, &gateway.base, &chat_file(6, |_| 16)).await;
+    let redis = redis::Client::open(REDIS_URL).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let active = format!("{}:active:ip:127.0.0.1", env.ns);
+    let mut most = 0;
+    loop {
+        let now: usize = redis::cmd("ZCARD")
+            .arg(&active)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        most = most.max(now);
+        let batch = get(&env, format!("{}/v1/batches/{id}", gateway.base))
+            .await
+            .unwrap();
+        if batch["status"] != "in_progress" && batch["status"] != "validating" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        most <= 2,
+        "the owner's cap held the batch to 2 jobs at once, saw {most}"
+    );
+    // Refused for now, not for good: every line still ran.
+    let answered = completes_with_every_request_once(&env, &gateway.base, &id, 6).await;
+    assert_eq!(answered, 6, "{}", gateway.log());
     env.finish().await;
 }
