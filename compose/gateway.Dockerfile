@@ -23,10 +23,13 @@ FROM ${RUNTIME_IMAGE}
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin gateway
+    && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin gateway \
+    && install -d -o 10001 -g 10001 /var/lib/gateway/files
 COPY --from=builder /out/gateway /usr/local/bin/gateway
 USER 10001:10001
+# The Batch API's files, when no S3 bucket is given (a volume in compose: the root file system is read-only).
 ENV LISTEN=0.0.0.0:8000 \
+    FILES_DIR=/var/lib/gateway/files \
     RUST_LOG=info
 EXPOSE 8000
 # Liveness only: /readyz also checks Redis and RabbitMQ, which compose and Kubernetes probe separately.

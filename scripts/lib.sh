@@ -9,7 +9,7 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 # The virtualenv holds torch (whose libtorch tch links) and transformers (the parity reference).
 ensure_venv() {
-  if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import torch, transformers, safetensors, openai, pika, playwright, langchain_openai, lm_eval' 2>/dev/null; then
+  if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import torch, transformers, safetensors, openai, pika, playwright, langchain_openai, lm_eval, moto.server' 2>/dev/null; then
     log "setting up the Python virtualenv in $VENV (torch 2.11, transformers 4.55.4, openai, langchain-openai, lm-eval, pika, playwright; the first time downloads ~5 GB)"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip

@@ -45,6 +45,10 @@ pub struct App {
     pub grammars: crate::grammar_check::GrammarCheck,
     /// Token ids as OpenAI's log-probabilities name them.
     pub vocabulary: crate::logprobs::Vocabulary,
+    /// The Batch API's files: bodies in the object store, descriptions in Redis.
+    pub files: crate::files::FileStore,
+    /// The Batch API's batches, their state in Redis.
+    pub batches: crate::batches::BatchStore,
     /// When this replica started, in Unix seconds (the OpenAI model list's `created`).
     pub started_at_s: u64,
 }

@@ -227,9 +227,67 @@ impl Caller {
     }
 }
 
+impl Caller {
+    /// The caller as text, kept with work done on its behalf later (a batch's jobs are admitted as its
+    /// owner's): the key's digest or the address, never the key. [`Caller::from_token`] reads it back, its
+    /// ceiling as [`Caller::identify`] sets it: such work names its lane itself.
+    pub fn token(&self) -> String {
+        match &self.id {
+            ClientId::Key(digest) => format!("key:{}", digest.hex()),
+            ClientId::Ip(ip) => format!("ip:{ip}"),
+        }
+    }
+
+    pub fn from_token(token: &str) -> Option<Self> {
+        if let Some(hex) = token.strip_prefix("key:") {
+            let digest = KeyDigest::from_hex(hex)?;
+            return Some(Self {
+                id: ClientId::Key(digest),
+                key: Some(digest),
+                ceiling: Lane::Interactive,
+            });
+        }
+        let ip = token.strip_prefix("ip:")?.parse().ok()?;
+        Some(Self {
+            id: ClientId::Ip(ip),
+            key: None,
+            ceiling: Lane::Interactive,
+        })
+    }
+}
+
+impl KeyDigest {
+    /// The digest [`KeyDigest::hex`] wrote.
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        if hex.len() != 64 || !hex.is_ascii() {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self(bytes))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_callers_token_reads_back_as_the_same_caller() {
+        let keyed = Caller::identify(
+            Some(KeyDigest::of("k")),
+            "10.0.0.1".parse().unwrap(),
+            &HeaderMap::new(),
+            &[],
+        );
+        let by_address = Caller::identify(None, "::1".parse().unwrap(), &HeaderMap::new(), &[]);
+        for caller in [keyed, by_address] {
+            assert_eq!(Caller::from_token(&caller.token()), Some(caller.clone()));
+        }
+        assert_eq!(Caller::from_token("key:zz"), None);
+    }
     use axum::http::HeaderValue;
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {

@@ -172,6 +172,52 @@ pub struct Config {
     /// On shutdown, how long open requests may take to finish.
     #[arg(long, env = "SHUTDOWN_GRACE_S", default_value_t = 30)]
     pub shutdown_grace_s: u64,
+
+    /// Where the Batch API's files (`/v1/files`) are kept when no S3 bucket is given: a directory, created
+    /// if missing. Local to this machine, so only for a single gateway (or replicas sharing the directory).
+    #[arg(long, env = "FILES_DIR", default_value = "data/files")]
+    pub files_dir: std::path::PathBuf,
+    /// An S3 bucket for the Batch API's files instead of `--files-dir` (every replica sees the same files).
+    /// Credentials and region: the flags below, or the standard `AWS_*` variables (a session token, an
+    /// instance's role and the other `AWS_*` settings are read from the environment too).
+    #[arg(long, env = "FILES_S3_BUCKET")]
+    pub files_s3_bucket: Option<String>,
+    /// The URL of an S3-compatible service (MinIO, Ceph, moto…) holding `--files-s3-bucket`; AWS when unset.
+    #[arg(long, env = "FILES_S3_ENDPOINT", requires = "files_s3_bucket")]
+    pub files_s3_endpoint: Option<String>,
+    /// The bucket's region.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub files_s3_region: String,
+    /// The S3 access key id (best given by its variable).
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    pub files_s3_access_key_id: Option<String>,
+    /// The S3 secret access key (best given by its variable).
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub files_s3_secret_access_key: Option<String>,
+    /// Largest file `POST /v1/files` takes (OpenAI's is 200 MB); the upload is streamed to the store,
+    /// never held whole.
+    #[arg(long, env = "MAX_FILE_BYTES", default_value_t = 200 * 1024 * 1024)]
+    pub max_file_bytes: u64,
+    /// Most requests (lines) in one batch.
+    #[arg(long, env = "BATCH_MAX_REQUESTS", default_value_t = 50_000)]
+    pub batch_max_requests: u64,
+    /// A batch's requests queued or running at once, at most: the batch is submitted a slice at a time, the
+    /// next lines as earlier ones end, so a large batch never floods the queue.
+    #[arg(long, env = "BATCH_SLICE", default_value_t = 128)]
+    pub batch_slice: usize,
+    /// How often a gateway drives the batches it holds (counts ended requests, submits more).
+    #[arg(long, env = "BATCH_POLL_MS", default_value_t = 250)]
+    pub batch_poll_ms: u64,
+    /// How long a gateway's hold on a batch lasts without renewal: a gateway that dies leaves its batches to
+    /// another replica after this long.
+    #[arg(long, env = "BATCH_LEASE_MS", default_value_t = 10_000)]
+    pub batch_lease_ms: u64,
+    /// How long the `24h` completion window lasts, in seconds (for tests of expiry; leave it in production).
+    #[arg(long, env = "BATCH_WINDOW_S", default_value_t = 86_400)]
+    pub batch_window_s: u64,
+    /// Fault-test hook: finalization waits this long after writing a batch's files, before recording them.
+    #[arg(long, env = "BATCH_FINALIZE_HOLD_MS", default_value_t = 0, hide = true)]
+    pub batch_finalize_hold_ms: u64,
 }
 
 /// A rate limit: at most `limit` requests in any rolling window of `window`.
@@ -268,6 +314,10 @@ pub struct Settings {
     pub replies_prefetch: u16,
     pub queue_stats_cache: Duration,
     pub shutdown_grace: Duration,
+    /// Where the Batch API's files are kept.
+    pub storage: crate::files::Storage,
+    pub max_file_bytes: u64,
+    pub batch: crate::batch_driver::BatchSettings,
 }
 
 /// How each route that takes a prompt takes its text (see `shared::prompt`): the policy is per route, because
@@ -411,6 +461,34 @@ impl Config {
             replies_prefetch: positive("replies-prefetch", u64::from(self.replies_prefetch))? as u16,
             queue_stats_cache: Duration::from_millis(self.queue_stats_cache_ms),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
+            storage: match &self.files_s3_bucket {
+                Some(bucket) => crate::files::Storage::S3 {
+                    bucket: bucket.clone(),
+                    endpoint: self.files_s3_endpoint.clone(),
+                    region: self.files_s3_region.clone(),
+                    credentials: match (&self.files_s3_access_key_id, &self.files_s3_secret_access_key) {
+                        (Some(id), Some(secret)) => Some((id.clone(), secret.clone())),
+                        (None, None) => None,
+                        _ => {
+                            return Err(
+                                "--files-s3-access-key-id and --files-s3-secret-access-key go together"
+                                    .into(),
+                            );
+                        }
+                    },
+                },
+                None => crate::files::Storage::Local(self.files_dir.clone()),
+            },
+            max_file_bytes: positive("max-file-bytes", self.max_file_bytes)?,
+            batch: crate::batch_driver::BatchSettings {
+                slice: positive("batch-slice", self.batch_slice as u64)? as usize,
+                max_requests: positive("batch-max-requests", self.batch_max_requests)?,
+                poll: Duration::from_millis(positive("batch-poll-ms", self.batch_poll_ms)?),
+                lease: Duration::from_millis(positive("batch-lease-ms", self.batch_lease_ms)?),
+                window: Duration::from_secs(positive("batch-window-s", self.batch_window_s)?),
+                max_line_bytes: self.body_limit_bytes,
+                finalize_hold: Duration::from_millis(self.batch_finalize_hold_ms),
+            },
         })
     }
 }

@@ -44,6 +44,14 @@ pub enum ApiError {
     },
     #[error("no such job")]
     NotFound,
+    #[error("no such file: {0}")]
+    NoSuchFile(String),
+    #[error("no such batch: {0}")]
+    NoSuchBatch(String),
+    #[error("the file is larger than {limit} bytes, the most a file may hold")]
+    FileTooLarge { limit: u64 },
+    #[error("batch {id} is {status}; only a validating or in_progress batch can be cancelled")]
+    BatchNotCancellable { id: String, status: &'static str },
     #[error("the model `{0}` does not exist; GET /v1/models lists the one served here")]
     ModelNotFound(String),
     #[error("this method is not allowed on this path")]
@@ -138,7 +146,9 @@ impl ApiError {
             PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge),
             BodyTimeout => (StatusCode::REQUEST_TIMEOUT, ErrorCode::Timeout),
             InvalidJobId(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidJobId),
-            NotFound => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            NotFound | NoSuchFile(_) | NoSuchBatch(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            FileTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge),
+            BatchNotCancellable { .. } => (StatusCode::CONFLICT, ErrorCode::InvalidParameter),
             ContextOverflow { .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::ContextOverflow),
             ModelNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::ModelNotFound),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed),
@@ -169,6 +179,22 @@ impl ApiError {
             ),
             Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
+        }
+    }
+}
+
+impl ApiError {
+    /// A file operation's failure, as the client sees it (the store's details are logged, not returned).
+    pub fn file(e: crate::files::FileError, id: &str) -> Self {
+        use crate::files::FileError;
+        match e {
+            FileError::NotFound => ApiError::NoSuchFile(id.to_owned()),
+            FileError::TooLarge { limit } => ApiError::FileTooLarge { limit },
+            FileError::Upload(message) => ApiError::InvalidField {
+                field: "file".into(),
+                message,
+            },
+            e => ApiError::unavailable("file store", e),
         }
     }
 }

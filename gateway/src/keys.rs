@@ -99,6 +99,53 @@ impl Keys {
         self.key(format_args!("outbox:lock:{id}"))
     }
 
+    // Batch API files and batches (`files`, `batches`). A file's body is in the object store, never here.
+
+    /// `{ns}:file:{id}`: a file's description and owner, a hash.
+    pub fn file(&self, id: &str) -> String {
+        self.key(format_args!("file:{id}"))
+    }
+
+    /// `{ns}/files/{id}`: where a file's body lies in the object store (a path, not a Redis key).
+    pub fn file_object(&self, id: &str) -> String {
+        format!("{}/files/{id}", self.prefix.trim_end_matches(':'))
+    }
+
+    /// `{ns}:files:{owner}`: an owner's file ids, a sorted set by creation time.
+    pub fn files(&self, owner: &str) -> String {
+        self.key(format_args!("files:{owner}"))
+    }
+
+    /// `{ns}:batch:{id}`: a batch's state, a hash.
+    pub fn batch(&self, id: &str) -> String {
+        self.key(format_args!("batch:{id}"))
+    }
+
+    /// `{ns}:batches:{owner}`: an owner's batch ids, a sorted set by creation time.
+    pub fn batches(&self, owner: &str) -> String {
+        self.key(format_args!("batches:{owner}"))
+    }
+
+    /// `{ns}:batches-active`: the batches not yet ended, which some replica must drive.
+    pub fn batches_active(&self) -> String {
+        self.key("batches-active")
+    }
+
+    /// `{ns}:batch:{id}:inflight`: the batch's lines submitted and not yet ended, a sorted set by line.
+    pub fn batch_inflight(&self, id: &str) -> String {
+        self.key(format_args!("batch:{id}:inflight"))
+    }
+
+    /// `{ns}:batch:{id}:refused`: the batch's lines refused at submission, line → error, a hash.
+    pub fn batch_refused(&self, id: &str) -> String {
+        self.key(format_args!("batch:{id}:refused"))
+    }
+
+    /// `{ns}:batch:{id}:lease`: held by the replica driving the batch.
+    pub fn batch_lease(&self, id: &str) -> String {
+        self.key(format_args!("batch:{id}:lease"))
+    }
+
     // A client's bounds (`ratelimit`, `admission`).
 
     /// `{ns}:rl:{class}:{client}`: the client's sliding-window log of one route class.

@@ -9,6 +9,9 @@
 pub mod admission;
 pub mod app;
 pub mod auth;
+pub mod batch_driver;
+pub mod batch_lines;
+pub mod batches;
 pub mod broker;
 pub mod config;
 pub mod context;
@@ -18,12 +21,14 @@ pub mod deadline;
 pub mod decision;
 pub mod drain;
 pub mod error;
+pub mod files;
 pub mod follow;
 pub mod grammar_check;
 pub mod keys;
 pub mod kv;
 pub mod logprobs;
 pub mod openai;
+pub mod openai_jobs;
 pub mod openai_schema;
 pub mod openapi;
 pub mod outbox;
@@ -95,6 +100,9 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
         settings.read_on_error,
     );
     let openapi = openapi::document(&settings.served_model_name);
+    let objects = settings.storage.open().map_err(Error::Config)?;
+    let files = files::FileStore::new(objects, store.redis().clone(), keys.clone());
+    let batches = batches::BatchStore::new(store.redis().clone(), keys.clone());
     let outbox = outbox::Outbox::new(
         store.clone(),
         keys,
@@ -119,6 +127,8 @@ pub fn app(config: &Config) -> Result<app::AppState, Error> {
         context,
         grammars,
         vocabulary,
+        files,
+        batches,
         started_at_s: shared::reply::now_ms() / 1000,
     }))
 }
@@ -147,6 +157,7 @@ pub async fn run(
     let outbox = app.outbox.clone();
     let (outbox_broker, outbox_cancel) = (app.broker.clone(), cancel.clone());
     let outbox_task = tokio::spawn(async move { outbox.run(outbox_broker, outbox_cancel).await });
+    let batch_task = tokio::spawn(batch_driver::run(app.clone(), cancel.clone()));
     let keys = keys::Keys::new(&app.settings.topology);
     let listener_task = tokio::spawn(app.waiters.clone().listen(
         config.redis_url.clone(),
@@ -171,6 +182,7 @@ pub async fn run(
         let _ = task.await;
     }
     let _ = outbox_task.await;
+    let _ = batch_task.await;
     tracing::info!("gateway stopped");
     Ok(())
 }

@@ -21,12 +21,15 @@ impl Modify for BearerAuth {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "GPT-J gateway", description = "Queue text-generation jobs, poll them, stream their tokens, cancel them, or wait with /run; OpenAI-compatible completions and chat."),
+    info(title = "GPT-J gateway", description = "Queue text-generation jobs, poll them, stream their tokens, cancel them, or wait with /run; OpenAI-compatible completions and chat, and OpenAI's Batch API."),
     paths(
         routes::jobs::submit, routes::jobs::get_job, routes::jobs::cancel, routes::events::events,
         routes::run::run, routes::queue::queue,
         routes::openai::completions, routes::openai::chat_completions, routes::openai::models,
         routes::openai::model,
+        routes::files::upload, routes::files::list, routes::files::get, routes::files::content,
+        routes::files::delete,
+        routes::batches::create, routes::batches::list, routes::batches::get, routes::batches::cancel,
         routes::ops::healthz, routes::ops::readyz, routes::ops::health, routes::ops::metrics,
     ),
     components(schemas(
@@ -35,6 +38,7 @@ impl Modify for BearerAuth {
         routes::run::OriginalRun, routes::queue::QueueView, crate::error::ErrorResponse,
         routes::events::StreamEvent
     )),
+    tags((name = "batch", description = "OpenAI's Batch API: upload a JSONL file of requests, run it as a batch on the batch lane, read its output file")),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;

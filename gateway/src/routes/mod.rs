@@ -6,7 +6,9 @@
 //! reads, the rate limit. Submissions are rate-limited in the handler, after validation, by the same Redis
 //! call that records the job.
 
+pub mod batches;
 pub mod events;
+pub mod files;
 pub mod jobs;
 pub mod openai;
 pub mod ops;
@@ -57,6 +59,25 @@ pub fn router(app: AppState) -> Router {
                 .route_layer(middleware::from_fn_with_state(read.clone(), ratelimit::limit))
                 .route_layer(middleware::from_fn_with_state(app.clone(), require_key)),
         );
+    // The Batch API: files and batches are reads' budget (a batch's jobs are admitted one by one, as its
+    // owner's, when the driver submits them). An upload is streamed, under its own limit.
+    let upload_limit = usize::try_from(app.settings.max_file_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_add(UPLOAD_FORM_OVERHEAD);
+    let batch_routes = Router::new()
+        .route(
+            "/v1/files",
+            post(files::upload)
+                .layer(DefaultBodyLimit::max(upload_limit))
+                .get(files::list),
+        )
+        .route("/v1/files/{id}", get(files::get).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/batches", post(batches::create).get(batches::list))
+        .route("/v1/batches/{id}", get(batches::get))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
+        .route_layer(middleware::from_fn_with_state(read.clone(), ratelimit::limit))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_key));
     let metrics_route = Router::new()
         .route("/metrics", get(ops::metrics))
         .route_layer(middleware::from_fn_with_state(read, ratelimit::limit))
@@ -74,6 +95,7 @@ pub fn router(app: AppState) -> Router {
         .merge(submit_routes)
         .merge(read_routes)
         .merge(openai_routes)
+        .merge(batch_routes)
         .merge(metrics_route)
         .merge(open)
         .fallback(|| async { ApiError::NoRoute })
@@ -137,6 +159,9 @@ async fn body_deadline(
     request: Request,
     next: Next,
 ) -> Response {
+    if is_upload(&request) {
+        return next.run(request).await;
+    }
     let (parts, body) = request.into_parts();
     let limit = parts.extensions.get::<BodyLimit>().map_or(usize::MAX, |l| l.0);
     let read = axum::body::to_bytes(body, limit);
@@ -157,6 +182,16 @@ async fn body_deadline(
         }
         Err(_) => ApiError::BodyTimeout.into_response(),
     }
+}
+
+/// Room for a form's headers and boundaries around an upload's file.
+const UPLOAD_FORM_OVERHEAD: usize = 64 * 1024;
+
+/// A file upload (`POST /v1/files`): its body is streamed into the file store under `--max-file-bytes`
+/// rather than read whole under the body limit and deadline (a file of hundreds of megabytes takes longer
+/// than a request body's deadline, and is not held in memory).
+fn is_upload(request: &Request) -> bool {
+    request.method() == axum::http::Method::POST && request.uri().path() == "/v1/files"
 }
 
 /// Identifies the caller, requiring a valid API key when keys are configured.

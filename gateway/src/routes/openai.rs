@@ -21,7 +21,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use shared::reply::now_ms;
-use shared::{GenerationParameters, JobId, JobRequest, Lane, TokenLogprob};
+use shared::{JobId, Lane, TokenLogprob};
 
 use crate::app::AppState;
 use crate::auth::Caller;
@@ -30,26 +30,10 @@ use crate::error::{ApiError, ApiJson, ErrorInfo};
 use crate::follow::{CancelOnDrop, Followed, Waited, follow, wait_final};
 use crate::openai::{
     self, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, CompletionChoice, CompletionChunk,
-    CompletionRequest, Head, Model, ModelList, ParamError, StreamUsage, Usage, choice_seed,
+    CompletionRequest, Head, Model, ModelList, StreamUsage, Usage,
 };
-use crate::store::{JobRecord, Status};
+use crate::openai_jobs::{Kind, Meta, Plan, answer, check_model, finished, param_error, usage};
 use crate::waiters::Interest;
-
-/// Chat takes the job contract's default `max_tokens`; completions OpenAI's documented 16.
-const CHAT_MAX_TOKENS: u32 = shared::params::DEFAULT_MAX_NEW_TOKENS;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Completion { echo: bool },
-    Chat,
-}
-
-/// What every response and chunk of one request shares.
-#[derive(Debug, Clone)]
-struct Meta {
-    head: Head,
-    kind: Kind,
-}
 
 #[utoipa::path(
     post, path = "/v1/completions", tag = "openai",
@@ -68,28 +52,12 @@ pub async fn completions(
     headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    check_model(&app, &req.model)?;
-    let lane = req.lane().map_err(param_error)?;
-    let timeout_s = crate::deadline::timeout(req.timeout_s(), &headers)?;
-    let parameters = req
-        .parameters(openai::DEFAULT_COMPLETION_MAX_TOKENS)
-        .map_err(param_error)?;
-    let n = req.n().map_err(param_error)?;
-    let mut jobs = Vec::new();
-    for prompt in req.prompt.prompts() {
-        for choice in 0..n {
-            let parameters = seeded(&parameters, choice);
-            jobs.push(JobRequest::new(prompt.clone(), parameters));
-        }
-    }
-    let kind = Kind::Completion { echo: req.echo() };
     let jobs = Jobs {
-        requests: jobs,
-        n,
-        lane,
-        timeout_s,
+        plan: Plan::completion(&app.settings.served_model_name, &req)?,
+        lane: req.lane().map_err(param_error)?,
+        timeout_s: crate::deadline::timeout(req.timeout_s(), &headers)?,
     };
-    serve(app, caller, jobs, kind, req.stream(), req.stream_usage()).await
+    serve(app, caller, jobs, req.stream(), req.stream_usage()).await
 }
 
 #[utoipa::path(
@@ -109,21 +77,12 @@ pub async fn chat_completions(
     headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    check_model(&app, &req.model)?;
-    let lane = req.lane().map_err(param_error)?;
-    let timeout_s = crate::deadline::timeout(req.timeout_s(), &headers)?;
-    let parameters = req.parameters(CHAT_MAX_TOKENS).map_err(param_error)?;
-    let n = req.n().map_err(param_error)?;
-    let jobs = (0..n)
-        .map(|choice| JobRequest::chat(req.messages.clone(), seeded(&parameters, choice)))
-        .collect();
     let jobs = Jobs {
-        requests: jobs,
-        n,
-        lane,
-        timeout_s,
+        plan: Plan::chat(&app.settings.served_model_name, &req)?,
+        lane: req.lane().map_err(param_error)?,
+        timeout_s: crate::deadline::timeout(req.timeout_s(), &headers)?,
     };
-    serve(app, caller, jobs, Kind::Chat, req.stream(), req.stream_usage()).await
+    serve(app, caller, jobs, req.stream(), req.stream_usage()).await
 }
 
 /// The errors both OpenAI routes answer, in OpenAI's shape (`{"error": {message, type, param, code}}`).
@@ -198,7 +157,7 @@ pub async fn model(
     State(app): State<AppState>,
     Path(model): Path<String>,
 ) -> Result<axum::Json<Model>, ApiError> {
-    check_model(&app, &model)?;
+    check_model(&app.settings.served_model_name, &model)?;
     Ok(axum::Json(served(&app)))
 }
 
@@ -207,34 +166,9 @@ fn served(app: &AppState) -> Model {
     Model::new(&app.settings.served_model_name, app.started_at_s, "gptj-service")
 }
 
-fn check_model(app: &AppState, model: &str) -> Result<(), ApiError> {
-    if model == app.settings.served_model_name {
-        Ok(())
-    } else {
-        Err(ApiError::ModelNotFound(model.chars().take(128).collect()))
-    }
-}
-
-fn param_error(e: ParamError) -> ApiError {
-    ApiError::InvalidField {
-        field: e.param,
-        message: e.message,
-    }
-}
-
-/// Choice `i`'s parameters: its own seed, so sampled choices differ yet reproduce.
-fn seeded(parameters: &GenerationParameters, choice: u32) -> GenerationParameters {
-    GenerationParameters {
-        seed: choice_seed(parameters.seed, choice),
-        ..parameters.clone()
-    }
-}
-
-/// A request's jobs (`n` choices of each prompt) and where they go: the lane `service_tier` asks for and
-/// the request's timeout.
+/// A request's jobs and where they go: the lane `service_tier` asks for and the request's timeout.
 struct Jobs {
-    requests: Vec<JobRequest>,
-    n: u32,
+    plan: Plan,
     lane: Option<Lane>,
     timeout_s: Option<f64>,
 }
@@ -244,13 +178,11 @@ async fn serve(
     app: AppState,
     caller: Caller,
     jobs: Jobs,
-    kind: Kind,
     stream: bool,
     usage: StreamUsage,
 ) -> Result<Response, ApiError> {
     let Jobs {
-        requests: jobs,
-        n,
+        plan: Plan { jobs, n, kind },
         lane,
         timeout_s,
     } = jobs;
@@ -313,86 +245,12 @@ async fn serve(
             }
         }
         owner.disarm();
-        answer(&meta, &app.vocabulary, n, records)?.into_response()
+        axum::Json(answer(&meta, &app.vocabulary, n, records)?).into_response()
     };
     if let Some(d) = decision {
         d.write_headers(response.headers_mut());
     }
     Ok(response)
-}
-
-/// A finished job's text, or the error it ended with.
-fn finished(record: &JobRecord) -> Result<&shared::reply::Succeeded, ApiError> {
-    match (record.status, &record.result, &record.error) {
-        (Status::Succeeded, Some(r), _) => Ok(r),
-        (_, _, Some(error)) => Err(ApiError::JobFailed(error.clone())),
-        _ => Err(ApiError::JobFailed(shared::ErrorBody::new(
-            shared::ErrorCode::Internal,
-            format!(
-                "job {} ended {} without a result",
-                record.id,
-                record.status.as_str()
-            ),
-        ))),
-    }
-}
-
-/// Usage over the choices: each prompt counted once (choices of one prompt share it), every completion.
-fn usage<'a>(n: u32, results: impl Iterator<Item = &'a shared::reply::Succeeded>) -> Usage {
-    let (mut prompt, mut completion) = (0, 0);
-    for (i, r) in results.enumerate() {
-        if (i as u32).is_multiple_of(n.max(1)) {
-            prompt += r.prompt_tokens.unwrap_or(0);
-        }
-        completion += r.new_tokens;
-    }
-    Usage::new(prompt, completion)
-}
-
-fn answer(
-    meta: &Meta,
-    vocabulary: &crate::logprobs::Vocabulary,
-    n: u32,
-    records: Vec<JobRecord>,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let results = records.iter().map(finished).collect::<Result<Vec<_>, _>>()?;
-    let usage = usage(n, results.iter().copied());
-    let body = match meta.kind {
-        Kind::Completion { echo } => {
-            let choices = results
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    let text = if echo {
-                        format!("{}{}", r.prompt, r.text)
-                    } else {
-                        r.text.clone()
-                    };
-                    let mut choice = CompletionChoice::new(i as u32, text, Some(r.finish_reason));
-                    choice.logprobs = r.logprobs.as_ref().map(|generated| {
-                        let prompt = r.prompt_logprobs.as_deref().filter(|_| echo).unwrap_or_default();
-                        vocabulary.completion(prompt.iter().chain(generated))
-                    });
-                    choice
-                })
-                .collect();
-            serde_json::to_value(openai::Completion::new(&meta.head, choices, usage))
-        }
-        Kind::Chat => {
-            let choices = results
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    let mut choice = openai::ChatChoice::new(i as u32, r.text.clone(), r.finish_reason);
-                    choice.logprobs = r.logprobs.as_deref().map(|generated| vocabulary.chat(generated));
-                    choice
-                })
-                .collect();
-            serde_json::to_value(openai::ChatCompletion::new(&meta.head, choices, usage))
-        }
-    };
-    body.map(axum::Json)
-        .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 /// The streamed answer's state across its jobs.
@@ -604,14 +462,20 @@ fn lock(state: &Mutex<Streamed>) -> std::sync::MutexGuard<'_, Streamed> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Whether `path` is one of OpenAI's that the gateway serves, or below one: its errors take OpenAI's shape.
+/// Whether `path` is one of OpenAI's that the gateway serves (the Batch API's included), or below one: its errors take OpenAI's shape.
 pub fn is_openai_path(path: &str) -> bool {
-    ["/v1/completions", "/v1/chat/completions", "/v1/models"]
-        .iter()
-        .any(|root| match path.strip_prefix(root) {
-            Some(rest) => rest.is_empty() || rest.starts_with('/'),
-            None => false,
-        })
+    [
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/files",
+        "/v1/batches",
+    ]
+    .iter()
+    .any(|root| match path.strip_prefix(root) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    })
 }
 
 /// The largest body of an error response read back to be rewritten (axum's plain-text rejections).
@@ -698,6 +562,9 @@ mod tests {
             "/v1/chat/completions/abc/def",
             "/v1/models",
             "/v1/models/EleutherAI/gpt-j-6b",
+            "/v1/files",
+            "/v1/files/file-1/content",
+            "/v1/batches/batch_1/cancel",
         ] {
             assert!(is_openai_path(path), "{path}");
         }

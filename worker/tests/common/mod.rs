@@ -34,11 +34,26 @@ pub async fn python_client_checks(
     extra: &[&std::ffi::OsStr],
     done: &str,
 ) {
+    let mut env = Env::new();
+    python_client_checks_in(&mut env, script, &[], worker_args, extra, done).await;
+    env.finish().await;
+}
+
+/// [`python_client_checks`] in `env`, its gateway started with `gateway_args` besides.
+pub async fn python_client_checks_in(
+    env: &mut Env,
+    script: &str,
+    gateway_args: &[&str],
+    worker_args: &[&str],
+    extra: &[&std::ffi::OsStr],
+    done: &str,
+) {
     let Some(python) = std::env::var_os("GPTJ_PYTHON") else {
         panic!("GPTJ_PYTHON is not set: run the tests with scripts/test.sh, which provisions the venv");
     };
-    let mut env = Env::new();
-    let base = env.gateway_with(&["--served-model-name", "gpt-j-tiny"]).await;
+    let mut args = vec!["--served-model-name", "gpt-j-tiny"];
+    args.extend_from_slice(gateway_args);
+    let base = env.gateway_with(&args).await;
     env.spawn_worker(worker_args);
     env.wait_for_consumers(1).await;
     let mut command = tokio::process::Command::new(python);
@@ -53,7 +68,6 @@ pub async fn python_client_checks(
         .args(extra);
     let stdout = env.run_checks(command).await;
     assert!(stdout.contains(done), "{stdout}");
-    env.finish().await;
 }
 
 /// The tiny GPT-J ([`tiny_model`]) loaded as the worker loads it: for tests that drive its scheduler.
@@ -219,6 +233,11 @@ impl Env {
             logs: tempfile::tempdir().unwrap(),
             http: reqwest::Client::new(),
         }
+    }
+
+    /// A directory of this test's own (removed with it), for logs and files.
+    pub fn dir(&self) -> &Path {
+        self.logs.path()
     }
 
     pub fn jobs_queue(&self) -> String {
