@@ -128,6 +128,16 @@ import_rootfs() {
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     touch "$rootfs/.complete"
   fi
+  # The certificate authorities this machine adds to Debian's (update-ca-certificates' local directory), e.g.
+  # a TLS-inspecting egress proxy's: without them the builds' cargo and pip could not reach crates.io and
+  # PyPI from where this machine can. ca-certificates, which the images install, adds them to the system
+  # bundle, and pip (which otherwise trusts only its own copy of certifi) is pointed at that bundle.
+  rm -rf "$rootfs/usr/local/share/ca-certificates" "$rootfs/etc/pip.conf"
+  mkdir -p "$rootfs/usr/local/share/ca-certificates"
+  if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$rootfs/usr/local/share/ca-certificates/"
+    printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$rootfs/etc/pip.conf"
+  fi
   local name
   for name in "${names[@]}"; do
     tar --numeric-owner --exclude=./.complete -C "$rootfs" -c . \
