@@ -8,7 +8,8 @@
 #     only metrics the Rust sources define, and that promtool parses the dashboard's queries;
 #   - compose/k8s/*.yaml: the Kubernetes API schemas of two Kubernetes versions (kubernetes-validate, strict),
 #     KEDA's objects against compose/schema/keda-v1alpha1.json, references between the objects;
-#   - compose/*.Dockerfile: hadolint; this script, img/render.sh, compose/worker-entrypoint.sh: shellcheck;
+#   - compose/*.Dockerfile and compose/local-bases/*.Dockerfile: hadolint; this script, img/render.sh,
+#     compose/worker-entrypoint.sh, scripts/images.sh, scripts/compose-e2e.sh, compose/local-bases/*.sh: shellcheck;
 #   - img/: every diagram source has its rendered SVG and PNG;
 #   - then itself: compose/schema/selftest.py breaks a copy of the files in each way the check claims to
 #     catch and expects it to fail (CHECK_DEPLOY_SELFTEST=0 skips this).
@@ -113,10 +114,11 @@ for version in "${K8S_VERSIONS[@]}"; do
 done
 
 say "Dockerfiles: hadolint"
-"$TOOLS/bin/hadolint" --config compose/.hadolint.yaml compose/*.Dockerfile
+"$TOOLS/bin/hadolint" --config compose/.hadolint.yaml compose/*.Dockerfile compose/local-bases/*.Dockerfile
 
 say "shell scripts: shellcheck"
-"$TOOLS/bin/shellcheck" -x scripts/check-deploy.sh img/render.sh compose/worker-entrypoint.sh
+"$TOOLS/bin/shellcheck" -x scripts/check-deploy.sh img/render.sh compose/worker-entrypoint.sh \
+  scripts/images.sh scripts/compose-e2e.sh compose/local-bases/*.sh
 
 say "deployment files are valid"
 

@@ -38,7 +38,9 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 GATEWAY_PORT="$(free_port)"
 AMQP_PORT="$(free_port)"
 export GATEWAY_PUBLISH="127.0.0.1:$GATEWAY_PORT" AMQP_PUBLISH="127.0.0.1:$AMQP_PORT"
-export MANAGEMENT_PUBLISH="127.0.0.1:$(free_port)" PROMETHEUS_PUBLISH="127.0.0.1:$(free_port)"
+MANAGEMENT_PUBLISH="127.0.0.1:$(free_port)"
+PROMETHEUS_PUBLISH="127.0.0.1:$(free_port)"
+export MANAGEMENT_PUBLISH PROMETHEUS_PUBLISH
 PROMETHEUS="http://$PROMETHEUS_PUBLISH"
 BASE="http://$GATEWAY_PUBLISH"
 NAMESPACE=gptj
@@ -129,7 +131,9 @@ awk '/^## Python \(pika\)/ { on = 1 } on && /^```python/ { code = 1; next } code
 OUTPUT="$(AMQP_URL="amqp://gptj:gptj@127.0.0.1:$AMQP_PORT/%2f" NAMESPACE="$NAMESPACE" \
   timeout "$WAIT_S" "$VENV/bin/python" "$EXAMPLE" "Once upon a time")" || fail "the AMQP example: $OUTPUT"
 rm -f "$EXAMPLE"
-grep -q '^started on ' <<<"$OUTPUT" && grep -q ' tokens, ' <<<"$OUTPUT" || fail "the AMQP example printed: $OUTPUT"
+if ! grep -q '^started on ' <<<"$OUTPUT" || ! grep -q ' tokens, ' <<<"$OUTPUT"; then
+  fail "the AMQP example printed: $OUTPUT"
+fi
 
 # 3. Three workers on one queue.
 check "--scale worker-cpu=3: three consumers of $NAMESPACE.jobs, each runs jobs"

@@ -79,7 +79,8 @@ have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 
 # Downloads pool file $1 of mirror $3 to $WORK and checks its SHA-256 ($2); prints the local path.
 fetch_deb() {
-  local file="$WORK/$(basename "$1")"
+  local file
+  file="$WORK/$(basename "$1")"
   if [ ! -f "$file" ] || ! echo "$2  $file" | sha256sum -c --quiet - >/dev/null 2>&1; then
     curl -fsS --retry 3 -o "$file.part" "$3/$1"
     echo "$2  $file.part" | sha256sum -c --quiet - || { echo "checksum mismatch: $3/$1" >&2; exit 1; }

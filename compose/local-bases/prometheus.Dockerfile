@@ -8,10 +8,11 @@ FROM ${BASE_IMAGE}
 RUN apt-get update \
     && apt-get install -y --no-install-recommends prometheus wget \
     && rm -rf /var/lib/apt/lists/* \
-    && install -d -o nobody -g nogroup /prometheus
+    && install -d -o 65534 -g 65534 /prometheus
 VOLUME /prometheus
 WORKDIR /prometheus
-USER nobody
+# nobody, as the official image runs; its id is Debian's fixed 65534.
+USER 65534:65534
 EXPOSE 9090
 ENTRYPOINT ["/usr/bin/prometheus"]
 CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]

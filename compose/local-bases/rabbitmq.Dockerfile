@@ -19,6 +19,8 @@ ENV HOME=/var/lib/rabbitmq \
     RABBITMQ_LOGS=- \
     RABBITMQ_CONFIG_FILES=/etc/rabbitmq/conf.d
 VOLUME /var/lib/rabbitmq
+# The package's system user, whose id the package picks when it is installed.
+# hadolint ignore=DL3066
 USER rabbitmq
 EXPOSE 5672 15672
 ENTRYPOINT ["docker-entrypoint.sh"]

@@ -12,6 +12,8 @@ RUN apt-get update \
 COPY --chmod=0755 redis-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 VOLUME /data
 WORKDIR /data
+# The package's system user, whose id the package picks when it is installed.
+# hadolint ignore=DL3066
 USER redis
 EXPOSE 6379
 ENTRYPOINT ["docker-entrypoint.sh"]
