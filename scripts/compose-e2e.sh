@@ -45,7 +45,13 @@ PROMETHEUS="http://$PROMETHEUS_PUBLISH"
 BASE="http://$GATEWAY_PUBLISH"
 NAMESPACE=gptj
 
-compose() { docker compose -f compose/docker-compose.yml -p "$PROJECT" --profile cpu "$@"; }
+COMPOSE_FILES=(-f compose/docker-compose.yml)
+ENGINE="$(docker version -f '{{.Server.Version}}')"
+if [ "${ENGINE%%.*}" -lt 25 ]; then
+  log "Docker Engine $ENGINE: with compose/engine-before-25.yml (no healthcheck start_interval)"
+  COMPOSE_FILES+=(-f compose/engine-before-25.yml)
+fi
+compose() { docker compose "${COMPOSE_FILES[@]}" -p "$PROJECT" --profile cpu "$@"; }
 # The monitoring profile names Grafana too, whose image is not made here: its commands name prometheus.
 compose_monitoring() { compose --profile monitoring "$@"; }
 
@@ -57,7 +63,7 @@ cleanup() {
     compose_monitoring logs --no-color --tail 40 >&2 || true
   fi
   if [ "${KEEP:-0}" = 1 ]; then
-    log "KEEP=1: left running; remove with: docker compose -f compose/docker-compose.yml -p $PROJECT --profile cpu --profile monitoring down -v"
+    log "KEEP=1: left running; remove with: docker compose ${COMPOSE_FILES[*]} -p $PROJECT --profile cpu --profile monitoring down -v"
   else
     compose_monitoring down -v --remove-orphans --timeout 30 >/dev/null 2>&1 || true
   fi
