@@ -78,12 +78,13 @@ ensure_promtool
 COMPOSE="$("$TOOLS/bin/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).with_name("docker-compose"))')"
 "$COMPOSE" version >/dev/null
 
-say "compose: docker compose config (default, --profile cpu, --profile monitoring, one-worker-per-gpu override)"
+say "compose: docker compose config (default, --profile cpu, --profile monitoring, one-worker-per-gpu override, engine-before-25 override)"
 "$COMPOSE" -f compose/docker-compose.yml config --quiet
 "$COMPOSE" -f compose/docker-compose.yml --profile cpu config --quiet
 "$COMPOSE" -f compose/docker-compose.yml --profile monitoring config --quiet
 "$COMPOSE" -f compose/docker-compose.yml --profile gpu --profile monitoring config --quiet
 "$COMPOSE" -f compose/docker-compose.yml -f compose/one-worker-per-gpu.yml config --quiet
+"$COMPOSE" -f compose/docker-compose.yml -f compose/engine-before-25.yml --profile cpu --profile monitoring config --quiet
 
 say "compose + kubernetes + img + monitoring: schemas and the deployment's rules"
 "$TOOLS/bin/python" compose/schema/check_deploy.py --compose "$COMPOSE" --promtool "$PROMTOOL"
