@@ -25,6 +25,13 @@ COPIED = ["compose", "img", "scripts/check-deploy.sh", "scripts/lib.sh", "script
 # (what the case breaks, file, text in it, replacement, text the failure must contain)
 CASES = [
     (
+        "the old-engine override misses a start_interval",
+        "compose/engine-before-25.yml",
+        "  redis:\n    healthcheck:\n      start_interval: !reset null\n",
+        "",
+        "service redis: its healthcheck's start_interval must be reset",
+    ),
+    (
         "a compose key the specification does not have",
         "compose/docker-compose.yml",
         "    stop_grace_period: 35s\n",
