@@ -201,18 +201,22 @@ ensure_local_base() {
   step_done "$name"
 }
 
-# docker build of a project Dockerfile without its `# syntax=` line (see the header); the context is the
-# repository root as in the compose file.
+# docker build NAME: a project Dockerfile ($1) without its `# syntax=` line (see the header), the context
+# the repository root as in the compose file; the log goes to $WORK/build-NAME.log (its end is printed when
+# the build fails) and a line with the time taken to stderr.
 build_project() {
-  local dockerfile="$1" status
-  shift
-  # The log without cargo's and pip's per-crate and per-file lines.
+  local dockerfile="$1" name="$2" started=$SECONDS status
+  shift 2
   set +e
-  sed '1{/^# syntax=/d}' "$dockerfile" | docker build --progress=plain -f - "$@" . 2>&1 \
-    | grep -vE '^#[0-9]+ [0-9.]+ +(Compiling|Downloaded|Downloading|Fresh) '
+  sed '1{/^# syntax=/d}' "$dockerfile" | docker build --progress=plain -f - "$@" . >"$WORK/build-$name.log" 2>&1
   status=("${PIPESTATUS[@]}")
   set -e
-  [ "${status[1]}" = 0 ] || { echo "docker build -f $dockerfile $* failed" >&2; exit 1; }
+  if [ "${status[1]}" != 0 ]; then
+    grep -vE '^#[0-9]+ [0-9.]+ +(Compiling|Downloaded|Downloading|Fresh) ' "$WORK/build-$name.log" | tail -40 >&2
+    echo "$name: docker build -f $dockerfile $* failed (log: $WORK/build-$name.log)" >&2
+    return 1
+  fi
+  log "$name: built in $((SECONDS - started)) s (log: $WORK/build-$name.log)"
 }
 
 ensure_cli_plugins
@@ -223,10 +227,6 @@ ensure_local_base redis:7.4-alpine redis
 ensure_local_base rabbitmq:4.1-management rabbitmq
 ensure_local_base prom/prometheus:v3.5.0 prometheus
 
-step_start "$GATEWAY_IMAGE: compose/gateway.Dockerfile"
-build_project compose/gateway.Dockerfile -t "$GATEWAY_IMAGE"
-step_done gateway
-
 TORCH_INDEX_URL_CPU="${TORCH_INDEX_URL_CPU:-}"
 if [ -z "$TORCH_INDEX_URL_CPU" ]; then
   if curl -fsS -m 10 -o /dev/null "$CPU_TORCH_INDEX/torch/"; then
@@ -236,18 +236,25 @@ if [ -z "$TORCH_INDEX_URL_CPU" ]; then
     log "$CPU_TORCH_INDEX does not answer: the CPU worker gets PyPI's torch (the CUDA build; it runs on the CPU)"
   fi
 fi
-step_start "$WORKER_CPU_IMAGE: compose/worker.Dockerfile (RUNTIME_IMAGE=ubuntu:24.04, torch from $TORCH_INDEX_URL_CPU)"
-build_project compose/worker.Dockerfile -t "$WORKER_CPU_IMAGE" \
-  --build-arg RUNTIME_IMAGE=ubuntu:24.04 --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL_CPU"
-step_done worker-cpu
+
+# The gateway and the CPU worker build side by side: the worker's downloads (torch and its wheels, GBs)
+# overlap the gateway's compilation.
+log "$GATEWAY_IMAGE (compose/gateway.Dockerfile) and $WORKER_CPU_IMAGE (compose/worker.Dockerfile, RUNTIME_IMAGE=ubuntu:24.04, torch from $TORCH_INDEX_URL_CPU)"
+build_project compose/gateway.Dockerfile gateway -t "$GATEWAY_IMAGE" &
+GATEWAY_BUILD=$!
+build_project compose/worker.Dockerfile worker-cpu -t "$WORKER_CPU_IMAGE" \
+  --build-arg RUNTIME_IMAGE=ubuntu:24.04 --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL_CPU" &
+WORKER_BUILD=$!
+FAILED=0
+wait "$GATEWAY_BUILD" || FAILED=1
+wait "$WORKER_BUILD" || FAILED=1
+[ "$FAILED" = 0 ] || exit 1
 
 if [ "$GPU" = 1 ]; then
   # The GPU image's builder stage as the compose file's `worker` service builds it (PyPI's CUDA torch): the
   # release build and the check that the binary links libtorch_cuda.so. With TORCH_INDEX_URL_CPU on PyPI this
   # is the CPU image's builder stage, already built.
-  step_start "$WORKER_BUILDER_IMAGE: compose/worker.Dockerfile --target builder (GPU defaults)"
-  build_project compose/worker.Dockerfile --target builder -t "$WORKER_BUILDER_IMAGE"
-  step_done worker-builder
+  build_project compose/worker.Dockerfile worker-builder --target builder -t "$WORKER_BUILDER_IMAGE"
 fi
 
 log "images ready in $((SECONDS - START_S)) s"
