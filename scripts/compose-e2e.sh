@@ -10,7 +10,8 @@
 #   4. `down` and `up` again: a finished job's result is still there (Redis' append-only file, volume
 #      redis-data), and a job that was queued when the stack went down runs after it is back (RabbitMQ's
 #      quorum queue, volume rabbitmq-data);
-#   5. the `monitoring` profile's Prometheus scrapes the gateway and every worker replica.
+#   5. the `monitoring` profile's Prometheus scrapes the gateway and every worker replica, and loaded the alert
+#      rules.
 # A compose project of its own (gptj-e2e-PID) on free loopback ports, so it runs beside anything else
 # (scripts/up.sh, the tests' Redis and RabbitMQ); its containers, volumes and network are removed on exit.
 # Without a Docker engine it says so and exits 0 (scripts/test.sh runs it when there is one).
@@ -176,7 +177,9 @@ done
   || fail "Prometheus targets up: $UP_TARGETS (want gateway=1 worker=3)"
 curl -fsS "$PROMETHEUS/api/v1/query" --data-urlencode 'query=count(up{job="worker"} == 1)' \
   | jq -e '.data.result[0].value[1] == "3"' >/dev/null || fail "up{job=\"worker\"} is not 1 for 3 workers"
-log "Prometheus targets up: $UP_TARGETS"
+RULES="$(curl -fsS "$PROMETHEUS/api/v1/rules" | jq '[.data.groups[].rules[]] | length')"
+[ "$RULES" -gt 0 ] || fail "Prometheus loaded no rules of compose/monitoring/alerts.yml"
+log "Prometheus targets up: $UP_TARGETS; $RULES alerting rules loaded"
 
 # 4. Down and up again: results and queued jobs survive.
 check "down and up: a finished result (Redis AOF) and a queued job (RabbitMQ volume) survive"
