@@ -25,7 +25,7 @@ COPIED = ["compose", "img", "scripts/check-deploy.sh", "scripts/lib.sh", "script
 # (what the case breaks, file, text in it, replacement, text the failure must contain)
 CASES = [
     (
-        "the old-engine override misses a start_interval",
+        "an old-engine override that misses a start_interval",
         "compose/engine-before-25.yml",
         "  redis:\n    healthcheck:\n      start_interval: !reset null\n",
         "",
