@@ -8,7 +8,8 @@
 #     only metrics the Rust sources define, and that promtool parses the dashboard's queries;
 #   - compose/k8s/*.yaml: the Kubernetes API schemas of two Kubernetes versions (kubernetes-validate, strict),
 #     KEDA's objects against compose/schema/keda-v1alpha1.json, references between the objects;
-#   - compose/*.Dockerfile: hadolint; this script, img/render.sh, compose/worker-entrypoint.sh: shellcheck;
+#   - compose/*.Dockerfile and compose/local-bases/*.Dockerfile: hadolint; this script, img/render.sh,
+#     compose/worker-entrypoint.sh, scripts/images.sh, scripts/compose-e2e.sh, compose/local-bases/*.sh: shellcheck;
 #   - img/: every diagram source has its rendered SVG and PNG;
 #   - then itself: compose/schema/selftest.py breaks a copy of the files in each way the check claims to
 #     catch and expects it to fail (CHECK_DEPLOY_SELFTEST=0 skips this).
@@ -77,12 +78,13 @@ ensure_promtool
 COMPOSE="$("$TOOLS/bin/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).with_name("docker-compose"))')"
 "$COMPOSE" version >/dev/null
 
-say "compose: docker compose config (default, --profile cpu, --profile monitoring, one-worker-per-gpu override)"
+say "compose: docker compose config (default, --profile cpu, --profile monitoring, one-worker-per-gpu override, engine-before-25 override)"
 "$COMPOSE" -f compose/docker-compose.yml config --quiet
 "$COMPOSE" -f compose/docker-compose.yml --profile cpu config --quiet
 "$COMPOSE" -f compose/docker-compose.yml --profile monitoring config --quiet
 "$COMPOSE" -f compose/docker-compose.yml --profile gpu --profile monitoring config --quiet
 "$COMPOSE" -f compose/docker-compose.yml -f compose/one-worker-per-gpu.yml config --quiet
+"$COMPOSE" -f compose/docker-compose.yml -f compose/engine-before-25.yml --profile cpu --profile monitoring config --quiet
 
 say "compose + kubernetes + img + monitoring: schemas and the deployment's rules"
 "$TOOLS/bin/python" compose/schema/check_deploy.py --compose "$COMPOSE" --promtool "$PROMTOOL"
@@ -113,10 +115,11 @@ for version in "${K8S_VERSIONS[@]}"; do
 done
 
 say "Dockerfiles: hadolint"
-"$TOOLS/bin/hadolint" --config compose/.hadolint.yaml compose/*.Dockerfile
+"$TOOLS/bin/hadolint" --config compose/.hadolint.yaml compose/*.Dockerfile compose/local-bases/*.Dockerfile
 
 say "shell scripts: shellcheck"
-"$TOOLS/bin/shellcheck" -x scripts/check-deploy.sh img/render.sh compose/worker-entrypoint.sh
+"$TOOLS/bin/shellcheck" -x scripts/check-deploy.sh img/render.sh compose/worker-entrypoint.sh \
+  scripts/images.sh scripts/compose-e2e.sh compose/local-bases/*.sh
 
 say "deployment files are valid"
 

@@ -28,3 +28,5 @@ log "schemathesis over every operation of the OpenAPI document"
 scripts/schemathesis.sh
 log "soak under faults, short (scripts/soak.sh; the full one and its figures: docs/reliability.md)"
 SHORT=1 scripts/soak.sh
+log "the compose deployment end to end (scripts/compose-e2e.sh: builds the images, runs the cpu profile; skips without a Docker engine)"
+scripts/compose-e2e.sh

@@ -45,6 +45,8 @@ COMPOSE_DIR = ROOT / "compose"
 K8S_DIR = COMPOSE_DIR / "k8s"
 SCHEMA_DIR = COMPOSE_DIR / "schema"
 COMPOSE_FILES = ["docker-compose.yml", "one-worker-per-gpu.yml"]
+# The override for engines older than 25: checked against the schema, and for resetting every start_interval.
+OLD_ENGINE_FILE = "engine-before-25.yml"
 KEDA_KINDS = {"ScaledObject", "TriggerAuthentication"}
 MONITORING_DIR = COMPOSE_DIR / "monitoring"
 # The crates whose metrics the monitoring files watch, each with the prefix of its metric names. The names are
@@ -128,6 +130,22 @@ def dockerfile_final_user(path: Path) -> str | None:
     return user
 
 
+def check_old_engine_override(schema: dict) -> None:
+    """engine-before-25.yml must reset start_interval in every service whose healthcheck sets it."""
+    path = COMPOSE_DIR / OLD_ENGINE_FILE
+    where = str(path.relative_to(ROOT))
+    if not check(path.is_file(), where, "missing"):
+        return
+    document = yaml.load(path.read_text(), Loader=ComposeLoader)
+    schema_errors(schema, document, where)
+    main = yaml.load((COMPOSE_DIR / "docker-compose.yml").read_text(), Loader=ComposeLoader)
+    overridden = (document or {}).get("services") or {}
+    for name, service in ((main or {}).get("services") or {}).items():
+        if "start_interval" in ((service or {}).get("healthcheck") or {}):
+            reset = "start_interval" in (((overridden.get(name) or {}).get("healthcheck")) or {})
+            check(reset, where, f"service {name}: its healthcheck's start_interval must be reset (!reset null)")
+
+
 def check_compose_source(schema: dict) -> None:
     for name in COMPOSE_FILES:
         path = COMPOSE_DIR / name
@@ -135,6 +153,7 @@ def check_compose_source(schema: dict) -> None:
             continue
         document = yaml.load(path.read_text(), Loader=ComposeLoader)
         schema_errors(schema, document, str(path.relative_to(ROOT)))
+    check_old_engine_override(schema)
     env_file = COMPOSE_DIR / ".env"
     check(
         env_file.is_file() and re.search(r"^COMPOSE_PROFILES=gpu$", env_file.read_text(), re.M) is not None,

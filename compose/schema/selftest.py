@@ -19,10 +19,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # The Rust sources are copied for the metric names the monitoring files must use (check_deploy.py reads them).
-COPIED = ["compose", "img", "scripts/check-deploy.sh", "scripts/lib.sh", "gateway/src", "worker/src"]
+COPIED = ["compose", "img", "scripts/check-deploy.sh", "scripts/lib.sh", "scripts/images.sh",
+          "scripts/compose-e2e.sh", "gateway/src", "worker/src"]
 
 # (what the case breaks, file, text in it, replacement, text the failure must contain)
 CASES = [
+    (
+        "an old-engine override that misses a start_interval",
+        "compose/engine-before-25.yml",
+        "  redis:\n    healthcheck:\n      start_interval: !reset null\n",
+        "",
+        "service redis: its healthcheck's start_interval must be reset",
+    ),
     (
         "a compose key the specification does not have",
         "compose/docker-compose.yml",
