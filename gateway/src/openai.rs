@@ -267,7 +267,7 @@ macro_rules! with_shared_fields {
             /// The lane: `auto` or `default` (the default) interactive, `flex` the batch lane (bulk work, run
             /// in the room interactive jobs leave), `priority` interactive where the key may use it; a key
             /// limited to the batch lane gets `flex` whatever it asks. The answer says which it got.
-            #[schema(value_type = Option<String>, pattern = "^(auto|default|flex|priority)$")]
+            #[schema(value_type = Option<String>, pattern = "^(auto|default|flex|priority|scale)$")]
             service_tier: Option<String>,
             /// Extension: seconds the request is worth waiting for (the header `X-Request-Timeout` says
             /// the same; the shorter wins). Refused at once (503 `deadline_exceeded`) when the queue's

@@ -109,7 +109,7 @@ pub struct JobAccepted {
     params(("Idempotency-Key" = Option<String>, Header, nullable = false, pattern = r"^[!-~][ -~]{0,254}$",
         description = "1 to 255 printable ASCII characters, the first not a space. A resubmission with the same key and body (within \
             `--idempotency-ttl-s`) gets the first job back instead of making a second one"),
-        ("X-Request-Timeout" = Option<f64>, Header, nullable = false,
+        ("X-Request-Timeout" = Option<f64>, Header, nullable = false, exclusive_minimum = 0, maximum = 604800,
         description = "Seconds the job is worth waiting for, as the body's `timeout_s` (the shorter wins)")),
     security((), ("api_key" = []))
 )]
