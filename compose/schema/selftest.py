@@ -110,22 +110,22 @@ CASES = [
     (
         "KEDA counting only ready jobs (busy workers scaled down)",
         "compose/k8s/keda.yaml",
-        'excludeUnacknowledged: "false"',
-        'excludeUnacknowledged: "true"',
+        'queueName: gptj.jobs\n        vhostName: /\n        excludeUnacknowledged: "false"',
+        'queueName: gptj.jobs\n        vhostName: /\n        excludeUnacknowledged: "true"',
         "must count unacknowledged",
     ),
     (
         "KEDA reading the queue over AMQP",
         "compose/k8s/keda.yaml",
-        "        protocol: http\n",
-        "        protocol: amqp\n",
+        "        protocol: http\n        mode: QueueLength\n        # Jobs (waiting",
+        "        protocol: amqp\n        mode: QueueLength\n        # Jobs (waiting",
         "protocol: http",
     ),
     (
         "KEDA watching a queue the workers do not consume",
         "compose/k8s/keda.yaml",
-        "queueName: gptj.jobs",
-        "queueName: gptj.job",
+        "queueName: gptj.jobs\n",
+        "queueName: gptj.job\n",
         "is not the jobs queue",
     ),
     (
@@ -138,8 +138,8 @@ CASES = [
     (
         "KEDA trigger metadata that is not a string",
         "compose/k8s/keda.yaml",
-        'value: "40"',
-        "value: 40",
+        'value: "40"\n        # Wake from zero',
+        'value: 40\n        # Wake from zero',
         "is not of type 'string'",
     ),
     (
