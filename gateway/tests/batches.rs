@@ -218,5 +218,20 @@ async fn a_50000_line_batch_queues_no_more_than_its_slice_and_a_cancel_accounts_
         b["request_counts"],
         json!({"total": LINES, "completed": 0, "failed": LINES})
     );
+    let metrics = env
+        .http
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        r#"gateway_batches_total{status="cancelled"}"#,
+        r#"gateway_batch_requests_total{outcome="failed"}"#,
+    ] {
+        assert!(metrics.contains(series), "{series} in /metrics");
+    }
     env.finish().await;
 }
