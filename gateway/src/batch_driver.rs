@@ -35,6 +35,7 @@ use crate::kv::RedisError;
 use crate::openai::{Head, chat_completion_id, completion_id, service_tier};
 use crate::openai_jobs::{Kind, Meta, answer};
 use crate::store::{JobRecord, Status};
+use crate::telemetry as m;
 
 /// How batches are driven.
 #[derive(Debug, Clone)]
@@ -172,7 +173,8 @@ async fn step(app: &App, id: &str) -> Result<bool, DriveError> {
 async fn fail(app: &App, state: &BatchState, errors: Vec<LineError>) -> Result<bool, DriveError> {
     let errors =
         serde_json::to_string(&errors).map_err(|e| DriveError::Api(ApiError::Internal(e.to_string())))?;
-    app.batches
+    let moved = app
+        .batches
         .transition(
             &state.batch.id,
             &[
@@ -184,6 +186,10 @@ async fn fail(app: &App, state: &BatchState, errors: Vec<LineError>) -> Result<b
             &[("errors", errors)],
         )
         .await?;
+    if moved {
+        tracing::info!(batch = %state.batch.id, "batch failed");
+        metrics::counter!(m::BATCHES, "status" => BatchStatus::Failed.as_str()).increment(1);
+    }
     app.batches.forget_progress(&state.batch.id).await?;
     Ok(true)
 }
@@ -576,6 +582,9 @@ async fn finish(app: &App, state: &BatchState) -> Result<bool, DriveError> {
         .await?;
     if moved {
         tracing::info!(batch = %batch.id, status = ending.status().as_str(), "batch ended");
+        metrics::counter!(m::BATCHES, "status" => ending.status().as_str()).increment(1);
+        metrics::counter!(m::BATCH_REQUESTS, "outcome" => "answered").increment(counts.0);
+        metrics::counter!(m::BATCH_REQUESTS, "outcome" => "failed").increment(counts.1);
     }
     app.batches.forget_progress(&batch.id).await?;
     Ok(true)

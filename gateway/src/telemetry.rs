@@ -32,6 +32,12 @@ pub const BROKER_BLOCKED: &str = "gateway_broker_blocked";
 /// `active_jobs`, `tokens`.
 pub const BOUNDED: &str = "gateway_submissions_bounded_total";
 
+/// Batches that ended, labelled `status`: `completed`, `expired`, `cancelled`, `failed`.
+pub const BATCHES: &str = "gateway_batches_total";
+/// Requests of the batches that ended, labelled `outcome`: `answered` (the output file), `failed` (the
+/// error file: failed, refused, or never run).
+pub const BATCH_REQUESTS: &str = "gateway_batch_requests_total";
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the recorder (once per process) and returns the handle that renders it, or `None` when some

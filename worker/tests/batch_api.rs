@@ -518,3 +518,16 @@ async fn a_batchs_jobs_are_admitted_as_its_owners_within_the_owners_cap_of_activ
     assert_eq!(answered, 6, "{}", gateway.log());
     env.finish().await;
 }
+
+#[tokio::test]
+async fn two_gateway_replicas_drive_a_batch_one_at_a_time_and_it_completes_once() {
+    let mut env = Env::new();
+    let a = gateway_in_process(&mut env, &["--batch-slice", "2"]).await;
+    let b = gateway_in_process(&mut env, &["--batch-slice", "2"]).await;
+    env.spawn_worker(&[]);
+    env.wait_for_consumers(1).await;
+    let id = create_batch(&env, &a, &chat_file(10, |_| 4)).await;
+    let answered = completes_with_every_request_once(&env, &b, &id, 10).await;
+    assert_eq!(answered, 10);
+    env.finish().await;
+}
