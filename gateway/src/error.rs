@@ -279,6 +279,14 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let ApiError::PayloadTooLarge { .. } | ApiError::FileTooLarge { .. } = &self {
+            // The body was refused before its end, so the connection cannot carry another request and the
+            // server closes it. Saying so (RFC 9112 §9.6) keeps a client from sending its next request on
+            // a connection about to close, which it would see fail with no response.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let ApiError::RunTimeout(id) = &self
             && let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{id}"))
         {

@@ -17,14 +17,18 @@ async fn bad_bodies_get_400_413_or_422_naming_the_problem() {
     let gw = env.gateway(&flags).await;
     let http = env.http.clone();
 
-    // Over the body limit: 413.
+    // Over the body limit: 413, and the connection closes (the rest of the body was never read), which the
+    // answer says so that a client does not send its next request on it.
     let big = json!({"prompt": "a".repeat(2000)});
-    let (status, body) = submit(&http, &gw, big).await;
+    let r = http.post(gw.url("/v1/jobs")).json(&big).send().await.unwrap();
+    let connection = r.headers().get("connection").cloned();
+    let (status, body) = json(r).await;
     assert_eq!(
         (status, body["code"].as_str()),
         (413, Some("payload_too_large")),
         "{body}"
     );
+    assert_eq!(connection.as_ref().and_then(|c| c.to_str().ok()), Some("close"));
 
     // Not JSON: 400.
     let r = http

@@ -221,6 +221,9 @@ try:
     check(False, "a file over --max-file-bytes is refused")
 except openai.APIStatusError as e:
     check(e.status_code == 413, f"a file over --max-file-bytes is refused with 413: {e.status_code}")
+    # The upload's rest was never read, so the server closes the connection, and says so: the client's next
+    # request must not go out on it.
+    check(e.response.headers.get("connection") == "close", "the 413 closes its connection and says so")
 check({f.id for f in client.files.list()} == before, "a refused upload leaves no file")
 
 # Deleting a file.
