@@ -69,6 +69,23 @@ pub fn document(served_model_name: &str) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn every_route_that_reads_x_request_timeout_documents_it() {
+        let doc = super::document("gpt-j");
+        for path in ["/v1/jobs", "/v1/completions", "/v1/chat/completions"] {
+            let params = doc["paths"][path]["post"]["parameters"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let header = params
+                .iter()
+                .find(|p| p["name"] == "X-Request-Timeout")
+                .unwrap_or_else(|| panic!("{path}: {params:?}"));
+            assert_eq!(header["in"], "header", "{path}");
+            assert_eq!(header["schema"]["exclusiveMinimum"], 0.0, "{path}: {header}");
+        }
+    }
+
+    #[test]
     fn every_reference_in_the_document_resolves() {
         let doc = super::document("gpt-j");
         assert_eq!(

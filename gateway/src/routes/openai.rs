@@ -44,6 +44,7 @@ use crate::waiters::Interest;
             content((openai::Completion = "application/json"), (ChunkEvent = "text/event-stream"))),
         OpenAiErrors,
     ),
+    params(RequestTimeout),
     security((), ("api_key" = []))
 )]
 pub async fn completions(
@@ -69,6 +70,7 @@ pub async fn completions(
             content((openai::ChatCompletion = "application/json"), (ChunkEvent = "text/event-stream"))),
         OpenAiErrors,
     ),
+    params(RequestTimeout),
     security((), ("api_key" = []))
 )]
 pub async fn chat_completions(
@@ -83,6 +85,16 @@ pub async fn chat_completions(
         timeout_s: crate::deadline::timeout(req.timeout_s(), &headers)?,
     };
     serve(app, caller, jobs, req.stream(), req.stream_usage()).await
+}
+
+/// The header both OpenAI routes read besides the body, for the document.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // documentation only; `crate::deadline::timeout` reads the header
+struct RequestTimeout {
+    /// Seconds the request is worth waiting for, as the body's `timeout_s` (the shorter wins).
+    #[param(rename = "X-Request-Timeout", exclusive_minimum = 0, maximum = 604800)]
+    x_request_timeout: Option<f64>,
 }
 
 /// The errors both OpenAI routes answer, in OpenAI's shape (`{"error": {message, type, param, code}}`).
