@@ -360,6 +360,20 @@ impl BatchStore {
             .await
     }
 
+    /// A batch that has not ended and reads `file`, if there is one: its input must stay until it ends
+    /// (finalization reads it again). Looks through the active batches only, which every live batch is.
+    pub async fn reading(&self, file: &str) -> Result<Option<String>, RedisError> {
+        for id in self.active().await? {
+            if let Some(state) = self.get(&id).await?
+                && !state.batch.status.is_final()
+                && state.batch.input_file_id == file
+            {
+                return Ok(Some(id));
+            }
+        }
+        Ok(None)
+    }
+
     /// Takes batch `id` off the batches to drive.
     pub async fn forget_active(&self, id: &str) -> Result<(), RedisError> {
         let (key, member) = (self.keys.batches_active(), id.to_owned());

@@ -50,6 +50,11 @@ pub enum ApiError {
     NoSuchBatch(String),
     #[error("the file is larger than {limit} bytes, the most a file may hold")]
     FileTooLarge { limit: u64 },
+    #[error(
+        "file {file} is the input of batch {batch}, which has not ended; delete the file once the batch has \
+         ended, or cancel the batch"
+    )]
+    FileInUse { file: String, batch: String },
     #[error("batch {id} is {status}; only a validating or in_progress batch can be cancelled")]
     BatchNotCancellable { id: String, status: &'static str },
     #[error("the model `{0}` does not exist; GET /v1/models lists the one served here")]
@@ -148,7 +153,9 @@ impl ApiError {
             InvalidJobId(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidJobId),
             NotFound | NoSuchFile(_) | NoSuchBatch(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
             FileTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge),
-            BatchNotCancellable { .. } => (StatusCode::CONFLICT, ErrorCode::InvalidParameter),
+            BatchNotCancellable { .. } | FileInUse { .. } => {
+                (StatusCode::CONFLICT, ErrorCode::InvalidParameter)
+            }
             ContextOverflow { .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::ContextOverflow),
             ModelNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::ModelNotFound),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed),

@@ -193,6 +193,16 @@ async fn a_50000_line_batch_queues_no_more_than_its_slice_and_a_cancel_accounts_
         "nothing on the interactive lane"
     );
 
+    // The input file of a batch that has not ended cannot be deleted: the batch still reads it.
+    let input = gw.url(&format!("/v1/files/{}", b["input_file_id"].as_str().unwrap()));
+    let r = env.http.delete(&input).send().await.unwrap();
+    assert_eq!(r.status(), 409);
+    let (_, body) = common::json(r).await;
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains(&id),
+        "the refusal names the batch: {body}"
+    );
+
     let r = env
         .http
         .post(gw.url(&format!("/v1/batches/{id}/cancel")))
@@ -204,6 +214,8 @@ async fn a_50000_line_batch_queues_no_more_than_its_slice_and_a_cancel_accounts_
         b["status"] == "cancelled"
     })
     .await;
+    // Once the batch has ended, its input file can go.
+    assert_eq!(env.http.delete(&input).send().await.unwrap().status(), 200);
     assert!(b["output_file_id"].is_string(), "{b}");
     assert!(content(&env, &gw, &b["output_file_id"]).await.is_empty());
     let errors = content(&env, &gw, &b["error_file_id"]).await;

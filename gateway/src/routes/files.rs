@@ -303,6 +303,7 @@ pub struct FileDeleted {
         (status = 200, description = "The file is gone", body = FileDeleted),
         (status = 401, description = "Missing or invalid API key", body = OpenAiError),
         (status = 404, description = "No such file (or another key's)", body = OpenAiError),
+        (status = 409, description = "The input of a batch that has not ended", body = OpenAiError),
         (status = 429, description = "Rate limited (Retry-After)", body = OpenAiError),
         (status = 503, description = "The file store or Redis unavailable", body = OpenAiError),
     ),
@@ -313,6 +314,22 @@ pub async fn delete(
     Extension(caller): Extension<Caller>,
     Path(file_id): Path<String>,
 ) -> Result<axum::Json<FileDeleted>, ApiError> {
+    // Checked first, so another key learns nothing of a file it cannot see: `get` answers 404 for it.
+    app.files
+        .get(&owner(&caller), &file_id)
+        .await
+        .map_err(|e| ApiError::file(e, &file_id))?;
+    // A batch reads its input file until it ends; without it the batch fails and its finished lines are
+    // lost. (A batch created between this check and the delete can still lose its file so: the check is
+    // not atomic with the delete.)
+    let in_use = app
+        .batches
+        .reading(&file_id)
+        .await
+        .map_err(|e| ApiError::unavailable("redis", e))?;
+    if let Some(batch) = in_use {
+        return Err(ApiError::FileInUse { file: file_id, batch });
+    }
     app.files
         .delete(&owner(&caller), &file_id)
         .await
