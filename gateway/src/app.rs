@@ -8,7 +8,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use shared::reply::now_ms;
 use shared::{JobId, JobRequest, Lane, PromptRules};
 
-use crate::admission::{Admissions, IdempotencyKey, Submission, Verdict};
+use crate::admission::{Admissions, Charge, IdempotencyKey, Submission, Verdict};
 use crate::auth::Caller;
 use crate::broker::{Broker, BrokerError};
 use crate::config::{FailMode, Settings};
@@ -76,6 +76,20 @@ pub struct Accepted {
     pub deadline_ms: Option<u64>,
 }
 
+/// A job admitted and not yet published, with what its publish or its withdrawal needs.
+struct Admitted {
+    accepted: Accepted,
+    decision: Option<Decision>,
+    /// `None` for a replayed `Idempotency-Key`: nothing to publish or take back.
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    body: String,
+    /// What the admission charged; `None` when Redis could not be asked and the fail mode let it through.
+    charge: Option<Charge>,
+}
+
 impl App {
     /// Validates `request`, its prompt under the route's `rules`, for `lane`'s queue; refuses it when the queue is full; checks the client's bounds and writes the
     /// job's `queued` record in one atomic Redis call ([`crate::admission`]), which also keeps the job's
@@ -94,6 +108,68 @@ impl App {
         idempotency_key: Option<&str>,
         lane: Lane,
     ) -> Result<(Accepted, Option<Decision>), ApiError> {
+        let admitted = self
+            .admit(id, request, rules, caller, idempotency_key, lane)
+            .await?;
+        self.publish(admitted, caller).await
+    }
+
+    /// Several jobs of one request (an OpenAI request's `n` choices), admitted whole or not at all: every
+    /// job is admitted before any is published, so a refusal of the k-th (a rate limit, the active-jobs
+    /// cap, the token budget) withdraws the ones admitted before it, records, outbox entries and charges,
+    /// and none of them runs. A broker that refuses a publish part-way (not connected any more) is the
+    /// one case where jobs already published are cancelled instead, as a single job would be refused.
+    pub async fn enqueue_all(
+        &self,
+        jobs: Vec<(JobId, JobRequest)>,
+        rules: &PromptRules,
+        caller: &Caller,
+        lane: Lane,
+    ) -> Result<Vec<(Accepted, Option<Decision>)>, ApiError> {
+        let mut admitted = Vec::with_capacity(jobs.len());
+        for (id, request) in jobs {
+            match self.admit(id, request, rules, caller, None, lane).await {
+                Ok(job) => admitted.push(job),
+                Err(e) => {
+                    for job in admitted {
+                        self.withdraw(job, caller).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut published: Vec<(Accepted, Option<Decision>)> = Vec::with_capacity(admitted.len());
+        let mut rest = admitted.into_iter();
+        while let Some(job) = rest.next() {
+            match self.publish(job, caller).await {
+                Ok(done) => published.push(done),
+                Err(e) => {
+                    for job in rest {
+                        self.withdraw(job, caller).await;
+                    }
+                    for (accepted, _) in &published {
+                        if let Err(e) = self.cancel(accepted.id).await {
+                            tracing::warn!(error = %e, id = %accepted.id, "could not cancel a job of a refused request");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(published)
+    }
+
+    /// Everything [`App::enqueue`] does before the publish: the job validated, bounded, recorded, charged
+    /// and kept in the outbox (or, for a replayed `Idempotency-Key`, the earlier job found).
+    async fn admit(
+        &self,
+        id: JobId,
+        request: JobRequest,
+        rules: &PromptRules,
+        caller: &Caller,
+        idempotency_key: Option<&str>,
+        lane: Lane,
+    ) -> Result<Admitted, ApiError> {
         let mut job = request.into_valid(rules)?;
         // Before the rate limiter: a job that cannot run must not spend the client's budget.
         self.context.check(&job).await?;
@@ -148,7 +224,14 @@ impl App {
         };
         let (decision, charge) = match self.admissions.admit(caller, &submission).await {
             Ok(Verdict::Admitted(decision, charge)) => (Some(decision), Some(charge)),
-            Ok(Verdict::Replay(prior)) => return self.replay(prior).await,
+            Ok(Verdict::Replay(prior)) => {
+                let (accepted, decision) = self.replay(prior).await?;
+                return Ok(Admitted {
+                    accepted,
+                    decision,
+                    pending: None,
+                });
+            }
             Ok(refused) => return Err(refusal(refused)),
             Err(e) => {
                 crate::ratelimit::failed_check(RouteClass::Submit, self.settings.submit_on_error, &e);
@@ -158,18 +241,6 @@ impl App {
                 }
             }
         };
-        if let Err(e) = self.outbox.publish(&self.broker, id, lane, body.as_bytes()).await {
-            if let Some(charge) = charge {
-                let admissions = self.admissions.clone();
-                let caller = caller.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = admissions.refund(&caller, &charge).await {
-                        tracing::warn!(error = %e, %id, "could not give back the admission of an unpublished job");
-                    }
-                });
-            }
-            return Err(ApiError::unavailable("broker", e));
-        }
         let accepted = Accepted {
             id,
             prompt: job.prompt,
@@ -179,7 +250,73 @@ impl App {
             lane,
             deadline_ms: job.deadline_ms,
         };
+        Ok(Admitted {
+            accepted,
+            decision,
+            pending: Some(Pending { body, charge }),
+        })
+    }
+
+    /// Publishes an admitted job through the outbox ([`Outbox::publish`]); a job the broker refused gets
+    /// its charges back and a 503.
+    async fn publish(
+        &self,
+        job: Admitted,
+        caller: &Caller,
+    ) -> Result<(Accepted, Option<Decision>), ApiError> {
+        let Admitted {
+            accepted,
+            decision,
+            pending,
+        } = job;
+        let Some(Pending { body, charge }) = pending else {
+            return Ok((accepted, decision));
+        };
+        let id = accepted.id;
+        if let Err(e) = self
+            .outbox
+            .publish(&self.broker, id, accepted.lane, body.as_bytes())
+            .await
+        {
+            if let Some(charge) = charge {
+                self.refund_later(caller, charge, id);
+            }
+            return Err(ApiError::unavailable("broker", e));
+        }
         Ok((accepted, decision))
+    }
+
+    /// Takes back an admitted job that was never published: its record and outbox entry go (so no sweep
+    /// publishes it), its charges come back. Should Redis fail here, the job is cancelled instead, so
+    /// that the sweep's copy never runs.
+    async fn withdraw(&self, job: Admitted, caller: &Caller) {
+        let Some(Pending { charge, .. }) = job.pending else {
+            return; // a replay: the earlier job is not this request's to take back
+        };
+        let id = job.accepted.id;
+        if let Err(e) = self.outbox.withdraw(id).await {
+            tracing::warn!(error = %e, %id, "could not withdraw an unpublished job; cancelling it");
+            if let Err(e) = self.cancel(id).await {
+                tracing::warn!(error = %e, %id, "could not cancel an unpublished job");
+            }
+        }
+        // Before the refusal is answered, so that the client's retry finds its budget back.
+        if let Some(charge) = charge
+            && let Err(e) = self.admissions.refund(caller, &charge).await
+        {
+            tracing::warn!(error = %e, %id, "could not give back the admission of a withdrawn job");
+        }
+    }
+
+    /// Gives back an admission's charges, off the answer's path.
+    fn refund_later(&self, caller: &Caller, charge: Charge, id: JobId) {
+        let admissions = self.admissions.clone();
+        let caller = caller.clone();
+        tokio::spawn(async move {
+            if let Err(e) = admissions.refund(&caller, &charge).await {
+                tracing::warn!(error = %e, %id, "could not give back the admission of an unpublished job");
+            }
+        });
     }
 
     /// Refuses a submission while the queue holds `--max-queued-jobs`, advising a retry when the workers,

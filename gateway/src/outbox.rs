@@ -192,9 +192,10 @@ impl Outbox {
         self.exec(pipe).await
     }
 
-    /// The broker refused the job for sure: its record and its entry go together, so that no sweep
-    /// publishes a job whose client was told it was not taken.
-    async fn withdraw(&self, id: JobId) -> Result<(), RedisError> {
+    /// The job will not be published (the broker refused it for sure, or the request it belongs to was
+    /// refused before its publish): its record and its entry go together, so that no sweep publishes a job
+    /// whose client was told it was not taken.
+    pub async fn withdraw(&self, id: JobId) -> Result<(), RedisError> {
         let mut pipe = self.forget(id);
         pipe.del(self.keys.job(id)).ignore();
         self.exec(pipe).await

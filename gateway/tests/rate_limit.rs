@@ -264,3 +264,35 @@ async fn wrong_keys_are_rate_limited_per_address_so_they_cannot_be_guessed_at_sp
     );
     env.finish().await;
 }
+
+/// An OpenAI request's `n` choices are admitted whole or not at all: with room for two jobs, a request for
+/// three is refused, none of its choices reaches the queue (none can run), and the two it was charged
+/// for before the refusal are given back, so the client's next two jobs pass.
+#[tokio::test]
+async fn an_openai_request_is_admitted_whole_or_not_at_all() {
+    let mut env = TestEnv::new();
+    let gw = env
+        .gateway(&["--submit-rate-limit", "2/60s", "--served-model-name", "gpt-j"])
+        .await;
+    let r = env
+        .http
+        .post(gw.url("/v1/completions"))
+        .json(&json!({"model": "gpt-j", "prompt": "Hello", "max_tokens": 2, "n": 3}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    let (_conn, channel) = common::amqp().await;
+    assert_eq!(
+        common::depth(&channel, &env.jobs_queue()).await,
+        0,
+        "no choice of a refused request was published"
+    );
+    for _ in 0..2 {
+        let (status, body) = submit(&env.http, &gw, json!({"prompt": "x"})).await;
+        assert_eq!(status, 202, "the refused request's charges came back: {body}");
+    }
+    env.finish().await;
+}

@@ -208,25 +208,21 @@ async fn serve(
     let mut prompts = Vec::with_capacity(ids.len());
     let lane = caller.lane(lane);
     let deadline_ms = timeout_s.map(|t| crate::deadline::deadline_ms(now_ms(), t));
-    for (i, (id, mut job)) in ids.iter().zip(jobs).enumerate() {
-        job.deadline_ms = deadline_ms;
-        match app
-            .enqueue(*id, job, &app.settings.prompts.openai, &caller, None, lane)
-            .await
-        {
-            Ok((accepted, d)) => {
-                decision = d.or(decision);
-                prompts.push(accepted.prompt);
-            }
-            Err(e) => {
-                for queued in &ids[..i] {
-                    if let Err(e) = app.cancel(*queued).await {
-                        tracing::warn!(error = %e, id = %queued, "could not cancel a job of a refused request");
-                    }
-                }
-                return Err(e);
-            }
-        }
+    let jobs = ids
+        .iter()
+        .zip(jobs)
+        .map(|(id, mut job)| {
+            job.deadline_ms = deadline_ms;
+            (*id, job)
+        })
+        .collect();
+    // All choices or none: a refusal of one takes back those admitted before it, before any runs.
+    for (accepted, d) in app
+        .enqueue_all(jobs, &app.settings.prompts.openai, &caller, lane)
+        .await?
+    {
+        decision = d.or(decision);
+        prompts.push(accepted.prompt);
     }
     let meta = Meta {
         head: Head {
