@@ -81,6 +81,8 @@ mod tests {
                 .find(|p| p["name"] == "X-Request-Timeout")
                 .unwrap_or_else(|| panic!("{path}: {params:?}"));
             assert_eq!(header["in"], "header", "{path}");
+            // A header is text: it has no null, so the schema must not offer one.
+            assert_eq!(header["schema"]["type"], "number", "{path}: {header}");
             assert_eq!(header["schema"]["exclusiveMinimum"], 0.0, "{path}: {header}");
         }
     }

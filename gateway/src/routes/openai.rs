@@ -93,7 +93,12 @@ pub async fn chat_completions(
 #[allow(dead_code)] // documentation only; `crate::deadline::timeout` reads the header
 struct RequestTimeout {
     /// Seconds the request is worth waiting for, as the body's `timeout_s` (the shorter wins).
-    #[param(rename = "X-Request-Timeout", exclusive_minimum = 0, maximum = 604800)]
+    #[param(
+        rename = "X-Request-Timeout",
+        nullable = false,
+        exclusive_minimum = 0,
+        maximum = 604800
+    )]
     x_request_timeout: Option<f64>,
 }
 
