@@ -392,23 +392,15 @@ pub async fn page_ids(
     ascending: bool,
     after: Option<&str>,
 ) -> Result<Vec<String>, RedisError> {
+    let command = if ascending { "ZRANGE" } else { "ZREVRANGE" };
     let ids: Vec<String> = redis
         .call(|mut c| async move {
-            if ascending {
-                redis::cmd("ZRANGE")
-                    .arg(key)
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut c)
-                    .await
-            } else {
-                redis::cmd("ZREVRANGE")
-                    .arg(key)
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut c)
-                    .await
-            }
+            redis::cmd(command)
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut c)
+                .await
         })
         .await?;
     Ok(match after.and_then(|a| ids.iter().position(|id| id == a)) {

@@ -29,15 +29,7 @@ async fn a_job_asking_for_the_batch_lane_waits_in_the_batch_queue_and_says_so() 
     let (status, plain) = submit(&env.http, &gw, json!({"prompt": "a question"})).await;
     assert_eq!((status, &plain["lane"]), (202, &json!("interactive")), "{plain}");
 
-    let (status, view) = json(
-        env.http
-            .get(gw.url(&format!("/v1/jobs/{id}")))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, 200, "{view}");
+    let view = common::poll(&env, &gw, &id).await;
     assert_eq!(view["lane"], "batch");
     let (_, figures) = json(env.http.get(gw.url("/v1/queue")).send().await.unwrap()).await;
     assert_eq!(figures["depth"], 2, "{figures}");
