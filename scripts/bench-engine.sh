@@ -6,7 +6,9 @@
 # each ratio divides by. Prints one table a run: tokens/s and the ratio to equal lengths, the median decode
 # step split into prefill / selection / forward / cache maintenance, cache copies and device→host readbacks
 # per decode step. Two more rows rerun the equal-length jobs with a JSON Schema each and with logprobs (5
-# alternatives): what structured output and logprobs cost. The tables in docs/benchmarks.md come from here.
+# alternatives): what structured output and logprobs cost. A second table: a 2,000-token prompt joins 32
+# decoding jobs, prefilled 256 tokens a step and then all at once; the running jobs' inter-token latency
+# (one decode step) before it joins and until its first token. The tables in docs/benchmarks.md come from here.
 #
 #   scripts/bench-engine.sh                        # three runs: 256 jobs, batch 64, 64 new tokens a job
 #   RUNS=1 JOBS=128 BATCH=32 TOKENS=32 scripts/bench-engine.sh

@@ -8,6 +8,10 @@
 //! a grammar mask a row every step) and with log-probabilities (each token's and its 5 likeliest
 //! alternatives), so their ratios are what structured output and logprobs cost.
 //!
+//! A second table: a long prompt (2,000 tokens) joins a batch of 32 decoding jobs, prefilled at most
+//! `--join-chunk` tokens a step and then all in one step; it prints the running jobs' inter-token latency
+//! (one decode step each) before the join and during it, so the cost of the bounded chunk shows.
+//!
 //! `cargo run --release -p worker --example bench_engine -- [--jobs 256] [--batch 64] [--tokens 64]`
 //! (scripts/bench-engine.sh runs it three times). Prints one table: tokens per second and the ratio to equal
 //! lengths; the median decode step split into prefill, selection, forward and cache maintenance; cache
@@ -44,6 +48,14 @@ struct Args {
     /// libtorch's intra-op threads (1: per-operation host cost dominates, as on a GPU).
     #[arg(long, default_value_t = 1)]
     threads: i32,
+    /// The long-prompt join: a prompt of this many tokens joins a batch of `--join-running` decoding jobs...
+    #[arg(long, default_value_t = 2000)]
+    join_prompt: usize,
+    #[arg(long, default_value_t = 32)]
+    join_running: usize,
+    /// ... prefilled at most this many tokens a step (`--max-prefill-tokens`), against all at once.
+    #[arg(long, default_value_t = 256)]
+    join_chunk: usize,
 }
 
 /// Stop strings are not used: no text is needed.
@@ -205,12 +217,92 @@ fn run(model: &GptJ, grammars: &Grammars, args: &Args, scenario: Scenario) -> an
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The running jobs' inter-token latency (a decode step emits one token for each) before and while a long
+/// prompt joins: the steps from its submission to its first token.
+struct JoinLatency {
+    before: Vec<f64>,
+    /// Each step's milliseconds and split.
+    during: Vec<(f64, StepProfile)>,
+}
+
+/// `running` greedy jobs decode; after 24 steps a prompt of `prompt` tokens joins, prefilled at most `chunk`
+/// tokens a step.
+fn long_join(model: &GptJ, running: usize, prompt: usize, chunk: usize) -> anyhow::Result<JoinLatency> {
+    let limits = Limits {
+        max_batch_size: running + 1,
+        max_batch_tokens: usize::MAX,
+        join: JoinPolicy {
+            max_prefill_tokens: chunk,
+            ..JoinPolicy::default()
+        },
+    };
+    let mut scheduler = Scheduler::new(model, &NoText, limits);
+    scheduler.set_eos(None);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let vocab = model.info().vocab_size as i64 - 400;
+    let mut request = |id: u64, len: usize, new: u32| -> anyhow::Result<Request> {
+        let plan = GenerationParameters {
+            strategy: Some(Strategy::Greedy),
+            max_new_tokens: Some(new),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        Ok(Request {
+            id,
+            prompt: (0..len).map(|_| rng.random_range(0..vocab)).collect(),
+            plan,
+            grammar: None,
+            lane: shared::Lane::Interactive,
+        })
+    };
+    for id in 0..running as u64 {
+        scheduler
+            .submit(request(id, 16, 1_000)?)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let long = running as u64;
+    let (mut before, mut during) = (Vec::new(), Vec::new());
+    let mut steps = 0;
+    tch::no_grad(|| -> anyhow::Result<()> {
+        loop {
+            if steps == 24 {
+                scheduler
+                    .submit(request(long, prompt, 4)?)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            let started = Instant::now();
+            let events = scheduler.step();
+            let took = ms(started.elapsed());
+            let decoded = scheduler.profile().decoded;
+            steps += 1;
+            let first = events
+                .iter()
+                .any(|e| matches!(e, worker::decoding::Event::Tokens { id, .. } if *id == long));
+            // Steps after every running job joined (the first steps prefill them).
+            if decoded && (4..=24).contains(&steps) {
+                before.push(took);
+            } else if steps > 24 {
+                during.push((took, scheduler.profile()));
+            }
+            if first || steps > 24 + 4 * prompt {
+                return Ok(());
+            }
+        }
+    })?;
+    Ok(JoinLatency { before, during })
+}
+
+fn median(v: Vec<f64>) -> f64 {
+    quantile(v, 0.5)
+}
+
+fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
 fn ms(d: Duration) -> f64 {
@@ -276,6 +368,36 @@ fn main() -> anyhow::Result<()> {
             part(|s| s.maintenance),
             m.steps.iter().map(|s| s.cache_copies).sum::<usize>() as f64 / n,
             m.readbacks as f64 / n,
+        );
+    }
+    println!();
+    println!(
+        "a {}-token prompt joins {} decoding greedy jobs: their inter-token latency (one decode step) before it and until its first token",
+        args.join_prompt, args.join_running
+    );
+    println!(
+        "| max prefill tokens a step | steps to its first token | before p50 ms | before p99 ms | during p50 ms | during max ms | max − before p99 | the max step's prefill ms | its forward ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for chunk in [args.join_chunk, args.join_prompt] {
+        let j = long_join(&model, args.join_running, args.join_prompt, chunk)?;
+        let p99 = quantile(j.before.clone(), 0.99);
+        let (max, split) = j
+            .during
+            .iter()
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map_or((0.0, (0.0, 0.0)), |(t, p)| (*t, (ms(p.prefill), ms(p.forward))));
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            chunk,
+            j.during.len(),
+            median(j.before),
+            p99,
+            median(j.during.iter().map(|d| d.0).collect()),
+            max,
+            max - p99,
+            split.0,
+            split.1,
         );
     }
     Ok(())

@@ -381,39 +381,54 @@ impl SlotCache {
     }
 
     /// Where a step's new keys go in a layer's flattened cache (`[rows * heads * positions, head_dim]`):
-    /// row `r`, head `h`, new token `j` at `(r * heads + h) * positions + starts[r] + j`. The same for every
-    /// layer (they share heads and positions), so a step builds it once per device.
+    /// row `r`'s new token `j`, head `h`, at `(r * heads + h) * positions + starts[r] + j`, in the order of
+    /// the step's new keys, `[tokens, heads, head_dim]`: every place of the `[S, Q]` grid, or a packed
+    /// step's real tokens. The same for every layer (they share heads and positions), so a step builds it
+    /// once per device.
     pub fn write_index(
         &self,
         heads: i64,
-        queries: i64,
-        starts: &[usize],
+        step: &SlotStep,
         device: tch::Device,
     ) -> Result<Tensor, tch::TchError> {
         let positions = self.positions as i64;
-        let mut index = Vec::with_capacity(starts.len() * (heads * queries) as usize);
-        for (r, &start) in starts.iter().enumerate() {
-            for head in 0..heads {
-                let base = (r as i64 * heads + head) * positions + start as i64;
-                index.extend(base..base + queries);
-            }
+        let q = step.queries();
+        let places: Vec<usize> = match &step.packed {
+            None => (0..step.starts.len() * q).collect(),
+            Some(p) => p.tokens.iter().map(|&g| g as usize).collect(),
+        };
+        let mut index = Vec::with_capacity(places.len() * heads as usize);
+        for g in places {
+            let (r, j) = (g / q, g % q);
+            let at = step.starts[r] as i64 + j as i64;
+            index.extend((0..heads).map(|head| (r as i64 * heads + head) * positions + at));
         }
         Tensor::f_from_slice(&index)?.f_to_device(device)
     }
 
-    /// Writes a step's new keys and values (`[S, H, Q, D]`) of layer `i` in place, where `index`
-    /// ([`SlotCache::write_index`], on the layer's device) says.
+    /// Writes a step's new keys and values of layer `i` in place, where `index` ([`SlotCache::write_index`],
+    /// on the layer's device) says: `[S, Q, H, D]` for a grid step, `[1, T, H, D]` for a packed one (each
+    /// flattens to the index's order).
     pub fn write(&mut self, i: usize, k: &Tensor, v: &Tensor, index: &Tensor) -> Result<(), tch::TchError> {
         let positions = self.positions as i64;
         let (ck, cv) = self.layer(i)?;
-        let [s, h, q, d] = k.size()[..] else {
-            return Err(tch::TchError::Shape(format!("new keys of shape {:?}", k.size())));
+        let [rows, h, _, d] = ck.size()[..] else {
+            return Err(tch::TchError::Shape(format!(
+                "a cache layer of shape {:?}",
+                ck.size()
+            )));
         };
-        let rows = ck.size()[0];
+        if k.size().last() != Some(&d) || k.numel() as i64 != index.numel() as i64 * d {
+            return Err(tch::TchError::Shape(format!(
+                "new keys of shape {:?} for a write index of {}",
+                k.size(),
+                index.numel()
+            )));
+        }
         for (cache, new) in [(ck, k), (cv, v)] {
             // A layer's slice of its contiguous group is contiguous: this view aliases the cache.
             let mut flat = cache.f_view([rows * h * positions, d])?;
-            let _ = flat.f_index_copy_(0, index, &new.f_reshape([s * h * q, d])?.f_to_kind(cache.kind())?)?;
+            let _ = flat.f_index_copy_(0, index, &new.f_reshape([-1, d])?.f_to_kind(cache.kind())?)?;
         }
         Ok(())
     }
@@ -429,25 +444,82 @@ impl SlotCache {
     }
 }
 
-/// One decode step of the running batch: rows `0..S` of a [`SlotCache`], `Q` new tokens per row.
+/// One decode step of the running batch: rows `0..S` of a [`SlotCache`], up to `Q` new tokens per row.
+///
+/// Rows feed one token each, except a contrastive search row, which feeds its `top_k` candidates. When rows
+/// feed different numbers of tokens the step is packed: only the `T` real tokens go through the model's
+/// projections and MLP, and attention alone sees them laid out on the `[S, Q]` grid. One contrastive
+/// sequence in a batch of a hundred greedy ones then costs its own `top_k` tokens, not `top_k` for every row.
 #[derive(Debug)]
 pub struct SlotStep {
-    /// `[S, Q]` int64.
+    /// `[S, Q]` int64; packed, `[1, T]`: the real tokens in grid order.
     pub ids: Tensor,
-    /// `[S, Q]` int64: each new token's position in its own sequence.
+    /// Each new token's position in its own sequence, shaped as `ids`.
     pub positions: Tensor,
-    /// Where row `r`'s `Q` new keys are written: positions `starts[r]..starts[r] + Q`.
+    /// Where row `r`'s new keys are written: positions `starts[r]..starts[r] + Q`.
     pub starts: Vec<usize>,
-    /// `[S, Q, K]` bool: which of the first `K = max(starts) + Q` positions each query sees; `None` when every
-    /// query sees all `K` (one row, one token).
+    /// `[S, Q, K]` bool: which of the first `K = max(starts) + Q` positions each grid query sees; `None`
+    /// when every query sees all `K` (one row, one token).
     pub visible: Option<Tensor>,
+    /// The grid of a packed step; `None` when every grid place is a real token.
+    pub packed: Option<Packed>,
+}
+
+/// Where a packed step's real tokens lie on its `[S, Q]` grid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packed {
+    /// The grid's width `Q`.
+    pub queries: usize,
+    /// Each real token's place `r * Q + j` on the grid, in order.
+    pub tokens: Vec<i64>,
+    /// Each grid place's real token (an index into `tokens`); a padding place takes its row's first token,
+    /// so its query stays finite, and nothing reads its output.
+    pub grid: Vec<i64>,
+}
+
+impl Packed {
+    /// The packing of rows feeding `queries[r]` tokens each, or `None` when they all feed the same number.
+    pub fn of(queries: &[usize]) -> Option<Packed> {
+        let q = queries.iter().copied().max().unwrap_or(1);
+        if queries.iter().all(|&n| n == q) {
+            return None;
+        }
+        let mut tokens = Vec::with_capacity(queries.iter().sum());
+        let mut grid = Vec::with_capacity(queries.len() * q);
+        for (r, &n) in queries.iter().enumerate() {
+            let first = tokens.len() as i64;
+            tokens.extend((0..n).map(|j| (r * q + j) as i64));
+            grid.extend((0..q).map(|j| if j < n { first + j as i64 } else { first }));
+        }
+        Some(Packed {
+            queries: q,
+            tokens,
+            grid,
+        })
+    }
 }
 
 impl SlotStep {
+    /// Grid width `Q`: the most tokens a row feeds.
+    pub fn queries(&self) -> usize {
+        match &self.packed {
+            Some(p) => p.queries,
+            None => self.ids.size().get(1).copied().unwrap_or(1) as usize,
+        }
+    }
+
     /// Positions the step's attention covers.
     pub fn keys(&self) -> usize {
-        let q = self.ids.size().get(1).copied().unwrap_or(1) as usize;
-        self.starts.iter().copied().max().unwrap_or(0) + q
+        self.starts.iter().copied().max().unwrap_or(0) + self.queries()
+    }
+
+    /// Where row `r`'s query `j` lies in the pass's outputs (`[S * Q]` flattened, or `[T]` packed).
+    pub fn output_index(&self, r: usize, j: usize) -> usize {
+        let q = self.queries();
+        match &self.packed {
+            None => r * q + j,
+            Some(p) => p.grid[r * q + j] as usize,
+        }
     }
 }
 
@@ -514,5 +586,50 @@ pub trait CausalLm {
     fn head(&self, hidden: &Tensor) -> Result<Tensor, tch::TchError> {
         let _ = hidden;
         Err(tch::TchError::Kind("this model has no separate head".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_feeding_as_many_tokens_as_each_other_are_not_packed() {
+        assert_eq!(Packed::of(&[1, 1, 1]), None);
+        assert_eq!(Packed::of(&[4, 4]), None);
+    }
+
+    #[test]
+    fn a_packed_step_lays_its_real_tokens_on_the_grid_and_pads_with_each_rows_first() {
+        // Rows feeding 1, 3 and 1 tokens: a grid 3 wide, 5 real tokens.
+        let p = Packed::of(&[1, 3, 1]).expect("packed");
+        assert_eq!(p.queries, 3);
+        assert_eq!(p.tokens, vec![0, 3, 4, 5, 6]);
+        assert_eq!(p.grid, vec![0, 0, 0, 1, 2, 3, 4, 4, 4]);
+        // Every real token's grid place maps back to it.
+        for (t, &g) in p.tokens.iter().enumerate() {
+            assert_eq!(p.grid[g as usize], t as i64);
+        }
+    }
+
+    #[test]
+    fn the_write_index_of_a_packed_step_covers_its_real_tokens_only() {
+        let mut cache = SlotCache::new(1);
+        let mut like = KvCache::new(1);
+        let k = Tensor::zeros([1, 2, 1, 3], (Kind::Float, Device::Cpu));
+        like.set_layer(0, k.shallow_clone(), k);
+        cache.reserve(3, 10, 0, 0, &like).expect("reserved");
+        let packed = Packed::of(&[1, 3, 1]).expect("packed");
+        let step = SlotStep {
+            ids: Tensor::zeros([1, 5], (Kind::Int64, Device::Cpu)),
+            positions: Tensor::zeros([1, 5], (Kind::Int64, Device::Cpu)),
+            starts: vec![2, 5, 7],
+            visible: None,
+            packed: Some(packed),
+        };
+        let index: Vec<i64> =
+            Vec::try_from(cache.write_index(2, &step, Device::Cpu).expect("index")).expect("ints");
+        // (row * heads + head) * positions + start + j, token by token, head by head.
+        assert_eq!(index, vec![2, 12, 25, 35, 26, 36, 27, 37, 47, 57]);
     }
 }

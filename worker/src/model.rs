@@ -105,12 +105,37 @@ enum Past<'a> {
     /// The running batch's slots: new keys written in place at each row's start.
     Slots {
         cache: &'a mut SlotCache,
-        starts: &'a [usize],
-        /// Positions attended to: `max(starts) + seq`.
+        step: &'a SlotStep,
+        /// Positions attended to: `max(starts) + Q`.
         keys: i64,
-        /// The write index per device, built by the first block there.
-        index: Vec<(Device, Tensor)>,
+        /// The step's indexes on each device, built before the first layer.
+        index: Vec<(Device, SlotIndex)>,
     },
+}
+
+/// A slot step's indexes on one device.
+struct SlotIndex {
+    /// Where the new keys go ([`SlotCache::write_index`]).
+    write: Tensor,
+    /// A packed step's `(grid, tokens)` ([`crate::lm::Packed`]): from real tokens to the attention's grid
+    /// and back.
+    packed: Option<(Tensor, Tensor)>,
+}
+
+impl SlotIndex {
+    fn new(cache: &SlotCache, heads: i64, step: &SlotStep, device: Device) -> Result<Self, TchError> {
+        let packed = match &step.packed {
+            Some(p) => Some((
+                Tensor::f_from_slice(&p.grid)?.f_to_device(device)?,
+                Tensor::f_from_slice(&p.tokens)?.f_to_device(device)?,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            write: cache.write_index(heads, step, device)?,
+            packed,
+        })
+    }
 }
 
 impl Past<'_> {
@@ -332,9 +357,20 @@ impl GptJ {
         logits: Logits,
         output_hidden: bool,
     ) -> Result<StepOutput, TchError> {
-        let (batch, seq) = step.ids.size2()?;
+        let (batch, seq) = (step.starts.len() as i64, step.queries() as i64);
         let keys = step.keys() as i64;
-        if step.starts.len() as i64 != batch || batch as usize > cache.rows() {
+        let expected = match &step.packed {
+            Some(p) => vec![1, p.tokens.len() as i64],
+            None => vec![batch, seq],
+        };
+        if step.ids.size() != expected || step.positions.size() != expected {
+            return Err(TchError::Shape(format!(
+                "a step's ids {:?} and positions {:?}, expected {expected:?}",
+                step.ids.size(),
+                step.positions.size()
+            )));
+        }
+        if batch as usize > cache.rows() {
             return Err(TchError::Shape(format!(
                 "a step of {batch} rows ({} starts) over a slot cache of {} rows",
                 step.starts.len(),
@@ -361,7 +397,7 @@ impl GptJ {
         };
         let past = Past::Slots {
             cache,
-            starts: &step.starts,
+            step,
             keys,
             index: Vec::new(),
         };
@@ -426,12 +462,12 @@ impl GptJ {
             }
         }
         if let Past::Slots {
-            cache, starts, index, ..
+            cache, step, index, ..
         } = &mut past_kv
         {
             let nh = self.cfg.n_head as i64;
             for d in &per_device {
-                index.push((d.device, cache.write_index(nh, seq, starts, d.device)?));
+                index.push((d.device, SlotIndex::new(cache, nh, step, d.device)?));
             }
         }
         let mut h = Tensor::f_embedding(
@@ -572,46 +608,67 @@ impl GptJ {
         let rotated = qk_rot.f_mul(&inputs.cos)?.f_add(&swapped.f_mul(&inputs.sin)?)?;
         qk_rot.f_copy_(&rotated)?;
 
-        let q = qkv.f_select(2, 0)?.f_permute([0, 2, 1, 3])?;
-        let k = qkv.f_select(2, 1)?.f_permute([0, 2, 1, 3])?;
-        let v = qkv.f_select(2, 2)?.f_permute([0, 2, 1, 3])?;
-        let (k, v) = match past_kv {
+        let scale = 1.0 / (hd as f64).sqrt();
+        let attn = match past_kv {
             Past::Concat(cache) => {
+                let q = qkv.f_select(2, 0)?.f_permute([0, 2, 1, 3])?;
+                let k = qkv.f_select(2, 1)?.f_permute([0, 2, 1, 3])?;
+                let v = qkv.f_select(2, 2)?.f_permute([0, 2, 1, 3])?;
                 let (k, v) = match cache.layer(layer) {
                     Some((pk, pv)) => (Tensor::f_cat(&[pk, &k], 2)?, Tensor::f_cat(&[pv, &v], 2)?),
                     None => (k.f_contiguous()?, v.f_contiguous()?),
                 };
                 cache.set_layer(layer, k.shallow_clone(), v.shallow_clone());
-                (k, v)
+                let mask = inputs.mask.as_ref();
+                let attn =
+                    Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, is_causal, scale, false)?;
+                attn.f_permute([0, 2, 1, 3])?.f_reshape([batch, seq, e])?
             }
             Past::Slots {
                 cache,
-                starts,
+                step,
                 keys,
                 index,
             } => {
                 let at = match index.iter().position(|(d, _)| *d == b.device) {
                     Some(at) => at,
                     None => {
-                        index.push((b.device, cache.write_index(nh, seq, starts, b.device)?));
+                        index.push((b.device, SlotIndex::new(cache, nh, step, b.device)?));
                         index.len() - 1
                     }
                 };
-                cache.write(layer, &k, &v, &index[at].1)?;
-                cache.view(layer, batch as usize, *keys as usize)?
+                let SlotIndex { write, packed } = &index[at].1;
+                // The new keys, `[batch, seq, H, D]`, flatten to the write index's order.
+                cache.write(layer, &qkv.f_select(2, 1)?, &qkv.f_select(2, 2)?, write)?;
+                let (rows, queries) = (step.starts.len() as i64, step.queries() as i64);
+                let (k, v) = cache.view(layer, rows as usize, *keys as usize)?;
+                // Attention runs on the `[S, Q]` grid; a packed step's real tokens are laid out on it.
+                let q = qkv.f_select(2, 0)?;
+                let q = match packed {
+                    None => q,
+                    Some((grid, _)) => q
+                        .f_squeeze_dim(0)?
+                        .f_index_select(0, grid)?
+                        .f_view([rows, queries, nh, hd])?,
+                };
+                let q = q.f_permute([0, 2, 1, 3])?;
+                let mask = inputs.mask.as_ref();
+                let attn =
+                    Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, scale, false)?;
+                let attn = attn.f_permute([0, 2, 1, 3])?.f_reshape([rows * queries, e])?;
+                match packed {
+                    None => attn,
+                    Some((_, tokens)) => attn.f_index_select(0, tokens)?,
+                }
+                .f_view([batch, seq, e])?
             }
         };
-        let attn = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            inputs.mask.as_ref(),
-            0.0,
-            is_causal,
-            1.0 / (hd as f64).sqrt(),
-            false,
-        )?;
-        let attn = attn.f_permute([0, 2, 1, 3])?.f_reshape([batch, seq, e])?;
+        self.block_rest(b, h, &x, &attn)
+    }
+
+    /// A block's attention output projection, its MLP (in parallel, on the same normed input `x`) and the
+    /// residual, from the attention's heads `[batch, seq, n_embd]`.
+    fn block_rest(&self, b: &Block, h: &Tensor, x: &Tensor, attn: &Tensor) -> Result<Tensor, TchError> {
         let attn = attn.f_linear::<&Tensor>(&b.out_w, None)?;
 
         let mlp = x.f_linear(&b.fc_in_w, Some(&b.fc_in_b))?;

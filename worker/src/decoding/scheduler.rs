@@ -5,7 +5,10 @@
 //! allocated over the batch (`max_batch_tokens`); newcomers are prefilled together in one left-padded pass
 //! and their keys copied into free rows of the batch's [`SlotCache`]. Then one forward pass advances every
 //! sequence, whatever its strategy: greedy and sampling rows feed one token, a contrastive row feeds its
-//! `top_k` candidates as queries of its own row, a beam search feeds one token per beam row.
+//! `top_k` candidates as queries of its own row, a beam search feeds one token per beam row. A pass whose
+//! rows feed different numbers of tokens is packed ([`crate::lm::Packed`]): the model's projections and MLP
+//! see only the real tokens, so a contrastive sequence costs its own candidates, not `top_k` queries for
+//! every row of the batch.
 //!
 //! Built for a GPU, where a decode step of a 6B model is ~12 ms and anything that grows with the batch
 //! around it would cost more than the model:
@@ -44,7 +47,7 @@ use super::select::{Row, Selected, select};
 use super::sequence::{Choice, Common, Context};
 use super::stop::TextDecoder;
 use super::tensors::{i64_tensor, to_vec_f32, to_vec_i64};
-use crate::lm::{CausalLm, KvCache, Logits, SlotCache, SlotStep};
+use crate::lm::{CausalLm, KvCache, Logits, Packed, SlotCache, SlotStep};
 use shared::{GenerationPlan, Lane};
 use tch::{Device, Kind, Tensor};
 
@@ -951,6 +954,14 @@ impl<'a> Scheduler<'a> {
         let s = self.rows_used();
         let q = self.queries();
         let keys = self.running.iter().map(|r| r.len).max().unwrap_or(0) + q;
+        // Rows feeding fewer tokens than the widest (one beside a contrastive row's candidates) are packed:
+        // only real tokens run through the model, so one contrastive sequence does not widen every row.
+        let per_row: Vec<usize> = self
+            .running
+            .iter()
+            .flat_map(|r| std::iter::repeat_n(r.machine.queries(), r.machine.rows()))
+            .collect();
+        let packed = Packed::of(&per_row);
         let mut ids = Vec::with_capacity(s * q);
         let mut positions = Vec::with_capacity(s * q);
         let mut starts = Vec::with_capacity(s);
@@ -961,9 +972,13 @@ impl<'a> Scheduler<'a> {
             for row in 0..rows {
                 let r = seq.row0 + row;
                 let mine = &feed[row * queries..(row + 1) * queries];
-                for j in 0..q {
+                // A packed step feeds the real tokens only; a grid step pads a row with its last one.
+                let fed = if packed.is_some() { queries } else { q };
+                for j in 0..fed {
                     ids.push(*mine.get(j).or(mine.last()).unwrap_or(&0));
                     positions.push(len as i64);
+                }
+                for j in 0..q {
                     let v = &mut visible[(r * q + j) * keys..][..keys];
                     v[..len].iter_mut().for_each(|x| *x = true);
                     // Each real query sees its own new key; contrastive candidates do not see each other.
@@ -982,22 +997,25 @@ impl<'a> Scheduler<'a> {
                     .f_view([s as i64, q as i64, keys as i64])?,
             )
         };
+        let (b, t) = if packed.is_some() { (1, ids.len()) } else { (s, q) };
         let step = SlotStep {
-            ids: i64_tensor(&ids, s, q, Device::Cpu)?,
-            positions: i64_tensor(&positions, s, q, Device::Cpu)?,
+            ids: i64_tensor(&ids, b, t, Device::Cpu)?,
+            positions: i64_tensor(&positions, b, t, Device::Cpu)?,
             starts,
             visible,
+            packed,
         };
         let contrastive = self.running.iter().any(|r| r.machine.needs_hidden());
         // With candidates in the pass, the head runs afterwards on the rows that need logits only.
         let late_head = q > 1 && model.separate_head();
         let mode = if late_head { Logits::None } else { Logits::All };
         let out = model.forward_slots(&step, &mut self.cache, mode, contrastive || late_head)?;
+        // Outputs per token, `[S * Q]` or a packed step's `[T]`; `step.output_index` finds a row's.
         let hidden = out
             .hidden
             .map(|h| {
                 let e = h.size().last().copied().unwrap_or(0);
-                h.f_reshape([(s * q) as i64, e])
+                h.f_reshape([-1, e])
             })
             .transpose()?;
 
@@ -1019,7 +1037,7 @@ impl<'a> Scheduler<'a> {
             let mut rows = Vec::with_capacity(contrastive.len() * kmax);
             for &i in &contrastive {
                 let (row0, k) = (self.running[i].row0, self.running[i].machine.queries());
-                rows.extend((0..kmax).map(|j| (row0 * q + j.min(k - 1)) as i64));
+                rows.extend((0..kmax).map(|j| step.output_index(row0, j.min(k - 1)) as i64));
             }
             let rows = Tensor::f_from_slice(&rows)?.f_to_device(hidden.device())?;
             let candidates =
@@ -1064,8 +1082,10 @@ impl<'a> Scheduler<'a> {
         let mut wanted: Vec<i64> = Vec::with_capacity(s);
         for (i, seq) in self.running.iter_mut().enumerate() {
             match &seq.machine {
-                Machine::Contrastive(_) => wanted.push((seq.row0 * q + chosen[i].unwrap_or(0)) as i64),
-                m => wanted.extend((0..m.rows()).map(|b| ((seq.row0 + b) * q) as i64)),
+                Machine::Contrastive(_) => {
+                    wanted.push(step.output_index(seq.row0, chosen[i].unwrap_or(0)) as i64)
+                }
+                m => wanted.extend((0..m.rows()).map(|b| step.output_index(seq.row0 + b, 0) as i64)),
             }
             seq.len += 1;
         }
@@ -1076,7 +1096,7 @@ impl<'a> Scheduler<'a> {
             model.head(&h.f_index_select(0, &wanted_t.f_to_device(h.device())?)?)?
         } else {
             let v = out.logits.size().last().copied().unwrap_or(0);
-            let flat = out.logits.f_reshape([(s * q) as i64, v])?;
+            let flat = out.logits.f_reshape([-1, v])?;
             if q == 1 {
                 // One query a row: every row's logits, in order, are wanted as they are.
                 flat

@@ -48,14 +48,29 @@ pub(crate) enum Selected {
 }
 
 /// Every row's selection from `logits` (`[rows.len(), vocab]`), with one readback.
+///
+/// Sampling rows that all have a top-k draw from a window of their likeliest tokens rather than the whole
+/// vocabulary ([`Window`]); in the rare step where ties make what a row keeps overflow its window, the
+/// selection runs again over the whole vocabulary (a second readback), so the token is the same either way.
 pub(crate) fn select(logits: &Tensor, rows: &[Row<'_>]) -> Result<Vec<Selected>> {
+    match select_with(logits, rows, true)? {
+        Some(selected) => Ok(selected),
+        None => Ok(select_with(logits, rows, false)?.unwrap_or_default()),
+    }
+}
+
+/// [`select`], drawing from windows when `windows` allows; `None` when a window did not hold what its row
+/// keeps.
+fn select_with(logits: &Tensor, rows: &[Row<'_>], windows: bool) -> Result<Option<Vec<Selected>>> {
     if rows.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     }
     let device = logits.device();
     let raw = logits.f_to_kind(Kind::Float)?;
     let scores = process(raw.shallow_clone(), rows)?;
     let greedy = scores.f_argmax(-1, false)?;
+    // Whether each sampling row's window held every token it keeps (when they drew from windows).
+    let mut held: Option<Tensor> = None;
     // Sampling rows are warped and drawn apart from the others: the warpers and the draw cost several
     // passes over the vocabulary, which greedy rows do not need.
     let sampling: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].sample.is_some()).collect();
@@ -65,10 +80,18 @@ pub(crate) fn select(logits: &Tensor, rows: &[Row<'_>]) -> Result<Vec<Selected>>
         let at = Tensor::f_from_slice(&sampling.iter().map(|&i| i as i64).collect::<Vec<_>>())?
             .f_to_device(device)?;
         let subset: Vec<&Row<'_>> = sampling.iter().map(|&i| &rows[i]).collect();
-        let sampled = if sampling.len() == rows.len() {
-            sample(&warp(&scores, &subset)?, &subset)?
+        let mine = if sampling.len() == rows.len() {
+            scores.shallow_clone()
         } else {
-            sample(&warp(&scores.f_index_select(0, &at)?, &subset)?, &subset)?
+            scores.f_index_select(0, &at)?
+        };
+        let (warped, window) = warp(&mine, &subset, windows)?;
+        let sampled = match &window {
+            Some(w) => {
+                held = Some(w.holds.shallow_clone());
+                w.sample(&warped, &subset)?
+            }
+            None => sample(&warped, &subset)?,
         };
         greedy.f_index_copy(0, &at, &sampled)?
     };
@@ -100,7 +123,15 @@ pub(crate) fn select(logits: &Tensor, rows: &[Row<'_>]) -> Result<Vec<Selected>>
     if !scored.is_empty() {
         parts.extend(logprob_parts(&raw, &next, &scored, alternatives)?);
     }
+    let windows = held.as_ref().map_or(0, |h| h.size()[0] as usize);
+    if let Some(h) = &held {
+        parts.push(h.f_to_kind(Kind::Int64)?);
+    }
     let readback = to_vec_i64(&Tensor::f_cat(&parts, 0)?)?;
+    let (readback, held) = readback.split_at(readback.len() - windows);
+    if held.iter().any(|&h| h == 0) {
+        return Ok(None);
+    }
     let (tokens, rest) = readback.split_at(rows.len());
     let (ids, rest) = rest.split_at(contrastive.len() * kmax as usize);
     let mut scores_of = unpack_logprobs(rest, &scored, alternatives, rows.len(), tokens);
@@ -125,7 +156,7 @@ pub(crate) fn select(logits: &Tensor, rows: &[Row<'_>]) -> Result<Vec<Selected>>
             )),
         }
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// The log-probabilities of the `scored` rows' picks (`next`) under the raw distribution (`raw`'s
@@ -260,8 +291,9 @@ fn process(scores: Tensor, rows: &[Row<'_>]) -> Result<Tensor> {
 }
 
 /// Sampling's warpers over sampling rows, in transformers' order: temperature, top-k, top-p, min-p,
-/// typical-p. A row without one of them gets neutral parameters for it and comes out unchanged.
-fn warp(scores: &Tensor, rows: &[&Row<'_>]) -> Result<Tensor> {
+/// typical-p. A row without one of them gets neutral parameters for it and comes out unchanged. When every
+/// row has a top-k (and `windows` allows), also each row's [`Window`].
+fn warp(scores: &Tensor, rows: &[&Row<'_>], windows: bool) -> Result<(Tensor, Option<Window>)> {
     let device = scores.device();
     let vocab = scores.size().last().copied().unwrap_or(1);
     let per_row = |f: &dyn Fn(&Sampler) -> Option<f64>| -> Option<Vec<Option<f64>>> {
@@ -272,6 +304,7 @@ fn warp(scores: &Tensor, rows: &[&Row<'_>]) -> Result<Tensor> {
         Ok(Tensor::f_from_slice(&v)?.f_to_device(device)?.f_view([-1, 1])?)
     };
     let mut s = scores.shallow_clone();
+    let mut window = None;
     if let Some(t) = per_row(&|s| (s.temperature != 1.0).then_some(s.temperature)) {
         s = s.f_div(&column(t.iter().map(|t| t.unwrap_or(1.0) as f32).collect())?)?;
     }
@@ -282,11 +315,24 @@ fn warp(scores: &Tensor, rows: &[&Row<'_>]) -> Result<Tensor> {
             .map(|k| k.map_or(1, |k| (k as i64).clamp(1, vocab)))
             .collect();
         let kmax = ks.iter().copied().max().unwrap_or(1);
-        let (values, _) = s.f_topk(kmax, -1, true, true)?;
+        let width = Window::width(kmax).filter(|&w| windows && w < vocab && k.iter().all(Option::is_some));
+        let (values, ids) = s.f_topk(width.unwrap_or(kmax), -1, true, true)?;
         let at = Tensor::f_from_slice(&ks.iter().map(|k| k - 1).collect::<Vec<i64>>())?
             .f_to_device(device)?
             .f_view([-1, 1])?;
         let kth = values.f_gather(1, &at, false)?;
+        if let Some(w) = width {
+            // Top-k keeps every token scoring at least the k-th: all of them lie in the window unless ties
+            // with the k-th run past its end (a row with fewer than k tokens left keeps only those).
+            let last = values.f_narrow(1, w - 1, 1)?;
+            let holds = last
+                .f_lt_tensor(&kth)?
+                .f_logical_or(&last.f_eq(f64::NEG_INFINITY)?)?;
+            window = Some(Window {
+                holds: holds.f_reshape([-1])?,
+                ids,
+            });
+        }
         let keep_all = column(k.iter().map(|k| if k.is_some() { 0.0 } else { 1.0 }).collect())?.f_gt(0.5)?;
         let kth = kth.f_masked_fill(&keep_all, f64::NEG_INFINITY)?;
         s = s.f_masked_fill(&s.f_lt_tensor(&kth)?, f64::NEG_INFINITY)?;
@@ -308,7 +354,58 @@ fn warp(scores: &Tensor, rows: &[&Row<'_>]) -> Result<Tensor> {
         let uses = column(p.iter().map(|p| if p.is_some() { 1.0 } else { 0.0 }).collect())?.f_gt(0.5)?;
         s = typical.f_where_self(&uses, &s)?;
     }
-    Ok(s)
+    Ok((s, window))
+}
+
+/// The likeliest tokens of each sampling row, wide enough to hold every token its top-k keeps (the later
+/// warpers only remove tokens): the draw's cumulative sum, its comparisons and its search run over this
+/// window instead of the whole vocabulary (128 entries instead of 50,400 for a top-k of 50).
+///
+/// The token is the one [`sample`] draws from the whole vocabulary, bit for bit: the probabilities are the
+/// same softmax's, and a float64 running sum in token order over the tokens with any probability is the
+/// same sum whether or not the tokens without any lie between them (adding zero is exact).
+struct Window {
+    /// `[rows, width]` token ids, most likely first.
+    ids: Tensor,
+    /// `[rows]` bool: the window holds every token the row's top-k keeps. When a row's does not (ties with
+    /// its k-th token beyond the window's end) the step selects again without windows.
+    holds: Tensor,
+}
+
+impl Window {
+    /// The window for a largest top-k of `k` (up to 1,024): a margin of at least 64 for ties.
+    fn width(k: i64) -> Option<i64> {
+        (k <= 1024).then(|| (k + 127) / 64 * 64)
+    }
+
+    /// One token per row, drawn as [`sample`] draws it, from the row's window.
+    fn sample(&self, warped: &Tensor, rows: &[&Row<'_>]) -> Result<Tensor> {
+        let device = warped.device();
+        let width = self.ids.size().last().copied().unwrap_or(1);
+        let probs = warped.f_softmax(-1, Kind::Float)?;
+        // The window in token order, and its probabilities.
+        let (ids, _) = self.ids.f_sort(-1, false)?;
+        let probs = probs.f_gather(1, &ids, false)?;
+        let cumulative = probs.f_cumsum(-1, Kind::Double)?;
+        let total = cumulative.f_narrow(-1, width - 1, 1)?;
+        let target = uniforms(rows, device)?.f_mul(&total)?;
+        let first =
+            cumulative
+                .f_le_tensor(&target)?
+                .f_sum_dim_intlist([-1i64].as_slice(), false, Kind::Int64)?;
+        // Rounding can leave the target at the total: then the last token with any probability.
+        let last_positive = Tensor::f_arange(width, (Kind::Int64, device))?
+            .f_mul(&probs.f_gt(0.0)?)?
+            .f_amax([-1i64].as_slice(), false)?;
+        let at = first.f_minimum(&last_positive)?.f_unsqueeze(1)?;
+        Ok(ids.f_gather(1, &at, false)?.f_reshape([-1])?)
+    }
+}
+
+/// Each row's uniform `[rows, 1]` float64, on `device`.
+fn uniforms(rows: &[&Row<'_>], device: tch::Device) -> Result<Tensor> {
+    let u: Vec<f64> = rows.iter().map(|r| r.sample.map_or(0.0, |(_, u)| u)).collect();
+    Ok(Tensor::f_from_slice(&u)?.f_to_device(device)?.f_view([-1, 1])?)
 }
 
 /// One token per sampling row, drawn from the softmax of its warped scores by inverse CDF.
@@ -318,11 +415,7 @@ fn sample(warped: &Tensor, rows: &[&Row<'_>]) -> Result<Tensor> {
     let probs = warped.f_softmax(-1, Kind::Float)?;
     let cumulative = probs.f_cumsum(-1, Kind::Double)?;
     let total = cumulative.f_narrow(-1, vocab - 1, 1)?;
-    let uniforms: Vec<f64> = rows.iter().map(|r| r.sample.map_or(0.0, |(_, u)| u)).collect();
-    let target = Tensor::f_from_slice(&uniforms)?
-        .f_to_device(device)?
-        .f_view([-1, 1])?
-        .f_mul(&total)?;
+    let target = uniforms(rows, device)?.f_mul(&total)?;
     // The first token whose cumulative mass exceeds the target: the count of those that do not.
     let first = cumulative
         .f_le_tensor(&target)?
@@ -490,6 +583,89 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// Sampling rows that all have a top-k draw from windows of their likeliest tokens, in one readback,
+        /// and pick exactly what the whole-vocabulary host draw picks, whatever the other rows' top-k.
+        #[test]
+        fn rows_drawing_from_windows_pick_what_the_whole_vocabulary_draw_picks(
+            seed in any::<u64>(),
+            rows in prop::collection::vec(
+                (1usize..100, prop::option::of(0.3f64..0.99), prop::option::of(0.01f64..0.5), 0.3f64..2.0, any::<bool>()),
+                1..6,
+            ),
+        ) {
+            let vocab = 400usize;
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            // Coarse logits, so ties are common.
+            let logits: Vec<Vec<f32>> = rows.iter().map(|_| (0..vocab).map(|_| rng.random_range(-40i32..40) as f32 / 8.0).collect()).collect();
+            let p = Processors::default();
+            let samplers: Vec<Option<Sampler>> = rows.iter().map(|&(k, top_p, min_p, t, greedy)| (!greedy).then(|| sampler(Some(k), top_p, min_p, None, t))).collect();
+            let rngs: Vec<ChaCha8Rng> = (0..rows.len()).map(|i| ChaCha8Rng::seed_from_u64(seed ^ i as u64)).collect();
+            let uniforms: Vec<f64> = rngs.iter().map(|r| r.clone().random::<f64>()).collect();
+            let batch: Vec<Row<'_>> = (0..rows.len()).map(|i| Row {
+                history: &[1],
+                generated: 1,
+                processors: &p,
+                sample: samplers[i].as_ref().map(|s| (s, uniforms[i])),
+                candidates: None,
+                mask: None,
+                logprobs: None,
+            }).collect();
+            let flat: Vec<f32> = logits.concat();
+            let before = crate::decoding::readbacks();
+            let picked = tokens(select(&Tensor::from_slice(&flat).view([rows.len() as i64, vocab as i64]), &batch).unwrap());
+            prop_assert_eq!(crate::decoding::readbacks() - before, 1);
+            for i in 0..rows.len() {
+                let want = alone(&logits[i], &[1], 1, &p, samplers[i].as_ref(), &mut rngs[i].clone());
+                prop_assert_eq!(picked[i], want, "row {}", i);
+            }
+        }
+    }
+
+    #[test]
+    fn ties_past_the_window_draw_from_the_whole_vocabulary_and_pick_the_same_token() {
+        // 300 tokens tie for the top: a top-k of 5 keeps all of them, more than a window holds.
+        let vocab = 1000;
+        let logits: Vec<f32> = (0..vocab).map(|i| if i % 3 == 0 { 2.0 } else { -1.0 }).collect();
+        let s = sampler(Some(5), None, None, None, 1.0);
+        let p = Processors::default();
+        let mut drawn = Vec::new();
+        for u in [0.0, 0.3, 0.61, 0.999] {
+            let row = Row {
+                history: &[1],
+                generated: 0,
+                processors: &p,
+                sample: Some((&s, u)),
+                candidates: None,
+                mask: None,
+                logprobs: None,
+            };
+            let t = tokens(select(&Tensor::from_slice(&logits).view([1, -1]), &[row]).unwrap())[0];
+            // The reference: the same uniform through the whole-vocabulary draw.
+            let probs = to_vec_f32(
+                &s.warp(&Tensor::from_slice(&logits).view([1, -1]))
+                    .unwrap()
+                    .softmax(-1, Kind::Float),
+            )
+            .unwrap();
+            let total: f64 = probs.iter().map(|&p| p as f64).sum();
+            let mut acc = 0.0;
+            let want = probs
+                .iter()
+                .position(|&p| {
+                    acc += p as f64;
+                    acc > u * total
+                })
+                .unwrap();
+            assert_eq!(t, want as i64, "at {u}");
+            drawn.push(t);
+        }
+        assert!(
+            drawn.iter().any(|&t| t > 5 * 3),
+            "ties past the first five were drawn: {drawn:?}"
+        );
+    }
+
     #[test]
     fn a_row_without_min_p_comes_out_of_the_warpers_bit_for_bit_as_it_went_in() {
         let logits: Vec<f32> = (0..48).map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.0).collect();
@@ -507,7 +683,7 @@ mod tests {
             logprobs: None,
         };
         let (a, b) = (row(&with), row(&without));
-        let warped = to_vec_f32(&warp(&scores, &[&a, &b]).unwrap()).unwrap();
+        let warped = to_vec_f32(&warp(&scores, &[&a, &b], true).unwrap().0).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&warped[24..]), bits(&logits[24..]));
         let alone = to_vec_f32(&with.warp(&scores.narrow(0, 0, 1)).unwrap()).unwrap();

@@ -170,10 +170,12 @@ impl HashLm {
     /// The slot-cache step: tokens are written where the step says, and each query's history is the tokens
     /// at the positions its `visible` row marks, so a wrong mask, start or position gives other logits.
     fn slots(&self, step: &SlotStep, cache: &mut SlotCache, output_hidden: bool) -> StepOutput {
-        let (s, q) = (step.ids.size()[0], step.ids.size()[1]);
-        let new_k = step.ids.to_kind(Kind::Float).view([s, 1, q, 1]);
-        let new_v = Tensor::ones([s, 1, q, 1], (Kind::Float, Device::Cpu));
-        let index = cache.write_index(1, q, &step.starts, Device::Cpu).expect("index");
+        let (s, q) = (step.starts.len() as i64, step.queries() as i64);
+        // The step's new tokens (the grid's, or a packed step's real ones), written where the step says.
+        let n = step.ids.numel() as i64;
+        let new_k = step.ids.to_kind(Kind::Float).view([n, 1, 1]);
+        let new_v = Tensor::ones([n, 1, 1], (Kind::Float, Device::Cpu));
+        let index = cache.write_index(1, step, Device::Cpu).expect("index");
         cache.write(0, &new_k, &new_v, &index).expect("write");
         let keys = step.keys();
         let (k, _) = cache.view(0, s as usize, keys).expect("view");
@@ -182,7 +184,12 @@ impl HashLm {
             Some(v) => Vec::try_from(v.reshape([-1])).unwrap_or_default(),
             None => vec![true; (s * q) as usize * keys],
         };
-        let positions: Vec<i64> = Vec::try_from(step.positions.reshape([-1])).unwrap_or_default();
+        let given: Vec<i64> = Vec::try_from(step.positions.reshape([-1])).unwrap_or_default();
+        // Each grid place's position; a packed step's padding places take their row's first token's.
+        let positions: Vec<i64> = match &step.packed {
+            None => given,
+            Some(p) => p.grid.iter().map(|&t| given[t as usize]).collect(),
+        };
         let mut out_logits = Vec::new();
         let mut out_hidden = Vec::new();
         for row in 0..s as usize {
@@ -192,19 +199,36 @@ impl HashLm {
                     .filter(|&i| seen[i])
                     .map(|i| tokens[row * keys + i])
                     .collect();
-                assert_eq!(
-                    positions[row * q as usize + j],
-                    history.len() as i64 - 1,
-                    "position ids"
-                );
-                out_logits.extend(self.logits_for(&history));
-                out_hidden.extend(self.hidden_for(&history));
+                let real = step
+                    .packed
+                    .as_ref()
+                    .is_none_or(|p| p.tokens.contains(&((row * q as usize + j) as i64)));
+                if real {
+                    assert_eq!(
+                        positions[row * q as usize + j],
+                        history.len() as i64 - 1,
+                        "position ids"
+                    );
+                }
+                out_logits.push(self.logits_for(&history));
+                out_hidden.push(self.hidden_for(&history));
             }
         }
+        // A packed step's outputs are its real tokens', in order.
+        let places: Vec<usize> = match &step.packed {
+            None => (0..(s * q) as usize).collect(),
+            Some(p) => p.tokens.iter().map(|&g| g as usize).collect(),
+        };
+        let (b, t) = if step.packed.is_some() {
+            (1, places.len() as i64)
+        } else {
+            (s, q)
+        };
+        let pick = |all: &[Vec<f32>]| places.iter().flat_map(|&g| all[g].clone()).collect::<Vec<f32>>();
         StepOutput {
-            logits: Tensor::from_slice(&out_logits).view([s, q, self.info.vocab_size as i64]),
+            logits: Tensor::from_slice(&pick(&out_logits)).view([b, t, self.info.vocab_size as i64]),
             hidden: output_hidden
-                .then(|| Tensor::from_slice(&out_hidden).view([s, q, self.info.n_embd as i64])),
+                .then(|| Tensor::from_slice(&pick(&out_hidden)).view([b, t, self.info.n_embd as i64])),
         }
     }
 }
