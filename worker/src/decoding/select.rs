@@ -562,10 +562,26 @@ mod tests {
             let histories: Vec<Vec<i64>> = rows.iter().map(|_| (0..rng.random_range(1..12)).map(|_| rng.random_range(0..vocab as i64)).collect()).collect();
             let procs: Vec<Processors> = rows.iter().map(|(rep, ngram, min_new, _)| processors(*rep, *ngram, *min_new)).collect();
             let samplers: Vec<Option<Sampler>> = rows.iter().map(|r| r.3.map(|(k, p, min_p, typ, t)| sampler(k, p, min_p, typ, t))).collect();
-            // Each row's generator, twice: one draws the batch's uniform, its twin the reference's.
-            let rngs: Vec<ChaCha8Rng> = (0..rows.len()).map(|i| ChaCha8Rng::seed_from_u64(seed ^ i as u64)).collect();
-            let uniforms: Vec<f64> = rngs.iter().map(|r| r.clone().random::<f64>()).collect();
-            let batch: Vec<Row<'_>> = (0..rows.len()).map(|i| Row {
+            picks_as_alone(seed, &logits, &histories, &procs, &samplers)?;
+        }
+    }
+
+    /// Selects every row of `logits` in one batch, in one readback, and checks that each picks what it picks
+    /// alone through the per-row processors, warpers and host draw.
+    fn picks_as_alone(
+        seed: u64,
+        logits: &[Vec<f32>],
+        histories: &[Vec<i64>],
+        procs: &[Processors],
+        samplers: &[Option<Sampler>],
+    ) -> std::result::Result<(), TestCaseError> {
+        // Each row's generator, twice: one draws the batch's uniform, its twin the reference's.
+        let rngs: Vec<ChaCha8Rng> = (0..logits.len())
+            .map(|i| ChaCha8Rng::seed_from_u64(seed ^ i as u64))
+            .collect();
+        let uniforms: Vec<f64> = rngs.iter().map(|r| r.clone().random::<f64>()).collect();
+        let batch: Vec<Row<'_>> = (0..logits.len())
+            .map(|i| Row {
                 history: &histories[i],
                 generated: 1,
                 processors: &procs[i],
@@ -573,19 +589,29 @@ mod tests {
                 candidates: None,
                 mask: None,
                 logprobs: None,
-            }).collect();
-            let flat: Vec<f32> = logits.concat();
-            let picked = tokens(select(&Tensor::from_slice(&flat).view([rows.len() as i64, vocab as i64]), &batch).unwrap());
-            for i in 0..rows.len() {
-                let want = alone(&logits[i], &histories[i], 1, &procs[i], samplers[i].as_ref(), &mut rngs[i].clone());
-                prop_assert_eq!(picked[i], want, "row {}", i);
-            }
+            })
+            .collect();
+        let flat = Tensor::from_slice(&logits.concat()).view([logits.len() as i64, -1]);
+        let before = crate::decoding::readbacks();
+        let picked = tokens(select(&flat, &batch).unwrap());
+        prop_assert_eq!(crate::decoding::readbacks() - before, 1);
+        for i in 0..logits.len() {
+            let want = alone(
+                &logits[i],
+                &histories[i],
+                1,
+                &procs[i],
+                samplers[i].as_ref(),
+                &mut rngs[i].clone(),
+            );
+            prop_assert_eq!(picked[i], want, "row {}", i);
         }
+        Ok(())
     }
 
     proptest! {
-        /// Sampling rows that all have a top-k draw from windows of their likeliest tokens, in one readback,
-        /// and pick exactly what the whole-vocabulary host draw picks, whatever the other rows' top-k.
+        /// Sampling rows that all have a top-k draw from windows of their likeliest tokens, and pick exactly
+        /// what the whole-vocabulary host draw picks, whatever the other rows' top-k.
         #[test]
         fn rows_drawing_from_windows_pick_what_the_whole_vocabulary_draw_picks(
             seed in any::<u64>(),
@@ -598,27 +624,23 @@ mod tests {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             // Coarse logits, so ties are common.
             let logits: Vec<Vec<f32>> = rows.iter().map(|_| (0..vocab).map(|_| rng.random_range(-40i32..40) as f32 / 8.0).collect()).collect();
-            let p = Processors::default();
+            let histories = vec![vec![1]; rows.len()];
+            let procs = vec![Processors::default(); rows.len()];
             let samplers: Vec<Option<Sampler>> = rows.iter().map(|&(k, top_p, min_p, t, greedy)| (!greedy).then(|| sampler(Some(k), top_p, min_p, None, t))).collect();
-            let rngs: Vec<ChaCha8Rng> = (0..rows.len()).map(|i| ChaCha8Rng::seed_from_u64(seed ^ i as u64)).collect();
-            let uniforms: Vec<f64> = rngs.iter().map(|r| r.clone().random::<f64>()).collect();
-            let batch: Vec<Row<'_>> = (0..rows.len()).map(|i| Row {
-                history: &[1],
-                generated: 1,
-                processors: &p,
-                sample: samplers[i].as_ref().map(|s| (s, uniforms[i])),
-                candidates: None,
-                mask: None,
-                logprobs: None,
-            }).collect();
-            let flat: Vec<f32> = logits.concat();
-            let before = crate::decoding::readbacks();
-            let picked = tokens(select(&Tensor::from_slice(&flat).view([rows.len() as i64, vocab as i64]), &batch).unwrap());
-            prop_assert_eq!(crate::decoding::readbacks() - before, 1);
-            for i in 0..rows.len() {
-                let want = alone(&logits[i], &[1], 1, &p, samplers[i].as_ref(), &mut rngs[i].clone());
-                prop_assert_eq!(picked[i], want, "row {}", i);
-            }
+            picks_as_alone(seed, &logits, &histories, &procs, &samplers)?;
+        }
+    }
+
+    /// A sampling row with no history to speak of, drawing at `u`.
+    fn drawing<'a>(p: &'a Processors, s: &'a Sampler, u: f64) -> Row<'a> {
+        Row {
+            history: &[1],
+            generated: 0,
+            processors: p,
+            sample: Some((s, u)),
+            candidates: None,
+            mask: None,
+            logprobs: None,
         }
     }
 
@@ -631,15 +653,7 @@ mod tests {
         let p = Processors::default();
         let mut drawn = Vec::new();
         for u in [0.0, 0.3, 0.61, 0.999] {
-            let row = Row {
-                history: &[1],
-                generated: 0,
-                processors: &p,
-                sample: Some((&s, u)),
-                candidates: None,
-                mask: None,
-                logprobs: None,
-            };
+            let row = drawing(&p, &s, u);
             let t = tokens(select(&Tensor::from_slice(&logits).view([1, -1]), &[row]).unwrap())[0];
             // The reference: the same uniform through the whole-vocabulary draw.
             let probs = to_vec_f32(
@@ -700,15 +714,7 @@ mod tests {
         let logits = Tensor::from_slice(&[1.0f32, 5.0, 4.0, -1.0]).view([1, -1]);
         let p = Processors::default();
         for u in [0.0, 0.5, 0.999_999_999_999] {
-            let row = Row {
-                history: &[1],
-                generated: 0,
-                processors: &p,
-                sample: Some((&s, u)),
-                candidates: None,
-                mask: None,
-                logprobs: None,
-            };
+            let row = drawing(&p, &s, u);
             let t = tokens(select(&logits, &[row]).unwrap())[0];
             assert!(t == 1 || t == 2, "{t} at {u}");
         }
