@@ -56,6 +56,10 @@ struct Args {
     /// ... prefilled at most this many tokens a step (`--max-prefill-tokens`), against all at once.
     #[arg(long, default_value_t = 256)]
     join_chunk: usize,
+    /// Only the scenarios whose name contains this (the first one run is what the ratios divide by); the
+    /// long-prompt join runs only without it.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 /// Stop strings are not used: no text is needed.
@@ -350,6 +354,9 @@ fn main() -> anyhow::Result<()> {
         Scenario::EqualJson,
         Scenario::EqualLogprobs,
     ] {
+        if args.only.as_ref().is_some_and(|o| !scenario.name().contains(o.as_str())) {
+            continue;
+        }
         let m = run(&model, &grammars, &args, scenario)?;
         let rate = m.tokens as f64 / m.wall.as_secs_f64();
         let base = *reference.get_or_insert(rate);
@@ -369,6 +376,9 @@ fn main() -> anyhow::Result<()> {
             m.steps.iter().map(|s| s.cache_copies).sum::<usize>() as f64 / n,
             m.readbacks as f64 / n,
         );
+    }
+    if args.only.is_some() {
+        return Ok(());
     }
     println!();
     println!(
