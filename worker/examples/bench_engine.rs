@@ -354,7 +354,11 @@ fn main() -> anyhow::Result<()> {
         Scenario::EqualJson,
         Scenario::EqualLogprobs,
     ] {
-        if args.only.as_ref().is_some_and(|o| !scenario.name().contains(o.as_str())) {
+        if args
+            .only
+            .as_ref()
+            .is_some_and(|o| !scenario.name().contains(o.as_str()))
+        {
             continue;
         }
         let m = run(&model, &grammars, &args, scenario)?;
