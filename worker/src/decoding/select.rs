@@ -129,7 +129,7 @@ fn select_with(logits: &Tensor, rows: &[Row<'_>], windows: bool) -> Result<Optio
     }
     let readback = to_vec_i64(&Tensor::f_cat(&parts, 0)?)?;
     let (readback, held) = readback.split_at(readback.len() - windows);
-    if held.iter().any(|&h| h == 0) {
+    if held.contains(&0) {
         return Ok(None);
     }
     let (tokens, rest) = readback.split_at(rows.len());
