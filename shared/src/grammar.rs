@@ -154,12 +154,16 @@ mod compile {
         }
 
         fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
-            // Byte-level BPE encodes any text; bytes that are not UTF-8 cannot come from a grammar's literal.
-            let text = String::from_utf8_lossy(s);
-            self.tokenizer
-                .encode(text.as_ref(), false)
-                .map(|e| e.get_ids().to_vec())
-                .unwrap_or_default()
+            // llguidance also asks for bytes that are not UTF-8: the rest of a character the grammar forces
+            // after its first bytes (a character outside the basic plane, written a byte token at a time).
+            // Text goes through the tokenizer; other bytes through the vocabulary's own tokens, greedily.
+            // (Read lossily, they became U+FFFD tokens that the grammar then refused.)
+            self.trie.tokenize_with_greedy_fallback(s, |text| {
+                self.tokenizer
+                    .encode(text, false)
+                    .map(|e| e.get_ids().to_vec())
+                    .unwrap_or_default()
+            })
         }
     }
 
@@ -279,6 +283,33 @@ mod compile {
         fn ids(text: &str) -> Vec<u32> {
             let tokenizer = tokenizers::Tokenizer::from_bytes(crate::tokens::GPTJ_TOKENIZER_JSON).unwrap();
             tokenizer.encode(text, false).unwrap().get_ids().to_vec()
+        }
+
+        #[test]
+        fn a_character_written_byte_by_byte_is_finished_with_the_bytes_it_still_needs() {
+            // U+76BDD is F1 B6 AF 9D: after its first two bytes the grammar forces the other two, which are
+            // not UTF-8 on their own. The mask must allow them, and only them.
+            let c = compiler();
+            let tokenizer = tokenizers::Tokenizer::from_bytes(crate::tokens::GPTJ_TOKENIZER_JSON).unwrap();
+            let words = token_bytes(&tokenizer).unwrap();
+            let byte = |b: u8| words.iter().position(|w| w.as_slice() == [b]).unwrap() as u32;
+            let mut m = c.compile(&Grammar::Regex("o\u{76BDD}".into())).unwrap();
+            assert!(accepts(&mut m, &[ids("o")[0], byte(0xF1), byte(0xB6)]));
+            let mask = m.compute_mask().unwrap();
+            let allowed: Vec<u32> = (0..50400).filter(|&t| mask.is_allowed(t)).collect();
+            assert!(!allowed.is_empty());
+            for t in allowed {
+                assert!(
+                    words[t as usize].starts_with(&[0xAF]),
+                    "token {t} ({:x?}) allowed",
+                    words[t as usize]
+                );
+            }
+            assert!(accepts(&mut m, &[byte(0xAF), byte(0x9D)]));
+            assert!(
+                m.compute_mask_or_eos().unwrap().is_allowed(50256),
+                "the pattern is complete"
+            );
         }
 
         #[test]

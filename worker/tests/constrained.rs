@@ -215,3 +215,28 @@ fn a_grammar_cut_short_by_the_length_limit_says_length() {
     assert_eq!(f.decoded.tokens.len(), 6);
     assert!(text.starts_with("{\"s\":\""), "{text:?}");
 }
+
+#[test]
+fn a_pattern_of_characters_outside_the_basic_plane_is_written_byte_by_byte() {
+    let t = common::tiny_engine();
+    // What schemathesis sent as a `guided_regex`: characters of four bytes each and a C1 control, which
+    // only byte tokens can write; after a character's first bytes the grammar forces the rest.
+    let pattern = "o\u{76BDD}\u{0096}\u{A243C}\u{4707D}";
+    let mut jobs = vec![Job {
+        prompt: "__main__",
+        params: params(Strategy::Greedy, Some(Grammar::Regex(pattern.into())), 30),
+    }];
+    for seed in 0..3 {
+        let mut p = params(Strategy::Sample, Some(Grammar::Regex(pattern.into())), 30);
+        p.seed = Some(seed);
+        p.top_k = Some(0);
+        jobs.push(Job {
+            prompt: "__main__",
+            params: p,
+        });
+    }
+    for (text, f) in run(&t, &jobs) {
+        assert_eq!(f.decoded.finish_reason, FinishReason::Eos, "{text:?}");
+        assert_eq!(text, pattern);
+    }
+}
