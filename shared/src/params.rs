@@ -500,6 +500,118 @@ fn strategy_name(s: Strategy) -> &'static str {
 mod tests {
     use super::*;
 
+    /// Validates `{"strategy": strategy, field: value}` plus `extra`.
+    fn accepts(strategy: &str, field: &str, value: &serde_json::Value, extra: serde_json::Value) -> bool {
+        let mut body = serde_json::json!({ "strategy": strategy });
+        body[field] = value.clone();
+        if let serde_json::Value::Object(more) = extra {
+            body.as_object_mut().map(|b| b.extend(more));
+        }
+        serde_json::from_value::<GenerationParameters>(body).is_ok_and(|p| p.validate().is_ok())
+    }
+
+    #[test]
+    fn the_schema_states_the_ranges_the_validation_enforces() {
+        let schema = serde_json::to_value(schemars::schema_for!(GenerationParameters)).unwrap();
+        // Each bounded field, the strategy that reads it, and what its bounds need beside it.
+        let fields = [
+            (
+                "max_new_tokens",
+                "greedy",
+                serde_json::json!({ "prompt_logprobs": 0 }),
+            ),
+            (
+                "min_new_tokens",
+                "greedy",
+                serde_json::json!({ "max_new_tokens": MAX_NEW_TOKENS_LIMIT }),
+            ),
+            ("temperature", "sample", serde_json::json!({})),
+            ("top_k", "sample", serde_json::json!({})),
+            ("top_p", "sample", serde_json::json!({})),
+            ("typical_p", "sample", serde_json::json!({})),
+            ("min_p", "sample", serde_json::json!({})),
+            ("repetition_penalty", "greedy", serde_json::json!({})),
+            ("no_repeat_ngram_size", "greedy", serde_json::json!({})),
+            ("penalty_alpha", "contrastive", serde_json::json!({})),
+            ("num_beams", "beam", serde_json::json!({})),
+            ("length_penalty", "beam", serde_json::json!({})),
+            ("logprobs", "greedy", serde_json::json!({})),
+            ("prompt_logprobs", "greedy", serde_json::json!({})),
+        ];
+        for (field, strategy, extra) in fields {
+            let bounds = &schema["properties"][field];
+            let integer = bounds["format"].as_str().is_some_and(|f| f.starts_with("uint"));
+            let step = if integer { 1.0 } else { 1e-9 };
+            let number = |v: f64| {
+                if integer {
+                    serde_json::json!(v as i64)
+                } else {
+                    serde_json::json!(v)
+                }
+            };
+            let max = bounds["maximum"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{field} has a maximum"));
+            assert!(
+                accepts(strategy, field, &number(max), extra.clone()),
+                "{field} at its maximum {max}"
+            );
+            assert!(
+                !accepts(strategy, field, &number(max + step), extra.clone()),
+                "{field} past its maximum"
+            );
+            if let Some(min) = bounds["minimum"].as_f64() {
+                assert!(
+                    accepts(strategy, field, &number(min), extra.clone()),
+                    "{field} at its minimum {min}"
+                );
+                if min > 0.0 || !integer {
+                    assert!(
+                        !accepts(strategy, field, &number(min - step), extra.clone()),
+                        "{field} below its minimum"
+                    );
+                }
+            }
+            if let Some(min) = bounds["exclusiveMinimum"].as_f64() {
+                assert!(
+                    !accepts(strategy, field, &number(min), extra.clone()),
+                    "{field} at its exclusive minimum"
+                );
+                assert!(
+                    accepts(strategy, field, &number(min + step), extra.clone()),
+                    "{field} just above it"
+                );
+            }
+            assert!(
+                bounds["minimum"].is_number() || bounds["exclusiveMinimum"].is_number(),
+                "{field} has a lower bound"
+            );
+        }
+        let stop = &schema["properties"]["stop"];
+        assert_eq!(stop["maxItems"], MAX_STOP_SEQUENCES);
+        assert_eq!(stop["items"]["maxLength"], MAX_STOP_CHARS);
+        let stops = |n: usize, len: usize| serde_json::json!(vec!["x".repeat(len); n]);
+        assert!(accepts(
+            "greedy",
+            "stop",
+            &stops(MAX_STOP_SEQUENCES, MAX_STOP_CHARS),
+            serde_json::json!({})
+        ));
+        assert!(!accepts(
+            "greedy",
+            "stop",
+            &stops(MAX_STOP_SEQUENCES + 1, 1),
+            serde_json::json!({})
+        ));
+        assert!(!accepts(
+            "greedy",
+            "stop",
+            &stops(1, MAX_STOP_CHARS + 1),
+            serde_json::json!({})
+        ));
+        assert!(!accepts("greedy", "stop", &stops(1, 0), serde_json::json!({})));
+    }
+
     #[test]
     fn empty_parameters_mean_contrastive_search_as_the_original_deployed_it() {
         let plan = GenerationParameters::default().validate().unwrap();
