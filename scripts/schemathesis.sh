@@ -135,12 +135,9 @@ EXCUSED = {
         ("idempotency_key_reused", r"", "an Idempotency-Key an earlier request used with another body"),
         ("invalid_parameter", r"has a `prompt` or `messages`, not both",
          "a prompt and messages together: a relation of two fields, which utoipa's derive cannot write"),
-        # shared's GenerationParameters schema (schemars, shared/src/params.rs) states no bounds yet; they
-        # belong there, beside the validation that enforces them, not in a copy here.
-        ("invalid_parameter", r"must be in [\[(]", "a generation parameter out of its range"),
-        ("invalid_parameter", r"invalid value: integer `[0-9]+`, expected u(32|64)",
-         "an integer beyond its type: the schema gives only the format, uint32 or uint64"),
-        ("invalid_parameter", r"`stop`: (at most|each sequence)", "too many or too long stop sequences"),
+        # Every generation parameter's range is in the schema (shared/src/params.rs, beside the validation);
+        # one lower bound is another field's value: 0 new tokens only when the prompt is scored.
+        ("invalid_parameter", r"`max_new_tokens`: must be in \[1,", "max_new_tokens 0 without prompt_logprobs"),
     ],
     "POST /run": CLEANED + INTEGRAL,
     "POST /v1/completions": AS_WRITTEN + INTEGRAL + STRATEGY + GRAMMAR + [

@@ -29,6 +29,15 @@ pub const MAX_TOP_LOGPROBS: u32 = 20;
 pub const DEFAULT_NUM_BEAMS: u32 = 4;
 pub const MAX_STOP_SEQUENCES: usize = 4;
 pub const MAX_STOP_CHARS: usize = 64;
+/// The largest sampling `top_k`.
+pub const MAX_SAMPLE_TOP_K: u32 = 100_000;
+/// Contrastive search's `top_k` range.
+pub const CONTRASTIVE_TOP_K: std::ops::RangeInclusive<u32> = 1..=64;
+pub const MAX_REPETITION_PENALTY: f64 = 10.0;
+pub const MAX_NO_REPEAT_NGRAM_SIZE: u32 = 32;
+pub const MAX_NUM_BEAMS: u32 = 16;
+/// `length_penalty` lies in `[-MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY]`.
+pub const MAX_LENGTH_PENALTY: f64 = 10.0;
 
 /// The decoding strategy a job asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -71,47 +80,60 @@ pub struct GenerationParameters {
     pub do_sample: Option<bool>,
     /// Tokens to generate at most (1..=2048). Default 50.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = MAX_NEW_TOKENS_LIMIT))]
     pub max_new_tokens: Option<u32>,
     /// Tokens to generate before EOS or a stop sequence may end the text (default 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = MAX_NEW_TOKENS_LIMIT))]
     pub min_new_tokens: Option<u32>,
     /// Sampling temperature, > 0 and <= 100 (default 1.0). Sampling only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100.0), extend("exclusiveMinimum" = 0.0))]
     pub temperature: Option<f64>,
     /// Candidates kept: for sampling the top-k filter (0 disables it, default 50); for contrastive
     /// search the candidate count (1..=64, default 4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = MAX_SAMPLE_TOP_K))]
     pub top_k: Option<u32>,
     /// Nucleus sampling mass in (0, 1] (default 1.0, off). Sampling only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1.0), extend("exclusiveMinimum" = 0.0))]
     pub top_p: Option<f64>,
     /// Typical sampling mass in (0, 1] (default 1.0, off). Sampling only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1.0), extend("exclusiveMinimum" = 0.0))]
     pub typical_p: Option<f64>,
     /// Min-p sampling in [0, 1] (default 0, off), as vLLM and transformers define it: tokens less likely
     /// than `min_p` times the likeliest one are removed, after temperature, top-k and top-p. Sampling only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub min_p: Option<f64>,
     /// Penalty > 0 on tokens already present, as CTRL defines it (default 1.0, off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = MAX_REPETITION_PENALTY), extend("exclusiveMinimum" = 0.0))]
     pub repetition_penalty: Option<f64>,
     /// Forbid repeating any n-gram of this size (default 0, off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = MAX_NO_REPEAT_NGRAM_SIZE))]
     pub no_repeat_ngram_size: Option<u32>,
     /// Random seed making sampling reproducible.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Up to 4 strings that end generation when produced (not included in the text).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_STOP_SEQUENCES), inner(length(min = 1, max = MAX_STOP_CHARS)))]
     pub stop: Vec<String>,
     /// Contrastive search degeneration penalty in [0, 1] (default 0.6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub penalty_alpha: Option<f64>,
     /// Beam count for beam search, 1..=16 (default 4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = MAX_NUM_BEAMS))]
     pub num_beams: Option<u32>,
     /// Beam search length penalty exponent (default 1.0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -MAX_LENGTH_PENALTY, max = MAX_LENGTH_PENALTY))]
     pub length_penalty: Option<f64>,
     /// Beam search stops as soon as `num_beams` hypotheses are finished (default false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,10 +146,12 @@ pub struct GenerationParameters {
     /// Return each generated token's log-probability and this many likeliest alternatives (0..=20). Greedy
     /// and sampling only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = MAX_TOP_LOGPROBS))]
     pub logprobs: Option<u32>,
     /// Return each prompt token's log-probability (the first's is null) and this many likeliest
     /// alternatives (0..=20); with it `max_new_tokens` may be 0 (score the prompt, generate nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = MAX_TOP_LOGPROBS))]
     pub prompt_logprobs: Option<u32>,
     /// Generate past the model's end-of-sequence token (vLLM's `ignore_eos`, for benchmarks): the text
     /// ends only at `max_new_tokens` or a stop sequence. Any strategy; default false.
@@ -292,15 +316,22 @@ impl GenerationParameters {
         }
         let repetition_penalty = match self.repetition_penalty {
             None => None,
-            Some(p) => Some(check_range("repetition_penalty", p, true, 0.0, 10.0)?).filter(|p| *p != 1.0),
+            Some(p) => Some(check_range(
+                "repetition_penalty",
+                p,
+                true,
+                0.0,
+                MAX_REPETITION_PENALTY,
+            )?)
+            .filter(|p| *p != 1.0),
         };
         let no_repeat_ngram_size = match self.no_repeat_ngram_size {
             None | Some(0) => None,
-            Some(n) if n <= 32 => Some(n as usize),
+            Some(n) if n <= MAX_NO_REPEAT_NGRAM_SIZE => Some(n as usize),
             Some(n) => {
                 return Err(invalid(
                     "no_repeat_ngram_size",
-                    format!("must be in [0, 32], got {n}"),
+                    format!("must be in [0, {MAX_NO_REPEAT_NGRAM_SIZE}], got {n}"),
                 ));
             }
         };
@@ -374,10 +405,11 @@ impl GenerationParameters {
                     1.0,
                 )?;
                 let top_k = self.top_k.unwrap_or(DEFAULT_CONTRASTIVE_TOP_K);
-                if !(1..=64).contains(&top_k) {
+                if !CONTRASTIVE_TOP_K.contains(&top_k) {
+                    let (lo, hi) = (CONTRASTIVE_TOP_K.start(), CONTRASTIVE_TOP_K.end());
                     return Err(invalid(
                         "top_k",
-                        format!("must be in [1, 64] for contrastive search, got {top_k}"),
+                        format!("must be in [{lo}, {hi}] for contrastive search, got {top_k}"),
                     ));
                 }
                 Decoding::Contrastive {
@@ -389,8 +421,11 @@ impl GenerationParameters {
                 let temperature =
                     check_range("temperature", self.temperature.unwrap_or(1.0), true, 0.0, 100.0)?;
                 let top_k = self.top_k.unwrap_or(DEFAULT_SAMPLE_TOP_K);
-                if top_k > 100_000 {
-                    return Err(invalid("top_k", format!("must be in [0, 100000], got {top_k}")));
+                if top_k > MAX_SAMPLE_TOP_K {
+                    return Err(invalid(
+                        "top_k",
+                        format!("must be in [0, {MAX_SAMPLE_TOP_K}], got {top_k}"),
+                    ));
                 }
                 let top_p = self
                     .top_p
@@ -415,17 +450,19 @@ impl GenerationParameters {
             }
             Strategy::Beam => {
                 let num_beams = self.num_beams.unwrap_or(DEFAULT_NUM_BEAMS);
-                if !(1..=16).contains(&num_beams) {
+                if !(1..=MAX_NUM_BEAMS).contains(&num_beams) {
                     return Err(invalid(
                         "num_beams",
-                        format!("must be in [1, 16], got {num_beams}"),
+                        format!("must be in [1, {MAX_NUM_BEAMS}], got {num_beams}"),
                     ));
                 }
                 let length_penalty = self.length_penalty.unwrap_or(1.0);
-                if !length_penalty.is_finite() || length_penalty.abs() > 10.0 {
+                if !length_penalty.is_finite() || length_penalty.abs() > MAX_LENGTH_PENALTY {
                     return Err(invalid(
                         "length_penalty",
-                        format!("must be in [-10, 10], got {length_penalty}"),
+                        format!(
+                            "must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}], got {length_penalty}"
+                        ),
                     ));
                 }
                 Decoding::Beam {
@@ -462,6 +499,118 @@ fn strategy_name(s: Strategy) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Validates `{"strategy": strategy, field: value}` plus `extra`.
+    fn accepts(strategy: &str, field: &str, value: &serde_json::Value, extra: serde_json::Value) -> bool {
+        let mut body = serde_json::json!({ "strategy": strategy });
+        body[field] = value.clone();
+        if let serde_json::Value::Object(more) = extra {
+            body.as_object_mut().map(|b| b.extend(more));
+        }
+        serde_json::from_value::<GenerationParameters>(body).is_ok_and(|p| p.validate().is_ok())
+    }
+
+    #[test]
+    fn the_schema_states_the_ranges_the_validation_enforces() {
+        let schema = serde_json::to_value(schemars::schema_for!(GenerationParameters)).unwrap();
+        // Each bounded field, the strategy that reads it, and what its bounds need beside it.
+        let fields = [
+            (
+                "max_new_tokens",
+                "greedy",
+                serde_json::json!({ "prompt_logprobs": 0 }),
+            ),
+            (
+                "min_new_tokens",
+                "greedy",
+                serde_json::json!({ "max_new_tokens": MAX_NEW_TOKENS_LIMIT }),
+            ),
+            ("temperature", "sample", serde_json::json!({})),
+            ("top_k", "sample", serde_json::json!({})),
+            ("top_p", "sample", serde_json::json!({})),
+            ("typical_p", "sample", serde_json::json!({})),
+            ("min_p", "sample", serde_json::json!({})),
+            ("repetition_penalty", "greedy", serde_json::json!({})),
+            ("no_repeat_ngram_size", "greedy", serde_json::json!({})),
+            ("penalty_alpha", "contrastive", serde_json::json!({})),
+            ("num_beams", "beam", serde_json::json!({})),
+            ("length_penalty", "beam", serde_json::json!({})),
+            ("logprobs", "greedy", serde_json::json!({})),
+            ("prompt_logprobs", "greedy", serde_json::json!({})),
+        ];
+        for (field, strategy, extra) in fields {
+            let bounds = &schema["properties"][field];
+            let integer = bounds["format"].as_str().is_some_and(|f| f.starts_with("uint"));
+            let step = if integer { 1.0 } else { 1e-9 };
+            let number = |v: f64| {
+                if integer {
+                    serde_json::json!(v as i64)
+                } else {
+                    serde_json::json!(v)
+                }
+            };
+            let max = bounds["maximum"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{field} has a maximum"));
+            assert!(
+                accepts(strategy, field, &number(max), extra.clone()),
+                "{field} at its maximum {max}"
+            );
+            assert!(
+                !accepts(strategy, field, &number(max + step), extra.clone()),
+                "{field} past its maximum"
+            );
+            if let Some(min) = bounds["minimum"].as_f64() {
+                assert!(
+                    accepts(strategy, field, &number(min), extra.clone()),
+                    "{field} at its minimum {min}"
+                );
+                if min > 0.0 || !integer {
+                    assert!(
+                        !accepts(strategy, field, &number(min - step), extra.clone()),
+                        "{field} below its minimum"
+                    );
+                }
+            }
+            if let Some(min) = bounds["exclusiveMinimum"].as_f64() {
+                assert!(
+                    !accepts(strategy, field, &number(min), extra.clone()),
+                    "{field} at its exclusive minimum"
+                );
+                assert!(
+                    accepts(strategy, field, &number(min + step), extra.clone()),
+                    "{field} just above it"
+                );
+            }
+            assert!(
+                bounds["minimum"].is_number() || bounds["exclusiveMinimum"].is_number(),
+                "{field} has a lower bound"
+            );
+        }
+        let stop = &schema["properties"]["stop"];
+        assert_eq!(stop["maxItems"], MAX_STOP_SEQUENCES);
+        assert_eq!(stop["items"]["maxLength"], MAX_STOP_CHARS);
+        let stops = |n: usize, len: usize| serde_json::json!(vec!["x".repeat(len); n]);
+        assert!(accepts(
+            "greedy",
+            "stop",
+            &stops(MAX_STOP_SEQUENCES, MAX_STOP_CHARS),
+            serde_json::json!({})
+        ));
+        assert!(!accepts(
+            "greedy",
+            "stop",
+            &stops(MAX_STOP_SEQUENCES + 1, 1),
+            serde_json::json!({})
+        ));
+        assert!(!accepts(
+            "greedy",
+            "stop",
+            &stops(1, MAX_STOP_CHARS + 1),
+            serde_json::json!({})
+        ));
+        assert!(!accepts("greedy", "stop", &stops(1, 0), serde_json::json!({})));
+    }
 
     #[test]
     fn empty_parameters_mean_contrastive_search_as_the_original_deployed_it() {

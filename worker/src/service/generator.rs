@@ -31,7 +31,7 @@ use shared::{ErrorBody, ErrorCode, GenerationPlan, Lane, TokenLogprob};
 use tokio::sync::{mpsc, oneshot};
 
 use super::health::{self, EngineHealth, Verdict, WatchSettings};
-use super::job::{Completion, FinishedJob, Input, Outcome, Prompt};
+use super::job::{Completion, Input, Outcome, Prompt};
 use super::{metrics, text};
 use crate::decoding::{JoinPolicy, Limits, Stats, StepProfile, TextDecoder};
 use crate::engine::PromptCodec;
@@ -208,7 +208,6 @@ struct InFlight {
     /// Tokens reported so far (for the tokens counter, which counts them as they come).
     reported: usize,
     reply: oneshot::Sender<Outcome>,
-    arrived: Instant,
 }
 
 /// The failure a cancelled job ends with; the service answers it with `job.cancelled`.
@@ -414,7 +413,6 @@ fn run_loop(
                     tokens,
                     reply,
                 } = *req;
-                let arrived = Instant::now();
                 let submitted = health.busy(|| {
                     std::panic::catch_unwind(AssertUnwindSafe(|| batcher.submit(key, prompt, &plan)))
                         .unwrap_or_else(|panic| Err(panicked(&*panic)))
@@ -428,7 +426,6 @@ fn run_loop(
                                 tokens,
                                 reported: 0,
                                 reply,
-                                arrived,
                             },
                         );
                     }
@@ -509,11 +506,7 @@ fn run_loop(
                         metrics::tokens(c.generation.token_ids.len().saturating_sub(job.reported));
                         metrics::job_finished(c);
                     }
-                    let outcome = result.map(|completion| FinishedJob {
-                        completion,
-                        inference_ms: job.arrived.elapsed().as_millis() as u64,
-                    });
-                    deliver(health, job.reply, outcome);
+                    deliver(health, job.reply, result);
                 }
             }
         }
@@ -610,6 +603,7 @@ pub(crate) mod solo {
             },
             time_to_first_token_ms: 0,
             batch_size: 1,
+            inference_ms: 0,
         }
     }
 }
@@ -679,8 +673,8 @@ pub(crate) mod tests {
             .await
             .unwrap();
         let out = run(&engine, "hi").await.unwrap();
-        assert_eq!(out.completion.generation.text, " hi");
-        assert_eq!(out.completion.generation.token_ids.len(), 3);
+        assert_eq!(out.generation.text, " hi");
+        assert_eq!(out.generation.token_ids.len(), 3);
         let engine_thread = seen.lock().unwrap().unwrap();
         assert_ne!(engine_thread, std::thread::current().id());
     }
@@ -801,7 +795,7 @@ pub(crate) mod tests {
         .unwrap();
         // The batch reports ids (the echo's: three 7s); the text the job gets is theirs, decoded here.
         let out = run(&engine, "Hello world").await.unwrap();
-        assert_eq!(out.completion.generation.text, "(((");
+        assert_eq!(out.generation.text, "(((");
         // Six tokens and three new ones do not fit eight positions: refused before the engine thread.
         let err = run(&engine, "one two three four five six").await.unwrap_err();
         assert_eq!(err.code, ErrorCode::ContextOverflow);

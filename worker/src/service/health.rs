@@ -226,10 +226,7 @@ mod tests {
     }
 
     fn succeeded() -> Outcome {
-        Ok(super::super::FinishedJob {
-            completion: super::super::generator::solo::completion(" ok".into(), 1),
-            inference_ms: 1,
-        })
+        Ok(super::super::generator::solo::completion(" ok".into(), 1))
     }
 
     fn health(max_failures: u32, step_timeout_ms: u64) -> EngineHealth {

@@ -44,15 +44,9 @@ pub struct Completion {
     pub time_to_first_token_ms: u64,
     /// The most sequences the running batch held while this job was in it.
     pub batch_size: usize,
-}
-
-/// A job the engine thread finished: its completion and its wall time there (arrival to answer), which the
-/// batch that completed it cannot know.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FinishedJob {
-    pub completion: Completion,
+    /// Reaching the engine to the answer: the job's wall time in the batch, waiting to join included.
     pub inference_ms: u64,
 }
 
 /// The result of one job: text, or the error its `job.failed` reply carries.
-pub type Outcome = Result<FinishedJob, ErrorBody>;
+pub type Outcome = Result<Completion, ErrorBody>;

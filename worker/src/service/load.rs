@@ -89,6 +89,7 @@ impl Batcher for EngineBatch<'_> {
                                 },
                                 time_to_first_token_ms: f.time_to_first_token.as_millis() as u64,
                                 batch_size: f.batch_size,
+                                inference_ms: (f.queued + f.inference).as_millis() as u64,
                             })
                         }
                         Err(e) => Err(decode_error_body(&e)),

@@ -65,7 +65,7 @@ pub use generator::{
     BatchSettings, Batcher, Detokenizer, EngineThread, EngineThreadError, Generator, JobEvent, NewTokens,
 };
 pub use health::{EngineHealth, Unhealthy, WatchSettings};
-pub use job::{Completion, FinishedJob, Input, Outcome, Prompt};
+pub use job::{Completion, Input, Outcome, Prompt};
 pub use stream::StreamSettings;
 
 /// Loads the model on the engine thread and serves until `shutdown` resolves.

@@ -651,30 +651,27 @@ impl Service {
         let worker_id = self.config.worker_id.clone();
         let reply = match outcome {
             Err(error) if error.code == ErrorCode::Cancelled => self.cancelled_reply(id, generated),
-            Ok(finished) => {
-                let c = finished.completion;
-                JobReply::Succeeded(Succeeded {
-                    job_id: id,
-                    worker_id,
-                    prompt: c.prompt.unwrap_or(job.prompt),
-                    new_tokens: c.generation.token_ids.len() as u32,
-                    prompt_tokens: Some(c.generation.prompt_tokens as u32),
-                    text: c.generation.text,
-                    token_ids: c.generation.token_ids,
-                    finish_reason: c.generation.finish_reason,
-                    timings: Timings {
-                        queued_ms: job.submitted_at_ms.map(|t| taken_at_ms.saturating_sub(t)),
-                        prefill_ms: c.generation.prefill_ms,
-                        decode_ms: c.generation.decode_ms,
-                        inference_ms: finished.inference_ms,
-                        time_to_first_token_ms: Some(c.time_to_first_token_ms),
-                    },
-                    batch_size: Some(c.batch_size as u32),
-                    logprobs: c.generation.logprobs,
-                    prompt_logprobs: c.generation.prompt_logprobs,
-                    finished_at_ms: now_ms(),
-                })
-            }
+            Ok(c) => JobReply::Succeeded(Succeeded {
+                job_id: id,
+                worker_id,
+                prompt: c.prompt.unwrap_or(job.prompt),
+                new_tokens: c.generation.token_ids.len() as u32,
+                prompt_tokens: Some(c.generation.prompt_tokens as u32),
+                text: c.generation.text,
+                token_ids: c.generation.token_ids,
+                finish_reason: c.generation.finish_reason,
+                timings: Timings {
+                    queued_ms: job.submitted_at_ms.map(|t| taken_at_ms.saturating_sub(t)),
+                    prefill_ms: c.generation.prefill_ms,
+                    decode_ms: c.generation.decode_ms,
+                    inference_ms: c.inference_ms,
+                    time_to_first_token_ms: Some(c.time_to_first_token_ms),
+                },
+                batch_size: Some(c.batch_size as u32),
+                logprobs: c.generation.logprobs,
+                prompt_logprobs: c.generation.prompt_logprobs,
+                finished_at_ms: now_ms(),
+            }),
             Err(error) => JobReply::Failed(Failed {
                 job_id: Some(id),
                 worker_id,

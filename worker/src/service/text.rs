@@ -92,13 +92,13 @@ pub async fn finish(
 ) -> Outcome {
     let mut finished = outcome?;
     if rendered.is_some() {
-        finished.completion.prompt = rendered;
+        finished.prompt = rendered;
     }
     let Some(codec) = codec else {
         return Ok(finished);
     };
     tokio::task::spawn_blocking(move || {
-        let generation = &mut finished.completion.generation;
+        let generation = &mut finished.generation;
         let ids: Vec<i64> = generation.token_ids.iter().map(|&t| i64::from(t)).collect();
         generation.text = codec.final_text(&ids, generation.finish_reason, &StopChecker::new(&stops));
         finished
@@ -134,7 +134,7 @@ fn panicked(e: &tokio::task::JoinError) -> ErrorBody {
 mod tests {
     use super::*;
     use crate::engine::Generation;
-    use crate::service::job::{Completion, FinishedJob};
+    use crate::service::job::Completion;
     use shared::FinishReason;
     use shared::chat::ChatMessage;
 
@@ -191,22 +191,20 @@ mod tests {
     }
 
     fn finished(token_ids: Vec<u32>, finish_reason: FinishReason) -> Outcome {
-        Ok(FinishedJob {
-            completion: Completion {
-                prompt: None,
-                generation: Generation {
-                    text: String::new(),
-                    token_ids,
-                    finish_reason,
-                    prompt_tokens: 1,
-                    prefill_ms: 0,
-                    decode_ms: 0,
-                    logprobs: None,
-                    prompt_logprobs: None,
-                },
-                time_to_first_token_ms: 0,
-                batch_size: 1,
+        Ok(Completion {
+            prompt: None,
+            generation: Generation {
+                text: String::new(),
+                token_ids,
+                finish_reason,
+                prompt_tokens: 1,
+                prefill_ms: 0,
+                decode_ms: 0,
+                logprobs: None,
+                prompt_logprobs: None,
             },
+            time_to_first_token_ms: 0,
+            batch_size: 1,
             inference_ms: 0,
         })
     }
@@ -219,8 +217,8 @@ mod tests {
         let done = finish(Some(codec(64)), outcome, vec![".".into()], rendered.clone())
             .await
             .unwrap();
-        assert_eq!(done.completion.generation.text, " one, two");
-        assert_eq!(done.completion.prompt, rendered);
+        assert_eq!(done.generation.text, " one, two");
+        assert_eq!(done.prompt, rendered);
 
         let failed = Err(ErrorBody::new(ErrorCode::Cancelled, "x"));
         assert_eq!(
