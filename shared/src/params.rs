@@ -504,8 +504,8 @@ mod tests {
     fn accepts(strategy: &str, field: &str, value: &serde_json::Value, extra: serde_json::Value) -> bool {
         let mut body = serde_json::json!({ "strategy": strategy });
         body[field] = value.clone();
-        if let serde_json::Value::Object(more) = extra {
-            body.as_object_mut().map(|b| b.extend(more));
+        if let (serde_json::Value::Object(more), Some(b)) = (extra, body.as_object_mut()) {
+            b.extend(more);
         }
         serde_json::from_value::<GenerationParameters>(body).is_ok_and(|p| p.validate().is_ok())
     }
