@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use shared::reply::now_ms;
 
 use crate::batch_lines::{Endpoint, LineError};
-use crate::files::List;
+use crate::files::{List, page_ids};
 use crate::keys::Keys;
 use crate::kv::{Redis, RedisError};
 
@@ -342,7 +342,7 @@ impl BatchStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<List<Batch>, RedisError> {
-        let ids = crate::files::page_ids(&self.redis, self.keys.batches(owner), false, after).await?;
+        let ids = page_ids(&self.redis, self.keys.batches(owner), false, after).await?;
         let mut data = Vec::new();
         for id in ids.iter().take(limit + 1) {
             if let Some(state) = self.get(id).await? {
@@ -456,18 +456,7 @@ impl BatchStore {
 
     /// The lines in flight.
     pub async fn in_flight(&self, id: &str) -> Result<Vec<InFlight>, RedisError> {
-        let key = self.keys.batch_inflight(id);
-        let members: Vec<String> = self
-            .redis
-            .call(|mut c| async move {
-                redis::cmd("ZRANGE")
-                    .arg(key)
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
+        let members = page_ids(&self.redis, self.keys.batch_inflight(id), true, None).await?;
         members
             .iter()
             .map(|m| {

@@ -384,8 +384,8 @@ impl FileStore {
     }
 }
 
-/// The ids of a sorted set by creation time, in the order asked, from just after `after` on (from the start
-/// when `after` is not in it).
+/// The members of a sorted set in score order (a listing's ids by creation time, a batch's lines in flight),
+/// ascending or descending, from just after `after` on (from the start when `after` is not in it).
 pub async fn page_ids(
     redis: &Redis,
     key: String,

@@ -133,8 +133,6 @@ fn panicked(e: &tokio::task::JoinError) -> ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Generation;
-    use crate::service::job::Completion;
     use shared::FinishReason;
     use shared::chat::ChatMessage;
 
@@ -191,22 +189,10 @@ mod tests {
     }
 
     fn finished(token_ids: Vec<u32>, finish_reason: FinishReason) -> Outcome {
-        Ok(Completion {
-            prompt: None,
-            generation: Generation {
-                text: String::new(),
-                token_ids,
-                finish_reason,
-                prompt_tokens: 1,
-                prefill_ms: 0,
-                decode_ms: 0,
-                logprobs: None,
-                prompt_logprobs: None,
-            },
-            time_to_first_token_ms: 0,
-            batch_size: 1,
-            inference_ms: 0,
-        })
+        let mut c = crate::service::generator::solo::completion(String::new(), 0);
+        c.generation.token_ids = token_ids;
+        c.generation.finish_reason = finish_reason;
+        Ok(c)
     }
 
     #[tokio::test]
