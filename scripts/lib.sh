@@ -26,6 +26,20 @@ ensure_venv() {
   export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 }
 
+# instructor pins jiter below 0.15 and the main venv's openai SDK needs 0.16 or later, so instructor gets a
+# small venv of its own (no torch; ~100 MB, ~20 s), with the openai release its pins allow. Its checks talk
+# HTTP only. Under target/, like the benchmark's vLLM venv: git- and docker-ignored.
+INSTRUCTOR_VENV="${INSTRUCTOR_VENV:-$ROOT/target/venv-instructor}"
+ensure_instructor_venv() {
+  if [ ! -x "$INSTRUCTOR_VENV/bin/python" ] || ! "$INSTRUCTOR_VENV/bin/python" -c 'import instructor' 2>/dev/null; then
+    log "setting up instructor's virtualenv in $INSTRUCTOR_VENV"
+    python3 -m venv "$INSTRUCTOR_VENV"
+    "$INSTRUCTOR_VENV/bin/pip" install -q --upgrade pip
+    "$INSTRUCTOR_VENV/bin/pip" install -q instructor==1.17.0 openai==3.3.0
+  fi
+  export GPTJ_INSTRUCTOR_PYTHON="$INSTRUCTOR_VENV/bin/python"
+}
+
 apt_install() {
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"

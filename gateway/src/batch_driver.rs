@@ -724,7 +724,7 @@ async fn output_line(
     let meta = Meta {
         head: Head {
             id: match plan.kind {
-                Kind::Chat => chat_completion_id(&first),
+                Kind::Chat { .. } => chat_completion_id(&first),
                 Kind::Completion { .. } => completion_id(&first),
             },
             created,

@@ -39,6 +39,7 @@ pub mod routes;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tools;
 pub mod waiters;
 
 use std::future::Future;

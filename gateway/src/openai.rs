@@ -31,6 +31,7 @@ use shared::{
 use utoipa::ToSchema;
 
 use crate::openai_schema::MAX_CHOICES;
+use crate::tools::{ToolCall, ToolCallDelta, ToolCalling};
 
 /// OpenAI's documented default `max_tokens` for completions.
 pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
@@ -278,7 +279,7 @@ macro_rules! with_shared_fields {
             safety_identifier: Option<String>,
             /// Accepted and ignored: prompts are not cached across requests.
             prompt_cache_key: Option<String>,
-            /// Accepted and ignored: only meaningful with `tools`, which are refused.
+            /// Accepted and ignored: a forced tool call is one call.
             parallel_tool_calls: Option<bool>,
             /// Accepted and ignored: the model does not reason before it answers.
             reasoning_effort: Option<String>,
@@ -517,11 +518,15 @@ with_shared_fields!(declare_request! {
         /// With `logprobs`, the likeliest alternatives to report at each position (0 to 20).
         #[schema(minimum = 0, maximum = 20)]
         pub top_logprobs: Option<u32>,
-        /// Not supported: only absent, `null` or `[]` is accepted.
-        #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
+        /// Functions the model may be made to call (at most 128). Their calls are forced with
+        /// `tool_choice`: the model has no tool-calling format to decide with, so `auto` is refused.
+        #[schema(value_type = Option<Vec<crate::tools::Tool>>, max_items = 128)]
         pub tools: Option<serde_json::Value>,
-        /// Not supported: only absent, `null` or `"none"` is accepted.
-        #[schema(schema_with = crate::openai_schema::none_only)]
+        /// `none` (the default without `tools`), `required` (a call of any of `tools`), or
+        /// `{"type": "function", "function": {"name": …}}` (that function): the answer's `tool_calls` hold
+        /// the call, its arguments written under the function's `parameters` schema (constrained decoding).
+        /// `auto`, the default with `tools`, is refused.
+        #[schema(schema_with = crate::openai_schema::tool_choice)]
         pub tool_choice: Option<serde_json::Value>,
         /// Not supported: only absent, `null` or `[]` is accepted.
         #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
@@ -770,17 +775,16 @@ impl ChatCompletionRequest {
         let none = serde_json::json!("none");
         let empty = serde_json::json!([]);
         for (param, value, neutral) in [
-            ("tools", &self.tools, &empty),
-            ("tool_choice", &self.tool_choice, &none),
             ("functions", &self.functions, &empty),
             ("function_call", &self.function_call, &none),
         ] {
             require_neutral(
                 param,
                 absent_or(value, std::slice::from_ref(neutral)),
-                "is not supported (no tool calling)",
+                "is not supported (OpenAI's deprecated function calling; use `tools` and `tool_choice`)",
             )?;
         }
+        let forced = self.tool_calling()?;
         let max_tokens = match (self.max_tokens, self.max_completion_tokens) {
             (Some(a), Some(b)) if a != b => {
                 return Err(param_error(
@@ -792,10 +796,25 @@ impl ChatCompletionRequest {
         };
         self.n()?;
         let mut p = self.shared().parameters(max_tokens)?;
+        if let Some((grammar, _)) = forced {
+            if p.grammar.is_some() {
+                return Err(param_error(
+                    "tool_choice",
+                    "forces a tool call, whose arguments are already constrained; drop the other constraint \
+                     (`response_format` or vLLM's fields)",
+                ));
+            }
+            p.grammar = Some(grammar);
+        }
         if self.logprobs == Some(true) {
             p.logprobs = Some(self.top_logprobs.unwrap_or(0));
         }
         Ok(p)
+    }
+
+    /// The tool call `tools` and `tool_choice` force, with the grammar that writes it ([`crate::tools`]).
+    pub fn tool_calling(&self) -> Result<Option<(Grammar, ToolCalling)>, ParamError> {
+        crate::tools::forced_call(self.tools.as_ref(), self.tool_choice.as_ref())
     }
 }
 
@@ -945,20 +964,33 @@ impl CompletionChunk {
     }
 }
 
-/// The assistant's reply in a chat completion.
+/// The assistant's reply in a chat completion: its text, or (when the request forced a tool call) `null`
+/// and the call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct AssistantMessage {
     /// `assistant`.
     #[schema(value_type = String)]
     role: &'static str,
-    pub content: String,
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 impl AssistantMessage {
     pub fn new(content: impl Into<String>) -> Self {
         Self {
             role: "assistant",
-            content: content.into(),
+            content: Some(content.into()),
+            tool_calls: None,
+        }
+    }
+
+    /// A reply that is a tool call.
+    pub fn tool_call(call: ToolCall) -> Self {
+        Self {
+            role: "assistant",
+            content: None,
+            tool_calls: Some(vec![call]),
         }
     }
 }
@@ -995,9 +1027,24 @@ impl ChatChoice {
             finish_reason: Some(finish_reason(finish)),
         }
     }
+
+    /// A choice whose text was written as the tool call the request forced: the call, or (a `required`
+    /// call cut short, which does not parse) the text.
+    pub fn forced(index: u32, calling: &ToolCalling, call_id: String, text: &str, finish: FinishReason) -> Self {
+        let message = match calling.call(call_id, text) {
+            Some(call) => AssistantMessage::tool_call(call),
+            None => AssistantMessage::new(text),
+        };
+        Self {
+            index,
+            message,
+            logprobs: None,
+            finish_reason: Some(calling.finish_reason(finish)),
+        }
+    }
 }
 
-/// What a chat chunk adds to a choice: first the role, then pieces of content.
+/// What a chat chunk adds to a choice: first the role, then pieces of content (or of a forced tool call).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Delta {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1005,6 +1052,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// One choice's part of a chat chunk.
@@ -1036,6 +1085,7 @@ impl ChatChunkChoice {
         let delta = Delta {
             role: Some("assistant"),
             content: Some(String::new()),
+            tool_calls: None,
         };
         Self::with(index, delta, None)
     }
@@ -1043,15 +1093,35 @@ impl ChatChunkChoice {
     /// A piece of a choice's content.
     pub fn content(index: u32, text: impl Into<String>) -> Self {
         let delta = Delta {
-            role: None,
             content: Some(text.into()),
+            ..Delta::default()
         };
         Self::with(index, delta, None)
     }
 
-    /// A choice's last chunk: an empty delta and why it ended.
-    pub fn finish(index: u32, reason: FinishReason) -> Self {
-        Self::with(index, Delta::default(), Some(finish_reason(reason)))
+    /// A chunk that adds nothing but what the caller sets (its tokens' log-probabilities).
+    pub fn empty(index: u32) -> Self {
+        Self::with(index, Delta::default(), None)
+    }
+
+    /// Whether the chunk adds nothing at all, so need not go out.
+    pub fn is_empty(&self) -> bool {
+        self.delta == Delta::default() && self.logprobs.is_none() && self.finish_reason.is_none()
+    }
+
+    /// A piece of a choice's tool call.
+    pub fn tool_call(index: u32, piece: ToolCallDelta) -> Self {
+        let delta = Delta {
+            tool_calls: Some(vec![piece]),
+            ..Delta::default()
+        };
+        Self::with(index, delta, None)
+    }
+
+    /// A choice's last chunk: an empty delta and why it ended (OpenAI's name for it, [`finish_reason`] or
+    /// a forced tool call's).
+    pub fn finish(index: u32, reason: &'static str) -> Self {
+        Self::with(index, Delta::default(), Some(reason))
     }
 }
 

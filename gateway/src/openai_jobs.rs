@@ -13,15 +13,17 @@ use crate::openai::{
     self, ChatCompletionRequest, CompletionChoice, CompletionRequest, Head, ParamError, Usage, choice_seed,
 };
 use crate::store::{JobRecord, Status};
+use crate::tools::{ToolCalling, call_id};
 
 /// Chat takes the job contract's default `max_tokens`; completions OpenAI's documented 16.
 const CHAT_MAX_TOKENS: u32 = shared::params::DEFAULT_MAX_NEW_TOKENS;
 
 /// Which endpoint's answer the jobs make.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     Completion { echo: bool },
-    Chat,
+    /// A chat completion; `tools`, when the request forced a tool call, says how its text becomes the call.
+    Chat { tools: Option<ToolCalling> },
 }
 
 /// What every response and chunk of one request shares.
@@ -65,6 +67,7 @@ impl Plan {
     pub fn chat(served_model: &str, req: &ChatCompletionRequest) -> Result<Self, ApiError> {
         check_model(served_model, &req.model)?;
         let parameters = req.parameters(CHAT_MAX_TOKENS).map_err(param_error)?;
+        let tools = req.tool_calling().map_err(param_error)?.map(|(_, calling)| calling);
         let n = req.n().map_err(param_error)?;
         let jobs = (0..n)
             .map(|choice| JobRequest::chat(req.messages.clone(), seeded(&parameters, choice)))
@@ -72,7 +75,7 @@ impl Plan {
         Ok(Self {
             jobs,
             n,
-            kind: Kind::Chat,
+            kind: Kind::Chat { tools },
         })
     }
 }
@@ -138,8 +141,8 @@ pub fn answer(
 ) -> Result<serde_json::Value, ApiError> {
     let results = records.iter().map(finished).collect::<Result<Vec<_>, _>>()?;
     let usage = usage(n, results.iter().copied());
-    let body = match meta.kind {
-        Kind::Completion { echo } => {
+    let body = match &meta.kind {
+        &Kind::Completion { echo } => {
             let choices = results
                 .iter()
                 .enumerate()
@@ -159,12 +162,22 @@ pub fn answer(
                 .collect();
             serde_json::to_value(openai::Completion::new(&meta.head, choices, usage))
         }
-        Kind::Chat => {
+        Kind::Chat { tools } => {
             let choices = results
                 .iter()
+                .zip(&records)
                 .enumerate()
-                .map(|(i, r)| {
-                    let mut choice = openai::ChatChoice::new(i as u32, r.text.clone(), r.finish_reason);
+                .map(|(i, (r, record))| {
+                    let mut choice = match tools {
+                        None => openai::ChatChoice::new(i as u32, r.text.clone(), r.finish_reason),
+                        Some(calling) => openai::ChatChoice::forced(
+                            i as u32,
+                            calling,
+                            call_id(&record.id),
+                            &r.text,
+                            r.finish_reason,
+                        ),
+                    };
                     choice.logprobs = r.logprobs.as_deref().map(|generated| vocabulary.chat(generated));
                     choice
                 })

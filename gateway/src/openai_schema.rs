@@ -81,7 +81,33 @@ pub fn false_only() -> RefOr<Schema> {
     )
 }
 
-/// `tool_choice` and `function_call`: there is no tool calling, so only `"none"`.
+/// `tool_choice`: no call, a call of any tool, or of one named function (`auto` is refused: the model has
+/// no tool-calling format to decide with).
+pub fn tool_choice() -> RefOr<Schema> {
+    literal(json!({
+        "description": "`none`, `required`, or `{\"type\": \"function\", \"function\": {\"name\": …}}`. \
+            `auto` (OpenAI's default with `tools`) is refused.",
+        "oneOf": [
+            {"type": ["string", "null"], "enum": ["none", "required", null]},
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"type": "string", "enum": ["function"]},
+                    "function": {
+                        "type": "object",
+                        "properties": {"name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}},
+                        "required": ["name"],
+                        "additionalProperties": false,
+                    },
+                },
+                "required": ["type", "function"],
+                "additionalProperties": false,
+            },
+        ],
+    }))
+}
+
+/// `function_call`: OpenAI's deprecated function calling is not supported, so only `"none"`.
 pub fn none_only() -> RefOr<Schema> {
     literal(json!({
         "description": "Not supported: only `\"none\"` (or absent).",

@@ -36,15 +36,20 @@ pub enum Role {
     System,
     /// The person asking.
     User,
-    /// The model's earlier replies.
+    /// The model's earlier replies (their tool calls folded into the content, see [`ChatMessage`]).
     Assistant,
+    /// A tool's result, answering one of the assistant's tool calls.
+    Tool,
 }
 
 /// One message of a conversation.
 ///
 /// On the wire `content` is a string or OpenAI's array of content parts, of which only `text` parts are
-/// supported (they are joined without separator); an optional `name` is accepted and ignored. It always
-/// serializes as `{"role", "content"}` with `content` a string, which is what templates read.
+/// supported (they are joined without separator); an optional `name` is accepted and ignored. An assistant
+/// message may carry OpenAI's `tool_calls` (its `content` then `null`): each call is folded into the content
+/// as a line `{"name": …, "arguments": …}` after any text, so that every template, the default one
+/// included, shows the model what it called; a `tool` message's `tool_call_id` is accepted and ignored. It
+/// always serializes as `{"role", "content"}` with `content` a string, which is what templates read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChatMessage {
     pub role: Role,
@@ -68,20 +73,82 @@ impl ChatMessage {
 #[schemars(rename = "ChatMessage")]
 struct WireMessage {
     role: Role,
-    /// A string, or an array of `{"type": "text", "text": …}` parts joined without separator.
-    #[serde(deserialize_with = "content_text")]
-    #[schemars(with = "ContentSchema")]
-    content: String,
+    /// A string, or an array of `{"type": "text", "text": …}` parts joined without separator; `null` only
+    /// on an assistant message with `tool_calls`.
+    #[serde(default, deserialize_with = "content_text")]
+    #[schemars(with = "Option<ContentSchema>")]
+    content: Option<String>,
     /// The author's name. Accepted for OpenAI compatibility; templates do not see it.
     #[serde(default)]
     #[allow(dead_code)]
     name: Option<String>,
+    /// An assistant message's calls of the request's tools, as OpenAI's answer gave them.
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCall>>,
+    /// The call a `tool` message answers. Accepted for OpenAI compatibility; templates do not see it.
+    #[serde(default)]
+    #[allow(dead_code)]
+    tool_call_id: Option<String>,
+}
+
+/// One call of a tool, as an assistant message of the conversation carries it.
+#[derive(Deserialize, JsonSchema)]
+#[schemars(rename = "ChatToolCall")]
+struct ToolCall {
+    /// The call's id. Accepted; templates do not see it.
+    #[serde(default)]
+    #[allow(dead_code)]
+    id: Option<String>,
+    /// `function`, the only kind.
+    #[serde(rename = "type", default)]
+    #[allow(dead_code)]
+    kind: Option<String>,
+    function: FunctionCall,
+}
+
+/// The function a tool call called, and its arguments as JSON text.
+#[derive(Deserialize, JsonSchema)]
+#[schemars(rename = "ChatFunctionCall")]
+struct FunctionCall {
+    name: String,
+    arguments: String,
+}
+
+impl ToolCall {
+    /// The line a template shows for the call: its arguments as they were written when they are JSON
+    /// (the model wrote them under a grammar), else as a JSON string.
+    fn line(&self) -> String {
+        let name = serde_json::Value::String(self.function.name.clone());
+        let arguments = match serde_json::from_str::<serde_json::Value>(&self.function.arguments) {
+            Ok(_) => self.function.arguments.trim().to_owned(),
+            Err(_) => serde_json::Value::String(self.function.arguments.clone()).to_string(),
+        };
+        format!("{{\"name\": {name}, \"arguments\": {arguments}}}")
+    }
 }
 
 impl<'de> Deserialize<'de> for ChatMessage {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let wire = WireMessage::deserialize(deserializer)?;
-        Ok(Self::new(wire.role, wire.content))
+        let calls = wire.tool_calls.unwrap_or_default();
+        if !calls.is_empty() && wire.role != Role::Assistant {
+            return Err(de::Error::custom("only an assistant message may carry `tool_calls`"));
+        }
+        let content = match (wire.content, calls.is_empty()) {
+            (Some(text), true) => text,
+            (None, true) => {
+                return Err(de::Error::custom(
+                    "a message needs `content` (it may be null only with `tool_calls`)",
+                ));
+            }
+            (text, false) => text
+                .into_iter()
+                .filter(|t| !t.is_empty())
+                .chain(calls.iter().map(ToolCall::line))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        };
+        Ok(Self::new(wire.role, content))
     }
 }
 
@@ -126,25 +193,33 @@ struct WirePart {
 }
 
 /// Reads `content` as a string or as text parts, naming the first unsupported part type.
-fn content_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+fn content_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
     struct ContentVisitor;
 
     impl<'de> Visitor<'de> for ContentVisitor {
-        type Value = String;
+        type Value = Option<String>;
 
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("a string or an array of text content parts")
         }
 
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
-            Ok(v.to_owned())
+        fn visit_unit<E: de::Error>(self) -> Result<Option<String>, E> {
+            Ok(None)
         }
 
-        fn visit_string<E: de::Error>(self, v: String) -> Result<String, E> {
-            Ok(v)
+        fn visit_none<E: de::Error>(self) -> Result<Option<String>, E> {
+            Ok(None)
         }
 
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<String, A::Error> {
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<String>, E> {
+            Ok(Some(v.to_owned()))
+        }
+
+        fn visit_string<E: de::Error>(self, v: String) -> Result<Option<String>, E> {
+            Ok(Some(v))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<String>, A::Error> {
             let mut text = String::new();
             while let Some(part) = seq.next_element::<WirePart>()? {
                 if part.kind != "text" {
@@ -158,7 +233,7 @@ fn content_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D:
                     .ok_or_else(|| de::Error::custom("a text content part needs `text`"))?;
                 text.push_str(&part_text);
             }
-            Ok(text)
+            Ok(Some(text))
         }
     }
 
@@ -243,11 +318,58 @@ mod tests {
 
     #[test]
     fn unknown_message_fields_and_roles_are_refused() {
-        let err =
-            serde_json::from_str::<ChatMessage>(r#"{"role": "user", "content": "x", "tool_calls": []}"#)
-                .unwrap_err();
-        assert!(err.to_string().contains("tool_calls"), "{err}");
-        assert!(serde_json::from_str::<ChatMessage>(r#"{"role": "tool", "content": "x"}"#).is_err());
+        let err = serde_json::from_str::<ChatMessage>(r#"{"role": "user", "content": "x", "audio": {}}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("audio"), "{err}");
+        assert!(serde_json::from_str::<ChatMessage>(r#"{"role": "function", "content": "x"}"#).is_err());
+    }
+
+    #[test]
+    fn an_assistants_tool_calls_are_folded_into_its_content_one_line_a_call() {
+        let m: ChatMessage = serde_json::from_str(
+            r#"{"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get", "arguments": "{\"a\": 1}"}},
+                {"id": "call_2", "type": "function", "function": {"name": "put", "arguments": "not json"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            ChatMessage::new(
+                Role::Assistant,
+                "{\"name\": \"get\", \"arguments\": {\"a\": 1}}\n{\"name\": \"put\", \"arguments\": \"not json\"}"
+            )
+        );
+        let with_text: ChatMessage = serde_json::from_str(
+            r#"{"role": "assistant", "content": "Let me look.", "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "get", "arguments": "{}"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(with_text.content, "Let me look.\n{\"name\": \"get\", \"arguments\": {}}");
+    }
+
+    #[test]
+    fn a_tool_message_answers_a_call_and_its_id_is_accepted() {
+        let m: ChatMessage =
+            serde_json::from_str(r#"{"role": "tool", "tool_call_id": "call_1", "content": "42"}"#).unwrap();
+        assert_eq!(m, ChatMessage::new(Role::Tool, "42"));
+    }
+
+    #[test]
+    fn content_may_be_null_only_beside_tool_calls_and_only_assistants_call_tools() {
+        for body in [
+            r#"{"role": "assistant", "content": null}"#,
+            r#"{"role": "user"}"#,
+            r#"{"role": "assistant", "content": null, "tool_calls": []}"#,
+        ] {
+            let err = serde_json::from_str::<ChatMessage>(body).unwrap_err();
+            assert!(err.to_string().contains("needs `content`"), "{body}: {err}");
+        }
+        let err = serde_json::from_str::<ChatMessage>(
+            r#"{"role": "user", "content": "x", "tool_calls": [
+                {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("only an assistant"), "{err}");
     }
 
     #[test]

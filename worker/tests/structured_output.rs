@@ -1,7 +1,9 @@
 //! Structured output as its users meet it: the official `openai` SDK's `chat.completions.parse` with Pydantic
-//! models, vLLM's extra fields and LangChain's `with_structured_output`, against a gateway and a real worker on
-//! the tiny random GPT-J, whose unconstrained text is noise. The checks are in `tests/py/structured_output.py`:
-//! every answer of 20 schemas of different shapes parses and validates, greedy and sampled.
+//! models (as `response_format` and as forced tool calls), vLLM's extra fields, LangChain's
+//! `with_structured_output` and instructor, against a gateway and a real worker on the tiny random GPT-J,
+//! whose unconstrained text is noise. The checks are in `tests/py/structured_output.py` and
+//! `tests/py/instructor_client.py`: every answer of 20 schemas of different shapes parses and validates,
+//! greedy and sampled.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -21,6 +23,24 @@ async fn unmodified_clients_get_answers_that_validate_against_their_schemas() {
         "all structured output checks passed",
     )
     .await;
+}
+
+/// instructor, unmodified, in its default mode (a forced tool call) and its strict one: 20 schemas, greedy
+/// and sampled, each answer validated on the first try (`tests/py/instructor_client.py`).
+#[tokio::test]
+async fn instructor_gets_answers_that_validate_against_its_response_models() {
+    let mut env = Env::new();
+    common::python_client_checks_by(
+        &mut env,
+        "GPTJ_INSTRUCTOR_PYTHON",
+        "instructor_client.py",
+        &[],
+        &[],
+        &[],
+        "all instructor checks passed",
+    )
+    .await;
+    env.finish().await;
 }
 
 /// AMQP producers bypass the gateway: the worker compiles their grammar itself, fails the job whose grammar

@@ -33,6 +33,7 @@ use crate::openai::{
     CompletionRequest, Head, Model, ModelList, StreamUsage, Usage,
 };
 use crate::openai_jobs::{Kind, Meta, Plan, answer, check_model, finished, param_error, usage};
+use crate::tools::ToolCallDelta;
 use crate::waiters::Interest;
 
 #[utoipa::path(
@@ -232,7 +233,7 @@ async fn serve(
     let meta = Meta {
         head: Head {
             id: match kind {
-                Kind::Chat => openai::chat_completion_id(&ids[0]),
+                Kind::Chat { .. } => openai::chat_completion_id(&ids[0]),
                 Kind::Completion { .. } => openai::completion_id(&ids[0]),
             },
             created: now_ms() / 1000,
@@ -286,6 +287,10 @@ struct Streamed {
     /// Per choice, for completions' log-probabilities: the characters of the tokens before its next chunk's
     /// (`text_offset` runs on across chunks, from the echoed prompt's).
     offsets: Vec<usize>,
+    /// Per choice, for a forced tool call: its id, and whether its first piece (which names the function)
+    /// went out.
+    call_ids: Vec<String>,
+    called: Vec<bool>,
     ended: usize,
 }
 
@@ -307,8 +312,8 @@ impl Streamed {
             .on_chunk(Usage::new(self.prompt_tokens[choice], self.generated[choice]));
         let index = choice as u32;
         let mut out = Vec::new();
-        match self.meta.kind {
-            Kind::Completion { echo } => {
+        match &self.meta.kind {
+            &Kind::Completion { echo } => {
                 let offset = &mut self.offsets[choice];
                 if echo && !self.opened[choice] {
                     // The prompt first, as a non-streamed echo has it, with its scores when they are known
@@ -332,18 +337,52 @@ impl Streamed {
                 piece.logprobs = scores.map(|scores| vocabulary.completion_from(offset, scores));
                 out.push(chunk(CompletionChunk::new(head, vec![piece], usage)));
             }
-            Kind::Chat => {
+            Kind::Chat { tools } => {
                 if !self.opened[choice] {
                     self.opened[choice] = true;
                     let role = ChatChunkChoice::role(index);
                     out.push(chunk(ChatCompletionChunk::new(head, vec![role], usage)));
                 }
-                let mut delta = match (text, finish) {
-                    (_, Some(reason)) => ChatChunkChoice::finish(index, reason),
-                    (text, None) => ChatChunkChoice::content(index, text.unwrap_or_default()),
+                let mut pieces = match (tools, text, finish) {
+                    (None, _, Some(reason)) => {
+                        vec![ChatChunkChoice::finish(index, openai::finish_reason(reason))]
+                    }
+                    (None, text, None) => vec![ChatChunkChoice::content(index, text.unwrap_or_default())],
+                    (Some(calling), _, Some(reason)) => {
+                        // What has not gone out yet: a `required` call (whole, now that its name is known),
+                        // or a named call that wrote no text; then the end.
+                        let mut pieces = Vec::new();
+                        if !self.called[choice] {
+                            let text = self.results[choice].as_ref().map_or("", |r| r.text.as_str());
+                            let call = calling.call(self.call_ids[choice].clone(), text);
+                            pieces.push(match call {
+                                Some(call) => ChatChunkChoice::tool_call(index, ToolCallDelta::whole(call)),
+                                None => ChatChunkChoice::content(index, text),
+                            });
+                        }
+                        pieces.push(ChatChunkChoice::finish(index, calling.finish_reason(reason)));
+                        pieces
+                    }
+                    (Some(calling), text, None) if calling.streams_arguments() => {
+                        let first = !std::mem::replace(&mut self.called[choice], true);
+                        let piece = ToolCallDelta::arguments(
+                            first.then(|| (self.call_ids[choice].clone(), calling)),
+                            text.unwrap_or_default(),
+                        );
+                        vec![ChatChunkChoice::tool_call(index, piece)]
+                    }
+                    // A `required` call is held until its text is whole; its tokens' scores still go.
+                    (Some(_), _, None) => vec![ChatChunkChoice::empty(index)],
                 };
-                delta.logprobs = scores.map(|scores| vocabulary.chat(scores));
-                out.push(chunk(ChatCompletionChunk::new(head, vec![delta], usage)));
+                if let Some(first) = pieces.first_mut() {
+                    first.logprobs = scores.map(|scores| vocabulary.chat(scores));
+                }
+                for piece in pieces {
+                    if piece.is_empty() {
+                        continue;
+                    }
+                    out.push(chunk(ChatCompletionChunk::new(head, vec![piece], usage)));
+                }
             }
         }
         out
@@ -420,7 +459,7 @@ impl Streamed {
             let head = &self.meta.head;
             out.push(match self.meta.kind {
                 Kind::Completion { .. } => chunk(CompletionChunk::usage(head, usage)),
-                Kind::Chat => chunk(ChatCompletionChunk::usage(head, usage)),
+                Kind::Chat { .. } => chunk(ChatCompletionChunk::usage(head, usage)),
             });
         }
         out.push(Event::default().data("[DONE]"));
@@ -449,6 +488,8 @@ fn chunks(
         prompt_tokens: vec![0; ids.len()],
         generated: vec![0; ids.len()],
         offsets: vec![0; ids.len()],
+        call_ids: ids.iter().map(crate::tools::call_id).collect(),
+        called: vec![false; ids.len()],
         ended: 0,
     }));
     let follows = ids.iter().enumerate().map(|(choice, id)| {

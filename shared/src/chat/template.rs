@@ -13,14 +13,16 @@ use super::{ChatError, ChatMessage};
 
 /// The template for checkpoints without their own: a plain transcript a base model continues naturally.
 ///
-/// A system message is its content and a blank line; user and assistant turns are `User: …` and
-/// `Assistant: …` lines; the generation prompt is a final `Assistant:`.
+/// A system message is its content and a blank line; user, assistant and tool turns are `User: …`,
+/// `Assistant: …` and `Tool: …` lines; the generation prompt is a final `Assistant:`.
 pub const DEFAULT_CHAT_TEMPLATE: &str = "\
 {%- for message in messages -%}
 {%- if message['role'] == 'system' -%}
 {{ message['content'] ~ '\\n\\n' }}
 {%- elif message['role'] == 'user' -%}
 {{ 'User: ' ~ message['content'] ~ '\\n' }}
+{%- elif message['role'] == 'tool' -%}
+{{ 'Tool: ' ~ message['content'] ~ '\\n' }}
 {%- else -%}
 {{ 'Assistant: ' ~ message['content'] ~ '\\n' }}
 {%- endif -%}
@@ -228,6 +230,25 @@ mod tests {
                 .render(&messages, false)
                 .unwrap(),
             "You are terse.\n\nUser: Hello there\nAssistant: Hi.\n"
+        );
+    }
+
+    #[test]
+    fn the_default_template_renders_a_tool_call_and_its_result() {
+        let mut messages = conversation();
+        let call: ChatMessage = serde_json::from_value(serde_json::json!({
+            "role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 1}"}}]
+        }))
+        .unwrap();
+        messages.push(call);
+        messages.push(ChatMessage::new(Role::Tool, "2"));
+        assert_eq!(
+            ChatTemplate::default_template(None)
+                .render(&messages, true)
+                .unwrap(),
+            "You are terse.\n\nUser: Hello there\nAssistant: {\"name\": \"add\", \"arguments\": {\"a\": 1}}\n\
+             Tool: 2\nAssistant:"
         );
     }
 

@@ -48,8 +48,22 @@ pub async fn python_client_checks_in(
     extra: &[&std::ffi::OsStr],
     done: &str,
 ) {
-    let Some(python) = std::env::var_os("GPTJ_PYTHON") else {
-        panic!("GPTJ_PYTHON is not set: run the tests with scripts/test.sh, which provisions the venv");
+    python_client_checks_by(env, "GPTJ_PYTHON", script, gateway_args, worker_args, extra, done).await;
+}
+
+/// [`python_client_checks_in`] with the interpreter `$python_var` names (scripts/lib.sh provisions each:
+/// the main venv's, and instructor's own, whose pins the main one cannot share).
+pub async fn python_client_checks_by(
+    env: &mut Env,
+    python_var: &str,
+    script: &str,
+    gateway_args: &[&str],
+    worker_args: &[&str],
+    extra: &[&std::ffi::OsStr],
+    done: &str,
+) {
+    let Some(python) = std::env::var_os(python_var) else {
+        panic!("{python_var} is not set: run the tests with scripts/test.sh, which provisions the venvs");
     };
     let mut args = vec!["--served-model-name", "gpt-j-tiny"];
     args.extend_from_slice(gateway_args);

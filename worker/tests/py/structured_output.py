@@ -1,6 +1,7 @@
 """Structured output through unmodified clients (run by tests/structured_output.rs): the official `openai` SDK's
-`chat.completions.parse` with Pydantic models and LangChain's `with_structured_output`, against a gateway and a
-worker on the tiny random GPT-J. Its unconstrained output is noise, so only the constraint can make an answer
+`chat.completions.parse` with Pydantic models (as `response_format` and as forced tool calls) and LangChain's
+`with_structured_output` (JSON Schema and function calling), against a gateway and a worker on the tiny random
+GPT-J. Its unconstrained output is noise, so only the constraint can make an answer
 parse and validate; every one must, for schemas of many shapes.
 
 Usage: structured_output.py BASE MODEL [MODEL_DIR]. Exits non-zero, naming the check, on the first failure.
@@ -9,12 +10,11 @@ Usage: structured_output.py BASE MODEL [MODEL_DIR]. Exits non-zero, naming the c
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from enum import Enum
-from typing import Annotated, List, Literal, Optional, Union
 
 import openai
 from langchain_openai import ChatOpenAI
-from pydantic import BaseModel, Field
+
+from schemas import MODELS, Person, Pet, Reading, Vote
 
 BASE, MODEL = sys.argv[1], sys.argv[2]
 client = openai.OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, timeout=300)
@@ -25,111 +25,6 @@ def check(cond, what):
         print(f"FAILED: {what}", file=sys.stderr)
         sys.exit(1)
     print(f"ok: {what}")
-
-
-# Strings, arrays and numbers are bounded: the random model would otherwise write a string (or digits) until
-# max_tokens, and an answer cut short is not valid. The bounds are part of what is checked.
-class Color(str, Enum):
-    red = "red"
-    green = "green"
-    blue = "blue"
-
-
-class Point(BaseModel):
-    x: int = Field(ge=-9, le=9)
-    y: int = Field(ge=-9, le=9)
-
-
-class Name(BaseModel):
-    name: str = Field(max_length=10)
-
-
-class Age(BaseModel):
-    age: int = Field(ge=0, le=120)
-
-
-class Flag(BaseModel):
-    ok: bool
-
-
-class Paint(BaseModel):
-    color: Color
-
-
-class Pet(BaseModel):
-    kind: Literal["cat", "dog", "fish"]
-    legs: int = Field(ge=0, le=4)
-
-
-class Tags(BaseModel):
-    tags: List[Literal["a", "b", "c"]] = Field(max_length=3)
-
-
-class Located(BaseModel):
-    point: Point
-
-
-class Path(BaseModel):
-    points: List[Point] = Field(max_length=2)
-
-
-class Nickname(BaseModel):
-    nickname: Optional[str] = Field(max_length=6)
-
-
-class Either(BaseModel):
-    value: Union[Literal["none"], Point]
-
-
-class Mixed(BaseModel):
-    label: str = Field(max_length=5)
-    count: int = Field(ge=1, le=3)
-    on: bool
-
-
-class Person(BaseModel):
-    name: str = Field(max_length=8)
-    age: int = Field(ge=0, le=99)
-    pets: List[Pet] = Field(max_length=2)
-
-
-class Ratio(BaseModel):
-    # A float's fraction has no end of its own (a model may write 1.000… until max_tokens): a step bounds it.
-    ratio: float = Field(ge=0, le=1, multiple_of=0.25)
-
-
-class Matrix(BaseModel):
-    rows: List[Annotated[List[Literal[0, 1]], Field(max_length=3)]] = Field(max_length=2)
-
-
-class Deep(BaseModel):
-    a: Located
-    b: Optional[Flag]
-
-
-class Colors(BaseModel):
-    colors: List[Color] = Field(min_length=1, max_length=3)
-
-
-class Code(BaseModel):
-    code: str = Field(pattern=r"^[A-Z]{3}-[0-9]{2}$")
-
-
-class Vote(BaseModel):
-    choice: Literal["yes", "no"]
-    weight: int = Field(ge=1, le=5)
-    comment: Optional[str] = Field(max_length=4)
-
-
-class Reading(BaseModel):
-    sensor: Literal["t1", "t2"]
-    celsius: int = Field(ge=-40, le=60)
-    ok: bool
-    at: Point
-
-
-MODELS = [Name, Age, Flag, Paint, Pet, Tags, Located, Path, Nickname, Either, Mixed, Person, Ratio, Matrix,
-          Deep, Colors, Code, Vote, Reading, Point]
 
 
 def parse(model, greedy):
@@ -200,5 +95,72 @@ llm = ChatOpenAI(base_url=f"{BASE}/v1", api_key="unused", model=MODEL, temperatu
 for model in (Person, Vote, Reading):
     out = llm.with_structured_output(model, method="json_schema").invoke(f"Give a {model.__name__}.")
     check(isinstance(out, model), f"LangChain with_structured_output({model.__name__}): {out!r}")
+
+# Tool calling, forced: the SDK's own function tools from Pydantic models, named by `tool_choice`; the call's
+# arguments parse into the model (the SDK parses strict tools itself).
+def call(model, greedy):
+    extra = {"temperature": 0} if greedy else {"temperature": 1.0, "seed": 9}
+    r = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": f"Call {model.__name__}."}],
+                                      tools=[openai.pydantic_function_tool(model)],
+                                      tool_choice={"type": "function", "function": {"name": model.__name__}},
+                                      max_tokens=400, **extra)
+    return model, greedy, r.choices[0]
+
+
+with ThreadPoolExecutor(max_workers=8) as pool:
+    calls = list(pool.map(lambda args: call(*args), [(m, g) for m in MODELS for g in (True, False)]))
+for model, greedy, choice in calls:
+    mode = "greedy" if greedy else "sampled"
+    what = f"a forced call of {model.__name__} ({mode})"
+    check(choice.finish_reason == "stop" and choice.message.content is None, f"{what} ends as OpenAI's: {choice}")
+    (tool_call,) = choice.message.tool_calls
+    check(tool_call.type == "function" and tool_call.id.startswith("call_")
+          and tool_call.function.name == model.__name__, f"{what} names its function: {tool_call}")
+    check(isinstance(tool_call.function.parsed_arguments, model), f"{what} parses: {tool_call.function.arguments!r}")
+    model.model_validate_json(tool_call.function.arguments)
+
+# `required`: a call of any of the tools, which the answer names.
+tools = [openai.pydantic_function_tool(m) for m in (Pet, Vote, Reading)]
+by_name = {m.__name__: m for m in (Pet, Vote, Reading)}
+for seed in range(3):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Call something."}],
+                                       tools=tools, tool_choice="required", max_tokens=400, temperature=1.0,
+                                       seed=seed)
+    choice = r.choices[0]
+    (tool_call,) = choice.message.tool_calls
+    check(choice.finish_reason == "tool_calls" and tool_call.function.name in by_name,
+          f"a required call names a declared tool: {choice}")
+    by_name[tool_call.function.name].model_validate_json(tool_call.function.arguments)
+
+# Streamed: the first piece names the function, the pieces of arguments put together parse.
+stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "A vote"}],
+                                        tools=[openai.pydantic_function_tool(Vote)],
+                                        tool_choice={"type": "function", "function": {"name": "Vote"}},
+                                        max_tokens=200, temperature=0, stream=True)
+pieces = [d for c in stream if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+check(pieces and pieces[0].function.name == "Vote" and pieces[0].id.startswith("call_"),
+      f"a streamed call's first piece names it: {pieces[:1]}")
+Vote.model_validate_json("".join(p.function.arguments or "" for p in pieces))
+check(True, "a streamed call's arguments put together validate")
+
+# A conversation that carries the call and the tool's answer goes on.
+history = [{"role": "user", "content": "Vote."},
+           {"role": "assistant", "content": None, "tool_calls": [
+               {"id": tool_call.id, "type": "function", "function": {"name": "Vote", "arguments": '{"choice":"yes"}'}}]},
+           {"role": "tool", "tool_call_id": tool_call.id, "content": "counted"}]
+r = client.chat.completions.create(model=MODEL, messages=history, max_tokens=5, temperature=0)
+check(r.choices[0].message.content is not None, f"a conversation with a tool call and its result is answered: {r}")
+
+# `auto` is refused by name: the model cannot decide whether to call.
+try:
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5, tools=tools)
+    check(False, "tools without a forced tool_choice are refused")
+except openai.BadRequestError as e:
+    check(e.body.get("param") == "tool_choice", f"tool_choice auto is a 400 naming it: {e.body}")
+
+# LangChain's function calling forces the call the same way.
+for model in (Person, Vote, Reading):
+    out = llm.with_structured_output(model, method="function_calling").invoke(f"Give a {model.__name__}.")
+    check(isinstance(out, model), f"LangChain with_structured_output({model.__name__}, function_calling): {out!r}")
 
 print("all structured output checks passed")
