@@ -152,6 +152,15 @@ EXCUSED = {
     ],
     "POST /v1/chat/completions": AS_WRITTEN + INTEGRAL + STRATEGY + GRAMMAR + [
         ("invalid_parameter", r"but max_tokens is", "max_tokens and max_completion_tokens that disagree"),
+        # Tool calls are forced (the model cannot decide whether to call): `tool_choice` must fit `tools`,
+        # a relation of two fields. Tools given without a forced choice mean OpenAI's `auto`, which is
+        # refused; a forced call needs tools, and a name among theirs; a forced call's arguments are the
+        # text's one constraint.
+        ("invalid_parameter", r"^invalid `tool_choice`", "a tool choice that does not fit the tools"),
+        # Function names are unique within `tools`: JSON Schema's uniqueItems compares whole items.
+        ("invalid_parameter", r"^invalid `tools`: declares `[^`]*` twice", "two tools of one name"),
+        # A tool's `parameters` is a JSON Schema the grammar compiles (as response_format's).
+        ("invalid_parameter", r"^invalid `tools`", "a tool's parameters schema that does not compile"),
     ],
 }
 

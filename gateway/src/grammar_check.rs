@@ -107,6 +107,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_required_tool_calls_grammar_compiles_with_each_schemas_own_refs() {
+        let tools = serde_json::json!([
+            {"type": "function", "function": {"name": "pick", "parameters": {
+                "$defs": {"Color": {"enum": ["red", "blue"]}},
+                "type": "object", "properties": {"color": {"$ref": "#/$defs/Color"}}, "required": ["color"]}}},
+            {"type": "function", "function": {"name": "now"}},
+        ]);
+        let (grammar, _) = crate::tools::forced_call(Some(&tools), Some(&serde_json::json!("required")))
+            .unwrap()
+            .unwrap();
+        check().check(&job(Some(grammar))).await.unwrap();
+    }
+
+    #[tokio::test]
     async fn a_good_grammar_passes_and_is_remembered() {
         let c = check();
         c.check(&job(None)).await.unwrap();

@@ -1030,7 +1030,13 @@ impl ChatChoice {
 
     /// A choice whose text was written as the tool call the request forced: the call, or (a `required`
     /// call cut short, which does not parse) the text.
-    pub fn forced(index: u32, calling: &ToolCalling, call_id: String, text: &str, finish: FinishReason) -> Self {
+    pub fn forced(
+        index: u32,
+        calling: &ToolCalling,
+        call_id: String,
+        text: &str,
+        finish: FinishReason,
+    ) -> Self {
         let message = match calling.call(call_id, text) {
             Some(call) => AssistantMessage::tool_call(call),
             None => AssistantMessage::new(text),
@@ -1560,8 +1566,8 @@ mod tests {
     fn unsupported_chat_fields_are_refused_by_name_unless_neutral() {
         let refused = [
             ("top_logprobs", json!(2)),
-            ("tools", json!([{"type": "function", "function": {"name": "f"}}])),
-            ("tool_choice", json!("auto")),
+            ("tools", json!([{"type": "retrieval"}])),
+            ("tool_choice", json!("required")),
             ("functions", json!([{"name": "f"}])),
             ("function_call", json!({"name": "f"})),
             ("presence_penalty", json!(1)),
@@ -1578,6 +1584,46 @@ mod tests {
             "response_format": {"type": "text"},
         });
         assert!(chat(neutral).parameters(50).is_ok());
+    }
+
+    #[test]
+    fn a_forced_tool_call_is_the_jobs_grammar_and_no_second_constraint_may_join_it() {
+        let tools =
+            json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": tools,
+            "tool_choice": {"type": "function", "function": {"name": "f"}}});
+        let p = chat(body.clone()).parameters(50).unwrap();
+        assert_eq!(p.grammar, Some(Grammar::Json(json!({"type": "object"}))));
+        let mut both = body;
+        both["response_format"] = json!({"type": "json_object"});
+        let err = chat(both).parameters(50).unwrap_err();
+        assert_eq!(err.param, "tool_choice", "{err}");
+        // `tool_choice: none` leaves the text free, whatever the tools.
+        let free = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": tools,
+            "tool_choice": "none"});
+        assert_eq!(chat(free).parameters(50).unwrap().grammar, None);
+    }
+
+    #[test]
+    fn a_forced_call_answers_with_tool_calls_and_null_content() {
+        let calling = ToolCalling::Named("f".into());
+        let choice = ChatChoice::forced(0, &calling, "call_1".into(), r#"{"a":1}"#, FinishReason::Eos);
+        assert_eq!(
+            serde_json::to_value(&choice).unwrap(),
+            json!({"index": 0, "logprobs": null, "finish_reason": "stop", "message": {"role": "assistant",
+                "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                    "function": {"name": "f", "arguments": "{\"a\":1}"}}]}})
+        );
+        // A `required` call cut short does not parse: its text is the answer, and `length` says why.
+        let cut = ChatChoice::forced(
+            0,
+            &ToolCalling::Required,
+            "call_2".into(),
+            r#"{"name": "#,
+            FinishReason::Length,
+        );
+        assert_eq!(cut.message, AssistantMessage::new(r#"{"name": "#));
+        assert_eq!(cut.finish_reason, Some("length"));
     }
 
     #[test]
@@ -1990,7 +2036,7 @@ mod tests {
             )
         );
         assert_eq!(
-            chunk(ChatChunkChoice::finish(0, FinishReason::Stop)),
+            chunk(ChatChunkChoice::finish(0, finish_reason(FinishReason::Stop))),
             envelope(json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"}))
         );
         let without_usage = serde_json::to_value(ChatCompletionChunk::new(

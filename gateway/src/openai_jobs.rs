@@ -21,9 +21,13 @@ const CHAT_MAX_TOKENS: u32 = shared::params::DEFAULT_MAX_NEW_TOKENS;
 /// Which endpoint's answer the jobs make.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
-    Completion { echo: bool },
+    Completion {
+        echo: bool,
+    },
     /// A chat completion; `tools`, when the request forced a tool call, says how its text becomes the call.
-    Chat { tools: Option<ToolCalling> },
+    Chat {
+        tools: Option<ToolCalling>,
+    },
 }
 
 /// What every response and chunk of one request shares.
@@ -67,7 +71,10 @@ impl Plan {
     pub fn chat(served_model: &str, req: &ChatCompletionRequest) -> Result<Self, ApiError> {
         check_model(served_model, &req.model)?;
         let parameters = req.parameters(CHAT_MAX_TOKENS).map_err(param_error)?;
-        let tools = req.tool_calling().map_err(param_error)?.map(|(_, calling)| calling);
+        let tools = req
+            .tool_calling()
+            .map_err(param_error)?
+            .map(|(_, calling)| calling);
         let n = req.n().map_err(param_error)?;
         let jobs = (0..n)
             .map(|choice| JobRequest::chat(req.messages.clone(), seeded(&parameters, choice)))

@@ -122,7 +122,9 @@ fn declared(tools: Option<&Value>) -> Result<Vec<Function>, ParamError> {
         .collect();
     for (i, f) in functions.iter().enumerate() {
         let valid = (1..=64).contains(&f.name.len())
-            && f.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            && f.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if !valid {
             return Err(param_error(
                 "tools",
@@ -133,10 +135,7 @@ fn declared(tools: Option<&Value>) -> Result<Vec<Function>, ParamError> {
             ));
         }
         if functions[..i].iter().any(|g| g.name == f.name) {
-            return Err(param_error(
-                "tools",
-                format!("declares `{}` twice", f.name),
-            ));
+            return Err(param_error("tools", format!("declares `{}` twice", f.name)));
         }
         if let Some(p) = &f.parameters
             && !p.is_object()
@@ -152,9 +151,9 @@ fn declared(tools: Option<&Value>) -> Result<Vec<Function>, ParamError> {
 
 /// A function's arguments schema: its `parameters`, or no arguments.
 fn arguments_schema(f: &Function) -> Value {
-    f.parameters
-        .clone()
-        .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}, "additionalProperties": false}))
+    f.parameters.clone().unwrap_or_else(
+        || serde_json::json!({"type": "object", "properties": {}, "additionalProperties": false}),
+    )
 }
 
 /// The call a request forces, if any, and the grammar that writes it: from `tools` and `tool_choice`.
@@ -203,14 +202,19 @@ pub fn forced_call(
         }
     };
     if functions.is_empty() {
-        return Err(param_error("tool_choice", "forces a tool call but `tools` declares none"));
+        return Err(param_error(
+            "tool_choice",
+            "forces a tool call but `tools` declares none",
+        ));
     }
     let grammar = match &calling {
         ToolCalling::Named(name) => {
             let f = functions.iter().find(|f| &f.name == name).expect("checked above");
             Grammar::Json(arguments_schema(f))
         }
-        ToolCalling::Required => Grammar::Lark(any_call_grammar(&functions)),
+        ToolCalling::Required => {
+            Grammar::Lark(any_call_grammar(&functions).map_err(|e| param_error("tools", e.to_string()))?)
+        }
     };
     grammar.check().map_err(|e| param_error("tools", e.to_string()))?;
     Ok(Some((grammar, calling)))
@@ -230,7 +234,10 @@ fn named_function(value: &Value) -> Result<String, ParamError> {
     {
         return Err(shape());
     }
-    let function = object.get("function").and_then(Value::as_object).ok_or_else(shape)?;
+    let function = object
+        .get("function")
+        .and_then(Value::as_object)
+        .ok_or_else(shape)?;
     match (function.get("name").and_then(Value::as_str), function.len()) {
         (Some(name), 1) => Ok(name.to_owned()),
         _ => Err(shape()),
@@ -240,7 +247,7 @@ fn named_function(value: &Value) -> Result<String, ParamError> {
 /// A Lark grammar (llguidance's dialect) for one call of any of `functions`: `{"name": "<name>",
 /// "arguments": <JSON of its schema>}`. Each schema is embedded whole (`%json`), so its own `$ref`s resolve
 /// against its own root.
-fn any_call_grammar(functions: &[Function]) -> String {
+fn any_call_grammar(functions: &[Function]) -> Result<String, shared::GrammarError> {
     let mut lark = String::from("start: ");
     lark.push_str(
         &(0..functions.len())
@@ -255,9 +262,11 @@ fn any_call_grammar(functions: &[Function]) -> String {
             "call_{i}: \"{{\\\"name\\\": \\\"{}\\\", \\\"arguments\\\": \" arguments_{i} \"}}\"\n",
             f.name
         ));
-        lark.push_str(&format!("arguments_{i}: %json {}\n", arguments_schema(f)));
+        // Read as a JSON grammar reads a schema (compact, objects closed), since `%json` has its own defaults.
+        let schema = shared::grammar::grammar_schema(&arguments_schema(f))?;
+        lark.push_str(&format!("arguments_{i}: %json {schema}\n"));
     }
-    lark
+    Ok(lark)
 }
 
 impl ToolCalling {
@@ -364,7 +373,9 @@ mod tests {
             )
         );
         assert_eq!(calling, ToolCalling::Named("get_weather".into()));
-        let (grammar, _) = forced_call(Some(&weather()), Some(&named("now"))).unwrap().unwrap();
+        let (grammar, _) = forced_call(Some(&weather()), Some(&named("now")))
+            .unwrap()
+            .unwrap();
         assert_eq!(
             grammar,
             Grammar::Json(json!({"type": "object", "properties": {}, "additionalProperties": false}))
@@ -392,7 +403,10 @@ mod tests {
     fn no_tools_or_none_or_auto_without_tools_is_no_call() {
         assert_eq!(forced_call(None, None).unwrap(), None);
         assert_eq!(forced_call(Some(&json!([])), Some(&json!("auto"))).unwrap(), None);
-        assert_eq!(forced_call(Some(&json!(null)), Some(&json!("none"))).unwrap(), None);
+        assert_eq!(
+            forced_call(Some(&json!(null)), Some(&json!("none"))).unwrap(),
+            None
+        );
         assert_eq!(forced_call(Some(&weather()), Some(&json!("none"))).unwrap(), None);
     }
 
@@ -401,7 +415,10 @@ mod tests {
         for choice in [None, Some(json!("auto"))] {
             let err = forced_call(Some(&weather()), choice.as_ref()).unwrap_err();
             assert_eq!(err.param, "tool_choice");
-            assert!(err.message.contains("`auto`") && err.message.contains("required"), "{err}");
+            assert!(
+                err.message.contains("`auto`") && err.message.contains("required"),
+                "{err}"
+            );
         }
     }
 
@@ -414,7 +431,12 @@ mod tests {
             let err = forced_call(None, Some(&choice)).unwrap_err();
             assert_eq!(err.param, "tool_choice", "{choice}");
         }
-        for choice in [json!("always"), json!({"type": "function"}), json!({"name": "now"}), json!(3)] {
+        for choice in [
+            json!("always"),
+            json!({"type": "function"}),
+            json!({"name": "now"}),
+            json!(3),
+        ] {
             let err = forced_call(Some(&weather()), Some(&choice)).unwrap_err();
             assert_eq!(err.param, "tool_choice", "{choice}");
         }
@@ -425,7 +447,10 @@ mod tests {
         let cases = [
             (json!({"type": "function"}), "invalid type"),
             (json!([{"type": "retrieval"}]), "retrieval"),
-            (json!([{"type": "function", "function": {"name": "a b"}}]), "`a b`"),
+            (
+                json!([{"type": "function", "function": {"name": "a b"}}]),
+                "`a b`",
+            ),
             (json!([{"type": "function", "function": {"name": ""}}]), "1 to 64"),
             (
                 json!([{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]),
@@ -435,7 +460,10 @@ mod tests {
                 json!([{"type": "function", "function": {"name": "f", "parameters": [1]}}]),
                 "JSON Schema object",
             ),
-            (json!([{"type": "function", "function": {"name": "f", "colour": 1}}]), "colour"),
+            (
+                json!([{"type": "function", "function": {"name": "f", "colour": 1}}]),
+                "colour",
+            ),
         ];
         for (tools, says) in cases {
             let err = forced_call(Some(&tools), Some(&json!("required"))).unwrap_err();
@@ -447,7 +475,12 @@ mod tests {
                 .map(|i| json!({"type": "function", "function": {"name": format!("f{i}")}}))
                 .collect(),
         );
-        assert!(forced_call(Some(&many), Some(&json!("required"))).unwrap_err().message.contains("at most"));
+        assert!(
+            forced_call(Some(&many), Some(&json!("required")))
+                .unwrap_err()
+                .message
+                .contains("at most")
+        );
     }
 
     #[test]
@@ -461,7 +494,10 @@ mod tests {
         let call = required
             .call("call_2".into(), r#"{"name": "now", "arguments": {}}"#)
             .unwrap();
-        assert_eq!((call.function.name.as_str(), call.function.arguments.as_str()), ("now", "{}"));
+        assert_eq!(
+            (call.function.name.as_str(), call.function.arguments.as_str()),
+            ("now", "{}")
+        );
         assert_eq!(required.call("call_3".into(), r#"{"name": "now", "argu"#), None);
     }
 
@@ -469,8 +505,14 @@ mod tests {
     fn a_forced_call_finishes_as_openai_says_and_length_wins() {
         let named = ToolCalling::Named("f".into());
         assert_eq!(named.finish_reason(FinishReason::Eos), "stop");
-        assert_eq!(ToolCalling::Required.finish_reason(FinishReason::Eos), "tool_calls");
-        assert_eq!(ToolCalling::Required.finish_reason(FinishReason::Length), "length");
+        assert_eq!(
+            ToolCalling::Required.finish_reason(FinishReason::Eos),
+            "tool_calls"
+        );
+        assert_eq!(
+            ToolCalling::Required.finish_reason(FinishReason::Length),
+            "length"
+        );
         assert_eq!(named.finish_reason(FinishReason::Length), "length");
     }
 }

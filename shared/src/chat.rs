@@ -65,27 +65,19 @@ impl ChatMessage {
     }
 }
 
-// What a client may send for one message. Its schema is `ChatMessage`'s, hence the doc comment, which
-// becomes the schema's description.
-/// One message of a conversation; unknown fields are refused.
-#[derive(Deserialize, JsonSchema)]
+// What a client may send for one message. Its schema ([`ChatMessage`]'s) is written by hand: `content` may
+// be null only beside `tool_calls`, a relation the derive cannot state.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-#[schemars(rename = "ChatMessage")]
 struct WireMessage {
     role: Role,
-    /// A string, or an array of `{"type": "text", "text": …}` parts joined without separator; `null` only
-    /// on an assistant message with `tool_calls`.
     #[serde(default, deserialize_with = "content_text")]
-    #[schemars(with = "Option<ContentSchema>")]
     content: Option<String>,
-    /// The author's name. Accepted for OpenAI compatibility; templates do not see it.
     #[serde(default)]
     #[allow(dead_code)]
     name: Option<String>,
-    /// An assistant message's calls of the request's tools, as OpenAI's answer gave them.
     #[serde(default)]
     tool_calls: Option<Vec<ToolCall>>,
-    /// The call a `tool` message answers. Accepted for OpenAI compatibility; templates do not see it.
     #[serde(default)]
     #[allow(dead_code)]
     tool_call_id: Option<String>,
@@ -132,7 +124,9 @@ impl<'de> Deserialize<'de> for ChatMessage {
         let wire = WireMessage::deserialize(deserializer)?;
         let calls = wire.tool_calls.unwrap_or_default();
         if !calls.is_empty() && wire.role != Role::Assistant {
-            return Err(de::Error::custom("only an assistant message may carry `tool_calls`"));
+            return Err(de::Error::custom(
+                "only an assistant message may carry `tool_calls`",
+            ));
         }
         let content = match (wire.content, calls.is_empty()) {
             (Some(text), true) => text,
@@ -158,7 +152,50 @@ impl JsonSchema for ChatMessage {
     }
 
     fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        WireMessage::json_schema(generator)
+        let role = generator.subschema_for::<Role>();
+        let content = generator.subschema_for::<ContentSchema>();
+        let call = generator.subschema_for::<ToolCall>();
+        let name = serde_json::json!({
+            "description": "The author's name. Accepted for OpenAI compatibility; templates do not see it.",
+            "type": ["string", "null"],
+        });
+        let call_id = serde_json::json!({
+            "description": "The call a `tool` message answers. Accepted for OpenAI compatibility; templates do not \
+                see it.",
+            "type": ["string", "null"],
+        });
+        schemars::json_schema!({
+            "description": "One message of a conversation; unknown fields are refused. `content` is a string, or an \
+                array of `{\"type\": \"text\", \"text\": …}` parts joined without separator; it may be null \
+                (or absent) only on an assistant message with `tool_calls` (OpenAI's tool calls, as its answer gave \
+                them), which are folded into the content one line `{\"name\": …, \"arguments\": …}` a call.",
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "role": role,
+                        "content": content,
+                        "name": name,
+                        "tool_call_id": call_id,
+                        "tool_calls": {"type": ["array", "null"], "maxItems": 0},
+                    },
+                    "required": ["role", "content"],
+                    "additionalProperties": false,
+                },
+                {
+                    "type": "object",
+                    "properties": {
+                        "role": {"const": "assistant"},
+                        "content": {"anyOf": [content, {"type": "null"}]},
+                        "name": name,
+                        "tool_call_id": call_id,
+                        "tool_calls": {"type": "array", "items": call, "minItems": 1},
+                    },
+                    "required": ["role", "tool_calls"],
+                    "additionalProperties": false,
+                },
+            ],
+        })
     }
 }
 
@@ -344,7 +381,10 @@ mod tests {
                 {"id": "c", "type": "function", "function": {"name": "get", "arguments": "{}"}}]}"#,
         )
         .unwrap();
-        assert_eq!(with_text.content, "Let me look.\n{\"name\": \"get\", \"arguments\": {}}");
+        assert_eq!(
+            with_text.content,
+            "Let me look.\n{\"name\": \"get\", \"arguments\": {}}"
+        );
     }
 
     #[test]

@@ -126,7 +126,7 @@ impl<T> RecentGrammars<T> {
 }
 
 #[cfg(feature = "grammar")]
-pub use compile::{GrammarCompiler, Matcher, token_bytes};
+pub use compile::{GrammarCompiler, Matcher, grammar_schema, token_bytes};
 
 #[cfg(feature = "grammar")]
 mod compile {
@@ -189,6 +189,88 @@ mod compile {
         }
     }
 
+    /// A JSON Schema as the grammar reads it. Two readings where the schema leaves a choice, so that a
+    /// model cannot write forever where the schema does not ask it to:
+    /// - compact JSON (no whitespace between tokens) unless the schema's `x-guidance` says otherwise: with
+    ///   free whitespace a model may pad forever;
+    /// - an object that lists its `properties` takes only those unless it says otherwise
+    ///   (`additionalProperties`, `patternProperties`, `unevaluatedProperties`), as vLLM's default grammar
+    ///   engine (xgrammar, in its strict mode) reads it: schemas written for tool calls and structured output
+    ///   seldom say so, and a model free to add keys may write one key forever. The text is still valid
+    ///   against the schema as written. Objects inside an `allOf` are left open: each lists only its share of
+    ///   the properties.
+    pub fn grammar_schema(schema: &serde_json::Value) -> Result<serde_json::Value, GrammarError> {
+        let mut schema = schema.clone();
+        close_objects(&mut schema, true);
+        if let Some(obj) = schema.as_object_mut()
+            && !obj.contains_key("x-guidance")
+        {
+            let options = JsonCompileOptions {
+                whitespace_flexible: false,
+                ..Default::default()
+            };
+            obj.insert(
+                "x-guidance".into(),
+                serde_json::to_value(&options).map_err(|e| GrammarError(e.to_string()))?,
+            );
+        }
+        Ok(schema)
+    }
+
+    /// [`grammar_schema`]'s closing of objects, through every subschema (not through data: `const`, `enum`,
+    /// `default`, `examples`). `close` is false for the direct members of an `allOf`.
+    fn close_objects(schema: &mut serde_json::Value, close: bool) {
+        use serde_json::Value;
+        let Value::Object(map) = schema else {
+            return;
+        };
+        let says = [
+            "additionalProperties",
+            "patternProperties",
+            "unevaluatedProperties",
+        ];
+        if close && map.contains_key("properties") && !says.iter().any(|k| map.contains_key(*k)) {
+            map.insert("additionalProperties".into(), Value::Bool(false));
+        }
+        for (key, value) in map.iter_mut() {
+            match key.as_str() {
+                // Maps from names to subschemas.
+                "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas" => {
+                    if let Value::Object(named) = value {
+                        named.values_mut().for_each(|v| close_objects(v, true));
+                    }
+                }
+                // Arrays of subschemas.
+                "anyOf" | "oneOf" | "prefixItems" => {
+                    if let Value::Array(list) = value {
+                        list.iter_mut().for_each(|v| close_objects(v, true));
+                    }
+                }
+                "allOf" => {
+                    if let Value::Array(list) = value {
+                        list.iter_mut().for_each(|v| close_objects(v, false));
+                    }
+                }
+                // One subschema (or, for `items`, an array of them in older drafts).
+                "items"
+                | "additionalProperties"
+                | "unevaluatedProperties"
+                | "additionalItems"
+                | "unevaluatedItems"
+                | "not"
+                | "if"
+                | "then"
+                | "else"
+                | "contains"
+                | "propertyNames" => match value {
+                    Value::Array(list) => list.iter_mut().for_each(|v| close_objects(v, true)),
+                    v => close_objects(v, true),
+                },
+                _ => {}
+            }
+        }
+    }
+
     impl GrammarCompiler {
         /// For a model whose logits have `vocab_size` entries (at least the tokenizer's; ids past it never
         /// match a grammar) and whose end of text is `eos`.
@@ -221,23 +303,7 @@ mod compile {
         pub fn compile(&self, grammar: &Grammar) -> Result<Matcher, GrammarError> {
             grammar.check()?;
             let top = match grammar {
-                Grammar::Json(schema) => {
-                    let mut schema = schema.clone();
-                    // Compact JSON unless the schema chooses: with free whitespace a model may pad forever.
-                    if let Some(obj) = schema.as_object_mut()
-                        && !obj.contains_key("x-guidance")
-                    {
-                        let options = JsonCompileOptions {
-                            whitespace_flexible: false,
-                            ..Default::default()
-                        };
-                        obj.insert(
-                            "x-guidance".into(),
-                            serde_json::to_value(&options).map_err(|e| GrammarError(e.to_string()))?,
-                        );
-                    }
-                    TopLevelGrammar::from_json_schema(schema)
-                }
+                Grammar::Json(schema) => TopLevelGrammar::from_json_schema(grammar_schema(schema)?),
                 Grammar::Regex(pattern) => {
                     // llguidance would accept an invalid pattern lazily; the regex parser names the problem.
                     regex_syntax::Parser::new()
@@ -270,6 +336,46 @@ mod compile {
         fn compiler() -> GrammarCompiler {
             let tokenizer = tokenizers::Tokenizer::from_bytes(crate::tokens::GPTJ_TOKENIZER_JSON).unwrap();
             GrammarCompiler::new(&tokenizer, 50400, 50256).unwrap()
+        }
+
+        #[test]
+        fn objects_that_list_their_properties_take_only_those_unless_they_say_otherwise() {
+            let schema = serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+                    "open": {"type": "object", "properties": {}, "additionalProperties": true},
+                    "any": {"type": "object"},
+                    "properties": {"const": {"properties": {}}},
+                    "list": {"type": "array", "items": {"$ref": "#/$defs/Item"}},
+                    "both": {"allOf": [{"properties": {"x": {}}}, {"properties": {"y": {}}}]},
+                },
+                "$defs": {"Item": {"anyOf": [{"properties": {"c": {}}}, {"type": "null"}]}},
+            });
+            let read = grammar_schema(&schema).unwrap();
+            assert_eq!(read["additionalProperties"], false);
+            assert_eq!(read["properties"]["a"]["additionalProperties"], false);
+            assert_eq!(read["properties"]["open"]["additionalProperties"], true);
+            assert!(
+                read["properties"]["any"].get("additionalProperties").is_none(),
+                "no list, left open"
+            );
+            assert!(
+                read["properties"]["properties"]["const"]
+                    .get("additionalProperties")
+                    .is_none(),
+                "data"
+            );
+            assert_eq!(read["$defs"]["Item"]["anyOf"][0]["additionalProperties"], false);
+            assert!(
+                read["properties"]["both"]["allOf"][0]
+                    .get("additionalProperties")
+                    .is_none()
+            );
+            assert_eq!(read["x-guidance"]["whitespace_flexible"], false);
+            // Still valid against the schema as written: a subset of its values.
+            let m = compiler().compile(&Grammar::Json(schema)).unwrap();
+            assert!(m.get_error().is_none());
         }
 
         /// Walks the matcher greedily through `text`'s tokens, checking each is allowed by the mask.

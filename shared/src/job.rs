@@ -7,15 +7,16 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{ChatError, ChatMessage, clean_messages};
+use crate::chat::{ChatError, ChatMessage, Role, clean_messages};
 use crate::params::{GenerationParameters, GenerationPlan, InvalidParameter};
 use crate::prompt::{PromptError, PromptRules};
 
-/// The newest body version this build reads: 2 added `parameters.grammar`, 3 `deadline_ms`. It reads every
-/// version from [`OLDEST_JOB_SCHEMA_VERSION`] on, and writes the oldest that holds the body (1 without a
-/// grammar or a deadline), so the workers of the last release keep taking the jobs they can run during a
+/// The newest body version this build reads: 2 added `parameters.grammar`, 3 `deadline_ms`, 4 the `tool`
+/// role and assistant messages' `tool_calls` in `messages`. It reads every version from
+/// [`OLDEST_JOB_SCHEMA_VERSION`] on, and writes the oldest that holds the body (1 without a grammar, a
+/// deadline or a tool turn), so the workers of the last release keep taking the jobs they can run during a
 /// rolling upgrade.
-pub const JOB_SCHEMA_VERSION: u32 = 3;
+pub const JOB_SCHEMA_VERSION: u32 = 4;
 /// The oldest body version this build reads.
 pub const OLDEST_JOB_SCHEMA_VERSION: u32 = 1;
 
@@ -48,8 +49,8 @@ impl std::str::FromStr for JobId {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
-    /// Body version: 1; 2 for a body with `parameters.grammar`; 3 for a body with `deadline_ms`. This build
-    /// understands 1 to 3.
+    /// Body version: 1; 2 for a body with `parameters.grammar`; 3 for a body with `deadline_ms`; 4 for
+    /// `messages` with a `tool` message or `tool_calls`. This build understands 1 to 4.
     pub version: u32,
     /// The prompt text. Workers apply their prompt rules to it again: by default the text as written, less
     /// control characters other than tab, newline and carriage return, and bounded in tokens by the
@@ -110,7 +111,7 @@ pub struct ValidJob {
 impl JobRequest {
     pub fn new(prompt: impl Into<String>, parameters: GenerationParameters) -> Self {
         Self {
-            version: version_for(&parameters, None),
+            version: version_for(&parameters, None, None),
             prompt: prompt.into(),
             messages: None,
             parameters,
@@ -122,7 +123,7 @@ impl JobRequest {
     /// The same job with a deadline (ms since the Unix epoch), in the version that holds it.
     pub fn with_deadline(self, deadline_ms: u64) -> Self {
         Self {
-            version: version_for(&self.parameters, Some(deadline_ms)),
+            version: version_for(&self.parameters, Some(deadline_ms), self.messages.as_deref()),
             deadline_ms: Some(deadline_ms),
             ..self
         }
@@ -131,6 +132,7 @@ impl JobRequest {
     /// A chat job: the worker renders `messages` with its chat template.
     pub fn chat(messages: Vec<ChatMessage>, parameters: GenerationParameters) -> Self {
         Self {
+            version: version_for(&parameters, None, Some(&messages)),
             messages: Some(messages),
             ..Self::new("", parameters)
         }
@@ -158,8 +160,14 @@ impl JobRequest {
 }
 
 /// The oldest body version that holds these parameters and this deadline.
-fn version_for(parameters: &GenerationParameters, deadline_ms: Option<u64>) -> u32 {
-    if deadline_ms.is_some() {
+fn version_for(
+    parameters: &GenerationParameters,
+    deadline_ms: Option<u64>,
+    messages: Option<&[ChatMessage]>,
+) -> u32 {
+    if messages.is_some_and(|m| m.iter().any(|m| m.role == Role::Tool)) {
+        4
+    } else if deadline_ms.is_some() {
         3
     } else if parameters.grammar.is_some() {
         2
@@ -172,7 +180,7 @@ impl ValidJob {
     /// The body to publish: the prompt through the rules, so workers see what the gateway accepted.
     pub fn to_request(&self) -> JobRequest {
         JobRequest {
-            version: version_for(&self.parameters, self.deadline_ms),
+            version: version_for(&self.parameters, self.deadline_ms, self.messages.as_deref()),
             prompt: self.prompt.clone(),
             messages: self.messages.clone(),
             parameters: self.parameters.clone(),
@@ -248,6 +256,15 @@ mod tests {
         assert_eq!(constrained.version, 2);
         let valid = constrained.into_valid(&PromptRules::default()).unwrap();
         assert_eq!(valid.to_request().version, 2);
+        let user = ChatMessage::new(Role::User, "hi");
+        assert_eq!(
+            JobRequest::chat(vec![user.clone()], Default::default()).version,
+            1
+        );
+        let tool_turn = JobRequest::chat(vec![user, ChatMessage::new(Role::Tool, "42")], Default::default());
+        assert_eq!(tool_turn.version, 4);
+        let valid = tool_turn.into_valid(&PromptRules::AsWritten).unwrap();
+        assert_eq!(valid.to_request().version, 4);
     }
 
     #[test]

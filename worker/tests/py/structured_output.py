@@ -160,7 +160,9 @@ except openai.BadRequestError as e:
 
 # LangChain's function calling forces the call the same way.
 for model in (Person, Vote, Reading):
-    out = llm.with_structured_output(model, method="function_calling").invoke(f"Give a {model.__name__}.")
-    check(isinstance(out, model), f"LangChain with_structured_output({model.__name__}, function_calling): {out!r}")
+    out = llm.with_structured_output(model, method="function_calling", include_raw=True).invoke(
+        f"Give a {model.__name__}.")
+    check(isinstance(out["parsed"], model),
+          f"LangChain with_structured_output({model.__name__}, function_calling): {out!r}")
 
 print("all structured output checks passed")
