@@ -290,6 +290,30 @@ impl SlotCache {
         Ok(())
     }
 
+    /// Rows `row..row + n`, their first `len` positions, copied out as a cache of their own (`[n, heads,
+    /// len, head_dim]` a layer, on each layer's device): a paused sequence's keys, which [`SlotCache::load`]
+    /// puts back into any free rows. One copy per layer and key/value.
+    pub fn save_rows(&mut self, row: usize, n: usize, len: usize) -> Result<KvCache, tch::TchError> {
+        let mut out = KvCache::new(self.n_layer);
+        self.copies += 2 * self.n_layer;
+        for g in self.allocated()? {
+            for i in 0..g.count {
+                let [k, v] = g.tensors().map(|x| {
+                    let rows = x
+                        .f_select(0, i as i64)?
+                        .f_narrow(0, row as i64, n as i64)?
+                        .f_narrow(2, 0, len as i64)?;
+                    // A fresh tensor, never a view: the rows are reused once the sequence is out.
+                    let mut copy = Tensor::f_empty(rows.size(), (rows.kind(), rows.device()))?;
+                    copy.f_copy_(&rows)?;
+                    Ok::<_, tch::TchError>(copy)
+                });
+                out.set_layer(g.first + i, k?, v?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Rows `row0..row0 + sources.len()` become copies of rows `row0 + sources[j]` (first `len` positions):
     /// beam search keeping the continuations of its best beams. One gather and one copy per device.
     pub fn reorder(&mut self, row0: usize, sources: &[i64], len: usize) -> Result<(), tch::TchError> {

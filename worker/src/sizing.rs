@@ -109,6 +109,9 @@ impl Memory {
 pub struct BatchLimits {
     pub max_batch_size: usize,
     pub max_batch_tokens: usize,
+    /// Whether layers run on a GPU, where a step of a few more rows costs about what one row costs (the
+    /// default of `--pause-batch-lane` follows it).
+    pub on_gpu: bool,
 }
 
 /// The batch's bounds: those given, and for those not given what the memory affords.
@@ -136,6 +139,7 @@ pub fn batch_limits(
     BatchLimits {
         max_batch_size,
         max_batch_tokens,
+        on_gpu: memory.on_gpu(),
     }
 }
 
@@ -223,7 +227,8 @@ mod tests {
             limits,
             BatchLimits {
                 max_batch_size: 8,
-                max_batch_tokens: 8 * 2048
+                max_batch_tokens: 8 * 2048,
+                on_gpu: true,
             }
         );
         let limits = batch_limits(&memory, None, Some(10_000));

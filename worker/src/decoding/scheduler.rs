@@ -73,6 +73,11 @@ pub struct JoinPolicy {
     /// round are prefilled together, left-padded, up to this many; a longer prompt is prefilled in chunks
     /// of this many tokens, one a step, while the batch decodes.
     pub max_prefill_tokens: usize,
+    /// Whether batch-lane sequences pause while an interactive one runs: their keys leave the batch's rows
+    /// (one copy) and come back (another) once no interactive sequence runs, and batch-lane newcomers
+    /// wait meanwhile. Where a step's cost grows with its rows (a CPU), an interactive job then decodes as
+    /// fast as alone; on a GPU, where a few more rows cost almost nothing, sharing the steps is better.
+    pub pause_batch: bool,
 }
 
 impl Default for JoinPolicy {
@@ -82,6 +87,7 @@ impl Default for JoinPolicy {
             max_waiting_steps: 0,
             waiting_served_ratio: 0.3,
             max_prefill_tokens: DEFAULT_MAX_PREFILL_TOKENS,
+            pause_batch: false,
         }
     }
 }
@@ -96,6 +102,7 @@ impl Limits {
                 max_waiting_steps: 0,
                 waiting_served_ratio: 0.0,
                 max_prefill_tokens: DEFAULT_MAX_PREFILL_TOKENS,
+                pause_batch: false,
             },
         }
     }
@@ -226,6 +233,7 @@ struct Entering {
 
 struct Running {
     id: u64,
+    lane: Lane,
     common: Common,
     machine: Machine,
     /// First cache row; rows `row0..row0 + machine.rows()`.
@@ -247,12 +255,21 @@ struct Running {
     batch_size: usize,
 }
 
+/// A batch-lane sequence paused while interactive ones run ([`JoinPolicy::pause_batch`]): its state, and
+/// its keys out of the batch's rows.
+struct Paused {
+    seq: Running,
+    keys: KvCache,
+}
+
 /// The running batch and the queue in front of it.
 pub struct Scheduler<'a> {
     ctx: Context<'a>,
     limits: Limits,
     cache: SlotCache,
     running: Vec<Running>,
+    /// Paused sequences, oldest first: they resume in that order.
+    paused: Vec<Paused>,
     waiting: VecDeque<Waiting>,
     steps_since_join: usize,
     /// The last decode pass's logits, every sequence's rows: greedy and sampling rows pick from it together
@@ -275,6 +292,7 @@ impl<'a> Scheduler<'a> {
             limits,
             cache: SlotCache::new(info.n_layer),
             running: Vec::new(),
+            paused: Vec::new(),
             waiting: VecDeque::new(),
             steps_since_join: 0,
             step_logits: None,
@@ -338,7 +356,10 @@ impl<'a> Scheduler<'a> {
 
     /// Whether anything is running or waiting.
     pub fn has_work(&self) -> bool {
-        !self.running.is_empty() || !self.waiting.is_empty() || self.prefilling.is_some()
+        !self.running.is_empty()
+            || !self.waiting.is_empty()
+            || self.prefilling.is_some()
+            || !self.paused.is_empty()
     }
 
     /// Removes a sequence, waiting or running; `false` when it is not here (finished, or never submitted).
@@ -360,12 +381,16 @@ impl<'a> Scheduler<'a> {
             self.compact();
             return true;
         }
+        if let Some(i) = self.paused.iter().position(|p| p.seq.id == id) {
+            self.paused.remove(i);
+            return true;
+        }
         false
     }
 
     pub fn stats(&self) -> Stats {
         Stats {
-            running: self.running.len(),
+            running: self.running.len() + self.paused.len(),
             waiting: self.waiting.len() + usize::from(self.prefilling.is_some()),
             rows: self.rows_used(),
             kv_used: self.running.iter().map(|r| r.machine.rows() * r.len).sum(),
@@ -396,6 +421,7 @@ impl<'a> Scheduler<'a> {
         let mut events = Vec::new();
         let admitting = Instant::now();
         self.admit(&mut events);
+        self.pause_or_resume(&mut events);
         self.profile.prefill = admitting.elapsed();
         if self.running.is_empty() {
             return events;
@@ -569,6 +595,83 @@ impl<'a> Scheduler<'a> {
         picked
     }
 
+    /// [`JoinPolicy::pause_batch`]: pauses every running batch-lane sequence while an interactive one runs,
+    /// and otherwise resumes the paused ones, oldest first, as the budget has room.
+    fn pause_or_resume(&mut self, events: &mut Vec<Event>) {
+        if !self.limits.join.pause_batch {
+            return;
+        }
+        if self.running.iter().any(|r| r.lane == Lane::Interactive) {
+            let batch: Vec<usize> = (0..self.running.len())
+                .filter(|&i| self.running[i].lane == Lane::Batch)
+                .collect();
+            if batch.is_empty() {
+                return;
+            }
+            let started = Instant::now();
+            for i in batch.into_iter().rev() {
+                let mut seq = self.running.remove(i);
+                // Its next choice reads the last pass's logits: it keeps its rows of them.
+                if let (Some(row), Some(step)) = (seq.logits_row.take(), self.step_logits.as_ref())
+                    && seq.logits.is_none()
+                {
+                    seq.logits = step.f_narrow(0, row as i64, seq.machine.rows() as i64).ok();
+                }
+                match self.cache.save_rows(seq.row0, seq.machine.rows(), seq.len) {
+                    Ok(keys) => self.paused.push(Paused { seq, keys }),
+                    Err(e) => {
+                        tracing::error!(error = %e, "pausing a sequence failed");
+                        let e = DecodeError::Invalid(format!("pausing the sequence failed: {e}"));
+                        events.push(Event::Finished {
+                            id: seq.id,
+                            result: Err(e),
+                        });
+                    }
+                }
+            }
+            // Paused in reverse order of rows: the oldest first again.
+            self.paused.sort_by_key(|p| p.seq.joined);
+            self.compact();
+            self.profile.maintenance += started.elapsed();
+            return;
+        }
+        let started = Instant::now();
+        while let Some(p) = self.paused.first() {
+            let (rows, queries, need) = (p.seq.machine.rows(), p.seq.machine.queries(), p.seq.need);
+            let Some(alloc) = self.allocation(rows, queries, need) else {
+                break; // the budget has no room yet: it resumes when running sequences leave
+            };
+            let Paused { mut seq, keys } = self.paused.remove(0);
+            let resumed = guarded(|| {
+                if alloc != (self.cache.rows(), self.cache.positions()) {
+                    let used = self.running.iter().map(|r| r.len).max().unwrap_or(0);
+                    self.cache
+                        .reserve(alloc.0, alloc.1, self.rows_used(), used, &keys)?;
+                }
+                let row0 = self.rows_used();
+                for b in 0..rows {
+                    self.cache.load(row0 + b, 1, &keys, b, 0, seq.len)?;
+                }
+                Ok(row0)
+            });
+            match resumed {
+                Ok(row0) => {
+                    seq.row0 = row0;
+                    self.running.push(seq);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "resuming a paused sequence failed");
+                    let e = DecodeError::Invalid(format!("resuming the sequence failed: {e}"));
+                    events.push(Event::Finished {
+                        id: seq.id,
+                        result: Err(e),
+                    });
+                }
+            }
+        }
+        self.profile.maintenance += started.elapsed();
+    }
+
     fn rows_used(&self) -> usize {
         self.running.iter().map(|r| r.machine.rows()).sum()
     }
@@ -604,8 +707,17 @@ impl<'a> Scheduler<'a> {
         let mut longest = self.running.iter().map(|r| r.need).max().unwrap_or(0);
         let mut alloc = (self.cache.rows(), self.cache.positions());
         let mut longest_prompt = 0;
+        let interactive = self.running.iter().any(|r| r.lane == Lane::Interactive);
         while let Some(w) = self.waiting.front() {
-            if self.running.len() + picked.len() >= self.limits.max_batch_size {
+            if self.running.len() + self.paused.len() + picked.len() >= self.limits.max_batch_size {
+                break;
+            }
+            // Batch-lane newcomers wait while batch sequences are paused (they would be paused at once, or
+            // take the room the paused ones come back to). Interactive ones wait ahead of them in line.
+            let pausing = interactive
+                || !self.paused.is_empty()
+                || picked.iter().any(|p| p.request.lane == Lane::Interactive);
+            if self.limits.join.pause_batch && w.request.lane == Lane::Batch && pausing {
                 break;
             }
             let (machine, need, p) = (&w.machine, w.need, w.request.prompt.len());
@@ -890,6 +1002,7 @@ impl<'a> Scheduler<'a> {
             self.cache.load(row0, rows, prefill, e.row, e.pad, p)?;
             self.running.push(Running {
                 id: request.id,
+                lane: request.lane,
                 common,
                 machine,
                 row0,

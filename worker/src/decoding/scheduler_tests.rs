@@ -147,6 +147,7 @@ fn quick() -> Limits {
             max_waiting_steps: 0,
             waiting_served_ratio: 0.0,
             max_prefill_tokens: 4096,
+            pause_batch: false,
         },
     }
 }
@@ -183,6 +184,7 @@ fn rate_limited_joins_and_a_tight_budget_change_no_token() {
             waiting_served_ratio: 2.0,
             // Prefill rounds split: at most two short prompts a round.
             max_prefill_tokens: 12,
+            pause_batch: false,
         },
     };
     let (results, widest) = staggered(&lm, &Letters, limits, &jobs, &arrivals);
@@ -651,4 +653,105 @@ fn the_place_in_line_is_behind_the_own_lane_and_ahead_of_lower_ones() {
     );
     assert_eq!(place_in_line([Interactive, Batch].into_iter(), Batch), 2);
     assert_eq!(place_in_line([Batch, Batch].into_iter(), Interactive), 0);
+}
+
+#[test]
+fn batch_sequences_pause_while_an_interactive_one_runs_and_resume_with_the_tokens_they_get_alone() {
+    let lm = HashLm::new(40, None);
+    let jobs = mixed();
+    let limits = Limits {
+        join: JoinPolicy {
+            pause_batch: true,
+            ..quick().join
+        },
+        ..quick()
+    };
+    let mut s = Scheduler::new(&lm, &Letters, limits);
+    let lane = |i: usize, lane| Request {
+        lane,
+        ..request(&jobs, i)
+    };
+    // Every strategy on the batch lane, decoding for a few steps.
+    let batch: Vec<usize> = (1..jobs.len()).collect();
+    for &i in &batch {
+        s.submit(lane(i, Lane::Batch)).unwrap();
+    }
+    let mut results = HashMap::new();
+    let mut record = |events: Vec<Event>, results: &mut HashMap<u64, _>| -> Vec<u64> {
+        let mut tokens = Vec::new();
+        for event in events {
+            match event {
+                Event::Tokens { id, .. } => tokens.push(id),
+                Event::Finished { id, result } => {
+                    results.insert(id, result);
+                }
+                Event::Joined { .. } => {}
+            }
+        }
+        tokens
+    };
+    for _ in 0..3 {
+        record(s.step(), &mut results);
+    }
+    // An interactive job arrives: from the step it joins until it leaves, no batch sequence advances, and
+    // a batch job arriving meanwhile waits.
+    s.submit(lane(0, Lane::Interactive)).unwrap();
+    let mut late = Some(lane(8, Lane::Batch));
+    let (interactive_steps, mut step) = (jobs[0].1.max_new_tokens, 0);
+    while !results.contains_key(&0) {
+        let advanced = record(s.step(), &mut results);
+        assert!(
+            advanced.iter().all(|&id| id == 0),
+            "only the interactive job advances while it runs: {advanced:?}"
+        );
+        if let Some(r) = late.take() {
+            // Job 8 is already running on the batch lane; a fresh copy under another id arrives late.
+            s.submit(Request { id: 100, ..r }).unwrap();
+        }
+        if !results.contains_key(&0) {
+            assert_eq!(
+                s.stats().rows,
+                1,
+                "the batch's rows hold the interactive job alone"
+            );
+        }
+        step += 1;
+        assert!(
+            step <= interactive_steps + 1,
+            "the interactive job ran at one token a step"
+        );
+    }
+    // Then the batch lane resumes, and the latecomer joins.
+    while s.has_work() {
+        record(s.step(), &mut results);
+    }
+    let expected = |i: usize| alone(&lm, &jobs[i].0, &jobs[i].1);
+    for i in std::iter::once(0).chain(batch) {
+        let got = results[&(i as u64)].as_ref().expect("succeeds");
+        assert_eq!(got.decoded, expected(i), "job {i}: {:?}", jobs[i].1);
+    }
+    assert_eq!(results[&100].as_ref().expect("succeeds").decoded, expected(8));
+}
+
+#[test]
+fn without_pausing_the_lanes_share_every_step() {
+    let lm = HashLm::new(40, None);
+    let jobs = mixed();
+    let mut s = Scheduler::new(&lm, &Letters, quick());
+    s.submit(Request {
+        lane: Lane::Batch,
+        ..request(&jobs, 0)
+    })
+    .unwrap();
+    s.step();
+    s.submit(request(&jobs, 6)).unwrap();
+    let events = s.step();
+    for id in [0, 6] {
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Tokens { id: i, .. } if *i == id)),
+            "job {id} advances in the shared step: {events:?}"
+        );
+    }
 }

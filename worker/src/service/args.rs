@@ -54,6 +54,13 @@ pub struct ServeArgs {
     /// many tokens, one a step, while the batch decodes.
     #[arg(long, env = "MAX_PREFILL_TOKENS", default_value_t = crate::decoding::scheduler::DEFAULT_MAX_PREFILL_TOKENS)]
     pub max_prefill_tokens: usize,
+    /// Whether batch-lane jobs pause while interactive ones run: `on`, `off`, or `auto` (on unless layers
+    /// run on a GPU). Paused, a job's keys leave the batch (one copy) and come back when no interactive
+    /// job runs, and batch-lane jobs wait to join. On a CPU a step costs more the more rows it has, so an
+    /// interactive job then decodes as fast as on an idle worker; on a GPU a few more rows cost almost
+    /// nothing, and sharing the steps keeps the batch lane going.
+    #[arg(long, env = "PAUSE_BATCH_LANE", value_enum, default_value_t = Toggle::Auto)]
+    pub pause_batch_lane: Toggle,
     /// Jobs the broker may hand this worker before it acknowledges one [default: --max-batch-size]. More
     /// than the batch holds only saves a round trip, and holds jobs other workers could have started.
     #[arg(long, env = "PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
@@ -168,9 +175,23 @@ impl ServeArgs {
                 max_waiting_steps: self.max_waiting_steps,
                 waiting_served_ratio: self.waiting_served_ratio,
                 max_prefill_tokens: self.max_prefill_tokens,
+                pause_batch: false,
+            },
+            pause_batch: match self.pause_batch_lane {
+                Toggle::Auto => None,
+                Toggle::On => Some(true),
+                Toggle::Off => Some(false),
             },
         }
     }
+}
+
+/// A setting that is on, off, or chosen from the devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Toggle {
+    Auto,
+    On,
+    Off,
 }
 
 /// `HOSTNAME-PID`: unique on a host, and tells an operator which machine and process answered.

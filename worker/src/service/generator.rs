@@ -73,6 +73,9 @@ pub struct BatchSettings {
     pub max_batch_size: Option<usize>,
     pub max_batch_tokens: Option<usize>,
     pub join: JoinPolicy,
+    /// `--pause-batch-lane`: `None` pauses batch-lane sequences while interactive ones run unless layers
+    /// run on a GPU ([`JoinPolicy::pause_batch`]).
+    pub pause_batch: Option<bool>,
 }
 
 impl BatchSettings {
@@ -83,6 +86,7 @@ impl BatchSettings {
             max_batch_tokens: bounds.max_batch_tokens,
             join: JoinPolicy {
                 max_prefill_tokens: self.join.max_prefill_tokens.max(1),
+                pause_batch: self.pause_batch.unwrap_or(!bounds.on_gpu),
                 ..self.join
             },
         }
@@ -119,6 +123,7 @@ pub trait Generator {
         BatchLimits {
             max_batch_size: max_batch_size.unwrap_or(crate::sizing::CPU_BATCH_SIZE).max(1),
             max_batch_tokens: max_batch_tokens.unwrap_or(usize::MAX),
+            on_gpu: false,
         }
     }
     fn batcher(&self, limits: &Limits) -> Box<dyn Batcher + '_>;

@@ -215,7 +215,10 @@ mod tests {
         );
         assert_eq!(r.error.code, ErrorCode::InvalidParameter);
         assert!(r.error.message.contains("max_new_tokens"));
-        let future = format!(r#"{{"version":{},"prompt":"hi"}}"#, shared::JOB_SCHEMA_VERSION + 1);
+        let future = format!(
+            r#"{{"version":{},"prompt":"hi"}}"#,
+            shared::JOB_SCHEMA_VERSION + 1
+        );
         let r = refused(props(Some(ID), Some("q")), &future);
         assert_eq!(r.error.code, ErrorCode::UnsupportedVersion);
     }
