@@ -11,7 +11,8 @@
 # Knobs (environment): THREADS (2) libtorch threads; MAX_BATCH_SIZE (8); RESERVE (1, --interactive-reserve);
 # BACKLOG (2000) batch jobs queued, BATCH_TOKENS (32) each; INTERACTIVE_JOBS (20), INTERACTIVE_TOKENS (16),
 # GAP (1.0 s between interactive arrivals); WINDOW (32 batch completions a tokens/s figure is taken over);
-# RUNS (1); MODELS (target/bench-models, shared with bench-serve.sh); PROFILE (release, or debug);
+# PAUSE (auto: the worker's --pause-batch-lane, which pauses batch-lane jobs while interactive ones run on a
+# CPU; on or off to compare); RUNS (1); MODELS (target/bench-models, shared with bench-serve.sh); PROFILE (release, or debug);
 # SKIP_BUILD=1. The backlog is not run to its end: the figures need it long, not finished; what is left is
 # deleted with the run's namespace (queues and Redis keys). Redis and RabbitMQ keep running.
 # shellcheck source-path=SCRIPTDIR source=lib.sh disable=SC1091
@@ -28,6 +29,7 @@ INTERACTIVE_TOKENS="${INTERACTIVE_TOKENS:-16}"
 GAP="${GAP:-1.0}"
 WINDOW="${WINDOW:-32}"
 RUNS="${RUNS:-1}"
+PAUSE="${PAUSE:-auto}"
 PROFILE="${PROFILE:-release}"
 MODELS="${MODELS:-$ROOT/target/bench-models}"
 AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
@@ -36,7 +38,7 @@ NS="lanes$$"
 
 COMMAND="THREADS=$THREADS MAX_BATCH_SIZE=$MAX_BATCH_SIZE RESERVE=$RESERVE BACKLOG=$BACKLOG"
 COMMAND+=" BATCH_TOKENS=$BATCH_TOKENS INTERACTIVE_JOBS=$INTERACTIVE_JOBS INTERACTIVE_TOKENS=$INTERACTIVE_TOKENS"
-COMMAND+=" GAP=$GAP WINDOW=$WINDOW RUNS=$RUNS PROFILE=$PROFILE scripts/bench-lanes.sh"
+COMMAND+=" GAP=$GAP WINDOW=$WINDOW PAUSE=$PAUSE RUNS=$RUNS PROFILE=$PROFILE scripts/bench-lanes.sh"
 
 ensure_venv
 ensure_services
@@ -60,6 +62,7 @@ log "benchmarking lanes in namespace $NS (model in $MODELS/medium, logs in targe
   --threads "$THREADS" \
   --max-batch-size "$MAX_BATCH_SIZE" \
   --reserve "$RESERVE" \
+  --pause "$PAUSE" \
   --backlog "$BACKLOG" \
   --batch-tokens "$BATCH_TOKENS" \
   --interactive-jobs "$INTERACTIVE_JOBS" \

@@ -167,7 +167,7 @@ def start_worker(args):
     cmd = [args.worker, "serve", "--model", args.model, "--threads", str(args.threads), "--dtype", "float32",
            "--namespace", args.namespace, "--amqp-url", args.amqp_url, "--worker-id", "bench-lanes",
            "--max-batch-size", str(args.max_batch_size), "--interactive-reserve", str(args.reserve),
-           "--stream-tokens", "0"]
+           "--pause-batch-lane", args.pause, "--stream-tokens", "0"]
     log(f"starting the worker: {shlex.join(cmd)}")
     os.makedirs(args.log_dir, exist_ok=True)
     path = os.path.join(args.log_dir, "worker.log")
@@ -190,6 +190,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--reserve", type=int, default=1, help="--interactive-reserve")
+    p.add_argument("--pause", choices=["auto", "on", "off"], default="auto", help="--pause-batch-lane")
     p.add_argument("--backlog", type=int, default=2000)
     p.add_argument("--batch-tokens", type=int, default=32)
     p.add_argument("--interactive-jobs", type=int, default=20)
