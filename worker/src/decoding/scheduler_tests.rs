@@ -677,7 +677,7 @@ fn batch_sequences_pause_while_an_interactive_one_runs_and_resume_with_the_token
         s.submit(lane(i, Lane::Batch)).unwrap();
     }
     let mut results = HashMap::new();
-    let mut record = |events: Vec<Event>, results: &mut HashMap<u64, _>| -> Vec<u64> {
+    let record = |events: Vec<Event>, results: &mut HashMap<u64, _>| -> Vec<u64> {
         let mut tokens = Vec::new();
         for event in events {
             match event {
