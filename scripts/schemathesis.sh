@@ -114,7 +114,8 @@ STRATEGY = [
     ("invalid_parameter", r"for contrastive search", "top_k beyond 64 with contrastive search"),
     ("invalid_parameter", r"`temperature`: must be in \(0,", "temperature 0 (greedy) with strategy sample"),
     # A bound that is another field's value.
-    ("invalid_parameter", r"must not exceed max_new_tokens", "min_new_tokens above max_new_tokens"),
+    # (Named in OpenAI's terms on its routes: min_tokens above max_tokens.)
+    ("invalid_parameter", r"must not exceed max_(new_)?tokens", "min_new_tokens above max_new_tokens"),
 ]
 GRAMMAR = [
     # A grammar (a JSON Schema, a regular expression, a Lark grammar) is refused when it does not compile:
