@@ -85,7 +85,24 @@ pub async fn chat_completions(
         lane: req.lane().map_err(param_error)?,
         timeout_s: crate::deadline::timeout(req.timeout_s(), &headers)?,
     };
-    serve(app, caller, jobs, req.stream(), req.stream_usage()).await
+    let forced = matches!(jobs.plan.kind, Kind::Chat { tools: Some(_) });
+    serve(app, caller, jobs, req.stream(), req.stream_usage())
+        .await
+        .map_err(|e| if forced { blame_tools(e) } else { e })
+}
+
+/// A forced tool call's grammar is written from the tools' schemas: when it does not compile, `tools` is
+/// the field to blame, not `response_format`.
+fn blame_tools(e: ApiError) -> ApiError {
+    match e {
+        ApiError::InvalidJob(shared::job::InvalidJob::Parameter(p)) if p.field == "grammar" => {
+            ApiError::InvalidField {
+                field: "tools".to_owned(),
+                message: p.message,
+            }
+        }
+        e => e,
+    }
 }
 
 /// The header both OpenAI routes read besides the body, for the document.

@@ -158,6 +158,17 @@ try:
 except openai.BadRequestError as e:
     check(e.body.get("param") == "tool_choice", f"tool_choice auto is a 400 naming it: {e.body}")
 
+# A tool whose schema cannot compile is refused before it is queued, naming `tools`.
+broken = [{"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}]
+try:
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5,
+                                   tools=broken, tool_choice={"type": "function", "function": {"name": "f"}})
+    check(False, "a tool with a broken schema is refused")
+except openai.BadRequestError as e:
+    check(e.body.get("param") == "tools" and "missing" in e.body.get("message", ""),
+          f"a tool with a broken schema is a 400 naming tools: {e.body}")
+
 # LangChain's function calling forces the call the same way.
 for model in (Person, Vote, Reading):
     out = llm.with_structured_output(model, method="function_calling", include_raw=True).invoke(
