@@ -45,7 +45,7 @@ pub struct ParamError {
     pub message: String,
 }
 
-fn param_error(param: &str, message: impl Into<String>) -> ParamError {
+pub(crate) fn param_error(param: &str, message: impl Into<String>) -> ParamError {
     ParamError {
         param: param.to_owned(),
         message: message.into(),
@@ -769,6 +769,15 @@ impl ChatCompletionRequest {
     /// still validates them. `default_max_tokens` applies when neither `max_tokens` nor
     /// `max_completion_tokens` is given.
     pub fn parameters(&self, default_max_tokens: u32) -> Result<GenerationParameters, ParamError> {
+        self.parameters_and_tools(default_max_tokens).map(|(p, _)| p)
+    }
+
+    /// [`Self::parameters`], and how the answer makes the tool call the request forces, if any: `tools`
+    /// are read once, for both.
+    pub fn parameters_and_tools(
+        &self,
+        default_max_tokens: u32,
+    ) -> Result<(GenerationParameters, Option<ToolCalling>), ParamError> {
         if self.top_logprobs.is_some_and(|n| n > 0) && self.logprobs != Some(true) {
             return Err(param_error("top_logprobs", "needs `logprobs: true`"));
         }
@@ -784,7 +793,7 @@ impl ChatCompletionRequest {
                 "is not supported (OpenAI's deprecated function calling; use `tools` and `tool_choice`)",
             )?;
         }
-        let forced = self.tool_calling()?;
+        let forced = crate::tools::forced_call(self.tools.as_ref(), self.tool_choice.as_ref())?;
         let max_tokens = match (self.max_tokens, self.max_completion_tokens) {
             (Some(a), Some(b)) if a != b => {
                 return Err(param_error(
@@ -796,7 +805,8 @@ impl ChatCompletionRequest {
         };
         self.n()?;
         let mut p = self.shared().parameters(max_tokens)?;
-        if let Some((grammar, _)) = forced {
+        let mut tools = None;
+        if let Some((grammar, calling)) = forced {
             if p.grammar.is_some() {
                 return Err(param_error(
                     "tool_choice",
@@ -805,16 +815,12 @@ impl ChatCompletionRequest {
                 ));
             }
             p.grammar = Some(grammar);
+            tools = Some(calling);
         }
         if self.logprobs == Some(true) {
             p.logprobs = Some(self.top_logprobs.unwrap_or(0));
         }
-        Ok(p)
-    }
-
-    /// The tool call `tools` and `tool_choice` force, with the grammar that writes it ([`crate::tools`]).
-    pub fn tool_calling(&self) -> Result<Option<(Grammar, ToolCalling)>, ParamError> {
-        crate::tools::forced_call(self.tools.as_ref(), self.tool_choice.as_ref())
+        Ok((p, tools))
     }
 }
 

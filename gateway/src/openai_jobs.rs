@@ -70,11 +70,7 @@ impl Plan {
     /// `POST /v1/chat/completions`' jobs.
     pub fn chat(served_model: &str, req: &ChatCompletionRequest) -> Result<Self, ApiError> {
         check_model(served_model, &req.model)?;
-        let parameters = req.parameters(CHAT_MAX_TOKENS).map_err(param_error)?;
-        let tools = req
-            .tool_calling()
-            .map_err(param_error)?
-            .map(|(_, calling)| calling);
+        let (parameters, tools) = req.parameters_and_tools(CHAT_MAX_TOKENS).map_err(param_error)?;
         let n = req.n().map_err(param_error)?;
         let jobs = (0..n)
             .map(|choice| JobRequest::chat(req.messages.clone(), seeded(&parameters, choice)))

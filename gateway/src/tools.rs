@@ -16,7 +16,7 @@ use serde_json::Value;
 use shared::{FinishReason, Grammar};
 use utoipa::ToSchema;
 
-use crate::openai::ParamError;
+use crate::openai::{ParamError, param_error};
 
 /// Tools one request may declare at most (OpenAI's limit).
 pub const MAX_TOOLS: usize = 128;
@@ -96,13 +96,6 @@ pub struct FunctionDelta {
     pub arguments: String,
 }
 
-fn param_error(param: &str, message: impl Into<String>) -> ParamError {
-    ParamError {
-        param: param.to_owned(),
-        message: message.into(),
-    }
-}
-
 /// The tools a request declares (`null` and `[]` declare none), their names checked.
 fn declared(tools: Option<&Value>) -> Result<Vec<Function>, ParamError> {
     let Some(value) = tools.filter(|v| !v.is_null()) else {
@@ -175,14 +168,23 @@ pub fn forced_call(
              use `required` or `none`",
         )
     };
-    let calling = match choice {
+    let (grammar, calling) = match choice {
         None if functions.is_empty() => return Ok(None),
         None => return Err(auto()),
         Some(Value::String(s)) => match s.as_str() {
             "none" => return Ok(None),
             "auto" if functions.is_empty() => return Ok(None),
             "auto" => return Err(auto()),
-            "required" => ToolCalling::Required,
+            "required" if functions.is_empty() => {
+                return Err(param_error(
+                    "tool_choice",
+                    "forces a tool call but `tools` declares none",
+                ));
+            }
+            "required" => {
+                let lark = any_call_grammar(&functions).map_err(|e| param_error("tools", e.to_string()))?;
+                (Grammar::Lark(lark), ToolCalling::Required)
+            }
             other => {
                 return Err(param_error(
                     "tool_choice",
@@ -192,28 +194,13 @@ pub fn forced_call(
         },
         Some(named) => {
             let name = named_function(named)?;
-            if !functions.iter().any(|f| f.name == name) {
+            let Some(f) = functions.iter().find(|f| f.name == name) else {
                 return Err(param_error(
                     "tool_choice",
                     format!("names `{name}`, which `tools` does not declare"),
                 ));
-            }
-            ToolCalling::Named(name)
-        }
-    };
-    if functions.is_empty() {
-        return Err(param_error(
-            "tool_choice",
-            "forces a tool call but `tools` declares none",
-        ));
-    }
-    let grammar = match &calling {
-        ToolCalling::Named(name) => {
-            let f = functions.iter().find(|f| &f.name == name).expect("checked above");
-            Grammar::Json(arguments_schema(f))
-        }
-        ToolCalling::Required => {
-            Grammar::Lark(any_call_grammar(&functions).map_err(|e| param_error("tools", e.to_string()))?)
+            };
+            (Grammar::Json(arguments_schema(f)), ToolCalling::Named(name))
         }
     };
     grammar.check().map_err(|e| param_error("tools", e.to_string()))?;
@@ -302,12 +289,6 @@ impl ToolCalling {
             (Self::Required, _) => "tool_calls",
         }
     }
-
-    /// Whether the call's arguments stream as they are written (a named function's), or come whole at the
-    /// end (a `required` call's, whose name is known only once its text is).
-    pub fn streams_arguments(&self) -> bool {
-        matches!(self, Self::Named(_))
-    }
 }
 
 impl ToolCallDelta {
@@ -324,13 +305,11 @@ impl ToolCallDelta {
         }
     }
 
-    /// A piece of a named call's arguments; the first (given the call's id and calling) also names it.
-    pub fn arguments(first: Option<(String, &ToolCalling)>, arguments: String) -> Self {
-        let (id, name) = match first {
-            Some((id, ToolCalling::Named(name))) => (Some(id), Some(name.clone())),
-            Some((id, ToolCalling::Required)) => (Some(id), None),
-            None => (None, None),
-        };
+    /// A piece of a named call's arguments, as they are written; the first (given the call's id and the
+    /// function's name) also says which call it is. A `required` call's name is known only once its text is
+    /// whole, so it goes in one piece ([`ToolCallDelta::whole`]).
+    pub fn arguments(first: Option<(String, &str)>, arguments: String) -> Self {
+        let (id, name) = first.map(|(id, name)| (id, name.to_owned())).unzip();
         Self {
             index: 0,
             kind: id.as_ref().map(|_| "function"),

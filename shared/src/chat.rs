@@ -111,7 +111,8 @@ impl ToolCall {
     /// (the model wrote them under a grammar), else as a JSON string.
     fn line(&self) -> String {
         let name = serde_json::Value::String(self.function.name.clone());
-        let arguments = match serde_json::from_str::<serde_json::Value>(&self.function.arguments) {
+        // Checked, not kept: the text as written goes into the line.
+        let arguments = match serde_json::from_str::<serde::de::IgnoredAny>(&self.function.arguments) {
             Ok(_) => self.function.arguments.trim().to_owned(),
             Err(_) => serde_json::Value::String(self.function.arguments.clone()).to_string(),
         };

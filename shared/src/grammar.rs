@@ -232,6 +232,11 @@ mod compile {
         if close && map.contains_key("properties") && !says.iter().any(|k| map.contains_key(*k)) {
             map.insert("additionalProperties".into(), Value::Bool(false));
         }
+        // A keyword's subschemas: one, or an array of them (`anyOf`, `prefixItems`, older drafts' `items`).
+        let each = |value: &mut Value, close: bool| match value {
+            Value::Array(list) => list.iter_mut().for_each(|v| close_objects(v, close)),
+            v => close_objects(v, close),
+        };
         for (key, value) in map.iter_mut() {
             match key.as_str() {
                 // Maps from names to subschemas.
@@ -240,19 +245,11 @@ mod compile {
                         named.values_mut().for_each(|v| close_objects(v, true));
                     }
                 }
-                // Arrays of subschemas.
-                "anyOf" | "oneOf" | "prefixItems" => {
-                    if let Value::Array(list) = value {
-                        list.iter_mut().for_each(|v| close_objects(v, true));
-                    }
-                }
-                "allOf" => {
-                    if let Value::Array(list) = value {
-                        list.iter_mut().for_each(|v| close_objects(v, false));
-                    }
-                }
-                // One subschema (or, for `items`, an array of them in older drafts).
-                "items"
+                "allOf" => each(value, false),
+                "anyOf"
+                | "oneOf"
+                | "prefixItems"
+                | "items"
                 | "additionalProperties"
                 | "unevaluatedProperties"
                 | "additionalItems"
@@ -262,10 +259,7 @@ mod compile {
                 | "then"
                 | "else"
                 | "contains"
-                | "propertyNames" => match value {
-                    Value::Array(list) => list.iter_mut().for_each(|v| close_objects(v, true)),
-                    v => close_objects(v, true),
-                },
+                | "propertyNames" => each(value, true),
                 _ => {}
             }
         }

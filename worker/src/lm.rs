@@ -298,15 +298,12 @@ impl SlotCache {
         self.copies += 2 * self.n_layer;
         for g in self.allocated()? {
             for i in 0..g.count {
+                // A copy, never a view: the rows are reused once the sequence is out.
                 let [k, v] = g.tensors().map(|x| {
-                    let rows = x
-                        .f_select(0, i as i64)?
+                    x.f_select(0, i as i64)?
                         .f_narrow(0, row as i64, n as i64)?
-                        .f_narrow(2, 0, len as i64)?;
-                    // A fresh tensor, never a view: the rows are reused once the sequence is out.
-                    let mut copy = Tensor::f_empty(rows.size(), (rows.kind(), rows.device()))?;
-                    copy.f_copy_(&rows)?;
-                    Ok::<_, tch::TchError>(copy)
+                        .f_narrow(2, 0, len as i64)?
+                        .f_detach_copy()
                 });
                 out.set_layer(g.first + i, k?, v?);
             }

@@ -33,7 +33,7 @@ use crate::openai::{
     CompletionRequest, Head, Model, ModelList, StreamUsage, Usage,
 };
 use crate::openai_jobs::{Kind, Meta, Plan, answer, check_model, finished, param_error, usage};
-use crate::tools::ToolCallDelta;
+use crate::tools::{ToolCallDelta, ToolCalling};
 use crate::waiters::Interest;
 
 #[utoipa::path(
@@ -380,10 +380,10 @@ impl Streamed {
                         pieces.push(ChatChunkChoice::finish(index, calling.finish_reason(reason)));
                         pieces
                     }
-                    (Some(calling), text, None) if calling.streams_arguments() => {
+                    (Some(ToolCalling::Named(name)), text, None) => {
                         let first = !std::mem::replace(&mut self.called[choice], true);
                         let piece = ToolCallDelta::arguments(
-                            first.then(|| (self.call_ids[choice].clone(), calling)),
+                            first.then(|| (self.call_ids[choice].clone(), name.as_str())),
                             text.unwrap_or_default(),
                         );
                         vec![ChatChunkChoice::tool_call(index, piece)]

@@ -601,7 +601,7 @@ impl<'a> Scheduler<'a> {
         if !self.limits.join.pause_batch {
             return;
         }
-        if self.running.iter().any(|r| r.lane == Lane::Interactive) {
+        if self.interactive_running() {
             let batch: Vec<usize> = (0..self.running.len())
                 .filter(|&i| self.running[i].lane == Lane::Batch)
                 .collect();
@@ -619,14 +619,7 @@ impl<'a> Scheduler<'a> {
                 }
                 match self.cache.save_rows(seq.row0, seq.machine.rows(), seq.len) {
                     Ok(keys) => self.paused.push(Paused { seq, keys }),
-                    Err(e) => {
-                        tracing::error!(error = %e, "pausing a sequence failed");
-                        let e = DecodeError::Invalid(format!("pausing the sequence failed: {e}"));
-                        events.push(Event::Finished {
-                            id: seq.id,
-                            result: Err(e),
-                        });
-                    }
+                    Err(e) => fail_alone(events, seq.id, "pausing", &e),
                 }
             }
             // Paused in reverse order of rows: the oldest first again.
@@ -643,11 +636,7 @@ impl<'a> Scheduler<'a> {
             };
             let Paused { mut seq, keys } = self.paused.remove(0);
             let resumed = guarded(|| {
-                if alloc != (self.cache.rows(), self.cache.positions()) {
-                    let used = self.running.iter().map(|r| r.len).max().unwrap_or(0);
-                    self.cache
-                        .reserve(alloc.0, alloc.1, self.rows_used(), used, &keys)?;
-                }
+                self.grow(alloc, &keys)?;
                 let row0 = self.rows_used();
                 for b in 0..rows {
                     self.cache.load(row0 + b, 1, &keys, b, 0, seq.len)?;
@@ -659,17 +648,25 @@ impl<'a> Scheduler<'a> {
                     seq.row0 = row0;
                     self.running.push(seq);
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "resuming a paused sequence failed");
-                    let e = DecodeError::Invalid(format!("resuming the sequence failed: {e}"));
-                    events.push(Event::Finished {
-                        id: seq.id,
-                        result: Err(e),
-                    });
-                }
+                Err(e) => fail_alone(events, seq.id, "resuming", &e),
             }
         }
         self.profile.maintenance += started.elapsed();
+    }
+
+    fn interactive_running(&self) -> bool {
+        self.running.iter().any(|r| r.lane == Lane::Interactive)
+    }
+
+    /// Grows the allocation to `alloc` (rows, positions) when it differs, keeping the rows in use; `like`
+    /// gives the layers' dtype, device and shape.
+    fn grow(&mut self, alloc: (usize, usize), like: &KvCache) -> Result<()> {
+        if alloc != (self.cache.rows(), self.cache.positions()) {
+            let used = self.running.iter().map(|r| r.len).max().unwrap_or(0);
+            self.cache
+                .reserve(alloc.0, alloc.1, self.rows_used(), used, like)?;
+        }
+        Ok(())
     }
 
     fn rows_used(&self) -> usize {
@@ -707,17 +704,19 @@ impl<'a> Scheduler<'a> {
         let mut longest = self.running.iter().map(|r| r.need).max().unwrap_or(0);
         let mut alloc = (self.cache.rows(), self.cache.positions());
         let mut longest_prompt = 0;
-        let interactive = self.running.iter().any(|r| r.lane == Lane::Interactive);
+        let interactive = self.interactive_running();
         while let Some(w) = self.waiting.front() {
             if self.running.len() + self.paused.len() + picked.len() >= self.limits.max_batch_size {
                 break;
             }
             // Batch-lane newcomers wait while batch sequences are paused (they would be paused at once, or
             // take the room the paused ones come back to). Interactive ones wait ahead of them in line.
-            let pausing = interactive
-                || !self.paused.is_empty()
-                || picked.iter().any(|p| p.request.lane == Lane::Interactive);
-            if self.limits.join.pause_batch && w.request.lane == Lane::Batch && pausing {
+            if self.limits.join.pause_batch
+                && w.request.lane == Lane::Batch
+                && (interactive
+                    || !self.paused.is_empty()
+                    || picked.iter().any(|p| p.request.lane == Lane::Interactive))
+            {
                 break;
             }
             let (machine, need, p) = (&w.machine, w.need, w.request.prompt.len());
@@ -965,11 +964,7 @@ impl<'a> Scheduler<'a> {
         alloc: (usize, usize),
         joined: Instant,
     ) -> Result<()> {
-        if alloc != (self.cache.rows(), self.cache.positions()) {
-            let used = self.running.iter().map(|r| r.len).max().unwrap_or(0);
-            self.cache
-                .reserve(alloc.0, alloc.1, self.rows_used(), used, prefill)?;
-        }
+        self.grow(alloc, prefill)?;
         for e in entering {
             let Waiting {
                 request,
@@ -1321,6 +1316,14 @@ impl<'a> Scheduler<'a> {
             seq.emitted = generated.len();
         }
     }
+}
+
+/// Ends sequence `id` with the error of an operation on its cache rows (`what`: "pausing", "resuming"): it
+/// fails alone, the others go on.
+fn fail_alone(events: &mut Vec<Event>, id: u64, what: &str, e: &dyn std::fmt::Display) {
+    tracing::error!(error = %e, "{what} a sequence failed");
+    let e = DecodeError::Invalid(format!("{what} the sequence failed: {e}"));
+    events.push(Event::Finished { id, result: Err(e) });
 }
 
 /// Each prompt token's log-probability given the tokens before it (the first's is `None`) and its
