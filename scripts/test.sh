@@ -29,6 +29,8 @@ log "schemathesis over every operation of the OpenAPI document"
 scripts/schemathesis.sh
 log "soak under faults, short (scripts/soak.sh; the full one and its figures: docs/reliability.md)"
 SHORT=1 scripts/soak.sh
+log "a memory alarm on brokers of our own (scripts/cluster.sh's alarm check: submissions refused at once, nothing kept)"
+ALARM_ONLY=1 SKIP_BUILD=1 scripts/cluster.sh
 log "the compose deployment end to end (scripts/compose-e2e.sh: builds the images, runs the cpu profile; skips without a Docker engine)"
 # A fresh machine builds the images first: most of an hour on 2 cores (docs/deployment.md), more than CI's
 # limit leaves after the checks above. The build gets COMPOSE_IMAGES_BUDGET_S; past it the end-to-end run is

@@ -210,6 +210,16 @@ impl App {
         if !self.broker.connected() {
             return Err(ApiError::unavailable("broker", "not connected"));
         }
+        // Blocked by a resource alarm, the broker would hold the publish past its timeout, and the job
+        // would be kept and run once the alarm clears, however long that takes, while its client, tired of
+        // waiting, tries again: refuse now, before anything is written, and say when to retry.
+        if self.broker.blocked() {
+            metrics::counter!(m::BOUNDED, "bound" => "broker_blocked").increment(1);
+            return Err(ApiError::unavailable(
+                "broker",
+                "publishing is blocked by a resource alarm",
+            ));
+        }
         self.check_backlog().await?;
         if let Some(deadline_ms) = job.deadline_ms {
             self.check_deadline(lane, submitted_at_ms, deadline_ms).await?;

@@ -121,7 +121,7 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
 }
 
 /// Whether `ip` is in one of the blocks; an IPv4-mapped IPv6 peer counts as the IPv4 address it is.
-fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
+pub(crate) fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,

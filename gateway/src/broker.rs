@@ -3,9 +3,14 @@
 //! topology; confirm-mode channels that publish jobs; and the queue figures.
 //!
 //! Two connections because the broker blocks *publishing* connections when it runs short of memory or
-//! disk: were the replies consumed on the same connection, their acknowledgements would stall with it and
-//! the replies that would let the alarm clear would pile up. A blocked publishing connection makes
-//! `/readyz` say so, and publishes time out instead of waiting.
+//! disk, and then reads nothing more from them: were the replies consumed on the same connection, their
+//! acknowledgements would stall with it and the replies that would let the alarm clear would pile up; were
+//! the queue figures read on it, `/v1/queue` and every submission's backlog check would hang. So the second
+//! connection, which never publishes, consumes the replies and reads the figures. While the publishing
+//! connection is blocked, `/readyz` says so and submissions are refused at once (503, `Retry-After`) rather
+//! than left waiting for a confirm that cannot come. The broker tells a connection it is blocked only when
+//! the connection publishes, so the publishing connection sends a probe every second, a message the broker
+//! routes nowhere, and hears of an alarm within a second of it.
 //!
 //! A 202 must mean the broker has the job, so every publish is `mandatory` and awaits its confirm. A nack, a
 //! returned (unroutable) message or a channel closed before sending is a refusal the caller answers with
@@ -16,7 +21,8 @@
 //!
 //! `/v1/queue` reads depth and consumers by a passive declare of each lane's queue (`{ns}.jobs`,
 //! `{ns}.jobs.batch`): constant time at the broker however many jobs have passed. Concurrent readers share one round trip, and its answer is reused for
-//! `queue_stats_cache` at most (5 ms by default).
+//! `queue_stats_cache` at most (5 ms by default); a read that failed is not tried again for
+//! [`FAILED_FIGURES_REUSE`], so a broker that does not answer costs the callers one timeout, not one each.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -52,6 +58,8 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
     #[error("encoding a message failed: {0}")]
     Encode(String),
+    #[error("the queue figures could not be read a moment ago: {0}")]
+    FiguresUnavailable(String),
 }
 
 impl BrokerError {
@@ -90,27 +98,26 @@ impl QueueStats {
 }
 
 struct Link {
-    /// Publishes jobs and cancels, and reads the queue figures.
+    /// Publishes jobs and cancels.
     conn: Connection,
     publishers: Vec<Channel>,
+    /// Never publishes, so an alarm never blocks it: consumes the replies (unless this replica leaves them
+    /// to others) and reads the queue figures.
+    quiet: Connection,
     stats: Channel,
-    /// Consumes the replies; `None` on a replica that leaves them to others.
-    replies: Option<Connection>,
 }
 
 impl Link {
     async fn close(&self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.close(200, "bye".into())).await;
-        if let Some(replies) = &self.replies {
-            let _ = tokio::time::timeout(Duration::from_secs(2), replies.close(200, "bye".into())).await;
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.quiet.close(200, "bye".into())).await;
     }
 
     fn healthy(&self) -> bool {
         self.conn.status().connected()
+            && self.quiet.status().connected()
             && self.stats.status().connected()
             && self.publishers.iter().all(|c| c.status().connected())
-            && self.replies.as_ref().is_none_or(|c| c.status().connected())
     }
 }
 
@@ -133,8 +140,15 @@ pub struct Broker {
     /// Set at the first connection: until then the gateway is still starting (see `/healthz`).
     started: AtomicBool,
     next: AtomicUsize,
-    stats: tokio::sync::Mutex<Option<(Instant, QueueStats)>>,
+    /// The last read of the figures, or its failure, and when.
+    stats: tokio::sync::Mutex<Option<(Instant, Result<QueueStats, String>)>>,
 }
+
+/// How long a failed read of the queue figures answers for the next callers.
+pub const FAILED_FIGURES_REUSE: Duration = Duration::from_secs(1);
+
+/// How often the publishing connection sends its alarm probe.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -176,7 +190,7 @@ impl Broker {
         self.current().is_some_and(|l| l.conn.status().blocked())
     }
 
-    async fn connect(&self, consume_replies: bool) -> Result<Link, lapin::Error> {
+    async fn connect(&self) -> Result<Link, lapin::Error> {
         let name = |role: &str| {
             ConnectionProperties::default()
                 .with_connection_name(format!("gateway {} {role}", self.settings.topology.namespace()).into())
@@ -192,17 +206,13 @@ impl Broker {
             channel.confirm_select(ConfirmSelectOptions::default()).await?;
             publishers.push(channel);
         }
-        let stats = conn.create_channel().await?;
-        let replies = if consume_replies {
-            Some(Connection::connect(url, name("replies")).await?)
-        } else {
-            None
-        };
+        let quiet = Connection::connect(url, name("replies and figures")).await?;
+        let stats = quiet.create_channel().await?;
         Ok(Link {
             conn,
             publishers,
+            quiet,
             stats,
-            replies,
         })
     }
 
@@ -216,7 +226,7 @@ impl Broker {
                 break;
             }
             let connected = tokio::select! {
-                r = self.connect(replies.is_some()) => r,
+                r = self.connect() => r,
                 _ = cancel.cancelled() => break,
             };
             match connected {
@@ -224,8 +234,8 @@ impl Broker {
                     metrics::counter!(m::BROKER_RECONNECTS).increment(1);
                     tracing::info!(url = %redact(self.settings.urls.current()), "connected to the broker");
                     let link = Arc::new(link);
-                    let consumer_channel = match &link.replies {
-                        Some(conn) => Some(conn.create_channel().await),
+                    let consumer_channel = match &replies {
+                        Some(_) => Some(link.quiet.create_channel().await),
                         None => None,
                     };
                     let consume = async {
@@ -245,6 +255,30 @@ impl Broker {
                     self.started.store(true, Ordering::Relaxed);
                     metrics::gauge!(m::BROKER_BLOCKED).set(0.0);
                     backoff.reset();
+                    // The broker tells a connection of an alarm only once it publishes: a probe a second
+                    // (to a queue that does not exist, so the broker drops it) makes the alarm known
+                    // within a second, before a job's publish is caught in it.
+                    let probe = async {
+                        let Ok(channel) = link.conn.create_channel().await else {
+                            return std::future::pending().await;
+                        };
+                        let key = self.settings.topology.alarm_probe_key();
+                        let mut tick = tokio::time::interval(PROBE_EVERY);
+                        loop {
+                            tick.tick().await;
+                            if link.conn.status().blocked() {
+                                continue;
+                            }
+                            let publish = channel.basic_publish(
+                                "".into(),
+                                key.as_str().into(),
+                                BasicPublishOptions::default(),
+                                b"",
+                                BasicProperties::default(),
+                            );
+                            let _ = tokio::time::timeout(PROBE_EVERY, publish).await;
+                        }
+                    };
                     let watch = async {
                         let mut events = link.conn.events_listener();
                         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -275,6 +309,7 @@ impl Broker {
                             tracing::warn!("reply consumer stopped; reconnecting")
                         },
                         _ = watch => tracing::warn!("broker connection lost; reconnecting"),
+                        () = probe => {}
                         _ = cancel.cancelled() => {}
                     }
                     self.set(None);
@@ -386,11 +421,23 @@ impl Broker {
     pub async fn queue_stats_within(&self, max_age: Duration) -> Result<QueueStats, BrokerError> {
         let max_age = max_age.max(self.settings.stats_cache);
         let mut cached = self.stats.lock().await;
-        if let Some((at, stats)) = *cached
-            && at.elapsed() <= max_age
-        {
-            return Ok(stats);
+        match &*cached {
+            Some((at, Ok(stats))) if at.elapsed() <= max_age => return Ok(*stats),
+            Some((at, Err(e))) if at.elapsed() <= FAILED_FIGURES_REUSE => {
+                return Err(BrokerError::FiguresUnavailable(e.clone()));
+            }
+            _ => {}
         }
+        let read = self.read_stats().await;
+        *cached = Some((
+            Instant::now(),
+            read.as_ref().map(|s| *s).map_err(|e| e.to_string()),
+        ));
+        read
+    }
+
+    /// One read of the lanes' depths and consumers.
+    async fn read_stats(&self) -> Result<QueueStats, BrokerError> {
         let link = self.current().ok_or(BrokerError::NotConnected)?;
         let declare = |lane: Lane| {
             let queue = self.settings.topology.lane_queue(lane);
@@ -419,7 +466,6 @@ impl Broker {
             interactive: interactive.message_count(),
             batch: batch.message_count(),
         };
-        *cached = Some((Instant::now(), stats));
         metrics::gauge!(m::QUEUE_DEPTH).set(f64::from(stats.depth));
         for lane in Lane::ALL {
             metrics::gauge!(m::LANE_DEPTH, "lane" => lane.name()).set(f64::from(stats.lane_depth(lane)));

@@ -89,8 +89,13 @@ pub struct Config {
     /// Open `POST /run` waits allowed per client on this replica.
     #[arg(long, env = "MAX_RUN_WAITS_PER_CLIENT", default_value_t = 4)]
     pub max_run_waits_per_client: usize,
-    /// How often a `/run` wait re-reads the job record when no completion notice arrived (a fallback for
-    /// a lost Redis pub/sub message).
+    /// Open event streams and OpenAI requests (streamed, or waiting for their answer) allowed per client on
+    /// this replica; past it, 429 `too_many_waits`.
+    #[arg(long, env = "MAX_STREAMS_PER_CLIENT", default_value_t = 32)]
+    pub max_streams_per_client: usize,
+    /// How often a wait (`/run`, an event stream, an OpenAI request) re-reads its job while this replica's
+    /// Redis pub/sub subscription is down and a notice may be lost. While it is up no notice is lost, and a
+    /// wait reads its job only when notified (or once a minute, a backstop).
     #[arg(long, env = "RUN_POLL_INTERVAL_MS", default_value_t = 1_000)]
     pub run_poll_interval_ms: u64,
     /// Cancel the job of a client that hangs up before its answer: `/run`, the OpenAI routes (streamed or
@@ -119,9 +124,15 @@ pub struct Config {
     /// A client must send its request headers within this time or the connection is closed.
     #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
-    /// Open client connections at most; further connections wait in the listen backlog.
+    /// Open client connections at most. Past it (or past a client's own bound), a connection gets one
+    /// answer from a small reserve: the health routes as usual, anything else 503 `too_many_connections`.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4_096)]
     pub max_connections: usize,
+    /// Open connections from one client address at most (an IPv6 client's /64 is one address; 0: no bound);
+    /// past it, 429 `too_many_connections`. A trusted proxy's connections are not bounded (its clients'
+    /// streams are, by `--max-streams-per-client`).
+    #[arg(long, env = "MAX_CONNECTIONS_PER_CLIENT", default_value_t = 256)]
+    pub max_connections_per_client: usize,
     /// A client must send its whole request body within this time (one deadline, not per chunk) or gets
     /// 408.
     #[arg(long, env = "BODY_READ_TIMEOUT_MS", default_value_t = 30_000)]
@@ -292,6 +303,7 @@ pub struct Settings {
     pub max_queued_jobs: u32,
     pub idempotency_ttl: Duration,
     pub max_connections: usize,
+    pub max_connections_per_client: usize,
     pub publish_retry_window: Duration,
     pub submit_on_error: FailMode,
     pub read_on_error: FailMode,
@@ -301,6 +313,7 @@ pub struct Settings {
     pub run_timeout: Duration,
     pub run_poll_interval: Duration,
     pub max_run_waits_per_client: usize,
+    pub max_streams_per_client: usize,
     pub cancel_on_disconnect: bool,
     pub served_model_name: String,
     pub consume_replies: bool,
@@ -424,6 +437,7 @@ impl Config {
             max_queued_jobs: self.max_queued_jobs,
             idempotency_ttl: Duration::from_secs(positive("idempotency-ttl-s", self.idempotency_ttl_s)?),
             max_connections: positive("max-connections", self.max_connections as u64)? as usize,
+            max_connections_per_client: self.max_connections_per_client,
             publish_retry_window: Duration::from_secs(self.publish_retry_window_s),
             submit_on_error: self.submit_rate_limit_on_error,
             read_on_error: self.read_rate_limit_on_error,
@@ -439,6 +453,8 @@ impl Config {
                 "max-run-waits-per-client",
                 self.max_run_waits_per_client as u64,
             )? as usize,
+            max_streams_per_client: positive("max-streams-per-client", self.max_streams_per_client as u64)?
+                as usize,
             cancel_on_disconnect: self.cancel_on_disconnect,
             served_model_name: match self.served_model_name.trim() {
                 "" => return Err("--served-model-name must not be empty".into()),

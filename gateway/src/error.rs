@@ -67,8 +67,18 @@ pub enum ApiError {
     Unauthorized,
     #[error("rate limit exceeded; retry in {} s", .0.reset.as_secs().max(1))]
     RateLimited(crate::decision::Decision),
-    #[error("too many open /run requests for this client (at most {0}); poll /v1/jobs instead")]
-    TooManyWaits(usize),
+    #[error("this client has {limit} {what} open, as many as it may; poll /v1/jobs instead")]
+    TooManyWaits { limit: usize, what: &'static str },
+    #[error(
+        "{}",
+        match .0 {
+            crate::server::Overflow::Client { limit } =>
+                format!("this client has {limit} connections open, as many as it may; reuse one or retry later"),
+            crate::server::Overflow::Gateway { limit } =>
+                format!("the gateway has {limit} connections open, as many as it serves; retry later"),
+        }
+    )]
+    TooManyConnections(crate::server::Overflow),
     #[error("this client has {0} jobs queued or running, as many as it may; submit more when one ends")]
     TooManyActiveJobs(u32),
     #[error("this client's budget of generated tokens is spent; retry in {} s", retry_after_secs(.retry_after))]
@@ -162,7 +172,13 @@ impl ApiError {
             NoRoute => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
             Unauthorized => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
             RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
-            TooManyWaits(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyWaits),
+            TooManyWaits { .. } => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyWaits),
+            TooManyConnections(crate::server::Overflow::Client { .. }) => {
+                (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyConnections)
+            }
+            TooManyConnections(crate::server::Overflow::Gateway { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::TooManyConnections)
+            }
             TooManyActiveJobs(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyActiveJobs),
             TokensSpent { .. } => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TokenRateLimited),
             CostOverBudget { .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::TokenRateLimited),
@@ -265,7 +281,7 @@ impl IntoResponse for ApiError {
         let mut response = (status, axum::Json(body)).into_response();
         response.extensions_mut().insert(info);
         let retry_after = match &self {
-            ApiError::Unavailable { .. } => Some(UNAVAILABLE_RETRY_AFTER),
+            ApiError::Unavailable { .. } | ApiError::TooManyConnections(_) => Some(UNAVAILABLE_RETRY_AFTER),
             ApiError::TooManyActiveJobs(_) => Some(ACTIVE_RETRY_AFTER),
             ApiError::TokensSpent { retry_after }
             | ApiError::QueueFull { retry_after, .. }
@@ -286,9 +302,12 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let ApiError::PayloadTooLarge { .. } | ApiError::FileTooLarge { .. } = &self {
-            // The body was refused before its end, so the connection cannot carry another request and the
-            // server closes it. Saying so (RFC 9112 §9.6) keeps a client from sending its next request on
+        if let ApiError::PayloadTooLarge { .. }
+        | ApiError::FileTooLarge { .. }
+        | ApiError::TooManyConnections(_) = &self
+        {
+            // The body was refused before its end (or the connection was over a bound and gets this one
+            // answer), so the connection cannot carry another request and the server closes it. Saying so (RFC 9112 §9.6) keeps a client from sending its next request on
             // a connection about to close, which it would see fail with no response.
             response
                 .headers_mut()

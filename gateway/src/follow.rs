@@ -3,7 +3,10 @@
 //! hangs up takes its job with it.
 //!
 //! Both read Redis, never the replies, so they work on any replica whichever consumed the replies: a
-//! pub/sub notice (see [`crate::waiters`]) wakes them, a poll every `run_poll_interval` covers a lost notice.
+//! pub/sub notice (see [`crate::waiters`]) wakes them, and they read the job again only when woken (or,
+//! while notices may be lost, every `run_poll_interval`). A queued job's place in line is made of figures
+//! every follower on the replica shares ([`crate::store::JobStore::figures_within`], the broker's
+//! counts), so following a queued job costs Redis nothing of its own either.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -37,7 +40,7 @@ pub async fn wait_final(app: &AppState, id: JobId, registration: &Registration) 
         }
         tokio::select! {
             _ = registration.notify.notified() => {}
-            _ = tokio::time::sleep(s.run_poll_interval) => {}
+            _ = tokio::time::sleep(app.waiters.poll_interval(s.run_poll_interval)) => {}
             _ = tokio::time::sleep_until(deadline) => return Waited::TimedOut,
         }
     }
@@ -63,7 +66,7 @@ pub enum Followed {
 const PAGE: usize = 256;
 /// A queued event is repeated this often even when the place in line has not moved.
 const QUEUED_EVERY: Duration = Duration::from_secs(5);
-/// And sent at most this often.
+/// And sent at most this often; the shared figures it is made of are at most this old.
 const QUEUED_MIN_GAP: Duration = Duration::from_secs(1);
 
 struct Follower {
@@ -74,6 +77,9 @@ struct Follower {
     ready: VecDeque<Followed>,
     done: bool,
     last_queued: Option<(Instant, u64)>,
+    /// The record as last read, while the log has nothing new; `None` when the log must be read (at
+    /// first, and after every notice or poll).
+    quiet: Option<Box<JobRecord>>,
 }
 
 /// The job's events after `after` (a log entry id; `0-0` for all), ending with its final state.
@@ -87,6 +93,7 @@ pub fn follow(app: AppState, id: JobId, after: String) -> impl Stream<Item = Fol
         ready: VecDeque::new(),
         done: false,
         last_queued: None,
+        quiet: None,
     };
     futures::stream::unfold(follower, |mut f| async move {
         loop {
@@ -105,6 +112,9 @@ impl Follower {
     /// One read of the log; queues what it found, or waits for news when there is none.
     async fn read(&mut self) {
         let poll = self.app.settings.run_poll_interval;
+        if let Some(record) = self.quiet.take() {
+            return self.wait(record).await;
+        }
         let (entries, record) = match self.app.store.read_log(self.id, &self.cursor, PAGE).await {
             Ok(read) => read,
             Err(e) => {
@@ -147,15 +157,32 @@ impl Follower {
             self.done = true;
             return;
         }
-        if record.status == Status::Queued
-            && let Some(queued) = self.queued(&record).await
-        {
-            self.ready.push_back(Followed::Queued(queued));
-            return;
+        self.wait(Box::new(record)).await;
+    }
+
+    /// Nothing new in the log: says the place in line when it is due (a queued job), else waits for a
+    /// notice, the poll, or the next place in line, and reads the log again only after a notice or a poll.
+    async fn wait(&mut self, record: Box<JobRecord>) {
+        let mut next_place = None;
+        if record.status == Status::Queued {
+            if let Some(queued) = self.queued(&record).await {
+                self.ready.push_back(Followed::Queued(queued));
+                self.quiet = Some(record);
+                return;
+            }
+            next_place = Some(QUEUED_MIN_GAP);
         }
+        let poll = self
+            .app
+            .waiters
+            .poll_interval(self.app.settings.run_poll_interval);
         tokio::select! {
             _ = self.registration.notify.notified() => {}
             _ = tokio::time::sleep(poll) => {}
+            // Not a read of the log: only the shared figures move a queued job's place.
+            _ = tokio::time::sleep(next_place.unwrap_or(poll)), if next_place.is_some() => {
+                self.quiet = Some(record);
+            }
         }
     }
 
@@ -167,9 +194,10 @@ impl Follower {
         {
             return None;
         }
-        // The record came with the log; only the queue-wide figures are still needed.
-        let figures = self.app.store.figures().await.ok()?;
-        let stats = self.app.broker.queue_stats().await.ok();
+        // The record came with the log; only the queue-wide figures are still needed, shared by every
+        // follower on this replica.
+        let figures = self.app.store.figures_within(QUEUED_MIN_GAP).await.ok()?;
+        let stats = self.app.broker.queue_stats_within(QUEUED_MIN_GAP).await.ok();
         let p = QueuePosition::estimate(record, &figures, stats.as_ref());
         let due = match self.last_queued {
             None => true,

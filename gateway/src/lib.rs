@@ -171,10 +171,13 @@ pub async fn run(
     let limits = server::Limits {
         header_read_timeout: app.settings.header_read_timeout,
         max_connections: app.settings.max_connections,
+        max_connections_per_client: app.settings.max_connections_per_client,
+        trusted_proxies: app.settings.trusted_proxies.clone(),
         grace: app.settings.shutdown_grace,
     };
     tracing::info!(addr = ?listener.local_addr().ok(), namespace = app.settings.topology.namespace(), "gateway listening");
-    server::serve(listener, routes::router(app), limits, shutdown).await;
+    let overflow = routes::overflow_router(app.clone());
+    server::serve(listener, routes::router(app), overflow, limits, shutdown).await;
 
     cancel.cancel();
     let _ = supervisor.await;

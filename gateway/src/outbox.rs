@@ -265,7 +265,10 @@ impl Outbox {
                 _ = tick.tick() => {}
                 _ = cancel.cancelled() => return,
             }
-            if !broker.connected() {
+            // Blocked by an alarm, the broker reads nothing from the publishing connection: the first
+            // publish is still there, unread, and lands when the alarm clears; a republish now would only
+            // queue a second copy behind it.
+            if !broker.connected() || broker.blocked() {
                 continue;
             }
             for lane in Lane::ALL {

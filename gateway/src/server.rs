@@ -1,13 +1,21 @@
 //! The accept loop. `axum::serve` has no header-read timeout, so connections are served by hyper's
 //! HTTP/1 builder directly: a client that dribbles its headers is cut off after `header_read_timeout`
-//! (slow bodies are cut off by the body deadline, `routes::body_deadline`). At most `max_connections` are
-//! open at once: past that the loop stops accepting, and new connections wait in the kernel's backlog
-//! instead of taking file descriptors and memory without bound. Shutdown stops accepting, lets open
-//! requests finish for up to the grace period, then returns.
+//! (slow bodies are cut off by the body deadline, `routes::body_deadline`). Shutdown stops accepting, lets
+//! open requests finish for up to the grace period, then returns.
+//!
+//! Connections are bounded twice: at most `max_connections` in all, and at most
+//! `max_connections_per_client` from one client address (a trusted proxy's are not counted: the clients
+//! behind it are bounded by their streams, `routes::follow_slot`). A connection past either bound is not
+//! left in the backlog, where a liveness probe would time out behind it and restart a healthy gateway: it is
+//! taken into a small [`OVERFLOW`] reserve and served one request by the overflow router, which answers
+//! the health routes as usual and everything else with 429 (the client's own bound) or 503 (the gateway's),
+//! `Retry-After` and `Connection: close`. The reserve has a short header deadline and a per-address share,
+//! so one client cannot hold it either; only past the reserve does the loop stop accepting.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -15,21 +23,170 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use ipnet::IpNet;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
+use crate::auth::ClientId;
+
 /// The bounds of the accept loop.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// 0: no per-address bound.
+    pub max_connections_per_client: usize,
+    /// Peers whose connections carry many clients: not bounded per address.
+    pub trusted_proxies: Vec<IpNet>,
     pub grace: Duration,
+}
+
+/// Connections served by the overflow router at most, beyond `max_connections`.
+pub const OVERFLOW: usize = 64;
+/// Of those, at most this many from one address; past it a connection is closed unanswered.
+const OVERFLOW_PER_CLIENT: usize = 2;
+/// The header deadline of an overflow connection: it gets one request, and promptly.
+const OVERFLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a connection is served by the overflow router; the router reads it from the request's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// The client's address holds `max_connections_per_client` connections.
+    Client { limit: usize },
+    /// The gateway holds `max_connections`.
+    Gateway { limit: usize },
+}
+
+/// Open connections per client address (its [`ClientId::key_part`], so an IPv6 client's /64 counts as
+/// one), each released when its connection ends.
+#[derive(Default)]
+struct PerAddress {
+    open: Mutex<HashMap<String, usize>>,
+}
+
+struct Held {
+    table: Arc<PerAddress>,
+    address: String,
+}
+
+impl PerAddress {
+    /// One more connection from `address`, unless it holds `max` already.
+    fn take(self: &Arc<Self>, address: &str, max: usize) -> Option<Held> {
+        let mut open = self.open.lock().ok()?;
+        let n = open.entry(address.to_owned()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Held {
+            table: self.clone(),
+            address: address.to_owned(),
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.table.open.lock()
+            && let Some(n) = open.get_mut(&self.address)
+        {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// What the loop decided for one accepted connection.
+enum Admission {
+    /// The full router, holding its places.
+    Serve(Vec<Held>, tokio::sync::OwnedSemaphorePermit),
+    /// The overflow router, for the given reason.
+    Overflow(Overflow, Held, tokio::sync::OwnedSemaphorePermit),
+    /// Closed at once: the address has its share of the overflow too.
+    Close,
+}
+
+struct Gate {
+    limits: Limits,
+    /// `max_connections` places.
+    main: Arc<Semaphore>,
+    /// [`OVERFLOW`] places.
+    overflow: Arc<Semaphore>,
+    per_client: Arc<PerAddress>,
+    per_client_overflow: Arc<PerAddress>,
+}
+
+impl Gate {
+    fn new(limits: Limits) -> Self {
+        Self {
+            main: Arc::new(Semaphore::new(limits.max_connections)),
+            overflow: Arc::new(Semaphore::new(OVERFLOW)),
+            per_client: Arc::default(),
+            per_client_overflow: Arc::default(),
+            limits,
+        }
+    }
+
+    fn trusted(&self, ip: IpAddr) -> bool {
+        crate::auth::is_trusted(&self.limits.trusted_proxies, ip)
+    }
+
+    fn admit(&self, peer: IpAddr) -> Admission {
+        let address = ClientId::Ip(peer).key_part();
+        let per_client = self.limits.max_connections_per_client;
+        let mut held = Vec::new();
+        let reason = if per_client > 0 && !self.trusted(peer) {
+            match self.per_client.take(&address, per_client) {
+                Some(h) => {
+                    held.push(h);
+                    None
+                }
+                None => Some(Overflow::Client { limit: per_client }),
+            }
+        } else {
+            None
+        };
+        let reason = match reason {
+            Some(r) => r,
+            None => match self.main.clone().try_acquire_owned() {
+                Ok(permit) => return Admission::Serve(held, permit),
+                Err(_) => Overflow::Gateway {
+                    limit: self.limits.max_connections,
+                },
+            },
+        };
+        drop(held);
+        let Some(share) = self.per_client_overflow.take(&address, OVERFLOW_PER_CLIENT) else {
+            return Admission::Close;
+        };
+        match self.overflow.clone().try_acquire_owned() {
+            Ok(permit) => Admission::Overflow(reason, share, permit),
+            Err(_) => Admission::Close,
+        }
+    }
+
+    /// Waits until a connection could be taken somewhere: a main place or an overflow place is free.
+    async fn room(&self) {
+        loop {
+            if self.main.available_permits() > 0 || self.overflow.available_permits() > 0 {
+                return;
+            }
+            // Both full: wait for either to give a place back, without holding it.
+            tokio::select! {
+                permit = self.main.acquire() => drop(permit),
+                permit = self.overflow.acquire() => drop(permit),
+            }
+        }
+    }
 }
 
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    overflow_router: Router,
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -37,17 +194,19 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
+    let mut http_overflow = hyper::server::conn::http1::Builder::new();
+    http_overflow
+        .timer(TokioTimer::new())
+        .header_read_timeout(OVERFLOW_HEADER_TIMEOUT.min(limits.header_read_timeout))
+        .keep_alive(false);
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let gate = Gate::new(limits.clone());
     tokio::pin!(shutdown);
     loop {
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
+        tokio::select! {
+            _ = gate.room() => {}
             _ = &mut shutdown => break,
-        };
+        }
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -61,9 +220,29 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let router = router.clone();
+        let (router, http, places, reason) = match gate.admit(peer.ip()) {
+            Admission::Serve(held, permit) => (router.clone(), &http, (held, Some(permit)), None),
+            Admission::Overflow(reason, share, permit) => {
+                metrics::counter!(crate::telemetry::CONNECTIONS_OVER_BOUND, "bound" => reason.name())
+                    .increment(1);
+                (
+                    overflow_router.clone(),
+                    &http_overflow,
+                    (vec![share], Some(permit)),
+                    Some(reason),
+                )
+            }
+            Admission::Close => {
+                metrics::counter!(crate::telemetry::CONNECTIONS_OVER_BOUND, "bound" => "closed").increment(1);
+                drop(stream);
+                continue;
+            }
+        };
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            if let Some(reason) = reason {
+                request.extensions_mut().insert(reason);
+            }
             router.clone().oneshot(request)
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
@@ -71,7 +250,7 @@ pub async fn serve(
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
-            drop(slot);
+            drop(places);
         });
     }
     drop(listener);
@@ -80,5 +259,89 @@ pub async fn serve(
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(grace) => tracing::warn!(?grace, "requests still open after the grace period"),
+    }
+}
+
+impl Overflow {
+    /// The metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Client { .. } => "client",
+            Self::Gateway { .. } => "gateway",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max: usize, per_client: usize, trusted: &[&str]) -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: max,
+            max_connections_per_client: per_client,
+            trusted_proxies: trusted
+                .iter()
+                .map(|t| crate::auth::parse_net(t).unwrap())
+                .collect(),
+            grace: Duration::from_secs(1),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_client_past_its_share_is_served_by_the_overflow_and_then_closed_while_others_are_served() {
+        let gate = Gate::new(limits(100, 2, &[]));
+        let a = ip("10.0.0.1");
+        let first = gate.admit(a);
+        let second = gate.admit(a);
+        assert!(matches!(first, Admission::Serve(..)));
+        assert!(matches!(second, Admission::Serve(..)));
+        let over: Vec<Admission> = (0..OVERFLOW_PER_CLIENT).map(|_| gate.admit(a)).collect();
+        for o in &over {
+            assert!(matches!(
+                o,
+                Admission::Overflow(Overflow::Client { limit: 2 }, ..)
+            ));
+        }
+        assert!(matches!(gate.admit(a), Admission::Close));
+        assert!(matches!(gate.admit(ip("10.0.0.2")), Admission::Serve(..)));
+        drop(first);
+        assert!(
+            matches!(gate.admit(a), Admission::Serve(..)),
+            "a place given back is taken again"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_client_is_one_client_across_its_64_and_a_trusted_proxy_is_not_bounded() {
+        let gate = Gate::new(limits(100, 1, &["10.9.0.0/16"]));
+        let _one = gate.admit(ip("2001:db8:1:2::1"));
+        assert!(matches!(
+            gate.admit(ip("2001:db8:1:2::ffff")),
+            Admission::Overflow(Overflow::Client { .. }, ..)
+        ));
+        let proxied: Vec<Admission> = (0..10).map(|_| gate.admit(ip("10.9.1.1"))).collect();
+        assert!(proxied.iter().all(|a| matches!(a, Admission::Serve(..))));
+    }
+
+    #[test]
+    fn past_the_gateways_bound_connections_go_to_the_overflow_until_it_is_full() {
+        let gate = Gate::new(limits(1, 0, &[]));
+        let _held = gate.admit(ip("10.0.0.1"));
+        let mut over = Vec::new();
+        for i in 0..OVERFLOW {
+            let a = gate.admit(ip(&format!("10.1.{}.{}", i / 200, i % 200 + 1)));
+            assert!(matches!(
+                a,
+                Admission::Overflow(Overflow::Gateway { limit: 1 }, ..)
+            ));
+            over.push(a);
+        }
+        assert!(matches!(gate.admit(ip("10.2.0.1")), Admission::Close));
     }
 }

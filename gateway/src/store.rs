@@ -21,6 +21,7 @@
 //! appends whatever text the chunks did not carry, so the log always ends with the whole text.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Script;
@@ -323,6 +324,9 @@ pub struct JobStore {
     apply: Script,
     tokens: Script,
     cancel: Script,
+    /// The last figures read and when, shared by the clones of this store (every follower of a queued
+    /// job on this replica reads them).
+    figures: Arc<tokio::sync::Mutex<Option<(std::time::Instant, Figures)>>>,
 }
 
 impl JobStore {
@@ -335,6 +339,7 @@ impl JobStore {
             apply: Script::new(&format!("{LEAVE_ACTIVE}{APPEND_TOKENS}{APPLY}")),
             tokens: Script::new(&format!("{APPEND_TOKENS}{TOKENS}")),
             cancel: Script::new(&format!("{LEAVE_ACTIVE}{CANCEL}")),
+            figures: Arc::default(),
         }
     }
 
@@ -604,6 +609,19 @@ impl JobStore {
             taken: taken.unwrap_or(0),
             avg_inference_ms: avg,
         })
+    }
+
+    /// The figures, reusing a read at most `max_age` old; concurrent callers share one read.
+    pub async fn figures_within(&self, max_age: Duration) -> Result<Figures, RedisError> {
+        let mut cached = self.figures.lock().await;
+        if let Some((at, figures)) = *cached
+            && at.elapsed() <= max_age
+        {
+            return Ok(figures);
+        }
+        let figures = self.figures().await?;
+        *cached = Some((std::time::Instant::now(), figures));
+        Ok(figures)
     }
 
     fn add_figures(&self, pipe: &mut redis::Pipeline) {

@@ -29,8 +29,13 @@ pub const BROKER_RECONNECTS: &str = "gateway_broker_connects_total";
 /// 1 while the broker blocks this replica's publishing connection (a memory or disk alarm).
 pub const BROKER_BLOCKED: &str = "gateway_broker_blocked";
 /// Submissions refused by a bound on the backlog or on cost, labelled `bound`: `queue_full`,
-/// `active_jobs`, `tokens`.
+/// `active_jobs`, `tokens`, `deadline`, `broker_blocked` (a resource alarm).
 pub const BOUNDED: &str = "gateway_submissions_bounded_total";
+/// Connections past a bound (`server`), labelled `bound`: `client` and `gateway` (served by the overflow
+/// router), `closed` (past the overflow's share too).
+pub const CONNECTIONS_OVER_BOUND: &str = "gateway_connections_over_bound_total";
+/// Requests refused because their client holds its share of open streams and waits, labelled `kind`.
+pub const FOLLOWS_REFUSED: &str = "gateway_follows_refused_total";
 
 /// Batches that ended, labelled `status`: `completed`, `expired`, `cancelled`, `failed`.
 pub const BATCHES: &str = "gateway_batches_total";

@@ -3,14 +3,16 @@
 //!
 //! Every replica subscribes to `{ns}:done` and `{ns}:events` (Redis pub/sub), where the record writes
 //! publish the job id (a final reply on both, a started or token write on `events`); a local map turns that
-//! into wake-ups of the requests waiting on that job, however many. Pub/sub is fire-and-forget (a message
-//! published while this replica was reconnecting is lost), so a wait also re-reads the record every
-//! `run_poll_interval`: the notice makes it fast, the poll makes it certain.
+//! into wake-ups of the requests waiting on that job, however many. Pub/sub is fire-and-forget: a message
+//! published while this replica was not subscribed is lost. So each new subscription wakes every wait to read
+//! its job once, and while the subscription is down waits re-read their job every `run_poll_interval`.
+//! While it is up, nothing is lost and a wait that hears nothing reads nothing (but a backstop a minute):
+//! an idle stream costs Redis nothing while its job does not change.
 //!
-//! Open waits are bounded per client, so one client cannot hold every connection open.
+//! Open waits are bounded per client and kind ([`Follow`]), so one client cannot hold every connection open.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +23,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::ClientId;
+use crate::error::ApiError;
 
 /// What a wait is woken by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +42,36 @@ pub struct Waiters {
     done: Registry,
     events: Registry,
     next: AtomicU64,
-    per_client: Mutex<HashMap<ClientId, usize>>,
+    per_client: Mutex<HashMap<(Follow, ClientId), usize>>,
+    /// Whether the pub/sub subscription is up: while it is, a notice never goes missing (a lost
+    /// connection drops the subscription, and each new one wakes every wait), so waits need no poll.
+    live: AtomicBool,
+}
+
+/// What a request holds its connection open for, each kind with its own bound per client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Follow {
+    /// `POST /run`, waiting for its job's end (`--max-run-waits-per-client`).
+    Run,
+    /// An event stream, or an OpenAI request streaming or waiting for its answer
+    /// (`--max-streams-per-client`).
+    Stream,
+}
+
+impl Follow {
+    fn what(self) -> &'static str {
+        match self {
+            Self::Run => "/run requests",
+            Self::Stream => "streams and waiting OpenAI requests",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Run => "run",
+            Self::Stream => "stream",
+        }
+    }
 }
 
 /// Removes the wait from the map when it ends, however it ends.
@@ -64,38 +96,75 @@ impl Drop for Registration {
     }
 }
 
-/// One of a client's open-wait slots; released on drop.
-pub struct Slot<'a> {
-    waiters: &'a Waiters,
-    client: ClientId,
+/// One of a client's open-follow slots; released on drop.
+pub struct Slot {
+    waiters: Arc<Waiters>,
+    key: (Follow, ClientId),
 }
 
-impl Drop for Slot<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
         if let Ok(mut map) = self.waiters.per_client.lock()
-            && let Some(n) = map.get_mut(&self.client)
+            && let Some(n) = map.get_mut(&self.key)
         {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.client);
+                map.remove(&self.key);
             }
         }
     }
 }
 
+/// How long a wait sleeps between reads of its job while notices are live: a backstop against a notice
+/// lost in a way nobody foresaw, long enough that an idle follower costs Redis next to nothing.
+pub const LIVE_BACKSTOP: Duration = Duration::from_secs(60);
+
 impl Waiters {
-    /// Takes one of `client`'s `max` slots, or `None` when all are in use.
-    pub fn slot(&self, client: &ClientId, max: usize) -> Option<Slot<'_>> {
-        let mut map = self.per_client.lock().ok()?;
-        let n = map.entry(client.clone()).or_insert(0);
+    /// Takes one of `client`'s `max` slots of `kind`, or refuses with 429 `too_many_waits`.
+    pub fn slot(self: &Arc<Self>, kind: Follow, client: &ClientId, max: usize) -> Result<Slot, ApiError> {
+        let key = (kind, client.clone());
+        let mut map = self
+            .per_client
+            .lock()
+            .map_err(|_| ApiError::Internal("the waiters' table is poisoned".into()))?;
+        let n = map.entry(key.clone()).or_insert(0);
         if *n >= max {
-            return None;
+            metrics::counter!(crate::telemetry::FOLLOWS_REFUSED, "kind" => kind.name()).increment(1);
+            return Err(ApiError::TooManyWaits {
+                limit: max,
+                what: kind.what(),
+            });
         }
         *n += 1;
-        Some(Slot {
-            waiters: self,
-            client: client.clone(),
+        Ok(Slot {
+            waiters: self.clone(),
+            key,
         })
+    }
+
+    /// How long a wait may sleep before it reads its job again: `poll` while notices may be lost (the
+    /// subscription is down), [`LIVE_BACKSTOP`] while they cannot.
+    pub fn poll_interval(&self, poll: Duration) -> Duration {
+        if self.live.load(Ordering::Acquire) {
+            LIVE_BACKSTOP.max(poll)
+        } else {
+            poll
+        }
+    }
+
+    /// Wakes every wait on this replica, so each reads its job again: after the subscription came up (a
+    /// notice may have been published while it was down) and after it went down (the waits must start
+    /// polling).
+    fn wake_all(&self) {
+        for registry in [&self.done, &self.events] {
+            if let Ok(jobs) = registry.lock() {
+                for list in jobs.values() {
+                    for (_, n) in list {
+                        n.notify_one();
+                    }
+                }
+            }
+        }
     }
 
     fn registry(&self, interest: Interest) -> &Registry {
@@ -164,6 +233,10 @@ impl Waiters {
             .subscribe(&[channels.done.as_str(), channels.events.as_str()])
             .await?;
         let mut messages = pubsub.on_message();
+        // From here no notice is missed; one published before is read by the wait that this wakes.
+        self.live.store(true, Ordering::Release);
+        self.wake_all();
+        let _down = Down(self);
         loop {
             tokio::select! {
                 msg = messages.next() => match msg {
@@ -187,6 +260,16 @@ impl Waiters {
     }
 }
 
+/// Marks the subscription down however `subscribe_once` leaves, and wakes the waits so they poll.
+struct Down<'a>(&'a Waiters);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        self.0.live.store(false, Ordering::Release);
+        self.0.wake_all();
+    }
+}
+
 /// The pub/sub channels a replica listens on.
 #[derive(Debug, Clone)]
 pub struct Channels {
@@ -199,16 +282,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_client_gets_at_most_its_slots_and_gets_them_back() {
-        let waiters = Waiters::default();
+    fn a_client_gets_at_most_its_slots_of_each_kind_and_gets_them_back() {
+        let waiters = Arc::new(Waiters::default());
         let client = ClientId::Ip("127.0.0.1".parse().unwrap());
-        let a = waiters.slot(&client, 2).unwrap();
-        let _b = waiters.slot(&client, 2).unwrap();
-        assert!(waiters.slot(&client, 2).is_none());
+        let a = waiters.slot(Follow::Run, &client, 2).unwrap();
+        let _b = waiters.slot(Follow::Run, &client, 2).unwrap();
+        assert!(matches!(
+            waiters.slot(Follow::Run, &client, 2),
+            Err(ApiError::TooManyWaits { limit: 2, .. })
+        ));
+        assert!(
+            waiters.slot(Follow::Stream, &client, 2).is_ok(),
+            "streams have their own bound"
+        );
         let other = ClientId::Ip("127.0.0.2".parse().unwrap());
-        assert!(waiters.slot(&other, 2).is_some());
+        assert!(waiters.slot(Follow::Run, &other, 2).is_ok());
         drop(a);
-        assert!(waiters.slot(&client, 2).is_some());
+        assert!(waiters.slot(Follow::Run, &client, 2).is_ok());
+    }
+
+    #[tokio::test]
+    async fn waits_poll_only_while_the_subscription_is_down_and_are_woken_when_it_changes() {
+        let waiters = Arc::new(Waiters::default());
+        let poll = Duration::from_millis(100);
+        assert_eq!(waiters.poll_interval(poll), poll);
+        let wait = waiters.register(JobId::new_random(), Interest::Done);
+        waiters.live.store(true, Ordering::Release);
+        waiters.wake_all();
+        assert_eq!(waiters.poll_interval(poll), LIVE_BACKSTOP);
+        tokio::time::timeout(Duration::from_secs(1), wait.notify.notified())
+            .await
+            .unwrap();
+        drop(Down(&waiters));
+        assert_eq!(waiters.poll_interval(poll), poll);
+        tokio::time::timeout(Duration::from_secs(1), wait.notify.notified())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! Every accepted job ends in a true state, and what the gateway accepts is bounded: safe retries
 //! (`Idempotency-Key`, unconfirmed publishes kept and republished), the backlog and cost bounds, separate
 //! publishing and consuming connections, several broker URLs, and the HTTP edges (one body deadline, a
-//! connection cap). Real Redis and RabbitMQ; the broker's confirms are withheld by a real TCP proxy
+//! connection caps, per client and in all; open streams per client, and what idle ones cost Redis). Real Redis and RabbitMQ; the broker's confirms are withheld by a real TCP proxy
 //! ([`shared::testing::StallProxy`]); no worker runs, the test answers for one at the AMQP contract level where needed.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] functions panic on purpose
@@ -583,32 +583,231 @@ async fn a_body_dripped_slowly_meets_one_deadline_not_one_per_chunk() {
     env.finish().await;
 }
 
+/// A connection to `addr` from the local address `from` (any 127.x.y.z reaches the loopback), so a test
+/// can be several clients.
+async fn connect_from(addr: &str, from: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(addr.parse().unwrap()).await.unwrap()
+}
+
+/// One `GET path` on `stream`, and the head and body of its answer (read until the server closes or 5 s).
+async fn get_on(stream: &mut tokio::net::TcpStream, path: &str) -> String {
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(n)) => {
+                answer.extend_from_slice(&buf[..n]);
+                // A whole answer with a body: enough, whether or not the server closes.
+                let text = String::from_utf8_lossy(&answer);
+                if text.contains("\r\n\r\n") && text.trim_end().ends_with('}') {
+                    break;
+                }
+            }
+            Ok(Err(_)) => break,
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 #[tokio::test]
-async fn connections_past_the_cap_wait_until_one_closes() {
+async fn past_the_connection_cap_health_still_answers_and_other_requests_get_503() {
     let mut env = TestEnv::new();
     let gw = env.gateway(&flags(&["--max-connections", "2"])).await;
     let addr = gw.base.trim_start_matches("http://").to_owned();
     // The harness's client may hold pooled connections from the readiness wait: take them out of play.
     env.http = reqwest::Client::new();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let idle_a = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let _idle_b = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let idle_a = connect_from(&addr, "127.0.0.11").await;
+    let _idle_b = connect_from(&addr, "127.0.0.12").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    third
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 1024];
-    let waited = tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf)).await;
-    assert!(waited.is_err(), "a third connection was served past a cap of two");
+    // A liveness probe behind a full gateway is answered, not left in the backlog.
+    let probe = get_on(&mut connect_from(&addr, "127.0.0.13").await, "/healthz").await;
+    assert!(probe.starts_with("HTTP/1.1 200"), "{probe}");
+    let ready = get_on(&mut connect_from(&addr, "127.0.0.13").await, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let refused = get_on(&mut connect_from(&addr, "127.0.0.14").await, "/v1/queue").await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    let lower = refused.to_ascii_lowercase();
+    assert!(lower.contains("retry-after: 1"), "{refused}");
+    assert!(lower.contains("connection: close"), "{refused}");
+    assert!(refused.contains(r#""code":"too_many_connections""#), "{refused}");
+    // A place given back is served in full again.
     drop(idle_a);
-    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
-        .await
-        .expect("still not served after a slot freed")
-        .unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let served = get_on(&mut connect_from(&addr, "127.0.0.14").await, "/v1/queue").await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
     env.finish().await;
+}
+
+#[tokio::test]
+async fn one_client_past_its_connection_bound_gets_429_and_locks_nobody_else_out() {
+    let mut env = TestEnv::new();
+    let gw = env.gateway(&flags(&["--max-connections-per-client", "2"])).await;
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    env.http = reqwest::Client::new();
+    // One client's idle connections (as slow headers or idle streams hold them).
+    let _held: Vec<_> = futures::future::join_all((0..2).map(|_| connect_from(&addr, "127.0.0.21"))).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = get_on(&mut connect_from(&addr, "127.0.0.21").await, "/v1/queue").await;
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert!(refused.contains(r#""code":"too_many_connections""#), "{refused}");
+    assert!(
+        refused.to_ascii_lowercase().contains("retry-after: 1"),
+        "{refused}"
+    );
+    // Its probes are still answered, and another client is served as usual.
+    let probe = get_on(&mut connect_from(&addr, "127.0.0.21").await, "/healthz").await;
+    assert!(probe.starts_with("HTTP/1.1 200"), "{probe}");
+    for _ in 0..5 {
+        let other = get_on(&mut connect_from(&addr, "127.0.0.22").await, "/v1/queue").await;
+        assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    }
+    env.finish().await;
+}
+
+/// Opens an event stream of job `id` and reads it until its text holds `until`.
+async fn stream_until(env: &TestEnv, gw: &common::Gateway, id: &str, until: &str) -> reqwest::Response {
+    let mut response = env
+        .http
+        .get(gw.url(&format!("/v1/jobs/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut seen = String::new();
+    while !seen.contains(until) {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), response.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no `{until}` within 10 s: {seen}"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("the stream ended before `{until}`: {seen}"));
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    response
+}
+
+/// Reads the rest of a stream until its text holds `until` (10 s at most).
+async fn read_until(response: &mut reqwest::Response, until: &str) {
+    let mut seen = String::new();
+    while !seen.contains(until) {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), response.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no `{until}` within 10 s: {seen}"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("the stream ended before `{until}`: {seen}"));
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test]
+async fn a_client_holds_at_most_its_streams_and_a_refused_openai_request_queues_nothing() {
+    let mut env = TestEnv::new();
+    let gw = env.gateway(&flags(&["--max-streams-per-client", "2"])).await;
+    let (_, job) = submit(&env.http, &gw, json!({"prompt": "followed"})).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let _a = stream_until(&env, &gw, &id, "event: queued").await;
+    let b = stream_until(&env, &gw, &id, "event: queued").await;
+    let (status, body) = json(
+        env.http
+            .get(gw.url(&format!("/v1/jobs/{id}/events")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["code"], "too_many_waits");
+    let (_conn, channel) = amqp().await;
+    let queued = depth(&channel, &env.jobs_queue()).await;
+    let (status, body) = json(
+        env.http
+            .post(gw.url("/v1/completions"))
+            .json(&json!({"model": "EleutherAI/gpt-j-6b", "prompt": "more", "stream": true}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(
+        depth(&channel, &env.jobs_queue()).await,
+        queued,
+        "a refused request ran nothing"
+    );
+    // A stream closed gives its place back, once the gateway has noticed (at its next write: the queued
+    // events come every few seconds).
+    drop(b);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = env
+            .http
+            .get(gw.url(&format!("/v1/jobs/{id}/events")))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert_eq!(r.status(), 429);
+        assert!(
+            Instant::now() < deadline,
+            "the closed stream's place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn idle_streams_cost_redis_nothing_until_their_job_changes() {
+    let redis = common::PrivateRedis::start().await;
+    let mut env = TestEnv::new();
+    let gw = env.gateway(&flags(&["--redis-url", &redis.url])).await;
+    let (_, job) = submit(&env.http, &gw, json!({"prompt": "watched by many"})).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let (_conn, channel) = amqp().await;
+    take(&channel, &env.jobs_queue()).await;
+    reply(
+        &channel,
+        &env.replies_queue(),
+        &common::started(id.parse().unwrap()),
+    )
+    .await;
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        streams.push(stream_until(&env, &gw, &id, "event: started").await);
+    }
+    // Every stream has read its log and sleeps on the job's notices: three seconds of nothing happening
+    // must not read any job's log or record (a poll a second each would be 60 reads of each).
+    let before = redis.command_counts().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = redis.command_counts().await.unwrap();
+    for command in ["xrange", "hgetall"] {
+        let calls = after.get(command).unwrap_or(&0) - before.get(command).unwrap_or(&0);
+        assert_eq!(calls, 0, "{command} called {calls} times by idle streams");
+    }
+    // And news still reaches every one of them at once, by its notice.
+    reply(
+        &channel,
+        &env.replies_queue(),
+        &succeeded(id.parse().unwrap(), "p", " the end"),
+    )
+    .await;
+    for stream in &mut streams {
+        read_until(stream, "event: succeeded").await;
+    }
+    drop(streams);
+    env.finish().await;
+    drop(redis);
 }
 
 #[tokio::test]

@@ -45,6 +45,9 @@ pub enum ErrorCode {
     Unauthorized,
     RateLimited,
     TooManyWaits,
+    /// The client (its address) holds as many connections as it may (429), or the gateway does (503);
+    /// retry after `Retry-After`.
+    TooManyConnections,
     Timeout,
     Unavailable,
     Internal,

@@ -83,6 +83,10 @@ impl Topology {
     pub fn cancellations_queue(&self) -> String {
         format!("{}.cancellations", self.namespace)
     }
+    /// The routing key of the gateway's alarm probe: no queue has this name, so the broker drops the probe.
+    pub fn alarm_probe_key(&self) -> String {
+        format!("{}.alarm-probe", self.namespace)
+    }
 }
 
 impl Default for Topology {

@@ -24,6 +24,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiQuery, ErrorResponse};
 use crate::follow::{CancelOnDrop, Followed, follow};
 use crate::routes::jobs::{owned, view};
+use crate::waiters::Follow;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -67,7 +68,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
         (status = 401, description = "Keys are on and the request has none, or a wrong one", body = ErrorResponse),
         (status = 422, description = "Last-Event-ID (or last_event_id) is not an event id of this stream", body = ErrorResponse),
         (status = 404, description = "Unknown id, or another key's job", body = ErrorResponse),
-        (status = 429, description = "Rate limited (Retry-After)", body = ErrorResponse),
+        (status = 429, description = "Rate limited (Retry-After), or the client holds as many streams as it may", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
 )]
@@ -79,6 +80,9 @@ pub async fn events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let (record, _) = owned(&app, &caller, &id).await?;
+    let slot = app
+        .waiters
+        .slot(Follow::Stream, &caller.id, app.settings.max_streams_per_client)?;
     // Either resume point, when given, must be one; the header wins over the query when both are.
     let header = headers
         .get("last-event-id")
@@ -97,6 +101,8 @@ pub async fn events(
         query.cancel_on_disconnect && !record.status.is_final(),
     );
     let stream = follow(app, id, after).map(move |followed| {
+        // Held as long as the stream is.
+        let _slot = &slot;
         let event = match followed {
             Followed::Queued(p) => Event::default().event("queued").json_data(p),
             Followed::Entry(entry) => Ok(Event::default().id(entry.id).event(entry.event).data(entry.data)),

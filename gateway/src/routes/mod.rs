@@ -112,6 +112,28 @@ pub fn router(app: AppState) -> Router {
         .layer(cors(&app.settings.cors))
 }
 
+/// The router of a connection past a bound ([`crate::server`]): the health routes answer as usual, so a
+/// gateway full of one client's connections still tells its orchestrator it is alive; every other request
+/// is refused with the bound that was hit.
+pub fn overflow_router(app: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/health", get(ops::health))
+        .fallback(over_bound)
+        .with_state(app)
+        .layer(middleware::from_fn(crate::telemetry::track))
+}
+
+async fn over_bound(request: Request) -> ApiError {
+    let reason = request
+        .extensions()
+        .get::<crate::server::Overflow>()
+        .copied()
+        .unwrap_or(crate::server::Overflow::Gateway { limit: 0 });
+    ApiError::TooManyConnections(reason)
+}
+
 /// CORS, outermost so a preflight is answered before keys and limits apply (it carries no key). The headers
 /// a browser client needs: the key and the stream's resume point in, the poll location, rate limits and
 /// retry advice out.

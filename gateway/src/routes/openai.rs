@@ -34,7 +34,7 @@ use crate::openai::{
 };
 use crate::openai_jobs::{Kind, Meta, Plan, answer, check_model, finished, param_error, usage};
 use crate::tools::{ToolCallDelta, ToolCalling};
-use crate::waiters::Interest;
+use crate::waiters::{Follow, Interest, Slot};
 
 #[utoipa::path(
     post, path = "/v1/completions", tag = "openai",
@@ -140,7 +140,7 @@ enum OpenAiErrors {
     /// Body over the limit.
     #[response(status = 413)]
     TooLarge(#[to_schema] openai::OpenAiError),
-    /// Rate limited (Retry-After).
+    /// Rate limited (Retry-After), or the client holds as many streams and waiting requests as it may.
     #[response(status = 429)]
     RateLimited(#[to_schema] openai::OpenAiError),
     /// A job failed in the engine.
@@ -221,6 +221,10 @@ async fn serve(
         lane,
         timeout_s,
     } = jobs;
+    // Before anything is queued: a request that could not be followed must not run.
+    let slot = app
+        .waiters
+        .slot(Follow::Stream, &caller.id, app.settings.max_streams_per_client)?;
     let ids: Vec<JobId> = jobs.iter().map(|_| JobId::new_random()).collect();
     // Registered before the first publish, so no completion notice can slip by.
     let registrations: Vec<_> = ids
@@ -262,7 +266,7 @@ async fn serve(
     let mut owner = CancelOnDrop::new(&app, ids.clone(), app.settings.cancel_on_disconnect);
     let mut response = if stream {
         drop(registrations);
-        Sse::new(chunks(app, ids, prompts, n, owner, meta, usage)).into_response()
+        Sse::new(chunks(app, ids, prompts, n, (owner, slot), meta, usage)).into_response()
     } else {
         let mut records = Vec::with_capacity(ids.len());
         for (id, registration) in ids.iter().zip(&registrations) {
@@ -276,6 +280,7 @@ async fn serve(
             }
         }
         owner.disarm();
+        drop(slot);
         axum::Json(answer(&meta, &app.vocabulary, n, records)?).into_response()
     };
     if let Some(d) = decision {
@@ -290,6 +295,8 @@ struct Streamed {
     n: u32,
     usage: StreamUsage,
     owner: CancelOnDrop,
+    /// The client's stream slot, held as long as the stream.
+    _slot: Slot,
     /// Names the tokens of the log-probabilities chunks carry.
     app: AppState,
     /// Per choice: its prompt as the job took it, its result once final, and whether its first chunk (the
@@ -489,7 +496,7 @@ fn chunks(
     ids: Vec<JobId>,
     prompts: Vec<String>,
     n: u32,
-    owner: CancelOnDrop,
+    (owner, slot): (CancelOnDrop, Slot),
     meta: Meta,
     usage: StreamUsage,
 ) -> impl Stream<Item = Result<Event, Infallible>> + Send {
@@ -498,6 +505,7 @@ fn chunks(
         n,
         usage,
         owner,
+        _slot: slot,
         app: app.clone(),
         prompts,
         results: vec![None; ids.len()],

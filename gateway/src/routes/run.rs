@@ -24,7 +24,7 @@ use crate::error::{ApiError, ApiJson, ErrorResponse, parse_value};
 use crate::follow::{CancelOnDrop, Waited, wait_final};
 use crate::routes::jobs::SubmitRequest;
 use crate::store::{JobRecord, Status};
-use crate::waiters::Interest;
+use crate::waiters::{Follow, Interest};
 
 /// The original `/run` body.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -121,8 +121,7 @@ pub async fn run(
     let s = &app.settings;
     let _slot = app
         .waiters
-        .slot(&caller.id, s.max_run_waits_per_client)
-        .ok_or(ApiError::TooManyWaits(s.max_run_waits_per_client))?;
+        .slot(Follow::Run, &caller.id, s.max_run_waits_per_client)?;
     let id = JobId::new_random();
     let registration = app.waiters.register(id, Interest::Done);
     let (_, decision) = app

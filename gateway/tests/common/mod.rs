@@ -345,3 +345,60 @@ pub fn succeeded(id: JobId, prompt: &str, text: &str) -> JobReply {
         finished_at_ms: now_ms(),
     })
 }
+
+/// A Redis server of the test's own (`redis-server` on a free port, nothing persisted), so that what a
+/// gateway asks of Redis can be counted without the other tests' traffic; stopped when dropped.
+pub struct PrivateRedis {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> Self {
+        let port = closed_port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test.sh installs it)");
+        let url = format!("redis://127.0.0.1:{port}/");
+        let redis = Self { child, url };
+        for _ in 0..100 {
+            if redis.command_counts().await.is_some() {
+                return redis;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis-server on port {port} did not start");
+    }
+
+    /// Calls of each command so far (`INFO commandstats`), e.g. `xrange` → 12; `None` while it is down.
+    pub async fn command_counts(&self) -> Option<std::collections::HashMap<String, u64>> {
+        let client = redis::Client::open(self.url.as_str()).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        // Lines like `cmdstat_xrange:calls=12,usec=...`.
+        Some(
+            info.lines()
+                .filter_map(|l| l.strip_prefix("cmdstat_"))
+                .filter_map(|l| {
+                    let (name, rest) = l.split_once(':')?;
+                    let calls = rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
+                    Some((name.to_owned(), calls))
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
