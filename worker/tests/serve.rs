@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Env, RawProducer, Reply, rabbitmqctl};
 use lapin::BasicProperties;
@@ -145,6 +145,56 @@ async fn a_worker_killed_mid_job_leaves_the_job_to_another_worker_and_it_complet
     assert_eq!(done.job_id.to_string(), id);
     assert_eq!(done.new_tokens as usize, done.token_ids.len());
     env.wait_for_jobs_queue(0, 1).await;
+    producer.close().await;
+    env.finish().await;
+}
+
+/// A frozen worker (SIGSTOP, as `docker pause` or a stuck host leaves it) answers no heartbeat, so the broker
+/// closes its connections after about two to three heartbeat intervals and gives its job to another
+/// worker, which answers it once. Thawed, the frozen worker answers nothing for the job it lost, is not
+/// blamed for a hung engine (its engine stood still with it), and consumes again.
+#[tokio::test]
+async fn a_frozen_worker_s_job_goes_to_another_worker_and_is_answered_once() {
+    let mut env = Env::new();
+    // A 2 s heartbeat; a step bound of 4 s, which the freeze outlasts.
+    let flags = ["--amqp-heartbeat-s", "2", "--engine-step-timeout-s", "4"];
+    env.spawn_worker(&flags);
+    env.spawn_worker(&flags);
+    env.wait_for_consumers(2).await;
+    let mut producer = RawProducer::new(&env).await;
+    let id = producer.publish_job("A long story begins", long_job(600)).await;
+    let first = producer.next_reply(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(first.kind, "job.started");
+    let frozen = first.worker_id().to_owned();
+    env.worker_by_id(&frozen).signal("STOP");
+    let frozen_at = Instant::now();
+
+    // The bound the README states for the default 10 s heartbeat is 30 s; with 2 s it is 6 s, and the
+    // test allows five times that.
+    let again = producer
+        .next_reply(Duration::from_secs(30))
+        .await
+        .expect("the frozen worker's job was not given to the other worker within 30 s");
+    let JobReply::Started(started) = &again.body else {
+        panic!("{again:#?}")
+    };
+    assert!(started.redelivered);
+    assert_ne!(started.worker_id, frozen);
+    let done = producer.next_reply(Duration::from_secs(120)).await.unwrap();
+    assert_eq!(done.kind, "job.succeeded", "{done:#?}");
+    assert_eq!(done.correlation_id.as_deref(), Some(id.as_str()));
+    // Frozen past the step bound, then thawed.
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(frozen_at.elapsed())).await;
+    env.worker_by_id(&frozen).signal("CONT");
+
+    env.wait_for_consumers(2).await;
+    assert!(
+        producer.next_reply(Duration::from_secs(3)).await.is_none(),
+        "the thawed worker answered the job it had lost"
+    );
+    let thawed = env.worker_by_id(&frozen);
+    assert!(thawed.running(), "the thawed worker exited:\n{}", thawed.log());
+    assert!(!thawed.log().contains("engine is unhealthy"), "{}", thawed.log());
     producer.close().await;
     env.finish().await;
 }

@@ -86,6 +86,13 @@ pub struct ServeArgs {
     /// Deliveries of one job before the broker dead-letters it; must match the gateway's.
     #[arg(long, env = "DELIVERY_LIMIT", default_value_t = DEFAULT_DELIVERY_LIMIT)]
     pub delivery_limit: u32,
+    /// Heartbeat interval asked of the broker, in seconds, unless the URL sets one (`?heartbeat=`). A worker
+    /// that stops running (SIGSTOP, `docker pause`, a hung host) stops answering heartbeats, and the broker
+    /// closes its connections, giving its jobs to other workers, after about two to three intervals. The
+    /// broker's own default, 60 s, would leave them for minutes. 0 asks for none (the broker's then
+    /// applies).
+    #[arg(long, env = "AMQP_HEARTBEAT_S", default_value_t = DEFAULT_HEARTBEAT_S)]
+    pub amqp_heartbeat_s: u16,
     /// Longest wait for the broker to confirm a reply, in milliseconds (a memory or disk alarm blocks
     /// publishing). A final reply not confirmed in time counts as not sent: the job is not acknowledged and
     /// goes back to the queue.
@@ -124,7 +131,12 @@ pub struct ServiceConfig {
     pub stream: StreamSettings,
     /// Longest wait for a reply's confirm.
     pub publish_timeout: std::time::Duration,
+    /// The heartbeat interval asked for, in seconds, where the URL asks for none.
+    pub heartbeat_s: u16,
 }
+
+/// `--amqp-heartbeat-s`'s default.
+pub const DEFAULT_HEARTBEAT_S: u16 = 10;
 
 impl ServeArgs {
     pub fn service_config(&self) -> Result<ServiceConfig, ServeError> {
@@ -154,6 +166,7 @@ impl ServeArgs {
                 interval: std::time::Duration::from_millis(self.stream_interval_ms),
             },
             publish_timeout: std::time::Duration::from_millis(self.publish_timeout_ms),
+            heartbeat_s: self.amqp_heartbeat_s,
         })
     }
 

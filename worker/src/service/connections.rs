@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties, Event};
 use tracing::{info, warn};
 
@@ -37,13 +38,14 @@ pub enum PublishSide {
 
 impl Connections {
     /// Opens the consuming connection, then the publishing one; `worker_id` names both in the broker's
-    /// connection list.
-    pub async fn open(url: &str, worker_id: &str) -> Result<Self, lapin::Error> {
+    /// connection list. Both ask for heartbeats every `heartbeat_s` seconds unless `url` says otherwise.
+    pub async fn open(url: &str, worker_id: &str, heartbeat_s: u16) -> Result<Self, lapin::Error> {
         let props = |role: &str| {
             ConnectionProperties::default().with_connection_name(format!("worker {worker_id} {role}").into())
         };
-        let consume = Connection::connect(url, props("consume")).await?;
-        let publish = match Connection::connect(url, props("publish")).await {
+        let uri = with_heartbeat(url, heartbeat_s)?;
+        let consume = Connection::connect_uri(uri.clone(), props("consume")).await?;
+        let publish = match Connection::connect_uri(uri, props("publish")).await {
             Ok(publish) => publish,
             Err(e) => {
                 close(&consume).await;
@@ -91,6 +93,17 @@ impl Connections {
     }
 }
 
+/// `url` asking for heartbeats every `heartbeat_s` seconds, unless it asks for an interval itself.
+fn with_heartbeat(url: &str, heartbeat_s: u16) -> Result<AMQPUri, lapin::Error> {
+    let mut uri: AMQPUri = url
+        .parse()
+        .map_err(|e: String| lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    if uri.query.heartbeat.is_none() && heartbeat_s > 0 {
+        uri.query.heartbeat = Some(heartbeat_s);
+    }
+    Ok(uri)
+}
+
 /// The orderly goodbye; after an error it releases a connection that may still be open (a channel-level
 /// error leaves it so).
 async fn close(connection: &Connection) {
@@ -99,4 +112,17 @@ async fn close(connection: &Connection) {
         connection.close(200, "worker stopping".into()),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn heartbeats_are_asked_for_unless_the_url_sets_them() {
+        let asked = super::with_heartbeat("amqp://guest:guest@127.0.0.1:5672/%2f", 10).unwrap();
+        assert_eq!(asked.query.heartbeat, Some(10));
+        let own = super::with_heartbeat("amqp://127.0.0.1:5672/%2f?heartbeat=3", 10).unwrap();
+        assert_eq!(own.query.heartbeat, Some(3));
+        let none = super::with_heartbeat("amqp://127.0.0.1:5672/%2f", 0).unwrap();
+        assert_eq!(none.query.heartbeat, None);
+    }
 }

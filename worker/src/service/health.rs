@@ -129,6 +129,14 @@ impl EngineHealth {
             .map(|since| now.saturating_duration_since(since))
     }
 
+    /// Takes `paused` off the call in progress: time the whole process stood still (stopped by SIGSTOP or
+    /// `docker pause`, a suspended host) is not time the engine spent hung.
+    pub fn excuse(&self, paused: Duration) {
+        if let Some(since) = self.busy_since().as_mut() {
+            *since += paused;
+        }
+    }
+
     /// The watchdog's check: trips the health when the call in progress has run past the bound. Returns
     /// whether the health is tripped (for whatever reason), after which there is nothing left to watch.
     pub fn check(&self, now: Instant) -> bool {
@@ -192,6 +200,10 @@ impl EngineHealth {
     }
 }
 
+/// How late a watchdog tick must be to say the whole process stood still rather than the runtime being
+/// busy.
+const STOOD_STILL: Duration = Duration::from_secs(2);
+
 /// Watches for a call into the batch past `--engine-step-timeout-s`, from the runtime, until the health
 /// trips or the engine thread and every handle to it are gone. Needs a Tokio runtime.
 pub fn spawn_watchdog(health: &Arc<EngineHealth>) {
@@ -204,12 +216,25 @@ pub fn spawn_watchdog(health: &Arc<EngineHealth>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last = Instant::now();
         loop {
             tick.tick().await;
             let Some(health) = weak.upgrade() else {
                 return;
             };
-            if health.check(Instant::now()) {
+            let now = Instant::now();
+            // A tick this late means the watchdog stood still too: the process was stopped, not the
+            // engine hung. Its engine resumes where it was; without this it would be blamed on resume.
+            let late = now.saturating_duration_since(last).saturating_sub(period);
+            if late > STOOD_STILL {
+                tracing::warn!(
+                    stood_still_ms = late.as_millis() as u64,
+                    "the process stood still (stopped or paused); the engine is not blamed for it"
+                );
+                health.excuse(late);
+            }
+            last = now;
+            if health.check(now) {
                 return;
             }
         }
@@ -290,6 +315,20 @@ mod tests {
             h.unhealthy(),
             Some(Unhealthy::StepTimeout { limit_s: 1, .. })
         ));
+    }
+
+    #[test]
+    fn time_the_process_stood_still_is_not_counted_against_the_call() {
+        let h = health(0, 1000);
+        let start = Instant::now();
+        *h.busy_since() = Some(start);
+        // Stopped for a minute half a second into the call, then resumed.
+        h.excuse(Duration::from_secs(60));
+        assert!(!h.check(start + Duration::from_millis(60_500)));
+        assert!(
+            h.check(start + Duration::from_millis(61_500)),
+            "still hung past the bound afterwards"
+        );
     }
 
     #[tokio::test]

@@ -182,7 +182,7 @@ impl Service {
         // A connection attempt can hang (an unreachable host) and must not delay a shutdown.
         let brokers = &self.config.brokers;
         let mut connections = tokio::select! {
-            connections = Connections::open(brokers.current(), &self.config.worker_id) => match connections {
+            connections = Connections::open(brokers.current(), &self.config.worker_id, self.config.heartbeat_s) => match connections {
                 Ok(c) => c,
                 Err(e) => {
                     // That node may be down: the next attempt goes to the next one (of a cluster's).

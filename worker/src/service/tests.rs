@@ -68,6 +68,7 @@ fn test_config(url: &str, topology: Topology, publish_timeout: Duration) -> Serv
             interval: Duration::from_millis(50),
         },
         publish_timeout,
+        heartbeat_s: super::args::DEFAULT_HEARTBEAT_S,
     }
 }
 
