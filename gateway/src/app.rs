@@ -285,7 +285,13 @@ impl App {
         let id = accepted.id;
         if let Err(e) = self
             .outbox
-            .publish(&self.broker, id, accepted.lane, body.as_bytes())
+            .publish(
+                &self.broker,
+                id,
+                accepted.lane,
+                body.as_bytes(),
+                caller.key.map(|k| k.hex()).as_deref(),
+            )
             .await
         {
             if let Some(charge) = charge {

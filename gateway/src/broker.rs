@@ -336,8 +336,15 @@ impl Broker {
         self.set(None);
     }
 
-    /// Publishes a job body to its lane's queue and waits for the broker's confirm.
-    pub async fn publish(&self, id: JobId, lane: Lane, body: &[u8]) -> Result<(), BrokerError> {
+    /// Publishes a job body to its lane's queue, with its owner's header ([`shared::owner`]) when it has
+    /// one, and waits for the broker's confirm.
+    pub async fn publish(
+        &self,
+        id: JobId,
+        lane: Lane,
+        body: &[u8],
+        owner: Option<&str>,
+    ) -> Result<(), BrokerError> {
         let link = self.current().ok_or(BrokerError::NotConnected)?;
         let n = self.next.fetch_add(1, Ordering::Relaxed) % link.publishers.len();
         let channel = &link.publishers[n];
@@ -353,6 +360,7 @@ impl Broker {
         if let Some(ttl) = self.settings.job_expiration {
             props = props.with_expiration(ttl.as_millis().to_string().into());
         }
+        let props = shared::owner::write(props, owner);
         let start = Instant::now();
         self.confirmed(channel, "", &topology.lane_queue(lane), body, props)
             .await?;

@@ -107,8 +107,9 @@ impl Outbox {
         id: JobId,
         lane: Lane,
         body: &[u8],
+        owner: Option<&str>,
     ) -> Result<(), BrokerError> {
-        match broker.publish(id, lane, body).await {
+        match broker.publish(id, lane, body, owner).await {
             Ok(()) => {
                 metrics::counter!(m::JOBS, "outcome" => "submitted").increment(1);
                 // Off the answer's path: until it lands, the sweep that would take the job finds it
@@ -299,14 +300,15 @@ impl Outbox {
         {
             return Ok(());
         }
-        let status = self.store.get(id).await?.map(|(record, _)| record.status);
-        if status.is_some_and(|s| s != Status::Queued) {
+        let record = self.store.get(id).await?.map(|(record, _)| record);
+        if record.as_ref().is_some_and(|r| r.status != Status::Queued) {
             // A copy landed and a worker took it (or the job was cancelled): nothing left to publish.
             return self.done(id).await;
         }
+        let owner = record.and_then(|r| r.owner);
         let body = self.body(id).await?;
         let published = match &body {
-            Some(body) => broker.publish(id, lane, body).await,
+            Some(body) => broker.publish(id, lane, body, owner.as_deref()).await,
             None => Err(BrokerError::Encode("the kept body expired".into())),
         };
         match published {
@@ -330,7 +332,7 @@ impl Outbox {
                     ),
                     finished_at_ms: now_ms(),
                 });
-                self.store.apply(&reply).await?;
+                self.store.apply(&reply, None).await?;
                 self.done(id).await
             }
             Err(e) => {

@@ -165,7 +165,11 @@ impl ReplyConsumer {
                     }
                     other => Some(other == Appended::Added),
                 }),
-                _ => self.store.apply(reply).await.map(Some),
+                _ => self
+                    .store
+                    .apply(reply, shared::owner::read(&delivery.properties).as_deref())
+                    .await
+                    .map(Some),
             };
             match applied {
                 Ok(None) => tokio::time::sleep(GAP_POLL).await,

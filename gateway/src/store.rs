@@ -160,7 +160,7 @@ end
 // KEYS: job, running, taken, stats, events
 // ARGV: event, job id, now ms, key ttl ms, expires-at ms, worker id, payload json, inference ms,
 //       started-at ms, done channel, events channel, event data json, the result's token log-probabilities
-//       ([`scores_arg`]; empty when it has none)
+//       ([`scores_arg`]; empty when it has none), the owner the reply names (empty when none)
 const APPLY: &str = r#"
 local status = redis.call('HGET', KEYS[1], 'status')
 local event = ARGV[1]
@@ -178,6 +178,8 @@ if event == 'started' and status == 'running' then
   if seen[1] == ARGV[6] and seen[2] == ARGV[9] then return 0 end
 end
 if status == false or status == 'queued' then redis.call('INCR', KEYS[3]) end
+-- A record the replies recreate (Redis lost it) belongs to the owner the reply names (`shared::owner`).
+if status == false and ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'owner', ARGV[14]) end
 local now = tonumber(ARGV[3])
 if event == 'started' then
   redis.call('HSET', KEYS[1], 'status', 'running', 'worker_id', ARGV[6], 'started_at_ms', ARGV[9])
@@ -376,8 +378,9 @@ impl JobStore {
         }
     }
 
-    /// Applies one reply. Returns false when it changed nothing (the job was already final).
-    pub async fn apply(&self, reply: &JobReply) -> Result<bool, RedisError> {
+    /// Applies one reply. Returns false when it changed nothing (the job was already final). `owner` is the
+    /// one the reply's message names ([`shared::owner`]): it owns a record the reply recreates.
+    pub async fn apply(&self, reply: &JobReply, owner: Option<&str>) -> Result<bool, RedisError> {
         let Some(id) = reply.job_id() else {
             return Ok(false);
         };
@@ -454,7 +457,8 @@ impl JobStore {
             .arg(self.keys.done_channel())
             .arg(self.keys.events_channel())
             .arg(data)
-            .arg(scores);
+            .arg(scores)
+            .arg(owner.unwrap_or(""));
         invocation.key(self.keys.events(id));
         let changed: i64 = self
             .redis

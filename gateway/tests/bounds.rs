@@ -769,7 +769,7 @@ async fn a_client_holds_at_most_its_streams_and_a_refused_openai_request_queues_
 
 #[tokio::test]
 async fn idle_streams_cost_redis_nothing_until_their_job_changes() {
-    let redis = common::PrivateRedis::start().await;
+    let redis = shared::testing::PrivateRedis::start().await;
     let mut env = TestEnv::new();
     let gw = env.gateway(&flags(&["--redis-url", &redis.url])).await;
     let (_, job) = submit(&env.http, &gw, json!({"prompt": "watched by many"})).await;

@@ -11,6 +11,7 @@ pub mod control;
 pub mod grammar;
 pub mod job;
 pub mod lane;
+pub mod owner;
 pub mod params;
 pub mod prompt;
 pub mod reply;

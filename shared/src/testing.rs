@@ -5,7 +5,7 @@
 //! connection the broker has blocked), made on demand, on real connections to the real broker. The broker's
 //! own alarms are global and would stop every other test on it, so they are not used. It can also freeze
 //! both directions, a link gone dead: then not even the publish reaches the broker. And the prompt of the
-//! OpenAI compatibility tests ([`LOAD_TESTER_PROMPT`]).
+//! OpenAI compatibility tests ([`LOAD_TESTER_PROMPT`]). And [`PrivateRedis`], a Redis server of a test's own.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -129,5 +129,87 @@ async fn relay(
         if to.write_all(&buf[..n]).await.is_err() {
             break;
         }
+    }
+}
+
+/// A Redis server of a test's own (`redis-server` on a free port, nothing persisted): what a gateway asks of
+/// Redis can be counted without the other tests' traffic, and Redis can be restarted empty as a Redis
+/// without persistence comes back. Stopped when dropped. Set-up failures panic: they are the test's.
+pub struct PrivateRedis {
+    child: std::process::Child,
+    port: u16,
+    pub url: String,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let redis = Self {
+            child: Self::spawn(port),
+            port,
+            url: format!("redis://127.0.0.1:{port}/"),
+        };
+        redis.ready().await;
+        redis
+    }
+
+    /// Kills the server and starts an empty one on the same port, as a Redis without persistence
+    /// restarts: every key is gone, and clients reconnect to the same address.
+    pub async fn restart_empty(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(self.port);
+        self.ready().await;
+    }
+
+    fn spawn(port: u16) -> std::process::Child {
+        std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test.sh installs it)")
+    }
+
+    async fn ready(&self) {
+        for _ in 0..200 {
+            if self.command_counts().await.is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis-server on port {} did not start", self.port);
+    }
+
+    /// Calls of each command so far (`INFO commandstats`), e.g. `xrange` → 12; `None` while it is down.
+    pub async fn command_counts(&self) -> Option<std::collections::HashMap<String, u64>> {
+        let client = redis::Client::open(self.url.as_str()).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        // Lines like `cmdstat_xrange:calls=12,usec=...`.
+        Some(
+            info.lines()
+                .filter_map(|l| l.strip_prefix("cmdstat_"))
+                .filter_map(|l| {
+                    let (name, rest) = l.split_once(':')?;
+                    let calls = rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
+                    Some((name.to_owned(), calls))
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

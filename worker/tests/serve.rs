@@ -199,6 +199,63 @@ async fn a_frozen_worker_s_job_goes_to_another_worker_and_is_answered_once() {
     env.finish().await;
 }
 
+/// Redis restarted without its data (no persistence, a failover to an empty replica) loses every job
+/// record, API keys on: the worker's replies recreate the records, and the owner header the gateway put on
+/// the job, which the worker copies onto its replies, gives each back to the key that submitted it. Before
+/// it, the record came back nobody's: the job answered 404 to its owner for good, though it ran.
+#[tokio::test]
+async fn after_redis_restarts_empty_a_job_answers_its_owner_and_nobody_else() {
+    let mut redis = shared::testing::PrivateRedis::start().await;
+    let mut env = Env::new();
+    let base = env
+        .gateway_with(&["--redis-url", &redis.url, "--api-keys", "key-of-a,key-of-b"])
+        .await;
+    let http = reqwest::Client::new();
+    let submitted = http
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth("key-of-a")
+        .json(&json!({"prompt": "Once upon a time", "parameters": short_job()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(submitted.status(), 202);
+    let id = submitted.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let view = |key: &'static str| http.get(format!("{base}/v1/jobs/{id}")).bearer_auth(key).send();
+    // The job is queued when Redis comes back empty; only then does a worker take it.
+    redis.restart_empty().await;
+    env.spawn_worker(&[]);
+    env.wait_for_consumers(1).await;
+    // Its replies recreate the record, its owner's.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let r = view("key-of-a").await.unwrap();
+        let status = r.status();
+        if status == 200 {
+            let job: Value = r.json().await.unwrap();
+            if job["status"] == "succeeded" {
+                break job;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job never answered its owner after Redis restarted (last: {status})\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!done["result"]["text"].as_str().unwrap().is_empty(), "{done}");
+    assert_eq!(
+        view("key-of-b").await.unwrap().status(),
+        404,
+        "another key's job stays invisible"
+    );
+    env.finish().await;
+    drop(redis);
+}
+
 /// Generation runs off the async runtime: with a 1 s heartbeat (the broker drops a connection after two
 /// missed ones) a worker busy for seconds keeps its connection and its job.
 #[tokio::test]

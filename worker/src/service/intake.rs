@@ -14,6 +14,8 @@ use shared::{ErrorBody, ErrorCode, JobId, JobRequest, PromptRules, ValidJob};
 pub struct Accepted {
     pub id: JobId,
     pub reply_to: String,
+    /// Who submitted it, as the message's owner header says ([`shared::owner`]): every reply carries it.
+    pub owner: Option<String>,
     pub job: ValidJob,
 }
 
@@ -85,7 +87,12 @@ pub fn inspect(properties: &BasicProperties, body: &[u8], rules: &PromptRules) -
             ),
         ));
     };
-    Ok(Accepted { id, reply_to, job })
+    Ok(Accepted {
+        id,
+        reply_to,
+        owner: shared::owner::read(properties),
+        job,
+    })
 }
 
 /// Maps a body that is not a job to the codes the gateway uses for the same mistakes.

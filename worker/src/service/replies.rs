@@ -44,8 +44,9 @@ impl PublishError {
     }
 }
 
-/// The properties of a reply.
-pub fn properties(correlation_id: Option<&str>, reply: &JobReply) -> BasicProperties {
+/// The properties of a reply: its job's correlation id and owner header ([`shared::owner`]) when it has
+/// them.
+pub fn properties(correlation_id: Option<&str>, owner: Option<&str>, reply: &JobReply) -> BasicProperties {
     let mut props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(PERSISTENT)
@@ -54,7 +55,7 @@ pub fn properties(correlation_id: Option<&str>, reply: &JobReply) -> BasicProper
     if let Some(id) = correlation_id {
         props = props.with_correlation_id(id.into());
     }
-    props
+    shared::owner::write(props, owner)
 }
 
 /// Where and how replies are published: a confirm-mode channel of the publishing connection, and the
@@ -71,10 +72,11 @@ impl Publisher<'_> {
         &self,
         reply_to: &str,
         correlation_id: Option<&str>,
+        owner: Option<&str>,
         reply: &JobReply,
     ) -> Result<(), PublishError> {
         let body = serde_json::to_vec(reply)?;
-        let props = properties(correlation_id, reply);
+        let props = properties(correlation_id, owner, reply);
         self.confirmed("", reply_to, &body, props).await
     }
 
@@ -159,12 +161,15 @@ mod tests {
             channel: &channel,
             timeout: Duration::from_millis(300),
         };
-        publisher.publish(&reply_to, Some("c"), &started()).await.unwrap();
+        publisher
+            .publish(&reply_to, Some("c"), None, &started())
+            .await
+            .unwrap();
 
         proxy.stall(0, true);
         let begun = std::time::Instant::now();
         let err = publisher
-            .publish(&reply_to, Some("c"), &started())
+            .publish(&reply_to, Some("c"), None, &started())
             .await
             .unwrap_err();
         let waited = begun.elapsed();
@@ -179,14 +184,17 @@ mod tests {
 
         // The late confirm does not confuse the channel: once the broker is heard again, publishing works.
         proxy.stall(0, false);
-        publisher.publish(&reply_to, Some("c"), &started()).await.unwrap();
+        publisher
+            .publish(&reply_to, Some("c"), None, &started())
+            .await
+            .unwrap();
         let _ = conn.close(200, "".into()).await;
     }
 
     #[test]
     fn a_reply_names_its_event_in_the_type_property_and_is_persistent_json() {
         let reply = started();
-        let p = properties(Some("abc"), &reply);
+        let p = properties(Some("abc"), None, &reply);
         assert_eq!(p.kind().as_ref().map(|k| k.as_str()), Some("job.started"));
         assert_eq!(p.correlation_id().as_ref().map(|c| c.as_str()), Some("abc"));
         assert_eq!(

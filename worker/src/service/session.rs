@@ -495,7 +495,11 @@ impl Service {
                 };
                 self.run_job(publisher, job, arrival, settlement, stop).await
             }
-            Err(refused) => self.refuse(publisher, refused, settlement).await,
+            Err(refused) => {
+                let owner = shared::owner::read(&properties);
+                self.refuse(publisher, refused, owner.as_deref(), settlement)
+                    .await
+            }
         }
     }
 
@@ -504,6 +508,7 @@ impl Service {
         &self,
         publisher: Publisher<'_>,
         refused: Refused,
+        owner: Option<&str>,
         settlement: Settlement,
     ) -> Result<(), SessionError> {
         warn!(
@@ -520,7 +525,7 @@ impl Service {
                 finished_at_ms: now_ms(),
             });
             match publisher
-                .publish(reply_to, refused.correlation_id.as_deref(), &reply)
+                .publish(reply_to, refused.correlation_id.as_deref(), owner, &reply)
                 .await
             {
                 // The message is dead-lettered either way; the producer learns nothing more by a retry.
@@ -542,7 +547,12 @@ impl Service {
         settlement: Settlement,
         stop: Shutdown,
     ) -> Result<(), SessionError> {
-        let Accepted { id, reply_to, job } = accepted;
+        let Accepted {
+            id,
+            reply_to,
+            owner,
+            job,
+        } = accepted;
         let Arrival {
             lane,
             redelivered,
@@ -553,6 +563,7 @@ impl Service {
             reply_to: &reply_to,
             id,
             correlation_id: id.to_string(),
+            owner: owner.as_deref(),
         };
         let watch = self.cancels.watch(id);
         let input = match &job.messages {
@@ -850,12 +861,14 @@ struct Destination<'a> {
     reply_to: &'a str,
     id: JobId,
     correlation_id: String,
+    /// The job's owner header, copied onto every reply ([`shared::owner`]).
+    owner: Option<&'a str>,
 }
 
 impl Destination<'_> {
     async fn publish(&self, reply: &JobReply) -> Result<(), PublishError> {
         self.publisher
-            .publish(self.reply_to, Some(&self.correlation_id), reply)
+            .publish(self.reply_to, Some(&self.correlation_id), self.owner, reply)
             .await
     }
 }

@@ -365,27 +365,24 @@ impl Env {
         self.gateway_with(&[]).await
     }
 
-    /// A gateway with extra flags.
+    /// A gateway with extra flags (which replace the defaults of the same name).
     pub async fn gateway_with(&mut self, extra: &[&str]) -> String {
-        let mut args = vec![
-            "gateway",
-            "--namespace",
-            &self.ns,
-            "--amqp-url",
-            &self.amqp_url,
-            "--redis-url",
-            REDIS_URL,
-            "--submit-rate-limit",
-            "100000/1s",
-            "--read-rate-limit",
-            "100000/1s",
-            "--token-rate-limit",
-            "1000000000/1s",
-            "--max-active-jobs-per-client",
-            "0",
-            "--shutdown-grace-s",
-            "2",
+        let defaults = [
+            ("--namespace", self.ns.as_str()),
+            ("--amqp-url", self.amqp_url.as_str()),
+            ("--redis-url", REDIS_URL),
+            ("--submit-rate-limit", "100000/1s"),
+            ("--read-rate-limit", "100000/1s"),
+            ("--token-rate-limit", "1000000000/1s"),
+            ("--max-active-jobs-per-client", "0"),
+            ("--shutdown-grace-s", "2"),
         ];
+        let mut args = vec!["gateway"];
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                args.extend([flag, value]);
+            }
+        }
         args.extend_from_slice(extra);
         let config = gateway::Config::from_args(args).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
