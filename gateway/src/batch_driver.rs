@@ -14,7 +14,6 @@
 //!   short is simply done again, and its files replace the half-done ones, one line per `custom_id`.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use shared::reply::now_ms;
@@ -36,25 +35,6 @@ use crate::openai::{Head, chat_completion_id, completion_id, service_tier};
 use crate::openai_jobs::{Kind, Meta, answer};
 use crate::store::{JobRecord, Status};
 use crate::telemetry as m;
-
-/// How batches are driven.
-#[derive(Debug, Clone)]
-pub struct BatchSettings {
-    /// A batch's lines in flight (submitted, not ended) at most.
-    pub slice: usize,
-    /// Most requests in one batch.
-    pub max_requests: u64,
-    /// How often a driver looks at its batches.
-    pub poll: Duration,
-    /// How long a driver's lease lasts unrenewed.
-    pub lease: Duration,
-    /// What the `24h` window lasts (shortened by tests).
-    pub window: Duration,
-    /// Longest line of an input file (a synchronous request's body limit).
-    pub max_line_bytes: usize,
-    /// A fault-test hook: how long finalization waits after writing its files and before recording them.
-    pub finalize_hold: Duration,
-}
 
 /// Why a driver's step failed (it is tried again at the next poll).
 #[derive(Debug, thiserror::Error)]

@@ -330,7 +330,26 @@ pub struct Settings {
     /// Where the Batch API's files are kept.
     pub storage: crate::files::Storage,
     pub max_file_bytes: u64,
-    pub batch: crate::batch_driver::BatchSettings,
+    pub batch: BatchSettings,
+}
+
+/// How the Batch API's batches are driven (`crate::batch_driver`).
+#[derive(Debug, Clone)]
+pub struct BatchSettings {
+    /// A batch's lines in flight (submitted, not ended) at most.
+    pub slice: usize,
+    /// Most requests in one batch.
+    pub max_requests: u64,
+    /// How often a driver looks at its batches.
+    pub poll: Duration,
+    /// How long a driver's lease lasts unrenewed.
+    pub lease: Duration,
+    /// What the `24h` window lasts (shortened by tests).
+    pub window: Duration,
+    /// Longest line of an input file (a synchronous request's body limit).
+    pub max_line_bytes: usize,
+    /// A fault-test hook: how long finalization waits after writing its files and before recording them.
+    pub finalize_hold: Duration,
 }
 
 /// How each route that takes a prompt takes its text (see `shared::prompt`): the policy is per route, because
@@ -496,7 +515,7 @@ impl Config {
                 None => crate::files::Storage::Local(self.files_dir.clone()),
             },
             max_file_bytes: positive("max-file-bytes", self.max_file_bytes)?,
-            batch: crate::batch_driver::BatchSettings {
+            batch: BatchSettings {
                 slice: positive("batch-slice", self.batch_slice as u64)? as usize,
                 max_requests: positive("batch-max-requests", self.batch_max_requests)?,
                 poll: Duration::from_millis(positive("batch-poll-ms", self.batch_poll_ms)?),

@@ -28,6 +28,7 @@ pub mod keys;
 pub mod kv;
 pub mod logprobs;
 pub mod openai;
+pub mod openai_error;
 pub mod openai_jobs;
 pub mod openai_schema;
 pub mod openapi;

@@ -30,27 +30,12 @@ use shared::{
 };
 use utoipa::ToSchema;
 
+use crate::openai_error::{ParamError, param_error};
 use crate::openai_schema::MAX_CHOICES;
 use crate::tools::{ToolCall, ToolCallDelta, ToolCalling};
 
 /// OpenAI's documented default `max_tokens` for completions.
 pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
-
-/// A request OpenAI would accept but this service cannot honour; `param` names the field as the client
-/// sent it, which is what OpenAI's error body reports.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid `{param}`: {message}")]
-pub struct ParamError {
-    pub param: String,
-    pub message: String,
-}
-
-pub(crate) fn param_error(param: &str, message: impl Into<String>) -> ParamError {
-    ParamError {
-        param: param.to_owned(),
-        message: message.into(),
-    }
-}
 
 /// Our job parameters' names and OpenAI's (vLLM's), where they differ.
 const OPENAI_NAMES: [(&str, &str); 2] = [("max_new_tokens", "max_tokens"), ("min_new_tokens", "min_tokens")];

@@ -10,8 +10,9 @@ use shared::{GenerationParameters, JobRequest};
 
 use crate::error::ApiError;
 use crate::openai::{
-    self, ChatCompletionRequest, CompletionChoice, CompletionRequest, Head, ParamError, Usage, choice_seed,
+    self, ChatCompletionRequest, CompletionChoice, CompletionRequest, Head, Usage, choice_seed,
 };
+use crate::openai_error::ParamError;
 use crate::store::{JobRecord, Status};
 use crate::tools::{ToolCalling, call_id};
 

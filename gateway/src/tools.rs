@@ -16,7 +16,7 @@ use serde_json::Value;
 use shared::{FinishReason, Grammar};
 use utoipa::ToSchema;
 
-use crate::openai::{ParamError, param_error};
+use crate::openai_error::{ParamError, param_error};
 
 /// Tools one request may declare at most (OpenAI's limit).
 pub const MAX_TOOLS: usize = 128;
