@@ -33,6 +33,7 @@ pub mod openai_jobs;
 pub mod openai_schema;
 pub mod openapi;
 pub mod outbox;
+pub mod places;
 pub mod position;
 pub mod ratelimit;
 pub mod replies;

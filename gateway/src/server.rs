@@ -12,10 +12,9 @@
 //! `Retry-After` and `Connection: close`. The reserve has a short header deadline and a per-address share,
 //! so one client cannot hold it either; only past the reserve does the loop stop accepting.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -29,6 +28,7 @@ use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 use crate::auth::ClientId;
+use crate::places::{PerKey, Place};
 
 /// The bounds of the accept loop.
 #[derive(Debug, Clone)]
@@ -58,53 +58,12 @@ pub enum Overflow {
     Gateway { limit: usize },
 }
 
-/// Open connections per client address (its [`ClientId::key_part`], so an IPv6 client's /64 counts as
-/// one), each released when its connection ends.
-#[derive(Default)]
-struct PerAddress {
-    open: Mutex<HashMap<String, usize>>,
-}
-
-struct Held {
-    table: Arc<PerAddress>,
-    address: String,
-}
-
-impl PerAddress {
-    /// One more connection from `address`, unless it holds `max` already.
-    fn take(self: &Arc<Self>, address: &str, max: usize) -> Option<Held> {
-        let mut open = self.open.lock().ok()?;
-        let n = open.entry(address.to_owned()).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(Held {
-            table: self.clone(),
-            address: address.to_owned(),
-        })
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        if let Ok(mut open) = self.table.open.lock()
-            && let Some(n) = open.get_mut(&self.address)
-        {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.address);
-            }
-        }
-    }
-}
-
 /// What the loop decided for one accepted connection.
 enum Admission {
     /// The full router, holding its places.
-    Serve(Vec<Held>, tokio::sync::OwnedSemaphorePermit),
+    Serve(Option<Place<String>>, tokio::sync::OwnedSemaphorePermit),
     /// The overflow router, for the given reason.
-    Overflow(Overflow, Held, tokio::sync::OwnedSemaphorePermit),
+    Overflow(Overflow, Place<String>, tokio::sync::OwnedSemaphorePermit),
     /// Closed at once: the address has its share of the overflow too.
     Close,
 }
@@ -115,8 +74,9 @@ struct Gate {
     main: Arc<Semaphore>,
     /// [`OVERFLOW`] places.
     overflow: Arc<Semaphore>,
-    per_client: Arc<PerAddress>,
-    per_client_overflow: Arc<PerAddress>,
+    /// Connections per client address (its [`ClientId::key_part`], so an IPv6 client's /64 counts as one).
+    per_client: Arc<PerKey<String>>,
+    per_client_overflow: Arc<PerKey<String>>,
 }
 
 impl Gate {
@@ -137,28 +97,25 @@ impl Gate {
     fn admit(&self, peer: IpAddr) -> Admission {
         let address = ClientId::Ip(peer).key_part();
         let per_client = self.limits.max_connections_per_client;
-        let mut held = Vec::new();
-        let reason = if per_client > 0 && !self.trusted(peer) {
-            match self.per_client.take(&address, per_client) {
-                Some(h) => {
-                    held.push(h);
-                    None
-                }
-                None => Some(Overflow::Client { limit: per_client }),
+        let mut held = None;
+        if per_client > 0 && !self.trusted(peer) {
+            held = self.per_client.take(&address, per_client);
+            if held.is_none() {
+                return self.overflow(Overflow::Client { limit: per_client }, address);
             }
-        } else {
-            None
-        };
-        let reason = match reason {
-            Some(r) => r,
-            None => match self.main.clone().try_acquire_owned() {
-                Ok(permit) => return Admission::Serve(held, permit),
-                Err(_) => Overflow::Gateway {
-                    limit: self.limits.max_connections,
-                },
-            },
-        };
-        drop(held);
+        }
+        match self.main.clone().try_acquire_owned() {
+            Ok(permit) => Admission::Serve(held, permit),
+            Err(_) => {
+                drop(held);
+                let limit = self.limits.max_connections;
+                self.overflow(Overflow::Gateway { limit }, address)
+            }
+        }
+    }
+
+    /// A place in the overflow for `address`, or none: its share is taken, or the reserve is full.
+    fn overflow(&self, reason: Overflow, address: String) -> Admission {
         let Some(share) = self.per_client_overflow.take(&address, OVERFLOW_PER_CLIENT) else {
             return Admission::Close;
         };
@@ -228,7 +185,7 @@ pub async fn serve(
                 (
                     overflow_router.clone(),
                     &http_overflow,
-                    (vec![share], Some(permit)),
+                    (Some(share), Some(permit)),
                     Some(reason),
                 )
             }

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::ClientId;
 use crate::error::ApiError;
+use crate::places::{PerKey, Place};
 
 /// What a wait is woken by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +43,7 @@ pub struct Waiters {
     done: Registry,
     events: Registry,
     next: AtomicU64,
-    per_client: Mutex<HashMap<(Follow, ClientId), usize>>,
+    per_client: Arc<PerKey<(Follow, ClientId)>>,
     /// Whether the pub/sub subscription is up: while it is, a notice never goes missing (a lost
     /// connection drops the subscription, and each new one wakes every wait), so waits need no poll.
     live: AtomicBool,
@@ -97,23 +98,7 @@ impl Drop for Registration {
 }
 
 /// One of a client's open-follow slots; released on drop.
-pub struct Slot {
-    waiters: Arc<Waiters>,
-    key: (Follow, ClientId),
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if let Ok(mut map) = self.waiters.per_client.lock()
-            && let Some(n) = map.get_mut(&self.key)
-        {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.key);
-            }
-        }
-    }
-}
+pub type Slot = Place<(Follow, ClientId)>;
 
 /// How long a wait sleeps between reads of its job while notices are live: a backstop against a notice
 /// lost in a way nobody foresaw, long enough that an idle follower costs Redis next to nothing.
@@ -121,24 +106,13 @@ pub const LIVE_BACKSTOP: Duration = Duration::from_secs(60);
 
 impl Waiters {
     /// Takes one of `client`'s `max` slots of `kind`, or refuses with 429 `too_many_waits`.
-    pub fn slot(self: &Arc<Self>, kind: Follow, client: &ClientId, max: usize) -> Result<Slot, ApiError> {
-        let key = (kind, client.clone());
-        let mut map = self
-            .per_client
-            .lock()
-            .map_err(|_| ApiError::Internal("the waiters' table is poisoned".into()))?;
-        let n = map.entry(key.clone()).or_insert(0);
-        if *n >= max {
+    pub fn slot(&self, kind: Follow, client: &ClientId, max: usize) -> Result<Slot, ApiError> {
+        self.per_client.take(&(kind, client.clone()), max).ok_or_else(|| {
             metrics::counter!(crate::telemetry::FOLLOWS_REFUSED, "kind" => kind.name()).increment(1);
-            return Err(ApiError::TooManyWaits {
+            ApiError::TooManyWaits {
                 limit: max,
                 what: kind.what(),
-            });
-        }
-        *n += 1;
-        Ok(Slot {
-            waiters: self.clone(),
-            key,
+            }
         })
     }
 

@@ -683,15 +683,7 @@ async fn stream_until(env: &TestEnv, gw: &common::Gateway, id: &str, until: &str
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let mut seen = String::new();
-    while !seen.contains(until) {
-        let chunk = tokio::time::timeout(Duration::from_secs(10), response.chunk())
-            .await
-            .unwrap_or_else(|_| panic!("no `{until}` within 10 s: {seen}"))
-            .unwrap()
-            .unwrap_or_else(|| panic!("the stream ended before `{until}`: {seen}"));
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    read_until(&mut response, until).await;
     response
 }
 
