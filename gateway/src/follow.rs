@@ -80,6 +80,9 @@ struct Follower {
     /// The record as last read, while the log has nothing new; `None` when the log must be read (at
     /// first, and after every notice or poll).
     quiet: Option<Box<JobRecord>>,
+    /// When the log is read again without a notice: the poll (or the backstop) counts from the last read,
+    /// not from each wake-up a queued job's place in line makes.
+    read_due: Instant,
 }
 
 /// The job's events after `after` (a log entry id; `0-0` for all), ending with its final state.
@@ -94,6 +97,7 @@ pub fn follow(app: AppState, id: JobId, after: String) -> impl Stream<Item = Fol
         done: false,
         last_queued: None,
         quiet: None,
+        read_due: Instant::now(),
     };
     futures::stream::unfold(follower, |mut f| async move {
         loop {
@@ -115,6 +119,7 @@ impl Follower {
         if let Some(record) = self.quiet.take() {
             return self.wait(record).await;
         }
+        self.read_due = Instant::now() + self.app.waiters.poll_interval(poll);
         let (entries, record) = match self.app.store.read_log(self.id, &self.cursor, PAGE).await {
             Ok(read) => read,
             Err(e) => {
@@ -172,15 +177,13 @@ impl Follower {
             }
             next_place = Some(QUEUED_MIN_GAP);
         }
-        let poll = self
-            .app
-            .waiters
-            .poll_interval(self.app.settings.run_poll_interval);
+        let place_due = Instant::now() + next_place.unwrap_or_default();
         tokio::select! {
+            biased;
             _ = self.registration.notify.notified() => {}
-            _ = tokio::time::sleep(poll) => {}
+            _ = tokio::time::sleep_until(self.read_due) => {}
             // Not a read of the log: only the shared figures move a queued job's place.
-            _ = tokio::time::sleep(next_place.unwrap_or(poll)), if next_place.is_some() => {
+            _ = tokio::time::sleep_until(place_due), if next_place.is_some() => {
                 self.quiet = Some(record);
             }
         }

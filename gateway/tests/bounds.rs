@@ -778,8 +778,16 @@ async fn idle_streams_cost_redis_nothing_until_their_job_changes() {
     for _ in 0..20 {
         streams.push(stream_until(&env, &gw, &id, "event: started").await);
     }
-    // Every stream has read its log and sleeps on the job's notices: three seconds of nothing happening
-    // must not read any job's log or record (a poll a second each would be 60 reads of each).
+    // And a job left queued, whose place in line its streams keep saying: that takes the figures the
+    // replica's followers share, not a read of each job's log.
+    let (_, waiting) = submit(&env.http, &gw, json!({"prompt": "still in line"})).await;
+    let waiting = waiting["id"].as_str().unwrap().to_owned();
+    let mut queued = Vec::new();
+    for _ in 0..10 {
+        queued.push(stream_until(&env, &gw, &waiting, "event: queued").await);
+    }
+    // Every stream has read its log and sleeps on its job's notices: three seconds of nothing happening
+    // must not read any job's log or record (a poll a second each would be 90 reads of each).
     let before = redis.command_counts().await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = redis.command_counts().await.unwrap();
@@ -797,7 +805,7 @@ async fn idle_streams_cost_redis_nothing_until_their_job_changes() {
     for stream in &mut streams {
         read_until(stream, "event: succeeded").await;
     }
-    drop(streams);
+    drop((streams, queued));
     env.finish().await;
     drop(redis);
 }
