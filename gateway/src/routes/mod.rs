@@ -84,9 +84,7 @@ pub fn router(app: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(app.clone(), identify));
     let open = Router::new()
         .route("/", get(playground::page))
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/health", get(ops::health))
+        .merge(health_routes())
         .route("/openapi.json", get(ops::openapi))
         .merge(ops::docs());
 
@@ -116,13 +114,18 @@ pub fn router(app: AppState) -> Router {
 /// gateway full of one client's connections still tells its orchestrator it is alive; every other request
 /// is refused with the bound that was hit.
 pub fn overflow_router(app: AppState) -> Router {
+    health_routes()
+        .fallback(over_bound)
+        .with_state(app)
+        .layer(middleware::from_fn(crate::telemetry::track))
+}
+
+/// Liveness and readiness, served on every connection, over a bound or not.
+fn health_routes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/health", get(ops::health))
-        .fallback(over_bound)
-        .with_state(app)
-        .layer(middleware::from_fn(crate::telemetry::track))
 }
 
 async fn over_bound(request: Request) -> ApiError {
