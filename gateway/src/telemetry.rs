@@ -28,6 +28,9 @@ pub const REPLIES_DROPPED: &str = "gateway_replies_dropped_total";
 pub const BROKER_RECONNECTS: &str = "gateway_broker_connects_total";
 /// 1 while the broker blocks this replica's publishing connection (a memory or disk alarm).
 pub const BROKER_BLOCKED: &str = "gateway_broker_blocked";
+/// 1 while this replica's Redis pub/sub subscription for job notices is up (and answers its pings): waits
+/// then read their jobs only when notified; 0 while it is down and they poll.
+pub const JOB_NOTICES_LIVE: &str = "gateway_job_notices_live";
 /// Submissions refused by a bound on the backlog or on cost, labelled `bound`: `queue_full`,
 /// `active_jobs`, `tokens`, `deadline`, `broker_blocked` (a resource alarm).
 pub const BOUNDED: &str = "gateway_submissions_bounded_total";

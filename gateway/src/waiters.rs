@@ -7,7 +7,10 @@
 //! published while this replica was not subscribed is lost. So each new subscription wakes every wait to read
 //! its job once, and while the subscription is down waits re-read their job every `run_poll_interval`.
 //! While it is up, nothing is lost and a wait that hears nothing reads nothing (but a backstop a minute):
-//! an idle stream costs Redis nothing while its job does not change.
+//! an idle stream costs Redis nothing while its job does not change. "Up" is checked, not assumed: a
+//! subscription only receives, so a connection cut without a reset (a network partition, a Redis host gone)
+//! would look up and silent for as long as TCP takes to give up. Every [`PING_EVERY`] the replica pings on
+//! it; no answer within [`PING_TIMEOUT`] takes it down and the waits poll until it is back.
 //!
 //! Open waits are bounded per client and kind ([`Follow`]), so one client cannot hold every connection open.
 
@@ -103,6 +106,11 @@ pub type Slot = Place<(Follow, ClientId)>;
 /// How long a wait sleeps between reads of its job while notices are live: a backstop against a notice
 /// lost in a way nobody foresaw, long enough that an idle follower costs Redis next to nothing.
 pub const LIVE_BACKSTOP: Duration = Duration::from_secs(60);
+
+/// How often the subscription is pinged, and how long its answer may take before it counts as dead: a
+/// silently dead subscription is noticed within their sum.
+pub const PING_EVERY: Duration = Duration::from_secs(5);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Waiters {
     /// Takes one of `client`'s `max` slots of `kind`, or refuses with 429 `too_many_waits`.
@@ -206,13 +214,28 @@ impl Waiters {
         pubsub
             .subscribe(&[channels.done.as_str(), channels.events.as_str()])
             .await?;
-        let mut messages = pubsub.on_message();
+        let (mut sink, mut messages) = pubsub.split();
         // From here no notice is missed; one published before is read by the wait that this wakes.
         self.live.store(true, Ordering::Release);
+        metrics::gauge!(crate::telemetry::JOB_NOTICES_LIVE).set(1.0);
         self.wake_all();
         let _down = Down(self);
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = ping.tick() => {
+                    match tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => {
+                            return Err(redis::RedisError::from((
+                                redis::ErrorKind::Io,
+                                "pub/sub connection did not answer a ping",
+                            )));
+                        }
+                    }
+                }
                 msg = messages.next() => match msg {
                     Some(msg) => {
                         let interest = if msg.get_channel_name() == channels.done {
@@ -240,6 +263,7 @@ struct Down<'a>(&'a Waiters);
 impl Drop for Down<'_> {
     fn drop(&mut self) {
         self.0.live.store(false, Ordering::Release);
+        metrics::gauge!(crate::telemetry::JOB_NOTICES_LIVE).set(0.0);
         self.0.wake_all();
     }
 }

@@ -824,3 +824,66 @@ async fn the_gateway_moves_on_to_the_next_broker_url_when_a_node_is_down() {
     assert_eq!(status, 202, "{body}");
     env.finish().await;
 }
+
+#[tokio::test]
+async fn a_notice_subscription_cut_off_silently_is_found_out_by_its_pings_and_its_waits_hear_the_news() {
+    // Redis through a proxy that can freeze one connection both ways: a partition, where nothing arrives
+    // and nothing fails. A subscription only receives, so without a question of its own it would look up
+    // and silent, and its streams would hear their jobs' news at the backstop, a minute on.
+    let redis = shared::testing::PrivateRedis::start().await;
+    let proxy = StallProxy::start(&redis.url["redis://".len()..redis.url.len() - 1])
+        .await
+        .unwrap();
+    let url = format!("redis://127.0.0.1:{}/", proxy.port);
+    let mut env = TestEnv::new();
+    let gw = env.gateway(&flags(&["--redis-url", &url])).await;
+    let (_, job) = submit(&env.http, &gw, json!({"prompt": "news over a dead line"})).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let (_conn, channel) = amqp().await;
+    take(&channel, &env.jobs_queue()).await;
+    reply(
+        &channel,
+        &env.replies_queue(),
+        &common::started(id.parse().unwrap()),
+    )
+    .await;
+    let mut stream = stream_until(&env, &gw, &id, "event: started").await;
+
+    let subscribed = redis.subscribers().await.unwrap();
+    assert_eq!(subscribed.len(), 1, "one subscription: {subscribed:?}");
+    let (first, port) = subscribed[0];
+    let n = proxy
+        .connection_from(port)
+        .expect("the subscription goes through the proxy");
+    assert!(proxy.freeze(n, true));
+    // The job ends while its notice can only go down the dead line.
+    reply(
+        &channel,
+        &env.replies_queue(),
+        &succeeded(id.parse().unwrap(), "p", " the end"),
+    )
+    .await;
+    let started = Instant::now();
+    let bound = gateway::waiters::PING_EVERY + gateway::waiters::PING_TIMEOUT + Duration::from_secs(7);
+    tokio::time::timeout(bound, read_until(&mut stream, "event: succeeded"))
+        .await
+        .unwrap_or_else(|_| panic!("the stream did not hear the job's end within {bound:?}"));
+    // It heard it because the replica found the subscription dead (its waits then read their jobs), and
+    // the replica subscribes anew on a live connection.
+    let mut now = Vec::new();
+    for _ in 0..50 {
+        now = redis.subscribers().await.unwrap();
+        if now.iter().any(|(id, _)| *id != first) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        now.iter().any(|(id, _)| *id != first),
+        "no new subscription after {:?}: {now:?}",
+        started.elapsed()
+    );
+    drop(stream);
+    env.finish().await;
+    drop(redis);
+}

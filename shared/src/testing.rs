@@ -42,7 +42,10 @@ impl StallProxy {
                 let Ok(server) = TcpStream::connect(&upstream).await else {
                     continue;
                 };
-                let stall = Arc::new(Switches::default());
+                let stall = Arc::new(Switches {
+                    upstream_port: server.local_addr().map_or(0, |a| a.port()),
+                    ..Switches::default()
+                });
                 if let Ok(mut list) = list.lock() {
                     list.push(stall.clone());
                 }
@@ -77,6 +80,13 @@ impl StallProxy {
         })
     }
 
+    /// Which connection (from 0) reaches the upstream server from local port `port`: the port the server
+    /// sees as its client's (Redis' `CLIENT LIST` shows it as `addr=127.0.0.1:PORT`).
+    pub fn connection_from(&self, port: u16) -> Option<usize> {
+        let list = self.stalls.lock().ok()?;
+        list.iter().position(|s| s.upstream_port == port)
+    }
+
     fn switch(&self, n: usize, set: impl FnOnce(&Switches)) -> bool {
         let Ok(list) = self.stalls.lock() else {
             return false;
@@ -88,6 +98,8 @@ impl StallProxy {
 /// Whether a connection holds what each side sends.
 #[derive(Default)]
 struct Switches {
+    /// The local port of the connection to the upstream server.
+    upstream_port: u16,
     /// What the client sends.
     up: AtomicBool,
     /// What the broker sends.
@@ -201,6 +213,33 @@ impl PrivateRedis {
                     let (name, rest) = l.split_once(':')?;
                     let calls = rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
                     Some((name.to_owned(), calls))
+                })
+                .collect(),
+        )
+    }
+
+    /// The connections subscribed to a channel (`CLIENT LIST`: `sub=` above 0) as the server sees them:
+    /// (client id, which is new for each connection; client port); `None` while it is down.
+    pub async fn subscribers(&self) -> Option<Vec<(u64, u16)>> {
+        let client = redis::Client::open(self.url.as_str()).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        // Lines like `id=7 addr=127.0.0.1:53312 ... sub=2 psub=0 ...`.
+        let field = |line: &str, name: &str| -> Option<String> {
+            line.split(' ')
+                .find_map(|f| f.strip_prefix(name).map(str::to_owned))
+        };
+        Some(
+            list.lines()
+                .filter(|l| field(l, "sub=").is_some_and(|n| n != "0"))
+                .filter_map(|l| {
+                    let id = field(l, "id=")?.parse().ok()?;
+                    let port = field(l, "addr=")?.rsplit(':').next()?.parse().ok()?;
+                    Some((id, port))
                 })
                 .collect(),
         )

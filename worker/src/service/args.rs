@@ -80,7 +80,7 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics on this address, e.g. `0.0.0.0:9100` (`/metrics`).
     #[arg(long, env = "METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Name in replies and logs [default: HOSTNAME-PID].
+    /// Name in replies and logs [default: HOSTNAME-PID; as a container's PID 1, HOSTNAME-sSTARTED].
     #[arg(long, env = "WORKER_ID")]
     pub worker_id: Option<String>,
     /// Deliveries of one job before the broker dead-letters it; must match the gateway's.
@@ -207,7 +207,10 @@ pub enum Toggle {
     Off,
 }
 
-/// `HOSTNAME-PID`: unique on a host, and tells an operator which machine and process answered.
+/// `HOSTNAME-PID`: unique on a host, and tells an operator which machine and process answered. A process
+/// that is PID 1 is a container's, and every start of that container is PID 1 under the same hostname:
+/// there the start time (Unix seconds) stands in for the PID, so that each start of a restarted container
+/// has a name of its own in replies, logs and metrics.
 fn default_worker_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -215,7 +218,15 @@ fn default_worker_id() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "worker".to_owned());
-    format!("{host}-{}", std::process::id())
+    match std::process::id() {
+        1 => {
+            let started = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            format!("{host}-s{started}")
+        }
+        pid => format!("{host}-{pid}"),
+    }
 }
 
 #[cfg(test)]
