@@ -246,6 +246,13 @@ impl App {
             Err(e) => {
                 crate::ratelimit::failed_check(RouteClass::Submit, self.settings.submit_on_error, &e);
                 match self.settings.submit_on_error {
+                    // The script writes the record and the outbox entry with the charges: if it may have
+                    // run, the outbox publishes the job, and a refusal would send the client to submit it
+                    // again while the first one runs. Say what is known instead, and which job.
+                    FailMode::Closed if e.may_have_applied() => {
+                        tracing::warn!(error = %e, %id, "no answer while admitting a job: it may have been taken");
+                        return Err(ApiError::OutcomeUnknown(id));
+                    }
                     FailMode::Closed => return Err(ApiError::unavailable("rate limiter", e)),
                     FailMode::Open => (None, None),
                 }

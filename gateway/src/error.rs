@@ -113,6 +113,12 @@ pub enum ApiError {
     IdempotencyKeyReused(JobId),
     #[error("job {0} did not finish in time; it continues, poll /v1/jobs/{0}")]
     RunTimeout(JobId),
+    /// Redis did not answer while the job was being recorded: it may have been taken (and then runs).
+    #[error(
+        "Redis did not answer while job {0} was being recorded, so it may or may not have been taken: GET \
+         /v1/jobs/{0} tells (404 while it was not); retry with the same Idempotency-Key to be safe"
+    )]
+    OutcomeUnknown(JobId),
     /// A job the worker could not run; its error came back in the reply.
     #[error("{}", .0.message)]
     JobFailed(ErrorBody),
@@ -137,7 +143,7 @@ pub struct ErrorResponse {
     /// Readable explanation.
     message: String,
     /// The job the answer is about: on a `/run` timeout the one to poll, on a reused `Idempotency-Key`
-    /// the one the key named.
+    /// the one the key named, on `outcome_unknown` the one that may have been taken.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, format = Uuid)]
     job_id: Option<JobId>,
@@ -186,6 +192,7 @@ impl ApiError {
             DeadlineUnmeetable { .. } => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::DeadlineExceeded),
             IdempotencyKeyReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::IdempotencyKeyReused),
             RunTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Timeout),
+            OutcomeUnknown(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::OutcomeUnknown),
             JobFailed(body) => (
                 match body.code {
                     ErrorCode::GenerationFailed | ErrorCode::Internal | ErrorCode::Unavailable => {
@@ -270,7 +277,9 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         let job_id = match &self {
-            ApiError::RunTimeout(id) | ApiError::IdempotencyKeyReused(id) => Some(*id),
+            ApiError::RunTimeout(id) | ApiError::IdempotencyKeyReused(id) | ApiError::OutcomeUnknown(id) => {
+                Some(*id)
+            }
             _ => None,
         };
         let body = ErrorResponse {
@@ -313,7 +322,7 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        if let ApiError::RunTimeout(id) = &self
+        if let ApiError::RunTimeout(id) | ApiError::OutcomeUnknown(id) = &self
             && let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{id}"))
         {
             response.headers_mut().insert(header::LOCATION, location);

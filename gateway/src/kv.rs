@@ -29,6 +29,19 @@ pub enum RedisError {
     Corrupt(String),
 }
 
+impl RedisError {
+    /// Whether the command may have been carried out though this error came back: it was sent, or may
+    /// have been, and no answer came (a timeout, a connection lost under it), or the answer was not
+    /// understood. A refused connection or an error Redis itself answered means it was not.
+    pub fn may_have_applied(&self) -> bool {
+        match self {
+            RedisError::Timeout(_) | RedisError::Corrupt(_) => true,
+            RedisError::Pool(_) => false,
+            RedisError::Command(e) => e.is_io_error() || e.is_connection_dropped() || e.is_timeout(),
+        }
+    }
+}
+
 /// A Redis client whose calls all carry the configured timeout.
 #[derive(Clone)]
 pub struct Redis {

@@ -887,3 +887,35 @@ async fn a_notice_subscription_cut_off_silently_is_found_out_by_its_pings_and_it
     env.finish().await;
     drop(redis);
 }
+
+#[tokio::test]
+async fn a_submission_whose_recording_redis_never_answers_is_told_its_job_may_run_not_refused() {
+    // Redis through a proxy that can hold back its answers: the admission script runs (the record and the
+    // outbox entry are written) and its answer never comes. A refusal would send the client to submit again
+    // while the outbox publishes the first one.
+    let proxy = StallProxy::start("127.0.0.1:6379").await.unwrap();
+    let url = format!("redis://127.0.0.1:{}/", proxy.port);
+    let mut env = TestEnv::new();
+    let gw = env.gateway(&flags(&["--redis-url", &url])).await;
+    // One job through first, so that Redis has the admission script and the next call runs it at once.
+    let (status, body) = submit(&env.http, &gw, json!({"prompt": "before the silence"})).await;
+    assert_eq!(status, 202, "{body}");
+
+    proxy.stall_all(true);
+    let (status, body) = submit(&env.http, &gw, json!({"prompt": "recorded, unanswered"})).await;
+    proxy.stall_all(false);
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["code"], "outcome_unknown", "{body}");
+    let id = body["job_id"].as_str().expect("the job that may run").to_owned();
+
+    // It was taken: its record reads back, and the outbox publishes it.
+    let record = poll_until(&env, &gw, &id, "queued").await;
+    assert_eq!(record["prompt"], "recorded, unanswered");
+    let (_conn, channel) = amqp().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while depth(&channel, &env.jobs_queue()).await < 2 {
+        assert!(Instant::now() < deadline, "the job was never published");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.finish().await;
+}

@@ -75,6 +75,10 @@ pub enum ErrorCode {
     /// The job's deadline (`deadline_ms`) passed before a worker could start it: it never ran. At
     /// submission: the queue's estimated wait is past the deadline asked for.
     DeadlineExceeded,
+    /// The gateway cannot tell whether it took the job: Redis did not answer while the job was being
+    /// recorded, so the record may or may not have been written. The answer's `job_id` names the job;
+    /// reading it tells (404 while nothing was recorded). Not a refusal: the job may run.
+    OutcomeUnknown,
 }
 
 /// `{code, message}`: the error shape everywhere.

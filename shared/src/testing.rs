@@ -26,6 +26,8 @@ pub struct StallProxy {
     pub port: u16,
     /// The switches of each connection accepted, in the order they came.
     stalls: Arc<Mutex<Vec<Arc<Switches>>>>,
+    /// Whether a connection accepted now starts stalled ([`StallProxy::stall_all`]).
+    stall_new: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -35,8 +37,10 @@ impl StallProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let stalls: Arc<Mutex<Vec<Arc<Switches>>>> = Arc::default();
+        let stall_new: Arc<AtomicBool> = Arc::default();
         let upstream = upstream.to_owned();
         let list = stalls.clone();
+        let new_stalled = stall_new.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(&upstream).await else {
@@ -44,6 +48,7 @@ impl StallProxy {
                 };
                 let stall = Arc::new(Switches {
                     upstream_port: server.local_addr().map_or(0, |a| a.port()),
+                    down: AtomicBool::new(new_stalled.load(Ordering::SeqCst)),
                     ..Switches::default()
                 });
                 if let Ok(mut list) = list.lock() {
@@ -52,7 +57,12 @@ impl StallProxy {
                 tokio::spawn(forward(client, server, stall));
             }
         });
-        Ok(Self { port, stalls, task })
+        Ok(Self {
+            port,
+            stalls,
+            stall_new,
+            task,
+        })
     }
 
     /// The AMQP URL (guest, default vhost) that goes through this proxy.
@@ -69,6 +79,17 @@ impl StallProxy {
     /// when there is no such connection yet.
     pub fn stall(&self, n: usize, on: bool) -> bool {
         self.switch(n, |s| s.down.store(on, Ordering::SeqCst))
+    }
+
+    /// Stops (or resumes) forwarding what the upstream server sends on every connection, those accepted
+    /// from now on included: whatever the client sends is carried out, and no answer comes back.
+    pub fn stall_all(&self, on: bool) {
+        self.stall_new.store(on, Ordering::SeqCst);
+        if let Ok(list) = self.stalls.lock() {
+            for s in list.iter() {
+                s.down.store(on, Ordering::SeqCst);
+            }
+        }
     }
 
     /// Stops (or resumes) forwarding both ways on the `n`th connection: nothing the client sends reaches

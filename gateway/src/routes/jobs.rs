@@ -104,7 +104,10 @@ pub struct JobAccepted {
             Idempotency-Key reused with another body", body = ErrorResponse),
         (status = 429, description = "Rate limited, too many active jobs, or the token budget spent (Retry-After)", body = ErrorResponse),
         (status = 503, description = "Queue full, the estimated wait past the job's timeout (`deadline_exceeded`), broker or \
-            Redis unavailable (Retry-After)", body = ErrorResponse),
+            Redis unavailable (Retry-After): not taken", body = ErrorResponse),
+        (status = 504, description = "`outcome_unknown`: Redis did not answer while the job was being recorded, so it may \
+            have been taken; the body's `job_id` names it and `GET /v1/jobs/{id}` tells", body = ErrorResponse,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
     ),
     params(("Idempotency-Key" = Option<String>, Header, nullable = false, pattern = r"^[!-~][ -~]{0,254}$",
         description = "1 to 255 printable ASCII characters, the first not a space. A resubmission with the same key and body (within \

@@ -149,7 +149,8 @@ enum OpenAiErrors {
     /// Broker or Redis unavailable (Retry-After).
     #[response(status = 503)]
     Unavailable(#[to_schema] openai::OpenAiError),
-    /// Not finished in time; the jobs go on.
+    /// Not finished in time; the jobs go on. Or Redis did not answer while a job was being recorded
+    /// (`outcome_unknown`): it may have been taken.
     #[response(status = 504)]
     Timeout(#[to_schema] openai::OpenAiError),
 }

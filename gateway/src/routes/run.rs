@@ -108,7 +108,8 @@ pub fn job_from_body(body: serde_json::Value) -> Result<JobRequest, ApiError> {
         (status = 500, description = "The job failed in the engine", body = ErrorResponse),
         (status = 429, description = "Rate limited, or too many open /run requests", body = ErrorResponse),
         (status = 503, description = "Broker or Redis unavailable", body = ErrorResponse),
-        (status = 504, description = "Not finished in time; the body's job_id can be polled", body = ErrorResponse),
+        (status = 504, description = "Not finished in time (`timeout`), or Redis did not answer while the job was being \
+            recorded (`outcome_unknown`: it may have been taken); the body's job_id can be polled", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
 )]
