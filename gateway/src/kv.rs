@@ -106,14 +106,22 @@ impl Redis {
         Fut: Future<Output = Result<T, redis::RedisError>>,
     {
         let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        let work = async {
-            let conn = self.connection(slot).await?;
-            f(conn).await.map_err(RedisError::from)
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        // Connecting and the call share the deadline, but not the error: a call that never got a connection
+        // was never sent ([`RedisError::may_have_applied`] is false), one that timed out may have been.
+        let conn = match tokio::time::timeout_at(deadline, self.connection(slot)).await {
+            Ok(conn) => conn?,
+            Err(_) => {
+                return Err(RedisError::Pool(format!(
+                    "no connection within {:?}",
+                    self.timeout
+                )));
+            }
         };
-        let result = tokio::time::timeout(self.timeout, work)
+        let result = tokio::time::timeout_at(deadline, f(conn))
             .await
             .map_err(|_| RedisError::Timeout(self.timeout))
-            .and_then(|r| r);
+            .and_then(|r| r.map_err(RedisError::from));
         match &result {
             Err(RedisError::Timeout(_)) => self.discard(slot),
             Err(RedisError::Command(e))
@@ -130,5 +138,46 @@ impl Redis {
         self.call(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
             .await
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn set(redis: &Redis) -> Result<(), RedisError> {
+        redis
+            .call(|mut c| async move {
+                redis::cmd("SET")
+                    .arg("kv-test")
+                    .arg(1)
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_call_that_never_got_a_connection_was_not_applied() {
+        // A port nothing listens on: refused at once.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let redis = Redis::new(
+            &format!("redis://127.0.0.1:{port}/"),
+            1,
+            Duration::from_millis(300),
+        )
+        .unwrap();
+        let e = set(&redis).await.unwrap_err();
+        assert!(!e.may_have_applied(), "{e}");
+        // A listener that accepts and never answers: the connection's handshake times out, not the call.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}/", silent.local_addr().unwrap());
+        let redis = Redis::new(&url, 1, Duration::from_millis(300)).unwrap();
+        let e = set(&redis).await.unwrap_err();
+        assert!(!e.may_have_applied(), "{e}");
     }
 }
