@@ -2,14 +2,16 @@
 # Checks the deployment files where there is no container engine and no cluster (scripts/test.sh runs it):
 #   - compose/*.yml: the Compose Specification's JSON schema (compose/schema/compose-spec.json) and
 #     `docker compose config` (default profile, `cpu` and `monitoring` profiles, the one-worker-per-GPU
-#     override), then the deployment's own rules on the resolved model (compose/schema/check_deploy.py);
+#     override, the fault test's compose/faults.yml), then the deployment's own rules on the resolved model
+#     (compose/schema/check_deploy.py);
 #   - compose/monitoring/: promtool checks the Prometheus configuration and the alert rules and runs the rules'
 #     unit tests (alerts_test.yml); check_deploy.py checks that the alerts and the Grafana dashboard query
 #     only metrics the Rust sources define, and that promtool parses the dashboard's queries;
 #   - compose/k8s/*.yaml: the Kubernetes API schemas of two Kubernetes versions (kubernetes-validate, strict),
 #     KEDA's objects against compose/schema/keda-v1alpha1.json, references between the objects;
 #   - compose/*.Dockerfile and compose/local-bases/*.Dockerfile: hadolint; this script, img/render.sh,
-#     compose/worker-entrypoint.sh, scripts/images.sh, scripts/compose-e2e.sh, compose/local-bases/*.sh: shellcheck;
+#     compose/worker-entrypoint.sh, scripts/images.sh, scripts/compose-e2e.sh, scripts/compose-faults.sh,
+#     compose/local-bases/*.sh: shellcheck;
 #   - img/: every diagram source has its rendered SVG and PNG;
 #   - then itself: compose/schema/selftest.py breaks a copy of the files in each way the check claims to
 #     catch and expects it to fail (CHECK_DEPLOY_SELFTEST=0 skips this).
@@ -85,6 +87,9 @@ say "compose: docker compose config (default, --profile cpu, --profile monitorin
 "$COMPOSE" -f compose/docker-compose.yml --profile gpu --profile monitoring config --quiet
 "$COMPOSE" -f compose/docker-compose.yml -f compose/one-worker-per-gpu.yml config --quiet
 "$COMPOSE" -f compose/docker-compose.yml -f compose/engine-before-25.yml --profile cpu --profile monitoring config --quiet
+# The fault test's additions (scripts/compose-faults.sh), on their own and on an old engine.
+"$COMPOSE" -f compose/docker-compose.yml -f compose/faults.yml --profile cpu config --quiet
+"$COMPOSE" -f compose/docker-compose.yml -f compose/faults.yml -f compose/engine-before-25.yml --profile cpu config --quiet
 
 say "compose + kubernetes + img + monitoring: schemas and the deployment's rules"
 "$TOOLS/bin/python" compose/schema/check_deploy.py --compose "$COMPOSE" --promtool "$PROMTOOL"
@@ -119,7 +124,7 @@ say "Dockerfiles: hadolint"
 
 say "shell scripts: shellcheck"
 "$TOOLS/bin/shellcheck" -x scripts/check-deploy.sh img/render.sh compose/worker-entrypoint.sh \
-  scripts/images.sh scripts/compose-e2e.sh compose/local-bases/*.sh
+  scripts/images.sh scripts/compose-e2e.sh scripts/compose-faults.sh compose/local-bases/*.sh
 
 say "deployment files are valid"
 

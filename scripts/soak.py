@@ -45,6 +45,7 @@ import os
 import queue
 import random
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -89,6 +90,12 @@ class Http:
         data = None if body is None else json.dumps(body).encode()
         headers = {"content-type": "application/json"} if data is not None else {}
         conn = conns.get(port)
+        if conn is not None and conn.sock is not None and dropped(conn.sock):
+            # The gateway closed this kept-alive connection while it was idle (its header-read timeout):
+            # a request sent on it would fail unsent-looking, as a cut-off. A new connection instead, as
+            # urllib3 does.
+            conn.close()
+            conn = None
         if conn is None:
             conn = conns[port] = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         conn.timeout = timeout
@@ -117,6 +124,16 @@ class Http:
         except ValueError:
             parsed = raw.decode(errors="replace")
         return r.status, parsed
+
+
+def dropped(sock):
+    """Whether an idle kept-alive socket was closed by its peer: readable with nothing sent means EOF (or
+    bytes nobody asked for; either way the connection is not fit for another request)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 class Resp:
@@ -466,11 +483,13 @@ class Job:
         self.due = due
         self.attempts = []  # (attempt prompt, outcome: refused-503 / cut-off / accepted / ...)
         self.accepted = None  # the attempt's prompt
+        self.accepted_at = None  # when it was accepted (time.time())
         self.id = None  # the job id of the accepted attempt, when the client knows it
         self.final = None  # first final state the client saw: (status, detail)
         self.finals = []  # every final observation (AMQP: distinct final replies)
         self.run_status = None  # the /run HTTP status
         self.run_text = None
+        self.record_gone = False  # its last poll answered 404 after Redis lost its data
 
     def prompt(self, attempt):
         return f"Soak job {self.k} try {attempt} once upon a time"
@@ -495,6 +514,7 @@ class Ledger:
             self.counts[f"{job.channel}:{outcome}"] += 1
             if outcome == "accepted":
                 job.accepted = prompt
+                job.accepted_at = time.time()
 
     def unexplained_answer(self, job, call, status, body):
         """An answer the soak cannot explain (see `Load`): counted, and a failure of the run."""
@@ -511,6 +531,15 @@ class Ledger:
             job.finals.append((status, detail, via, time.time()))
             if job.final is None:
                 job.final = (status, detail)
+
+
+def before_store_loss(cluster, job):
+    """Whether `job` was accepted before Redis last came back empty (scripts/compose-faults.sh restarts it so):
+    its record, and with it the result of a job that had ended, may be gone (docs/deployment.md). The soak of
+    processes never does this; its cluster has no `store_losses`."""
+    losses = getattr(cluster, "store_losses", [])
+    # A loss still under way (its end not known yet) counts up to now.
+    return job.accepted_at is not None and any(end is None or job.accepted_at <= end for _, end in losses)
 
 
 def http_final(record):
@@ -588,6 +617,13 @@ class Load:
             if answer is None:
                 continue
             status, resp = answer
+            if status == 504 and isinstance(resp, dict) and resp.get("code") == "outcome_unknown":
+                # Redis did not answer while the gateway recorded the job: it may or may not have been taken,
+                # as a submission cut off. A new attempt follows; the checker finds out from the records.
+                self.ledger.attempt(job, prompt, "cut-off")
+                self.ledger.count(f"{job.channel}:outcome unknown (504), retried")
+                time.sleep(0.2)
+                continue
             if status in (429, 503):
                 self.ledger.attempt(job, prompt, f"refused-{status}")
                 self.ledger.count(f"refusal message: {status} {(resp or {}).get('message')}")
@@ -630,6 +666,9 @@ class Load:
                 if status == 200:
                     self.ledger.count("http:cancel requests answered")
                     return
+                if status == 404 and before_store_loss(self.cluster, job):
+                    self.ledger.count("http:cancels answered 404 after Redis lost its data")
+                    return
                 if status not in (503, 429):
                     self.ledger.unexplained_answer(job, "DELETE /v1/jobs/{id}", status, resp)
                     return
@@ -662,12 +701,19 @@ class Load:
                 continue
             self.ledger.count("http:polls")
             if status == 200:
+                job.record_gone = False
                 fin = http_final(rec)
                 if fin is not None:
                     self.ledger.final(job, fin[0], fin[1], "poll")
                     with self.poll_lock:
                         self.to_poll.pop(job_id, None)
                 return rec
+            if status == 404 and before_store_loss(self.cluster, job):
+                # Its record went with Redis' data: a queued or running job's comes back with its worker's
+                # next reply; an ended job's result is gone (docs/deployment.md). Polled on either way.
+                self.ledger.count("http:polls answered 404 after Redis lost its data")
+                job.record_gone = True
+                return None
             if status not in (503, 429):
                 # A 404 too: the id came from a gateway of this namespace, whose records outlive the soak.
                 self.ledger.unexplained_answer(job, "GET /v1/jobs/{id}", status, rec)
@@ -1066,6 +1112,11 @@ def cut_off(name, after, cluster, lost_broker, within=None):
     causes += [(t, "lost the broker") for t in lost_broker.get(name, []) if t is not None]
     causes += [(a, "lost the broker") for a, _ in cluster.broker_windows]
     causes = [(t, how) for t, how in causes if t >= after - 0.01 and (within is None or t - after <= within)]
+    # Faults that last (scripts/compose-faults.sh: a container paused, or cut from the broker's network): a
+    # run in flight while one lasted was cut off by it, whenever it began.
+    for a, b, how in getattr(cluster, "windows", {}).get(name, []):
+        if b >= after - 0.01 and (within is None or a - after <= within):
+            causes.append((max(a, after), how))
     return min(causes)[1] if causes else None
 
 
@@ -1425,14 +1476,32 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, streamed, 
     r["finals"] = {f"{c}|{k}": n for (c, k), n in sorted(finals.items())}
 
     lost = [j for j in accepted if j.final is None]
+    # An HTTP job accepted before Redis came back empty, never seen final and without a record now: its
+    # record, and its result if it had ended, went with Redis' data, as docs/deployment.md says a Redis
+    # without persistence loses them (its client is answered 404). Counted apart from the jobs lost for no
+    # documented reason; the process soak never empties Redis.
+    gone = [j for j in lost if j.channel != "amqp" and before_store_loss(cluster, j) and j.id not in records]
+    lost = [j for j in lost if j not in gone]
+    r["lost_with_store"] = len(gone)
+    r["lost_with_store_jobs"] = [{"k": j.k, "channel": j.channel, "id": j.id} for j in gone]
     r["lost"] = len(lost)
     r["lost_jobs"] = [{"k": j.k, "channel": j.channel, "id": j.id, "attempts": j.attempts} for j in lost]
 
     # The job records by prompt (an attempt's prompt is unique): what became of each HTTP submission.
-    by_prompt = {rec.get("prompt"): (i, rec) for i, rec in records.items() if rec.get("prompt")}
+    # A record that a worker's reply made again after Redis lost its data has no prompt (docs/deployment.md):
+    # it is the job's whose id the client was told, or, when no client was told it, one cut off.
+    prompt_by_id = {j.id: j.accepted for j in accepted if j.channel != "amqp" and j.id is not None}
+    recreated = [i for i, rec in records.items() if not rec.get("prompt")]
+    r["records_recreated"] = len(recreated)
+    by_prompt = {}
     ids_by_prompt = collections.defaultdict(list)
     for i, rec in records.items():
-        ids_by_prompt[rec.get("prompt")].append(i)
+        prompt = rec.get("prompt") or prompt_by_id.get(i)
+        if prompt is None and getattr(cluster, "store_losses", []):
+            continue  # recreated, and its client never learnt its id: a submission cut off (counted above)
+        if prompt:
+            by_prompt[prompt] = (i, rec)
+        ids_by_prompt[prompt].append(i)
 
     # Answered twice: two final answers for one job. An AMQP producer can get a second final reply in the
     # case docs/amqp.md documents (a worker cut off after its final reply, before its acknowledgement
@@ -1516,7 +1585,10 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, streamed, 
             result_prompt = json.loads(rec.get("result") or "{}").get("prompt")
         except ValueError:
             result_prompt = None
-        views = {"client": text, "record": fin[1] or "", "event log": streamed.get(rec_id)}
+        views = {"client": text, "record": fin[1] or ""}
+        if not before_store_loss(cluster, j):
+            # A job alive across Redis' loss lost the start of its event log with it.
+            views["event log"] = streamed.get(rec_id)
         if len(set(views.values())) > 1 or result_prompt != j.accepted:
             views["record's prompt"] = result_prompt
             differ.append({"k": j.k, "channel": j.channel, "id": rec_id, "views": views})
@@ -1543,7 +1615,8 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, streamed, 
     r["foreign_records"] = foreign
     r["ghost_records"] = ghosts
     r["accepted_without_record"] = [{"k": j.k, "channel": j.channel, "id": j.id} for j in accepted
-                                    if j.channel != "amqp" and j.accepted not in ids_by_prompt]
+                                    if j.channel != "amqp" and j.accepted not in ids_by_prompt
+                                    and not before_store_loss(cluster, j)]
     stray = []
     for cid, replies in amqp.replies.items():
         job, outcome = ledger.by_prompt.get(cid, (None, None)) if cid in amqp.by_id else (None, None)
@@ -1647,6 +1720,7 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, streamed, 
     r["panics"] = read_panics(cluster)
     r["processes_failed"] = [f"{name} exited with {rc} unasked" for name, rc in cluster.exited_unasked()]
     r["processes_failed"] += cluster.failures
+    r["store_losses"] = len(getattr(cluster, "store_losses", []))
     return r
 
 
@@ -1664,11 +1738,17 @@ def print_report(args, r):
       f"/run timeout {args.run_timeout} s")
     if args.command:
         w(f"Command: {args.command}")
-    w(f"Faults: {kills} worker SIGKILLs (each restarted), {broker} RabbitMQ restart "
-      f"(`{args.broker_stop_cmd}`, then `{args.broker_start_cmd}` {args.broker_down_s:g} s later), "
-      f"{gw} gateway SIGKILL (restarted)")
+    if r.get("faults_summary"):
+        w(f"Faults: {r['faults_summary']}")
+    else:
+        w(f"Faults: {kills} worker SIGKILLs (each restarted), {broker} RabbitMQ restart "
+          f"(`{args.broker_stop_cmd}`, then `{args.broker_start_cmd}` {args.broker_down_s:g} s later), "
+          f"{gw} gateway SIGKILL (restarted)")
     w(f"Submitted in {t['submitted_s']:.0f} s, drained after {t['drained_s']:.0f} s, {t['total_s']:.0f} s in all")
     w("Fault times (s): " + ", ".join(f"{at:g} {k.replace('rabbitmqctl ', '')}" for at, k, _ in r["faults"]))
+    if r.get("lost_with_store_jobs"):
+        w("")
+        w(f"HTTP RESULTS GONE WITH REDIS' DATA: {json.dumps(r['lost_with_store_jobs'][:20])}")
     w("")
     rows = []
     acc = r["accepted"]
@@ -1678,6 +1758,9 @@ def print_report(args, r):
         c, k = key.split("|", 1)
         rows.append((f"  final: {k} [{c}]", str(n)))
     rows.append(("jobs lost (accepted, no final state)", f"{r['lost']}"))
+    if r.get("store_losses"):
+        rows.append(("  HTTP results gone with Redis' data (documented; answered 404)", str(r["lost_with_store"])))
+        rows.append(("  job records a worker's reply made again after it", str(r["records_recreated"])))
     rows.append(("jobs answered twice to a client", f"{r['answered_twice']}"))
     rows.append(("  AMQP: a 2nd, identical final reply, the documented case", f"{r['answered_twice_documented']}"))
     rows.append(("jobs run twice by workers", f"{r['run_twice']} of {r['jobs_run']} run"))
@@ -1697,7 +1780,7 @@ def print_report(args, r):
     for k, v in refusals.items():
         rows.append((f"  {k}", str(v)))
     cut = r["cut_off"]
-    rows.append(("submissions cut off by a fault (no answer)", str(sum(cut.values()))))
+    rows.append(("submissions cut off by a fault (no answer), or outcome_unknown", str(sum(cut.values()))))
     for k, v in sorted(cut.items()):
         rows.append((f"  {k}", str(v)))
     rows.append(("job records whose attempts exceed their runs", str(len(r["records_attempts_over_runs"]))))

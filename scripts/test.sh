@@ -49,3 +49,5 @@ if [ "${COMPOSE_E2E:-1}" != 0 ] && docker info >/dev/null 2>&1; then
   fi
 fi
 scripts/compose-e2e.sh
+log "faults across containers, short (scripts/compose-faults.sh: the soak's checker over the compose stack with a worker killed, paused and cut off, the jobs queue's leader stopped, a gateway cut from Redis, Redis emptied; the full run: docs/reliability.md)"
+SHORT=1 SKIP_IMAGES=1 scripts/compose-faults.sh
