@@ -25,14 +25,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
-if [ "${COMPOSE_E2E:-1}" = 0 ]; then
-  echo "compose e2e: skipped: COMPOSE_E2E=0" >&2
-  exit 0
-fi
-if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then
-  echo "compose e2e: skipped: no Docker engine here (docker info failed)" >&2
-  exit 0
-fi
+compose_run_or_skip "compose e2e"
 command -v jq >/dev/null || apt_install jq
 ensure_venv # pika, for the AMQP producer of docs/amqp.md
 

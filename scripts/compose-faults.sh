@@ -24,14 +24,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
-if [ "${COMPOSE_E2E:-1}" = 0 ]; then
-  echo "compose faults: skipped: COMPOSE_E2E=0" >&2
-  exit 0
-fi
-if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then
-  echo "compose faults: skipped: no Docker engine here (docker info failed)" >&2
-  exit 0
-fi
+compose_run_or_skip "compose faults"
 if [ -n "${SHORT:-}" ] && [ "${SHORT}" != 0 ]; then
   JOBS="${JOBS:-200}"
   RATE="${RATE:-4}"
@@ -62,9 +55,9 @@ while :; do
   G="$(free_port)"
   port_open "$((G + 1))" || break
 done
-A1="$(free_port)" A2="$(free_port)" A3="$(free_port)" R="$(free_port)"
+A1="$(free_port)" A2="$(free_port)" A3="$(free_port)" R="$(free_port)" M="$(free_port)"
 export GATEWAY_PUBLISH="127.0.0.1:$G-$((G + 1))" AMQP_PUBLISH="127.0.0.1:$A1" AMQP_PUBLISH_2="127.0.0.1:$A2"
-export AMQP_PUBLISH_3="127.0.0.1:$A3" REDIS_PUBLISH="127.0.0.1:$R" MANAGEMENT_PUBLISH="127.0.0.1:$(free_port)"
+export AMQP_PUBLISH_3="127.0.0.1:$A3" REDIS_PUBLISH="127.0.0.1:$R" MANAGEMENT_PUBLISH="127.0.0.1:$M"
 export CPU_THREADS=1 CPU_MAX_BATCH_SIZE=8
 
 COMPOSE_FILES=(-f compose/docker-compose.yml -f compose/faults.yml)

@@ -24,7 +24,6 @@ import argparse
 import collections
 import json
 import os
-import queue
 import random
 import subprocess
 import sys
@@ -78,24 +77,17 @@ def inspect(cid, fmt):
     return docker("inspect", "-f", fmt, cid, check=False)
 
 
-class ComposeCluster:
+class ComposeCluster(soak.FaultLog):
     """What soak.py's clients and checker ask of a cluster, for containers: gateway ports, fault records
     (kills, windows of lasting faults per worker id, broker windows, Redis losses), logs, unasked exits."""
 
     def __init__(self, args, stack):
+        super().__init__()
         self.args = args
         self.stack = stack
-        self.lock = threading.Lock()
-        self.faults = []  # (time, kind, target)
-        self.killed = {}  # worker id -> time (soak.cut_off reads it)
         self.windows = collections.defaultdict(list)  # worker id -> [(from, to, how)]
-        self.broker_windows = []
-        self.store_losses = []  # (Redis removed, empty Redis up)
-        self.worker_logs = []  # (worker id, path), filled by collect_logs
-        self.gateway_logs = []
+        self.store_losses = []  # [Redis removed, empty Redis up (None while it is not)]
         self.failures = []
-        self.t_load = time.time()
-        self.open_runs = collections.defaultdict(dict)
         self.busy = set()  # worker containers under a lasting fault: not killed meanwhile
         self.ports = []
         self.gateway_ids = []
@@ -110,20 +102,6 @@ class ComposeCluster:
 
     def port(self, i):
         return self.ports[i]
-
-    def running(self, port, token, opened):
-        with self.lock:
-            if opened:
-                self.open_runs[port][token] = time.monotonic()
-            else:
-                self.open_runs[port].pop(token, None)
-
-    def fault(self, kind, target):
-        t = time.time()
-        with self.lock:
-            self.faults.append((t, kind, target))
-        log(f"fault: {kind} {target}")
-        return t
 
     def workers(self):
         return [cid for _, cid in self.stack.containers("worker-cpu")]
@@ -257,15 +235,25 @@ def cut_gateway(cluster, i):
     cluster.fault("ended: gateway cut from Redis", f"gateway-{i + 1}")
 
 
-def jobs_queue_leader(cluster):
-    """The node that leads the jobs queue, asked of each node that answers: its service name, or None."""
-    for _, cid in [c for svc in ("rabbitmq", "rabbitmq-2", "rabbitmq-3") for c in cluster.stack.containers(svc)]:
-        out = docker("exec", cid, "rabbitmqctl", "-q", "list_queues", "name", "leader", check=False, timeout=60)
+NODES = ("rabbitmq", "rabbitmq-2", "rabbitmq-3")
+
+
+def jobs_queue(stack, args, column):
+    """`column` of `rabbitmqctl list_queues` for the jobs queue, asked of each node in turn until one
+    answers (one may be the node stopped): its text, or None."""
+    for _, cid in [c for svc in NODES for c in stack.containers(svc)]:
+        out = docker("exec", cid, "rabbitmqctl", "-q", "list_queues", "name", column, check=False, timeout=60)
         for line in out.splitlines():
             fields = line.split()
-            if len(fields) == 2 and fields[0] == f"{cluster.args.namespace}.jobs":
-                return fields[1].split("@", 1)[1]
+            if len(fields) == 2 and fields[0] == f"{args.namespace}.jobs":
+                return fields[1]
     return None
+
+
+def jobs_queue_leader(cluster):
+    """The service of the node that leads the jobs queue (`rabbit@rabbitmq-2` → `rabbitmq-2`), or None."""
+    leader = jobs_queue(cluster.stack, cluster.args, "leader")
+    return leader.split("@", 1)[1] if leader else None
 
 
 def stop_leader(cluster):
@@ -360,12 +348,7 @@ def await_consumers(stack, args, n, timeout=240):
     deadline = time.monotonic() + timeout
     seen = None
     while time.monotonic() < deadline:
-        for _, cid in stack.containers("rabbitmq"):
-            out = docker("exec", cid, "rabbitmqctl", "-q", "list_queues", "name", "consumers", check=False, timeout=60)
-            for line in out.splitlines():
-                fields = line.split()
-                if len(fields) == 2 and fields[0] == f"{args.namespace}.jobs":
-                    seen = fields[1]
+        seen = jobs_queue(stack, args, "consumers")
         if seen == str(n):
             return
         time.sleep(1)
@@ -374,14 +357,8 @@ def await_consumers(stack, args, n, timeout=240):
 
 def queued(stack, args):
     """Jobs the broker holds, ready or delivered and not yet acknowledged (None when no node answers)."""
-    for svc in ("rabbitmq", "rabbitmq-2", "rabbitmq-3"):
-        for _, cid in stack.containers(svc):
-            out = docker("exec", cid, "rabbitmqctl", "-q", "list_queues", "name", "messages", check=False, timeout=60)
-            for line in out.splitlines():
-                fields = line.split()
-                if len(fields) == 2 and fields[0] == f"{args.namespace}.jobs":
-                    return int(fields[1])
-    return None
+    messages = jobs_queue(stack, args, "messages")
+    return int(messages) if messages is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -444,97 +421,18 @@ def main():
 
     ledger = soak.Ledger()
     started = time.time()
-    jobs = soak.make_jobs(args)
-    load_s = args.jobs / args.rate
-    log(f"{args.jobs} jobs over {load_s:.0f} s ({args.rate:g}/s), faults meanwhile")
-    load = soak.Load(args, cluster, ledger)
-    amqp = soak.AmqpClient(args, ledger, [j for j in jobs if j.channel == "amqp"])
-    http_q = queue.Queue()
-    for j in jobs:
-        if j.channel != "amqp":
-            http_q.put(j)
-    pool = [threading.Thread(target=load.http_pool, args=(http_q,), daemon=True) for _ in range(args.http_threads)]
-    for _ in pool:
-        http_q.put(None)
-    poller = threading.Thread(target=load.poller, daemon=True)
-    fault_stop = threading.Event()
-    faults = threading.Thread(target=run_faults, args=(args, cluster, load_s, fault_stop), daemon=True)
-    t_load = time.monotonic()
-    cluster.t_load = time.time()
-    try:
-        amqp.start()
-        for t in pool + [poller]:
-            t.start()
-        faults.start()
-        for t in pool:
-            t.join()
-        amqp.done_publishing.wait()
-        submitted_s = time.monotonic() - t_load
-        log(f"all jobs submitted after {submitted_s:.0f} s; waiting for the faults to end")
-        faults.join()
-        await_consumers(stack, args, args.workers)
-        log("draining")
-        deadline = time.monotonic() + args.drain_timeout
-        while time.monotonic() < deadline:
-            # A job whose record went with Redis' data answers 404 until a worker starts it, if it was still
-            # queued; once the broker holds no job, a 404 left is a result gone for good.
-            open_jobs = [j for j in jobs if j.accepted is not None and j.final is None]
-            if not open_jobs or (all(j.record_gone for j in open_jobs) and queued(stack, args) == 0):
-                break
-            time.sleep(0.25)
-        drained_s = time.monotonic() - t_load
-        redis = soak.Resp(args.redis_url)
-        while True:
-            records = soak.scan_records(redis, args.namespace)
-            open_orphans = [r for r in records.values()
-                            if r.get("status") not in soak.FINAL_STATUSES
-                            and (ledger.by_prompt.get(r.get("prompt")) or (None, None))[1] != "accepted"]
-            if not open_orphans or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        if open_orphans:
-            log(f"records not final at the drain's end, of submissions not accepted: "
-                f"{[(r.get('status'), r.get('worker_id'), r.get('prompt')) for r in open_orphans][:20]}")
-        time.sleep(args.settle_s)
-        repolled = {}
-        for job in jobs:
-            if job.channel in ("http", "run") and job.id is not None:
-                rec = load.poll_once(job.id, job)
-                if rec is not None:
-                    repolled[job.id] = rec
-        records = soak.scan_records(redis, args.namespace)
-        started_events, streamed = soak.scan_events(redis, args.namespace, records)
-        redis.close()
-    finally:
-        load.stop.set()
-        fault_stop.set()
-        if faults.is_alive():
-            faults.join(120)
-        amqp.stop.set()
-        amqp.join(10)
-        amqp.delete_queue()
-    cluster.collect_logs()
 
-    runs, memory, redelivered, lost_broker = soak.read_worker_logs(cluster)
-    for job_id, starts in started_events.items():
-        soak.add_starts(runs, job_id, starts)
-    for cid, replies in amqp.replies.items():
-        starts = []
-        for t, b, _ in replies:
-            if t == "job.started":
-                body = json.loads(b)
-                starts.append((body.get("worker_id"), (body.get("started_at_ms") or 0) / 1000.0))
-        soak.add_starts(runs, cid, starts)
-    report = soak.check(args, cluster, ledger, jobs, amqp, records, started_events, streamed, repolled, runs,
-                        memory, redelivered, lost_broker)
-    report["timing"] = {"submitted_s": submitted_s, "drained_s": drained_s, "total_s": time.time() - started}
+    def drained(open_jobs):
+        # A job whose record went with Redis' data answers 404 until a worker starts it, if it was still
+        # queued; once the broker holds no job, a 404 left is a result gone for good.
+        return not open_jobs or (all(j.record_gone for j in open_jobs) and queued(stack, args) == 0)
+
+    outcome = soak.load_and_drain(args, cluster, ledger, run_faults,
+                                  lambda: await_consumers(stack, args, args.workers), drained)
+    cluster.collect_logs()
     kinds = collections.Counter(k for _, k, _ in cluster.faults if not k.startswith(("ended", "started", "an empty")))
-    report["faults_summary"] = ", ".join(f"{n}× {k}" for k, n in kinds.items())
-    soak.print_report(args, report)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2, default=str)
-    return 1 if soak.failed(args, report) else 0
+    return soak.verdict(args, cluster, ledger, outcome, started,
+                        faults_summary=", ".join(f"{n}× {k}" for k, n in kinds.items()))
 
 
 if __name__ == "__main__":

@@ -70,6 +70,19 @@ ensure_rabbitmq() {
 
 ensure_services() { ensure_redis; ensure_rabbitmq; }
 
+# The compose runs (scripts/compose-e2e.sh, scripts/compose-faults.sh) need a Docker engine: without one, or
+# with COMPOSE_E2E=0, `compose_run_or_skip WHAT` says so and exits 0.
+compose_run_or_skip() {
+  if [ "${COMPOSE_E2E:-1}" = 0 ]; then
+    echo "$1: skipped: COMPOSE_E2E=0" >&2
+    exit 0
+  fi
+  if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then
+    echo "$1: skipped: no Docker engine here (docker info failed)" >&2
+    exit 0
+  fi
+}
+
 # The release build of both binaries, in $ROOT/target/release, that up.sh and worker.sh share: one profile
 # and one package set, because cargo unifies dependency features over the packages it builds (`-p worker`
 # alone builds serde, hyper-util, … with other features), so a different set rebuilds nearly everything.

@@ -262,22 +262,44 @@ class Interrupted(Exception):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class Cluster:
-    def __init__(self, args):
-        self.args = args
+class FaultLog:
+    """What every cluster the soak drives keeps for its checker: the faults and when, the workers killed, the
+    broker's outages, the `/run` requests open on each gateway; and its logs (filled by the cluster)."""
+
+    def __init__(self):
         self.lock = threading.Lock()
+        self.faults = []  # (time, kind, target)
+        self.killed = {}  # worker incarnation -> time of its SIGKILL
+        self.broker_windows = []  # (stop time, started again time)
+        self.worker_logs = []  # (incarnation, path)
+        self.gateway_logs = []
+        self.t_load = time.time()
+        self.open_runs = collections.defaultdict(dict)  # port -> {request: when it was sent}
+
+    def running(self, port, token, opened):
+        with self.lock:
+            if opened:
+                self.open_runs[port][token] = time.monotonic()
+            else:
+                self.open_runs[port].pop(token, None)
+
+    def fault(self, kind, target):
+        t = time.time()
+        with self.lock:
+            self.faults.append((t, kind, target))
+        log(f"fault: {kind} {target}")
+        return t
+
+
+class Cluster(FaultLog):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
         self.gateways = {}  # index -> Popen
         self.workers = {}  # index -> (Popen, incarnation name)
         self.incarnations = collections.Counter()
-        self.faults = []  # (time, kind, target)
-        self.worker_logs = []  # (incarnation, path)
-        self.gateway_logs = []
-        self.killed = {}  # incarnation -> time of its SIGKILL
-        self.broker_windows = []  # (stop time, started again time)
         self.broker_stopped = False
-        self.t_load = time.time()
         self.ports = {}
-        self.open_runs = collections.defaultdict(dict)  # port -> {request: when it was sent}
         self.http = Http()
         # Every process started, live or not, with its incarnation name: what stop_all ends, and what the
         # checker asks whether it exited on its own. A process the soak killed is in `asked`.
@@ -373,13 +395,6 @@ class Cluster:
             time.sleep(0.1)
         raise SystemExit(f"worker {name} did not start consuming in {timeout} s; see {path}")
 
-    def running(self, port, token, opened):
-        with self.lock:
-            if opened:
-                self.open_runs[port][token] = time.monotonic()
-            else:
-                self.open_runs[port].pop(token, None)
-
     def run_waiting_at(self, i, for_s):
         """Whether a POST /run has been waiting on gateway i for `for_s` seconds (so it holds a job)."""
         now = time.monotonic()
@@ -395,13 +410,6 @@ class Cluster:
                 return "consuming jobs" in fh.read()
         except OSError:
             return False
-
-    def fault(self, kind, target):
-        t = time.time()
-        with self.lock:
-            self.faults.append((t, kind, target))
-        log(f"fault: {kind} {target}")
-        return t
 
     def kill_worker(self, i):
         p, name = self.workers[i]
@@ -1246,8 +1254,11 @@ def main():
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     ledger = Ledger()
-    amqp = None
-    load = None
+
+    def await_workers():
+        for i in range(args.workers):
+            cluster.wait_worker(i)
+
     try:
         log(f"namespace {args.namespace}: starting {args.gateways} gateways and {args.workers} workers "
             f"(logs in {args.log_dir})")
@@ -1257,27 +1268,49 @@ def main():
             cluster.start_worker(i)
         for i in range(args.gateways):
             cluster.wait_gateway(i)
-        for i in range(args.workers):
-            cluster.wait_worker(i)
+        await_workers()
+        outcome = load_and_drain(args, cluster, ledger, run_faults, await_workers)
+    finally:
+        cleaning.set()
+        cluster.broker_start()  # never leave the broker stopped
+        log("stopping the gateways and workers")
+        cluster.stop_all()
+        cleaning.clear()
+    return verdict(args, cluster, ledger, outcome, started)
 
-        jobs = make_jobs(args)
-        load_s = args.jobs / args.rate
-        log(f"{args.jobs} jobs over {load_s:.0f} s ({args.rate:g}/s), faults meanwhile")
-        load = Load(args, cluster, ledger)
-        amqp = AmqpClient(args, ledger, [j for j in jobs if j.channel == "amqp"])
-        http_q = queue.Queue()
-        for j in jobs:
-            if j.channel != "amqp":
-                http_q.put(j)
-        pool = [threading.Thread(target=load.http_pool, args=(http_q,), daemon=True)
-                for _ in range(args.http_threads)]
-        for _ in pool:
-            http_q.put(None)
-        poller = threading.Thread(target=load.poller, daemon=True)
-        fault_stop = threading.Event()
-        faults = threading.Thread(target=run_faults, args=(args, cluster, load_s, fault_stop), daemon=True)
-        t_load = time.monotonic()
-        cluster.t_load = time.time()
+
+class Outcome:
+    """What a load left to check: the jobs and what their clients saw, the job records and event logs at the
+    end, and when the load was submitted and drained."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def load_and_drain(args, cluster, ledger, faults_fn, await_workers, drained=lambda open_jobs: not open_jobs):
+    """The load against `cluster`, with `faults_fn(args, cluster, load_s, stop)` breaking it meanwhile; then the
+    drain: every accepted job to a final state its client sees (or `drained(open jobs)` says there is
+    nothing more to wait for), every record of a submission cut off to its end, a last look at every HTTP
+    job, and the records and event logs read. Its clients and fault thread are stopped on any exit; the
+    cluster is the caller's to stop."""
+    jobs = make_jobs(args)
+    load_s = args.jobs / args.rate
+    log(f"{args.jobs} jobs over {load_s:.0f} s ({args.rate:g}/s), faults meanwhile")
+    load = Load(args, cluster, ledger)
+    amqp = AmqpClient(args, ledger, [j for j in jobs if j.channel == "amqp"])
+    http_q = queue.Queue()
+    for j in jobs:
+        if j.channel != "amqp":
+            http_q.put(j)
+    pool = [threading.Thread(target=load.http_pool, args=(http_q,), daemon=True) for _ in range(args.http_threads)]
+    for _ in pool:
+        http_q.put(None)
+    poller = threading.Thread(target=load.poller, daemon=True)
+    fault_stop = threading.Event()
+    faults = threading.Thread(target=faults_fn, args=(args, cluster, load_s, fault_stop), daemon=True)
+    t_load = time.monotonic()
+    cluster.t_load = time.time()
+    try:
         amqp.start()
         for t in pool + [poller]:
             t.start()
@@ -1290,19 +1323,16 @@ def main():
         submitted_s = time.monotonic() - t_load
         log(f"all jobs submitted after {submitted_s:.0f} s; waiting for the faults to end")
         faults.join()
-        for i in range(args.workers):
-            cluster.wait_worker(i)
+        await_workers()
         log("draining")
         deadline = time.monotonic() + args.drain_timeout
         while time.monotonic() < deadline:
-            open_jobs = [j for j in jobs if j.accepted is not None and j.final is None]
-            if not open_jobs:
+            if drained([j for j in jobs if j.accepted is not None and j.final is None]):
                 break
             time.sleep(0.25)
         drained_s = time.monotonic() - t_load
         # Jobs whose submission was cut off: the records say whether they were taken, and they must end too.
         redis = Resp(args.redis_url)
-        orphans_open = []
         while True:
             records = scan_records(redis, args.namespace)
             orphans_open = [r for r in records.values()
@@ -1311,6 +1341,9 @@ def main():
             if not orphans_open or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
+        if orphans_open:
+            log("records of submissions not accepted, not final at the drain's end: "
+                f"{[(r.get('status'), r.get('worker_id'), r.get('prompt')) for r in orphans_open][:20]}")
         time.sleep(args.settle_s)
         # A last look at every HTTP job: a final state must not have changed.
         repolled = {}
@@ -1322,36 +1355,37 @@ def main():
         records = scan_records(redis, args.namespace)
         started_events, streamed = scan_events(redis, args.namespace, records)
         redis.close()
+    finally:
         load.stop.set()
+        fault_stop.set()
+        if faults.is_alive():
+            faults.join(120)  # a restart under way finishes first: a broker left stopped would fail the cleanup
         amqp.stop.set()
         amqp.join(10)
-    finally:
-        cleaning.set()
-        if load is not None:
-            load.stop.set()
-        fault_stop_safe(locals())
-        cluster.broker_start()  # never leave the broker stopped
-        log("stopping the gateways and workers")
-        cluster.stop_all()
-        if amqp is not None:
-            amqp.stop.set()
-            amqp.delete_queue()
-        cleaning.clear()
+        amqp.delete_queue()
+    return Outcome(jobs=jobs, amqp=amqp, records=records, started_events=started_events, streamed=streamed,
+                   repolled=repolled, submitted_s=submitted_s, drained_s=drained_s)
 
+
+def verdict(args, cluster, ledger, outcome, started, **extra):
+    """Checks what `load_and_drain` left against the workers' logs and the replies, prints the table (and
+    the JSON), and returns the exit status: 1 when a check failed."""
     runs, memory, redelivered, lost_broker = read_worker_logs(cluster)
     # A worker killed between its job.started reply and its log line leaves a run only the replies show.
-    for job_id, starts in started_events.items():
+    for job_id, starts in outcome.started_events.items():
         add_starts(runs, job_id, starts)
-    for cid, replies in amqp.replies.items():
+    for cid, replies in outcome.amqp.replies.items():
         starts = []
         for t, b, _ in replies:
             if t == "job.started":
                 body = json.loads(b)
                 starts.append((body.get("worker_id"), (body.get("started_at_ms") or 0) / 1000.0))
         add_starts(runs, cid, starts)
-    report = check(args, cluster, ledger, jobs, amqp, records, started_events, streamed, repolled, runs, memory,
-                   redelivered, lost_broker)
-    report["timing"] = {"submitted_s": submitted_s, "drained_s": drained_s, "total_s": time.time() - started}
+    report = check(args, cluster, ledger, outcome.jobs, outcome.amqp, outcome.records, outcome.started_events,
+                   outcome.streamed, outcome.repolled, runs, memory, redelivered, lost_broker)
+    report["timing"] = {"submitted_s": outcome.submitted_s, "drained_s": outcome.drained_s,
+                        "total_s": time.time() - started}
+    report.update(extra)
     print_report(args, report)
     if args.json:
         with open(args.json, "w") as fh:
@@ -1376,15 +1410,6 @@ def failed(args, r):
     return bool(r["lost"] or r["answered_twice"] or r["run_twice_unexplained"] or r["cut_off_not_ended"]
                 or any(r[key] for key in UNEXPLAINED)
                 or (args.strict and r["answered_twice_documented"]))
-
-
-def fault_stop_safe(scope):
-    ev = scope.get("fault_stop")
-    if ev is not None:
-        ev.set()
-    th = scope.get("faults")
-    if th is not None and th.is_alive():
-        th.join(60)
 
 
 def scan_events(redis, ns, records):

@@ -759,14 +759,16 @@ async fn a_client_holds_at_most_its_streams_and_a_refused_openai_request_queues_
     env.finish().await;
 }
 
-#[tokio::test]
-async fn idle_streams_cost_redis_nothing_until_their_job_changes() {
-    let redis = shared::testing::PrivateRedis::start().await;
-    let mut env = TestEnv::new();
-    let gw = env.gateway(&flags(&["--redis-url", &redis.url])).await;
-    let (_, job) = submit(&env.http, &gw, json!({"prompt": "watched by many"})).await;
+/// A job submitted, taken off the queue and started, as a worker would: its id, and the broker connection
+/// and channel that reply for it.
+async fn started_job(
+    env: &TestEnv,
+    gw: &common::Gateway,
+    prompt: &str,
+) -> (String, (lapin::Connection, lapin::Channel)) {
+    let (_, job) = submit(&env.http, gw, json!({ "prompt": prompt })).await;
     let id = job["id"].as_str().unwrap().to_owned();
-    let (_conn, channel) = amqp().await;
+    let (conn, channel) = amqp().await;
     take(&channel, &env.jobs_queue()).await;
     reply(
         &channel,
@@ -774,6 +776,15 @@ async fn idle_streams_cost_redis_nothing_until_their_job_changes() {
         &common::started(id.parse().unwrap()),
     )
     .await;
+    (id, (conn, channel))
+}
+
+#[tokio::test]
+async fn idle_streams_cost_redis_nothing_until_their_job_changes() {
+    let redis = shared::testing::PrivateRedis::start().await;
+    let mut env = TestEnv::new();
+    let gw = env.gateway(&flags(&["--redis-url", &redis.url])).await;
+    let (id, (_conn, channel)) = started_job(&env, &gw, "watched by many").await;
     let mut streams = Vec::new();
     for _ in 0..20 {
         streams.push(stream_until(&env, &gw, &id, "event: started").await);
@@ -837,16 +848,7 @@ async fn a_notice_subscription_cut_off_silently_is_found_out_by_its_pings_and_it
     let url = format!("redis://127.0.0.1:{}/", proxy.port);
     let mut env = TestEnv::new();
     let gw = env.gateway(&flags(&["--redis-url", &url])).await;
-    let (_, job) = submit(&env.http, &gw, json!({"prompt": "news over a dead line"})).await;
-    let id = job["id"].as_str().unwrap().to_owned();
-    let (_conn, channel) = amqp().await;
-    take(&channel, &env.jobs_queue()).await;
-    reply(
-        &channel,
-        &env.replies_queue(),
-        &common::started(id.parse().unwrap()),
-    )
-    .await;
+    let (id, (_conn, channel)) = started_job(&env, &gw, "news over a dead line").await;
     let mut stream = stream_until(&env, &gw, &id, "event: started").await;
 
     let subscribed = redis.subscribers().await.unwrap();
