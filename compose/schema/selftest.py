@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # The Rust sources are copied for the metric names the monitoring files must use (check_deploy.py reads them).
 COPIED = ["compose", "img", "scripts/check-deploy.sh", "scripts/lib.sh", "scripts/images.sh",
-          "scripts/compose-e2e.sh", "gateway/src", "worker/src"]
+          "scripts/compose-e2e.sh", "scripts/compose-faults.sh", "gateway/src", "worker/src"]
 
 # (what the case breaks, file, text in it, replacement, text the failure must contain)
 CASES = [
