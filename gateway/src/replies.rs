@@ -6,6 +6,12 @@
 //! may still race, which the record's scripts absorb (a final state is never overwritten, a token chunk
 //! ahead of an earlier one waits for it).
 //!
+//! A reply whose record Redis lost is recorded again from the reply (the job's record comes back), with one
+//! exception: a `job.started` that this replica held, retrying, while it could not reach Redis. Meanwhile
+//! another replica may have recorded the job's end, and Redis may have lost that since; remade from the
+//! start, the record would say `running` for good. Left gone, it answers 404 (what a lost record answers)
+//! until a later reply of the job, if one comes, makes it again.
+//!
 //! The record write also announces finished jobs on Redis pub/sub (see [`crate::store`]), which is how a
 //! `/run` waiting on replica A completes when replica B consumed the reply.
 
@@ -155,6 +161,9 @@ impl ReplyConsumer {
     /// Applies one reply to its job's record, retrying while Redis refuses, then acknowledges it.
     async fn record(&self, reply: &JobReply, delivery: &Delivery, cancel: &CancellationToken) {
         let gap_deadline = tokio::time::Instant::now() + GAP_WAIT;
+        let owner = shared::owner::read(&delivery.properties);
+        // Whether an attempt failed: then the job's later replies may have been recorded, and lost, meanwhile.
+        let mut held = false;
         loop {
             let applied = match reply {
                 JobReply::Token(chunk) => self.store.append(chunk).await.map(|appended| match appended {
@@ -165,11 +174,19 @@ impl ReplyConsumer {
                     }
                     other => Some(other == Appended::Added),
                 }),
-                _ => self
-                    .store
-                    .apply(reply, shared::owner::read(&delivery.properties).as_deref())
-                    .await
-                    .map(Some),
+                JobReply::Started(_) if held => {
+                    self.store
+                        .apply_unless_gone(reply, owner.as_deref())
+                        .await
+                        .map(|applied| {
+                            Some(applied.unwrap_or_else(|| {
+                                tracing::warn!(job = ?reply.job_id(), "a start held while Redis was out of reach found its record gone; left gone");
+                                metrics::counter!(m::REPLIES_STALE).increment(1);
+                                false
+                            }))
+                        })
+                }
+                _ => self.store.apply(reply, owner.as_deref()).await.map(Some),
             };
             match applied {
                 Ok(None) => tokio::time::sleep(GAP_POLL).await,
@@ -183,6 +200,8 @@ impl ReplyConsumer {
                     return;
                 }
                 Err(e) => {
+                    held = true;
+                    metrics::counter!(m::REPLY_RETRIES).increment(1);
                     tracing::warn!(error = %e, job = ?reply.job_id(), "cannot record a reply; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(RETRY_DELAY) => {}

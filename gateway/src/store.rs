@@ -160,7 +160,8 @@ end
 // KEYS: job, running, taken, stats, events
 // ARGV: event, job id, now ms, key ttl ms, expires-at ms, worker id, payload json, inference ms,
 //       started-at ms, done channel, events channel, event data json, the result's token log-probabilities
-//       ([`scores_arg`]; empty when it has none), the owner the reply names (empty when none)
+//       ([`scores_arg`]; empty when it has none), the owner the reply names (empty when none), '1' when a
+//       start must leave a record that is gone as it is ([`JobStore::apply_unless_gone`])
 const APPLY: &str = r#"
 local status = redis.call('HGET', KEYS[1], 'status')
 local event = ARGV[1]
@@ -177,6 +178,7 @@ if event == 'started' and status == 'running' then
   local seen = redis.call('HMGET', KEYS[1], 'worker_id', 'started_at_ms')
   if seen[1] == ARGV[6] and seen[2] == ARGV[9] then return 0 end
 end
+if status == false and event == 'started' and ARGV[15] == '1' then return -1 end
 if status == false or status == 'queued' then redis.call('INCR', KEYS[3]) end
 -- A record the replies recreate (Redis lost it) belongs to the owner the reply names (`shared::owner`).
 if status == false and ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'owner', ARGV[14]) end
@@ -381,8 +383,31 @@ impl JobStore {
     /// Applies one reply. Returns false when it changed nothing (the job was already final). `owner` is the
     /// one the reply's message names ([`shared::owner`]): it owns a record the reply recreates.
     pub async fn apply(&self, reply: &JobReply, owner: Option<&str>) -> Result<bool, RedisError> {
+        Ok(self.apply_with(reply, owner, false).await? == 1)
+    }
+
+    /// [`apply`](Self::apply), except that a `job.started` whose job has no record (Redis lost it) leaves
+    /// it so: `None`. For a start that waited while Redis was out of reach, when the job's later replies
+    /// may have been recorded meanwhile and lost with the data since ([`crate::replies`]).
+    pub async fn apply_unless_gone(
+        &self,
+        reply: &JobReply,
+        owner: Option<&str>,
+    ) -> Result<Option<bool>, RedisError> {
+        Ok(match self.apply_with(reply, owner, true).await? {
+            -1 => None,
+            changed => Some(changed == 1),
+        })
+    }
+
+    async fn apply_with(
+        &self,
+        reply: &JobReply,
+        owner: Option<&str>,
+        leave_gone: bool,
+    ) -> Result<i64, RedisError> {
         let Some(id) = reply.job_id() else {
-            return Ok(false);
+            return Ok(0);
         };
         let now = now_ms();
         let expires_at = now + self.result_ttl.as_millis() as u64;
@@ -437,7 +462,7 @@ impl JobStore {
                 0,
                 0,
             ),
-            JobReply::Token(t) => return self.append(t).await.map(|a| a == Appended::Added),
+            JobReply::Token(t) => return self.append(t).await.map(|a| i64::from(a == Appended::Added)),
         };
         let mut invocation = self.apply.prepare_invoke();
         invocation
@@ -458,13 +483,12 @@ impl JobStore {
             .arg(self.keys.events_channel())
             .arg(data)
             .arg(scores)
-            .arg(owner.unwrap_or(""));
+            .arg(owner.unwrap_or(""))
+            .arg(if leave_gone { "1" } else { "" });
         invocation.key(self.keys.events(id));
-        let changed: i64 = self
-            .redis
+        self.redis
             .call(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        Ok(changed == 1)
+            .await
     }
 
     /// Appends a token chunk to the job's event log (what of it is new).

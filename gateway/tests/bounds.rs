@@ -10,7 +10,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestEnv, amqp, depth, json, poll, poll_until, reply, submit, succeeded, take};
+use common::{
+    TestEnv, amqp, depth, json, metric_at_least, metrics_text, poll, poll_until, reply, started, submit,
+    succeeded, take,
+};
 use serde_json::{Value, json};
 use shared::JobId;
 use shared::testing::StallProxy;
@@ -918,6 +921,99 @@ async fn a_submission_whose_recording_redis_never_answers_is_told_its_job_may_ru
     while depth(&channel, &env.jobs_queue()).await < 2 {
         assert!(Instant::now() < deadline, "the job was never published");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_start_held_while_redis_was_out_of_reach_does_not_remake_a_record_redis_lost_since() {
+    // Replicas compete for the replies. One cut from Redis holds a job's start and retries it; meanwhile
+    // another records the job's end, and then Redis loses its data. Remade from the start, the record
+    // would say `running` for good: the end went with the data. Here the gateway holds the start behind a
+    // stalled Redis, and the record is deleted directly, as Redis losing it.
+    let proxy = StallProxy::start("127.0.0.1:6379").await.unwrap();
+    let url = format!("redis://127.0.0.1:{}/", proxy.port);
+    let mut env = TestEnv::new();
+    let gw = env.gateway(&flags(&["--redis-url", &url])).await;
+    let (status, body) = submit(&env.http, &gw, json!({"prompt": "it ends while its start waits"})).await;
+    assert_eq!(status, 202, "{body}");
+    let id: JobId = body["id"].as_str().unwrap().parse().unwrap();
+
+    proxy.stall_all(true);
+    let (_conn, channel) = amqp().await;
+    reply(&channel, &env.replies_queue(), &started(id)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !metric_at_least(
+        &metrics_text(&env, &gw).await,
+        "gateway_reply_record_retries_total",
+        1.0,
+    ) {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never tried to record the start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let keys = gateway::keys::Keys::new(&shared::Topology::new(&env.ns, 3).unwrap());
+    let client = redis::Client::open(common::REDIS_URL).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(keys.job(id))
+        .arg(keys.events(id))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(deleted >= 1, "the record was there to lose");
+    proxy.stall_all(false);
+
+    // The start is settled one way or the other: left gone (counted), or a record made from it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = metric_at_least(&metrics_text(&env, &gw).await, "gateway_replies_stale_total", 1.0);
+        let remade: bool = redis::cmd("EXISTS")
+            .arg(keys.job(id))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert!(
+            !remade,
+            "the held start made the lost record again: {}",
+            poll(&env, &gw, &id.to_string()).await
+        );
+        if left {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the held start was never settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let response = env
+        .http
+        .get(gw.url(&format!("/v1/jobs/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404, "a lost record answers as lost");
+    // A later reply of the job still makes its record again.
+    reply(&channel, &env.replies_queue(), &succeeded(id, "p", " done")).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = json(
+            env.http
+                .get(gw.url(&format!("/v1/jobs/{id}")))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        if status == 200 {
+            assert_eq!(body["status"], "succeeded", "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job's end never made its record again: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     env.finish().await;
 }
