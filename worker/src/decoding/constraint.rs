@@ -144,29 +144,39 @@ pub(crate) fn apply_masks(scores: Tensor, masks: &[Option<&[u32]>]) -> Result<Te
     }
 }
 
-/// On the host the scores are copied out, every disallowed one set to -inf a word of the mask at a time (a
-/// word whose 32 tokens are all allowed is skipped), and copied back: two copies of the batch's scores, where
-/// unpacking the bits into booleans for libtorch's `masked_fill` took several times as long on one thread.
+thread_local! {
+    /// The host path's copy of the batch's scores, kept from step to step: a fresh 6 MB buffer a step is
+    /// mostly page faults.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// On the host the scores are copied out, every disallowed one set to -inf (a mask word's clear bits only,
+/// so a word whose 32 tokens are all allowed costs one comparison), and copied back: two copies of the
+/// batch's scores, where unpacking the bits into booleans for libtorch's `masked_fill` took several times as
+/// long on one thread.
 fn apply_on_host(scores: Tensor, masks: &[Option<&[u32]>], vocab: i64) -> Result<Tensor> {
     let shape = scores.size();
-    let flat = scores.f_to_kind(Kind::Float)?.f_contiguous()?.f_reshape([-1])?;
-    let mut values = Vec::<f32>::try_from(&flat)?;
+    let flat = scores.f_to_kind(Kind::Float)?.f_contiguous()?;
+    let numel = flat.numel();
     let vocab = vocab as usize;
-    for (m, row) in masks.iter().zip(values.chunks_mut(vocab)) {
-        let Some(m) = m else { continue };
-        for (w, tokens) in row.chunks_mut(32).enumerate() {
-            let word = m.get(w).copied().unwrap_or(0);
-            if word == u32::MAX {
-                continue;
-            }
-            for (bit, score) in tokens.iter_mut().enumerate() {
-                if word >> bit & 1 == 0 {
-                    *score = f32::NEG_INFINITY;
+    SCORES.with_borrow_mut(|values| {
+        values.resize(numel, 0.0);
+        flat.f_copy_data(values, numel)?;
+        for (m, row) in masks.iter().zip(values.chunks_mut(vocab)) {
+            let Some(m) = m else { continue };
+            for (w, tokens) in row.chunks_mut(32).enumerate() {
+                let mut disallowed = !m.get(w).copied().unwrap_or(0);
+                while disallowed != 0 {
+                    let bit = disallowed.trailing_zeros() as usize;
+                    if let Some(score) = tokens.get_mut(bit) {
+                        *score = f32::NEG_INFINITY;
+                    }
+                    disallowed &= disallowed - 1;
                 }
             }
         }
-    }
-    Ok(Tensor::f_from_slice(&values)?.f_view(shape.as_slice())?)
+        Ok(Tensor::f_from_slice(values)?.f_view(shape.as_slice())?)
+    })
 }
 
 /// The packed bits uploaded once and unpacked by the device: a 50k vocabulary's mask is 6 KB a row.
