@@ -1,12 +1,13 @@
 //! A constrained sequence's grammar state, and the step's token masks for every constrained row at once.
 //!
 //! A mask depends on the token the row picked last, so it is computed between that pick and the next one.
-//! llguidance computes one in tens of microseconds to a millisecond; the scheduler computes the batch's
-//! masks in parallel (rayon) while the forward pass runs ([`Constraint::refresh_all`] on another thread), so
-//! on a GPU they cost no step time. The masks reach the device as packed bits (6 KB a row for a 50k
-//! vocabulary, not 50 KB of booleans), unpacked and applied there with the other logits processors
-//! ([`apply_masks`]): one upload a step for every constrained row together, no readback. (On the CPU the bits
-//! are unpacked on the host, which is there already.)
+//! llguidance moves its parser past a token and computes a mask in tens of microseconds to a millisecond
+//! each; the scheduler does both for the batch's rows in parallel (rayon) while the forward pass runs
+//! ([`Constraint::refresh_all`] on another thread), so on a GPU they cost no step time: a pick only notes its
+//! token ([`Constraint::advance`]), and the next refresh consumes it. The masks reach the device as packed
+//! bits (6 KB a row for a 50k vocabulary, not 50 KB of booleans), unpacked and applied there with the other
+//! logits processors ([`apply_masks`]): one upload a step for every constrained row together, no readback.
+//! On the CPU the scores are on the host already, and the bits are applied to them there.
 
 use rayon::prelude::*;
 use shared::grammar::Matcher;
@@ -22,6 +23,9 @@ pub struct Constraint {
     /// The allowed next tokens as bits (32 a word, token `t` is bit `t % 32` of word `t / 32`); `None`
     /// until computed for the current position.
     mask: Option<Vec<u32>>,
+    /// Tokens generated that the parser has not consumed yet: the next [`refresh`](Self::refresh) consumes
+    /// them, off the engine's critical path.
+    pending: Vec<u32>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -39,6 +43,7 @@ impl Clone for Constraint {
             matcher: self.matcher.deep_clone(),
             eos: self.eos,
             mask: self.mask.clone(),
+            pending: self.pending.clone(),
         }
     }
 }
@@ -50,11 +55,13 @@ impl Constraint {
             matcher,
             eos,
             mask: None,
+            pending: Vec::new(),
         }
     }
 
-    /// Advances past a generated token. A token the mask did not allow (which masking prevents) fails the
-    /// sequence rather than let it continue outside its grammar.
+    /// Notes a generated token, which the next [`refresh`](Self::refresh) consumes. A token the mask did not
+    /// allow (which masking prevents) fails the sequence there rather than let it continue outside its
+    /// grammar; the end of text, which ends the sequence, is checked at once.
     pub fn advance(&mut self, token: i64) -> Result<()> {
         self.mask = None;
         let token =
@@ -62,24 +69,30 @@ impl Constraint {
         if Some(token) == self.eos {
             // The end of text is not part of the grammar's language: the mask allowed it because the text
             // is complete here, and it ends the sequence.
+            self.consume_pending()?;
             return if self.matcher.is_error() {
                 Err(grammar_error(self.matcher.get_error().unwrap_or_default()))
             } else {
                 Ok(())
             };
         }
-        self.matcher
-            .consume_token(token)
-            .map_err(|e| grammar_error(format!("token {token} does not fit the grammar: {e}")))
+        self.pending.push(token);
+        Ok(())
     }
 
-    /// Whether the grammar is complete: the text may end here.
-    pub fn is_accepting(&mut self) -> bool {
-        self.matcher.is_accepting().unwrap_or(false)
+    fn consume_pending(&mut self) -> Result<()> {
+        for token in std::mem::take(&mut self.pending) {
+            self.matcher
+                .consume_token(token)
+                .map_err(|e| grammar_error(format!("token {token} does not fit the grammar: {e}")))?;
+        }
+        Ok(())
     }
 
-    /// Computes the next mask if the position changed since the last.
+    /// Consumes the tokens generated since the last refresh, then computes the next mask if the position
+    /// changed since the last.
     pub fn refresh(&mut self) -> Result<()> {
+        self.consume_pending()?;
         if self.mask.is_none() {
             let mask = self
                 .matcher
@@ -125,26 +138,45 @@ pub(crate) fn apply_masks(scores: Tensor, masks: &[Option<&[u32]>]) -> Result<Te
         )));
     }
     if device == Device::Cpu {
-        // On the host the bits are unpacked where they are: one pass, no upload to save.
-        unpack_on_host(scores, masks, vocab)
+        apply_on_host(scores, masks, vocab)
     } else {
         unpack_on_device(scores, masks, words, vocab)
     }
 }
 
-fn unpack_on_host(scores: Tensor, masks: &[Option<&[u32]>], vocab: i64) -> Result<Tensor> {
-    let mut disallowed = vec![false; masks.len() * vocab as usize];
-    for (r, m) in masks.iter().enumerate() {
-        let Some(m) = m else { continue };
-        let row = &mut disallowed[r * vocab as usize..(r + 1) * vocab as usize];
-        for (t, d) in row.iter_mut().enumerate() {
-            *d = m.get(t / 32).is_none_or(|w| w >> (t % 32) & 1 == 0);
+thread_local! {
+    /// The host path's copy of the batch's scores, kept from step to step: a fresh 6 MB buffer a step is
+    /// mostly page faults.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// On the host the scores are copied out, every disallowed one set to -inf (a mask word's clear bits only,
+/// so a word whose 32 tokens are all allowed costs one comparison), and copied back: two copies of the
+/// batch's scores, where unpacking the bits into booleans for libtorch's `masked_fill` took several times as
+/// long on one thread.
+fn apply_on_host(scores: Tensor, masks: &[Option<&[u32]>], vocab: i64) -> Result<Tensor> {
+    let shape = scores.size();
+    let flat = scores.f_to_kind(Kind::Float)?.f_contiguous()?;
+    let numel = flat.numel();
+    let vocab = vocab as usize;
+    SCORES.with_borrow_mut(|values| {
+        values.resize(numel, 0.0);
+        flat.f_copy_data(values, numel)?;
+        for (m, row) in masks.iter().zip(values.chunks_mut(vocab)) {
+            let Some(m) = m else { continue };
+            for (w, tokens) in row.chunks_mut(32).enumerate() {
+                let mut disallowed = !m.get(w).copied().unwrap_or(0);
+                while disallowed != 0 {
+                    let bit = disallowed.trailing_zeros() as usize;
+                    if let Some(score) = tokens.get_mut(bit) {
+                        *score = f32::NEG_INFINITY;
+                    }
+                    disallowed &= disallowed - 1;
+                }
+            }
         }
-    }
-    let disallowed = Tensor::f_from_slice(&disallowed)?
-        .f_view([masks.len() as i64, vocab])?
-        .f_to_device(scores.device())?;
-    Ok(scores.f_masked_fill(&disallowed, f64::NEG_INFINITY)?)
+        Ok(Tensor::f_from_slice(values)?.f_view(shape.as_slice())?)
+    })
 }
 
 /// The packed bits uploaded once and unpacked by the device: a 50k vocabulary's mask is 6 KB a row.
@@ -198,7 +230,7 @@ mod tests {
         let masks = [Some(a.as_slice()), None, Some(b.as_slice())];
         for out in [
             unpack_on_device(scores.shallow_clone(), &masks, 3, vocab as i64).unwrap(),
-            unpack_on_host(scores.shallow_clone(), &masks, vocab as i64).unwrap(),
+            apply_on_host(scores.shallow_clone(), &masks, vocab as i64).unwrap(),
         ] {
             let out = to_vec_f32(&out.view([-1])).unwrap();
             let row = |r: usize| &out[r * vocab..(r + 1) * vocab];

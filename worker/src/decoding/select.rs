@@ -165,17 +165,16 @@ fn select_with(logits: &Tensor, rows: &[Row<'_>], windows: bool) -> Result<Optio
 fn logprob_parts(raw: &Tensor, next: &Tensor, scored: &[usize], alternatives: usize) -> Result<Vec<Tensor>> {
     let at = Tensor::f_from_slice(&scored.iter().map(|&i| i as i64).collect::<Vec<_>>())?
         .f_to_device(raw.device())?;
-    // log p = logit - logsumexp(logits): one reduction over the vocabulary, not a whole log-softmax
-    // written out; the alternatives are the top logits, shifted the same way.
-    let logits = if scored.len() == raw.size()[0] as usize {
+    // One log-softmax kernel over the vocabulary: libtorch's logsumexp is several passes (max, exp, sum,
+    // log), and took twice as long on one CPU thread; the alternatives are its top values.
+    let logprobs = if scored.len() == raw.size()[0] as usize {
         raw.shallow_clone()
     } else {
         raw.f_index_select(0, &at)?
-    };
-    let norm = logits.f_logsumexp([-1i64].as_slice(), true)?;
-    let picked = logits
+    }
+    .f_log_softmax(-1, Kind::Float)?;
+    let picked = logprobs
         .f_gather(1, &next.f_index_select(0, &at)?.f_unsqueeze(1)?, false)?
-        .f_sub(&norm)?
         .f_reshape([-1])?;
     let bits = |t: &Tensor| -> Result<Tensor> {
         Ok(t.f_contiguous()?
@@ -185,8 +184,8 @@ fn logprob_parts(raw: &Tensor, next: &Tensor, scored: &[usize], alternatives: us
     };
     let mut parts = vec![bits(&picked)?];
     if alternatives > 0 {
-        let (values, ids) = logits.f_topk(alternatives as i64, -1, true, true)?;
-        parts.push(bits(&values.f_sub(&norm)?)?);
+        let (values, ids) = logprobs.f_topk(alternatives as i64, -1, true, true)?;
+        parts.push(bits(&values)?);
         parts.push(ids.f_reshape([-1])?);
     }
     Ok(parts)
