@@ -11,8 +11,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    TestEnv, amqp, depth, json, metric_at_least, metrics_text, poll, poll_until, reply, started, submit,
-    succeeded, take,
+    TestEnv, amqp, depth, json, metric_at_least, metrics_text, poll, poll_until, read_job, reply, started,
+    submit, succeeded, take,
 };
 use serde_json::{Value, json};
 use shared::JobId;
@@ -893,15 +893,21 @@ async fn a_notice_subscription_cut_off_silently_is_found_out_by_its_pings_and_it
     drop(redis);
 }
 
+/// A gateway whose Redis connections go through a [`StallProxy`], which can hold back Redis' answers.
+async fn behind_stalling_redis(env: &mut TestEnv) -> (StallProxy, common::Gateway) {
+    let proxy = StallProxy::start("127.0.0.1:6379").await.unwrap();
+    let url = format!("redis://127.0.0.1:{}/", proxy.port);
+    let gw = env.gateway(&flags(&["--redis-url", &url])).await;
+    (proxy, gw)
+}
+
 #[tokio::test]
 async fn a_submission_whose_recording_redis_never_answers_is_told_its_job_may_run_not_refused() {
     // Redis through a proxy that can hold back its answers: the admission script runs (the record and the
     // outbox entry are written) and its answer never comes. A refusal would send the client to submit again
     // while the outbox publishes the first one.
-    let proxy = StallProxy::start("127.0.0.1:6379").await.unwrap();
-    let url = format!("redis://127.0.0.1:{}/", proxy.port);
     let mut env = TestEnv::new();
-    let gw = env.gateway(&flags(&["--redis-url", &url])).await;
+    let (proxy, gw) = behind_stalling_redis(&mut env).await;
     // One job through first, so that Redis has the admission script and the next call runs it at once.
     let (status, body) = submit(&env.http, &gw, json!({"prompt": "before the silence"})).await;
     assert_eq!(status, 202, "{body}");
@@ -931,10 +937,8 @@ async fn a_start_held_while_redis_was_out_of_reach_does_not_remake_a_record_redi
     // another records the job's end, and then Redis loses its data. Remade from the start, the record
     // would say `running` for good: the end went with the data. Here the gateway holds the start behind a
     // stalled Redis, and the record is deleted directly, as Redis losing it.
-    let proxy = StallProxy::start("127.0.0.1:6379").await.unwrap();
-    let url = format!("redis://127.0.0.1:{}/", proxy.port);
     let mut env = TestEnv::new();
-    let gw = env.gateway(&flags(&["--redis-url", &url])).await;
+    let (proxy, gw) = behind_stalling_redis(&mut env).await;
     let (status, body) = submit(&env.http, &gw, json!({"prompt": "it ends while its start waits"})).await;
     assert_eq!(status, 202, "{body}");
     let id: JobId = body["id"].as_str().unwrap().parse().unwrap();
@@ -986,25 +990,13 @@ async fn a_start_held_while_redis_was_out_of_reach_does_not_remake_a_record_redi
         assert!(Instant::now() < deadline, "the held start was never settled");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let response = env
-        .http
-        .get(gw.url(&format!("/v1/jobs/{id}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 404, "a lost record answers as lost");
+    let (status, body) = read_job(&env, &gw, &id.to_string()).await;
+    assert_eq!(status, 404, "a lost record answers as lost: {body}");
     // A later reply of the job still makes its record again.
     reply(&channel, &env.replies_queue(), &succeeded(id, "p", " done")).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (status, body) = json(
-            env.http
-                .get(gw.url(&format!("/v1/jobs/{id}")))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (status, body) = read_job(&env, &gw, &id.to_string()).await;
         if status == 200 {
             assert_eq!(body["status"], "succeeded", "{body}");
             break;

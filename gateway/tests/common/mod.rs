@@ -285,16 +285,21 @@ pub fn metric_at_least(text: &str, series: &str, min: f64) -> bool {
 
 /// The job as `GET /v1/jobs/{id}` reports it (asserting 200).
 pub async fn poll(env: &TestEnv, gw: &Gateway, id: &str) -> Value {
-    let (status, body) = json(
+    let (status, body) = read_job(env, gw, id).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// `GET /v1/jobs/{id}`: its status and body, whatever they are.
+pub async fn read_job(env: &TestEnv, gw: &Gateway, id: &str) -> (u16, Value) {
+    json(
         env.http
             .get(gw.url(&format!("/v1/jobs/{id}")))
             .send()
             .await
             .unwrap(),
     )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    body
+    .await
 }
 
 /// Polls until the job's status is `wanted` (10 s at most).
