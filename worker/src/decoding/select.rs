@@ -18,7 +18,7 @@ use super::constraint::apply_masks;
 use super::error::Result;
 use super::processors::{self, Processors, banned_ngram_tokens};
 use super::sample::Sampler;
-use super::tensors::{i64_tensor, to_vec_i64};
+use super::tensors::{i64_tensor, to_vec_i64, top_k};
 use shared::{TokenLogprob, TopLogprob};
 use tch::{Kind, Tensor};
 
@@ -184,7 +184,7 @@ fn logprob_parts(raw: &Tensor, next: &Tensor, scored: &[usize], alternatives: us
     };
     let mut parts = vec![bits(&picked)?];
     if alternatives > 0 {
-        let (values, ids) = logprobs.f_topk(alternatives as i64, -1, true, true)?;
+        let (values, ids) = top_k(&logprobs, alternatives as i64)?;
         parts.push(bits(&values)?);
         parts.push(ids.f_reshape([-1])?);
     }
