@@ -7,9 +7,10 @@
 //! ahead of an earlier one waits for it).
 //!
 //! A reply whose record Redis lost is recorded again from the reply (the job's record comes back), with one
-//! exception: a `job.started` that this replica held, retrying, while it could not reach Redis. Meanwhile
-//! another replica may have recorded the job's end, and Redis may have lost that since; remade from the
-//! start, the record would say `running` for good. Left gone, it answers 404 (what a lost record answers)
+//! exception: a `job.started` that waited, held by this replica while it could not reach Redis or by one
+//! that went away before applying it (the broker redelivers it). Meanwhile another replica may have
+//! recorded the job's end, and Redis may have lost that since; remade from the start, the record would say
+//! `running` for good. Left gone, it answers 404 (what a lost record answers)
 //! until a later reply of the job, if one comes, makes it again.
 //!
 //! The record write also announces finished jobs on Redis pub/sub (see [`crate::store`]), which is how a
@@ -162,8 +163,9 @@ impl ReplyConsumer {
     async fn record(&self, reply: &JobReply, delivery: &Delivery, cancel: &CancellationToken) {
         let gap_deadline = tokio::time::Instant::now() + GAP_WAIT;
         let owner = shared::owner::read(&delivery.properties);
-        // Whether an attempt failed: then the job's later replies may have been recorded, and lost, meanwhile.
-        let mut held = false;
+        // Whether the reply waited: an attempt failed here, or another replica had it and gave it back (the
+        // broker redelivers it). Meanwhile the job's later replies may have been recorded, and lost since.
+        let mut held = delivery.redelivered;
         loop {
             let applied = match reply {
                 JobReply::Token(chunk) => self.store.append(chunk).await.map(|appended| match appended {
@@ -180,7 +182,7 @@ impl ReplyConsumer {
                         .await
                         .map(|applied| {
                             Some(applied.unwrap_or_else(|| {
-                                tracing::warn!(job = ?reply.job_id(), "a start held while Redis was out of reach found its record gone; left gone");
+                                tracing::warn!(job = ?reply.job_id(), "a start that waited found its record gone; left gone");
                                 metrics::counter!(m::REPLIES_STALE).increment(1);
                                 false
                             }))

@@ -387,8 +387,8 @@ impl JobStore {
     }
 
     /// [`apply`](Self::apply), except that a `job.started` whose job has no record (Redis lost it) leaves
-    /// it so: `None`. For a start that waited while Redis was out of reach, when the job's later replies
-    /// may have been recorded meanwhile and lost with the data since ([`crate::replies`]).
+    /// it so: `None`. For a start that waited, when the job's later replies may have been recorded
+    /// meanwhile and lost with the data since ([`crate::replies`]).
     pub async fn apply_unless_gone(
         &self,
         reply: &JobReply,

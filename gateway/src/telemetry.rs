@@ -27,8 +27,8 @@ pub const PUBLISH_DURATION: &str = "gateway_publish_confirm_seconds";
 pub const REPLIES_DROPPED: &str = "gateway_replies_dropped_total";
 /// Attempts to record a reply that Redis refused or never answered (each is retried).
 pub const REPLY_RETRIES: &str = "gateway_reply_record_retries_total";
-/// `job.started` replies held while Redis was out of reach that found their job's record gone, and left
-/// it so ([`crate::replies`]): the job's end may have gone with Redis' data.
+/// `job.started` replies that waited (Redis out of reach, or a replica that gave them back) and found their
+/// job's record gone, and left it so ([`crate::replies`]): the job's end may have gone with Redis' data.
 pub const REPLIES_STALE: &str = "gateway_replies_stale_total";
 pub const BROKER_RECONNECTS: &str = "gateway_broker_connects_total";
 /// 1 while the broker blocks this replica's publishing connection (a memory or disk alarm).
