@@ -57,21 +57,7 @@ compose() { docker compose "${COMPOSE_FILES[@]}" -p "$PROJECT" --profile cpu "$@
 # The monitoring profile names Grafana too, whose image is not made here: its commands name prometheus.
 compose_monitoring() { compose --profile monitoring "$@"; }
 
-cleanup() {
-  local status=$?
-  if [ "$status" != 0 ]; then
-    log "compose e2e failed; the services' last logs:"
-    compose_monitoring ps -a >&2 || true
-    compose_monitoring logs --no-color --tail 40 >&2 || true
-  fi
-  if [ "${KEEP:-0}" = 1 ]; then
-    log "KEEP=1: left running; remove with: docker compose ${COMPOSE_FILES[*]} -p $PROJECT --profile cpu --profile monitoring down -v"
-  else
-    compose_monitoring down -v --remove-orphans --timeout 30 >/dev/null 2>&1 || true
-  fi
-  exit "$status"
-}
-trap cleanup EXIT
+trap 'compose_teardown "compose e2e" compose_monitoring "docker compose ${COMPOSE_FILES[*]} -p $PROJECT --profile cpu --profile monitoring"' EXIT
 
 check() { log "compose e2e: $*"; }
 fail() { echo "compose e2e: FAILED: $*" >&2; exit 1; }

@@ -69,21 +69,7 @@ if [ "${ENGINE%%.*}" -lt 25 ]; then
 fi
 compose() { docker compose "${COMPOSE_FILES[@]}" -p "$PROJECT" --profile cpu "$@"; }
 
-cleanup() {
-  local status=$?
-  if [ "$status" != 0 ]; then
-    log "compose faults: the services' last logs:"
-    compose ps -a >&2 || true
-    compose logs --no-color --tail 30 rabbitmq rabbitmq-2 rabbitmq-3 redis >&2 || true
-  fi
-  if [ "${KEEP:-0}" = 1 ]; then
-    log "KEEP=1: left running; remove with: docker compose ${COMPOSE_FILES[*]} -p $PROJECT --profile cpu down -v"
-  else
-    compose down -v --remove-orphans --timeout 10 >/dev/null 2>&1 || true
-  fi
-  exit "$status"
-}
-trap cleanup EXIT
+trap 'compose_teardown "compose faults" compose "docker compose ${COMPOSE_FILES[*]} -p $PROJECT --profile cpu"' EXIT
 
 log "compose faults ($MODE): project $PROJECT, gateways on 127.0.0.1:$G-$((G + 1)), up with 2 gateways and 3 workers"
 UP_S=$SECONDS

@@ -77,6 +77,22 @@ def inspect(cid, fmt):
     return docker("inspect", "-f", fmt, cid, check=False)
 
 
+def container_log(cid):
+    """A container's log, every start of it, stdout and stderr together, as lines."""
+    out = subprocess.run(["docker", "logs", cid], check=False, text=True, capture_output=True)
+    return (out.stdout + out.stderr).splitlines()
+
+
+def consuming_as(line):
+    """The worker id a worker's `consuming jobs` log line names (it starts each process's service), else None."""
+    if '"consuming jobs"' not in line:
+        return None
+    try:
+        return json.loads(line)["fields"]["worker_id"]
+    except (ValueError, KeyError):
+        return None
+
+
 class ComposeCluster(soak.FaultLog):
     """What soak.py's clients and checker ask of a cluster, for containers: gateway ports, fault records
     (kills, windows of lasting faults per worker id, broker windows, Redis losses), logs, unasked exits."""
@@ -85,8 +101,6 @@ class ComposeCluster(soak.FaultLog):
         super().__init__()
         self.args = args
         self.stack = stack
-        self.windows = collections.defaultdict(list)  # worker id -> [(from, to, how)]
-        self.store_losses = []  # [Redis removed, empty Redis up (None while it is not)]
         self.failures = []
         self.busy = set()  # worker containers under a lasting fault: not killed meanwhile
         self.ports = []
@@ -108,16 +122,8 @@ class ComposeCluster(soak.FaultLog):
 
     def worker_id(self, cid):
         """The id the container's current worker process consumes under (its last `consuming jobs` line)."""
-        out = subprocess.run(["docker", "logs", cid], check=False, text=True, capture_output=True)
-        worker = None
-        for line in (out.stdout + out.stderr).splitlines():
-            if '"consuming jobs"' not in line:
-                continue
-            try:
-                worker = json.loads(line)["fields"]["worker_id"]
-            except (ValueError, KeyError):
-                continue
-        return worker
+        ids = [w for w in map(consuming_as, container_log(cid)) if w is not None]
+        return ids[-1] if ids else None
 
     def consuming(self, cid):
         return inspect(cid, "{{.State.Status}}") == "running" and self.worker_id(cid) is not None
@@ -146,19 +152,12 @@ class ComposeCluster(soak.FaultLog):
                 subprocess.run(["docker", "logs", cid], stdout=out, stderr=subprocess.STDOUT, check=False)
             self.gateway_logs.append(path)
         for n, cid in self.stack.containers("worker-cpu"):
-            raw = subprocess.run(["docker", "logs", cid], check=False, text=True, capture_output=True)
-            lines = (raw.stdout + raw.stderr).splitlines()
             # Lines up to a process's first `consuming jobs` are its start-up: they go with it.
             by_worker = collections.defaultdict(list)
             pending = []
             current = None
-            for line in lines:
-                worker = None
-                if '"consuming jobs"' in line:
-                    try:
-                        worker = json.loads(line)["fields"]["worker_id"]
-                    except (ValueError, KeyError):
-                        pass
+            for line in container_log(cid):
+                worker = consuming_as(line)
                 if worker is not None and worker != current:
                     current = worker
                     by_worker[current] += pending
@@ -195,18 +194,23 @@ def kill_worker(cluster, cid):
     docker("start", cid)
 
 
+def lasting(cluster, how, target, begin, end, seconds):
+    """`begin()`, `seconds`, `end()`, each end logged as a fault of `target`: (when it began, when it ended)."""
+    t0 = time.time()
+    begin()
+    cluster.fault(how, target)
+    time.sleep(seconds)
+    end()
+    return t0, cluster.fault(f"ended: {how}", target)
+
+
 def lasting_worker_fault(cluster, cid, how, begin, end, seconds):
     """A fault that lasts `seconds` on worker container `cid`: its run in flight meanwhile is cut off."""
     worker = cluster.worker_id(cid)
     with cluster.lock:
         cluster.busy.add(cid)
     try:
-        t0 = time.time()
-        begin()
-        cluster.fault(how, worker)
-        time.sleep(seconds)
-        end()
-        t1 = cluster.fault(f"ended: {how}", worker)
+        t0, t1 = lasting(cluster, how, worker, begin, end, seconds)
         with cluster.lock:
             cluster.windows[worker].append((t0, t1 + 1, how))
     finally:
@@ -228,11 +232,8 @@ def cut_worker(cluster, cid):
 def cut_gateway(cluster, i):
     cid = cluster.gateway_ids[i]
     net = cluster.stack.network("store")
-    docker("network", "disconnect", net, cid)
-    cluster.fault("gateway cut from Redis", f"gateway-{i + 1}")
-    time.sleep(cluster.args.cut_s)
-    docker("network", "connect", net, cid)
-    cluster.fault("ended: gateway cut from Redis", f"gateway-{i + 1}")
+    lasting(cluster, "gateway cut from Redis", f"gateway-{i + 1}", lambda: docker("network", "disconnect", net, cid),
+            lambda: docker("network", "connect", net, cid), cluster.args.cut_s)
 
 
 NODES = ("rabbitmq", "rabbitmq-2", "rabbitmq-3")

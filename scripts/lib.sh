@@ -83,6 +83,25 @@ compose_run_or_skip() {
   fi
 }
 
+# The EXIT trap of a compose run: `trap 'compose_teardown WHAT CMD "COMMAND LINE"' EXIT`, where CMD is the
+# caller's function that runs `docker compose` with its files, project and profiles, and COMMAND LINE spells it
+# out for the user. On failure, the services' last logs; then the project is taken down with its volumes,
+# unless KEEP=1. Exits with the status the script had.
+compose_teardown() {
+  local status=$? what=$1 cmd=$2 spelled=$3
+  if [ "$status" != 0 ]; then
+    log "$what failed; the services' last logs:"
+    "$cmd" ps -a >&2 || true
+    "$cmd" logs --no-color --tail 40 >&2 || true
+  fi
+  if [ "${KEEP:-0}" = 1 ]; then
+    log "KEEP=1: left running; remove with: $spelled down -v"
+  else
+    "$cmd" down -v --remove-orphans --timeout 30 >/dev/null 2>&1 || true
+  fi
+  exit "$status"
+}
+
 # The release build of both binaries, in $ROOT/target/release, that up.sh and worker.sh share: one profile
 # and one package set, because cargo unifies dependency features over the packages it builds (`-p worker`
 # alone builds serde, hyper-util, … with other features), so a different set rebuilds nearly everything.

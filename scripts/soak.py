@@ -38,6 +38,7 @@ the signal's number when interrupted.
 import argparse
 import atexit
 import collections
+import dataclasses
 import hashlib
 import http.client
 import json
@@ -275,6 +276,9 @@ class FaultLog:
         self.gateway_logs = []
         self.t_load = time.time()
         self.open_runs = collections.defaultdict(dict)  # port -> {request: when it was sent}
+        # Faults only containers have (scripts/compose-faults.sh); the soak of processes leaves them empty.
+        self.windows = collections.defaultdict(list)  # worker id -> [(from, to, how)]: paused or cut off
+        self.store_losses = []  # [Redis removed, empty Redis up (None while it is not)]
 
     def running(self, port, token, opened):
         with self.lock:
@@ -543,11 +547,10 @@ class Ledger:
 
 def before_store_loss(cluster, job):
     """Whether `job` was accepted before Redis last came back empty (scripts/compose-faults.sh restarts it so):
-    its record, and with it the result of a job that had ended, may be gone (docs/deployment.md). The soak of
-    processes never does this; its cluster has no `store_losses`."""
-    losses = getattr(cluster, "store_losses", [])
+    its record, and with it the result of a job that had ended, may be gone (docs/deployment.md)."""
     # A loss still under way (its end not known yet) counts up to now.
-    return job.accepted_at is not None and any(end is None or job.accepted_at <= end for _, end in losses)
+    return job.accepted_at is not None and any(end is None or job.accepted_at <= end
+                                               for _, end in cluster.store_losses)
 
 
 def http_final(record):
@@ -1122,7 +1125,7 @@ def cut_off(name, after, cluster, lost_broker, within=None):
     causes = [(t, how) for t, how in causes if t >= after - 0.01 and (within is None or t - after <= within)]
     # Faults that last (scripts/compose-faults.sh: a container paused, or cut from the broker's network): a
     # run in flight while one lasted was cut off by it, whenever it began.
-    for a, b, how in getattr(cluster, "windows", {}).get(name, []):
+    for a, b, how in cluster.windows.get(name, []):
         if b >= after - 0.01 and (within is None or a - after <= within):
             causes.append((max(a, after), how))
     return min(causes)[1] if causes else None
@@ -1279,12 +1282,19 @@ def main():
     return verdict(args, cluster, ledger, outcome, started)
 
 
+@dataclasses.dataclass
 class Outcome:
     """What a load left to check: the jobs and what their clients saw, the job records and event logs at the
     end, and when the load was submitted and drained."""
 
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
+    jobs: list
+    amqp: "AmqpClient"
+    records: dict
+    started_events: dict
+    streamed: dict
+    repolled: dict
+    submitted_s: float
+    drained_s: float
 
 
 def load_and_drain(args, cluster, ledger, faults_fn, await_workers, drained=lambda open_jobs: not open_jobs):
@@ -1522,7 +1532,7 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, streamed, 
     ids_by_prompt = collections.defaultdict(list)
     for i, rec in records.items():
         prompt = rec.get("prompt") or prompt_by_id.get(i)
-        if prompt is None and getattr(cluster, "store_losses", []):
+        if prompt is None and cluster.store_losses:
             continue  # recreated, and its client never learnt its id: a submission cut off (counted above)
         if prompt:
             by_prompt[prompt] = (i, rec)
@@ -1745,7 +1755,7 @@ def check(args, cluster, ledger, jobs, amqp, records, started_events, streamed, 
     r["panics"] = read_panics(cluster)
     r["processes_failed"] = [f"{name} exited with {rc} unasked" for name, rc in cluster.exited_unasked()]
     r["processes_failed"] += cluster.failures
-    r["store_losses"] = len(getattr(cluster, "store_losses", []))
+    r["store_losses"] = len(cluster.store_losses)
     return r
 
 

@@ -10,8 +10,8 @@
 //! exception: a `job.started` that waited, held by this replica while it could not reach Redis or by one
 //! that went away before applying it (the broker redelivers it). Meanwhile another replica may have
 //! recorded the job's end, and Redis may have lost that since; remade from the start, the record would say
-//! `running` for good. Left gone, it answers 404 (what a lost record answers)
-//! until a later reply of the job, if one comes, makes it again.
+//! `running` for good. Left gone, it answers 404 (what a lost record answers) until a later reply of the
+//! job, if one comes, makes it again.
 //!
 //! The record write also announces finished jobs on Redis pub/sub (see [`crate::store`]), which is how a
 //! `/run` waiting on replica A completes when replica B consumed the reply.
@@ -176,18 +176,11 @@ impl ReplyConsumer {
                     }
                     other => Some(other == Appended::Added),
                 }),
-                JobReply::Started(_) if held => {
-                    self.store
-                        .apply_unless_gone(reply, owner.as_deref())
-                        .await
-                        .map(|applied| {
-                            Some(applied.unwrap_or_else(|| {
-                                tracing::warn!(job = ?reply.job_id(), "a start that waited found its record gone; left gone");
-                                metrics::counter!(m::REPLIES_STALE).increment(1);
-                                false
-                            }))
-                        })
-                }
+                JobReply::Started(_) if held => self
+                    .store
+                    .apply_unless_gone(reply, owner.as_deref())
+                    .await
+                    .map(|applied| Some(applied.unwrap_or_else(|| left_gone(reply)))),
                 _ => self.store.apply(reply, owner.as_deref()).await.map(Some),
             };
             match applied {
@@ -214,6 +207,13 @@ impl ReplyConsumer {
             }
         }
     }
+}
+
+/// A start that waited and found its record gone, left so (see the module's doc): changed nothing.
+fn left_gone(reply: &JobReply) -> bool {
+    tracing::warn!(job = ?reply.job_id(), "a start that waited found its record gone; left gone");
+    metrics::counter!(m::REPLIES_STALE).increment(1);
+    false
 }
 
 /// A consumer of `queue` on `channel`, or `None` (logged) when the broker refuses one.

@@ -310,11 +310,9 @@ async fn a_job_the_broker_never_confirms_ends_failed_publish_failed() {
 
 /// Jobs waiting in the Redis outbox of unconfirmed publishes.
 async fn outbox_len(ns: &str) -> u64 {
-    let client = redis::Client::open(common::REDIS_URL).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys = gateway::keys::Keys::new(&shared::Topology::new(ns, 3).unwrap());
+    let mut conn = common::redis().await;
     redis::cmd("ZCARD")
-        .arg(keys.outbox(shared::Lane::Interactive))
+        .arg(common::keys(ns).outbox(shared::Lane::Interactive))
         .query_async(&mut conn)
         .await
         .unwrap()
@@ -350,8 +348,7 @@ async fn a_republish_outlives_the_gateway_that_started_it() {
 
 /// The ids of the job records in the namespace.
 async fn record_ids(ns: &str) -> Vec<String> {
-    let client = redis::Client::open(common::REDIS_URL).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = common::redis().await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{ns}:job:*"))
         .query_async(&mut conn)
@@ -931,12 +928,12 @@ async fn a_submission_whose_recording_redis_never_answers_is_told_its_job_may_ru
 }
 
 /// Deletes job `id`'s record and event log, as Redis losing its data does.
-async fn lose_record(redis: &mut redis::aio::MultiplexedConnection, ns: &str, id: JobId) {
-    let keys = gateway::keys::Keys::new(&shared::Topology::new(ns, 3).unwrap());
+async fn lose_record(ns: &str, id: JobId) {
+    let keys = common::keys(ns);
     let deleted: i64 = redis::cmd("DEL")
         .arg(keys.job(id))
         .arg(keys.events(id))
-        .query_async(redis)
+        .query_async(&mut common::redis().await)
         .await
         .unwrap();
     assert!(deleted >= 1, "the record was there to lose");
@@ -983,9 +980,8 @@ async fn a_start_held_while_redis_was_out_of_reach_does_not_remake_a_record_redi
     let (status, body) = submit(&env.http, &gw, json!({"prompt": "it ends while its start waits"})).await;
     assert_eq!(status, 202, "{body}");
     let id: JobId = body["id"].as_str().unwrap().parse().unwrap();
-    let client = redis::Client::open(common::REDIS_URL).unwrap();
-    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
-    let record = gateway::keys::Keys::new(&shared::Topology::new(&env.ns, 3).unwrap()).job(id);
+    let mut redis = common::redis().await;
+    let record = common::keys(&env.ns).job(id);
 
     proxy.stall_all(true);
     let (_conn, channel) = amqp().await;
@@ -1015,7 +1011,7 @@ async fn a_start_held_while_redis_was_out_of_reach_does_not_remake_a_record_redi
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    lose_record(&mut redis, &env.ns, id).await;
+    lose_record(&env.ns, id).await;
     proxy.stall_all(false);
     the_start_left_the_record_gone(&env, &gw, &channel, id).await;
     env.finish().await;
@@ -1052,9 +1048,7 @@ async fn a_start_another_replica_held_and_gave_back_does_not_remake_a_record_red
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let client = redis::Client::open(common::REDIS_URL).unwrap();
-    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
-    lose_record(&mut redis, &env.ns, id).await;
+    lose_record(&env.ns, id).await;
     holder.close(200, "gone".into()).await.unwrap();
 
     let gw = env.gateway(GENEROUS).await;

@@ -217,15 +217,16 @@ impl PrivateRedis {
         panic!("redis-server on port {} did not start", self.port);
     }
 
-    /// Calls of each command so far (`INFO commandstats`), e.g. `xrange` → 12; `None` while it is down.
-    pub async fn command_counts(&self) -> Option<std::collections::HashMap<String, u64>> {
+    /// A command's text answer, on a connection of its own; `None` while the server is down.
+    async fn text(&self, cmd: &redis::Cmd) -> Option<String> {
         let client = redis::Client::open(self.url.as_str()).ok()?;
         let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut conn)
-            .await
-            .ok()?;
+        cmd.query_async(&mut conn).await.ok()
+    }
+
+    /// Calls of each command so far (`INFO commandstats`), e.g. `xrange` → 12; `None` while it is down.
+    pub async fn command_counts(&self) -> Option<std::collections::HashMap<String, u64>> {
+        let info = self.text(redis::cmd("INFO").arg("commandstats")).await?;
         // Lines like `cmdstat_xrange:calls=12,usec=...`.
         Some(
             info.lines()
@@ -242,13 +243,7 @@ impl PrivateRedis {
     /// The connections subscribed to a channel (`CLIENT LIST`: `sub=` above 0) as the server sees them:
     /// (client id, which is new for each connection; client port); `None` while it is down.
     pub async fn subscribers(&self) -> Option<Vec<(u64, u16)>> {
-        let client = redis::Client::open(self.url.as_str()).ok()?;
-        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        let list: String = redis::cmd("CLIENT")
-            .arg("LIST")
-            .query_async(&mut conn)
-            .await
-            .ok()?;
+        let list = self.text(redis::cmd("CLIENT").arg("LIST")).await?;
         // Lines like `id=7 addr=127.0.0.1:53312 ... sub=2 psub=0 ...`.
         let field = |line: &str, name: &str| -> Option<String> {
             line.split(' ')

@@ -209,6 +209,17 @@ pub async fn depth(channel: &Channel, queue: &str) -> u32 {
         .message_count()
 }
 
+/// A connection to the tests' Redis, for what a test reads or changes there behind the gateway's back.
+pub async fn redis() -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(REDIS_URL).unwrap();
+    client.get_multiplexed_async_connection().await.unwrap()
+}
+
+/// The Redis key names of namespace `ns`, as its gateways name them.
+pub fn keys(ns: &str) -> gateway::keys::Keys {
+    gateway::keys::Keys::new(&shared::Topology::new(ns, 3).unwrap())
+}
+
 /// Takes one message from `queue`, waiting up to 5 s for it to arrive.
 pub async fn take(channel: &Channel, queue: &str) -> lapin::message::BasicGetMessage {
     for _ in 0..100 {

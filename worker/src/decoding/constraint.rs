@@ -206,8 +206,9 @@ fn unpack_on_device(scores: Tensor, masks: &[Option<&[u32]>], words: usize, voca
     Ok(scores.f_masked_fill(&allowed, f64::NEG_INFINITY)?)
 }
 
+/// Whether `mask` allows `token`.
 #[cfg(test)]
-fn allowed(mask: &[u32], token: usize) -> bool {
+pub(crate) fn allowed(mask: &[u32], token: usize) -> bool {
     mask.get(token / 32).is_some_and(|w| w >> (token % 32) & 1 == 1)
 }
 

@@ -29,6 +29,8 @@ use shared::GenerationPlan;
 use std::collections::HashMap;
 
 pub use constraint::Constraint;
+#[cfg(test)]
+pub(crate) use constraint::allowed;
 pub use error::{DecodeError, Result, panic_message};
 pub use finish::Decoded;
 pub use scheduler::{Event, FinishedSequence, JoinPolicy, Limits, Request, Scheduler, Stats, StepProfile};
